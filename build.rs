@@ -30,6 +30,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for file in &mut registry.file {
         file.source_code_info = None;
     }
-    fs::write(out.join("eventbus_descriptor.bin"), registry.encode_to_vec())?;
+    fs::write(
+        out.join("eventbus_descriptor.bin"),
+        registry.encode_to_vec(),
+    )?;
     Ok(())
 }

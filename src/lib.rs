@@ -1,1 +1,13 @@
+//! workflow-plugin-eventbus: a NATS JetStream event bus for the GoCodeAlone workflow engine,
+//! served as a go-plugin gRPC subprocess. Faces: `host` (protocol), `runtime` (modules, steps,
+//! trigger), `iac` (wfctl provider); shared NATS plumbing in `nats`, the provider x target matrix
+//! in `providers`.
+
+pub mod host;
+pub mod logging;
+pub mod nats;
 pub mod pb;
+pub mod providers;
+pub mod runtime;
+pub mod secret;
+pub mod shutdown;

@@ -1,1 +1,105 @@
-fn main() {}
+//! `workflow-plugin-eventbus`: started by the workflow engine or wfctl as a go-plugin subprocess.
+
+use eventbus_plugin::host::{self, handshake};
+use std::io::Write;
+use tokio_util::sync::CancellationToken;
+
+const HELP: &str = "\
+workflow-plugin-eventbus: NATS JetStream event bus plugin for the GoCodeAlone workflow engine
+
+This binary is a plugin: the workflow engine and wfctl start it (with WORKFLOW_PLUGIN set) and
+talk to it over gRPC. Install it as <plugins>/eventbus/eventbus beside plugin.json.
+
+Usage:
+  workflow-plugin-eventbus --help       this text
+  workflow-plugin-eventbus --version    print the version
+
+Environment:
+  NATS_URL, EVENTBUS_<BROKER>_URI   broker urls when a broker module sets no dsn
+  RUST_LOG                          log filter for stderr (default: info)
+  EVENTBUS_LOG_FORMAT=json          hclog-style JSON log lines instead of text
+";
+
+fn main() {
+    let arg = std::env::args().nth(1);
+    match arg.as_deref() {
+        Some("--help") | Some("-h") | Some("help") => {
+            print!("{HELP}");
+            return;
+        }
+        Some("--version") | Some("-V") | Some("version") => {
+            println!("workflow-plugin-eventbus {}", env!("CARGO_PKG_VERSION"));
+            return;
+        }
+        _ => {}
+    }
+    if !handshake::cookie_present() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "This binary is a workflow plugin. It is started by the workflow engine or wfctl, not \
+             run directly. Try --help."
+        );
+        std::process::exit(1);
+    }
+    // Ctrl-C in the host's terminal reaches our process group too; the host owns shutdown.
+    // SAFETY: setting a signal disposition to SIG_IGN before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
+    eventbus_plugin::logging::init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(async {
+        let stop = CancellationToken::new();
+        watch_signals(stop.clone());
+        match host::serve(stop).await {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(error = %eventbus_plugin::runtime::render(&e), "plugin failed");
+                1
+            }
+        }
+    });
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    std::process::exit(code);
+}
+
+/// SIGTERM and the death of the parent process (the host) stop the plugin.
+fn watch_signals(stop: CancellationToken) {
+    let s = stop.clone();
+    tokio::spawn(async move {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            term.recv().await;
+            tracing::info!("SIGTERM received");
+            s.cancel();
+        }
+    });
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    // SAFETY: as above.
+                    if unsafe { libc::getppid() } != parent {
+                        tracing::info!("host process exited; stopping");
+                        stop.cancel();
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}

@@ -40,7 +40,11 @@ mod tests {
         assert!(names.contains(&"eventbus.proto"), "{names:?}");
         for file in &set.file {
             for dep in &file.dependency {
-                assert!(names.contains(&dep.as_str()), "{} imports missing {dep}", file.name());
+                assert!(
+                    names.contains(&dep.as_str()),
+                    "{} imports missing {dep}",
+                    file.name()
+                );
             }
         }
         let mut sorted = names.clone();

@@ -1,0 +1,212 @@
+//! One NATS connection per broker module, shared by everything that references it.
+//!
+//! The client reconnects forever (with capped exponential backoff and jitter) and starts even
+//! when the server is down at first, so module start order and broker restarts never strand a
+//! pipeline. A watch channel mirrors the connection state so steps can wait for it with a bound
+//! and fail fast with a clear error instead of hanging (Go defects B8, B21).
+
+use super::NatsError;
+use crate::secret::{redact_url, Secret};
+use async_nats::{ConnectOptions, Event, ServerAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Clone, Debug, Default)]
+pub struct ConnSettings {
+    /// Resolved server URLs (may carry userinfo, hence secret).
+    pub urls: Vec<Secret>,
+    pub token: Option<Secret>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub creds_file: Option<PathBuf>,
+    pub nkey_seed_file: Option<PathBuf>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub tls_required: bool,
+    pub connection_name: String,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl ConnSettings {
+    pub fn redacted_urls(&self) -> String {
+        self.urls
+            .iter()
+            .map(|u| redact_url(u.expose()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn server_addrs(&self) -> Result<Vec<ServerAddr>, NatsError> {
+        self.urls
+            .iter()
+            .map(|u| {
+                ServerAddr::from_str(u.expose().trim()).map_err(|e| {
+                    NatsError::Settings(format!("server url {}: {e}", redact_url(u.expose())))
+                })
+            })
+            .collect()
+    }
+
+    async fn options(&self, state: watch::Sender<ConnState>) -> Result<ConnectOptions, NatsError> {
+        let mut o = match &self.creds_file {
+            Some(path) => ConnectOptions::with_credentials_file(path.clone())
+                .await
+                .map_err(|e| NatsError::Settings(format!("creds_file {}: {e}", path.display())))?,
+            None => ConnectOptions::new(),
+        };
+        if let Some(path) = &self.nkey_seed_file {
+            let seed = std::fs::read_to_string(path).map_err(|e| {
+                NatsError::Settings(format!("nkey_seed_file {}: {e}", path.display()))
+            })?;
+            o = o.nkey(seed.trim().to_string());
+        }
+        if let Some(t) = &self.token {
+            o = o.token(t.expose().to_string());
+        }
+        if let (Some(u), Some(p)) = (&self.user, &self.password) {
+            o = o.user_and_password(u.clone(), p.expose().to_string());
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            o = o.add_root_certificates(ca.clone());
+        }
+        if let (Some(c), Some(k)) = (&self.tls_cert_file, &self.tls_key_file) {
+            o = o.add_client_certificate(c.clone(), k.clone());
+        }
+        if self.tls_required {
+            o = o.require_tls(true);
+        }
+        if !self.connection_name.is_empty() {
+            o = o.name(self.connection_name.clone());
+        }
+        let name = self.connection_name.clone();
+        Ok(o.retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(self.connect_timeout)
+            .request_timeout(Some(self.request_timeout))
+            .reconnect_delay_callback(reconnect_delay)
+            .event_callback(move |event| {
+                let state = state.clone();
+                let name = name.clone();
+                async move { on_event(&name, &state, event) }
+            }))
+    }
+}
+
+/// 0, then 100 ms doubling to 8 s, plus up to 25 % jitter so many plugins do not reconnect in step.
+pub fn reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let exp = (attempts - 1).min(7) as u32;
+    let base = Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(8));
+    let jitter = base.as_millis() as u64 / 4;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    base + Duration::from_millis(if jitter == 0 { 0 } else { nanos % jitter })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    Connecting,
+    Connected,
+    Disconnected,
+    Closed,
+}
+
+fn on_event(name: &str, state: &watch::Sender<ConnState>, event: Event) {
+    match event {
+        Event::Connected => {
+            tracing::info!(broker = name, "nats connected");
+            state.send_replace(ConnState::Connected);
+        }
+        Event::Disconnected => {
+            tracing::warn!(broker = name, "nats disconnected; reconnecting");
+            state.send_replace(ConnState::Disconnected);
+        }
+        Event::Closed => {
+            state.send_replace(ConnState::Closed);
+        }
+        Event::LameDuckMode => tracing::warn!(broker = name, "nats server entered lame duck mode"),
+        other => tracing::debug!(broker = name, event = %other, "nats event"),
+    }
+}
+
+#[derive(Clone)]
+pub struct NatsConn {
+    pub broker: String,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    state: watch::Receiver<ConnState>,
+    pub request_timeout: Duration,
+}
+
+impl NatsConn {
+    /// Returns at once; the connection is established (and re-established) in the background.
+    pub async fn open(broker: &str, settings: &ConnSettings) -> Result<NatsConn, NatsError> {
+        let addrs = settings.server_addrs()?;
+        if addrs.is_empty() {
+            return Err(NatsError::Settings("no server url".into()));
+        }
+        let (tx, rx) = watch::channel(ConnState::Connecting);
+        let opts = settings.options(tx).await?;
+        let client = opts
+            .connect(addrs)
+            .await
+            .map_err(|e| NatsError::other("connect", e))?;
+        let mut js = async_nats::jetstream::new(client.clone());
+        js.set_timeout(settings.request_timeout);
+        Ok(NatsConn {
+            broker: broker.to_string(),
+            client,
+            js,
+            state: rx,
+            request_timeout: settings.request_timeout,
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        *self.state.borrow() == ConnState::Connected
+    }
+
+    /// Waits (bounded) until connected; the error says the broker is down instead of hanging.
+    pub async fn wait_connected(&self, bound: Duration) -> Result<(), NatsError> {
+        let mut rx = self.state.clone();
+        let res = tokio::time::timeout(bound, rx.wait_for(|s| *s == ConnState::Connected)).await;
+        match res {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(NatsError::Unavailable {
+                broker: self.broker.clone(),
+                detail: format!(
+                    "state {:?} after waiting {bound:?}; the client keeps reconnecting",
+                    *self.state.borrow()
+                ),
+            }),
+        }
+    }
+
+    pub async fn close(&self) {
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(1), self.client.drain()).await {
+            tracing::debug!(broker = %self.broker, error = %e, "drain timed out");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_backoff_is_capped_with_jitter() {
+        assert_eq!(reconnect_delay(0), Duration::ZERO);
+        assert!(reconnect_delay(2) >= Duration::from_millis(200));
+        for n in 3..200 {
+            assert!(reconnect_delay(n) <= Duration::from_secs(10), "{n}");
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Shared NATS plumbing: names, auth → ConnectOptions, the per-broker connection, error lifting.
+//! Only this folder and the runtime/IaC domain code talk to async-nats; gRPC services never do.
+
+pub mod ack;
+pub mod conn;
+pub mod error;
+pub mod names;
+
+pub use conn::{ConnSettings, NatsConn};
+pub use error::NatsError;

@@ -1,0 +1,108 @@
+//! Name and subject rules of JetStream, checked locally so bad names fail at config load with a
+//! clear line instead of as a server error at Start.
+
+/// Stream and durable names: non-empty, at most 255 bytes, no whitespace, `.`, `*`, `>`, path
+/// separators or control characters (they become subject tokens and file names on the server).
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is required".into());
+    }
+    if name.len() > 255 {
+        return Err(format!("{name:?} is longer than 255 bytes"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}; names may not contain whitespace, '.', '*', '>', '/' or '\\' (e.g. ORDERS or orders-worker)"
+        ));
+    }
+    Ok(())
+}
+
+/// A subscription subject: dot-separated non-empty tokens, `*` as a whole token, `>` only last.
+pub fn check_filter_subject(subject: &str) -> Result<(), String> {
+    check_tokens(subject, true)
+}
+
+/// A publish subject: like a filter subject but without wildcards.
+pub fn check_publish_subject(subject: &str) -> Result<(), String> {
+    check_tokens(subject, false)
+}
+
+fn check_tokens(subject: &str, wildcards: bool) -> Result<(), String> {
+    if subject.is_empty() {
+        return Err("is required".into());
+    }
+    if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{subject:?} contains whitespace"));
+    }
+    let tokens: Vec<&str> = subject.split('.').collect();
+    for (i, tok) in tokens.iter().enumerate() {
+        if tok.is_empty() {
+            return Err(format!(
+                "{subject:?} has an empty token (no leading, trailing or double dots)"
+            ));
+        }
+        let wild = *tok == "*" || *tok == ">";
+        if !wildcards && (wild || tok.contains('*') || tok.contains('>')) {
+            return Err(format!(
+                "{subject:?} contains a wildcard; publish to a concrete subject such as orders.created"
+            ));
+        }
+        if *tok == ">" && i + 1 != tokens.len() {
+            return Err(format!("{subject:?}: '>' may only be the last token"));
+        }
+        if !wild && (tok.contains('*') || tok.contains('>')) {
+            return Err(format!(
+                "{subject:?}: wildcards must be whole tokens, e.g. orders.* or orders.>"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Converts a broker module name into the env-var key part: upper case, every character outside
+/// A-Z and 0-9 becomes `_` (so `orders.bus-1` reads `EVENTBUS_ORDERS_BUS_1_URI`).
+pub fn env_key(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(check_name("ORDERS").is_ok());
+        assert!(check_name("orders-worker_1").is_ok());
+        for bad in ["", "a.b", "a b", "a*", "a>", "a/b"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn subjects() {
+        assert!(check_filter_subject("orders.>").is_ok());
+        assert!(check_filter_subject("orders.*.created").is_ok());
+        assert!(check_filter_subject("orders.>.x").is_err());
+        assert!(check_filter_subject("orders..x").is_err());
+        assert!(check_filter_subject("orders.a*").is_err());
+        assert!(check_publish_subject("orders.created").is_ok());
+        assert!(check_publish_subject("orders.*").is_err());
+    }
+
+    #[test]
+    fn env_keys_map_every_separator() {
+        assert_eq!(env_key("orders.bus-1"), "ORDERS_BUS_1");
+    }
+}

@@ -1,0 +1,79 @@
+//! Config problems: collected all at once, one line each, naming component, field and remedy.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// e.g. `eventbus.stream "orders"`.
+    pub component: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: {p}", self.component)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Accumulates `config.<field>: <message>` lines.
+pub struct Problems {
+    component: String,
+    lines: Vec<String>,
+}
+
+impl Problems {
+    pub fn new(type_name: &str, name: &str) -> Self {
+        Problems {
+            component: format!("{type_name} {name:?}"),
+            lines: Vec::new(),
+        }
+    }
+
+    pub fn field(&mut self, field: &str, message: impl fmt::Display) {
+        self.lines.push(format!("config.{field}: {message}"));
+    }
+
+    /// Decode errors already start with the field name.
+    pub fn raw(&mut self, lines: Vec<String>) {
+        self.lines
+            .extend(lines.into_iter().map(|l| format!("config.{l}")));
+    }
+
+    pub fn check(&mut self, field: &str, r: Result<(), String>) {
+        if let Err(m) = r {
+            self.field(field, m);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    pub fn finish<T>(self, value: T) -> Result<T, ConfigError> {
+        if self.lines.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigError {
+                component: self.component,
+                problems: self.lines,
+            })
+        }
+    }
+}
+
+pub fn duration(d: &Option<prost_types::Duration>) -> Option<std::time::Duration> {
+    d.as_ref()
+        .map(|d| std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+}
+
+pub fn negative(d: &Option<prost_types::Duration>) -> bool {
+    d.as_ref().is_some_and(|d| d.seconds < 0 || d.nanos < 0)
+}

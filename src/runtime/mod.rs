@@ -1,0 +1,461 @@
+//! The runtime face: modules, steps and the subscribe trigger, over NATS JetStream.
+//!
+//! `Runtime` is a cheap cloneable handle over the handle tables; the gRPC layer converts wire
+//! requests into calls on it and renders its errors into the response `error` field.
+
+pub mod config_error;
+pub mod decode;
+pub mod modules;
+pub mod schema;
+pub mod steps;
+pub mod trigger;
+pub mod types;
+
+use crate::nats::NatsError;
+use crate::shutdown::Lifecycle;
+use config_error::ConfigError;
+use decode::RawConfig;
+use modules::broker::{BrokerModule, BrokerSpec};
+use modules::consumer::ConsumerSpec;
+use modules::stream::StreamSpec;
+use modules::{ConsumerModule, StreamModule};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use steps::Step;
+use trigger::TriggerModule;
+use types::{ModuleKind, StepKind};
+
+pub use steps::{ExecuteInput, StepOutput};
+pub use trigger::{Launcher, TriggerCall};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("unknown {kind} handle: {id}")]
+    UnknownHandle { kind: &'static str, id: String },
+    #[error("workflow-plugin-eventbus: unknown {kind} type {type_name:?} (known: {known})")]
+    UnknownType {
+        kind: &'static str,
+        type_name: String,
+        known: String,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{component}: {message}")]
+    Failed { component: String, message: String },
+    #[error("{component}")]
+    Nats {
+        component: String,
+        #[source]
+        source: NatsError,
+    },
+}
+
+impl RuntimeError {
+    pub fn failed(component: impl Into<String>, message: impl Into<String>) -> Self {
+        RuntimeError::Failed {
+            component: component.into(),
+            message: message.into(),
+        }
+    }
+    pub fn nats(component: impl Into<String>, source: NatsError) -> Self {
+        RuntimeError::Nats {
+            component: component.into(),
+            source,
+        }
+    }
+}
+
+/// Renders an error with its whole source chain, `a: b: c`, for the host's `error` fields.
+pub fn render(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let t = e.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = e.source();
+    }
+    s
+}
+
+#[derive(Clone)]
+pub(crate) enum ModuleHandle {
+    Broker(Arc<BrokerModule>),
+    Stream(Arc<StreamModule>),
+    Consumer(Arc<ConsumerModule>),
+    Trigger(Arc<TriggerModule>),
+}
+
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    lifecycle: Lifecycle,
+    modules: RwLock<HashMap<String, ModuleHandle>>,
+    steps: RwLock<HashMap<String, Arc<Step>>>,
+    /// Broker modules by module name, for `broker_ref` resolution.
+    brokers: RwLock<BTreeMap<String, Arc<BrokerModule>>>,
+    streams: RwLock<Vec<Arc<StreamModule>>>,
+    consumers: RwLock<Vec<Arc<ConsumerModule>>>,
+    launcher: RwLock<Option<Arc<dyn Launcher>>>,
+    pulls: steps::consume::PullCache,
+    next_id: AtomicU64,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Runtime {
+    pub fn new(lifecycle: Lifecycle) -> Self {
+        Runtime {
+            inner: Arc::new(Inner {
+                lifecycle,
+                modules: RwLock::default(),
+                steps: RwLock::default(),
+                brokers: RwLock::default(),
+                streams: RwLock::default(),
+                consumers: RwLock::default(),
+                launcher: RwLock::default(),
+                pulls: Default::default(),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    fn new_handle(&self, prefix: &str) -> String {
+        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{n}-{:08x}", std::process::id())
+    }
+
+    pub fn set_launcher(&self, launcher: Arc<dyn Launcher>) {
+        *write(&self.inner.launcher) = Some(launcher);
+    }
+
+    pub(crate) fn launcher(&self) -> Option<Arc<dyn Launcher>> {
+        read(&self.inner.launcher).clone()
+    }
+
+    pub(crate) fn pulls(&self) -> &steps::consume::PullCache {
+        &self.inner.pulls
+    }
+
+    // ------------------------------------------------------------------ modules
+
+    pub fn create_module(
+        &self,
+        type_name: &str,
+        name: &str,
+        raw: RawConfig<'_>,
+    ) -> Result<String, RuntimeError> {
+        let Some(kind) = types::module_kind(type_name) else {
+            return Err(RuntimeError::UnknownType {
+                kind: "module",
+                type_name: type_name.into(),
+                known: types::module_type_names().join(", "),
+            });
+        };
+        let problems = |lines: Vec<String>| {
+            let mut p = config_error::Problems::new(type_name, name);
+            p.raw(lines);
+            RuntimeError::Config(p.finish(()).unwrap_err())
+        };
+        let full = types::qualified(kind.config_message());
+        let handle = match kind {
+            ModuleKind::Broker => {
+                let cfg = decode::decode(&full, raw).map_err(problems)?;
+                let spec = BrokerSpec::validate(type_name, name, &cfg)?;
+                let broker = Arc::new(BrokerModule::new(spec));
+                write(&self.inner.brokers).insert(name.to_string(), broker.clone());
+                ModuleHandle::Broker(broker)
+            }
+            ModuleKind::Stream => {
+                let cfg = decode::decode(&full, raw).map_err(problems)?;
+                let spec = StreamSpec::validate(type_name, name, &cfg)?;
+                let m = Arc::new(StreamModule::new(type_name, name, spec));
+                write(&self.inner.streams).push(m.clone());
+                ModuleHandle::Stream(m)
+            }
+            ModuleKind::Consumer => {
+                let cfg = decode::decode(&full, raw).map_err(problems)?;
+                let spec = ConsumerSpec::validate(type_name, name, &cfg)?;
+                let m = Arc::new(ConsumerModule::new(type_name, name, spec));
+                write(&self.inner.consumers).push(m.clone());
+                ModuleHandle::Consumer(m)
+            }
+        };
+        let id = self.new_handle("mod");
+        write(&self.inner.modules).insert(id.clone(), handle);
+        tracing::debug!(module = name, r#type = type_name, handle = %id, "module created");
+        Ok(id)
+    }
+
+    fn module(&self, id: &str) -> Result<ModuleHandle, RuntimeError> {
+        read(&self.inner.modules)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| RuntimeError::UnknownHandle {
+                kind: "module",
+                id: id.into(),
+            })
+    }
+
+    pub async fn init_module(&self, id: &str) -> Result<(), RuntimeError> {
+        match self.module(id)? {
+            ModuleHandle::Broker(b) => {
+                if b.spec.resolve_urls().is_empty() {
+                    tracing::warn!(broker = %b.spec.name, "no broker url configured; steps using this broker will fail until one is set");
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub async fn start_module(&self, id: &str) -> Result<(), RuntimeError> {
+        match self.module(id)? {
+            ModuleHandle::Broker(b) => {
+                let component = format!("{} {:?}", b.spec.type_name, b.spec.name);
+                b.connection()
+                    .await
+                    .map_err(|e| RuntimeError::nats(component, e))?;
+                Ok(())
+            }
+            ModuleHandle::Stream(s) => {
+                let component = format!("{} {:?}", s.type_name, s.module);
+                let Some(broker) = self.broker_for_module(&s.spec.broker_ref, &component)? else {
+                    return Ok(());
+                };
+                s.ensure(&broker)
+                    .await
+                    .map_err(|e| RuntimeError::nats(component, e))
+            }
+            ModuleHandle::Consumer(c) => {
+                let component = format!("{} {:?}", c.type_name, c.module);
+                let Some(broker) = self.broker_for_module(&c.spec.broker_ref, &component)? else {
+                    return Ok(());
+                };
+                // The stream module may start after us (no ordering between siblings).
+                if let Some(stream) = self.stream_module(&c.spec.stream) {
+                    stream
+                        .ensure(&broker)
+                        .await
+                        .map_err(|e| RuntimeError::nats(component.clone(), e))?;
+                }
+                c.ensure(&broker)
+                    .await
+                    .map_err(|e| RuntimeError::nats(component, e))
+            }
+            ModuleHandle::Trigger(t) => t.start(self).await,
+        }
+    }
+
+    pub async fn stop_module(&self, id: &str) -> Result<(), RuntimeError> {
+        match self.module(id)? {
+            ModuleHandle::Trigger(t) => {
+                t.stop().await;
+                Ok(())
+            }
+            ModuleHandle::Broker(b) => {
+                // Triggers on this broker stop before its connection closes.
+                let triggers: Vec<Arc<TriggerModule>> = read(&self.inner.modules)
+                    .values()
+                    .filter_map(|h| match h {
+                        ModuleHandle::Trigger(t) => Some(t.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                for t in triggers {
+                    if t.uses_broker(&b.spec.name) {
+                        t.stop().await;
+                    }
+                }
+                self.inner.pulls.forget_broker(&b.spec.name).await;
+                b.close().await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub async fn destroy_module(&self, id: &str) -> Result<(), RuntimeError> {
+        self.stop_module(id).await?;
+        let removed = write(&self.inner.modules).remove(id);
+        match removed {
+            Some(ModuleHandle::Broker(b)) => {
+                write(&self.inner.brokers).retain(|_, v| !Arc::ptr_eq(v, &b));
+            }
+            Some(ModuleHandle::Stream(s)) => {
+                write(&self.inner.streams).retain(|v| !Arc::ptr_eq(v, &s))
+            }
+            Some(ModuleHandle::Consumer(c)) => {
+                write(&self.inner.consumers).retain(|v| !Arc::ptr_eq(v, &c))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ lookups
+
+    /// `broker_ref` resolution with the Go plugin's single-broker fallback and ambiguity error.
+    pub(crate) fn broker(
+        &self,
+        broker_ref: &str,
+        component: &str,
+    ) -> Result<Arc<BrokerModule>, RuntimeError> {
+        let brokers = read(&self.inner.brokers);
+        if !broker_ref.is_empty() {
+            return brokers.get(broker_ref).cloned().ok_or_else(|| {
+                RuntimeError::failed(
+                    component,
+                    format!(
+                        "broker_ref {broker_ref:?} names no declared eventbus.broker module (declared: [{}])",
+                        brokers.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            });
+        }
+        match brokers.len() {
+            0 => Err(RuntimeError::failed(
+                component,
+                "no broker_ref given and no eventbus.broker module is declared; add an eventbus.broker module or set broker_ref",
+            )),
+            1 => Ok(brokers.values().next().cloned().ok_or_else(|| RuntimeError::failed(component, "broker table changed"))?),
+            _ => Err(RuntimeError::failed(
+                component,
+                format!(
+                    "no broker_ref given and several brokers are declared ([{}]); set broker_ref to choose one",
+                    brokers.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// For stream/consumer modules: with no broker declared at all they stay registry-only
+    /// (the Go plugin's legacy behaviour) instead of failing Start.
+    fn broker_for_module(
+        &self,
+        broker_ref: &str,
+        component: &str,
+    ) -> Result<Option<Arc<BrokerModule>>, RuntimeError> {
+        if broker_ref.is_empty() && read(&self.inner.brokers).is_empty() {
+            tracing::warn!(
+                component,
+                "no eventbus.broker declared; nothing is ensured on a server"
+            );
+            return Ok(None);
+        }
+        self.broker(broker_ref, component).map(Some)
+    }
+
+    pub(crate) fn stream_module(&self, name: &str) -> Option<Arc<StreamModule>> {
+        read(&self.inner.streams)
+            .iter()
+            .find(|s| s.spec.name == name)
+            .cloned()
+    }
+
+    /// Declared consumer modules with this durable name (optionally on one stream/broker).
+    pub(crate) fn consumer_modules(&self, durable: &str) -> Vec<Arc<ConsumerModule>> {
+        read(&self.inner.consumers)
+            .iter()
+            .filter(|c| c.spec.durable == durable)
+            .cloned()
+            .collect()
+    }
+
+    // ------------------------------------------------------------------ steps
+
+    pub fn create_step(
+        &self,
+        type_name: &str,
+        name: &str,
+        raw: RawConfig<'_>,
+    ) -> Result<String, RuntimeError> {
+        let Some(kind) = types::step_kind(type_name) else {
+            return Err(RuntimeError::UnknownType {
+                kind: "step",
+                type_name: type_name.into(),
+                known: types::step_type_names().join(", "),
+            });
+        };
+        let step = Step::create(kind, name, raw)?;
+        let id = self.new_handle("step");
+        write(&self.inner.steps).insert(id.clone(), Arc::new(step));
+        Ok(id)
+    }
+
+    pub async fn execute_step(
+        &self,
+        id: &str,
+        input: ExecuteInput<'_>,
+    ) -> Result<StepOutput, RuntimeError> {
+        let step = read(&self.inner.steps).get(id).cloned().ok_or_else(|| {
+            RuntimeError::UnknownHandle {
+                kind: "step",
+                id: id.into(),
+            }
+        })?;
+        step.execute(self, input).await
+    }
+
+    pub fn destroy_step(&self, id: &str) -> Result<(), RuntimeError> {
+        write(&self.inner.steps)
+            .remove(id)
+            .map(|_| ())
+            .ok_or_else(|| RuntimeError::UnknownHandle {
+                kind: "step",
+                id: id.into(),
+            })
+    }
+
+    pub fn step_kind(&self, id: &str) -> Option<StepKind> {
+        read(&self.inner.steps).get(id).map(|s| s.kind())
+    }
+
+    // ------------------------------------------------------------------ triggers
+
+    pub fn create_trigger(
+        &self,
+        type_name: &str,
+        name: &str,
+        config: Option<&prost_types::Struct>,
+    ) -> Result<String, RuntimeError> {
+        if type_name != types::TRIGGER_TYPE {
+            return Err(RuntimeError::UnknownType {
+                kind: "trigger",
+                type_name: type_name.into(),
+                known: types::TRIGGER_TYPE.into(),
+            });
+        }
+        let spec = trigger::TriggerSpec::from_struct(self, name, config)?;
+        let t = Arc::new(TriggerModule::new(spec, self.inner.lifecycle.child_token()));
+        let id = self.new_handle("trg");
+        write(&self.inner.modules).insert(id.clone(), ModuleHandle::Trigger(t));
+        Ok(id)
+    }
+
+    /// Stops every trigger (used by shutdown before connections close).
+    pub async fn stop_all(&self) {
+        let handles: Vec<ModuleHandle> = read(&self.inner.modules).values().cloned().collect();
+        for h in &handles {
+            if let ModuleHandle::Trigger(t) = h {
+                t.stop().await;
+            }
+        }
+        for h in &handles {
+            if let ModuleHandle::Broker(b) = h {
+                b.close().await;
+            }
+        }
+    }
+}

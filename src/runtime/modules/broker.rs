@@ -1,0 +1,282 @@
+//! `infra.eventbus` / `eventbus.broker`: validation into a `BrokerSpec`, and the running broker
+//! that owns the one NATS connection every stream, consumer, step and trigger shares.
+
+use crate::nats::names::env_key;
+use crate::nats::{ConnSettings, NatsConn, NatsError};
+use crate::pb::eventbus::ClusterConfig;
+use crate::providers::{self, DeployTarget, Provider};
+use crate::runtime::config_error::{duration, negative, ConfigError, Problems};
+use crate::secret::Secret;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::{Mutex, OnceCell};
+
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct LocalSpec {
+    pub binary: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub client_port: u16,
+    pub remove_data_on_delete: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct BrokerSpec {
+    pub name: String,
+    pub type_name: String,
+    pub provider: Provider,
+    pub target: DeployTarget,
+    pub version: String,
+    pub replicas: u32,
+    /// Explicit servers (`dsn`, comma-separated, or `servers`), before env fallbacks.
+    pub explicit_urls: Vec<Secret>,
+    pub conn: ConnSettings,
+    pub local: LocalSpec,
+    pub prevent_destroy: bool,
+    pub bind: bool,
+    pub protected: bool,
+}
+
+fn opt_path(s: &str) -> Option<PathBuf> {
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+impl BrokerSpec {
+    pub fn validate(
+        type_name: &str,
+        name: &str,
+        c: &ClusterConfig,
+    ) -> Result<BrokerSpec, ConfigError> {
+        let mut p = Problems::new(type_name, name);
+        let (provider, target) = match providers::check(&c.provider, &c.deploy_target) {
+            Ok(pt) => pt,
+            Err((field, msg)) => {
+                p.field(field, msg);
+                (Provider::Nats, DeployTarget::SelfHosted)
+            }
+        };
+        if let Err((field, msg)) = providers::check_version(&c.version) {
+            p.field(field, msg);
+        }
+        if c.replicas < 0 || c.replicas > 9 {
+            p.field(
+                "replicas",
+                format!("{} is out of range (1..=9; 0 means 1)", c.replicas),
+            );
+        }
+        if !c.dsn.is_empty() && !c.servers.is_empty() {
+            p.field("dsn", "set either dsn or servers, not both");
+        }
+        let explicit: Vec<Secret> = if c.dsn.is_empty() {
+            c.servers.iter().map(Secret::new).collect()
+        } else {
+            c.dsn.split(',').map(|s| Secret::new(s.trim())).collect()
+        };
+        for (i, u) in explicit.iter().enumerate() {
+            if async_nats::ServerAddr::from_str(u.expose()).is_err() {
+                let field = if c.dsn.is_empty() {
+                    format!("servers[{i}]")
+                } else {
+                    "dsn".into()
+                };
+                p.field(
+                    &field,
+                    format!(
+                        "{} is not a NATS url (e.g. nats://127.0.0.1:4222 or tls://host:4222)",
+                        crate::secret::redact_url(u.expose())
+                    ),
+                );
+            }
+        }
+        let auth = c.auth.clone().unwrap_or_default();
+        let tls = c.tls.clone().unwrap_or_default();
+        let token = (!auth.token.is_empty()).then(|| Secret::new(&auth.token));
+        let user = (!auth.user.is_empty()).then(|| auth.user.clone());
+        let password = (!auth.password.is_empty()).then(|| Secret::new(&auth.password));
+        if user.is_some() != password.is_some() {
+            p.field("auth", "user and password go together; set both or neither");
+        }
+        let methods = [
+            token.is_some(),
+            user.is_some(),
+            !auth.creds_file.is_empty(),
+            !auth.nkey_seed_file.is_empty(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if methods > 1 {
+            p.field(
+                "auth",
+                "choose one of token, user/password, creds_file or nkey_seed_file",
+            );
+        }
+        for (field, path) in [
+            ("auth.creds_file", &auth.creds_file),
+            ("auth.nkey_seed_file", &auth.nkey_seed_file),
+        ] {
+            if !path.is_empty() && !std::path::Path::new(path).is_file() {
+                p.field(field, format!("{path:?} is not a readable file"));
+            }
+        }
+        if tls.cert_file.is_empty() != tls.key_file.is_empty() {
+            p.field(
+                "tls",
+                "cert_file and key_file go together; set both or neither",
+            );
+        }
+        for (field, path) in [
+            ("tls.ca_file", &tls.ca_file),
+            ("tls.cert_file", &tls.cert_file),
+            ("tls.key_file", &tls.key_file),
+        ] {
+            if !path.is_empty() && !std::path::Path::new(path).is_file() {
+                p.field(field, format!("{path:?} is not a readable file"));
+            }
+        }
+        for (field, d) in [
+            ("connect_timeout", &c.connect_timeout),
+            ("request_timeout", &c.request_timeout),
+        ] {
+            if negative(d) || duration(d) == Some(Duration::ZERO) {
+                p.field(field, "must be a positive duration such as \"5s\"");
+            }
+        }
+        let local = c.local.clone().unwrap_or_default();
+        if c.local.is_some() && target != DeployTarget::Local {
+            p.field(
+                "local",
+                format!("only applies to deploy_target local (this broker uses {target})"),
+            );
+        }
+        if !(0..=65535).contains(&local.client_port) {
+            p.field(
+                "local.client_port",
+                format!("{} is not a port number", local.client_port),
+            );
+        }
+        if !c.broker_target.is_empty() || !c.poll_interval.is_empty() || c.max_conns != 0 {
+            tracing::warn!(broker = name, "broker_target, poll_interval and max_conns only applied to the Go pgchannel provider; ignored");
+        }
+        let spec = BrokerSpec {
+            name: name.to_string(),
+            type_name: type_name.to_string(),
+            provider,
+            target,
+            version: c.version.clone(),
+            replicas: c.replicas.max(1) as u32,
+            explicit_urls: explicit,
+            conn: ConnSettings {
+                urls: Vec::new(),
+                token,
+                user,
+                password,
+                creds_file: opt_path(&auth.creds_file),
+                nkey_seed_file: opt_path(&auth.nkey_seed_file),
+                tls_ca_file: opt_path(&tls.ca_file),
+                tls_cert_file: opt_path(&tls.cert_file),
+                tls_key_file: opt_path(&tls.key_file),
+                tls_required: tls.required,
+                connection_name: if c.connection_name.is_empty() {
+                    format!("workflow-plugin-eventbus:{name}")
+                } else {
+                    c.connection_name.clone()
+                },
+                connect_timeout: duration(&c.connect_timeout).unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+                request_timeout: duration(&c.request_timeout).unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+            },
+            local: LocalSpec {
+                binary: opt_path(&local.binary),
+                state_dir: opt_path(&local.state_dir),
+                client_port: local.client_port.clamp(0, 65535) as u16,
+                remove_data_on_delete: local.remove_data_on_delete,
+            },
+            prevent_destroy: c.prevent_destroy,
+            bind: c.bind,
+            protected: c.protected,
+        };
+        p.finish(spec)
+    }
+
+    /// `dsn`/`servers` > `EVENTBUS_<NAME>_URI` > `NATS_URL`.
+    pub fn resolve_urls(&self) -> Vec<Secret> {
+        if !self.explicit_urls.is_empty() {
+            return self.explicit_urls.clone();
+        }
+        let from_env = std::env::var(format!("EVENTBUS_{}_URI", env_key(&self.name)))
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .or_else(|| {
+                std::env::var("NATS_URL")
+                    .ok()
+                    .filter(|v| !v.trim().is_empty())
+            });
+        from_env
+            .map(|v| v.split(',').map(|s| Secret::new(s.trim())).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A broker module instance: spec plus its (lazily opened) connection.
+pub struct BrokerModule {
+    pub spec: BrokerSpec,
+    conn: OnceCell<Option<NatsConn>>,
+    open_lock: Mutex<()>,
+}
+
+impl BrokerModule {
+    pub fn new(spec: BrokerSpec) -> Self {
+        BrokerModule {
+            spec,
+            conn: OnceCell::new(),
+            open_lock: Mutex::new(()),
+        }
+    }
+
+    /// Opens the connection once. `Ok(None)` is degraded mode: no URL configured anywhere.
+    /// Steps on modules that were created but never started (wfctl pipeline run) come here too.
+    pub async fn connection(&self) -> Result<Option<NatsConn>, NatsError> {
+        if let Some(c) = self.conn.get() {
+            return Ok(c.clone());
+        }
+        let _guard = self.open_lock.lock().await;
+        if let Some(c) = self.conn.get() {
+            return Ok(c.clone());
+        }
+        let urls = self.spec.resolve_urls();
+        let conn = if urls.is_empty() {
+            tracing::warn!(broker = %self.spec.name, "no broker url (dsn, EVENTBUS_{}_URI or NATS_URL); running degraded", env_key(&self.spec.name));
+            None
+        } else {
+            let mut settings = self.spec.conn.clone();
+            settings.urls = urls;
+            tracing::info!(broker = %self.spec.name, servers = %settings.redacted_urls(), "connecting");
+            Some(NatsConn::open(&self.spec.name, &settings).await?)
+        };
+        let _ = self.conn.set(conn.clone());
+        Ok(conn)
+    }
+
+    /// The connection or a clear error that says how to configure one.
+    pub async fn require(&self) -> Result<NatsConn, NatsError> {
+        match self.connection().await? {
+            Some(c) => Ok(c),
+            None => Err(NatsError::Unavailable {
+                broker: self.spec.name.clone(),
+                detail: format!(
+                    "no broker url configured; set dsn on the module, EVENTBUS_{}_URI or NATS_URL",
+                    env_key(&self.spec.name)
+                ),
+            }),
+        }
+    }
+
+    pub async fn close(&self) {
+        if let Some(Some(c)) = self.conn.get() {
+            c.close().await;
+        }
+    }
+}

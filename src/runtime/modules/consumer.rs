@@ -1,0 +1,363 @@
+//! `infra.eventbus.consumer` / `eventbus.consumer`: validation into a `ConsumerSpec`, the one
+//! conversion to a durable pull consumer config, and an idempotent ensure.
+
+use super::stream::{Change, EnsureOutcome, FieldDiff};
+use crate::nats::error::lift_api;
+use crate::nats::names::{check_filter_subject, check_name};
+use crate::nats::{NatsConn, NatsError};
+use crate::pb::eventbus::{AckPolicy, ConsumerConfig, DeliverPolicy};
+use crate::runtime::config_error::{duration, negative, ConfigError, Problems};
+use async_nats::jetstream::consumer::{self, pull};
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsumerSpec {
+    pub durable: String,
+    pub stream: String,
+    pub filter_subjects: Vec<String>,
+    pub deliver: consumer::DeliverPolicy,
+    pub ack: consumer::AckPolicy,
+    /// -1 = unlimited.
+    pub max_deliver: i64,
+    pub ack_wait: Option<Duration>,
+    pub max_ack_pending: Option<i64>,
+    pub backoff: Vec<Duration>,
+    pub description: Option<String>,
+    pub broker_ref: String,
+    pub servers: Vec<String>,
+    pub prevent_destroy: bool,
+    pub bind: bool,
+}
+
+impl ConsumerSpec {
+    pub fn validate(
+        type_name: &str,
+        module: &str,
+        c: &ConsumerConfig,
+    ) -> Result<ConsumerSpec, ConfigError> {
+        let mut p = Problems::new(type_name, module);
+        p.check(
+            "name",
+            check_name(&c.name).map_err(|e| format!("(durable consumer name) {e}")),
+        );
+        p.check("stream_name", check_name(&c.stream_name));
+        let mut filters = c.filter_subjects.clone();
+        if !c.filter_subject.is_empty() {
+            if !filters.is_empty() {
+                p.field(
+                    "filter_subject",
+                    "set filter_subject or filter_subjects, not both",
+                );
+            }
+            filters.insert(0, c.filter_subject.clone());
+        }
+        for (i, f) in filters.iter().enumerate() {
+            p.check(&format!("filter_subjects[{i}]"), check_filter_subject(f));
+        }
+        let start_time = c.opt_start_time.as_ref().and_then(|t| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(
+                t.seconds as i128 * 1_000_000_000 + t.nanos as i128,
+            )
+            .ok()
+        });
+        let deliver = match DeliverPolicy::try_from(c.deliver_policy) {
+            Ok(DeliverPolicy::Unspecified | DeliverPolicy::All) => consumer::DeliverPolicy::All,
+            Ok(DeliverPolicy::Last) => consumer::DeliverPolicy::Last,
+            Ok(DeliverPolicy::New) => consumer::DeliverPolicy::New,
+            Ok(DeliverPolicy::ByStartSequence) => {
+                if c.opt_start_seq == 0 {
+                    p.field(
+                        "opt_start_seq",
+                        "is required (> 0) with DELIVER_POLICY_BY_START_SEQUENCE",
+                    );
+                }
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: c.opt_start_seq,
+                }
+            }
+            Ok(DeliverPolicy::ByStartTime) => match start_time {
+                Some(t) => consumer::DeliverPolicy::ByStartTime { start_time: t },
+                None => {
+                    p.field("opt_start_time", "is required (RFC 3339, e.g. \"2026-01-01T00:00:00Z\") with DELIVER_POLICY_BY_START_TIME");
+                    consumer::DeliverPolicy::All
+                }
+            },
+            Err(_) => {
+                p.field(
+                    "deliver_policy",
+                    "must be DELIVER_POLICY_ALL, _LAST, _NEW, _BY_START_SEQUENCE or _BY_START_TIME",
+                );
+                consumer::DeliverPolicy::All
+            }
+        };
+        let by_seq = matches!(deliver, consumer::DeliverPolicy::ByStartSequence { .. });
+        let by_time = matches!(deliver, consumer::DeliverPolicy::ByStartTime { .. });
+        if c.opt_start_seq != 0 && !by_seq {
+            p.field(
+                "opt_start_seq",
+                "only applies with deliver_policy DELIVER_POLICY_BY_START_SEQUENCE",
+            );
+        }
+        if c.opt_start_time.is_some() && !by_time {
+            p.field(
+                "opt_start_time",
+                "only applies with deliver_policy DELIVER_POLICY_BY_START_TIME",
+            );
+        }
+        let ack = match AckPolicy::try_from(c.ack_policy) {
+            Ok(AckPolicy::Unspecified | AckPolicy::Explicit) => consumer::AckPolicy::Explicit,
+            Ok(AckPolicy::None) => consumer::AckPolicy::None,
+            Ok(AckPolicy::All) => consumer::AckPolicy::All,
+            Err(_) => {
+                p.field("ack_policy", "must be ACK_POLICY_EXPLICIT, _NONE or _ALL");
+                consumer::AckPolicy::Explicit
+            }
+        };
+        if c.max_deliver < -1 {
+            p.field(
+                "max_deliver",
+                "must be -1 or 0 (unlimited) or a positive count",
+            );
+        }
+        let max_deliver = if c.max_deliver <= 0 {
+            -1
+        } else {
+            c.max_deliver as i64
+        };
+        if negative(&c.ack_wait) || duration(&c.ack_wait) == Some(Duration::ZERO) {
+            p.field("ack_wait", "must be a positive duration such as \"30s\"");
+        }
+        if c.max_ack_pending < -1 {
+            p.field(
+                "max_ack_pending",
+                "must be -1 (unlimited) or a positive count",
+            );
+        }
+        let backoff: Vec<Duration> = c
+            .backoff
+            .iter()
+            .map(|d| duration(&Some(*d)).unwrap_or_default())
+            .collect();
+        if c.backoff
+            .iter()
+            .any(|d| d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0))
+        {
+            p.field("backoff", "every entry must be a positive duration");
+        }
+        if !backoff.is_empty() && max_deliver != -1 && max_deliver <= backoff.len() as i64 {
+            p.field("backoff", format!("has {} entries, so max_deliver must be greater than that (it is {max_deliver})", backoff.len()));
+        }
+        if !backoff.is_empty() && c.ack_wait.is_some() {
+            p.field(
+                "ack_wait",
+                "is replaced by backoff on the server; set one of them",
+            );
+        }
+        let spec = ConsumerSpec {
+            durable: c.name.clone(),
+            stream: c.stream_name.clone(),
+            filter_subjects: filters,
+            deliver,
+            ack,
+            max_deliver,
+            ack_wait: duration(&c.ack_wait),
+            max_ack_pending: (c.max_ack_pending != 0).then_some(c.max_ack_pending as i64),
+            backoff,
+            description: (!c.description.is_empty()).then(|| c.description.clone()),
+            broker_ref: c.broker_ref.clone(),
+            servers: c.servers.clone(),
+            prevent_destroy: c.prevent_destroy,
+            bind: c.bind,
+        };
+        p.finish(spec)
+    }
+
+    pub fn to_nats(&self) -> pull::Config {
+        let (filter_subject, filter_subjects) = match self.filter_subjects.as_slice() {
+            [] => (String::new(), Vec::new()),
+            [one] => (one.clone(), Vec::new()),
+            many => (String::new(), many.to_vec()),
+        };
+        pull::Config {
+            durable_name: Some(self.durable.clone()),
+            name: Some(self.durable.clone()),
+            description: self.description.clone(),
+            deliver_policy: self.deliver,
+            ack_policy: self.ack,
+            ack_wait: self.ack_wait.unwrap_or_default(),
+            max_deliver: self.max_deliver,
+            filter_subject,
+            filter_subjects,
+            max_ack_pending: self.max_ack_pending.unwrap_or_default(),
+            backoff: self.backoff.clone(),
+            ..Default::default()
+        }
+    }
+
+    pub fn diff(&self, observed: &consumer::Config) -> Vec<FieldDiff> {
+        let mut d = Vec::new();
+        let mut cmp = |field: &'static str, want: String, have: String, change: Change| {
+            if want != have {
+                d.push(FieldDiff {
+                    field,
+                    want,
+                    have,
+                    change,
+                });
+            }
+        };
+        let mut want_f = self.filter_subjects.clone();
+        want_f.sort();
+        let mut have_f = observed.filter_subjects.clone();
+        if !observed.filter_subject.is_empty() {
+            have_f.push(observed.filter_subject.clone());
+        }
+        have_f.sort();
+        cmp(
+            "filter_subjects",
+            format!("{want_f:?}"),
+            format!("{have_f:?}"),
+            Change::InPlace,
+        );
+        cmp(
+            "deliver_policy",
+            format!("{:?}", self.deliver),
+            format!("{:?}", observed.deliver_policy),
+            Change::Replace,
+        );
+        cmp(
+            "ack_policy",
+            format!("{:?}", self.ack),
+            format!("{:?}", observed.ack_policy),
+            Change::Replace,
+        );
+        cmp(
+            "max_deliver",
+            self.max_deliver.to_string(),
+            (if observed.max_deliver <= 0 {
+                -1
+            } else {
+                observed.max_deliver
+            })
+            .to_string(),
+            Change::InPlace,
+        );
+        if let Some(w) = self.ack_wait {
+            cmp(
+                "ack_wait",
+                format!("{w:?}"),
+                format!("{:?}", observed.ack_wait),
+                Change::InPlace,
+            );
+        }
+        if let Some(m) = self.max_ack_pending {
+            cmp(
+                "max_ack_pending",
+                m.to_string(),
+                observed.max_ack_pending.to_string(),
+                Change::InPlace,
+            );
+        }
+        if !self.backoff.is_empty() {
+            cmp(
+                "backoff",
+                format!("{:?}", self.backoff),
+                format!("{:?}", observed.backoff),
+                Change::InPlace,
+            );
+        }
+        if let Some(desc) = &self.description {
+            cmp(
+                "description",
+                desc.clone(),
+                observed.description.clone().unwrap_or_default(),
+                Change::InPlace,
+            );
+        }
+        d
+    }
+
+    /// Creates the durable or updates it in place; nothing is sent when it already matches.
+    pub async fn ensure(&self, conn: &NatsConn) -> Result<EnsureOutcome, NatsError> {
+        let what = format!("consumer {:?} on stream {:?}", self.durable, self.stream);
+        let stream = get_stream(conn, &self.stream).await?;
+        let observed = fetch_consumer_config(&stream, &self.durable).await?;
+        let Some(observed) = observed else {
+            stream
+                .create_consumer(self.to_nats())
+                .await
+                .map_err(|e| lift_consumer("create consumer", &what, e))?;
+            return Ok(EnsureOutcome::Created);
+        };
+        let diffs = self.diff(&observed);
+        if diffs.is_empty() {
+            return Ok(EnsureOutcome::Unchanged);
+        }
+        if let Some(bad) = diffs.iter().find(|d| d.change != Change::InPlace) {
+            return Err(NatsError::Rejected {
+                op: "update consumer",
+                code: 0,
+                detail: format!(
+                    "{what}: {} cannot change in place (server has {}, config wants {}); delete the consumer (its position is lost) or keep the old value",
+                    bad.field, bad.have, bad.want
+                ),
+            });
+        }
+        stream
+            .update_consumer(self.to_nats())
+            .await
+            .map_err(|e| NatsError::other("update consumer", format!("{what}: {e}")))?;
+        Ok(EnsureOutcome::Updated(
+            diffs.into_iter().map(|d| d.field).collect(),
+        ))
+    }
+}
+
+pub async fn get_stream(
+    conn: &NatsConn,
+    name: &str,
+) -> Result<async_nats::jetstream::stream::Stream, NatsError> {
+    use async_nats::jetstream::context::GetStreamErrorKind as K;
+    conn.js.get_stream(name).await.map_err(|e| match e.kind() {
+        K::JetStream(api) => lift_api("get stream", &format!("stream {name:?}"), &api),
+        _ => NatsError::other("get stream", e),
+    })
+}
+
+pub async fn fetch_consumer_config(
+    stream: &async_nats::jetstream::stream::Stream,
+    durable: &str,
+) -> Result<Option<consumer::Config>, NatsError> {
+    use async_nats::jetstream::context::ConsumerInfoErrorKind as K;
+    match stream.consumer_info(durable).await {
+        Ok(info) => Ok(Some(info.config)),
+        Err(e) => match e.kind() {
+            K::NotFound => Ok(None),
+            K::JetStream(api) if api.error_code() == crate::nats::error::CONSUMER_NOT_FOUND => {
+                Ok(None)
+            }
+            K::JetStream(api) => Err(lift_api(
+                "consumer info",
+                &format!("consumer {durable:?}"),
+                &api,
+            )),
+            _ => Err(NatsError::other("consumer info", e)),
+        },
+    }
+}
+
+fn lift_consumer(
+    op: &'static str,
+    what: &str,
+    e: async_nats::jetstream::stream::ConsumerError,
+) -> NatsError {
+    use async_nats::jetstream::stream::ConsumerErrorKind as K;
+    match e.kind() {
+        K::JetStream(api) => lift_api(op, what, &api),
+        K::TimedOut => NatsError::TimedOut {
+            op,
+            after: Duration::ZERO,
+        },
+        _ => NatsError::other(op, e),
+    }
+}

@@ -1,0 +1,391 @@
+//! `infra.eventbus.stream` / `eventbus.stream`: validation into a `StreamSpec`, the one
+//! conversion to the server's stream config, and an idempotent ensure (create or update in
+//! place, no update when nothing the user set differs: Go defect B10).
+
+use crate::nats::error::lift_api;
+use crate::nats::names::{check_filter_subject, check_name};
+use crate::nats::{NatsConn, NatsError};
+use crate::pb::eventbus::{DiscardPolicy, RetentionPolicy, StorageType, StreamConfig};
+use crate::runtime::config_error::{duration, negative, ConfigError, Problems};
+use async_nats::jetstream::stream;
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamSpec {
+    pub name: String,
+    pub subjects: Vec<String>,
+    pub retention: stream::RetentionPolicy,
+    pub storage: stream::StorageType,
+    pub replicas: usize,
+    pub max_bytes: i64,
+    pub max_msgs: i64,
+    pub max_msgs_per_subject: i64,
+    pub max_msg_size: i32,
+    pub max_age: Duration,
+    pub discard: stream::DiscardPolicy,
+    pub duplicate_window: Option<Duration>,
+    pub description: Option<String>,
+    pub broker_ref: String,
+    pub servers: Vec<String>,
+    pub prevent_destroy: bool,
+    pub bind: bool,
+}
+
+/// 0 and negative limits all mean "unlimited"; the server stores -1.
+fn limit(v: i64) -> i64 {
+    if v <= 0 {
+        -1
+    } else {
+        v
+    }
+}
+
+impl StreamSpec {
+    pub fn validate(
+        type_name: &str,
+        module: &str,
+        c: &StreamConfig,
+    ) -> Result<StreamSpec, ConfigError> {
+        let mut p = Problems::new(type_name, module);
+        p.check("name", check_name(&c.name));
+        if c.subjects.is_empty() {
+            p.field(
+                "subjects",
+                "must contain at least one subject, e.g. [\"orders.>\"]",
+            );
+        }
+        for (i, s) in c.subjects.iter().enumerate() {
+            p.check(&format!("subjects[{i}]"), check_filter_subject(s));
+        }
+        let retention = match RetentionPolicy::try_from(c.retention_policy) {
+            Ok(RetentionPolicy::Unspecified | RetentionPolicy::Limits) => {
+                stream::RetentionPolicy::Limits
+            }
+            Ok(RetentionPolicy::Interest) => stream::RetentionPolicy::Interest,
+            Ok(RetentionPolicy::Workqueue) => stream::RetentionPolicy::WorkQueue,
+            Err(_) => {
+                p.field(
+                    "retention_policy",
+                    "must be RETENTION_POLICY_LIMITS, _INTEREST or _WORKQUEUE",
+                );
+                stream::RetentionPolicy::Limits
+            }
+        };
+        let storage = match StorageType::try_from(c.storage) {
+            Ok(StorageType::Memory) => stream::StorageType::Memory,
+            Ok(_) => stream::StorageType::File,
+            Err(_) => {
+                p.field(
+                    "storage",
+                    "must be STORAGE_TYPE_FILE or STORAGE_TYPE_MEMORY",
+                );
+                stream::StorageType::File
+            }
+        };
+        let discard = match DiscardPolicy::try_from(c.discard) {
+            Ok(DiscardPolicy::New) => stream::DiscardPolicy::New,
+            Ok(_) => stream::DiscardPolicy::Old,
+            Err(_) => {
+                p.field(
+                    "discard",
+                    "must be DISCARD_POLICY_OLD or DISCARD_POLICY_NEW",
+                );
+                stream::DiscardPolicy::Old
+            }
+        };
+        if c.num_replicas < 0 || c.num_replicas > 5 {
+            p.field(
+                "num_replicas",
+                format!("{} is out of range (1..=5; 0 means 1)", c.num_replicas),
+            );
+        }
+        for (field, d) in [
+            ("max_age", &c.max_age),
+            ("duplicate_window", &c.duplicate_window),
+            ("ack_wait", &c.ack_wait),
+        ] {
+            if negative(d) {
+                p.field(field, "must not be negative");
+            }
+        }
+        let max_age = duration(&c.max_age).unwrap_or_default();
+        let dup = duration(&c.duplicate_window).filter(|d| !d.is_zero());
+        if let Some(d) = dup {
+            if !max_age.is_zero() && d > max_age {
+                p.field(
+                    "duplicate_window",
+                    format!("{d:?} exceeds max_age {max_age:?}; the server refuses that"),
+                );
+            }
+        }
+        if c.ack_wait.is_some() {
+            tracing::warn!(stream = %c.name, "stream ack_wait has no effect; set ack_wait on the consumer");
+        }
+        if c.max_msg_size < -1 {
+            p.field("max_msg_size", "must be -1 (unlimited) or a byte count");
+        }
+        if !c.broker_ref.is_empty() {
+            p.check(
+                "broker_ref",
+                check_name(&c.broker_ref).map_err(|e| format!("broker module name {e}")),
+            );
+        }
+        let spec = StreamSpec {
+            name: c.name.clone(),
+            subjects: c.subjects.clone(),
+            retention,
+            storage,
+            replicas: c.num_replicas.max(1) as usize,
+            max_bytes: limit(c.max_bytes),
+            max_msgs: limit(c.max_msgs),
+            max_msgs_per_subject: limit(c.max_msgs_per_subject),
+            max_msg_size: if c.max_msg_size == 0 {
+                -1
+            } else {
+                c.max_msg_size
+            },
+            max_age,
+            discard,
+            duplicate_window: dup,
+            description: (!c.description.is_empty()).then(|| c.description.clone()),
+            broker_ref: c.broker_ref.clone(),
+            servers: c.servers.clone(),
+            prevent_destroy: c.prevent_destroy,
+            bind: c.bind,
+        };
+        p.finish(spec)
+    }
+
+    pub fn to_nats(&self) -> stream::Config {
+        stream::Config {
+            name: self.name.clone(),
+            subjects: self.subjects.clone(),
+            retention: self.retention,
+            storage: self.storage,
+            num_replicas: self.replicas,
+            max_bytes: self.max_bytes,
+            max_messages: self.max_msgs,
+            max_messages_per_subject: self.max_msgs_per_subject,
+            max_message_size: self.max_msg_size,
+            max_age: self.max_age,
+            discard: self.discard,
+            duplicate_window: self.duplicate_window.unwrap_or_default(),
+            description: self.description.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Fields whose desired value differs from the server's, compared after the server's own
+    /// normalisation (limits of 0 become -1, duplicate window defaults to 2 min or max_age).
+    pub fn diff(&self, observed: &stream::Config) -> Vec<FieldDiff> {
+        let mut d = Vec::new();
+        let mut cmp = |field: &'static str, want: String, have: String, change: Change| {
+            if want != have {
+                d.push(FieldDiff {
+                    field,
+                    want,
+                    have,
+                    change,
+                });
+            }
+        };
+        let mut want_subjects = self.subjects.clone();
+        want_subjects.sort();
+        let mut have_subjects = observed.subjects.clone();
+        have_subjects.sort();
+        cmp(
+            "subjects",
+            format!("{want_subjects:?}"),
+            format!("{have_subjects:?}"),
+            Change::InPlace,
+        );
+        cmp(
+            "retention_policy",
+            format!("{:?}", self.retention),
+            format!("{:?}", observed.retention),
+            Change::Refused,
+        );
+        cmp(
+            "storage",
+            format!("{:?}", self.storage),
+            format!("{:?}", observed.storage),
+            Change::Replace,
+        );
+        cmp(
+            "num_replicas",
+            self.replicas.to_string(),
+            observed.num_replicas.max(1).to_string(),
+            Change::InPlace,
+        );
+        cmp(
+            "max_bytes",
+            self.max_bytes.to_string(),
+            limit(observed.max_bytes).to_string(),
+            Change::InPlace,
+        );
+        cmp(
+            "max_msgs",
+            self.max_msgs.to_string(),
+            limit(observed.max_messages).to_string(),
+            Change::InPlace,
+        );
+        cmp(
+            "max_msgs_per_subject",
+            self.max_msgs_per_subject.to_string(),
+            limit(observed.max_messages_per_subject).to_string(),
+            Change::InPlace,
+        );
+        cmp(
+            "max_msg_size",
+            self.max_msg_size.to_string(),
+            (if observed.max_message_size == 0 {
+                -1
+            } else {
+                observed.max_message_size
+            })
+            .to_string(),
+            Change::InPlace,
+        );
+        cmp(
+            "max_age",
+            format!("{:?}", self.max_age),
+            format!("{:?}", observed.max_age),
+            Change::InPlace,
+        );
+        cmp(
+            "discard",
+            format!("{:?}", self.discard),
+            format!("{:?}", observed.discard),
+            Change::InPlace,
+        );
+        if let Some(w) = self.duplicate_window {
+            cmp(
+                "duplicate_window",
+                format!("{w:?}"),
+                format!("{:?}", observed.duplicate_window),
+                Change::InPlace,
+            );
+        }
+        if let Some(desc) = &self.description {
+            cmp(
+                "description",
+                desc.clone(),
+                observed.description.clone().unwrap_or_default(),
+                Change::InPlace,
+            );
+        }
+        d
+    }
+
+    /// Creates the stream or updates it in place; sends nothing when it already matches.
+    pub async fn ensure(&self, conn: &NatsConn) -> Result<EnsureOutcome, NatsError> {
+        let what = format!("stream {:?}", self.name);
+        let Some(observed) = fetch_stream_config(conn, &self.name).await? else {
+            conn.js
+                .create_stream(self.to_nats())
+                .await
+                .map_err(|e| lift_create("create stream", &what, e))?;
+            return Ok(EnsureOutcome::Created);
+        };
+        let diffs = self.diff(&observed);
+        if diffs.is_empty() {
+            return Ok(EnsureOutcome::Unchanged);
+        }
+        if let Some(bad) = diffs.iter().find(|d| d.change != Change::InPlace) {
+            return Err(NatsError::Rejected {
+                op: "update stream",
+                code: 0,
+                detail: format!(
+                    "{what}: {} cannot change in place (server has {}, config wants {}); {}",
+                    bad.field,
+                    bad.have,
+                    bad.want,
+                    bad.change.remedy()
+                ),
+            });
+        }
+        conn.js
+            .update_stream(self.to_nats())
+            .await
+            .map_err(|e| lift_create("update stream", &what, e))?;
+        Ok(EnsureOutcome::Updated(
+            diffs.into_iter().map(|d| d.field).collect(),
+        ))
+    }
+}
+
+/// The server's config of a stream, or `None` when it does not exist.
+pub async fn fetch_stream_config(
+    conn: &NatsConn,
+    name: &str,
+) -> Result<Option<stream::Config>, NatsError> {
+    use async_nats::jetstream::context::GetStreamErrorKind as K;
+    match conn.js.get_stream(name).await {
+        Ok(mut s) => {
+            let info = s
+                .info()
+                .await
+                .map_err(|e| NatsError::other("stream info", e))?;
+            Ok(Some(info.config.clone()))
+        }
+        Err(e) => match e.kind() {
+            K::JetStream(api) if api.error_code() == crate::nats::error::STREAM_NOT_FOUND => {
+                Ok(None)
+            }
+            K::JetStream(api) => Err(lift_api("get stream", &format!("stream {name:?}"), &api)),
+            _ => Err(NatsError::other("get stream", e)),
+        },
+    }
+}
+
+fn lift_create(
+    op: &'static str,
+    what: &str,
+    e: async_nats::jetstream::context::CreateStreamError,
+) -> NatsError {
+    use async_nats::jetstream::context::CreateStreamErrorKind as K;
+    match e.kind() {
+        K::JetStream(api) => lift_api(op, what, &api),
+        K::TimedOut => NatsError::TimedOut {
+            op,
+            after: Duration::ZERO,
+        },
+        _ => NatsError::other(op, e),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    InPlace,
+    Replace,
+    Refused,
+}
+
+impl Change {
+    pub fn remedy(self) -> &'static str {
+        match self {
+            Change::InPlace => "",
+            Change::Replace => {
+                "delete and recreate the resource (its messages are lost) or keep the old value"
+            }
+            Change::Refused => {
+                "the server never allows this change; create a new stream under another name"
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldDiff {
+    pub field: &'static str,
+    pub want: String,
+    pub have: String,
+    pub change: Change,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum EnsureOutcome {
+    Created,
+    Updated(Vec<&'static str>),
+    Unchanged,
+}

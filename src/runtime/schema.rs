@@ -1,0 +1,236 @@
+//! What the plugin tells the host about its types: module schemas (field docs for UIs), the
+//! contract registry (STRICT_PROTO descriptors + the FileDescriptorSet) and the manifest.
+
+use super::decode::message_descriptor;
+use super::types::{self, ModuleKind, StepKind, MODULE_TYPES, STEP_TYPES};
+use crate::pb::plugin::{
+    ConfigFieldDef, ContractDescriptor, ContractKind, ContractMode, ModuleSchema,
+};
+use prost::Message;
+use prost_reflect::{FieldDescriptor, Kind};
+
+/// (description, required, default) of a config field; shared names mean the same everywhere.
+pub fn field_doc(message: &str, field: &str) -> Option<(&'static str, bool, &'static str)> {
+    let d = |s, r, def| Some((s, r, def));
+    match (message, field) {
+        ("ClusterConfig", "provider") => d("Broker implementation: nats (kafka and kinesis are declared but not available yet)", true, ""),
+        ("ClusterConfig", "deploy_target") => d("Where the broker runs: local, self_hosted, kubernetes, digitalocean.app_platform, aws.ecs or aws.eks", true, ""),
+        ("ClusterConfig", "version") => d("Pinned nats-server release for provisioned brokers, e.g. 2.10 (latest is refused)", false, ""),
+        ("ClusterConfig", "replicas") => d("Server count for provisioned brokers; 3 or 5 form a JetStream cluster", false, "1"),
+        ("ClusterConfig", "jetstream") => d("JetStream limits for provisioned brokers (enabled, max_storage_bytes, max_memory_bytes)", false, ""),
+        ("ClusterConfig", "kafka") => d("Reserved for the kafka provider (not available yet)", false, ""),
+        ("ClusterConfig", "kinesis") => d("Reserved for the kinesis provider (not available yet)", false, ""),
+        ("ClusterConfig", "limits") => d("CPU/memory/storage hints for provisioned brokers", false, ""),
+        ("ClusterConfig", "dsn") => d("NATS url(s), comma-separated; wins over EVENTBUS_<NAME>_URI and NATS_URL", false, ""),
+        ("ClusterConfig", "poll_interval") => d("Go pgchannel provider only; ignored", false, ""),
+        ("ClusterConfig", "broker_target") => d("Go pgchannel provider only; ignored", false, ""),
+        ("ClusterConfig", "max_conns") => d("Go pgchannel provider only; ignored", false, ""),
+        (_, "iac_provider") => d("Name of the iac.provider module (provider: eventbus) that provisions this resource", false, ""),
+        (_, "depends_on") => d("Resources wfctl applies before this one", false, ""),
+        (_, "size") => d("Abstract size for provisioning (xs, s, m, l, xl)", false, ""),
+        (_, "adopt_existing") => d("wfctl: adopt an existing resource of this name instead of creating it", false, "false"),
+        (_, "protected") => d("wfctl: block replace and delete unless explicitly allowed", false, "false"),
+        (_, "region") => d("Cloud region for provisioned brokers", false, ""),
+        (_, "servers") => d("Explicit NATS urls (instead of dsn, or for IaC resources to find their broker)", false, ""),
+        ("ClusterConfig", "auth") => d("Credentials: token, user+password, creds_file or nkey_seed_file (never logged)", false, ""),
+        ("ClusterConfig", "tls") => d("TLS: ca_file, cert_file + key_file, required", false, ""),
+        ("ClusterConfig", "connection_name") => d("Client connection name shown by the server", false, "workflow-plugin-eventbus:<module>"),
+        ("ClusterConfig", "connect_timeout") => d("Timeout of one connection attempt (reconnects continue forever)", false, "5s"),
+        ("ClusterConfig", "request_timeout") => d("Bound on publish, ack and JetStream API calls", false, "5s"),
+        ("ClusterConfig", "local") => d("deploy_target local: binary, state_dir, client_port, remove_data_on_delete", false, ""),
+        (_, "prevent_destroy") => d("IaC: refuse to delete this resource", false, "false"),
+        (_, "bind") => d("IaC: adopt only; never create (fails when it does not exist)", false, "false"),
+        ("StreamConfig", "name") => d("Stream name (no spaces, dots or wildcards)", true, ""),
+        ("StreamConfig", "subjects") => d("Subjects captured by the stream, e.g. orders.>", true, ""),
+        ("StreamConfig", "retention_policy") => d("Message retention", false, "RETENTION_POLICY_LIMITS"),
+        ("StreamConfig", "num_replicas") => d("Replicas (needs a cluster of at least that many servers)", false, "1"),
+        ("StreamConfig", "max_bytes") => d("Size limit in bytes; 0 = unlimited", false, "0"),
+        ("StreamConfig", "max_age") => d("Message age limit, e.g. 86400s; unset = unlimited", false, ""),
+        ("StreamConfig", "ack_wait") => d("Kept for compatibility; set ack_wait on the consumer", false, ""),
+        (_, "broker_ref") => d("eventbus.broker module to use; may be omitted when exactly one broker is declared", false, ""),
+        ("StreamConfig", "storage") => d("File or memory storage", false, "STORAGE_TYPE_FILE"),
+        ("StreamConfig", "max_msgs") => d("Message count limit; 0 = unlimited", false, "0"),
+        ("StreamConfig", "max_msgs_per_subject") => d("Per-subject message limit; 0 = unlimited", false, "0"),
+        ("StreamConfig", "max_msg_size") => d("Largest accepted message in bytes; 0 = server limit", false, "0"),
+        ("StreamConfig", "discard") => d("What to drop when full", false, "DISCARD_POLICY_OLD"),
+        ("StreamConfig", "duplicate_window") => d("De-duplication window for Nats-Msg-Id", false, "120s"),
+        (_, "description") => d("Free text stored on the server", false, ""),
+        ("ConsumerConfig", "name") => d("Durable consumer name", true, ""),
+        ("ConsumerConfig", "stream_name") => d("Stream the consumer reads", true, ""),
+        ("ConsumerConfig", "filter_subject") => d("Only deliver messages on this subject", false, ""),
+        ("ConsumerConfig", "filter_subjects") => d("Only deliver messages on these subjects", false, ""),
+        ("ConsumerConfig", "deliver_policy") => d("Where a new consumer starts", false, "DELIVER_POLICY_ALL"),
+        ("ConsumerConfig", "ack_policy") => d("Acknowledgement mode", false, "ACK_POLICY_EXPLICIT"),
+        ("ConsumerConfig", "max_deliver") => d("Delivery attempts before the server stops redelivering; 0 = unlimited", false, "0"),
+        ("ConsumerConfig", "opt_start_seq") => d("Start sequence, with DELIVER_POLICY_BY_START_SEQUENCE", false, ""),
+        ("ConsumerConfig", "opt_start_time") => d("Start time (RFC 3339), with DELIVER_POLICY_BY_START_TIME", false, ""),
+        ("ConsumerConfig", "ack_wait") => d("Redelivery timeout of an unacknowledged message", false, "30s"),
+        ("ConsumerConfig", "max_ack_pending") => d("Unacknowledged messages allowed at once", false, "1000"),
+        ("ConsumerConfig", "backoff") => d("Redelivery delays per attempt (max_deliver must exceed the count)", false, ""),
+        _ => None,
+    }
+}
+
+fn kind_name(f: &FieldDescriptor) -> String {
+    let base = match f.kind() {
+        Kind::Message(m) => match m.full_name() {
+            "google.protobuf.Duration" => "duration".to_string(),
+            "google.protobuf.Timestamp" => "timestamp".to_string(),
+            "google.protobuf.Value" => "any".to_string(),
+            _ => "object".to_string(),
+        },
+        Kind::Enum(_) => "enum".to_string(),
+        other => format!("{other:?}").to_ascii_lowercase(),
+    };
+    if f.is_map() {
+        "map".into()
+    } else if f.is_list() {
+        format!("[]{base}")
+    } else {
+        base
+    }
+}
+
+pub fn config_fields(message: &str) -> Vec<ConfigFieldDef> {
+    let Ok(desc) = message_descriptor(&types::qualified(message)) else {
+        return Vec::new();
+    };
+    desc.fields()
+        .map(|f| {
+            let (description, required, default) =
+                field_doc(message, f.name()).unwrap_or(("", false, ""));
+            let options = match f.kind() {
+                Kind::Enum(e) => e
+                    .values()
+                    .filter(|v| v.number() != 0)
+                    .map(|v| v.name().to_string())
+                    .collect(),
+                _ if f.name() == "deploy_target" => crate::providers::Provider::Nats
+                    .targets()
+                    .iter()
+                    .map(|t| t.as_str().to_string())
+                    .collect(),
+                _ if f.name() == "provider" => vec!["nats".into()],
+                _ => Vec::new(),
+            };
+            ConfigFieldDef {
+                name: f.name().to_string(),
+                r#type: kind_name(&f),
+                description: description.to_string(),
+                default_value: default.to_string(),
+                required,
+                options,
+            }
+        })
+        .collect()
+}
+
+pub fn module_schemas() -> Vec<ModuleSchema> {
+    MODULE_TYPES
+        .iter()
+        .map(|(type_name, kind)| {
+            let (label, description) = match kind {
+                ModuleKind::Broker => (
+                    "Event bus broker",
+                    "A NATS JetStream broker connection (and, through wfctl, a provisioned broker)",
+                ),
+                ModuleKind::Stream => (
+                    "Event bus stream",
+                    "A JetStream stream, created or updated in place at Start",
+                ),
+                ModuleKind::Consumer => (
+                    "Event bus consumer",
+                    "A durable JetStream pull consumer, created or updated in place at Start",
+                ),
+            };
+            ModuleSchema {
+                r#type: type_name.to_string(),
+                label: label.into(),
+                category: "eventbus".into(),
+                description: description.into(),
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+                config_fields: config_fields(kind.config_message()),
+            }
+        })
+        .collect()
+}
+
+fn descriptor(kind: ContractKind) -> ContractDescriptor {
+    ContractDescriptor {
+        kind: kind as i32,
+        mode: ContractMode::StrictProto as i32,
+        ..Default::default()
+    }
+}
+
+/// Service names of the IaC services this binary serves (SERVICE descriptors + plugin.json).
+pub const IAC_SERVICES: &[&str] = &[];
+
+pub fn contract_descriptors() -> Vec<ContractDescriptor> {
+    let mut out = Vec::new();
+    for (type_name, kind) in MODULE_TYPES {
+        out.push(ContractDescriptor {
+            module_type: type_name.to_string(),
+            config_message: types::qualified(kind.config_message()),
+            ..descriptor(ContractKind::Module)
+        });
+    }
+    for kind in STEP_TYPES {
+        let (c, i, o) = StepKind::messages(*kind);
+        out.push(ContractDescriptor {
+            step_type: kind.type_name().to_string(),
+            config_message: types::qualified(c),
+            input_message: types::qualified(i),
+            output_message: types::qualified(o),
+            ..descriptor(ContractKind::Step)
+        });
+    }
+    out.push(ContractDescriptor {
+        trigger_type: types::TRIGGER_TYPE.to_string(),
+        config_message: types::qualified(types::TRIGGER_CONFIG_MESSAGE),
+        output_message: types::qualified(types::TRIGGER_OUTPUT_MESSAGE),
+        ..descriptor(ContractKind::Trigger)
+    });
+    for service in IAC_SERVICES {
+        out.push(ContractDescriptor {
+            service_name: service.to_string(),
+            ..descriptor(ContractKind::Service)
+        });
+    }
+    out
+}
+
+pub fn descriptor_set() -> Option<prost_types::FileDescriptorSet> {
+    prost_types::FileDescriptorSet::decode(crate::pb::EVENTBUS_DESCRIPTOR_SET).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_module_config_field_is_documented() {
+        for kind in [ModuleKind::Broker, ModuleKind::Stream, ModuleKind::Consumer] {
+            for f in config_fields(kind.config_message()) {
+                assert!(
+                    !f.description.is_empty(),
+                    "{}.{} has no description",
+                    kind.config_message(),
+                    f.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_contract_message_resolves() {
+        for d in contract_descriptors() {
+            for m in [&d.config_message, &d.input_message, &d.output_message] {
+                if !m.is_empty() {
+                    message_descriptor(m).unwrap();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `step.eventbus.ack`: ack, nak (with delay), term or progress by ack token, confirmed.
+
+use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
+use crate::nats::ack::{ack_token, check_token, AckKind};
+use crate::pb::eventbus::{AckAction, AckRequest, AckResponse, AckStepConfig};
+use crate::runtime::config_error::{duration, negative, Problems};
+use crate::runtime::decode::{self, RawConfig};
+use crate::runtime::types::{self, StepKind};
+use crate::runtime::{Runtime, RuntimeError};
+
+pub struct AckStep {
+    name: String,
+}
+
+fn kind_of(c: &AckStepConfig) -> Result<AckKind, String> {
+    let delay = duration(&c.nak_delay).filter(|d| !d.is_zero());
+    match AckAction::try_from(c.action) {
+        Ok(AckAction::Unspecified | AckAction::Ack) if delay.is_none() => Ok(AckKind::Ack),
+        Ok(AckAction::Nak) => Ok(AckKind::Nak(delay)),
+        Ok(AckAction::Term) if delay.is_none() => Ok(AckKind::Term),
+        Ok(AckAction::Progress) if delay.is_none() => Ok(AckKind::Progress),
+        Ok(_) => Err("nak_delay only applies with action ACK_ACTION_NAK".into()),
+        Err(_) => Err("action must be ACK_ACTION_ACK, _NAK, _TERM or _PROGRESS".into()),
+    }
+}
+
+impl AckStep {
+    pub fn create(name: &str, raw: RawConfig<'_>) -> Result<Self, RuntimeError> {
+        let kind = StepKind::Ack;
+        let mut p = Problems::new(kind.type_name(), name);
+        match decode::decode::<AckStepConfig>(&types::qualified(kind.messages().0), raw) {
+            Err(lines) => p.raw(lines),
+            Ok(c) => {
+                if !c.ack_token.is_empty() && !templated(&c.ack_token) {
+                    p.check("ack_token", check_token(&c.ack_token));
+                }
+                if negative(&c.nak_delay) {
+                    p.field("nak_delay", "must not be negative");
+                }
+                if let Err(e) = kind_of(&c) {
+                    p.field("action", e);
+                }
+            }
+        }
+        p.finish(AckStep {
+            name: name.to_string(),
+        })
+        .map_err(Into::into)
+    }
+
+    pub async fn execute(
+        &self,
+        rt: &Runtime,
+        input: ExecuteInput<'_>,
+    ) -> Result<StepOutput, RuntimeError> {
+        let component = format!("{} {:?}", StepKind::Ack.type_name(), self.name);
+        let (cfg, inp): (AckStepConfig, AckRequest) =
+            decode_execute(StepKind::Ack, &self.name, &input)?;
+        let token = pick(&cfg.ack_token, &inp.ack_token);
+        check_token(&token)
+            .map_err(|e| RuntimeError::failed(&component, format!("ack_token {e}")))?;
+        let kind = kind_of(&cfg).map_err(|e| RuntimeError::failed(&component, e))?;
+        let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), &component)?;
+        let conn = broker
+            .require()
+            .await
+            .map_err(|e| RuntimeError::nats(&component, e))?;
+        conn.wait_connected(conn.request_timeout)
+            .await
+            .map_err(|e| RuntimeError::nats(&component, e))?;
+        ack_token(&conn.client, &token, kind, conn.request_timeout)
+            .await
+            .map_err(|e| RuntimeError::nats(&component, e))?;
+        let out = AckResponse {
+            action: kind.name().to_string(),
+        };
+        Ok(StepOutput {
+            typed: decode::pack(&types::qualified(StepKind::Ack.messages().2), &out),
+        })
+    }
+}

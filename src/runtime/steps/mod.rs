@@ -1,0 +1,115 @@
+//! Pipeline steps. Each step keeps its Create-time config (validated where no template is
+//! involved); at Execute the host sends the config again with templates resolved plus the
+//! pipeline state filtered to the input message, and fields set in config win over input.
+
+pub mod ack;
+pub mod consume;
+pub mod publish;
+
+use super::decode::{self, RawConfig};
+use super::types::{self, StepKind};
+use super::{Runtime, RuntimeError};
+
+pub struct ExecuteInput<'a> {
+    pub typed_config: Option<&'a prost_types::Any>,
+    pub config: Option<&'a prost_types::Struct>,
+    pub typed_input: Option<&'a prost_types::Any>,
+    pub current: Option<&'a prost_types::Struct>,
+}
+
+pub struct StepOutput {
+    pub typed: prost_types::Any,
+}
+
+pub enum Step {
+    Publish(publish::PublishStep),
+    Consume(consume::ConsumeStep),
+    Ack(ack::AckStep),
+}
+
+/// A value that still holds a host template; it is checked only once resolved at Execute.
+pub fn templated(s: &str) -> bool {
+    s.contains("{{")
+}
+
+impl Step {
+    pub fn create(kind: StepKind, name: &str, raw: RawConfig<'_>) -> Result<Step, RuntimeError> {
+        Ok(match kind {
+            StepKind::Publish => Step::Publish(publish::PublishStep::create(name, raw)?),
+            StepKind::Consume => Step::Consume(consume::ConsumeStep::create(name, raw)?),
+            StepKind::Ack => Step::Ack(ack::AckStep::create(name, raw)?),
+        })
+    }
+
+    pub fn kind(&self) -> StepKind {
+        match self {
+            Step::Publish(_) => StepKind::Publish,
+            Step::Consume(_) => StepKind::Consume,
+            Step::Ack(_) => StepKind::Ack,
+        }
+    }
+
+    pub async fn execute(
+        &self,
+        rt: &Runtime,
+        input: ExecuteInput<'_>,
+    ) -> Result<StepOutput, RuntimeError> {
+        match self {
+            Step::Publish(s) => s.execute(rt, input).await,
+            Step::Consume(s) => s.execute(rt, input).await,
+            Step::Ack(s) => s.execute(rt, input).await,
+        }
+    }
+}
+
+/// Decodes this execution's config and input messages of `kind`.
+pub(crate) fn decode_execute<C, I>(
+    kind: StepKind,
+    name: &str,
+    input: &ExecuteInput<'_>,
+) -> Result<(C, I), RuntimeError>
+where
+    C: prost::Message + Default,
+    I: prost::Message + Default,
+{
+    let (cfg_msg, in_msg, _) = kind.messages();
+    let component = format!("{} {name:?}", kind.type_name());
+    let cfg = decode::decode::<C>(
+        &types::qualified(cfg_msg),
+        RawConfig {
+            typed: input.typed_config,
+            legacy: input.config,
+        },
+    )
+    .map_err(|e| RuntimeError::failed(component.clone(), format!("config: {}", e.join("; "))))?;
+    // Input comes from pipeline state: when it arrives as a Struct, keep only the input
+    // message's fields, as the host does for typed_input.
+    let inp = match (input.typed_input, input.current) {
+        (Some(any), _) => decode::decode::<I>(
+            &types::qualified(in_msg),
+            RawConfig {
+                typed: Some(any),
+                legacy: None,
+            },
+        ),
+        (None, Some(current)) => {
+            let full = types::qualified(in_msg);
+            let desc = decode::message_descriptor(&full)
+                .map_err(|e| RuntimeError::failed(component.clone(), e))?;
+            let json = decode::struct_to_json(current)
+                .into_iter()
+                .filter(|(k, _)| {
+                    desc.get_field_by_name(k).is_some() || desc.get_field_by_json_name(k).is_some()
+                })
+                .collect();
+            decode::decode_json::<I>(&full, json)
+        }
+        (None, None) => Ok(I::default()),
+    }
+    .map_err(|e| RuntimeError::failed(component, format!("input: {}", e.join("; "))))?;
+    Ok((cfg, inp))
+}
+
+pub(crate) fn pick(config: &str, input: &str) -> String {
+    if config.is_empty() { input } else { config }.to_string()
+}

@@ -1,0 +1,135 @@
+//! `step.eventbus.publish`: send and await the JetStream PublishAck, bounded by a timeout so a
+//! step never hangs while the broker is down (Go defect B21).
+
+use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
+use crate::nats::names::check_publish_subject;
+use crate::nats::NatsError;
+use crate::pb::eventbus::{PublishRequest, PublishResponse, PublishStepConfig};
+use crate::runtime::config_error::{duration, negative, Problems};
+use crate::runtime::decode::{self, RawConfig};
+use crate::runtime::types::{self, StepKind};
+use crate::runtime::{Runtime, RuntimeError};
+use async_nats::HeaderMap;
+use std::time::Duration;
+
+pub const CORRELATION_HEADER: &str = "Nats-Correlation-Id";
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+pub struct PublishStep {
+    name: String,
+}
+
+impl PublishStep {
+    pub fn create(name: &str, raw: RawConfig<'_>) -> Result<Self, RuntimeError> {
+        let kind = StepKind::Publish;
+        let mut p = Problems::new(kind.type_name(), name);
+        match decode::decode::<PublishStepConfig>(&types::qualified(kind.messages().0), raw) {
+            Err(lines) => p.raw(lines),
+            Ok(c) => {
+                if !c.subject.is_empty() && !templated(&c.subject) {
+                    p.check("subject", check_publish_subject(&c.subject));
+                }
+                if negative(&c.timeout) || duration(&c.timeout) == Some(Duration::ZERO) {
+                    p.field("timeout", "must be a positive duration such as \"5s\"");
+                }
+            }
+        }
+        p.finish(PublishStep {
+            name: name.to_string(),
+        })
+        .map_err(Into::into)
+    }
+
+    fn component(&self) -> String {
+        format!("{} {:?}", StepKind::Publish.type_name(), self.name)
+    }
+
+    pub async fn execute(
+        &self,
+        rt: &Runtime,
+        input: ExecuteInput<'_>,
+    ) -> Result<StepOutput, RuntimeError> {
+        let component = self.component();
+        let (cfg, inp): (PublishStepConfig, PublishRequest) =
+            decode_execute(StepKind::Publish, &self.name, &input)?;
+        let subject = pick(&cfg.subject, &inp.subject);
+        check_publish_subject(&subject).map_err(|e| {
+            RuntimeError::failed(
+                &component,
+                format!("subject {e} (set config.subject or a `subject` in pipeline state)"),
+            )
+        })?;
+        let payload: Vec<u8> = match cfg.payload.as_ref().and_then(|v| v.kind.as_ref()) {
+            Some(prost_types::value::Kind::StringValue(s)) => s.clone().into_bytes(),
+            Some(_) => {
+                let json = decode::value_to_json(
+                    cfg.payload
+                        .as_ref()
+                        .unwrap_or(&prost_types::Value::default()),
+                );
+                serde_json::to_vec(&json)
+                    .map_err(|e| RuntimeError::failed(&component, format!("payload: {e}")))?
+            }
+            None => inp.payload,
+        };
+        let mut headers = HeaderMap::new();
+        for (k, v) in inp.headers.iter().chain(cfg.headers.iter()) {
+            headers.insert(k.as_str(), v.as_str());
+        }
+        let correlation = pick(&cfg.correlation_id, &inp.correlation_id);
+        if !correlation.is_empty() {
+            headers.insert(CORRELATION_HEADER, correlation.as_str());
+        }
+        let msg_id = pick(&cfg.message_id, &inp.message_id);
+        if !msg_id.is_empty() {
+            headers.insert(MSG_ID_HEADER, msg_id.as_str());
+        }
+        let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), &component)?;
+        let conn = broker
+            .require()
+            .await
+            .map_err(|e| RuntimeError::nats(&component, e))?;
+        let timeout = duration(&cfg.timeout).unwrap_or(conn.request_timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
+        conn.wait_connected(timeout)
+            .await
+            .map_err(|e| RuntimeError::nats(&component, e))?;
+        let ack = tokio::time::timeout_at(deadline, async {
+            let fut = conn
+                .js
+                .publish_with_headers(subject.clone(), headers, payload.into())
+                .await
+                .map_err(|e| NatsError::other("publish", e))?;
+            fut.await.map_err(|e| NatsError::other("publish ack", e))
+        })
+        .await
+        .map_err(|_| {
+            RuntimeError::nats(
+                &component,
+                NatsError::TimedOut {
+                    op: "publish",
+                    after: timeout,
+                },
+            )
+        })?
+        .map_err(|e| RuntimeError::nats(&component, e))?;
+        let out = PublishResponse {
+            sequence: ack.sequence.to_string(),
+            acked_at: now_rfc3339(),
+            stream: ack.stream,
+            duplicate: ack.duplicate,
+        };
+        Ok(StepOutput {
+            typed: decode::pack(&types::qualified(StepKind::Publish.messages().2), &out),
+        })
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

@@ -1,0 +1,55 @@
+//! The Struct handed to TriggerWorkflow. Every key that is also a field of one of our step input
+//! messages has the form the host's strict decoder accepts for that field: `payload` is base64
+//! (as the host renders bytes), `headers` a map of strings, `ack_token` and `subject` strings.
+//! So trigger -> publish forwards the bytes unchanged and trigger -> ack needs no config.
+
+use crate::pb::eventbus::Message;
+use base64::Engine;
+use prost_types::value::Kind;
+use prost_types::{Struct, Value};
+use std::collections::BTreeMap;
+
+fn s(v: impl Into<String>) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(v.into())),
+    }
+}
+
+pub fn build(m: &Message, broker_ref: &str) -> Struct {
+    let mut f = BTreeMap::new();
+    f.insert("subject".into(), s(&m.subject));
+    f.insert(
+        "payload".into(),
+        s(base64::engine::general_purpose::STANDARD.encode(&m.payload)),
+    );
+    if let Ok(text) = std::str::from_utf8(&m.payload) {
+        f.insert("text".into(), s(text));
+    }
+    if let Some(json) = &m.json {
+        f.insert("json".into(), json.clone());
+    }
+    let headers = Struct {
+        fields: m.headers.iter().map(|(k, v)| (k.clone(), s(v))).collect(),
+    };
+    f.insert(
+        "headers".into(),
+        Value {
+            kind: Some(Kind::StructValue(headers)),
+        },
+    );
+    f.insert("sequence".into(), s(&m.sequence));
+    f.insert("published_at".into(), s(&m.published_at));
+    f.insert("ack_token".into(), s(&m.ack_token));
+    f.insert("stream".into(), s(&m.stream));
+    f.insert("consumer".into(), s(&m.consumer));
+    f.insert(
+        "delivery_count".into(),
+        Value {
+            kind: Some(Kind::NumberValue(m.delivery_count as f64)),
+        },
+    );
+    if !broker_ref.is_empty() {
+        f.insert("broker_ref".into(), s(broker_ref));
+    }
+    Struct { fields: f }
+}

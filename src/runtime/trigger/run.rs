@@ -1,0 +1,412 @@
+//! The trigger worker: fetch in batches, run at most `max_in_flight` pipelines at once, and
+//! decide each message's fate explicitly (ack, nak with growing delay, dead-letter + term).
+//! A stream error never ends the worker: it logs (rate-limited), backs off and re-binds, so a
+//! reconnect, a lame-duck restart or a deleted consumer heal by themselves.
+
+use super::{payload, AckMode, TriggerCall, TriggerSpec};
+use crate::nats::ack::{ack_token, AckKind};
+use crate::nats::{NatsConn, NatsError};
+use crate::runtime::modules::broker::BrokerModule;
+use crate::runtime::modules::consumer::get_stream;
+use crate::runtime::steps::consume::to_message;
+use crate::runtime::{render, Runtime};
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const MAX_NAK_DELAY: Duration = Duration::from_secs(300);
+const REBIND_MAX: Duration = Duration::from_secs(5);
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs the first failure, then at most one line per `LOG_EVERY` with the count suppressed, so
+/// a long outage does not flood stderr.
+pub struct RateLimitedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    pub fn new() -> Self {
+        RateLimitedLog {
+            last: None,
+            suppressed: 0,
+        }
+    }
+    pub fn warn(&mut self, trigger: &str, what: &str, err: &str) {
+        let now = Instant::now();
+        if self.last.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+            tracing::warn!(trigger, suppressed = self.suppressed, "{what}: {err}");
+            self.last = Some(now);
+            self.suppressed = 0;
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+impl Default for RateLimitedLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Nak delay for the n-th delivery: base, doubling per attempt, capped.
+pub fn nak_delay(base: Duration, delivered: i64) -> Duration {
+    let exp = (delivered.max(1) - 1).min(16) as u32;
+    base.saturating_mul(2u32.saturating_pow(exp))
+        .min(MAX_NAK_DELAY)
+}
+
+pub struct Worker {
+    rt: Runtime,
+    spec: TriggerSpec,
+    broker: Arc<BrokerModule>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// What the server says about the bound consumer, needed per message.
+#[derive(Clone, Copy)]
+struct Bound {
+    ack_wait: Duration,
+    max_deliver: i64,
+}
+
+impl Worker {
+    pub fn new(
+        rt: Runtime,
+        spec: TriggerSpec,
+        broker: Arc<BrokerModule>,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        Worker {
+            rt,
+            spec,
+            broker,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Used by StartModule: fails with a clear error when the consumer cannot be bound now.
+    pub async fn bind_once(&self) -> Result<(), NatsError> {
+        self.bind().await.map(|_| ())
+    }
+
+    async fn bind(&self) -> Result<(NatsConn, PullConsumer, Bound), NatsError> {
+        let conn = self.broker.require().await?;
+        conn.wait_connected(conn.request_timeout.max(Duration::from_secs(2)))
+            .await?;
+        if self.spec.declared {
+            for c in self.rt.consumer_modules(&self.spec.durable) {
+                if c.spec.stream == self.spec.stream {
+                    if let Some(s) = self.rt.stream_module(&c.spec.stream) {
+                        s.ensure(&self.broker).await?;
+                    }
+                    c.invalidate().await; // re-check: it may have been deleted behind our back
+                    c.ensure(&self.broker).await?;
+                }
+            }
+        }
+        let stream = get_stream(&conn, &self.spec.stream).await?;
+        let consumer: PullConsumer = if self.spec.declared {
+            stream
+                .get_consumer(&self.spec.durable)
+                .await
+                .map_err(|e| NatsError::other("bind consumer", e))?
+        } else {
+            // Not declared: create it if missing with the trigger's own filter (Go B12).
+            stream
+                .get_or_create_consumer(
+                    &self.spec.durable,
+                    pull::Config {
+                        durable_name: Some(self.spec.durable.clone()),
+                        filter_subject: self.spec.filter_subject.clone(),
+                        ack_policy: AckPolicy::Explicit,
+                        max_deliver: if self.spec.max_deliver > 0 {
+                            self.spec.max_deliver
+                        } else {
+                            -1
+                        },
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| NatsError::other("bind consumer", e))?
+        };
+        let cfg = &consumer.cached_info().config;
+        if !self.spec.filter_subject.is_empty() {
+            let f = &self.spec.filter_subject;
+            if cfg.filter_subject != *f && cfg.filter_subjects != [f.clone()] {
+                return Err(NatsError::other(
+                    "bind consumer",
+                    format!(
+                        "consumer {:?} filters {:?}, the trigger asks for {f:?}; align the consumer or drop filter_subject",
+                        self.spec.durable,
+                        if cfg.filter_subject.is_empty() { cfg.filter_subjects.join(",") } else { cfg.filter_subject.clone() }
+                    ),
+                ));
+            }
+        }
+        let max_deliver = if self.spec.max_deliver > 0 {
+            self.spec.max_deliver
+        } else {
+            cfg.max_deliver
+        };
+        let ack_wait = if cfg.ack_wait.is_zero() {
+            Duration::from_secs(30)
+        } else {
+            cfg.ack_wait
+        };
+        Ok((
+            conn,
+            consumer,
+            Bound {
+                ack_wait,
+                max_deliver,
+            },
+        ))
+    }
+
+    pub async fn run(self) {
+        let sem = Arc::new(Semaphore::new(self.spec.max_in_flight));
+        let mut log = RateLimitedLog::new();
+        let mut backoff = Duration::from_millis(100);
+        let name = self.spec.workflow_type.clone();
+        'outer: while !self.stop.is_cancelled() {
+            let (conn, consumer, bound) = match self.bind().await {
+                Ok(b) => b,
+                Err(e) => {
+                    log.warn(
+                        &name,
+                        "trigger cannot bind its consumer; retrying",
+                        &render(&e),
+                    );
+                    if self.sleep(backoff).await {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(REBIND_MAX);
+                    continue;
+                }
+            };
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(self.spec.batch_size)
+                .heartbeat(HEARTBEAT)
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await;
+            let mut messages = match messages {
+                Ok(m) => m,
+                Err(e) => {
+                    log.warn(&name, "trigger pull failed; re-binding", &e.to_string());
+                    if self.sleep(backoff).await {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(REBIND_MAX);
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                // Take a slot first so no message waits in our hands while its ack_wait runs.
+                let permit = tokio::select! {
+                    _ = self.stop.cancelled() => break 'outer,
+                    p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
+                };
+                let next = tokio::select! {
+                    _ = self.stop.cancelled() => break 'outer,
+                    n = messages.next() => n,
+                };
+                match next {
+                    Some(Ok(msg)) => {
+                        let h = Handler {
+                            rt: self.rt.clone(),
+                            spec: self.spec.clone(),
+                            conn: conn.clone(),
+                            bound,
+                        };
+                        self.tasks.spawn(async move {
+                            h.handle(msg).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
+                        let rebind = matches!(
+                            e.kind(),
+                            K::MissingHeartbeat
+                                | K::ConsumerDeleted
+                                | K::NoResponders
+                                | K::RequestLimitExceeded
+                        );
+                        log.warn(&name, "trigger stream error", &e.to_string());
+                        if rebind {
+                            if self.sleep(backoff).await {
+                                break 'outer;
+                            }
+                            continue 'outer;
+                        }
+                    }
+                    None => continue 'outer,
+                }
+            }
+        }
+        tracing::debug!(trigger = %name, "trigger worker stopped");
+    }
+
+    /// Sleeps unless stopped; true when stopped.
+    async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.stop.cancelled() => true,
+            _ = tokio::time::sleep(d) => false,
+        }
+    }
+}
+
+struct Handler {
+    rt: Runtime,
+    spec: TriggerSpec,
+    conn: NatsConn,
+    bound: Bound,
+}
+
+impl Handler {
+    async fn handle(&self, msg: async_nats::jetstream::Message) {
+        let m = to_message(&msg, &self.spec.durable);
+        let delivered = m.delivery_count as i64;
+        let token = m.ack_token.clone();
+        let Some(launcher) = self.rt.launcher() else {
+            // No callback (wfctl contexts never configure one): give it back for later.
+            tracing::warn!(trigger = %self.spec.workflow_type, "no engine callback configured; message returned to the stream");
+            self.settle(
+                &token,
+                AckKind::Nak(Some(nak_delay(self.spec.nak_delay, delivered))),
+            )
+            .await;
+            return;
+        };
+        let call = TriggerCall {
+            trigger_type: self.spec.workflow_type.clone(),
+            action: "message".into(),
+            data: payload::build(&m, &self.spec.broker_ref),
+        };
+        // Keep the message ours while a long pipeline runs (in-progress acks at ack_wait/2).
+        let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
+        let pipeline = launcher.launch(call);
+        tokio::pin!(pipeline);
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
+        let result = loop {
+            tokio::select! {
+                r = &mut pipeline => break r,
+                _ = ticker.tick() => {
+                    if let Err(e) = ack_token(&self.conn.client, &token, AckKind::Progress, self.conn.request_timeout).await {
+                        tracing::debug!(error = %e, "progress ack failed");
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                if self.spec.ack_mode == AckMode::Auto {
+                    self.settle(&token, AckKind::Ack).await;
+                }
+            }
+            Err(err) => {
+                let last = self.bound.max_deliver > 0 && delivered >= self.bound.max_deliver;
+                tracing::warn!(trigger = %self.spec.workflow_type, seq = %m.sequence, delivered, last, error = %err, "pipeline failed");
+                if !last {
+                    self.settle(
+                        &token,
+                        AckKind::Nak(Some(nak_delay(self.spec.nak_delay, delivered))),
+                    )
+                    .await;
+                    return;
+                }
+                if let Some(dlq) = &self.spec.dead_letter_subject {
+                    if let Err(e) = self.dead_letter(dlq, &msg, &m, &err).await {
+                        // Not parked: keep the message (nak) rather than lose it.
+                        tracing::error!(trigger = %self.spec.workflow_type, error = %render(&e), "dead-letter publish failed; message kept");
+                        self.settle(
+                            &token,
+                            AckKind::Nak(Some(nak_delay(self.spec.nak_delay, delivered))),
+                        )
+                        .await;
+                        return;
+                    }
+                }
+                self.settle(&token, AckKind::Term).await;
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        subject: &str,
+        msg: &async_nats::jetstream::Message,
+        m: &crate::pb::eventbus::Message,
+        err: &str,
+    ) -> Result<(), NatsError> {
+        let mut headers = msg.headers.clone().unwrap_or_default();
+        headers.insert("Eventbus-Original-Subject", m.subject.as_str());
+        headers.insert("Eventbus-Original-Stream", m.stream.as_str());
+        headers.insert("Eventbus-Original-Sequence", m.sequence.as_str());
+        headers.insert(
+            "Eventbus-Delivery-Count",
+            m.delivery_count.to_string().as_str(),
+        );
+        let reason: String = err.chars().take(512).filter(|c| !c.is_control()).collect();
+        headers.insert("Eventbus-Error", reason.as_str());
+        let ack = self
+            .conn
+            .js
+            .publish_with_headers(subject.to_string(), headers, msg.payload.clone())
+            .await
+            .map_err(|e| NatsError::other("dead-letter publish", e))?;
+        tokio::time::timeout(self.conn.request_timeout, ack)
+            .await
+            .map_err(|_| NatsError::TimedOut {
+                op: "dead-letter publish",
+                after: self.conn.request_timeout,
+            })?
+            .map_err(|e| NatsError::other("dead-letter publish", e))?;
+        Ok(())
+    }
+
+    /// One terminal decision per message, confirmed; retried briefly across a reconnect.
+    async fn settle(&self, token: &str, kind: AckKind) {
+        for attempt in 0..3u32 {
+            match ack_token(&self.conn.client, token, kind, self.conn.request_timeout).await {
+                Ok(()) => return,
+                Err(e) if attempt == 2 => {
+                    tracing::warn!(trigger = %self.spec.workflow_type, action = kind.name(), error = %e, "could not settle message; it will be redelivered");
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200 * (attempt as u64 + 1))).await
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nak_delays_grow_and_cap() {
+        let b = Duration::from_secs(1);
+        assert_eq!(nak_delay(b, 1), Duration::from_secs(1));
+        assert_eq!(nak_delay(b, 2), Duration::from_secs(2));
+        assert_eq!(nak_delay(b, 4), Duration::from_secs(8));
+        assert_eq!(nak_delay(b, 100), MAX_NAK_DELAY);
+    }
+}

@@ -1,0 +1,102 @@
+//! The one table of capability names (contract §3). Everything that lists types (type lists,
+//! contract registry, schemas, plugin.json tests) reads from here.
+
+use crate::pb::EVENTBUS_PACKAGE;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ModuleKind {
+    Broker,
+    Stream,
+    Consumer,
+}
+
+impl ModuleKind {
+    pub fn config_message(self) -> &'static str {
+        match self {
+            ModuleKind::Broker => "ClusterConfig",
+            ModuleKind::Stream => "StreamConfig",
+            ModuleKind::Consumer => "ConsumerConfig",
+        }
+    }
+}
+
+/// (type name, kind): v0.1 `infra.*` names and v0.2 `eventbus.*` names share factories.
+pub const MODULE_TYPES: &[(&str, ModuleKind)] = &[
+    ("infra.eventbus", ModuleKind::Broker),
+    ("infra.eventbus.stream", ModuleKind::Stream),
+    ("infra.eventbus.consumer", ModuleKind::Consumer),
+    ("eventbus.broker", ModuleKind::Broker),
+    ("eventbus.stream", ModuleKind::Stream),
+    ("eventbus.consumer", ModuleKind::Consumer),
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StepKind {
+    Publish,
+    Consume,
+    Ack,
+}
+
+impl StepKind {
+    pub fn type_name(self) -> &'static str {
+        match self {
+            StepKind::Publish => "step.eventbus.publish",
+            StepKind::Consume => "step.eventbus.consume",
+            StepKind::Ack => "step.eventbus.ack",
+        }
+    }
+    /// (config, input, output) message names, unqualified.
+    pub fn messages(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            StepKind::Publish => ("PublishStepConfig", "PublishRequest", "PublishResponse"),
+            StepKind::Consume => ("ConsumeStepConfig", "ConsumeRequest", "ConsumeResponse"),
+            StepKind::Ack => ("AckStepConfig", "AckRequest", "AckResponse"),
+        }
+    }
+}
+
+pub const STEP_TYPES: &[StepKind] = &[StepKind::Publish, StepKind::Consume, StepKind::Ack];
+
+pub const TRIGGER_TYPE: &str = "trigger.eventbus.subscribe";
+pub const TRIGGER_CONFIG_MESSAGE: &str = "SubscribeTriggerConfig";
+pub const TRIGGER_OUTPUT_MESSAGE: &str = "Message";
+
+/// IaC resource types served by the provider (the v0.1 names, as wfctl routes `infra.*`).
+pub const IAC_RESOURCE_TYPES: &[&str] = &[
+    "infra.eventbus",
+    "infra.eventbus.stream",
+    "infra.eventbus.consumer",
+];
+
+pub fn qualified(message: &str) -> String {
+    format!("{EVENTBUS_PACKAGE}.{message}")
+}
+
+pub fn module_kind(type_name: &str) -> Option<ModuleKind> {
+    MODULE_TYPES
+        .iter()
+        .find(|(n, _)| *n == type_name)
+        .map(|(_, k)| *k)
+}
+
+pub fn step_kind(type_name: &str) -> Option<StepKind> {
+    STEP_TYPES
+        .iter()
+        .copied()
+        .find(|k| k.type_name() == type_name)
+}
+
+pub fn module_type_names() -> Vec<String> {
+    MODULE_TYPES.iter().map(|(n, _)| n.to_string()).collect()
+}
+
+pub fn step_type_names() -> Vec<String> {
+    STEP_TYPES
+        .iter()
+        .map(|k| k.type_name().to_string())
+        .collect()
+}
+
+pub fn trigger_type_names() -> Vec<String> {
+    vec![TRIGGER_TYPE.to_string()]
+}
