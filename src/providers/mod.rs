@@ -156,7 +156,8 @@ pub fn check(provider: &str, target: &str) -> Result<(Provider, DeployTarget), F
             return Err((
                 "deploy_target",
                 format!(
-                    "provider {p:?} does not support deploy target {target:?}; supported targets for {p}: {}",
+                    "provider {:?} does not support deploy target {target:?}; supported targets for {p}: {}",
+                    p.as_str(),
                     list(p.targets())
                 ),
             ))
