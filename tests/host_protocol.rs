@@ -552,3 +552,124 @@ async fn execute_without_broker_is_a_clear_error_not_a_hang() {
     );
     assert!(t.elapsed() < Duration::from_secs(2));
 }
+
+fn read_first_line(child: &mut std::process::Child) -> String {
+    use std::io::BufRead;
+    let out = child.stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(out).read_line(&mut line).unwrap();
+    line.trim_end().to_string()
+}
+
+#[tokio::test]
+async fn tcp_fallback_when_unix_sockets_are_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install(dir.path());
+    let mut child = spawn_raw(
+        &bin,
+        &[
+            ("PLUGIN_UNIX_SOCKET_DIR".into(), "/nonexistent/dir".into()),
+            ("PLUGIN_MIN_PORT".into(), "21000".into()),
+            ("PLUGIN_MAX_PORT".into(), "21999".into()),
+        ],
+        true,
+    );
+    let line = read_first_line(&mut child);
+    let parts: Vec<&str> = line.split('|').collect();
+    assert_eq!(parts[2], "tcp", "{line}");
+    let addr: std::net::SocketAddr = parts[3].parse().unwrap();
+    assert!(
+        addr.ip().is_loopback() && (21000..=21999).contains(&addr.port()),
+        "{addr}"
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let m = eventbus_plugin::pb::plugin::plugin_service_client::PluginServiceClient::new(
+        channel.clone(),
+    )
+    .get_manifest(())
+    .await
+    .unwrap();
+    assert_eq!(m.get_ref().name, "workflow-plugin-eventbus");
+    let _ =
+        eventbus_plugin::pb::go_plugin::grpc_controller_client::GrpcControllerClient::new(channel)
+            .shutdown(eventbus_plugin::pb::go_plugin::Empty {})
+            .await;
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(3)), Some(0));
+}
+
+#[tokio::test]
+async fn exits_when_the_host_process_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install(dir.path());
+    // An intermediate "host" that starts the plugin and is then killed.
+    let mut host = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("{:?} & wait", bin.display().to_string()))
+        .current_dir(bin.parent().unwrap())
+        .env(COOKIE.0, COOKIE.1)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = read_first_line(&mut host);
+    let socket = std::path::PathBuf::from(line.split('|').nth(3).unwrap());
+    assert!(socket.exists());
+    host.kill().unwrap();
+    host.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while socket.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!socket.exists(), "plugin kept running after its host died");
+}
+
+#[tokio::test]
+async fn a_closed_stderr_never_crashes_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install(dir.path());
+    let mut child = std::process::Command::new(&bin)
+        .current_dir(bin.parent().unwrap())
+        .env(COOKIE.0, COOKIE.1)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take()); // the host stopped reading: every log write now fails (EPIPE)
+    let line = read_first_line(&mut child);
+    let socket = std::path::PathBuf::from(line.split('|').nth(3).unwrap());
+    let channel = dial_unix(&socket).await;
+    let mut c = eventbus_plugin::pb::plugin::plugin_service_client::PluginServiceClient::new(
+        channel.clone(),
+    );
+    for i in 0..20 {
+        // Degraded brokers log warnings at Init.
+        let r = c
+            .create_module(eventbus_plugin::pb::plugin::CreateModuleRequest {
+                r#type: "eventbus.broker".into(),
+                name: format!("b{i}"),
+                config: Some(common::typed::json_to_struct(
+                    &json!({"provider": "nats", "deploy_target": "self_hosted"}),
+                )),
+                typed_config: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        c.init_module(eventbus_plugin::pb::plugin::HandleRequest {
+            handle_id: r.handle_id,
+        })
+        .await
+        .unwrap();
+    }
+    assert!(c.get_manifest(()).await.is_ok(), "still serving");
+    let _ =
+        eventbus_plugin::pb::go_plugin::grpc_controller_client::GrpcControllerClient::new(channel)
+            .shutdown(eventbus_plugin::pb::go_plugin::Empty {})
+            .await;
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(3)), Some(0));
+}
