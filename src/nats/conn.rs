@@ -40,18 +40,38 @@ impl ConnSettings {
             .join(",")
     }
 
-    pub fn server_addrs(&self) -> Result<Vec<ServerAddr>, NatsError> {
-        self.urls
-            .iter()
-            .map(|u| {
-                ServerAddr::from_str(u.expose().trim()).map_err(|e| {
-                    NatsError::Settings(format!("server url {}: {e}", redact_url(u.expose())))
-                })
-            })
-            .collect()
+    /// Server addresses with any `user:password@` or `token@` removed from the urls (the
+    /// client library logs addresses at debug level), plus those credentials.
+    pub fn server_addrs(&self) -> Result<(Vec<ServerAddr>, UrlAuth), NatsError> {
+        let mut auth = UrlAuth::default();
+        let mut addrs = Vec::with_capacity(self.urls.len());
+        for u in &self.urls {
+            let bad = |e: &dyn std::fmt::Display| {
+                NatsError::Settings(format!("server url {}: {e}", redact_url(u.expose())))
+            };
+            let addr = ServerAddr::from_str(u.expose().trim()).map_err(|e| bad(&e))?;
+            let mut url = addr.into_inner();
+            if !url.username().is_empty() {
+                match url.password() {
+                    Some(p) => {
+                        auth.user = Some(url.username().to_string());
+                        auth.password = Some(Secret::new(p));
+                    }
+                    None => auth.token = Some(Secret::new(url.username())),
+                }
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+            }
+            addrs.push(ServerAddr::from_url(url).map_err(|e| bad(&e))?);
+        }
+        Ok((addrs, auth))
     }
 
-    async fn options(&self, state: watch::Sender<ConnState>) -> Result<ConnectOptions, NatsError> {
+    async fn options(
+        &self,
+        state: watch::Sender<ConnState>,
+        url_auth: UrlAuth,
+    ) -> Result<ConnectOptions, NatsError> {
         let mut o = match &self.creds_file {
             Some(path) => ConnectOptions::with_credentials_file(path.clone())
                 .await
@@ -64,10 +84,16 @@ impl ConnSettings {
             })?;
             o = o.nkey(seed.trim().to_string());
         }
-        if let Some(t) = &self.token {
+        // Explicit auth settings win over credentials embedded in a url.
+        let token = self.token.clone().or(url_auth.token);
+        let (user, password) = match (&self.user, &self.password) {
+            (Some(u), Some(p)) => (Some(u.clone()), Some(p.clone())),
+            _ => (url_auth.user, url_auth.password),
+        };
+        if let Some(t) = &token {
             o = o.token(t.expose().to_string());
         }
-        if let (Some(u), Some(p)) = (&self.user, &self.password) {
+        if let (Some(u), Some(p)) = (&user, &password) {
             o = o.user_and_password(u.clone(), p.expose().to_string());
         }
         if let Some(ca) = &self.tls_ca_file {
@@ -111,6 +137,14 @@ pub fn reconnect_delay(attempts: usize) -> Duration {
     base + Duration::from_millis(if jitter == 0 { 0 } else { nanos % jitter })
 }
 
+/// Credentials found in server urls.
+#[derive(Clone, Debug, Default)]
+pub struct UrlAuth {
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub token: Option<Secret>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnState {
     Connecting,
@@ -149,12 +183,12 @@ pub struct NatsConn {
 impl NatsConn {
     /// Returns at once; the connection is established (and re-established) in the background.
     pub async fn open(broker: &str, settings: &ConnSettings) -> Result<NatsConn, NatsError> {
-        let addrs = settings.server_addrs()?;
+        let (addrs, url_auth) = settings.server_addrs()?;
         if addrs.is_empty() {
             return Err(NatsError::Settings("no server url".into()));
         }
         let (tx, rx) = watch::channel(ConnState::Connecting);
-        let opts = settings.options(tx).await?;
+        let opts = settings.options(tx, url_auth).await?;
         let client = opts
             .connect(addrs)
             .await
@@ -200,6 +234,23 @@ impl NatsConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_credentials_are_lifted_out_of_the_addresses() {
+        let s = ConnSettings {
+            urls: vec![
+                Secret::new("nats://al:pw@h:4222"),
+                Secret::new("tls://tok@k:4443"),
+            ],
+            ..Default::default()
+        };
+        let (addrs, auth) = s.server_addrs().unwrap();
+        let shown = format!("{addrs:?}");
+        assert!(!shown.contains("pw") && !shown.contains("tok"), "{shown}");
+        assert_eq!(auth.user.as_deref(), Some("al"));
+        assert_eq!(auth.password.unwrap().expose(), "pw");
+        assert_eq!(auth.token.unwrap().expose(), "tok");
+    }
 
     #[test]
     fn reconnect_backoff_is_capped_with_jitter() {

@@ -56,8 +56,23 @@ pub fn decode_json<T: prost::Message + Default>(
 ) -> Result<T, Vec<String>> {
     let desc = message_descriptor(full_name).map_err(|e| vec![e])?;
     let json = prepare_top_level(&desc, json)?;
-    let dynamic = DynamicMessage::deserialize(desc, Json::Object(json))
-        .map_err(|e| vec![humanize_serde_error(&e.to_string())])?;
+    let dynamic = match DynamicMessage::deserialize(desc.clone(), Json::Object(json.clone())) {
+        Ok(m) => m,
+        // Decode each key alone to say which fields are wrong (serde stops at the first).
+        Err(whole) => {
+            let mut problems = Vec::new();
+            for (key, value) in json {
+                let one = Map::from_iter([(key.clone(), value)]);
+                if let Err(e) = DynamicMessage::deserialize(desc.clone(), Json::Object(one)) {
+                    problems.push(format!("{key}: {}", humanize_serde_error(&e.to_string())));
+                }
+            }
+            if problems.is_empty() {
+                problems.push(humanize_serde_error(&whole.to_string()));
+            }
+            return Err(problems);
+        }
+    };
     T::decode(dynamic.encode_to_vec().as_slice())
         .map_err(|e| vec![format!("re-encode as {full_name}: {e}")])
 }
@@ -281,13 +296,16 @@ mod tests {
     }
 
     #[test]
-    fn number_for_string_field_is_rejected() {
-        let err = decode_json::<ClusterConfig>(
-            "workflow.plugin.eventbus.v1.ClusterConfig",
-            obj(json!({"version": 2.1})),
+    fn wrong_value_types_name_their_fields() {
+        let err = decode_json::<StreamConfig>(
+            "workflow.plugin.eventbus.v1.StreamConfig",
+            obj(json!({"name": 2.1, "subjects": "a.>", "max_age": 5, "num_replicas": 1})),
         )
         .unwrap_err();
-        assert!(!err.is_empty());
+        assert_eq!(err.len(), 3, "{err:?}");
+        for (line, field) in err.iter().zip(["max_age", "name", "subjects"]) {
+            assert!(line.starts_with(&format!("{field}: ")), "{line}");
+        }
     }
 
     #[test]
