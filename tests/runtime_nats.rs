@@ -570,3 +570,75 @@ async fn trigger_data_forwards_to_publish_and_ack_unchanged() {
 }
 
 pub struct TriggerWorkflowRequestData(prost_types::Struct);
+
+/// The ack step's other actions: nak (with delay) redelivers, term never does.
+#[tokio::test]
+async fn ack_step_nak_redelivers_and_term_drops() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p, "").await;
+    let publish = p
+        .create_step("step.eventbus.publish", "pub", "")
+        .await
+        .unwrap();
+    p.execute(
+        "step.eventbus.publish",
+        &publish,
+        "subject: orders.a\npayload: one\n",
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    let consume = p
+        .create_step("step.eventbus.consume", "get", "")
+        .await
+        .unwrap();
+    let empty = json!({});
+    let get = || {
+        p.execute(
+            "step.eventbus.consume",
+            &consume,
+            "consumer: worker\nmax_wait: 0.5s\n",
+            &empty,
+        )
+    };
+    let first = get().await.unwrap();
+    let nak = p
+        .create_step("step.eventbus.ack", "nak", "action: ACK_ACTION_NAK\n")
+        .await
+        .unwrap();
+    let out = p
+        .execute(
+            "step.eventbus.ack",
+            &nak,
+            "action: ACK_ACTION_NAK\nnak_delay: 0.1s\n",
+            &first["messages"][0],
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["action"], "nak");
+    let again = p
+        .execute(
+            "step.eventbus.consume",
+            &consume,
+            "consumer: worker\nmax_wait: 2s\n",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again["messages"][0]["delivery_count"], 2, "{again}");
+    let term = p
+        .create_step("step.eventbus.ack", "term", "action: ACK_ACTION_TERM\n")
+        .await
+        .unwrap();
+    p.execute(
+        "step.eventbus.ack",
+        &term,
+        "action: ACK_ACTION_TERM\n",
+        &again["messages"][0],
+    )
+    .await
+    .unwrap();
+    let none = get().await.unwrap();
+    assert!(none.get("messages").is_none(), "{none}");
+}
