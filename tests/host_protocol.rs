@@ -673,3 +673,41 @@ async fn a_closed_stderr_never_crashes_the_plugin() {
             .await;
     assert_eq!(wait_exit(&mut child, Duration::from_secs(3)), Some(0));
 }
+
+#[tokio::test]
+async fn several_brokers_need_broker_ref_and_one_is_the_default() {
+    let p = Plugin::launch(LaunchOptions::default()).await;
+    p.module_up("eventbus.broker", "a", BROKER).await;
+    let h = p
+        .create_step("step.eventbus.publish", "pub", "")
+        .await
+        .unwrap();
+    // One broker: used without broker_ref (fails only because it has no url).
+    let e = p
+        .execute("step.eventbus.publish", &h, "subject: x.y\n", &json!({}))
+        .await
+        .unwrap_err();
+    assert!(e.contains("broker \"a\""), "{e}");
+    p.module_up("eventbus.broker", "b", BROKER).await;
+    let e = p
+        .execute("step.eventbus.publish", &h, "subject: x.y\n", &json!({}))
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("several brokers are declared ([a, b]); set broker_ref"),
+        "{e}"
+    );
+    let e = p
+        .execute(
+            "step.eventbus.publish",
+            &h,
+            "subject: x.y\nbroker_ref: c\n",
+            &json!({}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("broker_ref \"c\" names no declared eventbus.broker module (declared: [a, b])"),
+        "{e}"
+    );
+}

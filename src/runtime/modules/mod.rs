@@ -16,23 +16,54 @@ use tokio::sync::Mutex;
 /// How long a stream or consumer Start waits for its broker to be reachable.
 pub const BROKER_WAIT: Duration = Duration::from_secs(10);
 
-pub struct StreamModule {
+/// Something the server must hold as declared: a stream or a consumer spec.
+pub trait Ensure: Send + Sync {
+    fn ensure<'a>(
+        &'a self,
+        conn: &'a crate::nats::NatsConn,
+    ) -> futures::future::BoxFuture<'a, Result<stream::EnsureOutcome, NatsError>>;
+    fn label(&self) -> String;
+}
+
+impl Ensure for StreamSpec {
+    fn ensure<'a>(
+        &'a self,
+        conn: &'a crate::nats::NatsConn,
+    ) -> futures::future::BoxFuture<'a, Result<stream::EnsureOutcome, NatsError>> {
+        Box::pin(StreamSpec::ensure(self, conn))
+    }
+    fn label(&self) -> String {
+        format!("stream {:?}", self.name)
+    }
+}
+
+impl Ensure for ConsumerSpec {
+    fn ensure<'a>(
+        &'a self,
+        conn: &'a crate::nats::NatsConn,
+    ) -> futures::future::BoxFuture<'a, Result<stream::EnsureOutcome, NatsError>> {
+        Box::pin(ConsumerSpec::ensure(self, conn))
+    }
+    fn label(&self) -> String {
+        format!("consumer {:?} on stream {:?}", self.durable, self.stream)
+    }
+}
+
+/// A stream or consumer module: its spec, ensured on the server at most once per process
+/// (at Start, or at first use when the host never sends Start, as under wfctl).
+pub struct Declared<S> {
     pub module: String,
     pub type_name: String,
-    pub spec: StreamSpec,
+    pub spec: S,
     ensured: Mutex<bool>,
 }
 
-pub struct ConsumerModule {
-    pub module: String,
-    pub type_name: String,
-    pub spec: ConsumerSpec,
-    ensured: Mutex<bool>,
-}
+pub type StreamModule = Declared<StreamSpec>;
+pub type ConsumerModule = Declared<ConsumerSpec>;
 
-impl StreamModule {
-    pub fn new(type_name: &str, module: &str, spec: StreamSpec) -> Self {
-        StreamModule {
+impl<S: Ensure> Declared<S> {
+    pub fn new(type_name: &str, module: &str, spec: S) -> Self {
+        Declared {
             module: module.into(),
             type_name: type_name.into(),
             spec,
@@ -40,7 +71,6 @@ impl StreamModule {
         }
     }
 
-    /// Ensures the stream once per process (Start, or first use when Start never comes).
     pub async fn ensure(&self, broker: &BrokerModule) -> Result<(), NatsError> {
         let mut done = self.ensured.lock().await;
         if *done {
@@ -49,36 +79,12 @@ impl StreamModule {
         let conn = broker.require().await?;
         conn.wait_connected(BROKER_WAIT).await?;
         let outcome = self.spec.ensure(&conn).await?;
-        tracing::info!(stream = %self.spec.name, ?outcome, "stream ensured");
-        *done = true;
-        Ok(())
-    }
-}
-
-impl ConsumerModule {
-    pub fn new(type_name: &str, module: &str, spec: ConsumerSpec) -> Self {
-        ConsumerModule {
-            module: module.into(),
-            type_name: type_name.into(),
-            spec,
-            ensured: Mutex::new(false),
-        }
-    }
-
-    pub async fn ensure(&self, broker: &BrokerModule) -> Result<(), NatsError> {
-        let mut done = self.ensured.lock().await;
-        if *done {
-            return Ok(());
-        }
-        let conn = broker.require().await?;
-        conn.wait_connected(BROKER_WAIT).await?;
-        let outcome = self.spec.ensure(&conn).await?;
-        tracing::info!(consumer = %self.spec.durable, stream = %self.spec.stream, ?outcome, "consumer ensured");
+        tracing::info!(resource = %self.spec.label(), ?outcome, "ensured");
         *done = true;
         Ok(())
     }
 
-    /// Forgets that the consumer was ensured (it was deleted behind our back).
+    /// Forgets that it was ensured (it was deleted behind our back).
     pub async fn invalidate(&self) {
         *self.ensured.lock().await = false;
     }
