@@ -711,3 +711,36 @@ async fn several_brokers_need_broker_ref_and_one_is_the_default() {
         "{e}"
     );
 }
+
+/// ExecuteStepRequest carries every prior step's output: far above grpc's 4 MiB default.
+#[tokio::test]
+async fn large_execute_requests_are_accepted() {
+    let p = Plugin::launch(LaunchOptions::default()).await;
+    let h = p.create_step("step.eventbus.ack", "ack", "").await.unwrap();
+    let big = "x".repeat(12 * 1024 * 1024);
+    let mut outputs = std::collections::HashMap::new();
+    outputs.insert(
+        "earlier".to_string(),
+        common::typed::json_to_struct(&json!({"blob": big})),
+    );
+    let r = p
+        .client
+        .clone()
+        .execute_step(eventbus_plugin::pb::plugin::ExecuteStepRequest {
+            handle_id: h,
+            step_outputs: outputs,
+            typed_input: Some(
+                p.codec
+                    .typed_input(
+                        "workflow.plugin.eventbus.v1.AckRequest",
+                        &json!({"ack_token": "nope"}),
+                    )
+                    .unwrap(),
+            ),
+            ..Default::default()
+        })
+        .await
+        .expect("a 12 MiB request is not refused by the transport")
+        .into_inner();
+    assert!(r.error.contains("not a JetStream ack token"), "{}", r.error);
+}
