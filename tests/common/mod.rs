@@ -535,7 +535,13 @@ pub fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
 }
 
 impl Drop for Plugin {
+    /// SIGTERM first, so the plugin removes its socket; SIGKILL if it does not exit quickly.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            wait_exit(&mut self.child, Duration::from_secs(3));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
