@@ -642,3 +642,43 @@ async fn ack_step_nak_redelivers_and_term_drops() {
     let none = get().await.unwrap();
     assert!(none.get("messages").is_none(), "{none}");
 }
+
+/// A trigger started while its broker is down does not fail the engine's Start; it binds and
+/// fires once the broker is back.
+#[tokio::test]
+async fn trigger_started_while_the_broker_is_down_binds_later() {
+    let mut server = NatsServer::start();
+    server.kill9();
+    let mut p = plugin_with(&server, Some(ok_pipeline())).await;
+    p.module_up(
+        "eventbus.broker",
+        "bus",
+        "provider: nats\ndeploy_target: self_hosted\nrequest_timeout: 1s\n",
+    )
+    .await;
+    let t = p
+        .create_trigger(
+            "pipeline:late",
+            &json!({"name": "late", "stream_name": "LATE", "filter_subject": "late.>"}),
+        )
+        .await
+        .unwrap();
+    p.lifecycle("start", &t).await.unwrap();
+    server.start_again();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "LATE".into(),
+        subjects: vec!["late.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish("late.x", "hi".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let call = p.next_call(Duration::from_secs(30)).await;
+    assert_eq!(call.trigger_type, "pipeline:late");
+}

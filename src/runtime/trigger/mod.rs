@@ -343,10 +343,19 @@ impl TriggerModule {
             token.clone(),
             tracker.clone(),
         );
-        worker
-            .bind_once()
-            .await
-            .map_err(|e| RuntimeError::nats(&component, e))?;
+        match worker.bind_once().await {
+            Ok(()) => {}
+            // The broker is down right now: start anyway, the worker binds when it is back,
+            // so a broker restart during a deploy does not fail the engine's Start.
+            Err(
+                e @ (crate::nats::NatsError::Unavailable { .. }
+                | crate::nats::NatsError::TimedOut { .. }),
+            ) => {
+                tracing::warn!(trigger = %self.spec.workflow_type, error = %crate::runtime::render(&e), "broker unavailable at start; the trigger binds when it returns");
+            }
+            // Anything else is a configuration problem the user must see now.
+            Err(e) => return Err(RuntimeError::nats(&component, e)),
+        }
         tracker.spawn(worker.run());
         if let Ok(mut r) = self.running.lock() {
             *r = Some((token, tracker));
