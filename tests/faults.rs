@@ -459,3 +459,110 @@ async fn paused_broker_fails_fast_then_recovers() {
         }
     }
 }
+
+/// SIGKILL of nats-server during 10k publishes, then a restart: every publish that returned a
+/// sequence is in the stream, and no publish took longer than its timeout (plus slack).
+#[tokio::test]
+async fn kill9_of_the_broker_during_10k_publishes_loses_no_acknowledged_message() {
+    let mut server = NatsServer::start();
+    let p = Arc::new(
+        Plugin::launch(LaunchOptions {
+            env: vec![("NATS_URL".into(), server.url())],
+            ..Default::default()
+        })
+        .await,
+    );
+    p.module_up(
+        "eventbus.broker",
+        "bus",
+        "provider: nats\ndeploy_target: self_hosted\n",
+    )
+    .await;
+    p.module_up("eventbus.stream", "s", "name: KILL\nsubjects: ['kill.>']\n")
+        .await;
+    let h = p
+        .create_step("step.eventbus.publish", "pub", "")
+        .await
+        .unwrap();
+    const N: usize = 10_000;
+    const WORKERS: usize = 32;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<(usize, u64)>::new()));
+    let slowest = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let mut tasks = Vec::new();
+    for _ in 0..WORKERS {
+        let (p, h, next, acked, slowest) = (
+            p.clone(),
+            h.clone(),
+            next.clone(),
+            acked.clone(),
+            slowest.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= N {
+                    break;
+                }
+                let t = Instant::now();
+                let r = p
+                    .execute(
+                        "step.eventbus.publish",
+                        &h,
+                        &format!("subject: kill.m\npayload: m{i}\nmessage_id: m{i}\ntimeout: 2s\n"),
+                        &json!({}),
+                    )
+                    .await;
+                let took = t.elapsed();
+                let mut s = slowest.lock().unwrap();
+                *s = (*s).max(took);
+                if let Ok(out) = r {
+                    acked
+                        .lock()
+                        .unwrap()
+                        .push((i, out["sequence"].as_str().unwrap().parse().unwrap()));
+                }
+            }
+        }));
+    }
+    // Kill once a third of the publishes are acknowledged, restart shortly after.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < N / 3 {
+        assert!(
+            Instant::now() < deadline,
+            "publishing stalled before the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.start_again();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let slowest = *slowest.lock().unwrap();
+    assert!(
+        slowest < Duration::from_secs(4),
+        "a publish took {slowest:?} (timeout 2s)"
+    );
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > N / 3,
+        "publishing resumed after the restart ({} acked)",
+        acked.len()
+    );
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("KILL").await.unwrap();
+    for (i, seq) in &acked {
+        let m = stream
+            .get_raw_message(*seq)
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged seq {seq} (m{i}) lost: {e}"));
+        assert_eq!(&m.payload[..], format!("m{i}").as_bytes(), "seq {seq}");
+    }
+    eprintln!(
+        "acknowledged {} of {N}, slowest publish {slowest:?}",
+        acked.len()
+    );
+}
