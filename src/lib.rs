@@ -4,6 +4,7 @@
 //! in `providers`.
 
 pub mod host;
+pub mod iac;
 pub mod logging;
 pub mod nats;
 pub mod pb;

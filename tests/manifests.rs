@@ -149,3 +149,30 @@ fn readme_documents_every_type() {
         assert!(readme.contains(&t), "README does not mention {t}");
     }
 }
+
+#[test]
+fn plugin_json_declares_the_iac_provider_wfctl_discovers() {
+    let m = read("plugin.json");
+    let types: BTreeSet<String> = types::IAC_RESOURCE_TYPES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    // wfctl's discovery reads the object form capabilities.iacProvider.name.
+    assert_eq!(m["capabilities"]["iacProvider"]["name"], "eventbus");
+    assert_eq!(
+        strings(&m["capabilities"]["iacProvider"]["resourceTypes"]),
+        types
+    );
+    assert_eq!(m["iacProvider"]["name"], "eventbus");
+    assert_eq!(m["iacProvider"]["computePlanVersion"], "v2");
+    assert_eq!(strings(&m["iacProvider"]["resourceTypes"]), types);
+    for required in [
+        "workflow.plugin.external.iac.IaCProviderRequired",
+        "workflow.plugin.external.iac.ResourceDriver",
+    ] {
+        assert!(
+            strings(&m["capabilities"]["iacServices"]).contains(required),
+            "{required}"
+        );
+    }
+}

@@ -63,6 +63,7 @@ pub async fn serve(stop: CancellationToken) -> Result<(), HostError> {
             stop: lifecycle.child_token(),
         }))
         .add_service(plugin);
+    let router = crate::iac::IacService::default().add_to(router);
     reporter
         .set_service_status("plugin", tonic_health::ServingStatus::Serving)
         .await;

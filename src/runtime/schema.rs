@@ -165,7 +165,7 @@ fn descriptor(kind: ContractKind) -> ContractDescriptor {
 }
 
 /// Service names of the IaC services this binary serves (SERVICE descriptors + plugin.json).
-pub const IAC_SERVICES: &[&str] = &[];
+pub const IAC_SERVICES: &[&str] = crate::iac::SERVICES;
 
 pub fn contract_descriptors() -> Vec<ContractDescriptor> {
     let mut out = Vec::new();

@@ -1,0 +1,545 @@
+//! One driver per resource type. Create/read/update/delete are async over a shared NATS
+//! connection; the diffs they are planned with are pure (`iac::plan`). What they share lives
+//! here: the resource kinds, the output shape, how a stream or consumer finds its broker, and
+//! the per-process connection cache.
+
+pub mod broker;
+pub mod consumer;
+pub mod stream;
+
+use super::error::DriverError;
+use super::state::{BrokerRecord, ProviderState, StateStore};
+use crate::nats::{ConnSettings, NatsConn};
+use crate::runtime::types::IAC_RESOURCE_TYPES;
+use crate::secret::Secret;
+use serde_json::{Map, Value as Json};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub const BROKER_TYPE: &str = "infra.eventbus";
+pub const STREAM_TYPE: &str = "infra.eventbus.stream";
+pub const CONSUMER_TYPE: &str = "infra.eventbus.consumer";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Consumer,
+    Stream,
+    Broker,
+}
+
+impl Kind {
+    /// In deletion order: consumers, then streams, then brokers.
+    pub const DELETE_ORDER: [Kind; 3] = [Kind::Consumer, Kind::Stream, Kind::Broker];
+
+    pub fn parse(type_name: &str) -> Result<Kind, DriverError> {
+        match type_name {
+            BROKER_TYPE => Ok(Kind::Broker),
+            STREAM_TYPE => Ok(Kind::Stream),
+            CONSUMER_TYPE => Ok(Kind::Consumer),
+            "" => Err(DriverError::EmptyType {
+                known: IAC_RESOURCE_TYPES.join(", "),
+            }),
+            other => Err(DriverError::UnknownType {
+                type_name: other.to_string(),
+                known: IAC_RESOURCE_TYPES.join(", "),
+            }),
+        }
+    }
+
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Kind::Broker => BROKER_TYPE,
+            Kind::Stream => STREAM_TYPE,
+            Kind::Consumer => CONSUMER_TYPE,
+        }
+    }
+}
+
+/// What a driver returns for Create/Read/Update: the host persists `provider_id` and
+/// `outputs` (a JSON object echoing every field Diff compares).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Output {
+    pub provider_id: String,
+    pub outputs: Json,
+    pub sensitive: Vec<String>,
+    pub status: String,
+}
+
+/// The one shape every resource type's driver has: decode into the runtime's own spec,
+/// create-or-adopt and update in place (`apply`), read (by name when the provider_id is empty),
+/// an idempotent delete, a health check, and a pure diff against persisted outputs.
+pub(crate) trait Driver {
+    type Spec;
+    const KIND: Kind;
+    fn decode(name: &str, config_json: &[u8]) -> Result<Self::Spec, DriverError>;
+    /// No I/O: the provider state only resolves which broker a stream or consumer names.
+    fn diff(
+        spec: &Self::Spec,
+        state: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<super::plan::Change>, DriverError>;
+    async fn apply(ctx: &Ctx, name: &str, spec: &Self::Spec) -> Result<Output, DriverError>;
+    async fn read(ctx: &Ctx, r: &crate::pb::iac::ResourceRef) -> Result<Output, DriverError>;
+    async fn delete(ctx: &Ctx, r: &crate::pb::iac::ResourceRef) -> Result<(), DriverError>;
+    async fn health(
+        ctx: &Ctx,
+        r: &crate::pb::iac::ResourceRef,
+    ) -> Result<(bool, String), DriverError>;
+}
+
+pub struct BrokerDriver;
+pub struct StreamDriver;
+pub struct ConsumerDriver;
+
+/// The broker a stream or consumer spec resolves to, when that can be decided without I/O.
+pub fn desired_broker(
+    broker_ref: &str,
+    servers: &[String],
+    state: &ProviderState,
+) -> Option<String> {
+    if servers.iter().any(|s| !s.trim().is_empty()) {
+        return Some(broker_ref.to_string());
+    }
+    broker_name(broker_ref, state)
+}
+
+/// Shared by every driver call in one plugin process.
+pub struct Ctx {
+    pub state: StateStore,
+    pub conns: ConnCache,
+}
+
+impl Ctx {
+    pub fn new(state_dir: PathBuf) -> Self {
+        Ctx {
+            state: StateStore::new(state_dir),
+            conns: ConnCache::default(),
+        }
+    }
+}
+
+/// The config as a JSON object (`null` and empty bytes are `{}`).
+pub fn config_object(what: &str, config_json: &[u8]) -> Result<Map<String, Json>, DriverError> {
+    if config_json.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Json>(config_json) {
+        Ok(Json::Object(m)) => Ok(m),
+        Ok(Json::Null) => Ok(Map::new()),
+        Ok(other) => Err(DriverError::invalid(
+            what,
+            format!("config_json must be a JSON object, got {}", type_of(&other)),
+        )),
+        Err(e) => Err(DriverError::invalid(
+            what,
+            format!("config_json is not JSON: {e}"),
+        )),
+    }
+}
+
+fn type_of(j: &Json) -> &'static str {
+    match j {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
+/// Strict decode of a config message, as the engine decodes the same YAML.
+pub fn decode_config<T: prost::Message + Default>(
+    type_name: &str,
+    name: &str,
+    message: &str,
+    json: Map<String, Json>,
+) -> Result<T, DriverError> {
+    crate::runtime::decode::decode_json::<T>(&crate::runtime::types::qualified(message), json)
+        .map_err(|lines| {
+            let mut p = crate::runtime::config_error::Problems::new(type_name, name);
+            p.raw(lines);
+            match p.finish(()) {
+                Err(e) => DriverError::Config(e),
+                Ok(()) => DriverError::invalid(format!("{type_name} {name:?}"), "invalid config"),
+            }
+        })
+}
+
+/// Where a stream or consumer's broker is and how to reach it.
+#[derive(Clone, Debug)]
+pub struct BrokerConn {
+    /// The broker resource name, or `""` when the resource names its servers itself.
+    pub name: String,
+    pub settings: ConnSettings,
+    pub record: Option<BrokerRecord>,
+}
+
+impl BrokerConn {
+    pub fn from_record(name: &str, r: &BrokerRecord) -> BrokerConn {
+        let opt = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
+        let a = &r.auth;
+        let ms = |v: u64, d: Duration| {
+            if v == 0 {
+                d
+            } else {
+                Duration::from_millis(v)
+            }
+        };
+        BrokerConn {
+            name: name.to_string(),
+            settings: ConnSettings {
+                urls: r.urls.iter().map(Secret::new).collect(),
+                token: (!a.token.is_empty()).then(|| Secret::new(&a.token)),
+                user: (!a.user.is_empty()).then(|| a.user.clone()),
+                password: (!a.password.is_empty()).then(|| Secret::new(&a.password)),
+                creds_file: opt(&a.creds_file),
+                nkey_seed_file: opt(&a.nkey_seed_file),
+                tls_ca_file: opt(&a.tls_ca_file),
+                tls_cert_file: opt(&a.tls_cert_file),
+                tls_key_file: opt(&a.tls_key_file),
+                tls_required: a.tls_required,
+                connection_name: format!("workflow-plugin-eventbus:iac:{name}"),
+                connect_timeout: ms(r.connect_timeout_ms, Duration::from_secs(5)),
+                request_timeout: ms(r.request_timeout_ms, Duration::from_secs(5)),
+            },
+            record: Some(r.clone()),
+        }
+    }
+
+    pub fn from_servers(servers: &[String]) -> BrokerConn {
+        BrokerConn {
+            name: String::new(),
+            settings: ConnSettings {
+                urls: servers.iter().map(Secret::new).collect(),
+                connection_name: "workflow-plugin-eventbus:iac".into(),
+                connect_timeout: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(5),
+                ..Default::default()
+            },
+            record: None,
+        }
+    }
+
+    /// A local broker none of whose processes answer: its streams are unknowable, not gone.
+    pub fn local_down(&self) -> bool {
+        self.record
+            .as_ref()
+            .and_then(|r| r.local.as_ref())
+            .is_some_and(|l| !super::local::probe(l).iter().any(|up| *up))
+    }
+}
+
+/// The broker name a stream or consumer resolves to: `broker_ref`, else the only broker this
+/// provider knows. `None` when that cannot be decided.
+pub fn broker_name(broker_ref: &str, state: &ProviderState) -> Option<String> {
+    if !broker_ref.is_empty() {
+        return Some(broker_ref.to_string());
+    }
+    if state.brokers.len() == 1 {
+        return state.brokers.keys().next().cloned();
+    }
+    None
+}
+
+/// Explicit `servers` on the resource, else the provider's record of `broker_ref` (or of the
+/// only broker it knows).
+pub fn resolve_broker(
+    what: &str,
+    broker_ref: &str,
+    servers: &[String],
+    state: &ProviderState,
+    state_path: &std::path::Path,
+) -> Result<BrokerConn, DriverError> {
+    let servers: Vec<String> = servers
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !servers.is_empty() {
+        let mut c = BrokerConn::from_servers(&servers);
+        if let Some(r) = state.brokers.get(broker_ref) {
+            // Same broker, explicit urls: keep its credentials.
+            let mut from = BrokerConn::from_record(broker_ref, r);
+            from.settings.urls = c.settings.urls;
+            c = from;
+        }
+        c.name = broker_ref.to_string();
+        return Ok(c);
+    }
+    if !broker_ref.is_empty() {
+        return match state.brokers.get(broker_ref) {
+            Some(r) => Ok(BrokerConn::from_record(broker_ref, r)),
+            None => Err(DriverError::BrokerUnknown {
+                what: what.to_string(),
+                message: format!(
+                    "broker_ref {broker_ref:?} is not a broker this provider created or adopted \
+                     (no entry in {}); apply the infra.eventbus resource {broker_ref:?} first \
+                     (same iac.provider module and state_dir), or set servers on this resource{}",
+                    state_path.display(),
+                    known(state)
+                ),
+            }),
+        };
+    }
+    match state.brokers.len() {
+        1 => {
+            let (name, r) = state.brokers.iter().next().expect("one broker");
+            Ok(BrokerConn::from_record(name, r))
+        }
+        0 => Err(DriverError::BrokerUnknown {
+            what: what.to_string(),
+            message: format!(
+                "no broker: set broker_ref to the infra.eventbus resource that holds it (and apply \
+                 that first), or set servers; {} records no brokers",
+                state_path.display()
+            ),
+        }),
+        _ => Err(DriverError::BrokerUnknown {
+            what: what.to_string(),
+            message: format!(
+                "broker_ref is required when several brokers exist{}",
+                known(state)
+            ),
+        }),
+    }
+}
+
+fn known(state: &ProviderState) -> String {
+    if state.brokers.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (known brokers: {})",
+            state.brokers.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    }
+}
+
+/// One NATS connection per broker identity (urls + credentials) per plugin process.
+#[derive(Default)]
+pub struct ConnCache {
+    conns: Mutex<HashMap<String, NatsConn>>,
+}
+
+impl ConnCache {
+    fn key(s: &ConnSettings) -> String {
+        let urls: Vec<&str> = s.urls.iter().map(Secret::expose).collect();
+        format!(
+            "{}|{}",
+            urls.join(","),
+            fingerprint(&[
+                s.token.as_ref().map(Secret::expose).unwrap_or_default(),
+                s.user.as_deref().unwrap_or_default(),
+                s.password.as_ref().map(Secret::expose).unwrap_or_default(),
+                &s.creds_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                &s.nkey_seed_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                &s.tls_ca_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ])
+        )
+    }
+
+    /// A connected handle, or `Unavailable` after the connect timeout.
+    pub async fn connect(&self, what: &str, b: &BrokerConn) -> Result<NatsConn, DriverError> {
+        let key = Self::key(&b.settings);
+        let existing = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let conn = match existing {
+            Some(c) => c,
+            None => {
+                let label = if b.name.is_empty() {
+                    "servers"
+                } else {
+                    &b.name
+                };
+                let c = NatsConn::open(label, &b.settings)
+                    .await
+                    .map_err(|e| DriverError::nats(what, e))?;
+                self.conns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(key)
+                    .or_insert(c)
+                    .clone()
+            }
+        };
+        conn.wait_connected(b.settings.connect_timeout)
+            .await
+            .map_err(|e| DriverError::nats(what, e))?;
+        Ok(conn)
+    }
+
+    /// Closes and forgets the connections to these urls (a deleted broker).
+    pub async fn evict(&self, urls: &[String]) {
+        let prefix = format!("{}|", urls.join(","));
+        let gone: Vec<NatsConn> = {
+            let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<String> = m
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .cloned()
+                .collect();
+            keys.into_iter().filter_map(|k| m.remove(&k)).collect()
+        };
+        for c in gone {
+            c.close().await;
+        }
+    }
+}
+
+/// Retries a JetStream API call that failed transiently (request timed out, no responders), as
+/// the assets of a cluster that just restarted do for a few seconds; other results return at once.
+pub async fn retry<T, E, Fut>(
+    mut call: impl FnMut() -> Fut,
+    transient: impl Fn(&E) -> bool,
+) -> Result<T, E>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut delay = Duration::from_millis(250);
+    for _ in 0..4 {
+        match call().await {
+            Err(e) if transient(&e) => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            other => return other,
+        }
+    }
+    call().await
+}
+
+/// A short stable fingerprint (sha256, 16 hex digits) of some values; "" when all are empty.
+pub fn fingerprint(parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    if parts.iter().all(|p| p.is_empty()) {
+        return String::new();
+    }
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A duration the way our configs write them: `"30s"`, `"1.5s"`, `"0s"`.
+pub fn duration_json(d: Duration) -> Json {
+    let nanos = d.subsec_nanos();
+    let text = if nanos == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        let frac = format!("{nanos:09}");
+        format!("{}.{}s", d.as_secs(), frac.trim_end_matches('0'))
+    };
+    Json::String(text)
+}
+
+pub fn duration_from_json(j: Option<&Json>) -> Duration {
+    let Some(s) = j.and_then(Json::as_str) else {
+        return Duration::ZERO;
+    };
+    let s = s.trim().trim_end_matches('s');
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: u64 = secs.parse().unwrap_or(0);
+    let mut digits: String = frac.chars().take(9).collect();
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    Duration::new(secs, digits.parse().unwrap_or(0))
+}
+
+pub fn str_field<'a>(o: &'a Json, key: &str) -> &'a str {
+    o.get(key).and_then(Json::as_str).unwrap_or_default()
+}
+
+pub fn i64_field(o: &Json, key: &str, default: i64) -> i64 {
+    o.get(key).and_then(Json::as_i64).unwrap_or(default)
+}
+
+pub fn bool_field(o: &Json, key: &str) -> bool {
+    o.get(key).and_then(Json::as_bool).unwrap_or(false)
+}
+
+pub fn strings_field(o: &Json, key: &str) -> Vec<String> {
+    o.get(key)
+        .and_then(Json::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_trip_in_config_form() {
+        for d in [
+            Duration::ZERO,
+            Duration::from_secs(120),
+            Duration::from_millis(1500),
+            Duration::new(3, 7),
+        ] {
+            assert_eq!(duration_from_json(Some(&duration_json(d))), d, "{d:?}");
+        }
+        assert_eq!(duration_json(Duration::from_millis(1500)), "1.5s");
+    }
+
+    #[test]
+    fn config_json_must_be_an_object() {
+        assert!(config_object("x", b"").unwrap().is_empty());
+        assert!(config_object("x", b"null").unwrap().is_empty());
+        let e = config_object("x", b"[1]").unwrap_err().to_string();
+        assert!(e.contains("JSON object"), "{e}");
+    }
+
+    #[test]
+    fn fingerprints_hide_and_detect() {
+        assert_eq!(fingerprint(&["", ""]), "");
+        let a = fingerprint(&["hunter2", ""]);
+        assert_eq!(a.len(), 16);
+        assert!(!a.contains("hunter2"));
+        assert_ne!(a, fingerprint(&["", "hunter2"]));
+    }
+
+    #[test]
+    fn unknown_broker_names_the_state_file_and_the_fix() {
+        let s = ProviderState::default();
+        let e = resolve_broker(
+            "stream \"S\"",
+            "orders-bus",
+            &[],
+            &s,
+            std::path::Path::new("/x/state.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("orders-bus") && e.contains("/x/state.json") && e.contains("servers"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,694 @@
+//! `infra.eventbus.stream`: a JetStream stream on a broker.
+//!
+//! The desired side is the runtime's own `StreamSpec` (same strict decode, same validation, same
+//! diff), so wfctl and the runtime module can never disagree about a config. Outputs are the
+//! server's config after create/update, in config vocabulary, and convert back into the
+//! server's config type for the diff (`to_outputs` / `observed_from_outputs`, round-trip
+//! tested). An update starts from the server's current config and overlays only the managed
+//! fields, so settings this provider does not manage (sources, mirrors, deny_delete, ...) are
+//! kept.
+
+use super::{
+    bool_field, config_object, decode_config, duration_from_json, duration_json, i64_field,
+    resolve_broker, str_field, strings_field, BrokerConn, Ctx, Output, STREAM_TYPE,
+};
+use crate::iac::error::DriverError;
+use crate::iac::state::{ProviderState, ResourceRecord};
+use crate::nats::error::lift_api;
+use crate::nats::NatsError;
+use crate::pb::eventbus::StreamConfig;
+use crate::pb::iac::ResourceRef;
+use crate::runtime::modules::stream::{fetch_stream_config, Change, StreamSpec};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use serde_json::{json, Value as Json};
+
+/// wfctl may inject an environment's `provider` into every infra.* config (iac-protocol §1.1);
+/// routing already happened through `iac_provider`, so it is dropped before the strict decode.
+pub const WFCTL_INJECTED: &[&str] = &["provider"];
+
+pub fn decode(name: &str, config_json: &[u8]) -> Result<StreamSpec, DriverError> {
+    let what = format!("{STREAM_TYPE} {name:?}");
+    let mut m = config_object(&what, config_json)?;
+    for k in WFCTL_INJECTED {
+        m.remove(*k);
+    }
+    let c: StreamConfig = decode_config(STREAM_TYPE, name, "StreamConfig", m)?;
+    Ok(StreamSpec::validate(STREAM_TYPE, name, &c)?)
+}
+
+pub fn provider_id(broker: &str, stream: &str) -> String {
+    format!("{}/{stream}", broker_key(broker))
+}
+
+pub fn broker_key(broker: &str) -> &str {
+    if broker.is_empty() {
+        "servers"
+    } else {
+        broker
+    }
+}
+
+pub fn retention_name(r: RetentionPolicy) -> &'static str {
+    match r {
+        RetentionPolicy::Limits => "RETENTION_POLICY_LIMITS",
+        RetentionPolicy::Interest => "RETENTION_POLICY_INTEREST",
+        RetentionPolicy::WorkQueue => "RETENTION_POLICY_WORKQUEUE",
+    }
+}
+
+fn retention_from(s: &str) -> RetentionPolicy {
+    match s {
+        "RETENTION_POLICY_INTEREST" => RetentionPolicy::Interest,
+        "RETENTION_POLICY_WORKQUEUE" => RetentionPolicy::WorkQueue,
+        _ => RetentionPolicy::Limits,
+    }
+}
+
+fn storage_name(s: StorageType) -> &'static str {
+    match s {
+        StorageType::File => "STORAGE_TYPE_FILE",
+        StorageType::Memory => "STORAGE_TYPE_MEMORY",
+    }
+}
+
+fn discard_name(d: DiscardPolicy) -> &'static str {
+    match d {
+        DiscardPolicy::Old => "DISCARD_POLICY_OLD",
+        DiscardPolicy::New => "DISCARD_POLICY_NEW",
+    }
+}
+
+/// Flags that live in the provider's records, not on the server.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Flags {
+    pub broker: String,
+    pub broker_ref: String,
+    pub prevent_destroy: bool,
+    pub bind: bool,
+}
+
+/// Server config → outputs (config vocabulary). Every field the diff compares is here.
+pub fn to_outputs(c: &stream::Config, f: &Flags) -> Json {
+    json!({
+        "name": c.name,
+        "broker": f.broker,
+        "broker_ref": f.broker_ref,
+        "subjects": c.subjects,
+        "retention_policy": retention_name(c.retention),
+        "storage": storage_name(c.storage),
+        "num_replicas": c.num_replicas.max(1),
+        "max_bytes": c.max_bytes,
+        "max_msgs": c.max_messages,
+        "max_msgs_per_subject": c.max_messages_per_subject,
+        "max_msg_size": c.max_message_size,
+        "max_age": duration_json(c.max_age),
+        "discard": discard_name(c.discard),
+        "duplicate_window": duration_json(c.duplicate_window),
+        "description": c.description.clone().unwrap_or_default(),
+        "prevent_destroy": f.prevent_destroy,
+        "bind": f.bind,
+    })
+}
+
+/// Outputs → the server config they describe (managed fields only; the rest default).
+pub fn observed_from_outputs(o: &Json) -> stream::Config {
+    let desc = str_field(o, "description");
+    stream::Config {
+        name: str_field(o, "name").to_string(),
+        subjects: strings_field(o, "subjects"),
+        retention: retention_from(str_field(o, "retention_policy")),
+        storage: if str_field(o, "storage") == "STORAGE_TYPE_MEMORY" {
+            StorageType::Memory
+        } else {
+            StorageType::File
+        },
+        num_replicas: i64_field(o, "num_replicas", 1).max(1) as usize,
+        max_bytes: i64_field(o, "max_bytes", -1),
+        max_messages: i64_field(o, "max_msgs", -1),
+        max_messages_per_subject: i64_field(o, "max_msgs_per_subject", -1),
+        max_message_size: i64_field(o, "max_msg_size", -1) as i32,
+        max_age: duration_from_json(o.get("max_age")),
+        discard: if str_field(o, "discard") == "DISCARD_POLICY_NEW" {
+            DiscardPolicy::New
+        } else {
+            DiscardPolicy::Old
+        },
+        duplicate_window: duration_from_json(o.get("duplicate_window")),
+        description: (!desc.is_empty()).then(|| desc.to_string()),
+        ..Default::default()
+    }
+}
+
+pub fn flags_from_outputs(o: &Json) -> Flags {
+    Flags {
+        broker: str_field(o, "broker").to_string(),
+        broker_ref: str_field(o, "broker_ref").to_string(),
+        prevent_destroy: bool_field(o, "prevent_destroy"),
+        bind: bool_field(o, "bind"),
+    }
+}
+
+/// What the outputs would be if the server held exactly the spec (for plan display).
+pub fn desired_outputs(spec: &StreamSpec, broker: &str) -> Json {
+    to_outputs(
+        &spec.to_nats(),
+        &Flags {
+            broker: broker.to_string(),
+            broker_ref: spec.broker_ref.clone(),
+            prevent_destroy: spec.prevent_destroy,
+            bind: spec.bind,
+        },
+    )
+}
+
+/// The managed fields of `spec` written over the server's current config.
+pub fn overlay(spec: &StreamSpec, mut c: stream::Config) -> stream::Config {
+    let want = spec.to_nats();
+    c.subjects = want.subjects;
+    c.num_replicas = want.num_replicas;
+    c.max_bytes = want.max_bytes;
+    c.max_messages = want.max_messages;
+    c.max_messages_per_subject = want.max_messages_per_subject;
+    c.max_message_size = want.max_message_size;
+    c.max_age = want.max_age;
+    c.discard = want.discard;
+    if spec.duplicate_window.is_some() {
+        c.duplicate_window = want.duplicate_window;
+    }
+    if spec.description.is_some() {
+        c.description = want.description;
+    }
+    c
+}
+
+fn lift_create(
+    op: &'static str,
+    what: &str,
+    e: async_nats::jetstream::context::CreateStreamError,
+) -> DriverError {
+    use async_nats::jetstream::context::CreateStreamErrorKind as K;
+    let n = match e.kind() {
+        K::JetStream(api) => lift_api(op, what, &api),
+        K::TimedOut => NatsError::TimedOut {
+            op,
+            after: std::time::Duration::ZERO,
+        },
+        _ => NatsError::other(op, e),
+    };
+    DriverError::nats(what, n)
+}
+
+fn label(resource: &str, stream: &str) -> String {
+    format!("{STREAM_TYPE} {resource:?} (stream {stream:?})")
+}
+
+/// Create-or-adopt, and Update: makes the server hold `spec`, in place. A missing stream is
+/// created (unless `bind`); a change the server cannot make in place is refused by name.
+pub async fn apply(ctx: &Ctx, resource: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
+    let what = label(resource, &spec.name);
+    let state = ctx.state.load()?;
+    let b = resolve_broker(
+        &what,
+        &spec.broker_ref,
+        &spec.servers,
+        &state,
+        &ctx.state.path(),
+    )?;
+    let conn = ctx.conns.connect(&what, &b).await?;
+    let observed = fetch_stream_config(&conn, &spec.name)
+        .await
+        .map_err(|e| DriverError::nats(&what, e))?;
+    let cfg = match observed {
+        None if spec.bind => {
+            return Err(DriverError::refused(
+                &what,
+                format!(
+                    "bind is set and the stream does not exist on broker {:?}; bind adopts an \
+                     existing stream and never creates one (remove bind to let the provider create it)",
+                    broker_key(&b.name)
+                ),
+            ))
+        }
+        None => conn
+            .js
+            .create_stream(spec.to_nats())
+            .await
+            .map_err(|e| lift_create("create stream", &what, e))?
+            .cached_info()
+            .config
+            .clone(),
+        Some(obs) => {
+            let diffs = spec.diff(&obs);
+            if let Some(bad) = diffs.iter().find(|d| d.change != Change::InPlace) {
+                return Err(DriverError::refused(
+                    &what,
+                    format!(
+                        "{} cannot change in place (server has {}, config wants {}); {}",
+                        bad.field,
+                        bad.have,
+                        bad.want,
+                        bad.change.remedy()
+                    ),
+                ));
+            }
+            if diffs.is_empty() {
+                obs
+            } else {
+                conn.js
+                    .update_stream(overlay(spec, obs))
+                    .await
+                    .map_err(|e| lift_create("update stream", &what, e))?
+                    .config
+            }
+        }
+    };
+    let flags = Flags {
+        broker: b.name.clone(),
+        broker_ref: spec.broker_ref.clone(),
+        prevent_destroy: spec.prevent_destroy,
+        bind: spec.bind,
+    };
+    let outputs = to_outputs(&cfg, &flags);
+    let pid = provider_id(&b.name, &spec.name);
+    let rec = ResourceRecord {
+        type_name: STREAM_TYPE.into(),
+        provider_id: pid.clone(),
+        broker: b.name.clone(),
+        servers: spec.servers.clone(),
+        stream: spec.name.clone(),
+        durable: String::new(),
+        prevent_destroy: spec.prevent_destroy,
+        bind: spec.bind,
+        released: false,
+        outputs: outputs.clone(),
+    };
+    ctx.state.update(|s| {
+        s.resources.insert(resource.to_string(), rec);
+    })?;
+    Ok(Output {
+        provider_id: pid,
+        outputs,
+        sensitive: Vec::new(),
+        status: "running".into(),
+    })
+}
+
+/// Where a stream (or consumer) lives, from the provider's record or from its provider_id.
+#[derive(Clone, Debug, Default)]
+pub struct Located {
+    pub broker: String,
+    pub servers: Vec<String>,
+    pub stream: String,
+    pub durable: String,
+    pub flags: Flags,
+    pub recorded: bool,
+    pub released: bool,
+}
+
+/// By record (name and type must match, and provider_id when given), else by parsing the
+/// provider_id (`broker/STREAM` or `broker/STREAM/durable`).
+pub fn locate(state: &ProviderState, r: &ResourceRef, type_name: &str) -> Option<Located> {
+    if let Some(rec) = state.resources.get(&r.name) {
+        if rec.type_name == type_name
+            && (r.provider_id.is_empty() || r.provider_id == rec.provider_id)
+        {
+            return Some(Located {
+                broker: rec.broker.clone(),
+                servers: rec.servers.clone(),
+                stream: rec.stream.clone(),
+                durable: rec.durable.clone(),
+                flags: Flags {
+                    broker: rec.broker.clone(),
+                    broker_ref: str_field(&rec.outputs, "broker_ref").to_string(),
+                    prevent_destroy: rec.prevent_destroy,
+                    bind: rec.bind,
+                },
+                recorded: true,
+                released: rec.released,
+            });
+        }
+    }
+    if r.provider_id.is_empty() {
+        return None;
+    }
+    let parts: Vec<&str> = if type_name == STREAM_TYPE {
+        r.provider_id.rsplitn(2, '/').collect()
+    } else {
+        r.provider_id.rsplitn(3, '/').collect()
+    };
+    let (broker, stream, durable) = match parts.as_slice() {
+        [stream, broker] => (*broker, *stream, ""),
+        [durable, stream, broker] => (*broker, *stream, *durable),
+        _ => return None,
+    };
+    let broker = if broker == "servers" { "" } else { broker };
+    Some(Located {
+        broker: broker.to_string(),
+        servers: Vec::new(),
+        stream: stream.to_string(),
+        durable: durable.to_string(),
+        flags: Flags {
+            broker: broker.to_string(),
+            broker_ref: broker.to_string(),
+            ..Default::default()
+        },
+        recorded: false,
+        released: false,
+    })
+}
+
+pub fn connect_target(
+    ctx: &Ctx,
+    what: &str,
+    l: &Located,
+    state: &ProviderState,
+) -> Result<BrokerConn, DriverError> {
+    resolve_broker(what, &l.broker, &l.servers, state, &ctx.state.path())
+}
+
+/// Finds a stream named `name` on the brokers this provider knows (Read with no provider_id).
+pub async fn search(ctx: &Ctx, name: &str) -> Result<Option<Located>, DriverError> {
+    if crate::nats::names::check_name(name).is_err() {
+        return Ok(None);
+    }
+    let state = ctx.state.load()?;
+    let mut found = Vec::new();
+    for (broker, rec) in &state.brokers {
+        let b = BrokerConn::from_record(broker, rec);
+        let Ok(conn) = ctx.conns.connect(&format!("broker {broker:?}"), &b).await else {
+            continue;
+        };
+        if let Ok(Some(_)) = fetch_stream_config(&conn, name).await {
+            found.push(broker.clone());
+        }
+    }
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(Located {
+            broker: one.clone(),
+            stream: name.to_string(),
+            flags: Flags {
+                broker: one.clone(),
+                ..Default::default()
+            },
+            ..Default::default()
+        })),
+        many => Err(DriverError::invalid(
+            format!("{STREAM_TYPE} {name:?}"),
+            format!(
+                "a stream of that name exists on several brokers ({}); import it by provider_id <broker>/{name}",
+                many.join(", ")
+            ),
+        )),
+    }
+}
+
+pub async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+    let state = ctx.state.load()?;
+    let located = match locate(&state, r, STREAM_TYPE) {
+        Some(l) => l,
+        None => search(ctx, &r.name).await?.ok_or_else(|| {
+            DriverError::not_found(format!(
+                "{STREAM_TYPE} {:?}: no stream of that name on the brokers this provider knows",
+                r.name
+            ))
+        })?,
+    };
+    let what = label(&r.name, &located.stream);
+    let b = connect_target(ctx, &what, &located, &state)?;
+    let conn = ctx.conns.connect(&what, &b).await?;
+    match fetch_stream_config(&conn, &located.stream)
+        .await
+        .map_err(|e| DriverError::nats(&what, e))?
+    {
+        None => Err(DriverError::not_found(format!(
+            "{what} does not exist on broker {:?}",
+            broker_key(&b.name)
+        ))),
+        Some(cfg) => Ok(Output {
+            provider_id: provider_id(&b.name, &located.stream),
+            outputs: to_outputs(&cfg, &located.flags),
+            sensitive: Vec::new(),
+            status: "running".into(),
+        }),
+    }
+}
+
+/// Idempotent: a stream that is already gone, or whose broker and record are both gone, is
+/// deleted. `prevent_destroy` refuses; `bind` only forgets (the provider did not create it).
+pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+    let state = ctx.state.load()?;
+    let Some(l) = locate(&state, r, STREAM_TYPE) else {
+        return Ok(());
+    };
+    let what = label(&r.name, &l.stream);
+    if l.flags.prevent_destroy {
+        return Err(DriverError::refused(
+            &what,
+            "prevent_destroy is set; set prevent_destroy: false and apply before deleting",
+        ));
+    }
+    let forget = |ctx: &Ctx| {
+        ctx.state.update(|s| {
+            s.resources.remove(&r.name);
+            let stream_id = provider_id(&l.broker, &l.stream);
+            s.resources.retain(|_, rec| {
+                !(rec.type_name == super::CONSUMER_TYPE
+                    && rec.provider_id.starts_with(&format!("{stream_id}/")))
+            });
+        })
+    };
+    if l.released {
+        return Ok(());
+    }
+    if l.flags.bind {
+        tracing::info!(resource = %r.name, "bound stream released; it stays on the server");
+        return release(ctx, &r.name);
+    }
+    if l.servers.is_empty() && !state.brokers.contains_key(&l.broker) {
+        tracing::warn!(resource = %r.name, broker = %l.broker, "broker no longer recorded; treating the stream as gone");
+        return forget(ctx);
+    }
+    let b = connect_target(ctx, &what, &l, &state)?;
+    let conn = ctx.conns.connect(&what, &b).await?;
+    use async_nats::jetstream::context::DeleteStreamErrorKind as K;
+    let deleted = super::retry(
+        || conn.js.delete_stream(&l.stream),
+        |e: &async_nats::jetstream::context::DeleteStreamError| matches!(e.kind(), K::Request),
+    )
+    .await;
+    if let Err(e) = deleted {
+        match e.kind() {
+            K::JetStream(api) if api.error_code() == crate::nats::error::STREAM_NOT_FOUND => {}
+            K::JetStream(api) => {
+                return Err(DriverError::nats(
+                    &what,
+                    lift_api("delete stream", &what, &api),
+                ))
+            }
+            _ => {
+                return Err(DriverError::nats(
+                    &what,
+                    NatsError::other("delete stream", e),
+                ))
+            }
+        }
+    }
+    forget(ctx)
+}
+
+/// Marks a bound resource as released: it stays on the server and later Deletes (wfctl
+/// retries a whole group when any delete failed) do nothing.
+pub fn release(ctx: &Ctx, name: &str) -> Result<(), DriverError> {
+    ctx.state.update(|s| {
+        if let Some(rec) = s.resources.get_mut(name) {
+            rec.released = true;
+        }
+    })
+}
+
+/// Changes `num_replicas` in place (ResourceDriver.Scale).
+pub async fn scale(ctx: &Ctx, r: &ResourceRef, replicas: i32) -> Result<Output, DriverError> {
+    if !(1..=5).contains(&replicas) {
+        return Err(DriverError::invalid(
+            format!("{STREAM_TYPE} {:?}", r.name),
+            format!("replicas {replicas} is out of range (1..=5)"),
+        ));
+    }
+    let state = ctx.state.load()?;
+    let l = locate(&state, r, STREAM_TYPE)
+        .ok_or_else(|| DriverError::not_found(format!("{STREAM_TYPE} {:?}", r.name)))?;
+    let what = label(&r.name, &l.stream);
+    let b = connect_target(ctx, &what, &l, &state)?;
+    let conn = ctx.conns.connect(&what, &b).await?;
+    let mut cfg = fetch_stream_config(&conn, &l.stream)
+        .await
+        .map_err(|e| DriverError::nats(&what, e))?
+        .ok_or_else(|| DriverError::not_found(what.clone()))?;
+    cfg.num_replicas = replicas as usize;
+    let cfg = conn
+        .js
+        .update_stream(cfg)
+        .await
+        .map_err(|e| lift_create("update stream", &what, e))?
+        .config;
+    let outputs = to_outputs(&cfg, &l.flags);
+    ctx.state.update(|s| {
+        if let Some(rec) = s.resources.get_mut(&r.name) {
+            rec.outputs = outputs.clone();
+        }
+    })?;
+    Ok(Output {
+        provider_id: provider_id(&b.name, &l.stream),
+        outputs,
+        sensitive: Vec::new(),
+        status: "running".into(),
+    })
+}
+
+pub async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+    let state = ctx.state.load()?;
+    let l = locate(&state, r, STREAM_TYPE)
+        .ok_or_else(|| DriverError::not_found(format!("{STREAM_TYPE} {:?}", r.name)))?;
+    let what = label(&r.name, &l.stream);
+    let b = connect_target(ctx, &what, &l, &state)?;
+    let conn = match ctx.conns.connect(&what, &b).await {
+        Ok(c) => c,
+        Err(e) => return Ok((false, crate::runtime::render(&e))),
+    };
+    match conn.js.get_stream(&l.stream).await {
+        Ok(mut s) => match s.info().await {
+            Ok(info) => Ok((
+                true,
+                format!(
+                    "stream {:?}: {} messages, {} bytes, {} consumers",
+                    l.stream, info.state.messages, info.state.bytes, info.state.consumer_count
+                ),
+            )),
+            Err(e) => Ok((false, format!("stream info: {e}"))),
+        },
+        Err(e) => Ok((false, format!("stream {:?}: {e}", l.stream))),
+    }
+}
+
+/// Streams on one broker, for import-all.
+pub async fn list(ctx: &Ctx, broker: &str) -> Result<Vec<(String, stream::Config)>, DriverError> {
+    use futures::TryStreamExt;
+    let state = ctx.state.load()?;
+    let what = format!("broker {broker:?}");
+    let b = resolve_broker(&what, broker, &[], &state, &ctx.state.path())?;
+    let conn = ctx.conns.connect(&what, &b).await?;
+    let infos: Vec<stream::Info> = conn
+        .js
+        .streams()
+        .try_collect()
+        .await
+        .map_err(|e| DriverError::nats(&what, NatsError::other("list streams", e)))?;
+    Ok(infos
+        .into_iter()
+        .map(|i| (provider_id(broker, &i.config.name), i.config))
+        .collect())
+}
+
+impl super::Driver for super::StreamDriver {
+    type Spec = StreamSpec;
+    const KIND: super::Kind = super::Kind::Stream;
+    fn decode(name: &str, config_json: &[u8]) -> Result<StreamSpec, DriverError> {
+        decode(name, config_json)
+    }
+    fn diff(
+        spec: &StreamSpec,
+        state: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<crate::iac::plan::Change>, DriverError> {
+        let b = super::desired_broker(&spec.broker_ref, &spec.servers, state);
+        Ok(crate::iac::plan::diff_stream(spec, b.as_deref(), current))
+    }
+    async fn apply(ctx: &Ctx, name: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
+        apply(ctx, name, spec).await
+    }
+    async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        read(ctx, r).await
+    }
+    async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        delete(ctx, r).await
+    }
+    async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        health(ctx, r).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: Json) -> StreamSpec {
+        decode("orders-stream", json.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn outputs_round_trip_through_the_server_config() {
+        let s = spec(json!({
+            "name": "ORDERS", "subjects": ["orders.>", "refunds.*"], "retention_policy": "RETENTION_POLICY_INTEREST",
+            "storage": "STORAGE_TYPE_MEMORY", "num_replicas": 3, "max_bytes": 1048576, "max_msgs": 10,
+            "max_msgs_per_subject": 2, "max_msg_size": 1024, "max_age": "3600s", "discard": "DISCARD_POLICY_NEW",
+            "duplicate_window": "1.5s", "description": "orders", "broker_ref": "bus", "prevent_destroy": true
+        }));
+        let out = desired_outputs(&s, "bus");
+        let back = observed_from_outputs(&out);
+        assert!(s.diff(&back).is_empty(), "{:?}", s.diff(&back));
+        assert_eq!(to_outputs(&back, &flags_from_outputs(&out)), out);
+        assert_eq!(out["max_age"], "3600s");
+        assert_eq!(out["retention_policy"], "RETENTION_POLICY_INTEREST");
+    }
+
+    #[test]
+    fn server_json_with_unknown_fields_decodes_and_diffs_clean() {
+        // A future server adds fields the client does not know: they are ignored, not drift.
+        let server = json!({
+            "name": "ORDERS", "subjects": ["orders.>"], "retention": "limits", "max_consumers": -1,
+            "max_msgs": -1, "max_bytes": -1, "max_age": 0, "max_msgs_per_subject": -1, "max_msg_size": -1,
+            "discard": "old", "storage": "file", "num_replicas": 1, "duplicate_window": 120000000000u64,
+            "allow_direct": true, "deny_delete": true, "some_future_field": {"x": 1}, "metadata": {"a": "b"}
+        });
+        let cfg: stream::Config = serde_json::from_value(server).unwrap();
+        let s = spec(json!({"name": "ORDERS", "subjects": ["orders.>"]}));
+        assert!(s.diff(&cfg).is_empty());
+        let out = to_outputs(&cfg, &Flags::default());
+        assert!(s.diff(&observed_from_outputs(&out)).is_empty());
+        // Overlay keeps what the provider does not manage.
+        let merged = overlay(&s, cfg);
+        assert!(merged.deny_delete && merged.allow_direct);
+    }
+
+    #[test]
+    fn injected_provider_key_is_tolerated_but_typos_are_not() {
+        assert!(decode(
+            "s",
+            br#"{"name":"S","subjects":["a.>"],"provider":"nats","iac_provider":"eb","depends_on":["bus"]}"#
+        )
+        .is_ok());
+        let e = decode("s", br#"{"name":"S","subjects":["a.>"],"max_agee":"1s"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_agee") && e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn provider_ids_parse_back() {
+        let st = ProviderState::default();
+        let r = ResourceRef {
+            name: "x".into(),
+            r#type: STREAM_TYPE.into(),
+            provider_id: provider_id("bus", "ORDERS"),
+        };
+        let l = locate(&st, &r, STREAM_TYPE).unwrap();
+        assert_eq!((l.broker.as_str(), l.stream.as_str()), ("bus", "ORDERS"));
+        let r = ResourceRef {
+            provider_id: "bus/ORDERS/worker".into(),
+            ..r
+        };
+        let l = locate(&st, &r, super::super::CONSUMER_TYPE).unwrap();
+        assert_eq!(l.durable, "worker");
+    }
+}

@@ -1,0 +1,178 @@
+//! The IaC face's one error type and its one conversion to the host's error shape.
+//!
+//! wfctl recognises a missing resource only by the text `iac: resource not found` in the gRPC
+//! message (iac-protocol §3.4), so `NotFound` always renders with that prefix and nothing else
+//! does.
+
+use crate::nats::NatsError;
+use crate::runtime::config_error::ConfigError;
+
+/// The text wfctl matches to recognise "resource not found".
+pub const NOT_FOUND_SENTINEL: &str = "iac: resource not found";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{NOT_FOUND_SENTINEL}: {what}")]
+    NotFound { what: String },
+    #[error("resource_type is required (one of: {known})")]
+    EmptyType { known: String },
+    #[error("unknown resource type {type_name:?}; this provider serves: {known}")]
+    UnknownType { type_name: String, known: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{what}: {message}")]
+    Invalid { what: String, message: String },
+    #[error(
+        "infra.eventbus {broker:?}: deploy target {target:?} is not available yet in the eventbus IaC provider; \
+         use deploy_target local (nats-server processes on this machine) or self_hosted (servers you name with dsn/servers)"
+    )]
+    NotYet { broker: String, target: String },
+    #[error("{what}: {message}")]
+    BrokerUnknown { what: String, message: String },
+    #[error("{what}: {reason}")]
+    Refused { what: String, reason: String },
+    #[error("{what}")]
+    Nats {
+        what: String,
+        #[source]
+        source: NatsError,
+    },
+    #[error("{what}")]
+    Local {
+        what: String,
+        #[source]
+        source: super::local::LocalError,
+    },
+    #[error("provider state {path}: {detail}")]
+    State { path: String, detail: String },
+    #[error("{0} is not supported by the eventbus IaC provider")]
+    Unsupported(String),
+}
+
+impl DriverError {
+    pub fn not_found(what: impl Into<String>) -> Self {
+        DriverError::NotFound { what: what.into() }
+    }
+
+    pub fn invalid(what: impl Into<String>, message: impl Into<String>) -> Self {
+        DriverError::Invalid {
+            what: what.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn refused(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        DriverError::Refused {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A NATS failure about `what`; a server-side "not found" becomes our `NotFound`.
+    pub fn nats(what: impl Into<String>, source: NatsError) -> Self {
+        let what = what.into();
+        if source.is_not_found() {
+            return DriverError::NotFound { what };
+        }
+        DriverError::Nats { what, source }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, DriverError::NotFound { .. })
+    }
+
+    /// The broker could not be reached (as opposed to a refusal or a missing resource).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            DriverError::Nats {
+                source: NatsError::Unavailable { .. } | NatsError::TimedOut { .. },
+                ..
+            }
+        )
+    }
+}
+
+impl From<DriverError> for tonic::Status {
+    fn from(e: DriverError) -> Self {
+        let msg = crate::runtime::render(&e);
+        match &e {
+            DriverError::NotFound { .. } => tonic::Status::not_found(msg),
+            DriverError::EmptyType { .. }
+            | DriverError::UnknownType { .. }
+            | DriverError::Config(_)
+            | DriverError::Invalid { .. } => tonic::Status::invalid_argument(msg),
+            DriverError::NotYet { .. }
+            | DriverError::BrokerUnknown { .. }
+            | DriverError::Refused { .. } => tonic::Status::failed_precondition(msg),
+            DriverError::Nats { source, .. } => match source {
+                NatsError::Unavailable { .. } | NatsError::TimedOut { .. } => {
+                    tonic::Status::unavailable(msg)
+                }
+                NatsError::Settings(_) => tonic::Status::invalid_argument(msg),
+                _ => tonic::Status::failed_precondition(msg),
+            },
+            DriverError::Local { .. } | DriverError::State { .. } => tonic::Status::internal(msg),
+            DriverError::Unsupported(_) => tonic::Status::unimplemented(msg),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_not_found_carries_the_sentinel() {
+        let s: tonic::Status = DriverError::not_found("stream \"ORDERS\" on broker \"bus\"").into();
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        assert!(
+            s.message().starts_with(NOT_FOUND_SENTINEL),
+            "{}",
+            s.message()
+        );
+        let lifted: tonic::Status = DriverError::nats(
+            "stream \"X\"",
+            NatsError::NotFound {
+                what: "stream \"X\"".into(),
+            },
+        )
+        .into();
+        assert!(lifted.message().contains(NOT_FOUND_SENTINEL));
+        for e in [
+            DriverError::UnknownType {
+                type_name: "infra.database".into(),
+                known: "x".into(),
+            },
+            DriverError::NotYet {
+                broker: "b".into(),
+                target: "kubernetes".into(),
+            },
+            DriverError::refused("stream \"S\"", "prevent_destroy is set"),
+            DriverError::nats(
+                "stream \"S\"",
+                NatsError::Unavailable {
+                    broker: "b".into(),
+                    detail: "down".into(),
+                },
+            ),
+            DriverError::Unsupported("Scale of infra.eventbus.consumer".into()),
+        ] {
+            let s: tonic::Status = e.into();
+            assert!(!s.message().contains(NOT_FOUND_SENTINEL), "{}", s.message());
+            assert_ne!(s.code(), tonic::Code::NotFound);
+        }
+        let s: tonic::Status = DriverError::Unsupported("Troubleshoot".into()).into();
+        assert_eq!(s.code(), tonic::Code::Unimplemented);
+    }
+
+    #[test]
+    fn not_yet_names_the_target_and_the_alternatives() {
+        let m = DriverError::NotYet {
+            broker: "bus".into(),
+            target: "aws.ecs".into(),
+        }
+        .to_string();
+        assert!(m.contains("aws.ecs") && m.contains("local") && m.contains("self_hosted"));
+    }
+}

@@ -1,0 +1,335 @@
+//! The provider's own small state file, `<state_dir>/state.json`.
+//!
+//! wfctl starts a fresh plugin per command and erases `${broker.url}` references outside
+//! env_vars (iac-protocol pitfall 1), so streams and consumers name their broker by plain name
+//! and the provider records here what it learned when it created or adopted that broker: its
+//! urls and credentials, and for the `local` target the nats-server processes it started. It
+//! also keeps, per stream and consumer, where it lives and the per-resource flags that Delete
+//! needs but never receives (`prevent_destroy`, `bind`).
+//!
+//! Writes are read-modify-write under an exclusive `flock` on `state.lock` (several plugin
+//! processes may share a state dir), to a temp file that is fsynced and renamed over the old
+//! one. The directory is 0700 and the file 0600: it can hold broker credentials, as wfctl's own
+//! state holds the applied config.
+
+use super::error::DriverError;
+use super::local::LocalRecord;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const FILE: &str = "state.json";
+const LOCK: &str = "state.lock";
+const FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProviderState {
+    #[serde(default)]
+    pub format: u32,
+    /// Brokers by resource (module) name.
+    #[serde(default)]
+    pub brokers: BTreeMap<String, BrokerRecord>,
+    /// Streams and consumers by resource (module) name.
+    #[serde(default)]
+    pub resources: BTreeMap<String, ResourceRecord>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuthRecord {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub password: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub creds_file: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nkey_seed_file: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tls_ca_file: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tls_cert_file: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tls_key_file: String,
+    #[serde(default)]
+    pub tls_required: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BrokerRecord {
+    pub target: String,
+    /// Client urls as configured (they may carry credentials; never logged).
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub auth: AuthRecord,
+    /// Cluster size: the node count for `local`, the declared `replicas` for `self_hosted`
+    /// (0 = not declared).
+    #[serde(default)]
+    pub replicas: u32,
+    #[serde(default)]
+    pub connect_timeout_ms: u64,
+    #[serde(default)]
+    pub request_timeout_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalRecord>,
+    #[serde(default)]
+    pub prevent_destroy: bool,
+    #[serde(default)]
+    pub bind: bool,
+    /// Outputs of the last create/update, for drift detection.
+    #[serde(default)]
+    pub outputs: Json,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceRecord {
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub provider_id: String,
+    /// Broker resource name ("" when the resource names its servers itself).
+    #[serde(default)]
+    pub broker: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<String>,
+    pub stream: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub durable: String,
+    #[serde(default)]
+    pub prevent_destroy: bool,
+    #[serde(default)]
+    pub bind: bool,
+    /// A bound resource whose Delete ran: it stays on the server, later Deletes do nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
+    #[serde(default)]
+    pub outputs: Json,
+}
+
+/// File identity used to skip re-parsing an unchanged file (wfctl sends many Diffs per plan).
+type Stamp = (std::time::SystemTime, u64, u64, i64, i64);
+
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+    /// Serialises writers inside this process; `flock` serialises processes.
+    lock: std::sync::Mutex<()>,
+    cache: std::sync::Mutex<Option<(Stamp, ProviderState)>>,
+}
+
+impl StateStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        StateStore {
+            dir: dir.into(),
+            lock: std::sync::Mutex::new(()),
+            cache: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn stamp(&self) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(self.path()).ok()?;
+        Some((
+            m.modified().ok()?,
+            m.len(),
+            m.ino(),
+            m.ctime(),
+            m.ctime_nsec(),
+        ))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE)
+    }
+
+    fn err(&self, detail: impl std::fmt::Display) -> DriverError {
+        DriverError::State {
+            path: self.path().display().to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// The current state; a missing file (or directory) is the empty state.
+    pub fn load(&self) -> Result<ProviderState, DriverError> {
+        let stamp = self.stamp();
+        if let (Some(now), Some((seen, state))) = (
+            stamp,
+            self.cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref(),
+        ) {
+            if now == *seen {
+                return Ok(state.clone());
+            }
+        }
+        let state: ProviderState = match std::fs::read(self.path()) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| self.err(e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(ProviderState::default())
+            }
+            Err(e) => return Err(self.err(e)),
+        };
+        if let Some(now) = stamp {
+            *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, state.clone()));
+        }
+        Ok(state)
+    }
+
+    /// Read-modify-write under both locks; `f`'s result is returned after the write.
+    pub fn update<T>(&self, f: impl FnOnce(&mut ProviderState) -> T) -> Result<T, DriverError> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        create_private_dir(&self.dir).map_err(|e| self.err(e))?;
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(LOCK))
+            .map_err(|e| self.err(e))?;
+        let _flock = Flock::exclusive(&lock_file).map_err(|e| self.err(e))?;
+        let mut state = self.load()?;
+        let out = f(&mut state);
+        state.format = FORMAT;
+        let bytes = serde_json::to_vec_pretty(&state).map_err(|e| self.err(e))?;
+        write_atomic(&self.path(), &bytes).map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Temp file beside the target, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
+        std::process::id()
+    ));
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+struct Flock<'a>(&'a std::fs::File);
+
+impl<'a> Flock<'a> {
+    fn exclusive(f: &'a std::fs::File) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        loop {
+            // SAFETY: flock(2) on a file descriptor we own for the guard's lifetime.
+            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+            if r == 0 {
+                return Ok(Flock(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Drop for Flock<'_> {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as above.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_state_is_empty_and_updates_round_trip_privately() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("nested/iac"));
+        assert_eq!(store.load().unwrap(), ProviderState::default());
+        store
+            .update(|s| {
+                s.brokers.insert(
+                    "bus".into(),
+                    BrokerRecord {
+                        target: "self_hosted".into(),
+                        urls: vec!["nats://127.0.0.1:4222".into()],
+                        ..Default::default()
+                    },
+                );
+            })
+            .unwrap();
+        let s = store.load().unwrap();
+        assert_eq!(s.format, FORMAT);
+        assert_eq!(s.brokers["bus"].urls, vec!["nats://127.0.0.1:4222"]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "state file must be private: {mode:o}");
+        let leftovers: Vec<_> = std::fs::read_dir(store.dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn concurrent_writers_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(StateStore::new(dir.path()));
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    for j in 0..10 {
+                        s.update(|st| {
+                            st.resources.insert(
+                                format!("r{i}-{j}"),
+                                ResourceRecord {
+                                    type_name: "infra.eventbus.stream".into(),
+                                    ..Default::default()
+                                },
+                            );
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(store.load().unwrap().resources.len(), 80);
+    }
+}
