@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod iac;
 pub mod typed;
 
 use eventbus_plugin::pb::go_plugin::{
@@ -31,7 +32,58 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 pub use typed::Codec;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_workflow-plugin-eventbus");
+/// The plugin binary: `BIN` works wherever a path does (`Command::new(BIN)`, `fs::copy(BIN, ..)`).
+pub const BIN: PluginBin = PluginBin;
+
+#[derive(Clone, Copy, Debug)]
+pub struct PluginBin;
+
+impl AsRef<Path> for PluginBin {
+    fn as_ref(&self) -> &Path {
+        plugin_bin()
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for PluginBin {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        plugin_bin().as_os_str()
+    }
+}
+
+/// `EVENTBUS_PLUGIN_BIN` when set; else, for an example (`target/<profile>/examples/x`), the
+/// binary of that profile (or the other one); else Cargo's `CARGO_BIN_EXE_*` for tests.
+pub fn plugin_bin() -> &'static Path {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        const NAME: &str = "workflow-plugin-eventbus";
+        if let Some(p) = std::env::var_os("EVENTBUS_PLUGIN_BIN").filter(|p| !p.is_empty()) {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().ok();
+        let examples = exe
+            .as_deref()
+            .and_then(Path::parent)
+            .filter(|d| d.file_name().is_some_and(|n| n == "examples"));
+        if let Some(profile) = examples.and_then(Path::parent) {
+            let candidates = [
+                profile.join(NAME),
+                profile.with_file_name("release").join(NAME),
+                profile.with_file_name("debug").join(NAME),
+            ];
+            if let Some(p) = candidates.into_iter().find(|p| p.is_file()) {
+                return p;
+            }
+        }
+        match option_env!("CARGO_BIN_EXE_workflow-plugin-eventbus") {
+            Some(p) => PathBuf::from(p),
+            None => panic!(
+                "plugin binary not found: set EVENTBUS_PLUGIN_BIN or run \
+                 `cargo build --release --bin {NAME}`"
+            ),
+        }
+    })
+}
+
 pub const COOKIE: (&str, &str) = ("WORKFLOW_PLUGIN", "workflow-external-plugin-v1");
 
 /// What the host's pipeline does when TriggerWorkflow arrives: `Ok(())` or a pipeline error.

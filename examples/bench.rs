@@ -1,0 +1,669 @@
+//! `make bench`: the plugin binary under the test host against raw async-nats, one nats-server,
+//! one run. Prints one line per figure, `name value unit` (lines starting with `#` are context).
+//!
+//! (a) publish: ExecuteStep(step.eventbus.publish) vs JetStream publish + ack, 10k messages at
+//!     1, 16 and 64 in flight: msg/s, p50/p99 latency, plugin/raw ratios; at 64 also the CPU
+//!     each process spends per message. Two floors first: a NATS round trip and an ExecuteStep
+//!     the plugin answers at once (the host <-> plugin gRPC hop alone).
+//! (b) consume + ack: step.eventbus.consume (batch 100) then step.eventbus.ack per message vs a
+//!     raw pull consumer fetching 100 and double-acking each: msg/s.
+//! (c) trigger: raw publishes, TriggerWorkflow received by the host callback (no-op pipeline,
+//!     auto ack) at max_in_flight 1 and 64 (default batch_size, = max_in_flight), plus
+//!     max_in_flight 1 with batch_size 2: msg/s and end-to-end latency (publish time in the
+//!     payload), for a 10k burst and for a paced 1000 msg/s stream. Each phase is capped at
+//!     15 s; a phase that did not get everything also prints what it received and its stalls.
+//! (d) spawn-to-handshake (median of 10 launches) and the plugin's RSS idle, loaded and peak
+//!     (VmRSS / VmHWM).
+//!
+//! The plugin side sends requests the way the host does (typed_config / typed_input Any) but
+//! builds them once: the host's own per-call YAML/protojson work is not in the figures.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "support/mod.rs"]
+mod support;
+
+use common::{LaunchOptions, PipelineFn, Plugin};
+use eventbus_plugin::pb::eventbus::{AckRequest, ConsumeResponse};
+use eventbus_plugin::pb::plugin::{plugin_service_client::PluginServiceClient, ExecuteStepRequest};
+use futures::{StreamExt, TryStreamExt};
+use nats_test_server::NatsServer;
+use prost::Message as _;
+use serde_json::json;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+const PUBLISH_N: usize = 10_000;
+const FLOOR_N: usize = 2_000;
+const CONSUME_N: usize = 10_000;
+const TRIGGER_BURST_N: usize = 10_000;
+const TRIGGER_PACED_N: usize = 1_000;
+const LAUNCHES: usize = 10;
+const PAYLOAD_LEN: usize = 128;
+const WAIT: Duration = Duration::from_secs(60);
+/// Bound on each trigger phase, so a stalling configuration cannot stretch the run.
+const TRIGGER_CAP: Duration = Duration::from_secs(15);
+
+type Res<T> = Result<T, String>;
+
+static BASE: OnceLock<Instant> = OnceLock::new();
+
+fn now_ns() -> u64 {
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// `{"t":<ns since BASE>,"pad":"xxx…"}`, PAYLOAD_LEN bytes.
+fn payload(t: u64) -> String {
+    let head = format!("{{\"t\":{t},\"pad\":\"");
+    let pad = PAYLOAD_LEN.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", "x".repeat(pad))
+}
+
+fn stamp_of(text: &str) -> Option<u64> {
+    let rest = text.strip_prefix("{\"t\":")?;
+    rest[..rest.find(',')?].parse().ok()
+}
+
+fn fig(name: &str, value: f64, unit: &str) {
+    if value >= 100.0 || value.fract() == 0.0 {
+        println!("{name} {value:.0} {unit}");
+    } else {
+        println!("{name} {value:.2} {unit}");
+    }
+}
+
+struct Stats {
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+impl Stats {
+    fn new(mut lat_ns: Vec<u64>, n: usize, wall: Duration) -> Stats {
+        lat_ns.sort_unstable();
+        let pct = |q: usize| -> f64 {
+            if lat_ns.is_empty() {
+                return 0.0;
+            }
+            let i = (lat_ns.len() * q / 100).min(lat_ns.len() - 1);
+            lat_ns[i] as f64 / 1000.0
+        };
+        Stats {
+            rate: n as f64 / wall.as_secs_f64(),
+            p50_us: pct(50),
+            p99_us: pct(99),
+        }
+    }
+
+    fn print(&self, name: &str) {
+        fig(&format!("{name}_rate"), self.rate, "msg/s");
+        fig(&format!("{name}_p50"), self.p50_us, "us");
+        fig(&format!("{name}_p99"), self.p99_us, "us");
+    }
+}
+
+/// Runs `n` operations with at most `inflight` outstanding; per-operation latency and the
+/// throughput over the wall time of the whole run.
+async fn closed_loop<F, Fut>(n: usize, inflight: usize, op: F) -> Res<Stats>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Res<()>>,
+{
+    let start = Instant::now();
+    let mut lat = Vec::with_capacity(n);
+    let mut runs = futures::stream::iter(0..n)
+        .map(|i| {
+            let fut = op(i);
+            async move {
+                let t = Instant::now();
+                fut.await.map(|_| t.elapsed().as_nanos() as u64)
+            }
+        })
+        .buffer_unordered(inflight);
+    while let Some(r) = runs.next().await {
+        lat.push(r?);
+    }
+    Ok(Stats::new(lat, n, start.elapsed()))
+}
+
+/// CPU used by the plugin, this host process and nats-server over one run.
+#[derive(Clone, Copy)]
+struct Pids {
+    plugin: u32,
+    server: u32,
+}
+
+struct CpuMeter {
+    pids: Pids,
+    start: [Duration; 3],
+}
+
+impl CpuMeter {
+    fn sample(pids: Pids) -> [Duration; 3] {
+        [pids.plugin, std::process::id(), pids.server]
+            .map(|pid| support::cpu_time(pid).unwrap_or_default())
+    }
+    fn start(pids: Pids) -> CpuMeter {
+        CpuMeter {
+            pids,
+            start: Self::sample(pids),
+        }
+    }
+    /// `<name>_cpu_{plugin,host,nats}` in µs of CPU per message.
+    fn print(&self, name: &str, n: usize, with_plugin: bool) {
+        let end = Self::sample(self.pids);
+        for (i, who) in ["plugin", "host", "nats"].iter().enumerate() {
+            if i == 0 && !with_plugin {
+                continue;
+            }
+            let us = end[i].saturating_sub(self.start[i]).as_secs_f64() * 1e6 / n as f64;
+            fig(&format!("{name}_cpu_{who}"), us, "us/msg");
+        }
+    }
+}
+
+async fn execute(client: &PluginServiceClient<Channel>, req: ExecuteStepRequest) -> Res<Vec<u8>> {
+    let r = client
+        .clone()
+        .execute_step(req)
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    if !r.error.is_empty() {
+        return Err(r.error);
+    }
+    r.typed_output
+        .map(|a| a.value)
+        .ok_or_else(|| "STRICT step returned no typed_output".into())
+}
+
+/// An ExecuteStepRequest as the host sends it in STRICT mode, built once.
+fn request(
+    p: &Plugin,
+    step_type: &str,
+    handle: &str,
+    config: serde_json::Value,
+    input: serde_json::Value,
+) -> Res<ExecuteStepRequest> {
+    let (cfg, inp, _) = p.codec.step_messages(step_type);
+    Ok(ExecuteStepRequest {
+        handle_id: handle.into(),
+        typed_config: Some(p.codec.typed_from_json(&cfg, &config)?),
+        typed_input: Some(p.codec.typed_input(&inp, &input)?),
+        current: Some(common::typed::json_to_struct(&input)),
+        ..Default::default()
+    })
+}
+
+async fn raw_publish(js: &async_nats::jetstream::Context, subject: &str, body: String) -> Res<()> {
+    js.publish(subject.to_string(), body.into())
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())
+        .map(|_| ())
+}
+
+#[tokio::main]
+async fn main() {
+    support::ensure_plugin_binary();
+    BASE.get_or_init(Instant::now);
+    let started = Instant::now();
+    if let Err(e) = run().await {
+        eprintln!("bench failed: {e}");
+        std::process::exit(1);
+    }
+    println!("# total {:.1} s", started.elapsed().as_secs_f64());
+}
+
+async fn run() -> Res<()> {
+    let nats_bin = nats_test_server::binary();
+    let server = NatsServer::start();
+    println!(
+        "# nats-server {} | plugin {} | {} cpus | payload {PAYLOAD_LEN} B, file storage",
+        nats_test_server::version(&nats_bin),
+        common::plugin_bin().display(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+
+    // The no-op pipeline: records end-to-end latency from the publish stamp in the payload.
+    let (lat_tx, mut lat_rx) = mpsc::unbounded_channel::<(u64, u64)>();
+    let pipeline: PipelineFn = Arc::new(move |req| {
+        let now = now_ns();
+        let stamp = req
+            .data
+            .as_ref()
+            .and_then(|d| d.fields.get("text"))
+            .and_then(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => stamp_of(s),
+                _ => None,
+            });
+        let _ = lat_tx.send((stamp.map_or(u64::MAX, |t| now.saturating_sub(t)), now));
+        Box::pin(async { Ok(()) })
+    });
+    let mut plugin = Plugin::launch(LaunchOptions {
+        env: vec![("NATS_URL".into(), server.url())],
+        callback: Some(pipeline),
+        ..Default::default()
+    })
+    .await;
+    plugin.calls = None; // the host's copy of each call is not needed here
+    let pid = plugin.child.id();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = support::proc_status_kb(pid, "VmRSS").unwrap_or(0);
+
+    let p = &plugin;
+    p.module_up(
+        "eventbus.broker",
+        "bus",
+        "provider: nats\ndeploy_target: local\n",
+    )
+    .await;
+    p.module_up(
+        "eventbus.stream",
+        "bench",
+        "name: BENCH\nsubjects: ['bench.>']\n",
+    )
+    .await;
+    for (name, filter) in [
+        ("cons_steps", "bench.cons"),
+        ("cons_raw", "bench.cons"),
+        ("trig_mif1", "bench.trig.mif1"),
+        ("trig_mif1_batch2", "bench.trig.mif1_batch2"),
+        ("trig_mif64", "bench.trig.mif64"),
+    ] {
+        p.module_up(
+            "eventbus.consumer",
+            name,
+            &format!("name: {name}\nstream_name: BENCH\nfilter_subject: {filter}\nack_policy: ACK_POLICY_EXPLICIT\n"),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let modules_rss = support::proc_status_kb(pid, "VmRSS").unwrap_or(0);
+    let client = async_nats::connect(server.url())
+        .await
+        .map_err(|e| e.to_string())?;
+    let js = async_nats::jetstream::new(client);
+
+    let pids = Pids {
+        plugin: pid,
+        server: server.pid().unwrap_or(0),
+    };
+    publish_bench(p, &js, pids).await?;
+    consume_bench(p, &js).await?;
+    trigger_bench(p, &js, &mut lat_rx, pids).await?;
+
+    let loaded_rss = support::proc_status_kb(pid, "VmRSS").unwrap_or(0);
+    let peak_rss = support::proc_status_kb(pid, "VmHWM").unwrap_or(0);
+    let (code, _) = plugin.shutdown().await;
+    if code != Some(0) {
+        return Err(format!(
+            "plugin exited with {code:?}; stderr:\n{}",
+            plugin.stderr()
+        ));
+    }
+    drop(plugin);
+
+    // (d) Fresh launches, no NATS: spawn to handshake line.
+    let mut spawn = Vec::with_capacity(LAUNCHES);
+    for _ in 0..LAUNCHES {
+        let mut p = Plugin::launch(LaunchOptions::default()).await;
+        spawn.push(p.spawn_to_handshake);
+        p.shutdown().await;
+    }
+    spawn.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    fig(
+        "spawn_to_handshake_median",
+        ms((spawn[LAUNCHES / 2 - 1] + spawn[LAUNCHES / 2]) / 2),
+        "ms",
+    );
+    fig("spawn_to_handshake_max", ms(spawn[LAUNCHES - 1]), "ms");
+    let mib = |kb: u64| kb as f64 / 1024.0;
+    fig("rss_idle", mib(idle_rss), "MiB");
+    fig("rss_modules_up", mib(modules_rss), "MiB");
+    fig("rss_loaded", mib(loaded_rss), "MiB");
+    fig("rss_peak", mib(peak_rss), "MiB");
+    drop(server);
+    Ok(())
+}
+
+/// (a) ExecuteStep(publish) through the plugin vs raw JetStream publish, same stream.
+async fn publish_bench(p: &Plugin, js: &async_nats::jetstream::Context, pids: Pids) -> Res<()> {
+    let handle = p
+        .create_step(
+            "step.eventbus.publish",
+            "pub",
+            "subject: bench.pub\nbroker_ref: bus\n",
+        )
+        .await?;
+    let req = request(
+        p,
+        "step.eventbus.publish",
+        &handle,
+        json!({"subject": "bench.pub", "payload": payload(0)}),
+        json!({}),
+    )?;
+    let plugin_op = |_| {
+        let req = req.clone();
+        async move { execute(&p.client, req).await.map(|_| ()) }
+    };
+    let raw_op = |_| raw_publish(js, "bench.pub", payload(0));
+    // Warm both paths (connections, the plugin's caches, the stream's first blocks).
+    closed_loop(1000, 16, plugin_op).await?;
+    closed_loop(1000, 16, raw_op).await?;
+    // Floors, for reading the figures below: a NATS round trip (PING/PONG) from this process,
+    // and an ExecuteStep the plugin answers at once (unknown handle): the gRPC hop alone.
+    let client = js.client();
+    let rtt = closed_loop(FLOOR_N, 1, |_| {
+        let c = client.clone();
+        async move { c.flush().await.map_err(|e| e.to_string()) }
+    })
+    .await?;
+    let unknown = ExecuteStepRequest {
+        handle_id: "bench-unknown-handle".into(),
+        ..Default::default()
+    };
+    let hop = closed_loop(FLOOR_N, 1, |_| {
+        let req = unknown.clone();
+        async move {
+            let r = p.client.clone().execute_step(req).await;
+            r.map(|_| ()).map_err(|s| s.to_string())
+        }
+    })
+    .await?;
+    fig("nats_rtt_c1_p50", rtt.p50_us, "us");
+    fig("execute_step_floor_c1_p50", hop.p50_us, "us");
+    for inflight in [1, 16, 64] {
+        let cpu = CpuMeter::start(pids);
+        let plugin = closed_loop(PUBLISH_N, inflight, plugin_op).await?;
+        plugin.print(&format!("publish_plugin_c{inflight}"));
+        if inflight == 64 {
+            cpu.print("publish_plugin_c64", PUBLISH_N, true);
+        }
+        let cpu = CpuMeter::start(pids);
+        let raw = closed_loop(PUBLISH_N, inflight, raw_op).await?;
+        raw.print(&format!("publish_raw_c{inflight}"));
+        if inflight == 64 {
+            cpu.print("publish_raw_c64", PUBLISH_N, false);
+        }
+        fig(
+            &format!("publish_ratio_c{inflight}_rate"),
+            plugin.rate / raw.rate,
+            "x",
+        );
+        fig(
+            &format!("publish_ratio_c{inflight}_p50"),
+            plugin.p50_us / raw.p50_us,
+            "x",
+        );
+    }
+    Ok(())
+}
+
+/// (b) consume 100 + ack each, via steps vs a raw pull consumer, over the same 10k messages.
+async fn consume_bench(p: &Plugin, js: &async_nats::jetstream::Context) -> Res<()> {
+    closed_loop(CONSUME_N, 256, |i| {
+        raw_publish(js, "bench.cons", payload(i as u64))
+    })
+    .await?;
+
+    let consume = p
+        .create_step("step.eventbus.consume", "get", "consumer: cons_steps\n")
+        .await?;
+    let ack = p.create_step("step.eventbus.ack", "ack", "").await?;
+    let consume_req = request(
+        p,
+        "step.eventbus.consume",
+        &consume,
+        json!({"consumer": "cons_steps", "batch_size": 100, "max_wait": "1s"}),
+        json!({}),
+    )?;
+    let ack_template = request(p, "step.eventbus.ack", &ack, json!({}), json!({}))?;
+    let ack_input_type = ack_template
+        .typed_input
+        .as_ref()
+        .map(|a| a.type_url.clone())
+        .unwrap_or_default();
+    let start = Instant::now();
+    let mut done = 0;
+    while done < CONSUME_N {
+        if start.elapsed() > WAIT {
+            return Err(format!("steps consumed only {done} of {CONSUME_N}"));
+        }
+        let out = execute(&p.client, consume_req.clone()).await?;
+        let batch = ConsumeResponse::decode(out.as_slice()).map_err(|e| e.to_string())?;
+        for m in batch.messages {
+            let mut req = ack_template.clone();
+            req.typed_input = Some(prost_types::Any {
+                type_url: ack_input_type.clone(),
+                value: AckRequest {
+                    ack_token: m.ack_token,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            });
+            req.current = None;
+            execute(&p.client, req).await?;
+            done += 1;
+        }
+    }
+    let steps_rate = done as f64 / start.elapsed().as_secs_f64();
+
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream("BENCH")
+        .await
+        .map_err(|e| e.to_string())?
+        .get_consumer("cons_raw")
+        .await
+        .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut done = 0;
+    while done < CONSUME_N {
+        if start.elapsed() > WAIT {
+            return Err(format!("raw consumed only {done} of {CONSUME_N}"));
+        }
+        let batch: Vec<_> = consumer
+            .fetch()
+            .max_messages(100)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?
+            .try_collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        for m in batch {
+            m.double_ack().await.map_err(|e| e.to_string())?;
+            done += 1;
+        }
+    }
+    let raw_rate = done as f64 / start.elapsed().as_secs_f64();
+    fig("consume_ack_steps_b100_rate", steps_rate, "msg/s");
+    fig("consume_ack_raw_b100_rate", raw_rate, "msg/s");
+    fig("consume_ack_ratio_rate", steps_rate / raw_rate, "x");
+    Ok(())
+}
+
+/// (c) raw publish -> trigger -> TriggerWorkflow at the host: max_in_flight 1 and 64 with the
+/// default batch size (= max_in_flight), and max_in_flight 1 with batch_size 2 for contrast.
+async fn trigger_bench(
+    p: &Plugin,
+    js: &async_nats::jetstream::Context,
+    calls: &mut mpsc::UnboundedReceiver<(u64, u64)>,
+    pids: Pids,
+) -> Res<()> {
+    for (mif, batch, label) in [
+        (1usize, 0usize, "mif1"),
+        (1, 2, "mif1_batch2"),
+        (64, 0, "mif64"),
+    ] {
+        let durable = format!("trig_{label}");
+        let subject = format!("bench.trig.{label}");
+        let handle = p
+            .create_trigger(
+                &format!("pipeline:bench-{label}"),
+                &json!({"name": durable, "max_in_flight": mif, "batch_size": batch}),
+            )
+            .await?;
+        p.lifecycle("start", &handle).await?;
+
+        // Burst: publish as fast as acks come back (256 outstanding) while receiving.
+        let cpu = CpuMeter::start(pids);
+        let publisher = spawn_publisher(js, &subject, TRIGGER_BURST_N, None);
+        let burst = receive(calls, TRIGGER_BURST_N, TRIGGER_CAP).await?;
+        publisher.await.map_err(|e| e.to_string())??;
+        if mif == 64 {
+            cpu.print("trigger_mif64_burst", burst.received.max(1), true);
+        }
+        settle(p, js, &handle, &subject, calls).await?;
+
+        // Paced: one message per millisecond, below capacity: latency without a queue.
+        let publisher = spawn_publisher(
+            js,
+            &subject,
+            TRIGGER_PACED_N,
+            Some(Duration::from_millis(1)),
+        );
+        let paced = receive(calls, TRIGGER_PACED_N, TRIGGER_CAP).await?;
+        publisher.await.map_err(|e| e.to_string())??;
+        settle(p, js, &handle, &subject, calls).await?;
+        p.lifecycle("stop", &handle).await?;
+
+        let name = format!("trigger_{label}");
+        fig(&format!("{name}_burst_rate"), burst.rate, "msg/s");
+        fig(&format!("{name}_burst_p99_e2e"), burst.p99_us, "us");
+        fig(&format!("{name}_paced1k_p50_e2e"), paced.p50_us, "us");
+        fig(&format!("{name}_paced1k_p99_e2e"), paced.p99_us, "us");
+        for (phase, r, n) in [
+            ("burst", &burst, TRIGGER_BURST_N),
+            ("paced1k", &paced, TRIGGER_PACED_N),
+        ] {
+            if r.received < n || r.stalls > 0 {
+                fig(
+                    &format!("{name}_{phase}_received"),
+                    r.received as f64,
+                    "msg",
+                );
+                fig(
+                    &format!("{name}_{phase}_stalls_over_1s"),
+                    r.stalls as f64,
+                    "count",
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Publishes `n` stamped messages from its own task: as fast as acks allow, or one per `every`.
+fn spawn_publisher(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    n: usize,
+    every: Option<Duration>,
+) -> tokio::task::JoinHandle<Res<()>> {
+    let (js, subject) = (js.clone(), subject.to_string());
+    tokio::spawn(async move {
+        match every {
+            None => {
+                futures::stream::iter(0..n)
+                    .map(|_| raw_publish(&js, &subject, payload(now_ns())))
+                    .buffer_unordered(256)
+                    .try_collect::<Vec<()>>()
+                    .await?;
+            }
+            Some(every) => {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut acks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    tick.tick().await;
+                    let ack = js
+                        .publish(subject.clone(), payload(now_ns()).into())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    acks.push(ack);
+                }
+                for a in acks {
+                    a.await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// After a capped phase: stop the trigger (in-flight calls finish), drop what was not delivered
+/// and what the host still holds, then start again for the next phase.
+async fn settle(
+    p: &Plugin,
+    js: &async_nats::jetstream::Context,
+    handle: &str,
+    subject: &str,
+    calls: &mut mpsc::UnboundedReceiver<(u64, u64)>,
+) -> Res<()> {
+    p.lifecycle("stop", handle).await?;
+    js.get_stream("BENCH")
+        .await
+        .map_err(|e| e.to_string())?
+        .purge()
+        .filter(subject)
+        .await
+        .map_err(|e| e.to_string())?;
+    while calls.try_recv().is_ok() {}
+    p.lifecycle("start", handle).await
+}
+
+struct Received {
+    received: usize,
+    /// Gaps of a second or more between consecutive deliveries.
+    stalls: usize,
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Collects up to `n` deliveries (end-to-end latency, arrival time) within `cap`. The rate is
+/// deliveries per second from the first publish stamp to the last arrival.
+async fn receive(
+    calls: &mut mpsc::UnboundedReceiver<(u64, u64)>,
+    n: usize,
+    cap: Duration,
+) -> Res<Received> {
+    let started = now_ns();
+    let deadline = tokio::time::Instant::now() + cap;
+    let mut lat = Vec::with_capacity(n);
+    let (mut last, mut stalls) = (started, 0);
+    while lat.len() < n {
+        match tokio::time::timeout_at(deadline, calls.recv()).await {
+            Ok(Some((u64::MAX, _))) => return Err("a delivery without a publish stamp".into()),
+            Ok(Some((l, at))) => {
+                if at.saturating_sub(last) >= 1_000_000_000 {
+                    stalls += 1;
+                }
+                last = at;
+                lat.push(l);
+            }
+            Ok(None) => return Err("callback closed".into()),
+            Err(_) => break,
+        }
+    }
+    let received = lat.len();
+    let stats = Stats::new(
+        lat,
+        received,
+        Duration::from_nanos(last.saturating_sub(started).max(1)),
+    );
+    Ok(Received {
+        received,
+        stalls,
+        rate: stats.rate,
+        p50_us: stats.p50_us,
+        p99_us: stats.p99_us,
+    })
+}
