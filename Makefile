@@ -33,7 +33,7 @@ test: deps
 test-nats29:
 	@if [ -n "$(DEBIAN_NATS)" ]; then \
 		echo "nats-server: $(DEBIAN_NATS) ($$($(DEBIAN_NATS) --version))"; \
-		NATS_SERVER_BIN=$(DEBIAN_NATS) cargo test --locked --test runtime_nats --test trigger_nats; \
+		NATS_SERVER_BIN=$(DEBIAN_NATS) cargo test --locked --test runtime_nats --test faults; \
 	else echo "skipping: Debian's nats-server (2.9) is not installed"; fi
 
 lint:
@@ -50,10 +50,13 @@ install: build
 	install -m 0644 plugin.json plugin.contracts.json $(PLUGIN_DIR)/
 
 demo: deps
-	NATS_SERVER_BIN="$(PY_SCRIPTS)/nats-server" cargo run --release --locked --example demo
+	cargo build --release --locked --bin $(BIN)
+	NATS_SERVER_BIN="$(PY_SCRIPTS)/nats-server" EVENTBUS_PLUGIN_BIN=target/release/$(BIN) cargo run --release --locked --example demo
 
 bench: deps
-	NATS_SERVER_BIN="$(PY_SCRIPTS)/nats-server" cargo run --release --locked --example bench
+	cargo build --release --locked --bin $(BIN)
+	NATS_SERVER_BIN="$(PY_SCRIPTS)/nats-server" EVENTBUS_PLUGIN_BIN=target/release/$(BIN) cargo run --release --locked --example bench
+	NATS_SERVER_BIN="$(PY_SCRIPTS)/nats-server" EVENTBUS_PLUGIN_BIN=target/release/$(BIN) cargo run --release --locked --example iac_bench
 
 clean:
 	cargo clean
