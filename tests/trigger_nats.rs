@@ -414,3 +414,42 @@ async fn b12_b13_filter_applies_and_manual_mode_does_not_auto_ack() {
     .unwrap();
     assert_eq!(consumer.info().await.unwrap().num_ack_pending, 0);
 }
+
+/// With max_in_flight 1 messages keep flowing one after another (a pull batch of 1 used to
+/// stall for the pull expiry between messages).
+#[tokio::test]
+async fn max_in_flight_one_does_not_stall_between_messages() {
+    let server = NatsServer::start();
+    let mut p = Plugin::launch(LaunchOptions {
+        env: vec![("NATS_URL".into(), server.url())],
+        callback: Some(ok_pipeline()),
+        ..Default::default()
+    })
+    .await;
+    setup(&p, "").await;
+    let t = p
+        .create_trigger(
+            "pipeline:serial",
+            &json!({"name": "runner", "max_in_flight": 1}),
+        )
+        .await
+        .unwrap();
+    p.lifecycle("start", &t).await.unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for i in 0..20 {
+        js.publish("jobs.s", format!("m{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    for i in 0..20 {
+        let call = p.next_call(Duration::from_secs(3)).await;
+        assert_eq!(
+            text_of(&call, "text"),
+            format!("m{i}"),
+            "in order, no stall"
+        );
+    }
+}

@@ -23,6 +23,7 @@ const REBIND_MAX: Duration = Duration::from_secs(5);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
 const LOG_EVERY: Duration = Duration::from_secs(10);
+const MIN_PULL_BATCH: usize = 2;
 
 /// Logs the first failure, then at most one line per `LOG_EVERY` with the count suppressed, so
 /// a long outage does not flood stderr.
@@ -198,7 +199,10 @@ impl Worker {
             };
             let messages = consumer
                 .stream()
-                .max_messages_per_batch(self.spec.batch_size)
+                // A batch of 1 stalls async-nats' pull stream until the request expires (the
+                // bench measured ~10 s per message); 2 keeps it flowing, and the semaphore
+                // still bounds what runs.
+                .max_messages_per_batch(self.spec.batch_size.max(MIN_PULL_BATCH))
                 .heartbeat(HEARTBEAT)
                 .expires(PULL_EXPIRES)
                 .messages()
