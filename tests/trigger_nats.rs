@@ -453,3 +453,66 @@ async fn max_in_flight_one_does_not_stall_between_messages() {
         );
     }
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Pitfall: a 60 s broker outage. Memory stays bounded, the trigger's error log is rate-limited
+/// instead of flooding stderr, and delivery resumes when the broker returns.
+#[tokio::test]
+async fn sixty_second_outage_keeps_memory_and_logs_bounded() {
+    let mut server = NatsServer::start();
+    let mut p = Plugin::launch(LaunchOptions {
+        env: vec![("NATS_URL".into(), server.url())],
+        callback: Some(ok_pipeline()),
+        ..Default::default()
+    })
+    .await;
+    setup(&p, "").await;
+    let t = p
+        .create_trigger("pipeline:outage", &json!({"name": "runner"}))
+        .await
+        .unwrap();
+    p.lifecycle("start", &t).await.unwrap();
+    publish(&p, "jobs.a", "before").await;
+    p.next_call(T).await;
+    let pid = p.child.id();
+    let rss_before = rss_kib(pid);
+    let lines_before = p.stderr().lines().count();
+    server.kill9();
+    let mut rss_max = rss_before;
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_secs(1)).await; // sampling interval, not synchronisation
+        rss_max = rss_max.max(rss_kib(pid));
+    }
+    server.start_again();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.publish("jobs.a", "after-outage".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        text_of(&p.next_call(Duration::from_secs(30)).await, "text"),
+        "after-outage"
+    );
+    let logged = p.stderr().lines().count() - lines_before;
+    assert!(
+        logged < 40,
+        "{logged} stderr lines during a 60 s outage:\n{}",
+        p.stderr()
+    );
+    assert!(
+        rss_max < 64 * 1024,
+        "RSS grew to {rss_max} KiB (from {rss_before})"
+    );
+    eprintln!("outage: {logged} log lines, RSS {rss_before} -> max {rss_max} KiB");
+}
