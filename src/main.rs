@@ -47,6 +47,13 @@ fn main() {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
     }
     eventbus_plugin::logging::init();
+    // tokio panics on a malformed TOKIO_WORKER_THREADS; say what is wrong and exit instead.
+    if let Ok(v) = std::env::var("TOKIO_WORKER_THREADS") {
+        if !v.trim().parse::<usize>().is_ok_and(|n| n > 0) {
+            tracing::error!(value = %v, "TOKIO_WORKER_THREADS must be a positive whole number");
+            std::process::exit(1);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -744,3 +744,23 @@ async fn large_execute_requests_are_accepted() {
         .into_inner();
     assert!(r.error.contains("not a JetStream ack token"), "{}", r.error);
 }
+
+#[tokio::test]
+async fn malformed_worker_thread_env_exits_1_with_a_message_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install(dir.path());
+    let out = spawn_raw(
+        &bin,
+        &[("TOKIO_WORKER_THREADS".into(), "lots".into())],
+        true,
+    )
+    .wait_with_output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TOKIO_WORKER_THREADS") && !err.contains("panicked"),
+        "{err}"
+    );
+}
