@@ -169,7 +169,19 @@ pub fn spawn_raw(bin: &Path, env: &[(String, String)], with_cookie: bool) -> Chi
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.spawn().expect("spawn plugin")
+    // A binary copied by one test can be "text file busy" for a moment while another thread of
+    // this process forks with the copy's write handle inherited; retry that case only.
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Ok(child) => return child,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("spawn plugin {}: {e}", bin.display()),
+        }
+    }
 }
 
 fn collect_stderr(child: &mut Child) -> Arc<Mutex<String>> {
