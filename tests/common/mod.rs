@@ -520,29 +520,26 @@ impl Plugin {
         config_yaml: &str,
         current: &Json,
     ) -> Result<Json, String> {
-        let (cfg, input, output) = self.codec.step_messages(type_name);
-        let typed_config = self.codec.typed_from_yaml(&cfg, config_yaml)?;
-        let typed_input = self.codec.typed_input(&input, current)?;
-        let r = self
-            .client
-            .clone()
-            .execute_step(ExecuteStepRequest {
-                handle_id: handle.into(),
-                typed_config: Some(typed_config),
-                typed_input: Some(typed_input),
-                current: Some(typed::json_to_struct(current)),
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| s.to_string())?
-            .into_inner();
-        if !r.error.is_empty() {
-            return Err(r.error);
+        execute_step(
+            &self.client,
+            &self.codec,
+            type_name,
+            handle,
+            config_yaml,
+            current,
+        )
+        .await
+    }
+
+    /// A cloneable step executor (its own codec from the registry) for spawned tasks and for
+    /// the host's pipeline, which calls ExecuteStep while it is serving TriggerWorkflow.
+    pub async fn step_client(&self) -> StepClient {
+        let mut client = self.client.clone();
+        let codec = Codec::from_registry(&mut client).await;
+        StepClient {
+            client,
+            codec: Arc::new(codec),
         }
-        let any = r
-            .typed_output
-            .ok_or("STRICT step returned no typed_output")?;
-        self.codec.render_output(&output, &any)
     }
 
     pub async fn create_trigger(&self, name: &str, config: &Json) -> Result<String, String> {
@@ -581,6 +578,66 @@ impl Plugin {
             .await;
         let code = wait_exit(&mut self.child, Duration::from_secs(5));
         (code, t.elapsed())
+    }
+}
+
+/// ExecuteStep as the host sends it in STRICT mode (see `Plugin::execute`).
+async fn execute_step(
+    client: &PluginServiceClient<Channel>,
+    codec: &Codec,
+    type_name: &str,
+    handle: &str,
+    config_yaml: &str,
+    current: &Json,
+) -> Result<Json, String> {
+    let (cfg, input, output) = codec.step_messages(type_name);
+    let typed_config = codec.typed_from_yaml(&cfg, config_yaml)?;
+    let typed_input = codec.typed_input(&input, current)?;
+    let r = client
+        .clone()
+        .execute_step(ExecuteStepRequest {
+            handle_id: handle.into(),
+            typed_config: Some(typed_config),
+            typed_input: Some(typed_input),
+            current: Some(typed::json_to_struct(current)),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    if !r.error.is_empty() {
+        return Err(r.error);
+    }
+    let any = r
+        .typed_output
+        .ok_or("STRICT step returned no typed_output")?;
+    codec.render_output(&output, &any)
+}
+
+/// Executes steps like `Plugin::execute`, from any task (see `Plugin::step_client`).
+#[derive(Clone)]
+pub struct StepClient {
+    client: PluginServiceClient<Channel>,
+    codec: Arc<Codec>,
+}
+
+impl StepClient {
+    pub async fn execute(
+        &self,
+        type_name: &str,
+        handle: &str,
+        config_yaml: &str,
+        current: &Json,
+    ) -> Result<Json, String> {
+        execute_step(
+            &self.client,
+            &self.codec,
+            type_name,
+            handle,
+            config_yaml,
+            current,
+        )
+        .await
     }
 }
 

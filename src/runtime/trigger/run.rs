@@ -105,12 +105,18 @@ impl Worker {
         let conn = self.broker.require().await?;
         conn.wait_connected(conn.request_timeout.max(Duration::from_secs(2)))
             .await?;
+        if let Some(s) = self.rt.stream_module(&self.spec.stream) {
+            // A declared stream that is gone (memory storage after a broker restart, or deleted
+            // behind our back) is recreated as declared. Its "ensured once" flag used to skip
+            // that, and the trigger then failed to bind forever ("stream not found").
+            if matches!(get_stream(&conn, &self.spec.stream).await, Err(e) if e.is_not_found()) {
+                s.invalidate().await;
+            }
+            s.ensure(&self.broker).await?;
+        }
         if self.spec.declared {
             for c in self.rt.consumer_modules(&self.spec.durable) {
                 if c.spec.stream == self.spec.stream {
-                    if let Some(s) = self.rt.stream_module(&c.spec.stream) {
-                        s.ensure(&self.broker).await?;
-                    }
                     c.invalidate().await; // re-check: it may have been deleted behind our back
                     c.ensure(&self.broker).await?;
                 }
@@ -156,10 +162,13 @@ impl Worker {
                 ));
             }
         }
-        let max_deliver = if self.spec.max_deliver > 0 {
-            self.spec.max_deliver
-        } else {
-            cfg.max_deliver
+        // The server stops redelivering at the consumer's max_deliver, so a larger trigger value
+        // would never reach its last attempt and the message would be dropped, not
+        // dead-lettered: the smaller positive limit wins.
+        let max_deliver = match (self.spec.max_deliver, cfg.max_deliver) {
+            (t, c) if t > 0 && c > 0 => t.min(c),
+            (t, _) if t > 0 => t,
+            (_, c) => c,
         };
         let ack_wait = if cfg.ack_wait.is_zero() {
             Duration::from_secs(30)
@@ -275,6 +284,41 @@ impl Worker {
     }
 }
 
+/// Publish-time JetStream directives (de-duplication id, expected stream/sequence, rollup, TTL,
+/// batch, schedule, counter) were meant for the original stream: copied onto the dead-letter
+/// publish they made it fail (e.g. `Nats-Expected-Stream`) or vanish as a duplicate
+/// (`Nats-Msg-Id` in a stream that saw it), and the message was then lost on its last delivery.
+/// Every other header travels; the original id is kept as `Eventbus-Original-Msg-Id`.
+fn dead_letter_headers(original: Option<&async_nats::HeaderMap>) -> async_nats::HeaderMap {
+    const DROP: &[&str] = &[
+        "nats-msg-id",
+        "nats-rollup",
+        "nats-ttl",
+        "nats-incr",
+        "nats-required-api-level",
+    ];
+    const DROP_PREFIX: &[&str] = &["nats-expected-", "nats-batch-", "nats-schedule"];
+    let mut out = async_nats::HeaderMap::new();
+    let Some(original) = original else {
+        return out;
+    };
+    for (name, values) in original.iter() {
+        let lower = AsRef::<str>::as_ref(name).to_ascii_lowercase();
+        if lower == "nats-msg-id" {
+            if let Some(v) = values.last() {
+                out.insert("Eventbus-Original-Msg-Id", v.as_str());
+            }
+        }
+        if DROP.contains(&lower.as_str()) || DROP_PREFIX.iter().any(|p| lower.starts_with(p)) {
+            continue;
+        }
+        for v in values {
+            out.append(name.clone(), v.clone());
+        }
+    }
+    out
+}
+
 struct Handler {
     rt: Runtime,
     spec: TriggerSpec,
@@ -359,7 +403,7 @@ impl Handler {
         m: &crate::pb::eventbus::Message,
         err: &str,
     ) -> Result<(), NatsError> {
-        let mut headers = msg.headers.clone().unwrap_or_default();
+        let mut headers = dead_letter_headers(msg.headers.as_ref());
         headers.insert("Eventbus-Original-Subject", m.subject.as_str());
         headers.insert("Eventbus-Original-Stream", m.stream.as_str());
         headers.insert("Eventbus-Original-Sequence", m.sequence.as_str());
@@ -404,6 +448,28 @@ impl Handler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letter_drops_publish_directives_and_keeps_the_rest() {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", "id-1");
+        h.insert("Nats-Expected-Stream", "JOBS");
+        h.insert("Nats-Expected-Last-Sequence", "4");
+        h.insert("Nats-Correlation-Id", "c-1");
+        h.append("x-k", "a");
+        h.append("x-k", "b");
+        let out = dead_letter_headers(Some(&h));
+        assert!(out.get("Nats-Msg-Id").is_none());
+        assert!(out.get("Nats-Expected-Stream").is_none());
+        assert!(out.get("Nats-Expected-Last-Sequence").is_none());
+        assert_eq!(
+            out.get("Eventbus-Original-Msg-Id").unwrap().as_str(),
+            "id-1"
+        );
+        assert_eq!(out.get("Nats-Correlation-Id").unwrap().as_str(), "c-1");
+        assert_eq!(out.get_all("x-k").count(), 2);
+        assert!(dead_letter_headers(None).is_empty());
+    }
 
     #[test]
     fn nak_delays_grow_and_cap() {
