@@ -1,7 +1,7 @@
 //! `infra.eventbus.consumer` / `eventbus.consumer`: validation into a `ConsumerSpec`, the one
 //! conversion to a durable pull consumer config, and an idempotent ensure.
 
-use super::stream::{Change, EnsureOutcome, FieldDiff};
+use super::stream::{in_place_fields, Change, EnsureOutcome, FieldDiff, FieldDiffs};
 use crate::nats::error::lift_api;
 use crate::nats::names::{check_filter_subject, check_name};
 use crate::nats::{NatsConn, NatsError};
@@ -195,17 +195,8 @@ impl ConsumerSpec {
     }
 
     pub fn diff(&self, observed: &consumer::Config) -> Vec<FieldDiff> {
-        let mut d = Vec::new();
-        let mut cmp = |field: &'static str, want: String, have: String, change: Change| {
-            if want != have {
-                d.push(FieldDiff {
-                    field,
-                    want,
-                    have,
-                    change,
-                });
-            }
-        };
+        let mut d = FieldDiffs::default();
+        let mut cmp = |field, want, have, change| d.compare(field, want, have, change);
         let mut want_f = self.filter_subjects.clone();
         want_f.sort();
         let mut have_f = observed.filter_subjects.clone();
@@ -274,7 +265,7 @@ impl ConsumerSpec {
                 Change::InPlace,
             );
         }
-        d
+        d.0
     }
 
     /// Creates the durable or updates it in place; nothing is sent when it already matches.
@@ -289,27 +280,17 @@ impl ConsumerSpec {
                 .map_err(|e| lift_consumer("create consumer", &what, e))?;
             return Ok(EnsureOutcome::Created);
         };
-        let diffs = self.diff(&observed);
-        if diffs.is_empty() {
+        let Some(fields) = in_place_fields("update consumer", &what, self.diff(&observed), |_| {
+            "delete the consumer (its position is lost) or keep the old value".to_string()
+        })?
+        else {
             return Ok(EnsureOutcome::Unchanged);
-        }
-        if let Some(bad) = diffs.iter().find(|d| d.change != Change::InPlace) {
-            return Err(NatsError::Rejected {
-                op: "update consumer",
-                code: 0,
-                detail: format!(
-                    "{what}: {} cannot change in place (server has {}, config wants {}); delete the consumer (its position is lost) or keep the old value",
-                    bad.field, bad.have, bad.want
-                ),
-            });
-        }
+        };
         stream
             .update_consumer(self.to_nats())
             .await
             .map_err(|e| NatsError::other("update consumer", format!("{what}: {e}")))?;
-        Ok(EnsureOutcome::Updated(
-            diffs.into_iter().map(|d| d.field).collect(),
-        ))
+        Ok(EnsureOutcome::Updated(fields))
     }
 }
 

@@ -178,17 +178,8 @@ impl StreamSpec {
     /// Fields whose desired value differs from the server's, compared after the server's own
     /// normalisation (limits of 0 become -1, duplicate window defaults to 2 min or max_age).
     pub fn diff(&self, observed: &stream::Config) -> Vec<FieldDiff> {
-        let mut d = Vec::new();
-        let mut cmp = |field: &'static str, want: String, have: String, change: Change| {
-            if want != have {
-                d.push(FieldDiff {
-                    field,
-                    want,
-                    have,
-                    change,
-                });
-            }
-        };
+        let mut d = FieldDiffs::default();
+        let mut cmp = |field, want, have, change| d.compare(field, want, have, change);
         let mut want_subjects = self.subjects.clone();
         want_subjects.sort();
         let mut have_subjects = observed.subjects.clone();
@@ -274,7 +265,7 @@ impl StreamSpec {
                 Change::InPlace,
             );
         }
-        d
+        d.0
     }
 
     /// Creates the stream or updates it in place; sends nothing when it already matches.
@@ -287,30 +278,17 @@ impl StreamSpec {
                 .map_err(|e| lift_create("create stream", &what, e))?;
             return Ok(EnsureOutcome::Created);
         };
-        let diffs = self.diff(&observed);
-        if diffs.is_empty() {
+        let Some(fields) = in_place_fields("update stream", &what, self.diff(&observed), |d| {
+            d.change.remedy().to_string()
+        })?
+        else {
             return Ok(EnsureOutcome::Unchanged);
-        }
-        if let Some(bad) = diffs.iter().find(|d| d.change != Change::InPlace) {
-            return Err(NatsError::Rejected {
-                op: "update stream",
-                code: 0,
-                detail: format!(
-                    "{what}: {} cannot change in place (server has {}, config wants {}); {}",
-                    bad.field,
-                    bad.have,
-                    bad.want,
-                    bad.change.remedy()
-                ),
-            });
-        }
+        };
         conn.js
             .update_stream(self.to_nats())
             .await
             .map_err(|e| lift_create("update stream", &what, e))?;
-        Ok(EnsureOutcome::Updated(
-            diffs.into_iter().map(|d| d.field).collect(),
-        ))
+        Ok(EnsureOutcome::Updated(fields))
     }
 }
 
@@ -373,6 +351,51 @@ impl Change {
             }
         }
     }
+}
+
+/// Collects the fields whose desired and observed values differ.
+#[derive(Default)]
+pub struct FieldDiffs(pub Vec<FieldDiff>);
+
+impl FieldDiffs {
+    pub fn compare(&mut self, field: &'static str, want: String, have: String, change: Change) {
+        if want != have {
+            self.0.push(FieldDiff {
+                field,
+                want,
+                have,
+                change,
+            });
+        }
+    }
+}
+
+/// The one rule of every ensure: no difference means nothing to send; a difference the server
+/// cannot apply in place is refused naming the field and the remedy; otherwise the changed
+/// fields are updated in place (`Some(fields)`).
+pub fn in_place_fields(
+    op: &'static str,
+    what: &str,
+    diffs: Vec<FieldDiff>,
+    remedy: impl Fn(&FieldDiff) -> String,
+) -> Result<Option<Vec<&'static str>>, NatsError> {
+    if diffs.is_empty() {
+        return Ok(None);
+    }
+    if let Some(bad) = diffs.iter().find(|d| d.change != Change::InPlace) {
+        return Err(NatsError::Rejected {
+            op,
+            code: 0,
+            detail: format!(
+                "{what}: {} cannot change in place (server has {}, config wants {}); {}",
+                bad.field,
+                bad.have,
+                bad.want,
+                remedy(bad)
+            ),
+        });
+    }
+    Ok(Some(diffs.into_iter().map(|d| d.field).collect()))
 }
 
 #[derive(Clone, Debug, PartialEq)]
