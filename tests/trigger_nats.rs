@@ -323,6 +323,56 @@ async fn trigger_max_deliver_above_the_consumer_limit_still_dead_letters() {
     assert_no_call(&mut p, Duration::from_millis(500), "terminated").await;
 }
 
+/// The dead-letter subject has no stream when the last delivery fails: the publish is retried
+/// (the message kept in progress) until a stream appears, then the message is dead-lettered
+/// and terminated. A nak there would have lost it: nothing is redelivered after max_deliver.
+#[tokio::test]
+async fn dead_letter_publish_is_retried_until_it_lands() {
+    let server = NatsServer::start();
+    let pipeline: PipelineFn = Arc::new(|_| Box::pin(async { Err("always".to_string()) }));
+    let mut p = launch(&server, pipeline).await;
+    setup(&p, "max_deliver: 2\n").await;
+    start_trigger(
+        &p,
+        "pipeline:jobs",
+        json!({"name": "runner", "nak_delay": "0.1s", "dead_letter_subject": "dead.jobs"}),
+    )
+    .await;
+    let js = js(&server).await;
+    js_publish(&js, "jobs.a", "doomed").await;
+    for want in ["1", "2"] {
+        assert_eq!(text_of(&p.next_call(T).await, "delivery_count"), want);
+    }
+    // The plugin's own report is the event that the first dead-letter publish failed.
+    let deadline = Instant::now() + T;
+    while !p.stderr().contains("dead-letter publish failed") {
+        assert!(
+            Instant::now() < deadline,
+            "no dead-letter failure logged: {}",
+            p.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let info = consumer_info(&js, "JOBS", "runner").await;
+    assert_eq!(
+        info.num_ack_pending, 1,
+        "kept while the dead-letter subject is down"
+    );
+    js.create_stream(jetstream::stream::Config {
+        name: "DLQ".into(),
+        subjects: vec!["dead.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    wait_consumer(&js, "JOBS", "runner", settled).await;
+    let mut dlq = js.get_stream("DLQ").await.unwrap();
+    assert_eq!(dlq.info().await.unwrap().state.messages, 1);
+    let dl = dlq.get_raw_message(1).await.unwrap();
+    assert_eq!(&dl.payload[..], b"doomed");
+    assert_no_call(&mut p, Duration::from_millis(300), "terminated").await;
+}
+
 // ---------------------------------------------------------------- 2. concurrency bound
 
 /// At most max_in_flight pipelines at once, every message runs once and ends with one ack.

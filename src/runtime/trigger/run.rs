@@ -245,6 +245,7 @@ impl Worker {
                             spec: self.spec.clone(),
                             conn: conn.clone(),
                             bound,
+                            stop: self.stop.clone(),
                         };
                         self.tasks.spawn(async move {
                             h.handle(msg).await;
@@ -324,6 +325,7 @@ struct Handler {
     spec: TriggerSpec,
     conn: NatsConn,
     bound: Bound,
+    stop: CancellationToken,
 }
 
 impl Handler {
@@ -380,20 +382,58 @@ impl Handler {
                     return;
                 }
                 if let Some(dlq) = &self.spec.dead_letter_subject {
-                    if let Err(e) = self.dead_letter(dlq, &msg, &m, &err).await {
-                        // Not parked: keep the message (nak) rather than lose it.
-                        tracing::error!(trigger = %self.spec.workflow_type, error = %render(&e), "dead-letter publish failed; message kept");
-                        self.settle(
-                            &token,
-                            AckKind::Nak(Some(nak_delay(self.spec.nak_delay, delivered))),
-                        )
-                        .await;
+                    if !self.park(dlq, &msg, &m, &err, &token).await {
                         return;
                     }
                 }
                 self.settle(&token, AckKind::Term).await;
             }
         }
+    }
+
+    /// Dead-letters the message on its last delivery, retrying until the publish lands. A nak
+    /// cannot keep it: the server delivers no more after max_deliver, so a failed dead-letter
+    /// publish followed by a nak lost the message. Retries back off like naks (capped below
+    /// ack_wait, with an in-progress ack each time so the message stays ours) and hold this
+    /// message's max_in_flight slot, which slows intake while the dead-letter subject is
+    /// unreachable. False when the trigger stopped first: the message is then left unsettled
+    /// in its stream (the log names its sequence) rather than terminated.
+    async fn park(
+        &self,
+        dlq: &str,
+        msg: &async_nats::jetstream::Message,
+        m: &crate::pb::eventbus::Message,
+        err: &str,
+        token: &str,
+    ) -> bool {
+        let cap = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
+        for attempt in 1i64.. {
+            let e = match self.dead_letter(dlq, msg, m, err).await {
+                Ok(()) => return true,
+                Err(e) => e,
+            };
+            let wait = nak_delay(self.spec.nak_delay, attempt).min(cap);
+            // First failure and then every 8th: a long outage does not flood stderr.
+            if attempt % 8 == 1 {
+                tracing::error!(trigger = %self.spec.workflow_type, subject = %dlq, seq = %m.sequence, attempt, retry_in = ?wait, error = %render(&e), "dead-letter publish failed; retrying, message kept");
+            }
+            if let Err(e) = ack_token(
+                &self.conn.client,
+                token,
+                AckKind::Progress,
+                self.conn.request_timeout,
+            )
+            .await
+            {
+                tracing::debug!(error = %e, "progress ack failed");
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        tracing::error!(trigger = %self.spec.workflow_type, stream = %m.stream, seq = %m.sequence, subject = %dlq, "trigger stopped before the dead-letter publish succeeded; the message stays in its stream unsettled");
+        false
     }
 
     async fn dead_letter(
