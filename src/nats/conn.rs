@@ -210,6 +210,9 @@ impl NatsConn {
 
     /// Waits (bounded) until connected; the error says the broker is down instead of hanging.
     pub async fn wait_connected(&self, bound: Duration) -> Result<(), NatsError> {
+        if *self.state.borrow() == ConnState::Connected {
+            return Ok(()); // the common case, without a timer
+        }
         let mut rx = self.state.clone();
         let res = tokio::time::timeout(bound, rx.wait_for(|s| *s == ConnState::Connected)).await;
         match res {

@@ -7,7 +7,7 @@ pub mod consume;
 pub mod publish;
 
 use super::decode::{self, RawConfig};
-use super::types::{self, StepKind};
+use super::types::StepKind;
 use super::{Runtime, RuntimeError};
 
 pub struct ExecuteInput<'a> {
@@ -56,7 +56,9 @@ impl Step {
     ) -> Result<StepOutput, RuntimeError> {
         match self {
             Step::Publish(s) => s.execute(rt, input).await,
-            Step::Consume(s) => s.execute(rt, input).await,
+            // Boxed: consume's future is the largest (its pull loop) and would set the size
+            // that every publish and ack future pays to move.
+            Step::Consume(s) => Box::pin(s.execute(rt, input)).await,
             Step::Ack(s) => s.execute(rt, input).await,
         }
     }
@@ -72,41 +74,40 @@ where
     C: prost::Message + Default,
     I: prost::Message + Default,
 {
-    let (cfg_msg, in_msg, _) = kind.messages();
-    let component = format!("{} {name:?}", kind.type_name());
+    let (cfg_msg, in_msg) = kind.full_messages();
+    let component = || format!("{} {name:?}", kind.type_name());
     let cfg = decode::decode::<C>(
-        &types::qualified(cfg_msg),
+        cfg_msg,
         RawConfig {
             typed: input.typed_config,
             legacy: input.config,
         },
     )
-    .map_err(|e| RuntimeError::failed(component.clone(), format!("config: {}", e.join("; "))))?;
+    .map_err(|e| RuntimeError::failed(component(), format!("config: {}", e.join("; "))))?;
     // Input comes from pipeline state: when it arrives as a Struct, keep only the input
     // message's fields, as the host does for typed_input.
     let inp = match (input.typed_input, input.current) {
         (Some(any), _) => decode::decode::<I>(
-            &types::qualified(in_msg),
+            in_msg,
             RawConfig {
                 typed: Some(any),
                 legacy: None,
             },
         ),
         (None, Some(current)) => {
-            let full = types::qualified(in_msg);
-            let desc = decode::message_descriptor(&full)
-                .map_err(|e| RuntimeError::failed(component.clone(), e))?;
+            let desc = decode::message_descriptor(in_msg)
+                .map_err(|e| RuntimeError::failed(component(), e))?;
             let json = decode::struct_to_json(current)
                 .into_iter()
                 .filter(|(k, _)| {
                     desc.get_field_by_name(k).is_some() || desc.get_field_by_json_name(k).is_some()
                 })
                 .collect();
-            decode::decode_json::<I>(&full, json)
+            decode::decode_json::<I>(in_msg, json)
         }
         (None, None) => Ok(I::default()),
     }
-    .map_err(|e| RuntimeError::failed(component, format!("input: {}", e.join("; "))))?;
+    .map_err(|e| RuntimeError::failed(component(), format!("input: {}", e.join("; "))))?;
     Ok((cfg, inp))
 }
 

@@ -7,9 +7,11 @@ use crate::nats::NatsError;
 use crate::pb::eventbus::{PublishRequest, PublishResponse, PublishStepConfig};
 use crate::runtime::config_error::{duration, negative, Problems};
 use crate::runtime::decode::{self, RawConfig};
-use crate::runtime::types::{self, StepKind};
+use crate::runtime::modules::broker::BrokerModule;
+use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
 use async_nats::HeaderMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const CORRELATION_HEADER: &str = "Nats-Correlation-Id";
@@ -17,13 +19,15 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 pub struct PublishStep {
     name: String,
+    /// `<type> "<name>"`, the prefix of every error this step reports.
+    component: String,
 }
 
 impl PublishStep {
     pub fn create(name: &str, raw: RawConfig<'_>) -> Result<Self, RuntimeError> {
         let kind = StepKind::Publish;
         let mut p = Problems::new(kind.type_name(), name);
-        match decode::decode::<PublishStepConfig>(&types::qualified(kind.messages().0), raw) {
+        match decode::decode::<PublishStepConfig>(kind.full_messages().0, raw) {
             Err(lines) => p.raw(lines),
             Ok(c) => {
                 if !c.subject.is_empty() && !templated(&c.subject) {
@@ -36,26 +40,20 @@ impl PublishStep {
         }
         p.finish(PublishStep {
             name: name.to_string(),
+            component: format!("{} {name:?}", kind.type_name()),
         })
         .map_err(Into::into)
     }
 
-    fn component(&self) -> String {
-        format!("{} {:?}", StepKind::Publish.type_name(), self.name)
-    }
-
-    pub async fn execute(
-        &self,
-        rt: &Runtime,
-        input: ExecuteInput<'_>,
-    ) -> Result<StepOutput, RuntimeError> {
-        let component = self.component();
+    /// Everything up to the network, done synchronously so that only what the send needs
+    /// lives across an await (the future stays small; it is moved into a box per call).
+    fn prepare(&self, rt: &Runtime, input: &ExecuteInput<'_>) -> Result<Outgoing, RuntimeError> {
         let (cfg, inp): (PublishStepConfig, PublishRequest) =
-            decode_execute(StepKind::Publish, &self.name, &input)?;
+            decode_execute(StepKind::Publish, &self.name, input)?;
         let subject = pick(&cfg.subject, &inp.subject);
         check_publish_subject(&subject).map_err(|e| {
             RuntimeError::failed(
-                &component,
+                &self.component,
                 format!("subject {e} (set config.subject or a `subject` in pipeline state)"),
             )
         })?;
@@ -68,7 +66,7 @@ impl PublishStep {
                         .unwrap_or(&prost_types::Value::default()),
                 );
                 serde_json::to_vec(&json)
-                    .map_err(|e| RuntimeError::failed(&component, format!("payload: {e}")))?
+                    .map_err(|e| RuntimeError::failed(&self.component, format!("payload: {e}")))?
             }
             None => inp.payload,
         };
@@ -84,45 +82,62 @@ impl PublishStep {
         if !msg_id.is_empty() {
             headers.insert(MSG_ID_HEADER, msg_id.as_str());
         }
-        let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), &component)?;
-        let conn = broker
-            .require()
-            .await
-            .map_err(|e| RuntimeError::nats(&component, e))?;
-        let timeout = duration(&cfg.timeout).unwrap_or(conn.request_timeout);
+        let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), &self.component)?;
+        Ok(Outgoing {
+            subject,
+            headers,
+            payload,
+            broker,
+            timeout: duration(&cfg.timeout),
+        })
+    }
+
+    pub async fn execute(
+        &self,
+        rt: &Runtime,
+        input: ExecuteInput<'_>,
+    ) -> Result<StepOutput, RuntimeError> {
+        let out = self.prepare(rt, &input)?;
+        let failed = |e| RuntimeError::nats(&self.component, e);
+        let conn = out.broker.require().await.map_err(failed)?;
+        let timeout = out.timeout.unwrap_or(conn.request_timeout);
         let deadline = tokio::time::Instant::now() + timeout;
-        conn.wait_connected(timeout)
-            .await
-            .map_err(|e| RuntimeError::nats(&component, e))?;
+        conn.wait_connected(timeout).await.map_err(failed)?;
         let ack = tokio::time::timeout_at(deadline, async {
             let fut = conn
                 .js
-                .publish_with_headers(subject.clone(), headers, payload.into())
+                .publish_with_headers(out.subject, out.headers, out.payload.into())
                 .await
                 .map_err(|e| NatsError::other("publish", e))?;
             fut.await.map_err(|e| NatsError::other("publish ack", e))
         })
         .await
         .map_err(|_| {
-            RuntimeError::nats(
-                &component,
-                NatsError::TimedOut {
-                    op: "publish",
-                    after: timeout,
-                },
-            )
+            failed(NatsError::TimedOut {
+                op: "publish",
+                after: timeout,
+            })
         })?
-        .map_err(|e| RuntimeError::nats(&component, e))?;
-        let out = PublishResponse {
+        .map_err(failed)?;
+        let resp = PublishResponse {
             sequence: ack.sequence.to_string(),
             acked_at: now_rfc3339(),
             stream: ack.stream,
             duplicate: ack.duplicate,
         };
         Ok(StepOutput {
-            typed: decode::pack(&types::qualified(StepKind::Publish.messages().2), &out),
+            typed: StepKind::Publish.pack_output(&resp),
         })
     }
+}
+
+/// A validated publish, ready to send.
+struct Outgoing {
+    subject: String,
+    headers: HeaderMap,
+    payload: Vec<u8>,
+    broker: Arc<BrokerModule>,
+    timeout: Option<Duration>,
 }
 
 pub fn now_rfc3339() -> String {
