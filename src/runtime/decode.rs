@@ -230,14 +230,6 @@ pub fn json_to_struct(o: &Map<String, Json>) -> prost_types::Struct {
     }
 }
 
-/// Packs a message as the host expects typed payloads.
-pub fn pack<T: prost::Message>(full_name: &str, msg: &T) -> prost_types::Any {
-    prost_types::Any {
-        type_url: format!("type.googleapis.com/{full_name}"),
-        value: msg.encode_to_vec(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,10 +302,10 @@ mod tests {
 
     #[test]
     fn typed_config_type_url_is_checked() {
-        let any = pack(
-            "workflow.plugin.eventbus.v1.StreamConfig",
-            &StreamConfig::default(),
-        );
+        let any = prost_types::Any {
+            type_url: "type.googleapis.com/workflow.plugin.eventbus.v1.StreamConfig".into(),
+            value: StreamConfig::default().encode_to_vec(),
+        };
         let err = decode::<ClusterConfig>(
             "workflow.plugin.eventbus.v1.ClusterConfig",
             RawConfig {

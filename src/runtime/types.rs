@@ -3,6 +3,13 @@
 
 use crate::pb::EVENTBUS_PACKAGE;
 
+/// A full eventbus message name as a literal; must agree with `EVENTBUS_PACKAGE` (tested).
+macro_rules! eventbus {
+    ($m:literal) => {
+        concat!("workflow.plugin.eventbus.v1.", $m)
+    };
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ModuleKind {
     Broker,
@@ -53,6 +60,29 @@ impl StepKind {
             StepKind::Ack => ("AckStepConfig", "AckRequest", "AckResponse"),
         }
     }
+
+    /// (config, input) full names, static: ExecuteStep needs them on every call and
+    /// formatting them there cost more than the protobuf decode they guard (callgrind).
+    pub fn full_messages(self) -> (&'static str, &'static str) {
+        match self {
+            StepKind::Publish => (eventbus!("PublishStepConfig"), eventbus!("PublishRequest")),
+            StepKind::Consume => (eventbus!("ConsumeStepConfig"), eventbus!("ConsumeRequest")),
+            StepKind::Ack => (eventbus!("AckStepConfig"), eventbus!("AckRequest")),
+        }
+    }
+
+    /// The output message packed as the `typed_output` Any.
+    pub fn pack_output<M: prost::Message>(self, msg: &M) -> prost_types::Any {
+        let type_url = match self {
+            StepKind::Publish => concat!("type.googleapis.com/", eventbus!("PublishResponse")),
+            StepKind::Consume => concat!("type.googleapis.com/", eventbus!("ConsumeResponse")),
+            StepKind::Ack => concat!("type.googleapis.com/", eventbus!("AckResponse")),
+        };
+        prost_types::Any {
+            type_url: type_url.to_string(),
+            value: msg.encode_to_vec(),
+        }
+    }
 }
 
 pub const STEP_TYPES: &[StepKind] = &[StepKind::Publish, StepKind::Consume, StepKind::Ack];
@@ -99,4 +129,22 @@ pub fn step_type_names() -> Vec<String> {
 
 pub fn trigger_type_names() -> Vec<String> {
     vec![TRIGGER_TYPE.to_string()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_step_names_agree_with_the_package() {
+        for kind in STEP_TYPES.iter().copied() {
+            let (c, i, o) = kind.messages();
+            assert_eq!(kind.full_messages(), (&*qualified(c), &*qualified(i)));
+            let any = kind.pack_output(&());
+            assert_eq!(
+                any.type_url,
+                format!("type.googleapis.com/{}", qualified(o))
+            );
+        }
+    }
 }

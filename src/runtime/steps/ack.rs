@@ -5,11 +5,13 @@ use crate::nats::ack::{ack_token, check_token, AckKind};
 use crate::pb::eventbus::{AckAction, AckRequest, AckResponse, AckStepConfig};
 use crate::runtime::config_error::{duration, negative, Problems};
 use crate::runtime::decode::{self, RawConfig};
-use crate::runtime::types::{self, StepKind};
+use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
 
 pub struct AckStep {
     name: String,
+    /// `<type> "<name>"`, the prefix of every error this step reports.
+    component: String,
 }
 
 fn kind_of(c: &AckStepConfig) -> Result<AckKind, String> {
@@ -28,7 +30,7 @@ impl AckStep {
     pub fn create(name: &str, raw: RawConfig<'_>) -> Result<Self, RuntimeError> {
         let kind = StepKind::Ack;
         let mut p = Problems::new(kind.type_name(), name);
-        match decode::decode::<AckStepConfig>(&types::qualified(kind.messages().0), raw) {
+        match decode::decode::<AckStepConfig>(kind.full_messages().0, raw) {
             Err(lines) => p.raw(lines),
             Ok(c) => {
                 if !c.ack_token.is_empty() && !templated(&c.ack_token) {
@@ -44,6 +46,7 @@ impl AckStep {
         }
         p.finish(AckStep {
             name: name.to_string(),
+            component: format!("{} {name:?}", kind.type_name()),
         })
         .map_err(Into::into)
     }
@@ -53,29 +56,29 @@ impl AckStep {
         rt: &Runtime,
         input: ExecuteInput<'_>,
     ) -> Result<StepOutput, RuntimeError> {
-        let component = format!("{} {:?}", StepKind::Ack.type_name(), self.name);
+        let component = &self.component;
         let (cfg, inp): (AckStepConfig, AckRequest) =
             decode_execute(StepKind::Ack, &self.name, &input)?;
         let token = pick(&cfg.ack_token, &inp.ack_token);
         check_token(&token)
-            .map_err(|e| RuntimeError::failed(&component, format!("ack_token {e}")))?;
-        let kind = kind_of(&cfg).map_err(|e| RuntimeError::failed(&component, e))?;
-        let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), &component)?;
+            .map_err(|e| RuntimeError::failed(component, format!("ack_token {e}")))?;
+        let kind = kind_of(&cfg).map_err(|e| RuntimeError::failed(component, e))?;
+        let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component)?;
         let conn = broker
             .require()
             .await
-            .map_err(|e| RuntimeError::nats(&component, e))?;
+            .map_err(|e| RuntimeError::nats(component, e))?;
         conn.wait_connected(conn.request_timeout)
             .await
-            .map_err(|e| RuntimeError::nats(&component, e))?;
+            .map_err(|e| RuntimeError::nats(component, e))?;
         ack_token(&conn.client, &token, kind, conn.request_timeout)
             .await
-            .map_err(|e| RuntimeError::nats(&component, e))?;
+            .map_err(|e| RuntimeError::nats(component, e))?;
         let out = AckResponse {
             action: kind.name().to_string(),
         };
         Ok(StepOutput {
-            typed: decode::pack(&types::qualified(StepKind::Ack.messages().2), &out),
+            typed: StepKind::Ack.pack_output(&out),
         })
     }
 }

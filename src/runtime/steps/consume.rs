@@ -10,7 +10,7 @@ use crate::runtime::config_error::{duration, negative, Problems};
 use crate::runtime::decode::{self, RawConfig};
 use crate::runtime::modules::consumer::get_stream;
 use crate::runtime::steps::publish::rfc3339;
-use crate::runtime::types::{self, StepKind};
+use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
@@ -73,6 +73,8 @@ impl PullCache {
 
 pub struct ConsumeStep {
     name: String,
+    /// `<type> "<name>"`, the prefix of every error this step reports.
+    component: String,
 }
 
 fn check_batch(n: i32) -> Result<(), String> {
@@ -86,7 +88,7 @@ impl ConsumeStep {
     pub fn create(name: &str, raw: RawConfig<'_>) -> Result<Self, RuntimeError> {
         let kind = StepKind::Consume;
         let mut p = Problems::new(kind.type_name(), name);
-        match decode::decode::<ConsumeStepConfig>(&types::qualified(kind.messages().0), raw) {
+        match decode::decode::<ConsumeStepConfig>(kind.full_messages().0, raw) {
             Err(lines) => p.raw(lines),
             Ok(c) => {
                 if !c.consumer.is_empty() && !templated(&c.consumer) {
@@ -103,6 +105,7 @@ impl ConsumeStep {
         }
         p.finish(ConsumeStep {
             name: name.to_string(),
+            component: format!("{} {name:?}", kind.type_name()),
         })
         .map_err(Into::into)
     }
@@ -112,13 +115,13 @@ impl ConsumeStep {
         rt: &Runtime,
         input: ExecuteInput<'_>,
     ) -> Result<StepOutput, RuntimeError> {
-        let component = format!("{} {:?}", StepKind::Consume.type_name(), self.name);
+        let component = &self.component;
         let (cfg, inp): (ConsumeStepConfig, ConsumeRequest) =
             decode_execute(StepKind::Consume, &self.name, &input)?;
         let durable = pick(&cfg.consumer, &inp.consumer);
         check_name(&durable).map_err(|e| {
             RuntimeError::failed(
-                &component,
+                component,
                 format!("consumer (durable name) {e}; set config.consumer"),
             )
         })?;
@@ -128,7 +131,7 @@ impl ConsumeStep {
             inp.batch_size
         };
         check_batch(batch)
-            .map_err(|e| RuntimeError::failed(&component, format!("batch_size {e}")))?;
+            .map_err(|e| RuntimeError::failed(component, format!("batch_size {e}")))?;
         let batch = batch.max(1) as usize;
         let max_wait = duration(&cfg.max_wait)
             .or(duration(&inp.max_wait))
@@ -154,7 +157,7 @@ impl ConsumeStep {
                 .map(|c| format!("{}/{}", c.spec.broker_ref, c.spec.stream))
                 .collect();
             return Err(RuntimeError::failed(
-                &component,
+                component,
                 format!("consumer {durable:?} is declared on several streams ({}); set stream_name (and broker_ref)", streams.join(", ")),
             ));
         }
@@ -168,28 +171,28 @@ impl ConsumeStep {
         }
         if stream.is_empty() {
             return Err(RuntimeError::failed(
-                &component,
+                component,
                 format!("consumer {durable:?} is not declared as an eventbus.consumer module and no stream_name is set; add the module or set config.stream_name"),
             ));
         }
-        let broker = rt.broker(&broker_ref, &component)?;
+        let broker = rt.broker(&broker_ref, component)?;
         if let Some(c) = declared.first() {
             if let Some(s) = rt.stream_module(&c.spec.stream) {
                 s.ensure(&broker)
                     .await
-                    .map_err(|e| RuntimeError::nats(&component, e))?;
+                    .map_err(|e| RuntimeError::nats(component, e))?;
             }
             c.ensure(&broker)
                 .await
-                .map_err(|e| RuntimeError::nats(&component, e))?;
+                .map_err(|e| RuntimeError::nats(component, e))?;
         }
         let conn = broker
             .require()
             .await
-            .map_err(|e| RuntimeError::nats(&component, e))?;
+            .map_err(|e| RuntimeError::nats(component, e))?;
         conn.wait_connected(conn.request_timeout)
             .await
-            .map_err(|e| RuntimeError::nats(&component, e))?;
+            .map_err(|e| RuntimeError::nats(component, e))?;
         let messages = match fetch(
             rt,
             &broker.spec.name,
@@ -210,7 +213,7 @@ impl ConsumeStep {
                     c.invalidate().await;
                     c.ensure(&broker)
                         .await
-                        .map_err(|e| RuntimeError::nats(&component, e))?;
+                        .map_err(|e| RuntimeError::nats(component, e))?;
                 }
                 fetch(
                     rt,
@@ -225,13 +228,13 @@ impl ConsumeStep {
             }
             other => other,
         }
-        .map_err(|e| RuntimeError::nats(&component, e))?;
+        .map_err(|e| RuntimeError::nats(component, e))?;
         let out = ConsumeResponse {
             count: messages.len() as i32,
             messages,
         };
         Ok(StepOutput {
-            typed: decode::pack(&types::qualified(StepKind::Consume.messages().2), &out),
+            typed: StepKind::Consume.pack_output(&out),
         })
     }
 }
