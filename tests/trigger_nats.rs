@@ -894,7 +894,8 @@ async fn shutdown_exits_promptly_with_a_trigger_running() {
     let (code, took) = p.shutdown().await;
     assert_eq!(code, Some(0), "stderr:\n{}", p.stderr());
     eprintln!("shutdown with two triggers, two pipelines in flight: exit {code:?} in {took:?}");
-    assert!(took < Duration::from_secs(2), "Shutdown took {took:?}");
+    // The host SIGKILLs at 2 s; keep a margin for a loaded machine.
+    assert!(took < Duration::from_millis(1600), "Shutdown took {took:?}");
 }
 
 // ---------------------------------------------------------------- 10. outage
