@@ -4,7 +4,8 @@
 //! (a) publish: ExecuteStep(step.eventbus.publish) vs JetStream publish + ack, 10k messages at
 //!     1, 16 and 64 in flight: msg/s, p50/p99 latency, plugin/raw ratios; at 64 also the CPU
 //!     each process spends per message. Two floors first: a NATS round trip and an ExecuteStep
-//!     the plugin answers at once (the host <-> plugin gRPC hop alone).
+//!     the plugin answers at once (the host <-> plugin gRPC hop alone), the latter also at 64
+//!     in flight: the throughput ceiling of any work behind ExecuteStep.
 //! (b) consume + ack: step.eventbus.consume (batch 100) then step.eventbus.ack per message vs a
 //!     raw pull consumer fetching 100 and double-acking each: msg/s.
 //! (c) trigger: raw publishes, TriggerWorkflow received by the host callback (no-op pipeline,
@@ -412,16 +413,22 @@ async fn publish_bench(p: &Plugin, js: &async_nats::jetstream::Context, pids: Pi
         handle_id: "bench-unknown-handle".into(),
         ..Default::default()
     };
-    let hop = closed_loop(FLOOR_N, 1, |_| {
+    let noop = |_| {
         let req = unknown.clone();
         async move {
             let r = p.client.clone().execute_step(req).await;
             r.map(|_| ()).map_err(|s| s.to_string())
         }
-    })
-    .await?;
+    };
+    let hop = closed_loop(FLOOR_N, 1, noop).await?;
     fig("nats_rtt_c1_p50", rtt.p50_us, "us");
     fig("execute_step_floor_c1_p50", hop.p50_us, "us");
+    // The same no-op at 64 in flight: what the gRPC hop alone allows, the ceiling for any
+    // plugin-side publish work (compare with publish_raw_c64_rate below).
+    let cpu = CpuMeter::start(pids);
+    let hop64 = closed_loop(PUBLISH_N, 64, noop).await?;
+    fig("execute_step_floor_c64_rate", hop64.rate, "msg/s");
+    cpu.print("execute_step_floor_c64", PUBLISH_N, true);
     for inflight in inflights() {
         let cpu = CpuMeter::start(pids);
         callgrind(pids.plugin, "--zero");
