@@ -11,7 +11,8 @@
 //! (c) trigger: raw publishes, TriggerWorkflow received by the host callback (no-op pipeline,
 //!     auto ack) at max_in_flight 1 and 64 (default batch_size, = max_in_flight), plus
 //!     max_in_flight 1 with batch_size 2: msg/s and end-to-end latency (publish time in the
-//!     payload), for a 10k burst and for a paced 1000 msg/s stream. Each phase is capped at
+//!     payload), for a 10k burst, a paced 1000 msg/s stream and (max_in_flight 64) 20k messages
+//!     paced at 10 000 msg/s. Each phase is capped at
 //!     15 s; a phase that did not get everything also prints what it received and its stalls.
 //! (d) spawn-to-handshake (median of 10 launches) and the plugin's RSS idle, loaded and peak
 //!     (VmRSS / VmHWM).
@@ -30,7 +31,7 @@ mod support;
 use common::{LaunchOptions, PipelineFn, Plugin};
 use eventbus_plugin::pb::eventbus::{AckRequest, ConsumeResponse};
 use eventbus_plugin::pb::plugin::{plugin_service_client::PluginServiceClient, ExecuteStepRequest};
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use nats_test_server::NatsServer;
 use prost::Message as _;
 use serde_json::json;
@@ -45,6 +46,7 @@ const FLOOR_N: usize = 2_000;
 const CONSUME_N: usize = 10_000;
 const TRIGGER_BURST_N: usize = 10_000;
 const TRIGGER_PACED_N: usize = 1_000;
+const TRIGGER_SUSTAINED_N: usize = 20_000;
 const LAUNCHES: usize = 10;
 const PAYLOAD_LEN: usize = 128;
 const WAIT: Duration = Duration::from_secs(60);
@@ -567,9 +569,11 @@ async fn trigger_bench(
 
         // Burst: publish as fast as acks come back (256 outstanding) while receiving.
         let cpu = CpuMeter::start(pids);
+        callgrind(pids.plugin, "--zero");
         let publisher = spawn_publisher(js, &subject, TRIGGER_BURST_N, None);
         let burst = receive(calls, TRIGGER_BURST_N, TRIGGER_CAP).await?;
         publisher.await.map_err(|e| e.to_string())??;
+        callgrind(pids.plugin, &format!("--dump=trigger_{label}_burst"));
         if mif == 64 {
             cpu.print("trigger_mif64_burst", burst.received.max(1), true);
         }
@@ -580,11 +584,26 @@ async fn trigger_bench(
             js,
             &subject,
             TRIGGER_PACED_N,
-            Some(Duration::from_millis(1)),
+            Some((Duration::from_millis(1), 1)),
         );
         let paced = receive(calls, TRIGGER_PACED_N, TRIGGER_CAP).await?;
         publisher.await.map_err(|e| e.to_string())??;
         settle(p, js, &handle, &subject, calls).await?;
+        // Sustained 10k msg/s (10 per millisecond) for 2 s: throughput and latency together.
+        let sustained = if mif == 64 {
+            let publisher = spawn_publisher(
+                js,
+                &subject,
+                TRIGGER_SUSTAINED_N,
+                Some((Duration::from_millis(1), 10)),
+            );
+            let r = receive(calls, TRIGGER_SUSTAINED_N, TRIGGER_CAP).await?;
+            publisher.await.map_err(|e| e.to_string())??;
+            settle(p, js, &handle, &subject, calls).await?;
+            Some(r)
+        } else {
+            None
+        };
         p.lifecycle("stop", &handle).await?;
 
         let name = format!("trigger_{label}");
@@ -592,10 +611,19 @@ async fn trigger_bench(
         fig(&format!("{name}_burst_p99_e2e"), burst.p99_us, "us");
         fig(&format!("{name}_paced1k_p50_e2e"), paced.p50_us, "us");
         fig(&format!("{name}_paced1k_p99_e2e"), paced.p99_us, "us");
-        for (phase, r, n) in [
+        if let Some(r) = &sustained {
+            fig(&format!("{name}_paced10k_rate"), r.rate, "msg/s");
+            fig(&format!("{name}_paced10k_p50_e2e"), r.p50_us, "us");
+            fig(&format!("{name}_paced10k_p99_e2e"), r.p99_us, "us");
+        }
+        let mut phases = vec![
             ("burst", &burst, TRIGGER_BURST_N),
             ("paced1k", &paced, TRIGGER_PACED_N),
-        ] {
+        ];
+        if let Some(r) = &sustained {
+            phases.push(("paced10k", r, TRIGGER_SUSTAINED_N));
+        }
+        for (phase, r, n) in phases {
             if r.received < n || r.stalls > 0 {
                 fig(
                     &format!("{name}_{phase}_received"),
@@ -613,16 +641,17 @@ async fn trigger_bench(
     Ok(())
 }
 
-/// Publishes `n` stamped messages from its own task: as fast as acks allow, or one per `every`.
+/// Publishes `n` stamped messages from its own task: as fast as acks allow, or `per_tick`
+/// messages every `every` when paced.
 fn spawn_publisher(
     js: &async_nats::jetstream::Context,
     subject: &str,
     n: usize,
-    every: Option<Duration>,
+    pace: Option<(Duration, usize)>,
 ) -> tokio::task::JoinHandle<Res<()>> {
     let (js, subject) = (js.clone(), subject.to_string());
     tokio::spawn(async move {
-        match every {
+        match pace {
             None => {
                 futures::stream::iter(0..n)
                     .map(|_| raw_publish(&js, &subject, payload(now_ns())))
@@ -630,20 +659,28 @@ fn spawn_publisher(
                     .try_collect::<Vec<()>>()
                     .await?;
             }
-            Some(every) => {
+            Some((every, per_tick)) => {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut acks = Vec::with_capacity(n);
-                for _ in 0..n {
-                    tick.tick().await;
+                // Acks are collected as they come (the context bounds unacknowledged publishes).
+                let mut acks = futures::stream::FuturesUnordered::<
+                    <async_nats::jetstream::context::PublishAckFuture as std::future::IntoFuture>::IntoFuture,
+                >::new();
+                for i in 0..n {
+                    if i % per_tick.max(1) == 0 {
+                        tick.tick().await;
+                        while let Some(Some(r)) = acks.next().now_or_never() {
+                            r.map_err(|e| e.to_string())?;
+                        }
+                    }
                     let ack = js
                         .publish(subject.clone(), payload(now_ns()).into())
                         .await
                         .map_err(|e| e.to_string())?;
-                    acks.push(ack);
+                    acks.push(std::future::IntoFuture::into_future(ack));
                 }
-                for a in acks {
-                    a.await.map_err(|e| e.to_string())?;
+                while let Some(r) = acks.next().await {
+                    r.map_err(|e| e.to_string())?;
                 }
             }
         }
