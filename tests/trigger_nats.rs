@@ -510,7 +510,8 @@ async fn trigger_resumes_after_graceful_restart_and_after_kill9() {
 }
 
 /// Pitfall 8: a memory-storage stream (and its consumers) is gone after a broker restart; a
-/// trigger recreates the declared stream and its consumer (declared, or its own) and resumes.
+/// trigger recreates the declared stream and its consumer (declared, or its own) as soon as it
+/// has reconnected, and resumes.
 async fn memory_stream_restart(declared_consumer: bool) {
     let mut server = NatsServer::start();
     let mut p = launch(&server, ok_pipeline()).await;
@@ -545,6 +546,7 @@ async fn memory_stream_restart(declared_consumer: bool) {
     publish(&p, "jobs.a", "before").await;
     assert_eq!(text_of(&p.next_call(T).await, "text"), "before");
     server.restart();
+    let restarted = Instant::now();
     let js = js(&server).await;
     // Nothing else recreates them: poll the server until the trigger has (bounded).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -561,6 +563,14 @@ async fn memory_stream_restart(declared_consumer: bool) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // Rebinding on the reconnect itself (measured ~0.2 s), not after two missed 5 s pull
+    // heartbeats (10 s before the fix); the bound only tells the two mechanisms apart.
+    let took = restarted.elapsed();
+    eprintln!("stream and consumer recreated {took:?} after the restart");
+    assert!(
+        took < Duration::from_secs(5),
+        "recreated only after {took:?}: the trigger waited for missed heartbeats"
+    );
     if declared_consumer {
         assert_eq!(info.config.ack_wait, Duration::from_secs(7), "as declared");
     } else {

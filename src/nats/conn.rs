@@ -204,6 +204,14 @@ impl NatsConn {
         })
     }
 
+    /// The connection state as a watch, current value marked seen: `changed()` fires on the
+    /// next transition (a reconnect, say).
+    pub fn state_changes(&self) -> watch::Receiver<ConnState> {
+        let mut rx = self.state.clone();
+        rx.mark_unchanged();
+        rx
+    }
+
     pub fn is_connected(&self) -> bool {
         *self.state.borrow() == ConnState::Connected
     }

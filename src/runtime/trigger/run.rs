@@ -5,9 +5,10 @@
 
 use super::{payload, AckMode, TriggerCall, TriggerSpec};
 use crate::nats::ack::{ack_token, AckKind};
+use crate::nats::conn::ConnState;
 use crate::nats::{NatsConn, NatsError};
 use crate::runtime::modules::broker::BrokerModule;
-use crate::runtime::modules::consumer::get_stream;
+use crate::runtime::modules::consumer::{fetch_consumer_config, get_stream};
 use crate::runtime::steps::consume::to_message;
 use crate::runtime::{render, Runtime};
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
@@ -228,6 +229,7 @@ impl Worker {
                 }
             };
             backoff = Duration::from_millis(100);
+            let mut conn_state = conn.state_changes();
             loop {
                 // Take a slot first so no message waits in our hands while its ack_wait runs.
                 let permit = tokio::select! {
@@ -237,6 +239,16 @@ impl Worker {
                 let next = tokio::select! {
                     _ = self.stop.cancelled() => break 'outer,
                     n = messages.next() => n,
+                    Ok(()) = conn_state.changed() => {
+                        let reconnected = *conn_state.borrow_and_update() == ConnState::Connected;
+                        // A restarted broker may have lost a memory stream and its consumers;
+                        // the pull would notice only after two missed heartbeats (~10 s).
+                        if reconnected && self.source_gone(&conn).await {
+                            tracing::info!(trigger = %name, stream = %self.spec.stream, consumer = %self.spec.durable, "stream or consumer gone after reconnect; re-binding");
+                            continue 'outer;
+                        }
+                        continue;
+                    }
                 };
                 match next {
                     Some(Ok(msg)) => {
@@ -274,6 +286,18 @@ impl Worker {
             }
         }
         tracing::debug!(trigger = %name, "trigger worker stopped");
+    }
+
+    /// Whether the stream or the consumer this worker pulls from no longer exists (a failed
+    /// check for any other reason is not "gone": the pull's own errors handle that).
+    async fn source_gone(&self, conn: &NatsConn) -> bool {
+        match get_stream(conn, &self.spec.stream).await {
+            Err(e) => e.is_not_found(),
+            Ok(s) => matches!(
+                fetch_consumer_config(&s, &self.spec.durable).await,
+                Ok(None)
+            ),
+        }
     }
 
     /// Sleeps unless stopped; true when stopped.
