@@ -682,3 +682,130 @@ async fn trigger_started_while_the_broker_is_down_binds_later() {
     let call = p.next_call(Duration::from_secs(30)).await;
     assert_eq!(call.trigger_type, "pipeline:late");
 }
+
+/// A private CA with a server certificate for 127.0.0.1 and a client certificate, as PEM files.
+struct Pki {
+    ca: std::path::PathBuf,
+    server_cert: std::path::PathBuf,
+    server_key: std::path::PathBuf,
+    client_cert: std::path::PathBuf,
+    client_key: std::path::PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &std::path::Path) -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose as Eku, IsCa, KeyPair,
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf = |names: Vec<String>, usage: Eku| {
+            let mut params = CertificateParams::new(names).unwrap();
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(vec!["127.0.0.1".into()], Eku::ServerAuth);
+        let (client_cert, client_key) = leaf(vec!["eventbus-client".into()], Eku::ClientAuth);
+        let write = |name: &str, pem: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, pem).unwrap();
+            p
+        };
+        Pki {
+            ca: write("ca.pem", &ca.pem()),
+            server_cert: write("server.pem", &server_cert),
+            server_key: write("server.key", &server_key),
+            client_cert: write("client.pem", &client_cert),
+            client_key: write("client.key", &client_key),
+        }
+    }
+}
+
+/// The broker's authentication options against a server that demands them, not just parsed:
+/// mutual TLS (private CA, client certificate required) carrying user/password or an nkey
+/// seed file. Each broker publishes and the server stores the message; a broker without the
+/// client certificate fails with an error that names it, instead of hanging.
+#[tokio::test]
+async fn user_password_nkey_and_mutual_tls_work_against_a_real_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let user = nkeys::KeyPair::new_user();
+    let seed_file = dir.path().join("user.nk");
+    std::fs::write(&seed_file, user.seed().unwrap()).unwrap();
+    let server = NatsServer::builder()
+        .config(format!(
+            "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\n\
+             authorization {{ users = [ {{user: bob, password: \"pw-1\"}}, {{nkey: {:?}}} ] }}\n",
+            pki.server_cert,
+            pki.server_key,
+            pki.ca,
+            user.public_key()
+        ))
+        .start();
+    let p = Plugin::launch(LaunchOptions::default()).await;
+    let dsn = format!("tls://127.0.0.1:{}", server.port());
+    let tls = format!(
+        "tls: {{ca_file: {:?}, cert_file: {:?}, key_file: {:?}, required: true}}\n",
+        pki.ca, pki.client_cert, pki.client_key
+    );
+    let brokers = [
+        ("pw", "auth: {user: bob, password: pw-1}\n".to_string()),
+        ("nk", format!("auth: {{nkey_seed_file: {:?}}}\n", seed_file)),
+    ];
+    for (name, auth) in &brokers {
+        p.module_up(
+            "eventbus.broker",
+            name,
+            &format!("provider: nats\ndeploy_target: self_hosted\ndsn: {dsn}\n{auth}{tls}"),
+        )
+        .await;
+    }
+    p.module_up(
+        "eventbus.stream",
+        "secure",
+        "name: SECURE\nsubjects: ['secure.>']\nbroker_ref: pw\n",
+    )
+    .await;
+    let h = p
+        .create_step("step.eventbus.publish", "pub", "")
+        .await
+        .unwrap();
+    for (i, (name, _)) in brokers.iter().enumerate() {
+        let out = p
+            .execute(
+                "step.eventbus.publish",
+                &h,
+                &format!("subject: secure.{name}\npayload: hi\nbroker_ref: {name}\n"),
+                &json!({}),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("broker {name}: {e}\nstderr:\n{}", p.stderr()));
+        assert_eq!(out["sequence"], json!((i + 1).to_string()), "{out}");
+        assert_eq!(out["stream"], json!("SECURE"));
+    }
+    // Same user, no client certificate: the server refuses the TLS handshake.
+    p.module_up(
+        "eventbus.broker",
+        "nocert",
+        &format!(
+            "provider: nats\ndeploy_target: self_hosted\ndsn: {dsn}\nauth: {{user: bob, password: pw-1}}\n\
+             tls: {{ca_file: {:?}, required: true}}\nrequest_timeout: 1s\n",
+            pki.ca
+        ),
+    )
+    .await;
+    let err = p
+        .execute(
+            "step.eventbus.publish",
+            &h,
+            "subject: secure.x\npayload: hi\nbroker_ref: nocert\ntimeout: 1s\n",
+            &json!({}),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.contains("nocert"), "{err}");
+}
