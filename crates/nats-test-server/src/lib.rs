@@ -111,6 +111,23 @@ impl Builder {
     }
 }
 
+/// Whether every thread of `pid` is in the stopped state (`T` in /proc/<pid>/task/*/stat).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                // The state follows the command name, which is in parentheses.
+                let rest = &stat[stat.rfind(')')? + 1..];
+                rest.split_whitespace().next().map(|st| st == "T")
+            })
+            .unwrap_or(false)
+    })
+}
+
 pub struct NatsServer {
     bin: PathBuf,
     port: u16,
@@ -267,8 +284,16 @@ impl NatsServer {
     }
 
     /// SIGSTOP: the process holds its sockets but answers nothing (a partition, seen from clients).
+    /// SIGSTOP, returning once every thread of the server is stopped: kill(2) only queues the
+    /// signal, and on a loaded machine the server was seen answering a publish after it.
     pub fn pause(&self) {
         self.signal(libc::SIGSTOP);
+        let Some(pid) = self.pid() else { return };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !all_threads_stopped(pid) {
+            assert!(Instant::now() < deadline, "nats-server {pid} did not stop");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     pub fn resume(&self) {
         self.signal(libc::SIGCONT);
