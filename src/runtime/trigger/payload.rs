@@ -15,21 +15,22 @@ fn s(v: impl Into<String>) -> Value {
     }
 }
 
-pub fn build(m: &Message, broker_ref: &str) -> Struct {
+/// Consumes the message: its strings and parsed JSON move into the Struct (the handler keeps
+/// only what it needs afterwards), so a delivery is not copied twice.
+pub fn build(m: Message, broker_ref: &str) -> Struct {
     let mut f = BTreeMap::new();
-    f.insert("subject".into(), s(&m.subject));
     f.insert(
         "payload".into(),
         s(base64::engine::general_purpose::STANDARD.encode(&m.payload)),
     );
-    if let Ok(text) = std::str::from_utf8(&m.payload) {
-        f.insert("text".into(), s(text));
+    if std::str::from_utf8(&m.payload).is_ok() {
+        f.insert("text".into(), s(m.text));
     }
-    if let Some(json) = &m.json {
-        f.insert("json".into(), json.clone());
+    if let Some(json) = m.json {
+        f.insert("json".into(), json);
     }
     let headers = Struct {
-        fields: m.headers.iter().map(|(k, v)| (k.clone(), s(v))).collect(),
+        fields: m.headers.into_iter().map(|(k, v)| (k, s(v))).collect(),
     };
     f.insert(
         "headers".into(),
@@ -37,11 +38,12 @@ pub fn build(m: &Message, broker_ref: &str) -> Struct {
             kind: Some(Kind::StructValue(headers)),
         },
     );
-    f.insert("sequence".into(), s(&m.sequence));
-    f.insert("published_at".into(), s(&m.published_at));
-    f.insert("ack_token".into(), s(&m.ack_token));
-    f.insert("stream".into(), s(&m.stream));
-    f.insert("consumer".into(), s(&m.consumer));
+    f.insert("subject".into(), s(m.subject));
+    f.insert("sequence".into(), s(m.sequence));
+    f.insert("published_at".into(), s(m.published_at));
+    f.insert("ack_token".into(), s(m.ack_token));
+    f.insert("stream".into(), s(m.stream));
+    f.insert("consumer".into(), s(m.consumer));
     f.insert(
         "delivery_count".into(),
         Value {

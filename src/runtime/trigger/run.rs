@@ -344,6 +344,15 @@ fn dead_letter_headers(original: Option<&async_nats::HeaderMap>) -> async_nats::
     out
 }
 
+/// Where a delivery came from: what the handler still needs after the message itself has
+/// become the pipeline's data.
+struct Origin {
+    subject: String,
+    stream: String,
+    sequence: String,
+    delivery_count: i32,
+}
+
 struct Handler {
     rt: Runtime,
     spec: TriggerSpec,
@@ -355,6 +364,12 @@ struct Handler {
 impl Handler {
     async fn handle(&self, msg: async_nats::jetstream::Message) {
         let m = to_message(&msg, &self.spec.durable);
+        let origin = Origin {
+            subject: m.subject.clone(),
+            stream: m.stream.clone(),
+            sequence: m.sequence.clone(),
+            delivery_count: m.delivery_count,
+        };
         let delivered = m.delivery_count as i64;
         let token = m.ack_token.clone();
         let Some(launcher) = self.rt.launcher() else {
@@ -370,7 +385,7 @@ impl Handler {
         let call = TriggerCall {
             trigger_type: self.spec.workflow_type.clone(),
             action: "message".into(),
-            data: payload::build(&m, &self.spec.broker_ref),
+            data: payload::build(m, &self.spec.broker_ref),
         };
         // Keep the message ours while a long pipeline runs (in-progress acks at ack_wait/2).
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
@@ -396,7 +411,7 @@ impl Handler {
             }
             Err(err) => {
                 let last = self.bound.max_deliver > 0 && delivered >= self.bound.max_deliver;
-                tracing::warn!(trigger = %self.spec.workflow_type, seq = %m.sequence, delivered, last, error = %err, "pipeline failed");
+                tracing::warn!(trigger = %self.spec.workflow_type, seq = %origin.sequence, delivered, last, error = %err, "pipeline failed");
                 if !last {
                     self.settle(
                         &token,
@@ -406,7 +421,7 @@ impl Handler {
                     return;
                 }
                 if let Some(dlq) = &self.spec.dead_letter_subject {
-                    if !self.park(dlq, &msg, &m, &err, &token).await {
+                    if !self.park(dlq, &msg, &origin, &err, &token).await {
                         return;
                     }
                 }
@@ -426,7 +441,7 @@ impl Handler {
         &self,
         dlq: &str,
         msg: &async_nats::jetstream::Message,
-        m: &crate::pb::eventbus::Message,
+        m: &Origin,
         err: &str,
         token: &str,
     ) -> bool {
@@ -464,7 +479,7 @@ impl Handler {
         &self,
         subject: &str,
         msg: &async_nats::jetstream::Message,
-        m: &crate::pb::eventbus::Message,
+        m: &Origin,
         err: &str,
     ) -> Result<(), NatsError> {
         let mut headers = dead_letter_headers(msg.headers.as_ref());
