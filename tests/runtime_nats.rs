@@ -809,3 +809,113 @@ async fn user_password_nkey_and_mutual_tls_work_against_a_real_server() {
         .unwrap_err();
     assert!(err.contains("nocert"), "{err}");
 }
+
+/// A NATS JWT (`ed25519-nkey`), claims signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, nats: Json) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let header = B64.encode(json!({"typ": "JWT", "alg": "ed25519-nkey"}).to_string());
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({
+        "jti": format!("T{iat}{}", &subject[..8]), "iat": iat,
+        "iss": issuer.public_key(), "sub": subject, "name": subject, "nats": nats,
+    });
+    let body = B64.encode(claims.to_string());
+    let sig = issuer.sign(format!("{header}.{body}").as_bytes()).unwrap();
+    format!("{header}.{body}.{}", B64.encode(sig))
+}
+
+/// Decentralised auth, as NGS / Synadia Cloud use it: the server trusts an operator, the
+/// account (with JetStream) is preloaded, and the broker connects with a `.creds` file (user
+/// JWT + seed). The publish is stored, and neither the seed nor the JWT reaches stderr.
+#[tokio::test]
+async fn creds_file_auth_works_against_an_operator_mode_server() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let system = nkeys::KeyPair::new_account(); // JetStream needs a system account
+    let user = nkeys::KeyPair::new_user();
+    let unlimited = json!({"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1,
+        "streams": -1, "consumer": -1});
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        json!({"type": "account", "version": 2, "limits": unlimited}),
+    );
+    let system_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        json!({"type": "account", "version": 2}),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        json!({"type": "user", "version": 2, "pub": {}, "sub": {},
+               "subs": -1, "data": -1, "payload": -1}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("user.creds");
+    let seed = user.seed().unwrap();
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::builder()
+        .config(format!(
+            "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{ {acc}: {account_jwt}, {sys}: {system_jwt} }}\n",
+            acc = account.public_key(),
+            sys = system.public_key(),
+        ))
+        .start();
+    let p = Plugin::launch(LaunchOptions {
+        env: vec![("RUST_LOG".into(), "debug".into())],
+        ..Default::default()
+    })
+    .await;
+    p.module_up(
+        "eventbus.broker",
+        "ngs",
+        &format!(
+            "provider: nats\ndeploy_target: self_hosted\ndsn: {}\nauth: {{creds_file: {:?}}}\n",
+            server.url(),
+            creds
+        ),
+    )
+    .await;
+    p.module_up(
+        "eventbus.stream",
+        "s",
+        "name: CREDS\nsubjects: ['creds.>']\nbroker_ref: ngs\n",
+    )
+    .await;
+    let h = p
+        .create_step("step.eventbus.publish", "pub", "")
+        .await
+        .unwrap();
+    let out = p
+        .execute(
+            "step.eventbus.publish",
+            &h,
+            "subject: creds.a\npayload: hi\nbroker_ref: ngs\n",
+            &json!({}),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", p.stderr()));
+    assert_eq!(out["stream"], json!("CREDS"), "{out}");
+    let stderr = p.stderr();
+    for secret in [seed.as_str(), user_jwt.as_str()] {
+        assert!(!stderr.contains(secret), "a credential reached stderr");
+    }
+}
