@@ -580,27 +580,11 @@ async fn trigger_bench(
         settle(p, js, &handle, &subject, calls).await?;
 
         // Paced: one message per millisecond, below capacity: latency without a queue.
-        let publisher = spawn_publisher(
-            js,
-            &subject,
-            TRIGGER_PACED_N,
-            Some((Duration::from_millis(1), 1)),
-        );
-        let paced = receive(calls, TRIGGER_PACED_N, TRIGGER_CAP).await?;
-        publisher.await.map_err(|e| e.to_string())??;
-        settle(p, js, &handle, &subject, calls).await?;
+        let paced = paced_phase(p, js, &handle, &subject, calls, TRIGGER_PACED_N, 1).await?;
         // Sustained 10k msg/s (10 per millisecond) for 2 s: throughput and latency together.
         let sustained = if mif == 64 {
-            let publisher = spawn_publisher(
-                js,
-                &subject,
-                TRIGGER_SUSTAINED_N,
-                Some((Duration::from_millis(1), 10)),
-            );
-            let r = receive(calls, TRIGGER_SUSTAINED_N, TRIGGER_CAP).await?;
-            publisher.await.map_err(|e| e.to_string())??;
-            settle(p, js, &handle, &subject, calls).await?;
-            Some(r)
+            let n = TRIGGER_SUSTAINED_N;
+            Some(paced_phase(p, js, &handle, &subject, calls, n, 10).await?)
         } else {
             None
         };
@@ -639,6 +623,24 @@ async fn trigger_bench(
         }
     }
     Ok(())
+}
+
+/// Publishes `n` messages at `per_ms` per millisecond while receiving them, then settles.
+async fn paced_phase(
+    p: &Plugin,
+    js: &async_nats::jetstream::Context,
+    handle: &str,
+    subject: &str,
+    calls: &mut mpsc::UnboundedReceiver<(u64, u64)>,
+    n: usize,
+    per_ms: usize,
+) -> Res<Received> {
+    let pace = Some((Duration::from_millis(1), per_ms));
+    let publisher = spawn_publisher(js, subject, n, pace);
+    let r = receive(calls, n, TRIGGER_CAP).await?;
+    publisher.await.map_err(|e| e.to_string())??;
+    settle(p, js, handle, subject, calls).await?;
+    Ok(r)
 }
 
 /// Publishes `n` stamped messages from its own task: as fast as acks allow, or `per_tick`

@@ -396,11 +396,7 @@ impl Handler {
         let result = loop {
             tokio::select! {
                 r = &mut pipeline => break r,
-                _ = ticker.tick() => {
-                    if let Err(e) = ack_token(&self.conn.client, &token, AckKind::Progress, self.conn.request_timeout).await {
-                        tracing::debug!(error = %e, "progress ack failed");
-                    }
-                }
+                _ = ticker.tick() => self.progress(&token).await,
             }
         };
         match result {
@@ -456,16 +452,7 @@ impl Handler {
             if attempt % 8 == 1 {
                 tracing::error!(trigger = %self.spec.workflow_type, subject = %dlq, seq = %m.sequence, attempt, retry_in = ?wait, error = %render(&e), "dead-letter publish failed; retrying, message kept");
             }
-            if let Err(e) = ack_token(
-                &self.conn.client,
-                token,
-                AckKind::Progress,
-                self.conn.request_timeout,
-            )
-            .await
-            {
-                tracing::debug!(error = %e, "progress ack failed");
-            }
+            self.progress(token).await;
             tokio::select! {
                 _ = self.stop.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
@@ -506,6 +493,15 @@ impl Handler {
             })?
             .map_err(|e| NatsError::other("dead-letter publish", e))?;
         Ok(())
+    }
+
+    /// An in-progress ack: the message stays ours for another ack_wait. Best effort; a lost
+    /// one at worst lets the server redeliver.
+    async fn progress(&self, token: &str) {
+        let timeout = self.conn.request_timeout;
+        if let Err(e) = ack_token(&self.conn.client, token, AckKind::Progress, timeout).await {
+            tracing::debug!(error = %e, "progress ack failed");
+        }
     }
 
     /// One terminal decision per message, confirmed; retried briefly across a reconnect.
