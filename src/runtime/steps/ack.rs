@@ -9,7 +9,6 @@ use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
 
 pub struct AckStep {
-    name: String,
     /// `<type> "<name>"`, the prefix of every error this step reports.
     component: String,
 }
@@ -45,7 +44,6 @@ impl AckStep {
             }
         }
         p.finish(AckStep {
-            name: name.to_string(),
             component: format!("{} {name:?}", kind.type_name()),
         })
         .map_err(Into::into)
@@ -58,7 +56,7 @@ impl AckStep {
     ) -> Result<StepOutput, RuntimeError> {
         let component = &self.component;
         let (cfg, inp): (AckStepConfig, AckRequest) =
-            decode_execute(StepKind::Ack, &self.name, &input)?;
+            decode_execute(StepKind::Ack, &self.component, &input)?;
         let token = pick(&cfg.ack_token, &inp.ack_token);
         check_token(&token)
             .map_err(|e| RuntimeError::failed(component, format!("ack_token {e}")))?;

@@ -72,7 +72,6 @@ impl PullCache {
 }
 
 pub struct ConsumeStep {
-    name: String,
     /// `<type> "<name>"`, the prefix of every error this step reports.
     component: String,
 }
@@ -104,7 +103,6 @@ impl ConsumeStep {
             }
         }
         p.finish(ConsumeStep {
-            name: name.to_string(),
             component: format!("{} {name:?}", kind.type_name()),
         })
         .map_err(Into::into)
@@ -117,7 +115,7 @@ impl ConsumeStep {
     ) -> Result<StepOutput, RuntimeError> {
         let component = &self.component;
         let (cfg, inp): (ConsumeStepConfig, ConsumeRequest) =
-            decode_execute(StepKind::Consume, &self.name, &input)?;
+            decode_execute(StepKind::Consume, &self.component, &input)?;
         let durable = pick(&cfg.consumer, &inp.consumer);
         check_name(&durable).map_err(|e| {
             RuntimeError::failed(

@@ -64,10 +64,10 @@ impl Step {
     }
 }
 
-/// Decodes this execution's config and input messages of `kind`.
+/// Decodes this execution's config and input messages of `kind`; errors start with `component`.
 pub(crate) fn decode_execute<C, I>(
     kind: StepKind,
-    name: &str,
+    component: &str,
     input: &ExecuteInput<'_>,
 ) -> Result<(C, I), RuntimeError>
 where
@@ -75,7 +75,6 @@ where
     I: prost::Message + Default,
 {
     let (cfg_msg, in_msg) = kind.full_messages();
-    let component = || format!("{} {name:?}", kind.type_name());
     let cfg = decode::decode::<C>(
         cfg_msg,
         RawConfig {
@@ -83,7 +82,7 @@ where
             legacy: input.config,
         },
     )
-    .map_err(|e| RuntimeError::failed(component(), format!("config: {}", e.join("; "))))?;
+    .map_err(|e| RuntimeError::failed(component, format!("config: {}", e.join("; "))))?;
     // Input comes from pipeline state: when it arrives as a Struct, keep only the input
     // message's fields, as the host does for typed_input.
     let inp = match (input.typed_input, input.current) {
@@ -96,7 +95,7 @@ where
         ),
         (None, Some(current)) => {
             let desc = decode::message_descriptor(in_msg)
-                .map_err(|e| RuntimeError::failed(component(), e))?;
+                .map_err(|e| RuntimeError::failed(component, e))?;
             let json = decode::struct_to_json(current)
                 .into_iter()
                 .filter(|(k, _)| {
@@ -107,7 +106,7 @@ where
         }
         (None, None) => Ok(I::default()),
     }
-    .map_err(|e| RuntimeError::failed(component(), format!("input: {}", e.join("; "))))?;
+    .map_err(|e| RuntimeError::failed(component, format!("input: {}", e.join("; "))))?;
     Ok((cfg, inp))
 }
 

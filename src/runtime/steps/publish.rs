@@ -18,7 +18,6 @@ pub const CORRELATION_HEADER: &str = "Nats-Correlation-Id";
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 pub struct PublishStep {
-    name: String,
     /// `<type> "<name>"`, the prefix of every error this step reports.
     component: String,
 }
@@ -39,7 +38,6 @@ impl PublishStep {
             }
         }
         p.finish(PublishStep {
-            name: name.to_string(),
             component: format!("{} {name:?}", kind.type_name()),
         })
         .map_err(Into::into)
@@ -49,7 +47,7 @@ impl PublishStep {
     /// lives across an await (the future stays small; it is moved into a box per call).
     fn prepare(&self, rt: &Runtime, input: &ExecuteInput<'_>) -> Result<Outgoing, RuntimeError> {
         let (cfg, inp): (PublishStepConfig, PublishRequest) =
-            decode_execute(StepKind::Publish, &self.name, input)?;
+            decode_execute(StepKind::Publish, &self.component, input)?;
         let subject = pick(&cfg.subject, &inp.subject);
         check_publish_subject(&subject).map_err(|e| {
             RuntimeError::failed(

@@ -23,7 +23,8 @@ pub fn build(m: Message, broker_ref: &str) -> Struct {
         "payload".into(),
         s(base64::engine::general_purpose::STANDARD.encode(&m.payload)),
     );
-    if std::str::from_utf8(&m.payload).is_ok() {
+    // `to_message` left `text` empty exactly when the payload is not UTF-8 (or is empty).
+    if !m.text.is_empty() || m.payload.is_empty() {
         f.insert("text".into(), s(m.text));
     }
     if let Some(json) = m.json {
@@ -54,4 +55,28 @@ pub fn build(m: Message, broker_ref: &str) -> Struct {
         f.insert("broker_ref".into(), s(broker_ref));
     }
     Struct { fields: f }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_of(payload: &[u8]) -> Option<Value> {
+        let text = std::str::from_utf8(payload)
+            .map(str::to_string)
+            .unwrap_or_default();
+        let m = Message {
+            payload: payload.to_vec(),
+            text,
+            ..Default::default()
+        };
+        build(m, "").fields.get("text").cloned()
+    }
+
+    #[test]
+    fn text_is_present_exactly_for_utf8_payloads() {
+        assert_eq!(text_of(b"hello"), Some(s("hello")));
+        assert_eq!(text_of(b""), Some(s("")));
+        assert_eq!(text_of(&[0xff, 0xfe, 0x00]), None);
+    }
 }
