@@ -22,11 +22,15 @@ pub enum DriverError {
     Config(#[from] ConfigError),
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
+    /// Built only by `targets::for_target`, which lists the targets that exist.
     #[error(
-        "infra.eventbus {broker:?}: deploy target {target:?} is not available yet in the eventbus IaC provider; \
-         use deploy_target local (nats-server processes on this machine) or self_hosted (servers you name with dsn/servers)"
+        "infra.eventbus {broker:?}: deploy target {target:?} is not available yet in the eventbus IaC provider; use deploy_target {available}"
     )]
-    NotYet { broker: String, target: String },
+    NotYet {
+        broker: String,
+        target: String,
+        available: String,
+    },
     #[error("{what}: {message}")]
     BrokerUnknown { what: String, message: String },
     #[error("{what}: {reason}")]
@@ -41,7 +45,7 @@ pub enum DriverError {
     Local {
         what: String,
         #[source]
-        source: super::local::LocalError,
+        source: super::targets::nats_server::LocalError,
     },
     #[error("provider state {path}: {detail}")]
     State { path: String, detail: String },
@@ -144,10 +148,7 @@ mod tests {
                 type_name: "infra.database".into(),
                 known: "x".into(),
             },
-            DriverError::NotYet {
-                broker: "b".into(),
-                target: "kubernetes".into(),
-            },
+            not_yet("b", crate::providers::DeployTarget::Kubernetes),
             DriverError::refused("stream \"S\"", "prevent_destroy is set"),
             DriverError::nats(
                 "stream \"S\"",
@@ -166,13 +167,20 @@ mod tests {
         assert_eq!(s.code(), tonic::Code::Unimplemented);
     }
 
+    fn not_yet(broker: &str, t: crate::providers::DeployTarget) -> DriverError {
+        match crate::iac::targets::for_target(broker, t) {
+            Err(e) => e,
+            Ok(_) => panic!("{t} is provisioned"),
+        }
+    }
+
     #[test]
     fn not_yet_names_the_target_and_the_alternatives() {
-        let m = DriverError::NotYet {
-            broker: "bus".into(),
-            target: "aws.ecs".into(),
-        }
-        .to_string();
-        assert!(m.contains("aws.ecs") && m.contains("local") && m.contains("self_hosted"));
+        let m = not_yet("bus", crate::providers::DeployTarget::AwsEcs).to_string();
+        assert_eq!(
+            m,
+            "infra.eventbus \"bus\": deploy target \"aws.ecs\" is not available yet in the eventbus IaC provider; \
+             use deploy_target local (nats-server processes on this machine) or self_hosted (servers you name with dsn/servers)"
+        );
     }
 }

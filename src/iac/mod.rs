@@ -5,10 +5,11 @@
 
 pub mod drivers;
 pub mod error;
-pub mod local;
+pub(crate) mod files;
 pub mod plan;
 pub mod provider;
 pub mod state;
+pub mod targets;
 
 use crate::pb::iac::{
     ia_c_provider_drift_detector_server::{

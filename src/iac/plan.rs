@@ -1,16 +1,13 @@
-//! The pure half of the provider: desired spec vs. current outputs, and the plan algorithm.
+//! The pure half of the provider: the change type every resource diff produces, the helpers
+//! those diffs share, and the plan algorithm. Each resource's diff lives with its driver
+//! (`drivers/`), so this file depends on no driver.
 //!
-//! wfctl's Diff only ever sees persisted outputs (iac-protocol §3.2, pitfall 7), so each diff
-//! here compares a decoded, validated spec against outputs. Streams and consumers reuse the
-//! runtime's own field-by-field diff (only fields the user set are compared, after the
-//! server's normalisation), so server-filled defaults never show up as changes. A field the
-//! server cannot change in place is a `force_new` change, which wfctl plans as a replace.
+//! wfctl's Diff only ever sees persisted outputs, so each driver compares a decoded, validated
+//! spec against outputs. A field the server cannot change in place is a `force_new` change,
+//! which wfctl plans as a replace.
 
-use super::drivers::{broker, consumer, stream};
 use super::error::DriverError;
 use crate::pb::iac::{DiffResult, FieldChange, IaCPlan, PlanAction, ResourceSpec, ResourceState};
-use crate::runtime::modules::consumer::ConsumerSpec;
-use crate::runtime::modules::stream::{Change as ServerChange, StreamSpec};
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -42,11 +39,11 @@ pub fn to_result(changes: &[Change]) -> DiffResult {
     }
 }
 
-fn field(o: &Json, key: &str) -> Json {
+pub(crate) fn field(o: &Json, key: &str) -> Json {
     o.get(key).cloned().unwrap_or(Json::Null)
 }
 
-fn flag_changes(out: &mut Vec<Change>, want: &Json, current: &Json) {
+pub(crate) fn flag_changes(out: &mut Vec<Change>, want: &Json, current: &Json) {
     for key in ["prevent_destroy", "bind"] {
         let (w, h) = (field(want, key), field(current, key));
         if w.as_bool().unwrap_or(false) != h.as_bool().unwrap_or(false) {
@@ -60,7 +57,7 @@ fn flag_changes(out: &mut Vec<Change>, want: &Json, current: &Json) {
     }
 }
 
-fn identity_change(out: &mut Vec<Change>, key: &str, want: &str, current: &Json) {
+pub(crate) fn identity_change(out: &mut Vec<Change>, key: &str, want: &str, current: &Json) {
     let have = current.get(key).and_then(Json::as_str).unwrap_or_default();
     if !have.is_empty() && have != want {
         out.push(Change {
@@ -70,81 +67,6 @@ fn identity_change(out: &mut Vec<Change>, key: &str, want: &str, current: &Json)
             force_new: true,
         });
     }
-}
-
-/// `desired_broker`: the broker the spec resolves to, when that can be decided.
-pub fn diff_stream(spec: &StreamSpec, desired_broker: Option<&str>, current: &Json) -> Vec<Change> {
-    let want = stream::desired_outputs(spec, desired_broker.unwrap_or_default());
-    let mut out = Vec::new();
-    identity_change(&mut out, "name", &spec.name, current);
-    if let Some(b) = desired_broker {
-        identity_change(&mut out, "broker", b, current);
-    }
-    for d in spec.diff(&stream::observed_from_outputs(current)) {
-        out.push(Change {
-            path: d.field.into(),
-            old: field(current, d.field),
-            new: field(&want, d.field),
-            force_new: d.change != ServerChange::InPlace,
-        });
-    }
-    flag_changes(&mut out, &want, current);
-    out
-}
-
-pub fn diff_consumer(
-    spec: &ConsumerSpec,
-    desired_broker: Option<&str>,
-    current: &Json,
-) -> Vec<Change> {
-    let want = consumer::desired_outputs(spec, desired_broker.unwrap_or_default());
-    let mut out = Vec::new();
-    identity_change(&mut out, "name", &spec.durable, current);
-    identity_change(&mut out, "stream_name", &spec.stream, current);
-    if let Some(b) = desired_broker {
-        identity_change(&mut out, "broker", b, current);
-    }
-    for d in spec.diff(&consumer::observed_from_outputs(current)) {
-        out.push(Change {
-            path: d.field.into(),
-            old: field(current, d.field),
-            new: field(&want, d.field),
-            force_new: d.change != ServerChange::InPlace,
-        });
-    }
-    flag_changes(&mut out, &want, current);
-    out
-}
-
-/// Key-by-key over the broker view; absent keys count as their zero value.
-pub fn diff_broker(d: &broker::BrokerDesired, current: &Json) -> Vec<Change> {
-    let want = broker::desired_view(d);
-    let target = d.spec.target.as_str();
-    let (keys, force) = broker::compared_keys(target);
-    let zero = |v: &Json| match v {
-        Json::Null => true,
-        Json::Bool(b) => !b,
-        Json::Number(n) => n.as_f64() == Some(0.0),
-        Json::String(s) => s.is_empty(),
-        Json::Array(a) => a.is_empty(),
-        Json::Object(o) => o.is_empty(),
-    };
-    let mut out = Vec::new();
-    for key in keys {
-        let (w, h) = (field(&want, key), field(current, key));
-        let same = w == h || (zero(&w) && zero(&h));
-        // Keys an older output lacks are not drift, except the identity ones.
-        let missing_ok = h.is_null() && !force.contains(key);
-        if !same && !missing_ok {
-            out.push(Change {
-                path: key.to_string(),
-                old: h,
-                new: w,
-                force_new: force.contains(key),
-            });
-        }
-    }
-    out
 }
 
 /// The host's algorithm (iac-protocol §4.1): new specs are created, existing ones diffed,
@@ -293,6 +215,8 @@ fn topo_sort(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iac::drivers::broker::{self, diff as diff_broker};
+    use crate::iac::drivers::stream::{self, diff as diff_stream};
     use serde_json::json;
 
     fn spec(name: &str, deps: &[&str]) -> ResourceSpec {
@@ -423,11 +347,11 @@ mod tests {
             br#"{"provider":"nats","deploy_target":"local","replicas":3}"#,
         )
         .unwrap();
-        let mut cur = broker::desired_view(&d);
-        assert!(diff_broker(&d, &cur).is_empty());
+        let mut cur = broker::desired_view(&d).unwrap();
+        assert!(diff_broker(&d, &cur).unwrap().is_empty());
         cur["replicas"] = json!(1);
         cur["max_file_store"] = json!(1024);
-        let c = diff_broker(&d, &cur);
+        let c = diff_broker(&d, &cur).unwrap();
         assert!(c.iter().any(|c| c.path == "replicas" && c.force_new));
         assert!(c.iter().any(|c| c.path == "max_file_store" && !c.force_new));
     }

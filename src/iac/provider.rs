@@ -317,11 +317,7 @@ impl Provider {
             .brokers
             .iter()
             .filter(|(n, _)| names.is_empty() || names.contains(*n))
-            .filter(|(_, r)| {
-                r.local
-                    .as_ref()
-                    .is_some_and(|l| !super::local::probe(l).iter().any(|u| *u))
-            })
+            .filter(|(n, r)| super::drivers::all_down(n, r))
             .map(|(n, _)| n.clone())
             .collect()
     }
@@ -770,13 +766,12 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
             Ok(d) => {
                 match &d {
                     Desired::Broker(b) => {
-                        if let Err(e) = broker::check_target(b) {
-                            out.push(diag(Error, &spec.name, "deploy_target", e.to_string()));
-                        }
-                        let replicas = if b.spec.target == crate::providers::DeployTarget::Local {
-                            b.spec.replicas
-                        } else {
-                            b.declared_replicas
+                        let replicas = match broker::check_target(b) {
+                            Ok(t) => t.replicas(b),
+                            Err(e) => {
+                                out.push(diag(Error, &spec.name, "deploy_target", e.to_string()));
+                                b.declared_replicas
+                            }
                         };
                         brokers.insert(spec.name.clone(), replicas);
                     }

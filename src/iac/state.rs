@@ -13,11 +13,12 @@
 //! state holds the applied config.
 
 use super::error::DriverError;
-use super::local::LocalRecord;
+use super::files::write_atomic;
+use super::targets::nats_server::LocalRecord;
+use crate::providers::DeployTarget;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const FILE: &str = "state.json";
@@ -58,9 +59,11 @@ pub struct AuthRecord {
     pub tls_required: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BrokerRecord {
-    pub target: String,
+    /// Written as the `deploy_target` string (`local`, `self_hosted`), as every release has.
+    #[serde(with = "target_name")]
+    pub target: DeployTarget,
     /// Client urls as configured (they may carry credentials; never logged).
     pub urls: Vec<String>,
     #[serde(default)]
@@ -82,6 +85,25 @@ pub struct BrokerRecord {
     /// Outputs of the last create/update, for drift detection.
     #[serde(default)]
     pub outputs: Json,
+}
+
+mod target_name {
+    use crate::providers::DeployTarget;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DeployTarget, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(t.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DeployTarget, D::Error> {
+        let s = String::deserialize(d)?;
+        DeployTarget::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown deploy target {s:?} (known: {})",
+                DeployTarget::ALL.map(DeployTarget::as_str).join(", ")
+            ))
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -213,32 +235,6 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
-/// Temp file beside the target, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-        std::process::id()
-    ));
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
 struct Flock<'a>(&'a std::fs::File);
 
 impl<'a> Flock<'a> {
@@ -280,9 +276,16 @@ mod tests {
                 s.brokers.insert(
                     "bus".into(),
                     BrokerRecord {
-                        target: "self_hosted".into(),
+                        target: DeployTarget::SelfHosted,
                         urls: vec!["nats://127.0.0.1:4222".into()],
-                        ..Default::default()
+                        auth: AuthRecord::default(),
+                        replicas: 0,
+                        connect_timeout_ms: 0,
+                        request_timeout_ms: 0,
+                        local: None,
+                        prevent_destroy: false,
+                        bind: false,
+                        outputs: Json::Null,
                     },
                 );
             })

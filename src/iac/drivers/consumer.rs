@@ -8,6 +8,7 @@ use super::{
     str_field, strings_field, BrokerConn, Ctx, Output, CONSUMER_TYPE,
 };
 use crate::iac::error::DriverError;
+use crate::iac::plan::{field, flag_changes, identity_change, Change as PlanChange};
 use crate::iac::state::ResourceRecord;
 use crate::nats::error::lift_api;
 use crate::nats::{NatsConn, NatsError};
@@ -515,6 +516,26 @@ pub async fn list(
     Ok(out)
 }
 
+pub fn diff(spec: &ConsumerSpec, desired_broker: Option<&str>, current: &Json) -> Vec<PlanChange> {
+    let want = desired_outputs(spec, desired_broker.unwrap_or_default());
+    let mut out = Vec::new();
+    identity_change(&mut out, "name", &spec.durable, current);
+    identity_change(&mut out, "stream_name", &spec.stream, current);
+    if let Some(b) = desired_broker {
+        identity_change(&mut out, "broker", b, current);
+    }
+    for d in spec.diff(&observed_from_outputs(current)) {
+        out.push(PlanChange {
+            path: d.field.into(),
+            old: field(current, d.field),
+            new: field(&want, d.field),
+            force_new: d.change != Change::InPlace,
+        });
+    }
+    flag_changes(&mut out, &want, current);
+    out
+}
+
 impl super::Driver for super::ConsumerDriver {
     type Spec = ConsumerSpec;
     const KIND: super::Kind = super::Kind::Consumer;
@@ -525,9 +546,9 @@ impl super::Driver for super::ConsumerDriver {
         spec: &ConsumerSpec,
         state: &crate::iac::state::ProviderState,
         current: &Json,
-    ) -> Result<Vec<crate::iac::plan::Change>, DriverError> {
+    ) -> Result<Vec<PlanChange>, DriverError> {
         let b = super::desired_broker(&spec.broker_ref, &spec.servers, state);
-        Ok(crate::iac::plan::diff_consumer(spec, b.as_deref(), current))
+        Ok(diff(spec, b.as_deref(), current))
     }
     async fn apply(ctx: &Ctx, name: &str, spec: &ConsumerSpec) -> Result<Output, DriverError> {
         apply(ctx, name, spec).await

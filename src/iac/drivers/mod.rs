@@ -227,9 +227,16 @@ impl BrokerConn {
     pub fn local_down(&self) -> bool {
         self.record
             .as_ref()
-            .and_then(|r| r.local.as_ref())
-            .is_some_and(|l| !super::local::probe(l).iter().any(|up| *up))
+            .is_some_and(|r| all_down(&self.name, r))
     }
+}
+
+/// Whether the broker's target runs processes of its own and none of them answers. Blocking.
+pub fn all_down(name: &str, r: &BrokerRecord) -> bool {
+    crate::iac::targets::for_target(name, r.target)
+        .ok()
+        .and_then(|t| t.probe(r))
+        .is_some_and(|up| !up.iter().any(|u| *u))
 }
 
 /// The broker name a stream or consumer resolves to: `broker_ref`, else the only broker this

@@ -13,6 +13,7 @@ use super::{
     resolve_broker, str_field, strings_field, BrokerConn, Ctx, Output, STREAM_TYPE,
 };
 use crate::iac::error::DriverError;
+use crate::iac::plan::{field, flag_changes, identity_change, Change as PlanChange};
 use crate::iac::state::{ProviderState, ResourceRecord};
 use crate::nats::error::lift_api;
 use crate::nats::NatsError;
@@ -590,6 +591,26 @@ pub async fn list(ctx: &Ctx, broker: &str) -> Result<Vec<(String, stream::Config
         .collect())
 }
 
+/// `desired_broker`: the broker the spec resolves to, when that can be decided.
+pub fn diff(spec: &StreamSpec, desired_broker: Option<&str>, current: &Json) -> Vec<PlanChange> {
+    let want = desired_outputs(spec, desired_broker.unwrap_or_default());
+    let mut out = Vec::new();
+    identity_change(&mut out, "name", &spec.name, current);
+    if let Some(b) = desired_broker {
+        identity_change(&mut out, "broker", b, current);
+    }
+    for d in spec.diff(&observed_from_outputs(current)) {
+        out.push(PlanChange {
+            path: d.field.into(),
+            old: field(current, d.field),
+            new: field(&want, d.field),
+            force_new: d.change != Change::InPlace,
+        });
+    }
+    flag_changes(&mut out, &want, current);
+    out
+}
+
 impl super::Driver for super::StreamDriver {
     type Spec = StreamSpec;
     const KIND: super::Kind = super::Kind::Stream;
@@ -600,9 +621,9 @@ impl super::Driver for super::StreamDriver {
         spec: &StreamSpec,
         state: &ProviderState,
         current: &Json,
-    ) -> Result<Vec<crate::iac::plan::Change>, DriverError> {
+    ) -> Result<Vec<PlanChange>, DriverError> {
         let b = super::desired_broker(&spec.broker_ref, &spec.servers, state);
-        Ok(crate::iac::plan::diff_stream(spec, b.as_deref(), current))
+        Ok(diff(spec, b.as_deref(), current))
     }
     async fn apply(ctx: &Ctx, name: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
         apply(ctx, name, spec).await

@@ -1,4 +1,4 @@
-//! The `local` deploy target: real `nats-server` processes on this machine.
+//! The `local` deploy target's process layer: real `nats-server` processes on this machine.
 //!
 //! One process per replica, each with its own directory `<data_dir>/<server_name>/` holding the
 //! rendered config (`nats.conf`), the log and the JetStream store. Replicas > 1 form a loopback
@@ -12,7 +12,7 @@
 //! recorded pid is signalled it is checked to still be a nats-server running our config file,
 //! so a reused pid is never killed.
 //!
-//! Everything here blocks; the drivers call it from `spawn_blocking`.
+//! Everything here blocks; the `local` target (`local.rs`) calls it from `spawn_blocking`.
 
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -289,7 +289,7 @@ pub fn start_node(rec: &mut LocalRecord, broker: &str, i: usize) -> Result<(), L
     let dir = PathBuf::from(&n.dir);
     std::fs::create_dir_all(n.store_dir()).map_err(io("create", &dir))?;
     let conf = n.config_path();
-    super::state::write_atomic(&conf, text.as_bytes()).map_err(io("write", &conf))?;
+    crate::iac::files::write_atomic(&conf, text.as_bytes()).map_err(io("write", &conf))?;
     let mut cmd = Command::new(&rec.binary);
     cmd.arg("-c")
         .arg(&conf)

@@ -1,0 +1,110 @@
+//! What every deploy target provides to the broker driver (`drivers/broker.rs`), and the
+//! validated broker config it receives. Kept apart from `mod.rs` so a target's file imports
+//! this contract without importing the dispatch that imports it.
+
+use crate::iac::drivers::{config_object, decode_config, Ctx, BROKER_TYPE};
+use crate::iac::error::DriverError;
+use crate::iac::state::BrokerRecord;
+use crate::pb::eventbus::ClusterConfig;
+use crate::runtime::modules::broker::BrokerSpec;
+use serde_json::{Map, Value as Json};
+
+/// A validated broker config plus the raw values whose "unset" matters.
+#[derive(Clone, Debug)]
+pub struct BrokerDesired {
+    pub spec: BrokerSpec,
+    /// `replicas` as written (0 = not declared).
+    pub declared_replicas: u32,
+    pub max_file_store: i64,
+    pub max_memory_store: i64,
+}
+
+impl BrokerDesired {
+    pub fn decode(name: &str, config_json: &[u8]) -> Result<BrokerDesired, DriverError> {
+        let what = label(name);
+        let m = config_object(&what, config_json)?;
+        let c: ClusterConfig = decode_config(BROKER_TYPE, name, "ClusterConfig", m)?;
+        let spec = BrokerSpec::validate(BROKER_TYPE, name, &c)?;
+        let js = c.jetstream.unwrap_or_default();
+        Ok(BrokerDesired {
+            spec,
+            declared_replicas: c.replicas.max(0) as u32,
+            max_file_store: js.max_storage_bytes.max(0),
+            max_memory_store: js.max_memory_bytes.max(0),
+        })
+    }
+}
+
+pub fn label(name: &str) -> String {
+    format!("{BROKER_TYPE} {name:?}")
+}
+
+/// What apply made or adopted: the record the state file keeps, and the target's own outputs
+/// (the driver adds the compared view and the server version).
+pub struct Applied {
+    pub record: BrokerRecord,
+    pub outputs: Json,
+}
+
+/// One deploy target. Blocking work (processes, probes) runs inside `block`, never on the
+/// async worker threads.
+#[tonic::async_trait]
+pub trait BrokerTarget: Sync {
+    /// How the "not available yet" error offers this target: `<deploy_target> (<what it is>)`.
+    fn offer(&self) -> &'static str;
+
+    /// Keys of the broker view the diff compares, and which of them force a replace.
+    fn compared_keys(&self) -> (&'static [&'static str], &'static [&'static str]);
+
+    /// The cluster size the view shows and plan validation checks replication against.
+    fn replicas(&self, d: &BrokerDesired) -> u32;
+
+    /// Adds this target's compared settings to the view (pure apart from env fallbacks).
+    fn view(&self, d: &BrokerDesired, m: &mut Map<String, Json>);
+
+    /// Create-or-adopt, and update in place.
+    async fn apply(&self, ctx: &Ctx, name: &str, d: &BrokerDesired)
+        -> Result<Applied, DriverError>;
+
+    /// Per node, whether it answers; `None` when the target runs nothing of its own to probe
+    /// (the driver's connection check is then the whole liveness test). Blocking.
+    fn probe(&self, _rec: &BrokerRecord) -> Option<Vec<bool>> {
+        None
+    }
+
+    /// Undo what apply did (stop what it started); adopted servers are only forgotten.
+    async fn delete(&self, _what: &str, _rec: &BrokerRecord) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    /// Log tails per node, when the target has logs of its own.
+    fn troubleshoot(&self, _rec: &BrokerRecord) -> Option<Vec<(String, String)>> {
+        None
+    }
+}
+
+/// Runs blocking process work off the async threads.
+pub async fn block<T: Send + 'static>(
+    what: String,
+    f: impl FnOnce() -> Result<T, super::nats_server::LocalError> + Send + 'static,
+) -> Result<T, DriverError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|source| DriverError::Local { what, source }),
+        Err(e) => Err(DriverError::invalid(what, format!("worker failed: {e}"))),
+    }
+}
+
+/// `nats://user:pass@host:4222` → `nats://host:4222`.
+pub fn strip_userinfo(url: &str) -> String {
+    let url = url.trim();
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (format!("{s}://"), r),
+        None => (String::new(), url),
+    };
+    let host = match rest.split_once('/') {
+        Some((auth, _)) => auth,
+        None => rest,
+    };
+    let host = host.rsplit_once('@').map(|(_, h)| h).unwrap_or(host);
+    format!("{scheme}{host}")
+}

@@ -1,0 +1,131 @@
+//! The `self_hosted` deploy target: the servers the operator names (`dsn`/`servers`, else
+//! `EVENTBUS_<NAME>_URI` / `NATS_URL`) are adopted. Apply records how to reach them (the driver
+//! then checks they answer and have JetStream); delete only forgets them.
+
+use super::api::{label, strip_userinfo, Applied, BrokerDesired, BrokerTarget};
+use crate::iac::drivers::{fingerprint, Ctx};
+use crate::iac::error::DriverError;
+use crate::iac::state::{AuthRecord, BrokerRecord};
+use crate::providers::DeployTarget;
+use crate::runtime::modules::broker::BrokerSpec;
+use crate::secret::Secret;
+use serde_json::{json, Map, Value as Json};
+use std::path::PathBuf;
+
+pub struct SelfHosted;
+
+fn path_text(o: &Option<PathBuf>) -> String {
+    o.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn auth_fingerprint(spec: &BrokerSpec) -> String {
+    let c = &spec.conn;
+    fingerprint(&[
+        c.token.as_ref().map(Secret::expose).unwrap_or_default(),
+        c.user.as_deref().unwrap_or_default(),
+        c.password.as_ref().map(Secret::expose).unwrap_or_default(),
+        &path_text(&c.creds_file),
+        &path_text(&c.nkey_seed_file),
+        &path_text(&c.tls_ca_file),
+        &path_text(&c.tls_cert_file),
+        &path_text(&c.tls_key_file),
+        if c.tls_required { "tls" } else { "" },
+    ])
+}
+
+fn server_list(spec: &BrokerSpec) -> Vec<String> {
+    let mut s: Vec<String> = spec
+        .resolve_urls()
+        .iter()
+        .map(|u| strip_userinfo(u.expose()))
+        .collect();
+    s.sort();
+    s
+}
+
+fn auth_record(spec: &BrokerSpec) -> AuthRecord {
+    let c = &spec.conn;
+    AuthRecord {
+        token: c
+            .token
+            .as_ref()
+            .map(|t| t.expose().to_string())
+            .unwrap_or_default(),
+        user: c.user.clone().unwrap_or_default(),
+        password: c
+            .password
+            .as_ref()
+            .map(|t| t.expose().to_string())
+            .unwrap_or_default(),
+        creds_file: path_text(&c.creds_file),
+        nkey_seed_file: path_text(&c.nkey_seed_file),
+        tls_ca_file: path_text(&c.tls_ca_file),
+        tls_cert_file: path_text(&c.tls_cert_file),
+        tls_key_file: path_text(&c.tls_key_file),
+        tls_required: c.tls_required,
+    }
+}
+
+#[tonic::async_trait]
+impl BrokerTarget for SelfHosted {
+    fn offer(&self) -> &'static str {
+        "self_hosted (servers you name with dsn/servers)"
+    }
+
+    fn compared_keys(&self) -> (&'static [&'static str], &'static [&'static str]) {
+        (
+            &[
+                "provider",
+                "deploy_target",
+                "version",
+                "replicas",
+                "servers",
+                "auth_fingerprint",
+                "prevent_destroy",
+                "bind",
+            ],
+            &["provider", "deploy_target"],
+        )
+    }
+
+    fn replicas(&self, d: &BrokerDesired) -> u32 {
+        d.declared_replicas
+    }
+
+    fn view(&self, d: &BrokerDesired, m: &mut Map<String, Json>) {
+        m.insert("servers".into(), json!(server_list(&d.spec)));
+        m.insert("auth_fingerprint".into(), json!(auth_fingerprint(&d.spec)));
+    }
+
+    async fn apply(&self, _: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied, DriverError> {
+        let urls = d.spec.resolve_urls();
+        if urls.is_empty() {
+            return Err(DriverError::invalid(
+                label(name),
+                format!(
+                    "self_hosted needs the servers to adopt: set dsn or servers, or EVENTBUS_{}_URI / NATS_URL in wfctl's environment",
+                    crate::nats::names::env_key(name)
+                ),
+            ));
+        }
+        let shown: Vec<String> = urls.iter().map(|u| strip_userinfo(u.expose())).collect();
+        let record = BrokerRecord {
+            target: DeployTarget::SelfHosted,
+            urls: urls.iter().map(|u| u.expose().to_string()).collect(),
+            auth: auth_record(&d.spec),
+            replicas: d.declared_replicas,
+            connect_timeout_ms: d.spec.conn.connect_timeout.as_millis() as u64,
+            request_timeout_ms: d.spec.conn.request_timeout.as_millis() as u64,
+            local: None,
+            prevent_destroy: d.spec.prevent_destroy,
+            bind: d.spec.bind,
+            outputs: Json::Null,
+        };
+        Ok(Applied {
+            record,
+            outputs: json!({"name": name, "url": shown.join(","), "urls": shown}),
+        })
+    }
+}
