@@ -247,20 +247,45 @@ fn starts(m: &[String], prefix: &[&str]) -> bool {
     m.len() >= prefix.len() && m.iter().zip(prefix).all(|(a, b)| a == b)
 }
 
+/// Imports from the IaC face into the runtime that remain until the config decoding
+/// (`runtime::decode`, `config_error`, `types`) and the module specs move to a layer under
+/// both faces. The list may only shrink: a new edge fails, and so does a listed edge that is
+/// gone (delete it here).
+const KNOWN_CROSSINGS: &[&str] = &[
+    "crate::iac::drivers -> crate::runtime::config_error",
+    "crate::iac::drivers -> crate::runtime::decode",
+    "crate::iac::drivers -> crate::runtime::types",
+    "crate::iac::drivers::broker -> crate::runtime",
+    "crate::iac::drivers::consumer -> crate::runtime",
+    "crate::iac::drivers::stream -> crate::runtime",
+    "crate::iac::error -> crate::runtime",
+    "crate::iac::error -> crate::runtime::config_error",
+    "crate::iac::provider::destroy -> crate::runtime",
+    "crate::iac::provider::inventory -> crate::runtime",
+    "crate::iac::targets::api -> crate::runtime::modules::broker",
+    "crate::iac::targets::self_hosted -> crate::runtime::modules::broker",
+];
+
 #[test]
 fn faces_keep_their_direction() {
-    let mut bad = Vec::new();
+    let mut found = BTreeSet::new();
     for (from, tos) in graph() {
         for to in tos {
-            if starts(&from, &["iac"]) && starts(&to, &["runtime"]) {
-                bad.push(format!("{} -> {}", name(&from), name(&to)));
-            }
-            if starts(&from, &["runtime", "modules"]) && starts(&to, &["iac"]) {
-                bad.push(format!("{} -> {}", name(&from), name(&to)));
+            let iac_to_runtime = starts(&from, &["iac"]) && starts(&to, &["runtime"]);
+            let modules_to_iac = starts(&from, &["runtime", "modules"]) && starts(&to, &["iac"]);
+            if iac_to_runtime || modules_to_iac {
+                found.insert(format!("{} -> {}", name(&from), name(&to)));
             }
         }
     }
-    assert!(bad.is_empty(), "imports across faces: {bad:#?}");
+    let known: BTreeSet<String> = KNOWN_CROSSINGS.iter().map(|s| s.to_string()).collect();
+    let new: Vec<_> = found.difference(&known).collect();
+    assert!(new.is_empty(), "new imports across faces: {new:#?}");
+    let gone: Vec<_> = known.difference(&found).collect();
+    assert!(
+        gone.is_empty(),
+        "no longer imported, remove from KNOWN_CROSSINGS: {gone:#?}"
+    );
 }
 
 /// The scanner itself: a ring written into the text is found.

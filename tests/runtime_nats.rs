@@ -411,6 +411,95 @@ async fn b10_ensure_is_idempotent_against_server_normalised_values() {
     );
 }
 
+/// A stream module's update overlays only what its config manages: `sources` and `metadata`
+/// an operator set out of band survive a plugin restart whose config changes `max_age`.
+#[tokio::test]
+async fn stream_update_keeps_settings_the_config_does_not_manage() {
+    use eventbus_plugin::nats::{ConnSettings, NatsConn};
+    use std::collections::HashMap;
+    let server = NatsServer::start();
+    let settings = ConnSettings {
+        urls: vec![eventbus_plugin::secret::Secret::new(server.url())],
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let conn = NatsConn::open("t", &settings).await.unwrap();
+    conn.wait_connected(T).await.unwrap();
+    let broker = "provider: nats\ndeploy_target: self_hosted\n";
+    let mut p = plugin_with(&server, None).await;
+    p.module_up("eventbus.broker", "bus", broker).await;
+    p.module_up(
+        "eventbus.stream",
+        "orders",
+        "name: ORDERS\nsubjects: ['orders.>']\nbroker_ref: bus\n",
+    )
+    .await;
+    p.shutdown().await;
+
+    // Out of band: a source stream feeding ORDERS, and metadata.
+    conn.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "LEGACY".into(),
+            subjects: vec!["legacy.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut cfg = conn
+        .js
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    cfg.sources = Some(vec![async_nats::jetstream::stream::Source {
+        name: "LEGACY".into(),
+        ..Default::default()
+    }]);
+    cfg.metadata = HashMap::from([("owner".to_string(), "payments".to_string())]);
+    conn.js.update_stream(cfg).await.unwrap();
+
+    let mut p = plugin_with(&server, None).await;
+    p.module_up("eventbus.broker", "bus", broker).await;
+    p.module_up(
+        "eventbus.stream",
+        "orders",
+        "name: ORDERS\nsubjects: ['orders.>']\nbroker_ref: bus\nmax_age: 3600s\n",
+    )
+    .await;
+    let got = conn
+        .js
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!(
+        got.max_age,
+        Duration::from_secs(3600),
+        "the config change applied"
+    );
+    let sources: Vec<_> = got
+        .sources
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(
+        sources,
+        ["LEGACY"],
+        "out-of-band sources survive the update"
+    );
+    assert_eq!(
+        got.metadata.get("owner").map(String::as_str),
+        Some("payments")
+    );
+    p.shutdown().await;
+}
+
 fn decode_payload(data: &prost_types::Struct) -> Json {
     eventbus_plugin::runtime::decode::value_to_json(&prost_types::Value {
         kind: Some(prost_types::value::Kind::StructValue(data.clone())),

@@ -335,4 +335,24 @@ mod tests {
         }
         assert_eq!(store.load().unwrap().resources.len(), 80);
     }
+
+    /// A state file in the shape the previous release wrote (target as a plain string) loads,
+    /// and writes back with the same target strings.
+    #[test]
+    fn state_files_of_the_previous_release_load() {
+        let text = include_str!("../../tests/fixtures/state-v1.json");
+        let s: ProviderState = serde_json::from_str(text).unwrap();
+        assert_eq!(s.brokers["bus"].target, DeployTarget::Local);
+        assert_eq!(s.brokers["bus"].local.as_ref().unwrap().nodes.len(), 3);
+        assert_eq!(s.brokers["edge"].target, DeployTarget::SelfHosted);
+        assert!(s.brokers["edge"].prevent_destroy);
+        let again: Json = serde_json::to_value(&s).unwrap();
+        assert_eq!(again["brokers"]["bus"]["target"], "local");
+        assert_eq!(again["brokers"]["edge"]["target"], "self_hosted");
+        let bad = text.replacen("\"self_hosted\"", "\"mainframe\"", 1);
+        let e = serde_json::from_str::<ProviderState>(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown deploy target \"mainframe\""), "{e}");
+    }
 }

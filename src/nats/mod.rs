@@ -3,8 +3,10 @@
 
 pub mod ack;
 pub mod conn;
+pub mod consumer;
 pub mod error;
 pub mod names;
+pub mod stream;
 
 pub use conn::{ConnSettings, NatsConn};
 pub use error::NatsError;

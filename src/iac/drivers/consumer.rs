@@ -10,12 +10,12 @@ use super::{
 use crate::iac::error::DriverError;
 use crate::iac::plan::{field, flag_changes, identity_change, Change as PlanChange};
 use crate::iac::state::ResourceRecord;
+use crate::nats::consumer::{fetch_consumer_config, overlay, ConsumerSpec};
 use crate::nats::error::lift_api;
+use crate::nats::stream::Change;
 use crate::nats::{NatsConn, NatsError};
 use crate::pb::eventbus::ConsumerConfig;
 use crate::pb::iac::ResourceRef;
-use crate::runtime::modules::consumer::{fetch_consumer_config, ConsumerSpec};
-use crate::runtime::modules::stream::Change;
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy};
 use serde_json::{json, Value as Json};
 
@@ -151,27 +151,6 @@ pub fn desired_outputs(spec: &ConsumerSpec, broker: &str) -> Json {
             bind: spec.bind,
         },
     )
-}
-
-/// The managed, user-set fields of `spec` over the server's current config.
-pub fn overlay(spec: &ConsumerSpec, mut c: consumer::Config) -> consumer::Config {
-    let want = spec.to_nats();
-    c.filter_subject = want.filter_subject;
-    c.filter_subjects = want.filter_subjects;
-    c.max_deliver = want.max_deliver;
-    if spec.ack_wait.is_some() {
-        c.ack_wait = want.ack_wait;
-    }
-    if spec.max_ack_pending.is_some() {
-        c.max_ack_pending = want.max_ack_pending;
-    }
-    if !spec.backoff.is_empty() {
-        c.backoff = want.backoff;
-    }
-    if spec.description.is_some() {
-        c.description = want.description;
-    }
-    c
 }
 
 fn label(resource: &str, stream: &str, durable: &str) -> String {

@@ -16,10 +16,10 @@ use crate::iac::error::DriverError;
 use crate::iac::plan::{field, flag_changes, identity_change, Change as PlanChange};
 use crate::iac::state::{ProviderState, ResourceRecord};
 use crate::nats::error::lift_api;
+use crate::nats::stream::{fetch_stream_config, overlay, Change, StreamSpec};
 use crate::nats::NatsError;
 use crate::pb::eventbus::StreamConfig;
 use crate::pb::iac::ResourceRef;
-use crate::runtime::modules::stream::{fetch_stream_config, Change, StreamSpec};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use serde_json::{json, Value as Json};
 
@@ -160,26 +160,6 @@ pub fn desired_outputs(spec: &StreamSpec, broker: &str) -> Json {
             bind: spec.bind,
         },
     )
-}
-
-/// The managed fields of `spec` written over the server's current config.
-pub fn overlay(spec: &StreamSpec, mut c: stream::Config) -> stream::Config {
-    let want = spec.to_nats();
-    c.subjects = want.subjects;
-    c.num_replicas = want.num_replicas;
-    c.max_bytes = want.max_bytes;
-    c.max_messages = want.max_messages;
-    c.max_messages_per_subject = want.max_messages_per_subject;
-    c.max_message_size = want.max_message_size;
-    c.max_age = want.max_age;
-    c.discard = want.discard;
-    if spec.duplicate_window.is_some() {
-        c.duplicate_window = want.duplicate_window;
-    }
-    if spec.description.is_some() {
-        c.description = want.description;
-    }
-    c
 }
 
 fn lift_create(

@@ -2,10 +2,10 @@
 //! Init/Start/Stop act on that spec only.
 
 pub mod broker;
-pub mod consumer;
-pub mod stream;
 
 use crate::nats::NatsError;
+// The specs live in the NATS layer, shared with the IaC drivers; runtime code names them here.
+pub use crate::nats::{consumer, stream};
 use broker::BrokerModule;
 use consumer::ConsumerSpec;
 use std::sync::Arc;

@@ -285,11 +285,32 @@ impl StreamSpec {
             return Ok(EnsureOutcome::Unchanged);
         };
         conn.js
-            .update_stream(self.to_nats())
+            .update_stream(overlay(self, observed))
             .await
             .map_err(|e| lift_create("update stream", &what, e))?;
         Ok(EnsureOutcome::Updated(fields))
     }
+}
+
+/// Settings the config does not manage (sources, mirrors, metadata, ...) are kept, so an
+/// update never undoes what an operator set out of band. The managed fields of `spec` written over the server's current config.
+pub fn overlay(spec: &StreamSpec, mut c: stream::Config) -> stream::Config {
+    let want = spec.to_nats();
+    c.subjects = want.subjects;
+    c.num_replicas = want.num_replicas;
+    c.max_bytes = want.max_bytes;
+    c.max_messages = want.max_messages;
+    c.max_messages_per_subject = want.max_messages_per_subject;
+    c.max_message_size = want.max_message_size;
+    c.max_age = want.max_age;
+    c.discard = want.discard;
+    if spec.duplicate_window.is_some() {
+        c.duplicate_window = want.duplicate_window;
+    }
+    if spec.description.is_some() {
+        c.description = want.description;
+    }
+    c
 }
 
 /// The server's config of a stream, or `None` when it does not exist.

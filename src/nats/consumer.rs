@@ -287,7 +287,7 @@ impl ConsumerSpec {
             return Ok(EnsureOutcome::Unchanged);
         };
         stream
-            .update_consumer(self.to_nats())
+            .update_consumer(overlay(self, observed))
             .await
             .map_err(|e| NatsError::other("update consumer", format!("{what}: {e}")))?;
         Ok(EnsureOutcome::Updated(fields))
@@ -341,4 +341,26 @@ fn lift_consumer(
         },
         _ => NatsError::other(op, e),
     }
+}
+
+/// Settings the config does not manage (sources, mirrors, metadata, ...) are kept, so an
+/// update never undoes what an operator set out of band. The managed, user-set fields of `spec` over the server's current config.
+pub fn overlay(spec: &ConsumerSpec, mut c: consumer::Config) -> consumer::Config {
+    let want = spec.to_nats();
+    c.filter_subject = want.filter_subject;
+    c.filter_subjects = want.filter_subjects;
+    c.max_deliver = want.max_deliver;
+    if spec.ack_wait.is_some() {
+        c.ack_wait = want.ack_wait;
+    }
+    if spec.max_ack_pending.is_some() {
+        c.max_ack_pending = want.max_ack_pending;
+    }
+    if !spec.backoff.is_empty() {
+        c.backoff = want.backoff;
+    }
+    if spec.description.is_some() {
+        c.description = want.description;
+    }
+    c
 }

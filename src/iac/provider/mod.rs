@@ -1,0 +1,327 @@
+//! The provider's domain operations, one function per RPC, over the drivers, the pure plan and
+//! the provider's state; the gRPC services in `iac/mod.rs` only convert. This file routes the
+//! per-resource calls (CRUD, diff, plan); the other jobs have a file each: `destroy`
+//! (ordered deletes), `inventory` (status, import, enumerate), `drift`, `validate` (plan checks).
+
+mod destroy;
+mod drift;
+mod inventory;
+mod validate;
+
+use super::drivers::{
+    self, broker, stream, BrokerDriver, ConsumerDriver, Ctx, Driver, Kind, Output, StreamDriver,
+};
+use super::error::DriverError;
+use super::plan::{self, Change};
+use super::state::ProviderState;
+use crate::nats::consumer::ConsumerSpec;
+use crate::nats::stream::StreamSpec;
+use crate::pb::iac::{
+    IaCCapabilityDeclaration, IaCPlan, ResourceOutput, ResourceRef, ResourceSpec, ResourceState,
+};
+use serde_json::{json, Value as Json};
+use std::path::PathBuf;
+
+pub const NAME: &str = "eventbus";
+/// Part of wfctl's on-disk Diff cache key: bump the suffix whenever Diff semantics change.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+diff.1");
+pub const DEFAULT_STATE_DIR: &str = ".eventbus-iac";
+/// Keys of the `iac.provider` module config; `provider` routes, `plugin`/`service` are the
+/// engine's.
+const CONFIG_KEYS: &[&str] = &["provider", "state_dir", "plugin", "service"];
+
+pub struct Provider {
+    pub ctx: Ctx,
+}
+
+/// A decoded, validated desired config.
+pub enum Desired {
+    Broker(Box<broker::BrokerDesired>),
+    Stream(StreamSpec),
+    Consumer(ConsumerSpec),
+}
+
+impl Desired {
+    pub fn decode(kind: Kind, name: &str, config_json: &[u8]) -> Result<Desired, DriverError> {
+        Ok(match kind {
+            Kind::Broker => Desired::Broker(Box::new(BrokerDriver::decode(name, config_json)?)),
+            Kind::Stream => Desired::Stream(StreamDriver::decode(name, config_json)?),
+            Kind::Consumer => Desired::Consumer(ConsumerDriver::decode(name, config_json)?),
+        })
+    }
+}
+
+fn outputs_of(bytes: &[u8]) -> Json {
+    match serde_json::from_slice::<Json>(bytes) {
+        Ok(v @ Json::Object(_)) => v,
+        _ => json!({}),
+    }
+}
+
+fn wire(name: &str, type_name: &str, o: Output) -> ResourceOutput {
+    ResourceOutput {
+        name: name.to_string(),
+        r#type: type_name.to_string(),
+        provider_id: o.provider_id,
+        outputs_json: serde_json::to_vec(&o.outputs).unwrap_or_else(|_| b"{}".to_vec()),
+        sensitive: o.sensitive.into_iter().map(|k| (k, true)).collect(),
+        status: o.status,
+    }
+}
+
+impl Provider {
+    /// From the `iac.provider` module's config; empty or null config is fine (orphan destroy).
+    pub fn from_config(config_json: &[u8]) -> Result<Provider, DriverError> {
+        let what = "iac.provider config (provider: eventbus)";
+        let cfg = drivers::config_object(what, config_json)?;
+        let mut state_dir = None;
+        for (k, v) in &cfg {
+            if k.starts_with('_') || ["provider", "plugin", "service"].contains(&k.as_str()) {
+                continue;
+            }
+            if k == "state_dir" {
+                match v {
+                    Json::String(s) if !s.trim().is_empty() => {
+                        state_dir = Some(PathBuf::from(s.trim()))
+                    }
+                    Json::String(_) | Json::Null => {}
+                    _ => {
+                        return Err(DriverError::invalid(
+                            what,
+                            "state_dir must be a path string",
+                        ))
+                    }
+                }
+                continue;
+            }
+            return Err(DriverError::invalid(
+                what,
+                format!("unknown key {k:?} (valid keys: {})", CONFIG_KEYS.join(", ")),
+            ));
+        }
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        let dir = match state_dir {
+            Some(p) if p.is_absolute() => p,
+            Some(p) => cwd.join(p),
+            None => cwd.join(DEFAULT_STATE_DIR),
+        };
+        Ok(Provider { ctx: Ctx::new(dir) })
+    }
+
+    pub fn capabilities() -> Vec<IaCCapabilityDeclaration> {
+        let ops = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        vec![
+            IaCCapabilityDeclaration {
+                resource_type: drivers::BROKER_TYPE.into(),
+                tier: 1,
+                operations: ops(&["create", "read", "update", "delete"]),
+            },
+            IaCCapabilityDeclaration {
+                resource_type: drivers::STREAM_TYPE.into(),
+                tier: 2,
+                operations: ops(&["create", "read", "update", "delete", "scale"]),
+            },
+            IaCCapabilityDeclaration {
+                resource_type: drivers::CONSUMER_TYPE.into(),
+                tier: 2,
+                operations: ops(&["create", "read", "update", "delete"]),
+            },
+        ]
+    }
+
+    // ---------------------------------------------------------------- ResourceDriver
+
+    async fn apply(
+        &self,
+        spec: &ResourceSpec,
+        type_name: &str,
+    ) -> Result<ResourceOutput, DriverError> {
+        let type_name = if type_name.is_empty() {
+            &spec.r#type
+        } else {
+            type_name
+        };
+        async fn one<D: Driver>(
+            ctx: &Ctx,
+            spec: &ResourceSpec,
+        ) -> Result<ResourceOutput, DriverError> {
+            let desired = D::decode(&spec.name, &spec.config_json)?;
+            let out = D::apply(ctx, &spec.name, &desired).await?;
+            Ok(wire(&spec.name, D::KIND.type_name(), out))
+        }
+        match Kind::parse(type_name)? {
+            Kind::Broker => one::<BrokerDriver>(&self.ctx, spec).await,
+            Kind::Stream => one::<StreamDriver>(&self.ctx, spec).await,
+            Kind::Consumer => one::<ConsumerDriver>(&self.ctx, spec).await,
+        }
+    }
+
+    /// Create is create-or-adopt (wfctl cannot recognise "already exists" over gRPC).
+    pub async fn create(
+        &self,
+        type_name: &str,
+        spec: &ResourceSpec,
+    ) -> Result<ResourceOutput, DriverError> {
+        self.apply(spec, type_name).await
+    }
+
+    /// Update applies in place; a resource deleted behind our back is created again.
+    pub async fn update(
+        &self,
+        type_name: &str,
+        _r: &ResourceRef,
+        spec: &ResourceSpec,
+    ) -> Result<ResourceOutput, DriverError> {
+        self.apply(spec, type_name).await
+    }
+
+    pub async fn read(
+        &self,
+        type_name: &str,
+        r: &ResourceRef,
+    ) -> Result<ResourceOutput, DriverError> {
+        let kind = Kind::parse(if type_name.is_empty() {
+            &r.r#type
+        } else {
+            type_name
+        })?;
+        let out = match kind {
+            Kind::Broker => BrokerDriver::read(&self.ctx, r).await?,
+            Kind::Stream => StreamDriver::read(&self.ctx, r).await?,
+            Kind::Consumer => ConsumerDriver::read(&self.ctx, r).await?,
+        };
+        Ok(wire(&r.name, kind.type_name(), out))
+    }
+
+    pub async fn delete(&self, type_name: &str, r: &ResourceRef) -> Result<(), DriverError> {
+        match Kind::parse(if type_name.is_empty() {
+            &r.r#type
+        } else {
+            type_name
+        })? {
+            Kind::Broker => BrokerDriver::delete(&self.ctx, r).await,
+            Kind::Stream => StreamDriver::delete(&self.ctx, r).await,
+            Kind::Consumer => ConsumerDriver::delete(&self.ctx, r).await,
+        }
+    }
+
+    /// Pure apart from reading the provider state (to resolve a stream's broker).
+    pub fn diff(
+        &self,
+        type_name: &str,
+        desired: &ResourceSpec,
+        current_outputs: &[u8],
+    ) -> Result<Vec<Change>, DriverError> {
+        let state = self.ctx.state.load()?;
+        diff_with(&state, type_name, desired, &outputs_of(current_outputs))
+    }
+
+    pub async fn scale(
+        &self,
+        type_name: &str,
+        r: &ResourceRef,
+        replicas: i32,
+    ) -> Result<ResourceOutput, DriverError> {
+        match Kind::parse(type_name)? {
+            Kind::Stream => Ok(wire(&r.name, type_name, stream::scale(&self.ctx, r, replicas).await?)),
+            Kind::Broker => Err(DriverError::Unsupported(
+                "Scale of infra.eventbus (replicas of a local broker change by replace; set replicas and apply)".into(),
+            )),
+            Kind::Consumer => Err(DriverError::Unsupported("Scale of infra.eventbus.consumer".into())),
+        }
+    }
+
+    pub async fn health(
+        &self,
+        type_name: &str,
+        r: &ResourceRef,
+    ) -> Result<(bool, String), DriverError> {
+        match Kind::parse(type_name)? {
+            Kind::Broker => BrokerDriver::health(&self.ctx, r).await,
+            Kind::Stream => StreamDriver::health(&self.ctx, r).await,
+            Kind::Consumer => ConsumerDriver::health(&self.ctx, r).await,
+        }
+    }
+
+    pub fn sensitive_keys(type_name: &str) -> Result<Vec<String>, DriverError> {
+        Ok(match Kind::parse(type_name)? {
+            Kind::Broker => vec!["token".into(), "password".into()],
+            _ => Vec::new(),
+        })
+    }
+
+    pub fn troubleshoot(
+        &self,
+        type_name: &str,
+        r: &ResourceRef,
+    ) -> Result<Vec<(String, String)>, DriverError> {
+        match Kind::parse(type_name)? {
+            Kind::Broker => broker::troubleshoot(&self.ctx, r),
+            _ => Err(DriverError::Unsupported(format!(
+                "Troubleshoot of {type_name}"
+            ))),
+        }
+    }
+
+    /// The host's own algorithm, for engine steps that call Plan (wfctl computes its own).
+    pub fn plan(
+        &self,
+        desired: &[ResourceSpec],
+        current: &[ResourceState],
+    ) -> Result<IaCPlan, DriverError> {
+        let state = self.ctx.state.load()?;
+        plan::compute_plan(desired, current, |spec, st| {
+            diff_with(&state, &spec.r#type, spec, &outputs_of(&st.outputs_json))
+        })
+    }
+}
+
+/// The diff of one resource against outputs, with the broker resolved from `state`.
+pub fn diff_with(
+    state: &ProviderState,
+    type_name: &str,
+    desired: &ResourceSpec,
+    current: &Json,
+) -> Result<Vec<Change>, DriverError> {
+    let type_name = if type_name.is_empty() {
+        &desired.r#type
+    } else {
+        type_name
+    };
+    fn one<D: Driver>(
+        state: &ProviderState,
+        desired: &ResourceSpec,
+        current: &Json,
+    ) -> Result<Vec<Change>, DriverError> {
+        D::diff(
+            &D::decode(&desired.name, &desired.config_json)?,
+            state,
+            current,
+        )
+    }
+    match Kind::parse(type_name)? {
+        Kind::Broker => one::<BrokerDriver>(state, desired, current),
+        Kind::Stream => one::<StreamDriver>(state, desired, current),
+        Kind::Consumer => one::<ConsumerDriver>(state, desired, current),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initialize_accepts_empty_and_rejects_typos() {
+        for empty in [&b""[..], b"null", b"{}", b"{\"provider\":\"eventbus\"}"] {
+            let p = Provider::from_config(empty).unwrap();
+            assert!(p.ctx.state.dir().ends_with(DEFAULT_STATE_DIR));
+        }
+        let p = Provider::from_config(br#"{"provider":"eventbus","state_dir":"/tmp/x"}"#).unwrap();
+        assert_eq!(p.ctx.state.dir(), std::path::Path::new("/tmp/x"));
+        let e = Provider::from_config(br#"{"provider":"eventbus","state_dri":"/tmp/x"}"#)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("state_dri") && e.contains("state_dir"), "{e}");
+    }
+}
