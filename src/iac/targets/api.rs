@@ -8,6 +8,7 @@ use crate::iac::state::BrokerRecord;
 use crate::pb::eventbus::ClusterConfig;
 use crate::runtime::modules::broker::BrokerSpec;
 use serde_json::{Map, Value as Json};
+use std::path::PathBuf;
 
 /// A validated broker config plus the raw values whose "unset" matters.
 #[derive(Clone, Debug)]
@@ -81,6 +82,13 @@ pub trait BrokerTarget: Sync {
     fn troubleshoot(&self, _rec: &BrokerRecord) -> Option<Vec<(String, String)>> {
         None
     }
+}
+
+/// A configured path as the view and records show it (`""` = unset).
+pub fn path_text(o: &Option<PathBuf>) -> String {
+    o.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
 }
 
 /// Runs blocking process work off the async threads.

@@ -2,7 +2,7 @@
 //! recorded with their pids and ports so the next plugin process finds them. Replicas and the
 //! data directory cannot change in place (a replace); ports, binary and store limits can.
 
-use super::api::{block, label, Applied, BrokerDesired, BrokerTarget};
+use super::api::{block, label, path_text, Applied, BrokerDesired, BrokerTarget};
 use super::nats_server::{self, LocalRecord};
 use crate::iac::drivers::Ctx;
 use crate::iac::error::DriverError;
@@ -12,12 +12,6 @@ use serde_json::{json, Map, Value as Json};
 use std::path::{Path, PathBuf};
 
 pub struct Local;
-
-fn path_text(o: &Option<PathBuf>) -> String {
-    o.as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default()
-}
 
 #[tonic::async_trait]
 impl BrokerTarget for Local {
@@ -102,6 +96,17 @@ impl BrokerTarget for Local {
                 .collect()
         })
     }
+}
+
+/// Chooses ports for `replicas` nodes under the record's data dir and starts them. Blocking.
+fn start_fresh(
+    rec: &mut LocalRecord,
+    broker: &str,
+    replicas: u32,
+    client_port: u16,
+) -> Result<(), nats_server::LocalError> {
+    rec.nodes = nats_server::plan_nodes(broker, replicas, client_port, Path::new(&rec.data_dir))?;
+    nats_server::start_all(rec, broker)
 }
 
 fn data_dir(ctx: &Ctx, name: &str, d: &BrokerDesired) -> PathBuf {
@@ -202,13 +207,7 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
                 };
                 if ports_changed {
                     nats_server::stop_all(&old);
-                    rec.nodes = nats_server::plan_nodes(
-                        &broker,
-                        replicas,
-                        client_port,
-                        Path::new(&rec.data_dir),
-                    )?;
-                    nats_server::start_all(&mut rec, &broker)?;
+                    start_fresh(&mut rec, &broker, replicas, client_port)?;
                 } else if config_changed {
                     nats_server::heal(&mut rec, &broker)?;
                     nats_server::rolling_restart(&mut rec, &broker)?;
@@ -222,13 +221,7 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
         None => {
             block(what.clone(), move || {
                 let mut rec = desired;
-                rec.nodes = nats_server::plan_nodes(
-                    &broker,
-                    replicas,
-                    client_port,
-                    Path::new(&rec.data_dir),
-                )?;
-                nats_server::start_all(&mut rec, &broker)?;
+                start_fresh(&mut rec, &broker, replicas, client_port)?;
                 Ok(rec)
             })
             .await?

@@ -2,7 +2,7 @@
 //! `EVENTBUS_<NAME>_URI` / `NATS_URL`) are adopted. Apply records how to reach them (the driver
 //! then checks they answer and have JetStream); delete only forgets them.
 
-use super::api::{label, strip_userinfo, Applied, BrokerDesired, BrokerTarget};
+use super::api::{label, path_text, strip_userinfo, Applied, BrokerDesired, BrokerTarget};
 use crate::iac::drivers::{fingerprint, Ctx};
 use crate::iac::error::DriverError;
 use crate::iac::state::{AuthRecord, BrokerRecord};
@@ -10,15 +10,8 @@ use crate::providers::DeployTarget;
 use crate::runtime::modules::broker::BrokerSpec;
 use crate::secret::Secret;
 use serde_json::{json, Map, Value as Json};
-use std::path::PathBuf;
 
 pub struct SelfHosted;
-
-fn path_text(o: &Option<PathBuf>) -> String {
-    o.as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default()
-}
 
 fn auth_fingerprint(spec: &BrokerSpec) -> String {
     let c = &spec.conn;
