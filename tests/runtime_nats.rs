@@ -409,6 +409,12 @@ async fn b10_ensure_is_idempotent_against_server_normalised_values() {
         err.to_string().contains("storage cannot change in place"),
         "{err}"
     );
+    // The plugin's own refusal does not pose as a server error.
+    assert!(
+        err.to_string().starts_with("update stream refused: "),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("error code"), "{err}");
 }
 
 /// A stream module's update overlays only what its config manages: `sources` and `metadata`

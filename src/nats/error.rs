@@ -21,6 +21,9 @@ pub enum NatsError {
         code: u64,
         detail: String,
     },
+    /// The plugin's own refusal, before anything is sent: the change would need a replace.
+    #[error("{op} refused: {detail}")]
+    NotInPlace { op: &'static str, detail: String },
     #[error("{op} failed: {detail}")]
     Other { op: &'static str, detail: String },
     #[error("invalid connection settings: {0}")]

@@ -404,9 +404,8 @@ pub fn in_place_fields(
         return Ok(None);
     }
     if let Some(bad) = diffs.iter().find(|d| d.change != Change::InPlace) {
-        return Err(NatsError::Rejected {
+        return Err(NatsError::NotInPlace {
             op,
-            code: 0,
             detail: format!(
                 "{what}: {} cannot change in place (server has {}, config wants {}); {}",
                 bad.field,
