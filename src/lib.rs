@@ -3,6 +3,7 @@
 //! trigger), `iac` (wfctl provider); shared NATS plumbing in `nats`, the provider x target matrix
 //! in `providers`.
 
+pub mod error_chain;
 pub mod host;
 pub mod iac;
 pub mod logging;

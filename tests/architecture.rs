@@ -248,20 +248,14 @@ fn starts(m: &[String], prefix: &[&str]) -> bool {
 }
 
 /// Imports from the IaC face into the runtime that remain until the config decoding
-/// (`runtime::decode`, `config_error`, `types`) and the module specs move to a layer under
+/// (`runtime::decode`, `config_error`, `types`) and the broker spec move to a layer under
 /// both faces. The list may only shrink: a new edge fails, and so does a listed edge that is
 /// gone (delete it here).
 const KNOWN_CROSSINGS: &[&str] = &[
     "crate::iac::drivers -> crate::runtime::config_error",
     "crate::iac::drivers -> crate::runtime::decode",
     "crate::iac::drivers -> crate::runtime::types",
-    "crate::iac::drivers::broker -> crate::runtime",
-    "crate::iac::drivers::consumer -> crate::runtime",
-    "crate::iac::drivers::stream -> crate::runtime",
-    "crate::iac::error -> crate::runtime",
     "crate::iac::error -> crate::runtime::config_error",
-    "crate::iac::provider::destroy -> crate::runtime",
-    "crate::iac::provider::inventory -> crate::runtime",
     "crate::iac::targets::api -> crate::runtime::modules::broker",
     "crate::iac::targets::self_hosted -> crate::runtime::modules::broker",
 ];

@@ -99,7 +99,7 @@ impl DriverError {
 
 impl From<DriverError> for tonic::Status {
     fn from(e: DriverError) -> Self {
-        let msg = crate::runtime::render(&e);
+        let msg = crate::error_chain::render(&e);
         match &e {
             DriverError::NotFound { .. } => tonic::Status::not_found(msg),
             DriverError::EmptyType { .. }

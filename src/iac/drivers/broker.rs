@@ -246,7 +246,7 @@ pub async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), Driver
             ),
         )),
         Err(e) if e.is_not_found() => Err(e),
-        Err(e) => Ok((false, crate::runtime::render(&e))),
+        Err(e) => Ok((false, crate::error_chain::render(&e))),
     }
 }
 

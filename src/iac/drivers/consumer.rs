@@ -447,7 +447,7 @@ pub async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), Driver
     let b = connect_target(ctx, &what, &l, &state)?;
     let conn = match ctx.conns.connect(&what, &b).await {
         Ok(c) => c,
-        Err(e) => return Ok((false, crate::runtime::render(&e))),
+        Err(e) => return Ok((false, crate::error_chain::render(&e))),
     };
     let Some(stream) = get_stream(&conn, &what, &l.stream).await? else {
         return Ok((false, format!("stream {:?} does not exist", l.stream)));

@@ -535,7 +535,7 @@ pub async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), Driver
     let b = connect_target(ctx, &what, &l, &state)?;
     let conn = match ctx.conns.connect(&what, &b).await {
         Ok(c) => c,
-        Err(e) => return Ok((false, crate::runtime::render(&e))),
+        Err(e) => return Ok((false, crate::error_chain::render(&e))),
     };
     match conn.js.get_stream(&l.stream).await {
         Ok(mut s) => match s.info().await {

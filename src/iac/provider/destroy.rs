@@ -18,7 +18,7 @@ impl Provider {
                 Err(e) => result.errors.push(ActionError {
                     resource: r.name.clone(),
                     action: "delete".into(),
-                    error: crate::runtime::render(&e),
+                    error: crate::error_chain::render(&e),
                 }),
             }
         }
@@ -45,7 +45,7 @@ impl Provider {
                 Err(e) => result.errors.push(ActionError {
                     resource: r.name.clone(),
                     action: "delete".into(),
-                    error: crate::runtime::render(&e),
+                    error: crate::error_chain::render(&e),
                 }),
             }
         }

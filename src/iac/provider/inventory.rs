@@ -40,7 +40,7 @@ impl Provider {
                         provider_id: r.provider_id.clone(),
                         status: if stopped { "stopped" } else { "unknown" }.into(),
                         outputs_json: serde_json::to_vec(
-                            &json!({"error": crate::runtime::render(&e)}),
+                            &json!({"error": crate::error_chain::render(&e)}),
                         )
                         .unwrap_or_default(),
                     }
@@ -133,7 +133,7 @@ impl Provider {
                     match self.read(type_name, &r).await {
                         Ok(o) => out.push(o),
                         Err(e) => {
-                            tracing::warn!(broker = %name, error = %crate::runtime::render(&e), "enumerate: skipped")
+                            tracing::warn!(broker = %name, error = %crate::error_chain::render(&e), "enumerate: skipped")
                         }
                     }
                 }
@@ -159,7 +159,7 @@ impl Provider {
                             )
                         })),
                         Err(e) => {
-                            tracing::warn!(broker = %name, error = %crate::runtime::render(&e), "enumerate: skipped")
+                            tracing::warn!(broker = %name, error = %crate::error_chain::render(&e), "enumerate: skipped")
                         }
                     }
                 }
@@ -187,7 +187,7 @@ impl Provider {
                             )
                         })),
                         Err(e) => {
-                            tracing::warn!(broker = %name, error = %crate::runtime::render(&e), "enumerate: skipped")
+                            tracing::warn!(broker = %name, error = %crate::error_chain::render(&e), "enumerate: skipped")
                         }
                     }
                 }
