@@ -92,6 +92,7 @@ pub(crate) struct Inner {
     consumers: RwLock<Vec<Arc<ConsumerModule>>>,
     launcher: RwLock<Option<Arc<dyn Launcher>>>,
     pulls: steps::consume::PullCache,
+    batch_marks: trigger::batch::Marks,
     next_id: AtomicU64,
 }
 
@@ -114,6 +115,7 @@ impl Runtime {
                 consumers: RwLock::default(),
                 launcher: RwLock::default(),
                 pulls: Default::default(),
+                batch_marks: Default::default(),
                 next_id: AtomicU64::new(1),
             }),
         }
@@ -130,6 +132,11 @@ impl Runtime {
 
     pub(crate) fn launcher(&self) -> Option<Arc<dyn Launcher>> {
         read(&self.inner.launcher).clone()
+    }
+
+    /// Tokens of messages held by batch trigger runs, and what their pipelines did with them.
+    pub(crate) fn batch_marks(&self) -> &trigger::batch::Marks {
+        &self.inner.batch_marks
     }
 
     pub(crate) fn pulls(&self) -> &steps::consume::PullCache {

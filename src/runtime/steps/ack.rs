@@ -1,7 +1,8 @@
 //! `step.eventbus.ack`: ack, nak (with delay), term or progress by ack token, confirmed.
 
+use super::bulk::FailOn;
 use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
-use crate::nats::ack::{ack_token, check_token, AckKind};
+use crate::nats::ack::{check_token, AckKind};
 use crate::pb::eventbus::{AckAction, AckRequest, AckResponse, AckStepConfig};
 use crate::runtime::config_error::{duration, negative, Problems};
 use crate::runtime::decode::{self, RawConfig};
@@ -25,6 +26,48 @@ fn kind_of(c: &AckStepConfig) -> Result<AckKind, String> {
     }
 }
 
+/// Create-time checks of the bulk fields.
+fn check_bulk_config(p: &mut Problems, c: &AckStepConfig) {
+    if let Err(e) = FailOn::parse(&c.fail_on) {
+        p.field("fail_on", e);
+    }
+    if !c.ack_tokens.is_empty() && !c.ack_token.is_empty() {
+        p.field(
+            "ack_tokens",
+            "set either ack_token (one message) or ack_tokens (many), not both",
+        );
+    }
+    for (i, t) in c.ack_tokens.iter().enumerate() {
+        if !templated(t) {
+            p.check(&format!("ack_tokens[{i}]"), check_token(t));
+        }
+    }
+}
+
+/// The tokens of a bulk ack, or None for a single one. Config wins over pipeline state, and a
+/// single token wins over lists at the same level, so pipelines that ack one message keep
+/// doing so when their state also holds a list.
+fn bulk_tokens(cfg: &AckStepConfig, inp: &mut AckRequest) -> Option<Vec<String>> {
+    if !cfg.ack_tokens.is_empty() {
+        return Some(cfg.ack_tokens.clone());
+    }
+    if !cfg.ack_token.is_empty() || !inp.ack_token.is_empty() {
+        return None;
+    }
+    if !inp.ack_tokens.is_empty() {
+        return Some(std::mem::take(&mut inp.ack_tokens));
+    }
+    if !inp.messages.is_empty() {
+        return Some(
+            std::mem::take(&mut inp.messages)
+                .into_iter()
+                .map(|m| m.ack_token)
+                .collect(),
+        );
+    }
+    None
+}
+
 impl AckStep {
     pub fn create(name: &str, raw: RawConfig<'_>) -> Result<Self, RuntimeError> {
         let kind = StepKind::Ack;
@@ -41,6 +84,7 @@ impl AckStep {
                 if let Err(e) = kind_of(&c) {
                     p.field("action", e);
                 }
+                check_bulk_config(&mut p, &c);
             }
         }
         p.finish(AckStep {
@@ -55,8 +99,24 @@ impl AckStep {
         input: ExecuteInput<'_>,
     ) -> Result<StepOutput, RuntimeError> {
         let component = &self.component;
-        let (cfg, inp): (AckStepConfig, AckRequest) =
+        let (cfg, mut inp): (AckStepConfig, AckRequest) =
             decode_execute(StepKind::Ack, &self.component, &input)?;
+        if let Some(tokens) = bulk_tokens(&cfg, &mut inp) {
+            let kind = kind_of(&cfg).map_err(|e| RuntimeError::failed(component, e))?;
+            let fail_on = FailOn::parse(&cfg.fail_on)
+                .map_err(|e| RuntimeError::failed(component, format!("fail_on {e}")))?;
+            let broker_ref = pick(&cfg.broker_ref, &inp.broker_ref);
+            // Boxed: the bulk future holds the window and would size every single ack.
+            return Box::pin(super::ack_bulk::execute(
+                component,
+                rt,
+                &broker_ref,
+                tokens,
+                kind,
+                fail_on,
+            ))
+            .await;
+        }
         let token = pick(&cfg.ack_token, &inp.ack_token);
         check_token(&token)
             .map_err(|e| RuntimeError::failed(component, format!("ack_token {e}")))?;
@@ -69,11 +129,12 @@ impl AckStep {
         conn.wait_connected(conn.request_timeout)
             .await
             .map_err(|e| RuntimeError::nats(component, e))?;
-        ack_token(&conn.client, &token, kind, conn.request_timeout)
+        super::ack_bulk::settle(rt, &conn, &token, kind)
             .await
             .map_err(|e| RuntimeError::nats(component, e))?;
         let out = AckResponse {
             action: kind.name().to_string(),
+            ..Default::default()
         };
         Ok(StepOutput {
             typed: StepKind::Ack.pack_output(&out),

@@ -325,5 +325,6 @@ pub fn to_message(m: &async_nats::jetstream::Message, durable: &str) -> Message 
         delivery_count: delivered,
         text,
         json,
+        ..Default::default()
     }
 }

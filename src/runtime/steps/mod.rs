@@ -3,8 +3,11 @@
 //! pipeline state filtered to the input message, and fields set in config win over input.
 
 pub mod ack;
+pub mod ack_bulk;
+pub mod bulk;
 pub mod consume;
 pub mod publish;
+pub mod publish_bulk;
 
 use super::decode::{self, RawConfig};
 use super::types::StepKind;

@@ -35,6 +35,7 @@ impl PublishStep {
                 if negative(&c.timeout) || duration(&c.timeout) == Some(Duration::ZERO) {
                     p.field("timeout", "must be a positive duration such as \"5s\"");
                 }
+                super::publish_bulk::check_config(&mut p, &c);
             }
         }
         p.finish(PublishStep {
@@ -45,41 +46,32 @@ impl PublishStep {
 
     /// Everything up to the network, done synchronously so that only what the send needs
     /// lives across an await (the future stays small; it is moved into a box per call).
-    fn prepare(&self, rt: &Runtime, input: &ExecuteInput<'_>) -> Result<Outgoing, RuntimeError> {
-        let (cfg, inp): (PublishStepConfig, PublishRequest) =
-            decode_execute(StepKind::Publish, &self.component, input)?;
+    fn prepare(
+        &self,
+        rt: &Runtime,
+        cfg: PublishStepConfig,
+        inp: PublishRequest,
+    ) -> Result<Outgoing, RuntimeError> {
         let subject = pick(&cfg.subject, &inp.subject);
-        check_publish_subject(&subject).map_err(|e| {
-            RuntimeError::failed(
-                &self.component,
-                format!("subject {e} (set config.subject or a `subject` in pipeline state)"),
-            )
-        })?;
-        let payload: Vec<u8> = match cfg.payload.as_ref().and_then(|v| v.kind.as_ref()) {
-            Some(prost_types::value::Kind::StringValue(s)) => s.clone().into_bytes(),
-            Some(_) => {
-                let json = decode::value_to_json(
-                    cfg.payload
-                        .as_ref()
-                        .unwrap_or(&prost_types::Value::default()),
-                );
-                serde_json::to_vec(&json)
-                    .map_err(|e| RuntimeError::failed(&self.component, format!("payload: {e}")))?
-            }
-            None => inp.payload,
-        };
-        let mut headers = HeaderMap::new();
-        for (k, v) in inp.headers.iter().chain(cfg.headers.iter()) {
-            headers.insert(k.as_str(), v.as_str());
-        }
+        let payload = payload_of(cfg.payload.as_ref())
+            .map_err(|e| RuntimeError::failed(&self.component, e))?
+            .unwrap_or(inp.payload);
         let correlation = pick(&cfg.correlation_id, &inp.correlation_id);
-        if !correlation.is_empty() {
-            headers.insert(CORRELATION_HEADER, correlation.as_str());
-        }
         let msg_id = pick(&cfg.message_id, &inp.message_id);
-        if !msg_id.is_empty() {
-            headers.insert(MSG_ID_HEADER, msg_id.as_str());
-        }
+        let headers = build_message(
+            &subject,
+            inp.headers.iter().chain(cfg.headers.iter()),
+            &correlation,
+            &msg_id,
+        )
+        .map_err(|e| {
+            let hint = if e.field == "subject" {
+                " (set config.subject or a `subject` in pipeline state)"
+            } else {
+                ""
+            };
+            RuntimeError::failed(&self.component, format!("{e}{hint}"))
+        })?;
         let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), &self.component)?;
         Ok(Outgoing {
             subject,
@@ -95,7 +87,13 @@ impl PublishStep {
         rt: &Runtime,
         input: ExecuteInput<'_>,
     ) -> Result<StepOutput, RuntimeError> {
-        let out = self.prepare(rt, &input)?;
+        let (cfg, inp): (PublishStepConfig, PublishRequest) =
+            decode_execute(StepKind::Publish, &self.component, &input)?;
+        if !cfg.messages.is_empty() || !inp.messages.is_empty() {
+            // Boxed: the bulk future holds the window and would size every single publish.
+            return Box::pin(super::publish_bulk::execute(&self.component, rt, cfg, inp)).await;
+        }
+        let out = self.prepare(rt, cfg, inp)?;
         let failed = |e| RuntimeError::nats(&self.component, e);
         let conn = out.broker.require().await.map_err(failed)?;
         let timeout = out.timeout.unwrap_or(conn.request_timeout);
@@ -122,10 +120,62 @@ impl PublishStep {
             acked_at: now_rfc3339(),
             stream: ack.stream,
             duplicate: ack.duplicate,
+            ..Default::default()
         };
         Ok(StepOutput {
             typed: StepKind::Publish.pack_output(&resp),
         })
+    }
+}
+
+/// Why one message cannot be sent: the field at fault and the problem, one line.
+#[derive(Debug)]
+pub(crate) struct MessageError {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+impl std::fmt::Display for MessageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.field, self.problem)
+    }
+}
+
+/// Checks one outgoing message and builds its headers (step or message headers in order, the
+/// later winning, then correlation and de-duplication ids). The single and the bulk publish
+/// build every message here, so a rule added here guards both.
+pub(crate) fn build_message<'a>(
+    subject: &str,
+    headers: impl IntoIterator<Item = (&'a String, &'a String)>,
+    correlation_id: &str,
+    message_id: &str,
+) -> Result<HeaderMap, MessageError> {
+    check_publish_subject(subject).map_err(|problem| MessageError {
+        field: "subject",
+        problem,
+    })?;
+    let mut out = HeaderMap::new();
+    for (k, v) in headers {
+        out.insert(k.as_str(), v.as_str());
+    }
+    if !correlation_id.is_empty() {
+        out.insert(CORRELATION_HEADER, correlation_id);
+    }
+    if !message_id.is_empty() {
+        out.insert(MSG_ID_HEADER, message_id);
+    }
+    Ok(out)
+}
+
+/// A configured payload as bytes: a string as its UTF-8, any other JSON value as compact JSON;
+/// None when unset.
+pub(crate) fn payload_of(v: Option<&prost_types::Value>) -> Result<Option<Vec<u8>>, String> {
+    match v.and_then(|v| v.kind.as_ref().map(|k| (v, k))) {
+        None => Ok(None),
+        Some((_, prost_types::value::Kind::StringValue(s))) => Ok(Some(s.clone().into_bytes())),
+        Some((v, _)) => serde_json::to_vec(&decode::value_to_json(v))
+            .map(Some)
+            .map_err(|e| format!("payload: {e}")),
     }
 }
 

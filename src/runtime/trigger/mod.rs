@@ -2,6 +2,7 @@
 //! the host sends) and the trigger module whose worker lives on the plugin's task tracker, not
 //! on the StartModule RPC (Go defect B2).
 
+pub mod batch;
 pub mod payload;
 pub mod run;
 
@@ -48,6 +49,10 @@ pub struct TriggerSpec {
     pub dead_letter_subject: Option<String>,
     pub nak_delay: Duration,
     pub max_deliver: i64,
+    /// One message per run (default) or batches of up to `batch_size`.
+    pub deliver: batch::Deliver,
+    /// How long a started batch waits to fill.
+    pub max_batch_wait: Duration,
     /// A declared consumer module exists for this durable (it owns the consumer's settings).
     pub declared: bool,
 }
@@ -71,6 +76,8 @@ const KNOWN_KEYS: &[&str] = &[
     "max_deliver",
     "workflowType",
     "workflow_type",
+    "deliver",
+    "max_batch_wait",
 ];
 
 fn type_name(v: &Json) -> &'static str {
@@ -124,8 +131,18 @@ impl TriggerSpec {
         let ack_mode_s = string("ack_mode").unwrap_or_default();
         let dlq = string("dead_letter_subject").unwrap_or_default();
         let nak_delay_s = string("nak_delay").unwrap_or_default();
+        let deliver_s = string("deliver").unwrap_or_default();
+        let batch_wait_s = string("max_batch_wait").unwrap_or_default();
         let _ = string("workflowType");
         let _ = string("workflow_type");
+        let deliver = match deliver_s.as_str() {
+            "" | "message" => batch::Deliver::Message,
+            "batch" => batch::Deliver::Batch,
+            other => {
+                p.field("deliver", format!("{other:?} is not valid; use message (one message per pipeline run, the default) or batch (up to batch_size messages per run)"));
+                batch::Deliver::Message
+            }
+        };
         let mut int = |key: &str, default: i64| -> i64 {
             match map.get(key) {
                 None | Some(Json::Null) => default,
@@ -142,7 +159,15 @@ impl TriggerSpec {
                 }
             }
         };
-        let max_in_flight = int("max_in_flight", DEFAULT_MAX_IN_FLIGHT as i64);
+        let batched = deliver == batch::Deliver::Batch;
+        let max_in_flight = int(
+            "max_in_flight",
+            if batched {
+                batch::DEFAULT_BATCH_IN_FLIGHT
+            } else {
+                DEFAULT_MAX_IN_FLIGHT
+            } as i64,
+        );
         let batch_size = int("batch_size", 0);
         let max_deliver = int("max_deliver", 0);
         for key in map.keys() {
@@ -179,6 +204,23 @@ impl TriggerSpec {
                 AckMode::Auto
             }
         };
+        let max_batch_wait = if batch_wait_s.is_empty() {
+            batch::DEFAULT_MAX_BATCH_WAIT
+        } else {
+            match parse_duration(&batch_wait_s) {
+                Some(d) if d <= Duration::from_secs(60) => d,
+                _ => {
+                    p.field(
+                        "max_batch_wait",
+                        format!("{batch_wait_s:?} is not a duration of at most 1m such as \"200ms\" or \"1s\""),
+                    );
+                    batch::DEFAULT_MAX_BATCH_WAIT
+                }
+            }
+        };
+        if !batched && !batch_wait_s.is_empty() {
+            p.field("max_batch_wait", "only applies with deliver: batch");
+        }
         let nak_delay = if nak_delay_s.is_empty() {
             DEFAULT_NAK_DELAY
         } else {
@@ -267,6 +309,8 @@ impl TriggerSpec {
             max_in_flight,
             batch_size: if batch_size > 0 {
                 batch_size as usize
+            } else if batched {
+                batch::DEFAULT_BATCH_SIZE
             } else {
                 max_in_flight.min(256)
             },
@@ -274,6 +318,8 @@ impl TriggerSpec {
             dead_letter_subject: (!dlq.is_empty()).then_some(dlq),
             nak_delay,
             max_deliver,
+            deliver,
+            max_batch_wait,
             declared: declared.len() == 1,
         };
         p.finish(spec).map_err(Into::into)

@@ -3,6 +3,7 @@
 //! A stream error never ends the worker: it logs (rate-limited), backs off and re-binds, so a
 //! reconnect, a lame-duck restart or a deleted consumer heal by themselves.
 
+use super::batch::{self, Deliver};
 use super::{payload, AckMode, TriggerCall, TriggerSpec};
 use crate::nats::ack::{ack_token, AckKind};
 use crate::nats::conn::ConnState;
@@ -75,8 +76,8 @@ pub struct Worker {
 
 /// What the server says about the bound consumer, needed per message.
 #[derive(Clone, Copy)]
-struct Bound {
-    ack_wait: Duration,
+pub(super) struct Bound {
+    pub ack_wait: Duration,
     max_deliver: i64,
 }
 
@@ -230,24 +231,30 @@ impl Worker {
             };
             backoff = Duration::from_millis(100);
             let mut conn_state = conn.state_changes();
+            // What the stream yielded after a batch closed; handled before pulling more.
+            let mut leftover: Option<batch::Leftover> = None;
             loop {
                 // Take a slot first so no message waits in our hands while its ack_wait runs.
                 let permit = tokio::select! {
                     _ = self.stop.cancelled() => break 'outer,
                     p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
                 };
-                let next = tokio::select! {
-                    _ = self.stop.cancelled() => break 'outer,
-                    n = messages.next() => n,
-                    Ok(()) = conn_state.changed() => {
-                        let reconnected = *conn_state.borrow_and_update() == ConnState::Connected;
-                        // A restarted broker may have lost a memory stream and its consumers;
-                        // the pull would notice only after two missed heartbeats (~10 s).
-                        if reconnected && self.source_gone(&conn).await {
-                            tracing::info!(trigger = %name, stream = %self.spec.stream, consumer = %self.spec.durable, "stream or consumer gone after reconnect; re-binding");
-                            continue 'outer;
+                let next = if let Some(l) = leftover.take() {
+                    l
+                } else {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => break 'outer,
+                        n = messages.next() => n,
+                        Ok(()) = conn_state.changed() => {
+                            let reconnected = *conn_state.borrow_and_update() == ConnState::Connected;
+                            // A restarted broker may have lost a memory stream and its consumers;
+                            // the pull would notice only after two missed heartbeats (~10 s).
+                            if reconnected && self.source_gone(&conn).await {
+                                tracing::info!(trigger = %name, stream = %self.spec.stream, consumer = %self.spec.durable, "stream or consumer gone after reconnect; re-binding");
+                                continue 'outer;
+                            }
+                            continue;
                         }
-                        continue;
                     }
                 };
                 match next {
@@ -259,6 +266,16 @@ impl Worker {
                             bound,
                             stop: self.stop.clone(),
                         };
+                        if self.spec.deliver == Deliver::Batch {
+                            let (msgs, rest) =
+                                batch::collect(msg, &mut messages, &self.spec, &self.stop).await;
+                            leftover = rest;
+                            self.tasks.spawn(async move {
+                                h.handle_batch(msgs).await;
+                                drop(permit);
+                            });
+                            continue;
+                        }
                         self.tasks.spawn(async move {
                             h.handle(msg).await;
                             drop(permit);
@@ -346,18 +363,18 @@ fn dead_letter_headers(original: Option<&async_nats::HeaderMap>) -> async_nats::
 
 /// Where a delivery came from: what the handler still needs after the message itself has
 /// become the pipeline's data.
-struct Origin {
-    subject: String,
-    stream: String,
-    sequence: String,
-    delivery_count: i32,
+pub(super) struct Origin {
+    pub subject: String,
+    pub stream: String,
+    pub sequence: String,
+    pub delivery_count: i32,
 }
 
-struct Handler {
-    rt: Runtime,
-    spec: TriggerSpec,
+pub(super) struct Handler {
+    pub rt: Runtime,
+    pub spec: TriggerSpec,
     conn: NatsConn,
-    bound: Bound,
+    pub bound: Bound,
     stop: CancellationToken,
 }
 
@@ -406,24 +423,38 @@ impl Handler {
                 }
             }
             Err(err) => {
-                let last = self.bound.max_deliver > 0 && delivered >= self.bound.max_deliver;
-                tracing::warn!(trigger = %self.spec.workflow_type, seq = %origin.sequence, delivered, last, error = %err, "pipeline failed");
-                if !last {
-                    self.settle(
-                        &token,
-                        AckKind::Nak(Some(nak_delay(self.spec.nak_delay, delivered))),
-                    )
-                    .await;
-                    return;
-                }
-                if let Some(dlq) = &self.spec.dead_letter_subject {
-                    if !self.park(dlq, &msg, &origin, &err, &token).await {
-                        return;
-                    }
-                }
-                self.settle(&token, AckKind::Term).await;
+                self.fail_message(&msg, &origin, &token, delivered, &err)
+                    .await
             }
         }
+    }
+
+    /// A failed delivery: nak with a growing delay, or on its last delivery dead-letter (when
+    /// configured) and terminate.
+    pub(super) async fn fail_message(
+        &self,
+        msg: &async_nats::jetstream::Message,
+        origin: &Origin,
+        token: &str,
+        delivered: i64,
+        err: &str,
+    ) {
+        let last = self.bound.max_deliver > 0 && delivered >= self.bound.max_deliver;
+        tracing::warn!(trigger = %self.spec.workflow_type, seq = %origin.sequence, delivered, last, error = %err, "pipeline failed");
+        if !last {
+            self.settle(
+                token,
+                AckKind::Nak(Some(nak_delay(self.spec.nak_delay, delivered))),
+            )
+            .await;
+            return;
+        }
+        if let Some(dlq) = &self.spec.dead_letter_subject {
+            if !self.park(dlq, msg, origin, err, token).await {
+                return;
+            }
+        }
+        self.settle(token, AckKind::Term).await;
     }
 
     /// Dead-letters the message on its last delivery, retrying until the publish lands. A nak
@@ -497,7 +528,7 @@ impl Handler {
 
     /// An in-progress ack: the message stays ours for another ack_wait. Best effort; a lost
     /// one at worst lets the server redeliver.
-    async fn progress(&self, token: &str) {
+    pub(super) async fn progress(&self, token: &str) {
         let timeout = self.conn.request_timeout;
         if let Err(e) = ack_token(&self.conn.client, token, AckKind::Progress, timeout).await {
             tracing::debug!(error = %e, "progress ack failed");
@@ -505,7 +536,7 @@ impl Handler {
     }
 
     /// One terminal decision per message, confirmed; retried briefly across a reconnect.
-    async fn settle(&self, token: &str, kind: AckKind) {
+    pub(super) async fn settle(&self, token: &str, kind: AckKind) {
         for attempt in 0..3u32 {
             match ack_token(&self.conn.client, token, kind, self.conn.request_timeout).await {
                 Ok(()) => return,

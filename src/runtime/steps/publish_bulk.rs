@@ -1,0 +1,243 @@
+//! `step.eventbus.publish` with `messages`: many messages in one ExecuteStep, pipelined with a
+//! bounded window of unacknowledged publishes (one gRPC hop per list instead of per message),
+//! one result per message in list order. A message that cannot be sent (bad subject, say) gets
+//! its error without stopping the others; `fail_on` decides whether the step fails.
+
+use super::bulk::{failure_summary, window, FailOn, MAX_ITEMS};
+use super::publish::{build_message, now_rfc3339, payload_of};
+use super::{pick, StepOutput};
+use crate::nats::NatsError;
+use crate::pb::eventbus::{
+    BulkPublishMessage, BulkPublishResult, PublishRequest, PublishResponse, PublishStepConfig,
+};
+use crate::runtime::config_error::{duration, Problems};
+use crate::runtime::types::StepKind;
+use crate::runtime::{render, Runtime, RuntimeError};
+use async_nats::HeaderMap;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
+use std::collections::HashMap;
+
+/// Unacknowledged publishes at once when `max_in_flight` is unset: enough to keep one
+/// connection busy on a LAN, far below the JetStream context's own ack limit.
+pub const DEFAULT_WINDOW: usize = 256;
+pub const MAX_WINDOW: usize = 4096;
+
+/// Create-time checks of the bulk fields (what is known before templates resolve).
+pub(super) fn check_config(p: &mut Problems, c: &PublishStepConfig) {
+    if let Err(e) = FailOn::parse(&c.fail_on) {
+        p.field("fail_on", e);
+    }
+    if c.max_in_flight < 0 || c.max_in_flight as usize > MAX_WINDOW {
+        p.field(
+            "max_in_flight",
+            format!(
+                "{} is out of range (1..={MAX_WINDOW}; 0 means {DEFAULT_WINDOW})",
+                c.max_in_flight
+            ),
+        );
+    }
+    if c.messages.len() > MAX_ITEMS {
+        p.field(
+            "messages",
+            format!(
+                "{} messages is more than one call takes ({MAX_ITEMS}); split the list",
+                c.messages.len()
+            ),
+        );
+    }
+    if !c.messages.is_empty() && !c.message_id.is_empty() {
+        p.field(
+            "message_id",
+            "does not apply with messages (one id would de-duplicate them all into one); set message_id on each message",
+        );
+    }
+    for (i, m) in c.messages.iter().enumerate() {
+        if !m.subject.is_empty() && !super::templated(&m.subject) {
+            p.check(
+                &format!("messages[{i}].subject"),
+                crate::nats::names::check_publish_subject(&m.subject),
+            );
+        }
+    }
+}
+
+/// One message after defaults, checked and ready, or why it cannot be sent.
+type Prepared = Result<(String, HeaderMap, Vec<u8>), String>;
+
+/// Fills a message's unset fields from the step and checks it through the same per-message
+/// builder the single publish uses.
+fn prepare(
+    m: BulkPublishMessage,
+    subject: &str,
+    headers: &HashMap<String, String>,
+    correlation: &str,
+    payload: &Option<Vec<u8>>,
+) -> (String, String, Prepared) {
+    let subject = pick(&m.subject, subject);
+    let message_id = m.message_id;
+    let correlation = pick(&m.correlation_id, correlation);
+    let built = build_message(
+        &subject,
+        headers.iter().chain(m.headers.iter()),
+        &correlation,
+        &message_id,
+    )
+    .map_err(|e| e.to_string());
+    let body = if !m.payload_bytes.is_empty() {
+        Ok(m.payload_bytes)
+    } else {
+        payload_of(m.payload.as_ref()).map(|p| p.or_else(|| payload.clone()).unwrap_or_default())
+    };
+    let prepared = built.and_then(|h| body.map(|b| (subject.clone(), h, b)));
+    (subject, message_id, prepared)
+}
+
+pub(super) async fn execute(
+    component: &str,
+    rt: &Runtime,
+    cfg: PublishStepConfig,
+    inp: PublishRequest,
+) -> Result<StepOutput, RuntimeError> {
+    let fail_on = FailOn::parse(&cfg.fail_on)
+        .map_err(|e| RuntimeError::failed(component, format!("fail_on {e}")))?;
+    let list = if cfg.messages.is_empty() {
+        inp.messages
+    } else {
+        cfg.messages
+    };
+    if list.len() > MAX_ITEMS {
+        return Err(RuntimeError::failed(
+            component,
+            format!(
+                "messages: {} is more than one call takes ({MAX_ITEMS}); split the list",
+                list.len()
+            ),
+        ));
+    }
+    // Step-level defaults: state first, config over it (as the single publish).
+    let subject = pick(&cfg.subject, &inp.subject);
+    let mut headers = inp.headers;
+    headers.extend(cfg.headers);
+    let correlation = pick(&cfg.correlation_id, &inp.correlation_id);
+    let payload =
+        match payload_of(cfg.payload.as_ref()).map_err(|e| RuntimeError::failed(component, e))? {
+            Some(p) => Some(p),
+            None if !inp.payload.is_empty() => Some(inp.payload),
+            None => None,
+        };
+    let total = list.len();
+    let prepared: Vec<_> = list
+        .into_iter()
+        .map(|m| prepare(m, &subject, &headers, &correlation, &payload))
+        .collect();
+    let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component)?;
+    let conn = broker
+        .require()
+        .await
+        .map_err(|e| RuntimeError::nats(component, e))?;
+    let timeout = duration(&cfg.timeout)
+        .filter(|d| !d.is_zero())
+        .unwrap_or(conn.request_timeout);
+    conn.wait_connected(timeout)
+        .await
+        .map_err(|e| RuntimeError::nats(component, e))?;
+    let window = window(cfg.max_in_flight, DEFAULT_WINDOW, MAX_WINDOW);
+    let results = send_all(&conn.js, prepared, window, timeout).await;
+    let failed = results.iter().filter(|r| !r.error.is_empty()).count();
+    if fail_on.fails(failed, total) {
+        return Err(RuntimeError::failed(
+            component,
+            failure_summary(
+                "messages",
+                total,
+                fail_on,
+                results
+                    .iter()
+                    .filter(|r| !r.error.is_empty())
+                    .map(|r| (r.index as usize, r.error.as_str())),
+            ),
+        ));
+    }
+    let out = PublishResponse {
+        acked_at: now_rfc3339(),
+        published: (total - failed) as i32,
+        failed: failed as i32,
+        duplicates: results.iter().filter(|r| r.duplicate).count() as i32,
+        results,
+        ..Default::default()
+    };
+    Ok(StepOutput {
+        typed: StepKind::Publish.pack_output(&out),
+    })
+}
+
+/// Sends in list order from this one task (so the stream stores the list in order) while at
+/// most `window` acks are awaited; results come back in list order. Each message is bounded
+/// from its own send, so a stalled broker fails messages rather than hanging the call.
+async fn send_all(
+    js: &async_nats::jetstream::Context,
+    prepared: Vec<(String, String, Prepared)>,
+    window: usize,
+    timeout: std::time::Duration,
+) -> Vec<BulkPublishResult> {
+    let timed_out = || NatsError::TimedOut {
+        op: "publish",
+        after: timeout,
+    };
+    let mut results = Vec::with_capacity(prepared.len());
+    let mut pending = FuturesOrdered::new();
+    for (i, (subject, message_id, prepared)) in prepared.into_iter().enumerate() {
+        while pending.len() >= window {
+            if let Some(r) = pending.next().await {
+                results.push(r);
+            }
+        }
+        let mut r = BulkPublishResult {
+            index: i as i32,
+            subject,
+            message_id,
+            ..Default::default()
+        };
+        let sent = match prepared {
+            Err(e) => Err(e),
+            Ok((subj, headers, body)) => {
+                match tokio::time::timeout(
+                    timeout,
+                    js.publish_with_headers(subj, headers, body.into()),
+                )
+                .await
+                {
+                    Ok(Ok(ack)) => Ok(ack),
+                    Ok(Err(e)) => Err(render(&NatsError::other("publish", e))),
+                    Err(_) => Err(render(&timed_out())),
+                }
+            }
+        };
+        match sent {
+            Err(e) => {
+                r.error = e;
+                pending.push_back(futures::future::ready(r).left_future());
+            }
+            Ok(ack) => pending.push_back(
+                async move {
+                    match tokio::time::timeout(timeout, ack).await {
+                        Ok(Ok(ack)) => {
+                            r.sequence = ack.sequence.to_string();
+                            r.stream = ack.stream;
+                            r.duplicate = ack.duplicate;
+                        }
+                        Ok(Err(e)) => r.error = render(&NatsError::other("publish ack", e)),
+                        Err(_) => r.error = render(&timed_out()),
+                    }
+                    r
+                }
+                .right_future(),
+            ),
+        }
+    }
+    while let Some(r) = pending.next().await {
+        results.push(r);
+    }
+    results
+}

@@ -1,0 +1,294 @@
+//! `deliver: batch`: up to `batch_size` messages per pipeline run (`messages: [...]`), each
+//! message still settled on its own. A run that fails fails every message it did not settle;
+//! a pipeline marks one message failed by naking its token with `step.eventbus.ack` (the
+//! trigger then applies its nak delay and dead-letter rules to that message alone) and may ack
+//! or term others itself, which the trigger then leaves alone.
+
+use super::run::{nak_delay, Handler, Origin};
+use super::{payload, AckMode, TriggerCall, TriggerSpec};
+use crate::nats::ack::AckKind;
+use crate::runtime::steps::consume::to_message;
+use async_nats::jetstream::consumer::pull::{MessagesError, Stream};
+use async_nats::jetstream::Message as JsMessage;
+use futures::StreamExt;
+use prost_types::value::Kind;
+use prost_types::{ListValue, Struct, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub const DEFAULT_BATCH_SIZE: usize = 100;
+pub const DEFAULT_MAX_BATCH_WAIT: Duration = Duration::from_millis(500);
+/// Concurrent batch runs when max_in_flight is unset: a few runs overlap the next batch's
+/// fetch with the current pipeline without holding thousands of messages.
+pub const DEFAULT_BATCH_IN_FLIGHT: usize = 4;
+/// Payload bytes per run, below the host callback's 4 MiB limit with room for the base64
+/// growth (4/3) and the other fields; a fuller batch goes out early and the message that did
+/// not fit opens the next one.
+const MAX_BATCH_PAYLOAD: usize = 2 * 1024 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deliver {
+    Message,
+    Batch,
+}
+
+/// What a pipeline did with one message of its batch through `step.eventbus.ack`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mark {
+    /// Untouched: the run's outcome decides.
+    Held,
+    /// Naked by the pipeline: the trigger's failure rules apply.
+    Failed,
+    /// Acked or terminated by the pipeline: the trigger sends nothing more.
+    Settled,
+}
+
+/// Tokens of messages held by running batches, shared by the trigger and the ack step.
+#[derive(Default)]
+pub struct Marks {
+    /// Tokens held, so acks outside batch runs skip the lock.
+    held: AtomicUsize,
+    map: Mutex<HashMap<String, Mark>>,
+}
+
+impl Marks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Mark>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn hold<'a>(&self, tokens: impl Iterator<Item = &'a str>) {
+        let mut map = self.lock();
+        for t in tokens {
+            if map.insert(t.to_string(), Mark::Held).is_none() {
+                self.held.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Records a nak of a held message; false when the token is not held (the nak is sent).
+    pub fn mark_failed(&self, token: &str) -> bool {
+        if self.held.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        match self.lock().get_mut(token) {
+            Some(m @ (Mark::Held | Mark::Failed)) => {
+                *m = Mark::Failed;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn mark_settled(&self, token: &str) {
+        if self.held.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        if let Some(m) = self.lock().get_mut(token) {
+            *m = Mark::Settled;
+        }
+    }
+
+    /// Stops holding the tokens; their marks in the same order.
+    pub fn release(&self, tokens: &[String]) -> Vec<Mark> {
+        let mut map = self.lock();
+        tokens
+            .iter()
+            .map(|t| match map.remove(t) {
+                Some(m) => {
+                    self.held.fetch_sub(1, Ordering::Relaxed);
+                    m
+                }
+                None => Mark::Held,
+            })
+            .collect()
+    }
+
+    fn unsettled(&self, tokens: &[String]) -> Vec<String> {
+        let map = self.lock();
+        tokens
+            .iter()
+            .filter(|t| map.get(*t) == Some(&Mark::Held))
+            .cloned()
+            .collect()
+    }
+}
+
+/// What the pull stream yielded after the batch closed, for the worker's loop to handle next.
+pub(super) type Leftover = Option<Result<JsMessage, MessagesError>>;
+
+/// Collects a batch from `first`: up to `batch_size` messages, waiting at most
+/// `max_batch_wait` after the first, closing early at the payload cap or when stopped.
+/// Returns the batch and, when the stream yielded something that does not belong in it (an
+/// error, its end, or a message past the cap), that item.
+pub(super) async fn collect(
+    first: JsMessage,
+    messages: &mut Stream,
+    spec: &TriggerSpec,
+    stop: &CancellationToken,
+) -> (Vec<JsMessage>, Option<Leftover>) {
+    let deadline = tokio::time::Instant::now() + spec.max_batch_wait;
+    let mut bytes = first.payload.len();
+    let mut batch = Vec::with_capacity(spec.batch_size);
+    batch.push(first);
+    while batch.len() < spec.batch_size {
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            n = tokio::time::timeout_at(deadline, messages.next()) => match n {
+                Err(_) => break,
+                Ok(n) => n,
+            },
+        };
+        match next {
+            Some(Ok(m)) if bytes + m.payload.len() <= MAX_BATCH_PAYLOAD => {
+                bytes += m.payload.len();
+                batch.push(m);
+            }
+            other => return (batch, Some(other)),
+        }
+    }
+    (batch, None)
+}
+
+/// One message of a running batch: what its settlement needs.
+struct Item {
+    msg: JsMessage,
+    origin: Origin,
+    token: String,
+    delivered: i64,
+}
+
+fn list(values: Vec<Value>) -> Value {
+    Value {
+        kind: Some(Kind::ListValue(ListValue { values })),
+    }
+}
+
+impl Handler {
+    pub(super) async fn handle_batch(&self, msgs: Vec<JsMessage>) {
+        let mut values = Vec::with_capacity(msgs.len());
+        let mut items = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            let m = to_message(&msg, &self.spec.durable);
+            let origin = Origin {
+                subject: m.subject.clone(),
+                stream: m.stream.clone(),
+                sequence: m.sequence.clone(),
+                delivery_count: m.delivery_count,
+            };
+            let token = m.ack_token.clone();
+            items.push(Item {
+                msg,
+                origin,
+                token,
+                delivered: m.delivery_count as i64,
+            });
+            // No per-message broker_ref: each entry must decode as a Message (the ack step's
+            // `messages` input); the batch carries it once at the top.
+            values.push(Value {
+                kind: Some(Kind::StructValue(payload::build(m, ""))),
+            });
+        }
+        let tokens: Vec<String> = items.iter().map(|i| i.token.clone()).collect();
+        let Some(launcher) = self.rt.launcher() else {
+            tracing::warn!(trigger = %self.spec.workflow_type, "no engine callback configured; batch returned to the stream");
+            futures::future::join_all(items.iter().map(|i| {
+                self.settle(
+                    &i.token,
+                    AckKind::Nak(Some(nak_delay(self.spec.nak_delay, i.delivered))),
+                )
+            }))
+            .await;
+            return;
+        };
+        let mut data = Struct::default();
+        data.fields.insert(
+            "count".into(),
+            Value {
+                kind: Some(Kind::NumberValue(items.len() as f64)),
+            },
+        );
+        data.fields.insert("messages".into(), list(values));
+        if !self.spec.broker_ref.is_empty() {
+            data.fields.insert(
+                "broker_ref".into(),
+                Value {
+                    kind: Some(Kind::StringValue(self.spec.broker_ref.clone())),
+                },
+            );
+        }
+        let marks = self.rt.batch_marks();
+        marks.hold(tokens.iter().map(String::as_str));
+        let call = TriggerCall {
+            trigger_type: self.spec.workflow_type.clone(),
+            action: "batch".into(),
+            data,
+        };
+        // Keep the messages ours while the run lasts (in-progress acks at ack_wait/2), except
+        // those the pipeline already settled.
+        let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
+        let pipeline = launcher.launch(call);
+        tokio::pin!(pipeline);
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
+        let result = loop {
+            tokio::select! {
+                r = &mut pipeline => break r,
+                _ = ticker.tick() => {
+                    let open = marks.unsettled(&tokens);
+                    futures::future::join_all(open.iter().map(|t| self.progress(t))).await;
+                }
+            }
+        };
+        let fates = marks.release(&tokens);
+        if let Err(err) = &result {
+            tracing::warn!(trigger = %self.spec.workflow_type, messages = items.len(), error = %err, "batch pipeline failed");
+        }
+        let marked = "marked failed by the pipeline (step.eventbus.ack nak)";
+        let result = &result;
+        futures::future::join_all(items.iter().zip(fates).map(|(item, fate)| async move {
+            match (fate, result) {
+                (Mark::Settled, _) => {}
+                (Mark::Failed, _) => self.fail(item, marked).await,
+                (Mark::Held, Err(err)) => self.fail(item, err).await,
+                (Mark::Held, Ok(())) => {
+                    if self.spec.ack_mode == AckMode::Auto {
+                        self.settle(&item.token, AckKind::Ack).await;
+                    }
+                }
+            }
+        }))
+        .await;
+    }
+
+    async fn fail(&self, item: &Item, err: &str) {
+        self.fail_message(&item.msg, &item.origin, &item.token, item.delivered, err)
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_follow_the_pipeline() {
+        let m = Marks::default();
+        let tokens: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        assert!(!m.mark_failed("a"), "nothing held: the nak is sent");
+        m.hold(tokens.iter().map(String::as_str));
+        assert!(m.mark_failed("a"));
+        m.mark_settled("b");
+        assert!(!m.mark_failed("b"), "settled stays settled");
+        assert!(!m.mark_failed("zzz"));
+        assert_eq!(m.unsettled(&tokens), vec!["c".to_string()]);
+        assert_eq!(
+            m.release(&tokens),
+            vec![Mark::Failed, Mark::Settled, Mark::Held]
+        );
+        assert_eq!(m.held.load(Ordering::Relaxed), 0);
+        assert!(!m.mark_failed("a"));
+    }
+}
