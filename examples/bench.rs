@@ -14,10 +14,15 @@
 //!     payload), for a 10k burst, a paced 1000 msg/s stream and (max_in_flight 64) 20k messages
 //!     paced at 10 000 msg/s. Each phase is capped at
 //!     15 s; a phase that did not get everything also prints what it received and its stalls.
+//! (e) bulk: step.eventbus.publish with 100-message `messages` lists (one call at a time, the
+//!     100 in flight) vs raw async-nats publishing the same messages in the same order with the
+//!     same window of 100 unacknowledged; consume 100 + one bulk ack (the consume output fed
+//!     straight in) vs raw fetch 100 + double-ack each (one at a time, and pipelined); the
+//!     trigger with `deliver: batch` (batch 100) against the one-message trigger in (c).
 //! (d) spawn-to-handshake (median of 10 launches) and the plugin's RSS idle, loaded and peak
 //!     (VmRSS / VmHWM).
 //!
-//! `BENCH_ONLY=publish,consume,trigger,launch` picks phases and `BENCH_INFLIGHT=1,16,64` the
+//! `BENCH_ONLY=publish,consume,trigger,bulk,launch` picks phases and `BENCH_INFLIGHT=1,16,64` the
 //! publish concurrencies (used by `make profile`, which runs one phase under callgrind).
 //!
 //! The plugin side sends requests the way the host does (typed_config / typed_input Any) but
@@ -269,17 +274,35 @@ async fn run() -> Res<()> {
 
     // The no-op pipeline: records end-to-end latency from the publish stamp in the payload.
     let (lat_tx, mut lat_rx) = mpsc::unbounded_channel::<(u64, u64)>();
+    // A batch run (`messages: [...]`) records each of its messages.
     let pipeline: PipelineFn = Arc::new(move |req| {
+        use prost_types::value::Kind;
         let now = now_ns();
-        let stamp = req
+        let stamp = |s: &prost_types::Struct| {
+            s.fields.get("text").and_then(|v| match &v.kind {
+                Some(Kind::StringValue(s)) => stamp_of(s),
+                _ => None,
+            })
+        };
+        let send = |t: Option<u64>| {
+            let _ = lat_tx.send((t.map_or(u64::MAX, |t| now.saturating_sub(t)), now));
+        };
+        match req
             .data
             .as_ref()
-            .and_then(|d| d.fields.get("text"))
-            .and_then(|v| match &v.kind {
-                Some(prost_types::value::Kind::StringValue(s)) => stamp_of(s),
-                _ => None,
-            });
-        let _ = lat_tx.send((stamp.map_or(u64::MAX, |t| now.saturating_sub(t)), now));
+            .and_then(|d| d.fields.get("messages"))
+            .map(|v| &v.kind)
+        {
+            Some(Some(Kind::ListValue(l))) => {
+                for v in &l.values {
+                    match &v.kind {
+                        Some(Kind::StructValue(m)) => send(stamp(m)),
+                        _ => send(None),
+                    }
+                }
+            }
+            _ => send(req.data.as_ref().and_then(stamp)),
+        }
         Box::pin(async { Ok(()) })
     });
     let mut plugin = Plugin::launch(LaunchOptions {
@@ -312,6 +335,9 @@ async fn run() -> Res<()> {
         ("trig_mif1", "bench.trig.mif1"),
         ("trig_mif1_batch2", "bench.trig.mif1_batch2"),
         ("trig_mif64", "bench.trig.mif64"),
+        ("trig_batch100", "bench.trig.batch100"),
+        ("cons_bulk", "bench.cons"),
+        ("cons_raw_pipelined", "bench.cons"),
     ] {
         p.module_up(
             "eventbus.consumer",
@@ -339,6 +365,9 @@ async fn run() -> Res<()> {
     }
     if phase("trigger") {
         trigger_bench(p, &js, &mut lat_rx, pids).await?;
+    }
+    if phase("bulk") {
+        bulk_bench(p, &js, &mut lat_rx).await?;
     }
 
     let loaded_rss = support::proc_status_kb(pid, "VmRSS").unwrap_or(0);
@@ -758,4 +787,261 @@ async fn receive(
         p50_us: stats.p50_us,
         p99_us: stats.p99_us,
     })
+}
+
+const BULK_LIST: usize = 100;
+
+/// Raw async-nats publishing `n` messages in order from one task with at most `window`
+/// unacknowledged: what bulk publish does, without the plugin.
+async fn raw_windowed(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    n: usize,
+    window: usize,
+) -> Res<()> {
+    let mut pending = futures::stream::FuturesOrdered::<
+        <async_nats::jetstream::context::PublishAckFuture as std::future::IntoFuture>::IntoFuture,
+    >::new();
+    for i in 0..n {
+        while pending.len() >= window {
+            if let Some(r) = pending.next().await {
+                r.map_err(|e| e.to_string())?;
+            }
+        }
+        let ack = js
+            .publish(subject.to_string(), payload(i as u64).into())
+            .await
+            .map_err(|e| e.to_string())?;
+        pending.push_back(std::future::IntoFuture::into_future(ack));
+    }
+    while let Some(r) = pending.next().await {
+        r.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// (e) Bulk publish, consume + bulk ack, and trigger batch delivery against their baselines.
+async fn bulk_bench(
+    p: &Plugin,
+    js: &async_nats::jetstream::Context,
+    calls: &mut mpsc::UnboundedReceiver<(u64, u64)>,
+) -> Res<()> {
+    // Bulk publish: PUBLISH_N messages as 100-message lists, one call at a time.
+    let handle = p
+        .create_step(
+            "step.eventbus.publish",
+            "bulk",
+            "subject: bench.bulk\nbroker_ref: bus\n",
+        )
+        .await?;
+    let list: Vec<serde_json::Value> = (0..BULK_LIST)
+        .map(|i| json!({"payload": payload(i as u64)}))
+        .collect();
+    let req = request(
+        p,
+        "step.eventbus.publish",
+        &handle,
+        json!({"subject": "bench.bulk", "max_in_flight": BULK_LIST, "messages": list}),
+        json!({}),
+    )?;
+    let bulk_op = |_| {
+        let req = req.clone();
+        async move {
+            let out = execute(&p.client, req).await?;
+            let r = eventbus_plugin::pb::eventbus::PublishResponse::decode(out.as_slice())
+                .map_err(|e| e.to_string())?;
+            if r.published as usize != BULK_LIST {
+                return Err(format!(
+                    "bulk publish stored {} of {BULK_LIST}",
+                    r.published
+                ));
+            }
+            Ok(())
+        }
+    };
+    let lists = PUBLISH_N / BULK_LIST;
+    closed_loop(10, 1, bulk_op).await?; // warm
+    raw_windowed(js, "bench.bulk", 1000, BULK_LIST).await?;
+    let plugin = closed_loop(lists, 1, bulk_op).await?;
+    let start = Instant::now();
+    raw_windowed(js, "bench.bulk", PUBLISH_N, BULK_LIST).await?;
+    let raw_rate = PUBLISH_N as f64 / start.elapsed().as_secs_f64();
+    // The same lists raw, each awaited before the next (the bulk step's per-call barrier).
+    let start = Instant::now();
+    for _ in 0..lists {
+        raw_windowed(js, "bench.bulk", BULK_LIST, BULK_LIST).await?;
+    }
+    let raw_lists_rate = PUBLISH_N as f64 / start.elapsed().as_secs_f64();
+    let bulk_rate = plugin.rate * BULK_LIST as f64;
+    fig("bulk_publish_plugin_l100_rate", bulk_rate, "msg/s");
+    fig("bulk_publish_plugin_l100_call_p50", plugin.p50_us, "us");
+    fig("bulk_publish_raw_w100_rate", raw_rate, "msg/s");
+    fig("bulk_publish_raw_lists100_rate", raw_lists_rate, "msg/s");
+    fig("bulk_publish_ratio_rate", bulk_rate / raw_rate, "x");
+
+    // Consume 100 + one bulk ack vs raw fetch 100 + double-ack each. Every consumer of
+    // bench.cons needs CONSUME_N messages; cons_raw used its set in the consume phase if it ran.
+    let stream = js.get_stream("BENCH").await.map_err(|e| e.to_string())?;
+    let pending = |durable: &'static str| {
+        let stream = stream.clone();
+        async move {
+            let mut c: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_consumer(durable)
+                .await
+                .map_err(|e| e.to_string())?;
+            c.info()
+                .await
+                .map(|i| i.num_pending as usize)
+                .map_err(|e| e.to_string())
+        }
+    };
+    if pending("cons_raw").await? < CONSUME_N {
+        closed_loop(CONSUME_N, 256, |i| {
+            raw_publish(js, "bench.cons", payload(i as u64))
+        })
+        .await?;
+    }
+    let consume = p
+        .create_step("step.eventbus.consume", "get_bulk", "consumer: cons_bulk\n")
+        .await?;
+    let ack = p.create_step("step.eventbus.ack", "ack_bulk", "").await?;
+    let consume_req = request(
+        p,
+        "step.eventbus.consume",
+        &consume,
+        json!({"consumer": "cons_bulk", "batch_size": 100, "max_wait": "1s"}),
+        json!({}),
+    )?;
+    let ack_template = request(p, "step.eventbus.ack", &ack, json!({}), json!({}))?;
+    let ack_input_type = ack_template
+        .typed_input
+        .as_ref()
+        .map(|a| a.type_url.clone())
+        .unwrap_or_default();
+    let start = Instant::now();
+    let mut done = 0;
+    while done < CONSUME_N {
+        if start.elapsed() > WAIT {
+            return Err(format!("bulk steps consumed only {done} of {CONSUME_N}"));
+        }
+        let out = execute(&p.client, consume_req.clone()).await?;
+        let batch = ConsumeResponse::decode(out.as_slice()).map_err(|e| e.to_string())?;
+        let n = batch.messages.len();
+        if n == 0 {
+            continue;
+        }
+        // The consume output fed straight in, as pipeline state would carry it.
+        let mut req = ack_template.clone();
+        req.typed_input = Some(prost_types::Any {
+            type_url: ack_input_type.clone(),
+            value: AckRequest {
+                messages: batch.messages,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        });
+        req.current = None;
+        let out = execute(&p.client, req).await?;
+        let acked = eventbus_plugin::pb::eventbus::AckResponse::decode(out.as_slice())
+            .map_err(|e| e.to_string())?;
+        if acked.acked as usize != n {
+            return Err(format!("bulk ack confirmed {} of {n}", acked.acked));
+        }
+        done += n;
+    }
+    let steps_rate = done as f64 / start.elapsed().as_secs_f64();
+    let mut raw_rates = Vec::new();
+    for (durable, pipelined) in [("cons_raw", false), ("cons_raw_pipelined", true)] {
+        let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer(durable)
+            .await
+            .map_err(|e| e.to_string())?;
+        let pending = CONSUME_N;
+        let start = Instant::now();
+        let mut done = 0;
+        while done < pending {
+            if start.elapsed() > WAIT {
+                return Err(format!("raw consumed only {done} of {pending}"));
+            }
+            let batch: Vec<_> = consumer
+                .fetch()
+                .max_messages(100)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await
+                .map_err(|e| e.to_string())?
+                .try_collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            done += batch.len();
+            if pipelined {
+                futures::future::try_join_all(batch.iter().map(|m| m.double_ack()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            } else {
+                for m in batch {
+                    m.double_ack().await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        raw_rates.push(done as f64 / start.elapsed().as_secs_f64());
+    }
+    fig("consume_bulk_ack_steps_b100_rate", steps_rate, "msg/s");
+    fig("consume_bulk_ack_raw_b100_rate", raw_rates[0], "msg/s");
+    fig(
+        "consume_bulk_ack_ratio_rate",
+        steps_rate / raw_rates[0],
+        "x",
+    );
+    fig(
+        "consume_bulk_ack_raw_pipelined_b100_rate",
+        raw_rates[1],
+        "msg/s",
+    );
+    fig(
+        "consume_bulk_ack_ratio_pipelined_rate",
+        steps_rate / raw_rates[1],
+        "x",
+    );
+
+    // Trigger batch delivery (batch 100) vs one-message delivery (max_in_flight 64), bursts.
+    let mut rates = Vec::new();
+    for (label, config) in [
+        ("mif64", json!({"name": "trig_mif64", "max_in_flight": 64})),
+        (
+            "batch100",
+            json!({"name": "trig_batch100", "deliver": "batch", "batch_size": 100, "max_batch_wait": "100ms"}),
+        ),
+    ] {
+        let subject = format!("bench.trig.{label}");
+        let handle = p
+            .create_trigger(&format!("pipeline:bulk-{label}"), &config)
+            .await?;
+        p.lifecycle("start", &handle).await?;
+        let publisher = spawn_publisher(js, &subject, TRIGGER_BURST_N, None);
+        let burst = receive(calls, TRIGGER_BURST_N, TRIGGER_CAP).await?;
+        publisher.await.map_err(|e| e.to_string())??;
+        settle(p, js, &handle, &subject, calls).await?;
+        p.lifecycle("stop", &handle).await?;
+        fig(
+            &format!("trigger_{label}_vs_batch_burst_rate"),
+            burst.rate,
+            "msg/s",
+        );
+        fig(
+            &format!("trigger_{label}_vs_batch_burst_p99_e2e"),
+            burst.p99_us,
+            "us",
+        );
+        if burst.received < TRIGGER_BURST_N {
+            fig(
+                &format!("trigger_{label}_vs_batch_burst_received"),
+                burst.received as f64,
+                "msg",
+            );
+        }
+        rates.push(burst.rate);
+    }
+    fig("trigger_batch_ratio_rate", rates[1] / rates[0], "x");
+    Ok(())
 }
