@@ -141,7 +141,7 @@ async fn bulk_publish_one_bad_subject_in_a_list_of_100() {
             "step.eventbus.publish",
             &step,
             "subject: jobs.items\nfail_on: none\nheaders: {x-step: s}\n",
-            &json!({"messages": messages}),
+            &json!({"publish_messages": messages}),
         )
         .await
         .unwrap();
@@ -189,7 +189,7 @@ async fn bulk_publish_one_bad_subject_in_a_list_of_100() {
             "step.eventbus.publish",
             &strict,
             "subject: jobs.items\n",
-            &json!({"messages": messages}),
+            &json!({"publish_messages": messages}),
         )
         .await
         .unwrap_err();
@@ -330,6 +330,30 @@ async fn bulk_ack_consume_output_and_a_wrong_token_among_good_ones() {
         .await
         .unwrap();
     assert_eq!(batch["count"], 10, "{batch}");
+    // A single publish later in the same pipeline is not disturbed by the consumed `messages`
+    // in its state (they are not a bulk publish list).
+    let publish = p
+        .create_step(
+            "step.eventbus.publish",
+            "pub",
+            "subject: jobs.out
+",
+        )
+        .await
+        .unwrap();
+    let out = p
+        .execute(
+            "step.eventbus.publish",
+            &publish,
+            "subject: jobs.out
+payload: one
+",
+            &batch,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["sequence"], "21", "{out}");
+    assert!(out.get("results").is_none(), "{out}");
     // Pipeline state after the consume step is its output: no config needed.
     let out = p
         .execute("step.eventbus.ack", &ack, "", &batch)
@@ -379,8 +403,11 @@ async fn bulk_ack_consume_output_and_a_wrong_token_among_good_ones() {
         err.contains("#7 ack_token \"orders.created\" is not a JetStream ack token"),
         "{err}"
     );
-    // The ten good tokens were acked despite the step failing.
-    wait_consumer(&js, "runner", settled).await;
+    // The ten good tokens were acked despite the step failing (jobs.out, seq 21, is left).
+    wait_consumer(&js, "runner", |i| {
+        i.num_ack_pending == 0 && i.ack_floor.stream_sequence == 20
+    })
+    .await;
 
     // fail_on: none returns per-token results instead.
     let lenient = p
@@ -452,6 +479,7 @@ async fn trigger_batch_delivery_groups_messages_and_acks_each() {
         .unwrap();
     p.lifecycle("start", &t).await.unwrap();
     let mut seen = Vec::new();
+    let num = |t: &str| t.trim_start_matches('m').parse::<u32>().unwrap();
     while seen.len() < 25 {
         let call = p.next_call(T).await;
         assert_eq!(call.trigger_type, "pipeline:batch");
@@ -461,6 +489,11 @@ async fn trigger_batch_delivery_groups_messages_and_acks_each() {
         assert_eq!(
             count.and_then(|v| v.kind),
             Some(Kind::NumberValue(msgs.len() as f64))
+        );
+        let texts: Vec<String> = msgs.iter().map(|m| field(m, "text")).collect();
+        assert!(
+            texts.windows(2).all(|w| num(&w[1]) == num(&w[0]) + 1),
+            "a batch holds consecutive messages in stream order: {texts:?}"
         );
         for m in &msgs {
             assert_eq!(field(m, "subject"), "jobs.a");
@@ -473,8 +506,10 @@ async fn trigger_batch_delivery_groups_messages_and_acks_each() {
             seen.push(field(m, "text"));
         }
     }
+    // Batches run concurrently (max_in_flight), so they may arrive in any order.
+    seen.sort_by_key(|t| num(t));
     let want: Vec<String> = (0..25).map(|i| format!("m{i}")).collect();
-    assert_eq!(seen, want, "stream order, each once");
+    assert_eq!(seen, want, "each message once");
     wait_consumer(&js, "runner", |i| {
         settled(i) && i.ack_floor.stream_sequence == 25
     })

@@ -89,7 +89,7 @@ impl PublishStep {
     ) -> Result<StepOutput, RuntimeError> {
         let (cfg, inp): (PublishStepConfig, PublishRequest) =
             decode_execute(StepKind::Publish, &self.component, &input)?;
-        if !cfg.messages.is_empty() || !inp.messages.is_empty() {
+        if !cfg.messages.is_empty() || !inp.publish_messages.is_empty() {
             // Boxed: the bulk future holds the window and would size every single publish.
             return Box::pin(super::publish_bulk::execute(&self.component, rt, cfg, inp)).await;
         }

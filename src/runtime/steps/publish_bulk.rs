@@ -1,4 +1,4 @@
-//! `step.eventbus.publish` with `messages`: many messages in one ExecuteStep, pipelined with a
+//! `step.eventbus.publish` with `messages` (config) or `publish_messages` (pipeline state): many messages in one ExecuteStep, pipelined with a
 //! bounded window of unacknowledged publishes (one gRPC hop per list instead of per message),
 //! one result per message in list order. A message that cannot be sent (bad subject, say) gets
 //! its error without stopping the others; `fail_on` decides whether the step fails.
@@ -102,7 +102,7 @@ pub(super) async fn execute(
     let fail_on = FailOn::parse(&cfg.fail_on)
         .map_err(|e| RuntimeError::failed(component, format!("fail_on {e}")))?;
     let list = if cfg.messages.is_empty() {
-        inp.messages
+        inp.publish_messages
     } else {
         cfg.messages
     };

@@ -106,11 +106,12 @@ impl Marks {
             .collect()
     }
 
+    /// Tokens still ours to settle when the run ends (held or marked failed).
     fn unsettled(&self, tokens: &[String]) -> Vec<String> {
         let map = self.lock();
         tokens
             .iter()
-            .filter(|t| map.get(*t) == Some(&Mark::Held))
+            .filter(|t| matches!(map.get(*t), Some(Mark::Held | Mark::Failed)))
             .cloned()
             .collect()
     }
@@ -227,7 +228,7 @@ impl Handler {
             data,
         };
         // Keep the messages ours while the run lasts (in-progress acks at ack_wait/2), except
-        // those the pipeline already settled.
+        // those the pipeline already acked or terminated.
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
         let pipeline = launcher.launch(call);
         tokio::pin!(pipeline);
@@ -283,7 +284,7 @@ mod tests {
         m.mark_settled("b");
         assert!(!m.mark_failed("b"), "settled stays settled");
         assert!(!m.mark_failed("zzz"));
-        assert_eq!(m.unsettled(&tokens), vec!["c".to_string()]);
+        assert_eq!(m.unsettled(&tokens), vec!["a".to_string(), "c".to_string()]);
         assert_eq!(
             m.release(&tokens),
             vec![Mark::Failed, Mark::Settled, Mark::Held]
