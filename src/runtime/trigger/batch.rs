@@ -120,6 +120,15 @@ impl Marks {
 /// What the pull stream yielded after the batch closed, for the worker's loop to handle next.
 pub(super) type Leftover = Option<Result<JsMessage, MessagesError>>;
 
+/// The next item of the pull stream: the one a closed batch left over first. It takes the
+/// leftover only when polled, so a select that picks another branch keeps it for next time.
+pub(super) async fn next(leftover: &mut Option<Leftover>, messages: &mut Stream) -> Leftover {
+    match leftover.take() {
+        Some(l) => l,
+        None => messages.next().await,
+    }
+}
+
 /// Collects a batch from `first`: up to `batch_size` messages, waiting at most
 /// `max_batch_wait` after the first, closing early at the payload cap or when stopped.
 /// Returns the batch and, when the stream yielded something that does not belong in it (an

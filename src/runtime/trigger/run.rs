@@ -13,7 +13,6 @@ use crate::runtime::modules::consumer::{fetch_consumer_config, get_stream};
 use crate::runtime::steps::consume::to_message;
 use crate::runtime::{render, Runtime};
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
-use futures::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -239,22 +238,18 @@ impl Worker {
                     _ = self.stop.cancelled() => break 'outer,
                     p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
                 };
-                let next = if let Some(l) = leftover.take() {
-                    l
-                } else {
-                    tokio::select! {
-                        _ = self.stop.cancelled() => break 'outer,
-                        n = messages.next() => n,
-                        Ok(()) = conn_state.changed() => {
-                            let reconnected = *conn_state.borrow_and_update() == ConnState::Connected;
-                            // A restarted broker may have lost a memory stream and its consumers;
-                            // the pull would notice only after two missed heartbeats (~10 s).
-                            if reconnected && self.source_gone(&conn).await {
-                                tracing::info!(trigger = %name, stream = %self.spec.stream, consumer = %self.spec.durable, "stream or consumer gone after reconnect; re-binding");
-                                continue 'outer;
-                            }
-                            continue;
+                let next = tokio::select! {
+                    _ = self.stop.cancelled() => break 'outer,
+                    n = batch::next(&mut leftover, &mut messages) => n,
+                    Ok(()) = conn_state.changed() => {
+                        let reconnected = *conn_state.borrow_and_update() == ConnState::Connected;
+                        // A restarted broker may have lost a memory stream and its consumers;
+                        // the pull would notice only after two missed heartbeats (~10 s).
+                        if reconnected && self.source_gone(&conn).await {
+                            tracing::info!(trigger = %name, stream = %self.spec.stream, consumer = %self.spec.durable, "stream or consumer gone after reconnect; re-binding");
+                            continue 'outer;
                         }
+                        continue;
                     }
                 };
                 match next {
