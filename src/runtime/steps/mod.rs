@@ -6,6 +6,7 @@ pub mod ack;
 pub mod ack_bulk;
 pub mod bulk;
 pub mod consume;
+pub mod message;
 pub mod publish;
 pub mod publish_bulk;
 

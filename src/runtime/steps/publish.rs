@@ -14,8 +14,8 @@ use async_nats::HeaderMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub const CORRELATION_HEADER: &str = "Nats-Correlation-Id";
-pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+use super::message::{build_message, payload_of};
+pub use super::message::{now_rfc3339, rfc3339, CORRELATION_HEADER, MSG_ID_HEADER};
 
 pub struct PublishStep {
     /// `<type> "<name>"`, the prefix of every error this step reports.
@@ -128,57 +128,6 @@ impl PublishStep {
     }
 }
 
-/// Why one message cannot be sent: the field at fault and the problem, one line.
-#[derive(Debug)]
-pub(crate) struct MessageError {
-    pub field: &'static str,
-    pub problem: String,
-}
-
-impl std::fmt::Display for MessageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.field, self.problem)
-    }
-}
-
-/// Checks one outgoing message and builds its headers (step or message headers in order, the
-/// later winning, then correlation and de-duplication ids). The single and the bulk publish
-/// build every message here, so a rule added here guards both.
-pub(crate) fn build_message<'a>(
-    subject: &str,
-    headers: impl IntoIterator<Item = (&'a String, &'a String)>,
-    correlation_id: &str,
-    message_id: &str,
-) -> Result<HeaderMap, MessageError> {
-    check_publish_subject(subject).map_err(|problem| MessageError {
-        field: "subject",
-        problem,
-    })?;
-    let mut out = HeaderMap::new();
-    for (k, v) in headers {
-        out.insert(k.as_str(), v.as_str());
-    }
-    if !correlation_id.is_empty() {
-        out.insert(CORRELATION_HEADER, correlation_id);
-    }
-    if !message_id.is_empty() {
-        out.insert(MSG_ID_HEADER, message_id);
-    }
-    Ok(out)
-}
-
-/// A configured payload as bytes: a string as its UTF-8, any other JSON value as compact JSON;
-/// None when unset.
-pub(crate) fn payload_of(v: Option<&prost_types::Value>) -> Result<Option<Vec<u8>>, String> {
-    match v.and_then(|v| v.kind.as_ref().map(|k| (v, k))) {
-        None => Ok(None),
-        Some((_, prost_types::value::Kind::StringValue(s))) => Ok(Some(s.clone().into_bytes())),
-        Some((v, _)) => serde_json::to_vec(&decode::value_to_json(v))
-            .map(Some)
-            .map_err(|e| format!("payload: {e}")),
-    }
-}
-
 /// A validated publish, ready to send.
 struct Outgoing {
     subject: String,
@@ -186,13 +135,4 @@ struct Outgoing {
     payload: Vec<u8>,
     broker: Arc<BrokerModule>,
     timeout: Option<Duration>,
-}
-
-pub fn now_rfc3339() -> String {
-    rfc3339(time::OffsetDateTime::now_utc())
-}
-
-pub fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }

@@ -4,7 +4,7 @@
 //! its error without stopping the others; `fail_on` decides whether the step fails.
 
 use super::bulk::{failure_summary, window, FailOn, MAX_ITEMS};
-use super::publish::{build_message, now_rfc3339, payload_of};
+use super::message::{build_message, now_rfc3339, payload_of};
 use super::{pick, StepOutput};
 use crate::nats::NatsError;
 use crate::pb::eventbus::{

@@ -3,6 +3,7 @@
 //! on the StartModule RPC (Go defect B2).
 
 pub mod batch;
+mod batch_run;
 pub mod payload;
 pub mod run;
 
