@@ -6,6 +6,7 @@ pub mod conn;
 pub mod consumer;
 pub mod error;
 pub mod names;
+pub mod server_conf;
 pub mod stream;
 
 pub use conn::{ConnSettings, NatsConn};

@@ -239,46 +239,34 @@ pub fn plan_nodes(
     Ok(nodes)
 }
 
-fn quoted(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| format!("\"{s}\""))
-}
-
-/// The nats-server config of node `i` (only keys nats-server 2.9 already knows).
+/// The nats-server config of node `i`, through the renderer every target shares.
 pub fn render_config(rec: &LocalRecord, broker: &str, i: usize) -> String {
+    use crate::nats::server_conf::{ClusterConf, Listen, ServerConf};
     let n = &rec.nodes[i];
-    let mut c = format!(
-        "# Written by workflow-plugin-eventbus for infra.eventbus {broker:?}; rewritten on update.\n\
-         server_name: {}\nlisten: {}\nhttp: {}\nlogfile: {}\n",
-        quoted(&n.server_name),
-        quoted(&format!("127.0.0.1:{}", n.client_port)),
-        quoted(&format!("127.0.0.1:{}", n.monitor_port)),
-        quoted(&n.log_path().display().to_string()),
-    );
-    c.push_str(&format!(
-        "jetstream {{\n  store_dir: {}\n",
-        quoted(&n.store_dir().display().to_string())
-    ));
-    if rec.max_file_store > 0 {
-        c.push_str(&format!("  max_file_store: {}\n", rec.max_file_store));
+    ServerConf {
+        header: format!(
+            "Written by workflow-plugin-eventbus for infra.eventbus {broker:?}; rewritten on update."
+        ),
+        server_name: n.server_name.clone(),
+        client: Listen::Addr(format!("127.0.0.1:{}", n.client_port)),
+        monitor: Listen::Addr(format!("127.0.0.1:{}", n.monitor_port)),
+        logfile: Some(n.log_path().display().to_string()),
+        store_dir: n.store_dir().display().to_string(),
+        max_file_store: rec.max_file_store,
+        max_memory_store: rec.max_memory_store,
+        cluster: (rec.nodes.len() > 1).then(|| ClusterConf {
+            name: rec.cluster_name.clone(),
+            listen: format!("127.0.0.1:{}", n.cluster_port),
+            routes: rec
+                .nodes
+                .iter()
+                .map(|p| format!("nats-route://127.0.0.1:{}", p.cluster_port))
+                .collect(),
+        }),
+        websocket: None,
+        auth: None,
     }
-    if rec.max_memory_store > 0 {
-        c.push_str(&format!("  max_memory_store: {}\n", rec.max_memory_store));
-    }
-    c.push_str("}\n");
-    if rec.nodes.len() > 1 {
-        let routes: Vec<String> = rec
-            .nodes
-            .iter()
-            .map(|p| quoted(&format!("nats-route://127.0.0.1:{}", p.cluster_port)))
-            .collect();
-        c.push_str(&format!(
-            "cluster {{\n  name: {}\n  listen: {}\n  routes: [\n    {}\n  ]\n}}\n",
-            quoted(&rec.cluster_name),
-            quoted(&format!("127.0.0.1:{}", n.cluster_port)),
-            routes.join("\n    ")
-        ));
-    }
-    c
+    .render()
 }
 
 /// Writes node `i`'s config and starts it detached; records the pid in `rec`.

@@ -1,0 +1,208 @@
+//! The one nats-server config renderer every deploy target uses (`local` files on this machine,
+//! the App Platform env var). Native NATS conf syntax: every string is quoted, and values that
+//! must come from the process environment (listen host, secrets) are left as bare `$NAME`
+//! references, which nats-server resolves from its environment at start. Secrets are therefore
+//! never part of the rendered text. Only keys nats-server 2.9 already knows are written.
+
+/// Where a listener binds: a fixed `host:port`, or a host from the environment plus a port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Addr(String),
+    /// `host: $VAR` resolved at start; the port is fixed.
+    EnvHost {
+        var: String,
+        port: u16,
+    },
+}
+
+/// Client authentication for the global account, by environment variable name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnvAuth {
+    Token {
+        var: String,
+    },
+    UserPassword {
+        user_var: String,
+        password_var: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterConf {
+    pub name: String,
+    pub listen: String,
+    pub routes: Vec<String>,
+}
+
+/// A websocket listener without TLS (TLS ends at whatever is in front: an edge proxy).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebsocketConf {
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConf {
+    /// First line, as a comment.
+    pub header: String,
+    pub server_name: String,
+    pub client: Listen,
+    /// Monitoring port; with `Listen::EnvHost` it binds the same host as the client port.
+    pub monitor: Listen,
+    /// `None` = log to stderr.
+    pub logfile: Option<String>,
+    pub store_dir: String,
+    /// 0 = not set (nats-server's default).
+    pub max_file_store: i64,
+    pub max_memory_store: i64,
+    pub cluster: Option<ClusterConf>,
+    pub websocket: Option<WebsocketConf>,
+    pub auth: Option<EnvAuth>,
+}
+
+pub fn quoted(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| format!("\"{s}\""))
+}
+
+impl ServerConf {
+    pub fn render(&self) -> String {
+        let mut c = format!(
+            "# {}\nserver_name: {}\n",
+            self.header.replace('\n', " "),
+            quoted(&self.server_name)
+        );
+        match (&self.client, &self.monitor) {
+            (Listen::EnvHost { var, port }, Listen::EnvHost { port: http, .. }) => {
+                c.push_str(&format!("host: ${var}\nport: {port}\nhttp_port: {http}\n"));
+            }
+            (client, monitor) => {
+                for (key, l) in [("listen", client), ("http", monitor)] {
+                    match l {
+                        Listen::Addr(a) => c.push_str(&format!("{key}: {}\n", quoted(a))),
+                        Listen::EnvHost { port, .. } => {
+                            c.push_str(&format!("{key}: {}\n", quoted(&format!("0.0.0.0:{port}"))))
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(l) = &self.logfile {
+            c.push_str(&format!("logfile: {}\n", quoted(l)));
+        }
+        c.push_str(&format!(
+            "jetstream {{\n  store_dir: {}\n",
+            quoted(&self.store_dir)
+        ));
+        if self.max_file_store > 0 {
+            c.push_str(&format!("  max_file_store: {}\n", self.max_file_store));
+        }
+        if self.max_memory_store > 0 {
+            c.push_str(&format!("  max_memory_store: {}\n", self.max_memory_store));
+        }
+        c.push_str("}\n");
+        if let Some(cl) = &self.cluster {
+            let routes: Vec<String> = cl.routes.iter().map(|r| quoted(r)).collect();
+            c.push_str(&format!(
+                "cluster {{\n  name: {}\n  listen: {}\n  routes: [\n    {}\n  ]\n}}\n",
+                quoted(&cl.name),
+                quoted(&cl.listen),
+                routes.join("\n    ")
+            ));
+        }
+        if let Some(ws) = &self.websocket {
+            // The websocket listener binds the client host (it does not follow `host` itself).
+            let host = match &self.client {
+                Listen::EnvHost { var, .. } => format!("${var}"),
+                Listen::Addr(a) => quoted(a.rsplit_once(':').map(|(h, _)| h).unwrap_or(a)),
+            };
+            c.push_str(&format!(
+                "websocket {{\n  host: {host}\n  port: {}\n  no_tls: true\n}}\n",
+                ws.port
+            ));
+        }
+        match &self.auth {
+            Some(EnvAuth::Token { var }) => {
+                c.push_str(&format!("authorization {{\n  token: ${var}\n}}\n"))
+            }
+            Some(EnvAuth::UserPassword {
+                user_var,
+                password_var,
+            }) => c.push_str(&format!(
+                "authorization {{\n  user: ${user_var}\n  password: ${password_var}\n}}\n"
+            )),
+            None => {}
+        }
+        c
+    }
+}
+
+/// Whether a secret survives the trip through an environment variable into nats.conf:
+/// nats-server parses a referenced variable's value as a config value, so spaces, quotes,
+/// `#`, `,` or `}` would cut or break it, and `true`/`12345` would become a bool or a number.
+pub fn env_safe_secret(s: &str) -> bool {
+    const WORDS: [&str; 6] = ["true", "false", "yes", "no", "on", "off"];
+    (1..=512).contains(&s.len())
+        && s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._~+/-".contains(c))
+        && !WORDS.iter().any(|w| s.eq_ignore_ascii_case(w))
+}
+
+pub const ENV_SAFE_SECRET_RULE: &str =
+    "1-512 characters of A-Z a-z 0-9 . _ ~ + / -, starting with a letter (nats-server reads it \
+     from an environment variable as a config value, so other characters would change it)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app_like() -> ServerConf {
+        ServerConf {
+            header: "test".into(),
+            server_name: "bus".into(),
+            client: Listen::EnvHost {
+                var: "NATS_HOST".into(),
+                port: 4222,
+            },
+            monitor: Listen::EnvHost {
+                var: "NATS_HOST".into(),
+                port: 8222,
+            },
+            logfile: None,
+            store_dir: "/tmp/js".into(),
+            max_file_store: 1 << 30,
+            max_memory_store: 0,
+            cluster: None,
+            websocket: Some(WebsocketConf { port: 8080 }),
+            auth: Some(EnvAuth::Token {
+                var: "NATS_TOKEN".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn env_references_stay_bare_and_secrets_never_appear() {
+        let c = app_like().render();
+        assert!(
+            c.contains("host: $NATS_HOST\nport: 4222\nhttp_port: 8222\n"),
+            "{c}"
+        );
+        assert!(
+            c.contains("websocket {\n  host: $NATS_HOST\n  port: 8080\n  no_tls: true\n}"),
+            "{c}"
+        );
+        assert!(c.contains("token: $NATS_TOKEN"), "{c}");
+        assert!(!c.contains("logfile") && !c.contains("cluster {"), "{c}");
+    }
+
+    #[test]
+    fn secrets_that_would_change_in_nats_conf_are_refused() {
+        for ok in ["abc123", "Tok.en_~+/-x", "a"] {
+            assert!(env_safe_secret(ok), "{ok}");
+        }
+        for bad in [
+            "", "a b", "a#b", "a,b", "a}b", "12345", "true", "On", "x\"y", "a=b",
+        ] {
+            assert!(!env_safe_secret(bad), "{bad}");
+        }
+    }
+}
