@@ -16,7 +16,7 @@ PRISM_DIR := target/tools/prism
 PRISM_BIN ?= $(CURDIR)/$(PRISM_DIR)/node_modules/.bin/prism
 export PRISM_BIN
 
-.PHONY: build release test test-nats29 lint fmt install demo bench profile deps clean
+.PHONY: build release test test-nats29 acceptance lint fmt install demo bench profile deps clean
 
 build:
 	cargo build --release --locked
@@ -46,6 +46,11 @@ test-nats29:
 		echo "nats-server: $(DEBIAN_NATS) ($$($(DEBIAN_NATS) --version))"; \
 		NATS_SERVER_BIN=$(DEBIAN_NATS) cargo test --locked --test runtime_nats --test trigger_nats --test faults; \
 	else echo "skipping: Debian's nats-server (2.9) is not installed"; fi
+
+# Against the real DigitalOcean Apps API (creates and deletes a billable app):
+# EVENTBUS_ACCEPTANCE=1 DIGITALOCEAN_TOKEN=... make acceptance
+acceptance: deps
+	cargo test --locked --test app_platform_iac -- --ignored live_
 
 lint:
 	cargo fmt --all -- --check

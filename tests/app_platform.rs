@@ -6,7 +6,7 @@
 mod do_fake;
 
 use do_fake::{raw_call, Fake, Injected, READ_ONLY_TOKEN, TOKEN};
-use eventbus_plugin::iac::app_platform::{
+use eventbus_plugin::iac::targets::app_platform::{
     self as ap,
     api::{ApiConfig, ApiError, AppsApi},
     spec,
@@ -33,7 +33,7 @@ fn cluster(version: &str, token: &str) -> ClusterConfig {
 }
 
 fn desired(name: &str, version: &str, token: &str) -> ap::AppDesired {
-    ap::validate("infra.eventbus", name, &cluster(version, token)).unwrap()
+    ap::validate(name, &cluster(version, token)).unwrap()
 }
 
 fn api(token: &str) -> AppsApi {
@@ -221,6 +221,21 @@ async fn each_api_error_class_has_its_own_clear_error() {
         "waited {:?}",
         started.elapsed()
     );
+
+    // A reset too far away: no retry loop, a clear error at once.
+    fake.inject(Injected {
+        method: "GET".into(),
+        path_prefix: "/v2/apps/6f0c2f44-0000-4000-8000-88".into(),
+        status: 429,
+        message: "API rate limit exceeded.".into(),
+        reset_in: Some(3600),
+    });
+    let e = api(TOKEN)
+        .get("6f0c2f44-0000-4000-8000-888888888888")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::RateLimited { .. }), "{e}");
+    assert!(e.to_string().contains("429"), "{e}");
 
     // Prism stands in front and holds every request to DigitalOcean's schema: this one never
     // reaches the fake.

@@ -31,6 +31,14 @@ pub enum DriverError {
         target: String,
         available: String,
     },
+    /// A platform API refused or failed (a cloud target's provisioning calls).
+    #[error("{what}")]
+    Platform {
+        what: String,
+        class: PlatformClass,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{what}: {message}")]
     BrokerUnknown { what: String, message: String },
     #[error("{what}: {reason}")]
@@ -97,6 +105,21 @@ impl DriverError {
     }
 }
 
+/// How a platform API failure reaches wfctl.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlatformClass {
+    /// Credentials missing, rejected or short of a permission.
+    Auth,
+    /// The request (config) was refused as invalid.
+    Invalid,
+    /// Unreachable or rate-limited: try again later.
+    Unavailable,
+    /// The platform did not finish in the time allowed.
+    Timeout,
+    /// Anything else (a failed deployment, an unexpected answer).
+    Failed,
+}
+
 impl From<DriverError> for tonic::Status {
     fn from(e: DriverError) -> Self {
         let msg = crate::error_chain::render(&e);
@@ -106,6 +129,13 @@ impl From<DriverError> for tonic::Status {
             | DriverError::UnknownType { .. }
             | DriverError::Config(_)
             | DriverError::Invalid { .. } => tonic::Status::invalid_argument(msg),
+            DriverError::Platform { class, .. } => match class {
+                PlatformClass::Auth => tonic::Status::permission_denied(msg),
+                PlatformClass::Invalid => tonic::Status::invalid_argument(msg),
+                PlatformClass::Unavailable => tonic::Status::unavailable(msg),
+                PlatformClass::Timeout => tonic::Status::deadline_exceeded(msg),
+                PlatformClass::Failed => tonic::Status::failed_precondition(msg),
+            },
             DriverError::NotYet { .. }
             | DriverError::BrokerUnknown { .. }
             | DriverError::Refused { .. } => tonic::Status::failed_precondition(msg),
@@ -180,7 +210,8 @@ mod tests {
         assert_eq!(
             m,
             "infra.eventbus \"bus\": deploy target \"aws.ecs\" is not available yet in the eventbus IaC provider; \
-             use deploy_target local (nats-server processes on this machine) or self_hosted (servers you name with dsn/servers)"
+             use deploy_target local (nats-server processes on this machine) or self_hosted (servers you name with dsn/servers) \
+             or digitalocean.app_platform (one non-durable broker as an App Platform app)"
         );
     }
 }

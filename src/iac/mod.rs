@@ -3,7 +3,6 @@
 //! `Provider` function and converts back; the work is in `provider`, `drivers/`, `plan` (pure),
 //! `state` (the provider's own records) and `local` (nats-server processes).
 
-pub mod app_platform;
 pub mod drivers;
 pub mod error;
 pub(crate) mod files;

@@ -78,6 +78,9 @@ pub struct BrokerRecord {
     pub request_timeout_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<LocalRecord>,
+    /// `digitalocean.app_platform`: the app that runs the broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppRecord>,
     #[serde(default)]
     pub prevent_destroy: bool,
     #[serde(default)]
@@ -85,6 +88,12 @@ pub struct BrokerRecord {
     /// Outputs of the last create/update, for drift detection.
     #[serde(default)]
     pub outputs: Json,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AppRecord {
+    pub app_id: String,
+    pub app_name: String,
 }
 
 mod target_name {
@@ -283,6 +292,7 @@ mod tests {
                         connect_timeout_ms: 0,
                         request_timeout_ms: 0,
                         local: None,
+                        app: None,
                         prevent_destroy: false,
                         bind: false,
                         outputs: Json::Null,

@@ -618,12 +618,7 @@ impl Ctx {
                         id: id.clone(),
                         spec: spec.clone(),
                         created_at: now(),
-                        host: Ipv4Addr::new(
-                            127,
-                            0,
-                            200 + (n / 250) as u8 % 50,
-                            1 + (n % 250) as u8,
-                        ),
+                        host: free_host(&mut s.next),
                         log: dir.join("app.log"),
                         dir,
                         deployments: Vec::new(),
@@ -808,7 +803,9 @@ impl Ctx {
                 let svc = a.spec["services"][0].clone();
                 let run = svc["run_command"].as_str().unwrap_or_default().to_string();
                 let mut cmd = Command::new("sh");
-                cmd.arg("-c").arg(&run).env_clear();
+                // The image's entrypoint execs the command it is given: one process from here
+                // to nats-server, so the parent-death signal set below reaches it.
+                cmd.arg("-c").arg(format!("exec {run}")).env_clear();
                 cmd.env(
                     "PATH",
                     format!("{}:/usr/local/bin:/usr/bin:/bin", ctx.shim_dir.display()),
@@ -881,6 +878,23 @@ impl Ctx {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
+    }
+}
+
+/// A loopback address of its own for an app: 127.<from the pid>.x.y, skipping any where one of
+/// the ports an app uses is taken (another test process, a leftover).
+fn free_host(next: &mut u64) -> Ipv4Addr {
+    let a = 100 + (std::process::id() % 100) as u8;
+    loop {
+        *next += 1;
+        let n = *next;
+        let ip = Ipv4Addr::new(127, a, (n / 250 % 250) as u8, 1 + (n % 250) as u8);
+        let free = [4222u16, 8222, 8080]
+            .iter()
+            .all(|p| std::net::TcpListener::bind((ip, *p)).is_ok());
+        if free {
+            return ip;
+        }
     }
 }
 

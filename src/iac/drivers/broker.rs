@@ -14,7 +14,7 @@ use super::{bool_field, str_field, BrokerConn, Ctx, Output};
 use crate::iac::error::DriverError;
 use crate::iac::plan::{field, Change};
 use crate::iac::state::{BrokerRecord, ProviderState};
-use crate::iac::targets::{for_target, label, BrokerTarget};
+use crate::iac::targets::{for_target, label, BrokerTarget, Platform};
 pub use crate::iac::targets::{strip_userinfo, BrokerDesired};
 use crate::pb::iac::ResourceRef;
 use serde_json::{json, Map, Value as Json};
@@ -25,7 +25,9 @@ pub fn decode(name: &str, config_json: &[u8]) -> Result<BrokerDesired, DriverErr
 
 /// The broker's target, or the "not available yet" error.
 pub fn check_target(d: &BrokerDesired) -> Result<&'static dyn BrokerTarget, DriverError> {
-    for_target(&d.spec.name, d.spec.target)
+    let t = for_target(&d.spec.name, d.spec.target)?;
+    t.check(d)?;
+    Ok(t)
 }
 
 /// The compared settings as the config asks for them (pure apart from the env fallback of
@@ -107,13 +109,17 @@ pub async fn apply(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Output, D
         m.insert(k.clone(), v.clone());
     }
     m.insert("server_version".into(), json!(version));
-    let sensitive = sensitive_outputs(d, m);
+    let sensitive = if target.credentials_in_outputs() {
+        sensitive_outputs(d, m)
+    } else {
+        Vec::new()
+    };
     record.outputs = outputs.clone();
     ctx.state.update(|s| {
         s.brokers.insert(name.to_string(), record.clone());
     })?;
     Ok(Output {
-        provider_id: name.to_string(),
+        provider_id: target.provider_id(name, &record),
         outputs,
         sensitive,
         status: "running".into(),
@@ -172,9 +178,20 @@ pub async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
             status = "degraded";
         }
     }
+    let live = match target.platform(ctx, &what, rec).await? {
+        Platform::Gone => {
+            return Err(DriverError::not_found(format!(
+                "{what}: its platform no longer has it (deleted out of band); apply creates it again, empty"
+            )))
+        }
+        Platform::Live(o) => Some(o),
+        Platform::Untracked => None,
+    };
     let b = BrokerConn::from_record(name, rec);
     let version = verify(ctx, &what, &b).await?;
-    let mut outputs = if rec.outputs.is_object() {
+    let mut outputs = if let Some(o) = live {
+        o
+    } else if rec.outputs.is_object() {
         rec.outputs.clone()
     } else {
         json!({"name": name, "url": rec.urls.iter().map(|u| strip_userinfo(u)).collect::<Vec<_>>().join(",")})
@@ -186,7 +203,7 @@ pub async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
         .map(|k| k.to_string())
         .collect();
     Ok(Output {
-        provider_id: name.clone(),
+        provider_id: target.provider_id(name, rec),
         outputs,
         sensitive,
         status: status.into(),
@@ -224,7 +241,9 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
             ),
         ));
     }
-    for_target(&name, rec.target)?.delete(&what, &rec).await?;
+    for_target(&name, rec.target)?
+        .delete(ctx, &what, &rec)
+        .await?;
     ctx.conns.evict(&rec.urls).await;
     ctx.state.update(|s| {
         s.brokers.remove(&name);
@@ -306,12 +325,7 @@ mod tests {
 
     #[test]
     fn other_targets_are_not_yet() {
-        for t in [
-            "kubernetes",
-            "digitalocean.app_platform",
-            "aws.ecs",
-            "aws.eks",
-        ] {
+        for t in ["kubernetes", "aws.ecs", "aws.eks"] {
             let d = decode(
                 "bus",
                 format!(r#"{{"provider":"nats","deploy_target":"{t}"}}"#).as_bytes(),

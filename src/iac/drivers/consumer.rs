@@ -203,7 +203,7 @@ pub async fn apply(ctx: &Ctx, resource: &str, spec: &ConsumerSpec) -> Result<Out
         &state,
         &ctx.state.path(),
     )?;
-    let conn = ctx.conns.connect(&what, &b).await?;
+    let conn = ctx.connect(&what, &b).await?;
     let Some(stream) = get_stream(&conn, &what, &spec.stream).await? else {
         return Err(DriverError::refused(
             &what,
@@ -311,7 +311,7 @@ async fn search(ctx: &Ctx, name: &str) -> Result<Option<Located>, DriverError> {
     let mut found = Vec::new();
     for (broker, rec) in &state.brokers {
         let b = BrokerConn::from_record(broker, rec);
-        let Ok(conn) = ctx.conns.connect(&format!("broker {broker:?}"), &b).await else {
+        let Ok(conn) = ctx.connect(&format!("broker {broker:?}"), &b).await else {
             continue;
         };
         for (_, cfg) in super::stream::list(ctx, broker).await.unwrap_or_default() {
@@ -357,7 +357,7 @@ pub async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
     };
     let what = label(&r.name, &l.stream, &l.durable);
     let b = connect_target(ctx, &what, &l, &state)?;
-    let conn = ctx.conns.connect(&what, &b).await?;
+    let conn = ctx.connect(&what, &b).await?;
     let Some(stream) = get_stream(&conn, &what, &l.stream).await? else {
         return Err(DriverError::not_found(format!(
             "{what}: the stream is gone"
@@ -406,7 +406,12 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
         return forget(ctx);
     }
     let b = connect_target(ctx, &what, &l, &state)?;
-    let conn = ctx.conns.connect(&what, &b).await?;
+    let conn = match ctx.connect(&what, &b).await {
+        Ok(c) => c,
+        // Its broker is gone from its platform, and this resource's data with it.
+        Err(e) if e.is_not_found() => return forget(ctx),
+        Err(e) => return Err(e),
+    };
     if let Some(stream) = get_stream(&conn, &what, &l.stream).await? {
         use async_nats::jetstream::stream::ConsumerErrorKind as K;
         let deleted = super::retry(
@@ -445,7 +450,7 @@ pub async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), Driver
         .ok_or_else(|| DriverError::not_found(format!("{CONSUMER_TYPE} {:?}", r.name)))?;
     let what = label(&r.name, &l.stream, &l.durable);
     let b = connect_target(ctx, &what, &l, &state)?;
-    let conn = match ctx.conns.connect(&what, &b).await {
+    let conn = match ctx.connect(&what, &b).await {
         Ok(c) => c,
         Err(e) => return Ok((false, crate::error_chain::render(&e))),
     };
@@ -473,7 +478,7 @@ pub async fn list(
     let state = ctx.state.load()?;
     let what = format!("broker {broker:?}");
     let b = resolve_broker(&what, broker, &[], &state, &ctx.state.path())?;
-    let conn = ctx.conns.connect(&what, &b).await?;
+    let conn = ctx.connect(&what, &b).await?;
     let mut out = Vec::new();
     for (_, scfg) in super::stream::list(ctx, broker).await? {
         let Some(stream) = get_stream(&conn, &what, &scfg.name).await? else {

@@ -109,6 +109,11 @@ pub fn desired_broker(
 pub struct Ctx {
     pub state: StateStore,
     pub conns: ConnCache,
+    /// The iac.provider module's config (targets read their own keys from it, e.g. an API
+    /// token, only when a broker on that target is used).
+    pub provider_config: Map<String, Json>,
+    /// Brokers whose platform was asked in this process whether they still exist.
+    brokers_exist: Mutex<HashMap<String, bool>>,
 }
 
 impl Ctx {
@@ -116,7 +121,64 @@ impl Ctx {
         Ctx {
             state: StateStore::new(state_dir),
             conns: ConnCache::default(),
+            provider_config: Map::new(),
+            brokers_exist: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A provider config string (`None` when absent or empty).
+    pub fn provider_str(&self, key: &str) -> Option<&str> {
+        self.provider_config
+            .get(key)
+            .and_then(Json::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Connects to a stream's or consumer's broker. When the broker's platform says it no longer
+    /// exists (asked once per broker per process), the answer is "not found" at once: its
+    /// streams and consumers went with it.
+    pub async fn connect(&self, what: &str, b: &BrokerConn) -> Result<NatsConn, DriverError> {
+        if let Some(rec) = &b.record {
+            let known = self
+                .brokers_exist
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&b.name)
+                .copied();
+            let exists = match known {
+                Some(e) => e,
+                None => {
+                    let target = crate::iac::targets::for_target(&b.name, rec.target)?;
+                    let exists = !matches!(
+                        target.platform(self, what, rec).await?,
+                        crate::iac::targets::Platform::Gone
+                    );
+                    self.brokers_exist
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(b.name.clone(), exists);
+                    exists
+                }
+            };
+            if !exists {
+                return Err(DriverError::not_found(format!(
+                    "{what}: its broker {:?} no longer exists on its platform (its streams and consumers went with it)",
+                    b.name
+                )));
+            }
+        }
+        self.conns.connect(what, b).await
+    }
+}
+
+/// Config problems a target found, as one error naming each field (`field: message` lines).
+pub fn config_problems(type_name: &str, name: &str, lines: Vec<String>) -> DriverError {
+    let mut p = crate::runtime::config_error::Problems::new(type_name, name);
+    p.raw(lines);
+    match p.finish(()) {
+        Err(e) => DriverError::Config(e),
+        Ok(()) => DriverError::invalid(format!("{type_name} {name:?}"), "invalid config"),
     }
 }
 

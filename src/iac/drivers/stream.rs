@@ -195,7 +195,7 @@ pub async fn apply(ctx: &Ctx, resource: &str, spec: &StreamSpec) -> Result<Outpu
         &state,
         &ctx.state.path(),
     )?;
-    let conn = ctx.conns.connect(&what, &b).await?;
+    let conn = ctx.connect(&what, &b).await?;
     let observed = fetch_stream_config(&conn, &spec.name)
         .await
         .map_err(|e| DriverError::nats(&what, e))?;
@@ -356,7 +356,7 @@ pub async fn search(ctx: &Ctx, name: &str) -> Result<Option<Located>, DriverErro
     let mut found = Vec::new();
     for (broker, rec) in &state.brokers {
         let b = BrokerConn::from_record(broker, rec);
-        let Ok(conn) = ctx.conns.connect(&format!("broker {broker:?}"), &b).await else {
+        let Ok(conn) = ctx.connect(&format!("broker {broker:?}"), &b).await else {
             continue;
         };
         if let Ok(Some(_)) = fetch_stream_config(&conn, name).await {
@@ -397,7 +397,7 @@ pub async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
     };
     let what = label(&r.name, &located.stream);
     let b = connect_target(ctx, &what, &located, &state)?;
-    let conn = ctx.conns.connect(&what, &b).await?;
+    let conn = ctx.connect(&what, &b).await?;
     match fetch_stream_config(&conn, &located.stream)
         .await
         .map_err(|e| DriverError::nats(&what, e))?
@@ -451,7 +451,12 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
         return forget(ctx);
     }
     let b = connect_target(ctx, &what, &l, &state)?;
-    let conn = ctx.conns.connect(&what, &b).await?;
+    let conn = match ctx.connect(&what, &b).await {
+        Ok(c) => c,
+        // Its broker is gone from its platform, and this resource's data with it.
+        Err(e) if e.is_not_found() => return forget(ctx),
+        Err(e) => return Err(e),
+    };
     use async_nats::jetstream::context::DeleteStreamErrorKind as K;
     let deleted = super::retry(
         || conn.js.delete_stream(&l.stream),
@@ -501,7 +506,7 @@ pub async fn scale(ctx: &Ctx, r: &ResourceRef, replicas: i32) -> Result<Output, 
         .ok_or_else(|| DriverError::not_found(format!("{STREAM_TYPE} {:?}", r.name)))?;
     let what = label(&r.name, &l.stream);
     let b = connect_target(ctx, &what, &l, &state)?;
-    let conn = ctx.conns.connect(&what, &b).await?;
+    let conn = ctx.connect(&what, &b).await?;
     let mut cfg = fetch_stream_config(&conn, &l.stream)
         .await
         .map_err(|e| DriverError::nats(&what, e))?
@@ -533,7 +538,7 @@ pub async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), Driver
         .ok_or_else(|| DriverError::not_found(format!("{STREAM_TYPE} {:?}", r.name)))?;
     let what = label(&r.name, &l.stream);
     let b = connect_target(ctx, &what, &l, &state)?;
-    let conn = match ctx.conns.connect(&what, &b).await {
+    let conn = match ctx.connect(&what, &b).await {
         Ok(c) => c,
         Err(e) => return Ok((false, crate::error_chain::render(&e))),
     };
@@ -558,7 +563,7 @@ pub async fn list(ctx: &Ctx, broker: &str) -> Result<Vec<(String, stream::Config
     let state = ctx.state.load()?;
     let what = format!("broker {broker:?}");
     let b = resolve_broker(&what, broker, &[], &state, &ctx.state.path())?;
-    let conn = ctx.conns.connect(&what, &b).await?;
+    let conn = ctx.connect(&what, &b).await?;
     let infos: Vec<stream::Info> = conn
         .js
         .streams()

@@ -114,7 +114,13 @@ fn recorded_outputs(state: &ProviderState, kind: Kind, name: &str) -> Json {
 /// The server-side settings drift compares without a spec.
 fn drift_keys(kind: Kind) -> &'static [&'static str] {
     match kind {
-        Kind::Broker => &["url"],
+        Kind::Broker => &[
+            "url",
+            "version",
+            "instance_size",
+            "http_port",
+            "config_sha256",
+        ],
         Kind::Stream => &[
             "subjects",
             "retention_policy",

@@ -28,7 +28,14 @@ pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+diff.1");
 pub const DEFAULT_STATE_DIR: &str = ".eventbus-iac";
 /// Keys of the `iac.provider` module config; `provider` routes, `plugin`/`service` are the
 /// engine's.
-const CONFIG_KEYS: &[&str] = &["provider", "state_dir", "plugin", "service"];
+const CONFIG_KEYS: &[&str] = &[
+    "provider",
+    "state_dir",
+    "digitalocean_token",
+    "digitalocean_api_url",
+    "plugin",
+    "service",
+];
 
 pub struct Provider {
     pub ctx: Ctx,
@@ -79,6 +86,12 @@ impl Provider {
             if k.starts_with('_') || ["provider", "plugin", "service"].contains(&k.as_str()) {
                 continue;
             }
+            if k == "digitalocean_token" || k == "digitalocean_api_url" {
+                if !matches!(v, Json::String(_) | Json::Null) {
+                    return Err(DriverError::invalid(what, format!("{k} must be a string")));
+                }
+                continue;
+            }
             if k == "state_dir" {
                 match v {
                     Json::String(s) if !s.trim().is_empty() => {
@@ -105,7 +118,9 @@ impl Provider {
             Some(p) => cwd.join(p),
             None => cwd.join(DEFAULT_STATE_DIR),
         };
-        Ok(Provider { ctx: Ctx::new(dir) })
+        let mut ctx = Ctx::new(dir);
+        ctx.provider_config = cfg;
+        Ok(Provider { ctx })
     }
 
     pub fn capabilities() -> Vec<IaCCapabilityDeclaration> {

@@ -18,6 +18,8 @@ pub struct BrokerDesired {
     pub declared_replicas: u32,
     pub max_file_store: i64,
     pub max_memory_store: i64,
+    /// The whole decoded config, for the target sections the shared spec does not carry.
+    pub config: ClusterConfig,
 }
 
 impl BrokerDesired {
@@ -28,6 +30,7 @@ impl BrokerDesired {
         let spec = BrokerSpec::validate(BROKER_TYPE, name, &c)?;
         let js = c.jetstream.unwrap_or_default();
         Ok(BrokerDesired {
+            config: c.clone(),
             spec,
             declared_replicas: c.replicas.max(0) as u32,
             max_file_store: js.max_storage_bytes.max(0),
@@ -47,12 +50,51 @@ pub struct Applied {
     pub outputs: Json,
 }
 
+/// What the platform a target provisions on says about a recorded broker, beyond whether its
+/// servers answer.
+pub enum Platform {
+    /// Nothing to ask (the target has no platform API).
+    Untracked,
+    /// The platform no longer has it (deleted out of band): its streams and consumers are gone.
+    Gone,
+    /// It exists; the recorded outputs with the compared fields as the platform shows them now.
+    Live(Json),
+}
+
 /// One deploy target. Blocking work (processes, probes) runs inside `block`, never on the
 /// async worker threads.
 #[tonic::async_trait]
 pub trait BrokerTarget: Sync {
     /// How the "not available yet" error offers this target: `<deploy_target> (<what it is>)`.
     fn offer(&self) -> &'static str;
+
+    /// Target-specific checks of the config, at plan (Diff) and apply time; the error names the
+    /// fields. No I/O.
+    fn check(&self, _d: &BrokerDesired) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    /// The provider id wfctl records (the broker's name unless the platform has its own id).
+    fn provider_id(&self, name: &str, _rec: &BrokerRecord) -> String {
+        name.to_string()
+    }
+
+    /// Whether credentials are echoed into outputs as sensitive strings (then wfctl needs a
+    /// `secrets:` provider).
+    fn credentials_in_outputs(&self) -> bool {
+        true
+    }
+
+    /// Asks the platform about a recorded broker (read, drift, and whether its streams and
+    /// consumers can still exist).
+    async fn platform(
+        &self,
+        _ctx: &Ctx,
+        _what: &str,
+        _rec: &BrokerRecord,
+    ) -> Result<Platform, DriverError> {
+        Ok(Platform::Untracked)
+    }
 
     /// Keys of the broker view the diff compares, and which of them force a replace.
     fn compared_keys(&self) -> (&'static [&'static str], &'static [&'static str]);
@@ -74,7 +116,12 @@ pub trait BrokerTarget: Sync {
     }
 
     /// Undo what apply did (stop what it started); adopted servers are only forgotten.
-    async fn delete(&self, _what: &str, _rec: &BrokerRecord) -> Result<(), DriverError> {
+    async fn delete(
+        &self,
+        _ctx: &Ctx,
+        _what: &str,
+        _rec: &BrokerRecord,
+    ) -> Result<(), DriverError> {
         Ok(())
     }
 

@@ -74,7 +74,7 @@ impl BrokerTarget for Local {
 
     /// Stops the processes (unless the broker was bound, i.e. adopted) and, when asked,
     /// removes their data.
-    async fn delete(&self, what: &str, rec: &BrokerRecord) -> Result<(), DriverError> {
+    async fn delete(&self, _: &Ctx, what: &str, rec: &BrokerRecord) -> Result<(), DriverError> {
         if let (Some(l), false) = (rec.local.clone(), rec.bind) {
             block(what.to_string(), move || {
                 nats_server::stop_all(&l);
@@ -251,6 +251,7 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
         connect_timeout_ms: 5000,
         request_timeout_ms: d.spec.conn.request_timeout.as_millis() as u64,
         local: Some(rec),
+        app: None,
         prevent_destroy: d.spec.prevent_destroy,
         bind: d.spec.bind,
         outputs: Json::Null,

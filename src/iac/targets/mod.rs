@@ -8,17 +8,22 @@
 //! `docs/adding-a-deploy-target.md` walks through it.
 
 mod api;
+pub mod app_platform;
 pub mod local;
 pub mod nats_server;
 pub mod self_hosted;
 
-pub use api::{block, label, strip_userinfo, Applied, BrokerDesired, BrokerTarget};
+pub use api::{block, label, strip_userinfo, Applied, BrokerDesired, BrokerTarget, Platform};
 
 use crate::iac::error::DriverError;
 use crate::providers::DeployTarget;
 
 /// The targets this provider provisions, in the order errors offer them.
-const AVAILABLE: [DeployTarget; 2] = [DeployTarget::Local, DeployTarget::SelfHosted];
+const AVAILABLE: [DeployTarget; 3] = [
+    DeployTarget::Local,
+    DeployTarget::SelfHosted,
+    DeployTarget::DigitalOceanApp,
+];
 
 /// The implementation of `target`, or the "not available yet" error naming `broker`.
 pub fn for_target(
@@ -28,6 +33,7 @@ pub fn for_target(
     match target {
         DeployTarget::Local => Ok(&local::Local),
         DeployTarget::SelfHosted => Ok(&self_hosted::SelfHosted),
+        DeployTarget::DigitalOceanApp => Ok(&app_platform::AppPlatform),
         other => Err(DriverError::NotYet {
             broker: broker.to_string(),
             target: other.as_str().to_string(),

@@ -112,6 +112,7 @@ impl BrokerTarget for SelfHosted {
             connect_timeout_ms: d.spec.conn.connect_timeout.as_millis() as u64,
             request_timeout_ms: d.spec.conn.request_timeout.as_millis() as u64,
             local: None,
+            app: None,
             prevent_destroy: d.spec.prevent_destroy,
             bind: d.spec.bind,
             outputs: Json::Null,

@@ -314,10 +314,10 @@ impl AppsApi {
         let mut backoff = Duration::from_secs(1);
         for attempt in 1..=RATE_LIMIT_ATTEMPTS {
             let r = self.send_once(op, &method, path, body).await?;
-            let message = r
-                .body
-                .get("message")
-                .and_then(Json::as_str)
+            // DigitalOcean's errors carry `message`; a problem+json body `detail`.
+            let message = ["message", "detail", "title"]
+                .iter()
+                .find_map(|k| r.body.get(*k).and_then(Json::as_str))
                 .unwrap_or_default()
                 .to_string();
             let op_s = op.to_string();
@@ -529,8 +529,22 @@ impl AppsApi {
             Some(app.pending_deployment.clone())
         };
         let Some(dep) = dep else {
-            // Nothing to wait for: the app has no deployment in flight.
-            return self.get(&app.id).await;
+            // No deployment listed yet: wait for the app itself to show a live one.
+            loop {
+                let a = self.get(&app.id).await?;
+                if !a.active_deployment.is_empty() && !a.live_url.is_empty() {
+                    return Ok(a);
+                }
+                if started.elapsed() >= within {
+                    return Err(ApiError::DeployTimeout {
+                        app: app.name.clone(),
+                        after: within,
+                        phase: "no deployment".into(),
+                    });
+                }
+                tokio::time::sleep(self.cfg.poll.min(within.saturating_sub(started.elapsed())))
+                    .await;
+            }
         };
         let mut last = String::new();
         loop {

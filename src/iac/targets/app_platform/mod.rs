@@ -16,11 +16,14 @@
 //! config for this target and turns API answers into outputs.
 
 pub mod api;
+pub mod ops;
 pub mod spec;
+mod target;
+
+pub use target::AppPlatform;
 
 use crate::nats::server_conf::{env_safe_secret, ENV_SAFE_SECRET_RULE};
 use crate::pb::eventbus::ClusterConfig;
-use crate::runtime::config_error::{duration, negative, ConfigError, Problems};
 use crate::secret::Secret;
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
@@ -123,9 +126,28 @@ pub fn app_name(broker: &str) -> String {
     format!("{clean}-{}", &hex(&digest[..3]))
 }
 
-/// Validates the target's part of a broker config; every problem at once, one line each.
-pub fn validate(type_name: &str, name: &str, c: &ClusterConfig) -> Result<AppDesired, ConfigError> {
-    let mut p = Problems::new(type_name, name);
+/// `field: message` lines, every problem at once.
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn field(&mut self, field: &str, message: impl std::fmt::Display) {
+        self.0.push(format!("{field}: {message}"));
+    }
+}
+
+fn duration(d: &Option<prost_types::Duration>) -> Option<Duration> {
+    d.as_ref()
+        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+}
+
+fn negative(d: &Option<prost_types::Duration>) -> bool {
+    d.as_ref().is_some_and(|d| d.seconds < 0 || d.nanos < 0)
+}
+
+/// Validates the target's part of a broker config; every problem at once, one line each
+/// (`field: message`, the field named as in the config).
+pub fn validate(name: &str, c: &ClusterConfig) -> Result<AppDesired, Vec<String>> {
+    let mut p = Problems(Vec::new());
     let ap = c.app_platform.clone().unwrap_or_default();
     if !ap.acknowledge_data_loss {
         p.field(
@@ -268,7 +290,11 @@ pub fn validate(type_name: &str, name: &str, c: &ClusterConfig) -> Result<AppDes
         auth: auth.unwrap_or(AppAuth::Token(Secret::default())),
         deploy_timeout: duration(&ap.deploy_timeout).unwrap_or(DEFAULT_DEPLOY_TIMEOUT),
     };
-    p.finish(d)
+    if p.0.is_empty() {
+        Ok(d)
+    } else {
+        Err(p.0)
+    }
 }
 
 /// What this target compares between config and outputs, and which of those force a replace.
@@ -327,6 +353,26 @@ pub fn outputs(d: &AppDesired, app: &api::App) -> Json {
         json!(hex(&Sha256::digest(spec::render_config(d).as_bytes()))),
     );
     o
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    pub fn desired(name: &str) -> AppDesired {
+        AppDesired {
+            broker: name.into(),
+            app_name: app_name(name),
+            version: "2.10.29".into(),
+            region: None,
+            instance_size: DEFAULT_INSTANCE_SIZE.into(),
+            http_port: DEFAULT_HTTP_PORT,
+            max_file_store: MAX_FILE_STORE,
+            max_memory_store: DEFAULT_MAX_MEMORY_STORE,
+            auth: AppAuth::Token(Secret::new("someToken")),
+            deploy_timeout: DEFAULT_DEPLOY_TIMEOUT,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -397,27 +443,34 @@ mod tests {
 
     #[test]
     fn refusals_name_field_and_the_way_out() {
-        let e = validate("infra.eventbus", "bus", &cfg(json!({"replicas": 3}))).unwrap_err();
-        assert!(
-            e.to_string().contains("config.replicas") && e.to_string().contains("kubernetes"),
-            "{e}"
-        );
-        let e = validate("infra.eventbus", "bus", &cfg(json!({"version": "latest"}))).unwrap_err();
-        assert!(e.to_string().contains("config.version"), "{e}");
-        let e = validate("infra.eventbus", "bus", &cfg(json!({"version": ""}))).unwrap_err();
-        assert!(e.to_string().contains("is required"), "{e}");
-        let e = validate("infra.eventbus", "bus", &cfg(json!({"auth": {}}))).unwrap_err();
-        assert!(e.to_string().contains("config.auth: is required"), "{e}");
+        let e = validate("bus", &cfg(json!({"replicas": 3})))
+            .unwrap_err()
+            .join("\n");
+        assert!(e.contains("replicas") && e.contains("kubernetes"), "{e}");
+        let e = validate("bus", &cfg(json!({"version": "latest"})))
+            .unwrap_err()
+            .join("\n");
+        assert!(e.contains("version"), "{e}");
+        let e = validate("bus", &cfg(json!({"version": ""})))
+            .unwrap_err()
+            .join("\n");
+        assert!(e.contains("is required"), "{e}");
+        let e = validate("bus", &cfg(json!({"auth": {}})))
+            .unwrap_err()
+            .join("\n");
+        assert!(e.contains("auth: is required"), "{e}");
         let e = validate(
-            "infra.eventbus",
             "bus",
             &cfg(json!({"app_platform": {"acknowledge_data_loss": false}})),
         )
-        .unwrap_err();
-        assert!(e.to_string().contains("acknowledge_data_loss: true"), "{e}");
-        let e = validate("infra.eventbus", "bus", &cfg(json!({"region": "nyc1"}))).unwrap_err();
-        assert!(e.to_string().contains("config.region"), "{e}");
-        let d = validate("infra.eventbus", "bus", &cfg(json!({}))).unwrap();
+        .unwrap_err()
+        .join("\n");
+        assert!(e.contains("acknowledge_data_loss: true"), "{e}");
+        let e = validate("bus", &cfg(json!({"region": "nyc1"})))
+            .unwrap_err()
+            .join("\n");
+        assert!(e.contains("region"), "{e}");
+        let d = validate("bus", &cfg(json!({}))).unwrap();
         assert_eq!(d.max_file_store, MAX_FILE_STORE);
     }
 }
