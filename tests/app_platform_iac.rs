@@ -208,6 +208,32 @@ async fn version_change_updates_the_app_in_place_and_destroy_removes_it() {
         "nats:2.11.4-alpine"
     );
 
+    // Someone resizes the app in the console: CONFIG drift naming the field (the encrypted
+    // SECRET values the API returns are not drift).
+    let mut live = fake.spec_of(&id).unwrap();
+    live["services"][0]["instance_size_slug"] = json!("apps-s-2vcpu-4gb");
+    let (code, _) = do_fake::raw_call(
+        &fake.direct_url,
+        "PUT",
+        &format!("/v2/apps/{id}"),
+        TOKEN,
+        Some(&json!({"spec": live})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let drifts = w.drift().await.unwrap();
+    let d = drifts
+        .iter()
+        .find(|d| d.name == "bmw-eventbus-upd")
+        .unwrap();
+    assert_eq!(d.class, DriftClass::Config as i32, "{drifts:?}");
+    let actual: Json = serde_json::from_slice(&d.actual_json).unwrap();
+    assert_eq!(
+        actual,
+        json!({"instance_size": "apps-s-2vcpu-4gb"}),
+        "{drifts:?}"
+    );
+
     let result = w.destroy().await;
     assert!(result.errors.is_empty(), "{result:?}");
     assert!(fake.spec_of(&id).is_none());
