@@ -19,7 +19,8 @@
 //! - No builds, no regions' capacity, no billing; deployments take well under a second.
 //! - SECRET values come back as `EV[1:<digest>]`: stable per value, like the real encryption in
 //!   that a client cannot read them, and accepted back unchanged on update.
-//! - 403 and 429 happen only when a test asks for them (`inject`).
+//! - Tokens: `TOKEN` may do everything, `READ_ONLY_TOKEN` only reads (403 otherwise), any
+//!   other is 401. A 429 (or any status) happens only when a test asks for it (`inject`).
 
 #![allow(dead_code)]
 
