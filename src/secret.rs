@@ -52,6 +52,19 @@ pub fn redact_url(url: &str) -> String {
         .join(",")
 }
 
+/// Characters of a value quoted in an error message.
+pub const QUOTE_MAX: usize = 200;
+
+/// A value for an error message: Debug-quoted, cut to [`QUOTE_MAX`] characters with the full
+/// length stated, so a huge value never becomes a huge error.
+pub fn quote(value: &str) -> String {
+    if value.chars().count() <= QUOTE_MAX {
+        return format!("{value:?}");
+    }
+    let head: String = value.chars().take(QUOTE_MAX).collect();
+    format!("{head:?}... ({} bytes)", value.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +77,12 @@ mod tests {
             redact_url("nats://u:hunter2@a:4222, tls://tok@b:4222,c:1"),
             "nats://***@a:4222,tls://***@b:4222,c:1"
         );
+    }
+
+    #[test]
+    fn quotes_are_capped() {
+        assert_eq!(quote("ab"), "\"ab\"");
+        let q = quote(&"x".repeat(1 << 20));
+        assert!(q.len() < 260 && q.ends_with("(1048576 bytes)"), "{q}");
     }
 }

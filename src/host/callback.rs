@@ -25,6 +25,10 @@ impl CallbackLauncher {
 }
 
 impl Launcher for CallbackLauncher {
+    fn max_call_bytes(&self) -> Option<usize> {
+        Some(HOST_CALLBACK_LIMIT)
+    }
+
     fn launch(&self, call: TriggerCall) -> BoxFuture<'static, Result<(), String>> {
         let mut client = self.client.clone();
         Box::pin(async move {

@@ -19,6 +19,7 @@ use handshake::Listener;
 use std::time::Duration;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::http;
 
 /// Largest request we accept: ExecuteStepRequest carries every prior step's output.
 pub const MAX_MESSAGE: usize = i32::MAX as usize;
@@ -39,6 +40,62 @@ pub enum HostError {
     Serve(#[source] tonic::transport::Error),
 }
 
+/// The longest `grpc-message` we send. It travels as an HTTP/2 header, and Go's gRPC client
+/// refuses headers over 16 KiB, so one oversized error (a huge value quoted by a refusal) would
+/// turn into an unreadable transport error.
+pub const MAX_STATUS_MESSAGE: usize = 4 * 1024;
+
+fn cap_status_message<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    if let Some(v) = resp.headers().get("grpc-message") {
+        let bytes = v.as_bytes();
+        if bytes.len() > MAX_STATUS_MESSAGE {
+            const MARK: &[u8] = b"%20...%20(truncated)";
+            // Percent-encoded ASCII: cut before any escape the limit would split.
+            let mut end = MAX_STATUS_MESSAGE - MARK.len();
+            if let Some(pct) = bytes[end.saturating_sub(2)..end]
+                .iter()
+                .position(|b| *b == b'%')
+            {
+                end = end - 2 + pct;
+            }
+            let mut cut = bytes[..end].to_vec();
+            cut.extend_from_slice(MARK);
+            if let Ok(v) = http::HeaderValue::from_bytes(&cut) {
+                resp.headers_mut().insert("grpc-message", v);
+            }
+        }
+    }
+    resp
+}
+
+/// The IaC services with PluginService's message limits: a Plan or Apply carrying many
+/// resources is as large as an ExecuteStep, and tonic's 4 MiB default refused it.
+fn add_iac<L>(
+    router: tonic::transport::server::Router<L>,
+    iac: crate::iac::IacService,
+) -> tonic::transport::server::Router<L> {
+    use crate::pb::iac::{
+        ia_c_provider_drift_detector_server::IaCProviderDriftDetectorServer,
+        ia_c_provider_enumerator_server::IaCProviderEnumeratorServer,
+        ia_c_provider_required_server::IaCProviderRequiredServer,
+        ia_c_provider_validator_server::IaCProviderValidatorServer,
+        resource_driver_server::ResourceDriverServer,
+    };
+    macro_rules! limited {
+        ($server:ident) => {
+            $server::new(iac.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE)
+        };
+    }
+    router
+        .add_service(limited!(IaCProviderRequiredServer))
+        .add_service(limited!(ResourceDriverServer))
+        .add_service(limited!(IaCProviderDriftDetectorServer))
+        .add_service(limited!(IaCProviderValidatorServer))
+        .add_service(limited!(IaCProviderEnumeratorServer))
+}
+
 /// Binds, serves, prints the handshake, and runs until `stop` fires; then shuts down in order:
 /// health NOT_SERVING, triggers and tasks cancelled (bounded), NATS drained, server stopped,
 /// socket removed.
@@ -55,6 +112,7 @@ pub async fn serve(stop: CancellationToken) -> Result<(), HostError> {
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
     let router = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(cap_status_message))
         .add_service(health)
         .add_service(GrpcBrokerServer::new(broker::BrokerService::new(
             broker_state,
@@ -67,7 +125,7 @@ pub async fn serve(stop: CancellationToken) -> Result<(), HostError> {
             stop: lifecycle.child_token(),
         }))
         .add_service(plugin);
-    let router = crate::iac::IacService::default().add_to(router);
+    let router = add_iac(router, crate::iac::IacService::default());
     reporter
         .set_service_status("plugin", tonic_health::ServingStatus::Serving)
         .await;

@@ -1,10 +1,9 @@
 //! Acknowledging by token (the message's `$JS.ACK.` reply subject), confirmed by the server.
 
+use super::guard::check_ack_token;
 use super::NatsError;
 use bytes::Bytes;
 use std::time::Duration;
-
-pub const ACK_PREFIX: &str = "$JS.ACK.";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AckKind {
@@ -35,23 +34,6 @@ impl AckKind {
     }
 }
 
-/// Only JetStream ack subjects are accepted, so a token can never publish elsewhere (Go B17).
-pub fn check_token(token: &str) -> Result<(), String> {
-    if token.is_empty() {
-        return Err("is required (the ack_token of a consumed or triggered message)".into());
-    }
-    if !token.starts_with(ACK_PREFIX)
-        || token.len() == ACK_PREFIX.len()
-        || token.contains(char::is_whitespace)
-    {
-        return Err(format!(
-            "{:?} is not a JetStream ack token (it must start with {ACK_PREFIX})",
-            token.chars().take(64).collect::<String>()
-        ));
-    }
-    Ok(())
-}
-
 /// Sends the ack as a request so the server confirms it (double ack). `Progress` is fire and
 /// forget: the server does not answer it.
 pub async fn ack_token(
@@ -60,7 +42,8 @@ pub async fn ack_token(
     kind: AckKind,
     timeout: Duration,
 ) -> Result<(), NatsError> {
-    check_token(token).map_err(|e| NatsError::other("ack", e))?;
+    // Only JetStream ack subjects, so a token can never publish elsewhere (Go B17).
+    check_ack_token(token).map_err(|e| NatsError::other("ack", e))?;
     if kind == AckKind::Progress {
         client
             .publish(token.to_string(), kind.body())

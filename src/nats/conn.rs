@@ -225,13 +225,20 @@ impl NatsConn {
         let res = tokio::time::timeout(bound, rx.wait_for(|s| *s == ConnState::Connected)).await;
         match res {
             Ok(Ok(_)) => Ok(()),
-            _ => Err(NatsError::Unavailable {
-                broker: self.broker.clone(),
-                detail: format!(
-                    "state {:?} after waiting {bound:?}; the client keeps reconnecting",
-                    *self.state.borrow()
-                ),
-            }),
+            _ => {
+                let state = *self.state.borrow();
+                let detail = if state == ConnState::Closed {
+                    "the connection is closed (the broker module was stopped); StartModule connects it again".to_string()
+                } else {
+                    format!(
+                        "state {state:?} after waiting {bound:?}; the client keeps reconnecting"
+                    )
+                };
+                Err(NatsError::Unavailable {
+                    broker: self.broker.clone(),
+                    detail,
+                })
+            }
         }
     }
 

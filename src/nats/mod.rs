@@ -5,6 +5,7 @@ pub mod ack;
 pub mod conn;
 pub mod consumer;
 pub mod error;
+pub mod guard;
 pub mod names;
 pub mod server_conf;
 pub mod stream;

@@ -135,7 +135,8 @@ pub fn check(provider: &str, target: &str) -> Result<(Provider, DeployTarget), F
         return Err((
             "provider",
             format!(
-                "unknown provider {provider:?}{hint}; supported providers are: {}",
+                "unknown provider {}{hint}; supported providers are: {}",
+                crate::secret::quote(provider),
                 list(Provider::ALL)
             ),
         ));
@@ -156,10 +157,11 @@ pub fn check(provider: &str, target: &str) -> Result<(Provider, DeployTarget), F
             return Err((
                 "deploy_target",
                 format!(
-                    "provider {:?} does not support deploy target {target:?}; supported targets for {p}: {}",
-                    p.as_str(),
-                    list(p.targets())
-                ),
+                "provider {:?} does not support deploy target {}; supported targets for {p}: {}",
+                p.as_str(),
+                crate::secret::quote(target),
+                list(p.targets())
+            ),
             ))
         }
     }
@@ -179,7 +181,10 @@ pub fn check_version(version: &str) -> Result<(), FieldProblem> {
     if version.eq_ignore_ascii_case("latest") {
         return Err((
             "version",
-            format!("{version:?} is not allowed; pin a nats-server release such as \"2.10\" or \"2.11.4\""),
+            format!(
+                "{} is not allowed; pin a nats-server release such as \"2.10\" or \"2.11.4\"",
+                crate::secret::quote(version)
+            ),
         ));
     }
     let v = version.strip_prefix('v').unwrap_or(version);
@@ -191,7 +196,10 @@ pub fn check_version(version: &str) -> Result<(), FieldProblem> {
     {
         return Err((
             "version",
-            format!("{version:?} is not a release number; use e.g. \"2.10\" or \"2.11.4\""),
+            format!(
+                "{} is not a release number; use e.g. \"2.10\" or \"2.11.4\"",
+                crate::secret::quote(version)
+            ),
         ));
     }
     Ok(())

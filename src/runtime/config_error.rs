@@ -57,6 +57,14 @@ impl Problems {
         self.lines.is_empty()
     }
 
+    /// The problems so far as an error (for a refusal that needs no further checks).
+    pub fn into_error(self) -> ConfigError {
+        ConfigError {
+            component: self.component,
+            problems: self.lines,
+        }
+    }
+
     pub fn finish<T>(self, value: T) -> Result<T, ConfigError> {
         if self.lines.is_empty() {
             Ok(value)

@@ -4,6 +4,7 @@
 //! numbers, top-level string-to-scalar coercion, `_`-prefixed keys dropped).
 
 use crate::pb::EVENTBUS_DESCRIPTOR_SET;
+use crate::secret::{quote, QUOTE_MAX};
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor};
 use serde_json::{Map, Number, Value as Json};
@@ -37,7 +38,8 @@ pub fn decode<T: prost::Message + Default>(
         let matches = url == full_name || url.rsplit_once('/').is_some_and(|(_, n)| n == full_name);
         if !matches {
             return Err(vec![format!(
-                "typed_config holds {url:?}, expected type.googleapis.com/{full_name}"
+                "typed_config holds {}, expected type.googleapis.com/{full_name}",
+                quote(url)
             )]);
         }
         return T::decode(any.value.as_slice())
@@ -61,14 +63,20 @@ pub fn decode_json<T: prost::Message + Default>(
         // Decode each key alone to say which fields are wrong (serde stops at the first).
         Err(whole) => {
             let mut problems = Vec::new();
+            let mut any_sensitive = false;
             for (key, value) in json {
+                any_sensitive |= sensitive(&key);
                 let one = Map::from_iter([(key.clone(), value)]);
                 if let Err(e) = DynamicMessage::deserialize(desc.clone(), Json::Object(one)) {
-                    problems.push(format!("{key}: {}", humanize_serde_error(&e.to_string())));
+                    let text = scrub(&humanize_serde_error(&e.to_string()), sensitive(&key));
+                    problems.push(format!("{key}: {text}"));
                 }
             }
             if problems.is_empty() {
-                problems.push(humanize_serde_error(&whole.to_string()));
+                problems.push(scrub(
+                    &humanize_serde_error(&whole.to_string()),
+                    any_sensitive,
+                ));
             }
             return Err(problems);
         }
@@ -95,7 +103,8 @@ fn prepare_top_level(
         let Some(field) = field else {
             let valid: Vec<String> = desc.fields().map(|f| f.name().to_string()).collect();
             problems.push(format!(
-                "{key}: unknown field (valid fields: {})",
+                "{}: unknown field (valid fields: {})",
+                short_key(&key),
                 valid.join(", ")
             ));
             continue;
@@ -178,6 +187,74 @@ fn humanize_serde_error(text: &str) -> String {
     t.to_string()
 }
 
+/// Keys whose values are or may carry credentials (auth blocks, urls with userinfo, tokens,
+/// seeds): their values never appear in an error, whatever their type.
+fn sensitive(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "auth", "dsn", "server", "password", "token", "secret", "seed", "cred", "key",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+/// An unknown key as the error shows it: whole when short, cut otherwise.
+fn short_key(key: &str) -> String {
+    if key.chars().count() <= QUOTE_MAX {
+        key.to_string()
+    } else {
+        quote(key)
+    }
+}
+
+/// Rewrites the values a serde error quotes: `"strings"` and `` `numbers` `` are replaced by
+/// `***` when `redact`, and cut to [`QUOTE_MAX`] characters otherwise. Back-quoted names
+/// (fields, enum values) are kept, so "unknown field `x`, expected one of ..." stays useful.
+fn scrub(text: &str, redact: bool) -> String {
+    let mut out = String::with_capacity(text.len().min(4 * QUOTE_MAX));
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '"' && c != '`' {
+            out.push(c);
+            continue;
+        }
+        let mut inner = String::new();
+        let mut escaped = false;
+        let mut closed = false;
+        for d in chars.by_ref() {
+            if c == '"' && !escaped && d == '\\' {
+                escaped = true;
+                inner.push(d);
+                continue;
+            }
+            if d == c && !escaped {
+                closed = true;
+                break;
+            }
+            escaped = false;
+            inner.push(d);
+        }
+        let name = c == '`'
+            && inner
+                .chars()
+                .next()
+                .is_some_and(|f| f.is_ascii_alphabetic() || f == '_');
+        out.push(c);
+        if redact && !name {
+            out.push_str("***");
+        } else if inner.chars().count() > QUOTE_MAX {
+            out.extend(inner.chars().take(QUOTE_MAX));
+            out.push_str("...");
+        } else {
+            out.push_str(&inner);
+        }
+        if closed {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub fn struct_to_json(s: &prost_types::Struct) -> Map<String, Json> {
     s.fields
         .iter()
@@ -198,7 +275,15 @@ pub fn value_to_json(v: &prost_types::Value) -> Json {
 }
 
 /// Struct numbers are doubles; whole ones become integers so integer fields accept them.
+/// NaN and the infinities become protobuf JSON's strings for them: a float field accepts
+/// those, an integer field refuses them (they used to become null, an unset field).
 fn number_to_json(n: f64) -> Json {
+    if n.is_nan() {
+        return Json::String("NaN".into());
+    }
+    if n.is_infinite() {
+        return Json::String(if n > 0.0 { "Infinity" } else { "-Infinity" }.into());
+    }
     if n.fract() == 0.0 && n.abs() < 9.0e15 {
         Json::Number((n as i64).into())
     } else {
@@ -297,6 +382,57 @@ mod tests {
         assert_eq!(err.len(), 3, "{err:?}");
         for (line, field) in err.iter().zip(["max_age", "name", "subjects"]) {
             assert!(line.starts_with(&format!("{field}: ")), "{line}");
+        }
+    }
+
+    #[test]
+    fn decode_errors_never_echo_credentials_and_cap_other_values() {
+        let cluster = "workflow.plugin.eventbus.v1.ClusterConfig";
+        for bad in [
+            json!({"auth": "s3cr3t-token"}),
+            json!({"auth": {"password": 918273645}}),
+            json!({"auth": {"token": ["s3cr3t-token"]}}),
+            json!({"dsn": 918273645}),
+            json!({"servers": "nats://u:s3cr3t-token@h:4222"}),
+        ] {
+            let err = decode_json::<ClusterConfig>(cluster, obj(bad.clone()))
+                .unwrap_err()
+                .join("\n");
+            assert!(
+                !err.contains("s3cr3t") && !err.contains("918273645"),
+                "{bad}: {err}"
+            );
+        }
+        let huge = "p".repeat(1 << 20);
+        let err =
+            decode_json::<ClusterConfig>(cluster, obj(json!({"provider": 1, huge.clone(): 1})))
+                .unwrap_err()
+                .join("\n");
+        assert!(err.len() < 2000, "{} bytes", err.len());
+        let err = decode_json::<ClusterConfig>(cluster, obj(json!({"replicas": huge})))
+            .unwrap_err()
+            .join("\n");
+        assert!(err.len() < 1000, "{} bytes", err.len());
+    }
+
+    #[test]
+    fn nan_and_infinity_are_refused_for_integer_fields() {
+        for n in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let s = prost_types::Struct {
+                fields: [(
+                    "max_deliver".to_string(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::NumberValue(n)),
+                    },
+                )]
+                .into(),
+            };
+            let err = decode_json::<ConsumerConfig>(
+                "workflow.plugin.eventbus.v1.ConsumerConfig",
+                struct_to_json(&s),
+            )
+            .unwrap_err();
+            assert!(err[0].starts_with("max_deliver: "), "{n}: {err:?}");
         }
     }
 

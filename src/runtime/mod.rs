@@ -77,6 +77,27 @@ pub(crate) enum ModuleHandle {
     Trigger(Arc<TriggerModule>),
 }
 
+impl ModuleHandle {
+    /// The module name from the engine's config; triggers are named by their workflow type.
+    fn module_name(&self) -> Option<&str> {
+        match self {
+            ModuleHandle::Broker(b) => Some(&b.spec.name),
+            ModuleHandle::Stream(s) => Some(&s.module),
+            ModuleHandle::Consumer(c) => Some(&c.module),
+            ModuleHandle::Trigger(_) => None,
+        }
+    }
+
+    fn type_name(&self) -> &str {
+        match self {
+            ModuleHandle::Broker(b) => &b.spec.type_name,
+            ModuleHandle::Stream(s) => &s.type_name,
+            ModuleHandle::Consumer(c) => &c.type_name,
+            ModuleHandle::Trigger(_) => types::TRIGGER_TYPE,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<Inner>,
@@ -90,7 +111,8 @@ pub(crate) struct Inner {
     brokers: RwLock<BTreeMap<String, Arc<BrokerModule>>>,
     streams: RwLock<Vec<Arc<StreamModule>>>,
     consumers: RwLock<Vec<Arc<ConsumerModule>>>,
-    launcher: RwLock<Option<Arc<dyn Launcher>>>,
+    /// The host callback, once ConfigureCallback has run; triggers wait on it before fetching.
+    launcher: tokio::sync::watch::Sender<Option<Arc<dyn Launcher>>>,
     pulls: steps::consume::PullCache,
     batch_marks: trigger::batch::Marks,
     next_id: AtomicU64,
@@ -113,7 +135,7 @@ impl Runtime {
                 brokers: RwLock::default(),
                 streams: RwLock::default(),
                 consumers: RwLock::default(),
-                launcher: RwLock::default(),
+                launcher: tokio::sync::watch::Sender::new(None),
                 pulls: Default::default(),
                 batch_marks: Default::default(),
                 next_id: AtomicU64::new(1),
@@ -127,11 +149,25 @@ impl Runtime {
     }
 
     pub fn set_launcher(&self, launcher: Arc<dyn Launcher>) {
-        *write(&self.inner.launcher) = Some(launcher);
+        self.inner.launcher.send_replace(Some(launcher));
     }
 
     pub(crate) fn launcher(&self) -> Option<Arc<dyn Launcher>> {
-        read(&self.inner.launcher).clone()
+        self.inner.launcher.borrow().clone()
+    }
+
+    /// The host callback, waiting until ConfigureCallback has configured one.
+    pub(crate) async fn wait_launcher(&self) -> Arc<dyn Launcher> {
+        let mut rx = self.inner.launcher.subscribe();
+        loop {
+            if let Some(l) = rx.borrow_and_update().clone() {
+                return l;
+            }
+            // The sender lives in `self`, so the channel cannot close while we wait.
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Tokens of messages held by batch trigger runs, and what their pipelines did with them.
@@ -164,6 +200,20 @@ impl Runtime {
             RuntimeError::Config(p.finish(()).unwrap_err())
         };
         let full = types::qualified(kind.config_message());
+        // Held until the new handle is in the table, so two creates of one name cannot both
+        // pass the check. Create does no I/O.
+        let mut modules = write(&self.inner.modules);
+        if let Some(existing) = modules.values().find(|h| h.module_name() == Some(name)) {
+            let mut p = config_error::Problems::new(type_name, name);
+            p.field(
+                "name",
+                format!(
+                    "a module named {name:?} already exists ({}); module names must be unique, so rename one of them",
+                    existing.type_name()
+                ),
+            );
+            return Err(RuntimeError::Config(p.into_error()));
+        }
         let handle = match kind {
             ModuleKind::Broker => {
                 let cfg = decode::decode(&full, raw).map_err(problems)?;
@@ -188,7 +238,8 @@ impl Runtime {
             }
         };
         let id = self.new_handle("mod");
-        write(&self.inner.modules).insert(id.clone(), handle);
+        modules.insert(id.clone(), handle);
+        drop(modules);
         tracing::debug!(module = name, r#type = type_name, handle = %id, "module created");
         Ok(id)
     }
@@ -219,7 +270,7 @@ impl Runtime {
         match self.module(id)? {
             ModuleHandle::Broker(b) => {
                 let component = format!("{} {:?}", b.spec.type_name, b.spec.name);
-                b.connection()
+                b.start()
                     .await
                     .map_err(|e| RuntimeError::nats(component, e))?;
                 Ok(())

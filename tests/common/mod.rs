@@ -337,7 +337,7 @@ impl Plugin {
 
     /// Serves EngineCallbackService on a fresh unix socket, announces it on the broker stream
     /// (possibly late) and calls ConfigureCallback, as the engine does at load.
-    async fn serve_callback(&mut self, pipeline: PipelineFn, delay: Duration) {
+    pub async fn serve_callback(&mut self, pipeline: PipelineFn, delay: Duration) {
         let path = self.dir.path().join("host-callback.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let (tx, rx) = mpsc::unbounded_channel();

@@ -1,16 +1,19 @@
 //! `infra.eventbus` / `eventbus.broker`: validation into a `BrokerSpec`, and the running broker
 //! that owns the one NATS connection every stream, consumer, step and trigger shares.
 
+use crate::nats::guard::{check_duration, MAX_DURATION};
 use crate::nats::names::env_key;
 use crate::nats::{ConnSettings, NatsConn, NatsError};
 use crate::pb::eventbus::ClusterConfig;
 use crate::providers::{self, DeployTarget, Provider};
-use crate::runtime::config_error::{duration, negative, ConfigError, Problems};
-use crate::secret::Secret;
+use crate::runtime::config_error::{ConfigError, Problems};
+use crate::secret::{quote, Secret};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
 use std::time::Duration;
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::Mutex;
 
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,6 +78,10 @@ impl BrokerSpec {
         } else {
             c.dsn.split(',').map(|s| Secret::new(s.trim())).collect()
         };
+        // A password may contain a comma, so an entry of a split dsn can be a fragment of
+        // userinfo that url redaction cannot recognise: when credentials are present anywhere
+        // the entry is identified by position only.
+        let credentials = c.dsn.contains('@');
         for (i, u) in explicit.iter().enumerate() {
             if async_nats::ServerAddr::from_str(u.expose()).is_err() {
                 let field = if c.dsn.is_empty() {
@@ -82,11 +89,19 @@ impl BrokerSpec {
                 } else {
                     "dsn".into()
                 };
+                let shown = if credentials || u.expose().contains('@') {
+                    format!(
+                        "entry {} of {} (not shown: it carries credentials)",
+                        i + 1,
+                        explicit.len()
+                    )
+                } else {
+                    quote(u.expose())
+                };
                 p.field(
                     &field,
                     format!(
-                        "{} is not a NATS url (e.g. nats://127.0.0.1:4222 or tls://host:4222)",
-                        crate::secret::redact_url(u.expose())
+                        "{shown} is not a NATS url (e.g. nats://127.0.0.1:4222 or tls://host:4222)"
                     ),
                 );
             }
@@ -119,7 +134,7 @@ impl BrokerSpec {
             ("auth.nkey_seed_file", &auth.nkey_seed_file),
         ] {
             if !path.is_empty() && !std::path::Path::new(path).is_file() {
-                p.field(field, format!("{path:?} is not a readable file"));
+                p.field(field, format!("{} is not a readable file", quote(path)));
             }
         }
         if tls.cert_file.is_empty() != tls.key_file.is_empty() {
@@ -134,15 +149,20 @@ impl BrokerSpec {
             ("tls.key_file", &tls.key_file),
         ] {
             if !path.is_empty() && !std::path::Path::new(path).is_file() {
-                p.field(field, format!("{path:?} is not a readable file"));
+                p.field(field, format!("{} is not a readable file", quote(path)));
             }
         }
-        for (field, d) in [
+        let mut timeouts = [None, None];
+        for (slot, (field, d)) in timeouts.iter_mut().zip([
             ("connect_timeout", &c.connect_timeout),
             ("request_timeout", &c.request_timeout),
-        ] {
-            if negative(d) || duration(d) == Some(Duration::ZERO) {
-                p.field(field, "must be a positive duration such as \"5s\"");
+        ]) {
+            match check_duration(d, MAX_DURATION) {
+                Err(e) => p.field(field, e),
+                Ok(Some(t)) if t.is_zero() => {
+                    p.field(field, "must be a positive duration such as \"5s\"")
+                }
+                Ok(t) => *slot = t,
             }
         }
         let local = c.local.clone().unwrap_or_default();
@@ -185,8 +205,8 @@ impl BrokerSpec {
                 } else {
                     c.connection_name.clone()
                 },
-                connect_timeout: duration(&c.connect_timeout).unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-                request_timeout: duration(&c.request_timeout).unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+                connect_timeout: timeouts[0].unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+                request_timeout: timeouts[1].unwrap_or(DEFAULT_REQUEST_TIMEOUT),
             },
             local: LocalSpec {
                 binary: opt_path(&local.binary),
@@ -221,9 +241,17 @@ impl BrokerSpec {
 }
 
 /// A broker module instance: spec plus its (lazily opened) connection.
+///
+/// StopModule closes the connection and forgets it; StartModule (or the next use after it)
+/// opens a fresh one. A closed client never reconnects, so keeping it made every later
+/// publish fail.
 pub struct BrokerModule {
     pub spec: BrokerSpec,
-    conn: OnceCell<Option<NatsConn>>,
+    /// `None`: not opened yet (or closed by Stop). `Some(None)`: degraded, no url configured.
+    conn: RwLock<Option<Option<NatsConn>>>,
+    /// Set by StopModule, cleared by StartModule: between the two, steps are told the broker
+    /// module is stopped instead of silently reopening it.
+    stopped: AtomicBool,
     open_lock: Mutex<()>,
 }
 
@@ -231,16 +259,34 @@ impl BrokerModule {
     pub fn new(spec: BrokerSpec) -> Self {
         BrokerModule {
             spec,
-            conn: OnceCell::new(),
+            conn: RwLock::new(None),
+            stopped: AtomicBool::new(false),
             open_lock: Mutex::new(()),
         }
+    }
+
+    fn current(&self) -> Option<Option<NatsConn>> {
+        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// StartModule: clears a previous Stop and opens the connection.
+    pub async fn start(&self) -> Result<Option<NatsConn>, NatsError> {
+        self.stopped.store(false, Ordering::SeqCst);
+        self.connection().await
     }
 
     /// Opens the connection once. `Ok(None)` is degraded mode: no URL configured anywhere.
     /// Steps on modules that were created but never started (wfctl pipeline run) come here too.
     pub async fn connection(&self) -> Result<Option<NatsConn>, NatsError> {
-        if let Some(c) = self.conn.get() {
-            return Ok(c.clone());
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(NatsError::Unavailable {
+                broker: self.spec.name.clone(),
+                detail: "the broker module was stopped (StopModule); StartModule connects it again"
+                    .into(),
+            });
+        }
+        if let Some(c) = self.current() {
+            return Ok(c);
         }
         // Boxed: async-nats' connect future is ~10 KB, and inline it made every step's future
         // that size, copied into a fresh box on each ExecuteStep (callgrind: a fifth of the
@@ -250,8 +296,8 @@ impl BrokerModule {
 
     async fn open(&self) -> Result<Option<NatsConn>, NatsError> {
         let _guard = self.open_lock.lock().await;
-        if let Some(c) = self.conn.get() {
-            return Ok(c.clone());
+        if let Some(c) = self.current() {
+            return Ok(c);
         }
         let urls = self.spec.resolve_urls();
         let conn = if urls.is_empty() {
@@ -263,7 +309,7 @@ impl BrokerModule {
             tracing::info!(broker = %self.spec.name, servers = %settings.redacted_urls(), "connecting");
             Some(NatsConn::open(&self.spec.name, &settings).await?)
         };
-        let _ = self.conn.set(conn.clone());
+        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         Ok(conn)
     }
 
@@ -281,8 +327,12 @@ impl BrokerModule {
         }
     }
 
+    /// StopModule and shutdown: drains and forgets the connection.
     pub async fn close(&self) {
-        if let Some(Some(c)) = self.conn.get() {
+        let _guard = self.open_lock.lock().await;
+        self.stopped.store(true, Ordering::SeqCst);
+        let taken = self.conn.write().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(Some(c)) = taken {
             c.close().await;
         }
     }

@@ -2,9 +2,10 @@
 
 use super::bulk::FailOn;
 use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
-use crate::nats::ack::{check_token, AckKind};
+use crate::nats::ack::AckKind;
+use crate::nats::guard::{check_ack_token, check_duration, MAX_DURATION};
 use crate::pb::eventbus::{AckAction, AckRequest, AckResponse, AckStepConfig};
-use crate::runtime::config_error::{duration, negative, Problems};
+use crate::runtime::config_error::Problems;
 use crate::runtime::decode::{self, RawConfig};
 use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
@@ -15,7 +16,9 @@ pub struct AckStep {
 }
 
 fn kind_of(c: &AckStepConfig) -> Result<AckKind, String> {
-    let delay = duration(&c.nak_delay).filter(|d| !d.is_zero());
+    let delay = check_duration(&c.nak_delay, MAX_DURATION)
+        .map_err(|e| format!("nak_delay {e}"))?
+        .filter(|d| !d.is_zero());
     match AckAction::try_from(c.action) {
         Ok(AckAction::Unspecified | AckAction::Ack) if delay.is_none() => Ok(AckKind::Ack),
         Ok(AckAction::Nak) => Ok(AckKind::Nak(delay)),
@@ -39,7 +42,7 @@ fn check_bulk_config(p: &mut Problems, c: &AckStepConfig) {
     }
     for (i, t) in c.ack_tokens.iter().enumerate() {
         if !templated(t) {
-            p.check(&format!("ack_tokens[{i}]"), check_token(t));
+            p.check(&format!("ack_tokens[{i}]"), check_ack_token(t));
         }
     }
 }
@@ -76,12 +79,11 @@ impl AckStep {
             Err(lines) => p.raw(lines),
             Ok(c) => {
                 if !c.ack_token.is_empty() && !templated(&c.ack_token) {
-                    p.check("ack_token", check_token(&c.ack_token));
+                    p.check("ack_token", check_ack_token(&c.ack_token));
                 }
-                if negative(&c.nak_delay) {
-                    p.field("nak_delay", "must not be negative");
-                }
-                if let Err(e) = kind_of(&c) {
+                if let Err(e) = check_duration(&c.nak_delay, MAX_DURATION) {
+                    p.field("nak_delay", e);
+                } else if let Err(e) = kind_of(&c) {
                     p.field("action", e);
                 }
                 check_bulk_config(&mut p, &c);
@@ -117,10 +119,10 @@ impl AckStep {
             ))
             .await;
         }
-        let token = pick(&cfg.ack_token, &inp.ack_token);
-        check_token(&token)
-            .map_err(|e| RuntimeError::failed(component, format!("ack_token {e}")))?;
         let kind = kind_of(&cfg).map_err(|e| RuntimeError::failed(component, e))?;
+        let token = pick(&cfg.ack_token, &inp.ack_token);
+        check_ack_token(&token)
+            .map_err(|e| RuntimeError::failed(component, format!("ack_token {e}")))?;
         let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component)?;
         let conn = broker
             .require()

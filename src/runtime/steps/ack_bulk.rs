@@ -4,7 +4,8 @@
 
 use super::bulk::{failure_summary, FailOn, MAX_ITEMS};
 use super::StepOutput;
-use crate::nats::ack::{ack_token, check_token, AckKind};
+use crate::nats::ack::{ack_token, AckKind};
+use crate::nats::guard::check_ack_token as check_token;
 use crate::nats::{NatsConn, NatsError};
 use crate::pb::eventbus::{AckResponse, BulkAckResult};
 use crate::runtime::types::StepKind;

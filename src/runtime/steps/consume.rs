@@ -3,10 +3,11 @@
 //! durable) and reused by every execution, instead of a subscription per call.
 
 use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
+use crate::nats::guard::{check_duration, MAX_DURATION};
 use crate::nats::names::check_name;
 use crate::nats::{NatsConn, NatsError};
 use crate::pb::eventbus::{ConsumeRequest, ConsumeResponse, ConsumeStepConfig, Message};
-use crate::runtime::config_error::{duration, negative, Problems};
+use crate::runtime::config_error::Problems;
 use crate::runtime::decode::{self, RawConfig};
 use crate::runtime::modules::consumer::get_stream;
 use crate::runtime::steps::publish::rfc3339;
@@ -97,9 +98,10 @@ impl ConsumeStep {
                     p.check("stream_name", check_name(&c.stream_name));
                 }
                 p.check("batch_size", check_batch(c.batch_size));
-                if negative(&c.max_wait) {
-                    p.field("max_wait", "must not be negative");
-                }
+                p.check(
+                    "max_wait",
+                    check_duration(&c.max_wait, MAX_DURATION).map(|_| ()),
+                );
             }
         }
         p.finish(ConsumeStep {
@@ -131,8 +133,12 @@ impl ConsumeStep {
         check_batch(batch)
             .map_err(|e| RuntimeError::failed(component, format!("batch_size {e}")))?;
         let batch = batch.max(1) as usize;
-        let max_wait = duration(&cfg.max_wait)
-            .or(duration(&inp.max_wait))
+        let bound = |d| {
+            check_duration(d, MAX_DURATION)
+                .map_err(|e| RuntimeError::failed(component, format!("max_wait {e}")))
+        };
+        let max_wait = bound(&cfg.max_wait)?
+            .or(bound(&inp.max_wait)?)
             .filter(|d| !d.is_zero())
             .unwrap_or(DEFAULT_MAX_WAIT);
         let mut broker_ref = pick(&cfg.broker_ref, &inp.broker_ref);

@@ -1,7 +1,7 @@
 //! One outgoing message, shared by the single and the bulk publish: its checks, its headers and
 //! its payload, so a rule added here applies to both.
 
-use crate::nats::names::check_publish_subject;
+use crate::nats::guard::{check_header_name, check_header_value, check_publish_target};
 use crate::runtime::decode;
 use async_nats::HeaderMap;
 
@@ -30,18 +30,21 @@ pub(crate) fn build_message<'a>(
     correlation_id: &str,
     message_id: &str,
 ) -> Result<HeaderMap, MessageError> {
-    check_publish_subject(subject).map_err(|problem| MessageError {
-        field: "subject",
-        problem,
-    })?;
+    let err = |field, problem| MessageError { field, problem };
+    check_publish_target(subject).map_err(|p| err("subject", p))?;
+    // Every name and value is checked before it reaches async-nats, which panics on a bad one.
     let mut out = HeaderMap::new();
     for (k, v) in headers {
+        check_header_name(k).map_err(|p| err("headers:", p))?;
+        check_header_value(v).map_err(|p| err("headers:", format!("{k:?} value {p}")))?;
         out.insert(k.as_str(), v.as_str());
     }
     if !correlation_id.is_empty() {
+        check_header_value(correlation_id).map_err(|p| err("correlation_id", p))?;
         out.insert(CORRELATION_HEADER, correlation_id);
     }
     if !message_id.is_empty() {
+        check_header_value(message_id).map_err(|p| err("message_id", p))?;
         out.insert(MSG_ID_HEADER, message_id);
     }
     Ok(out)

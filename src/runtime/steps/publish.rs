@@ -2,10 +2,12 @@
 //! step never hangs while the broker is down (Go defect B21).
 
 use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
-use crate::nats::names::check_publish_subject;
+use crate::nats::guard::{
+    check_duration, check_header_name, check_header_value, check_publish_target, MAX_DURATION,
+};
 use crate::nats::NatsError;
 use crate::pb::eventbus::{PublishRequest, PublishResponse, PublishStepConfig};
-use crate::runtime::config_error::{duration, negative, Problems};
+use crate::runtime::config_error::Problems;
 use crate::runtime::decode::{self, RawConfig};
 use crate::runtime::modules::broker::BrokerModule;
 use crate::runtime::types::StepKind;
@@ -30,11 +32,25 @@ impl PublishStep {
             Err(lines) => p.raw(lines),
             Ok(c) => {
                 if !c.subject.is_empty() && !templated(&c.subject) {
-                    p.check("subject", check_publish_subject(&c.subject));
+                    p.check("subject", check_publish_target(&c.subject));
                 }
-                if negative(&c.timeout) || duration(&c.timeout) == Some(Duration::ZERO) {
-                    p.field("timeout", "must be a positive duration such as \"5s\"");
+                for (k, v) in &c.headers {
+                    if !templated(k) {
+                        p.check("headers", check_header_name(k));
+                    }
+                    if !templated(v) {
+                        p.check(&format!("headers.{k}"), check_header_value(v));
+                    }
                 }
+                for (field, v) in [
+                    ("correlation_id", &c.correlation_id),
+                    ("message_id", &c.message_id),
+                ] {
+                    if !templated(v) {
+                        p.check(field, check_header_value(v));
+                    }
+                }
+                p.check("timeout", check_timeout(&c.timeout).map(|_| ()));
                 super::publish_bulk::check_config(&mut p, &c);
             }
         }
@@ -72,13 +88,15 @@ impl PublishStep {
             };
             RuntimeError::failed(&self.component, format!("{e}{hint}"))
         })?;
+        let timeout = check_timeout(&cfg.timeout)
+            .map_err(|e| RuntimeError::failed(&self.component, format!("timeout {e}")))?;
         let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), &self.component)?;
         Ok(Outgoing {
             subject,
             headers,
             payload,
             broker,
-            timeout: duration(&cfg.timeout),
+            timeout,
         })
     }
 
@@ -125,6 +143,14 @@ impl PublishStep {
         Ok(StepOutput {
             typed: StepKind::Publish.pack_output(&resp),
         })
+    }
+}
+
+/// A positive timeout within the bound, or `None` for the broker's request timeout.
+fn check_timeout(d: &Option<prost_types::Duration>) -> Result<Option<Duration>, String> {
+    match check_duration(d, MAX_DURATION)? {
+        Some(t) if t.is_zero() => Err("must be a positive duration such as \"5s\"".into()),
+        t => Ok(t),
     }
 }
 

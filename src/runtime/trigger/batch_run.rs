@@ -2,7 +2,7 @@
 //! while it runs, then each message settled on its own by what the run and the pipeline did.
 
 use super::batch::Mark;
-use super::run::{nak_delay, Handler, Origin};
+use super::run::{Handler, Origin};
 use super::{payload, AckMode, TriggerCall};
 use crate::nats::ack::AckKind;
 use crate::runtime::steps::consume::to_message;
@@ -51,17 +51,7 @@ impl Handler {
             });
         }
         let tokens: Vec<String> = items.iter().map(|i| i.token.clone()).collect();
-        let Some(launcher) = self.rt.launcher() else {
-            tracing::warn!(trigger = %self.spec.workflow_type, "no engine callback configured; batch returned to the stream");
-            futures::future::join_all(items.iter().map(|i| {
-                self.settle(
-                    &i.token,
-                    AckKind::Nak(Some(nak_delay(self.spec.nak_delay, i.delivered))),
-                )
-            }))
-            .await;
-            return;
-        };
+        let launcher = self.launcher.clone();
         let mut data = Struct::default();
         data.fields.insert(
             "count".into(),

@@ -10,7 +10,8 @@ pub mod run;
 use super::config_error::Problems;
 use super::types::TRIGGER_TYPE;
 use super::{decode, Runtime, RuntimeError};
-use crate::nats::names::{check_filter_subject, check_name, check_publish_subject};
+use crate::nats::guard::{check_publish_target, MAX_DURATION};
+use crate::nats::names::{check_filter_subject, check_name};
 use futures::future::BoxFuture;
 use serde_json::Value as Json;
 use std::sync::Mutex;
@@ -22,6 +23,12 @@ use tokio_util::task::TaskTracker;
 /// host layer so the runtime never sees gRPC.
 pub trait Launcher: Send + Sync {
     fn launch(&self, call: TriggerCall) -> BoxFuture<'static, Result<(), String>>;
+
+    /// The largest encoded call the host accepts, if it has a limit: a message whose call
+    /// would exceed it can never reach a pipeline.
+    fn max_call_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 pub struct TriggerCall {
@@ -231,7 +238,8 @@ impl TriggerSpec {
                     p.field(
                         "nak_delay",
                         format!(
-                            "{nak_delay_s:?} is not a duration such as \"500ms\", \"2s\" or \"1m\""
+                            "{} is not a duration of at most 24h such as \"500ms\", \"2s\" or \"1m\"",
+                            crate::secret::quote(&nak_delay_s)
                         ),
                     );
                     DEFAULT_NAK_DELAY
@@ -239,7 +247,7 @@ impl TriggerSpec {
             }
         };
         if !dlq.is_empty() {
-            p.check("dead_letter_subject", check_publish_subject(&dlq));
+            p.check("dead_letter_subject", check_publish_target(&dlq));
         }
         if !filter_subject.is_empty() {
             p.check("filter_subject", check_filter_subject(&filter_subject));
@@ -327,7 +335,8 @@ impl TriggerSpec {
     }
 }
 
-/// `500ms`, `2s`, `1m`, `1h`, or a bare number of seconds; protobuf's `"1.5s"` form too.
+/// `500ms`, `2s`, `1m`, `1h`, or a bare number of seconds; protobuf's `"1.5s"` form too. At
+/// most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let (num, unit) = s
@@ -345,7 +354,10 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "h" => n * 3600.0,
         _ => return None,
     };
-    Some(Duration::from_secs_f64(secs))
+    // Bounded before the conversion, which panics on overflow ("1e300s" reached it).
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| *d <= MAX_DURATION)
 }
 
 /// A trigger instance: its spec and, once started, its worker's cancel token and tasks.

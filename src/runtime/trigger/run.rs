@@ -191,6 +191,19 @@ impl Worker {
         let mut log = RateLimitedLog::new();
         let mut backoff = Duration::from_millis(100);
         let name = self.spec.workflow_type.clone();
+        // Nothing is fetched before the host can run a pipeline: a message taken now could
+        // only be nak'ed, and every nak spends one of its max_deliver attempts (it used to be
+        // terminated, unseen, once they ran out).
+        let launcher = match self.rt.launcher() {
+            Some(l) => l,
+            None => {
+                tracing::info!(trigger = %name, "waiting for the engine callback (ConfigureCallback) before fetching messages");
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    l = self.rt.wait_launcher() => l,
+                }
+            }
+        };
         'outer: while !self.stop.is_cancelled() {
             let (conn, consumer, bound) = match self.bind().await {
                 Ok(b) => b,
@@ -256,6 +269,8 @@ impl Worker {
                     Some(Ok(msg)) => {
                         let h = Handler {
                             rt: self.rt.clone(),
+                            // The latest callback: ConfigureCallback may run again.
+                            launcher: self.rt.launcher().unwrap_or_else(|| launcher.clone()),
                             spec: self.spec.clone(),
                             conn: conn.clone(),
                             bound,
@@ -356,6 +371,12 @@ fn dead_letter_headers(original: Option<&async_nats::HeaderMap>) -> async_nats::
     out
 }
 
+/// The encoded size of the TriggerWorkflow request carrying `call`, plus framing.
+fn call_size(call: &TriggerCall) -> usize {
+    use prost::Message as _;
+    call.data.encoded_len() + call.trigger_type.len() + call.action.len() + 64
+}
+
 /// Where a delivery came from: what the handler still needs after the message itself has
 /// become the pipeline's data.
 pub(super) struct Origin {
@@ -367,6 +388,8 @@ pub(super) struct Origin {
 
 pub(super) struct Handler {
     pub rt: Runtime,
+    /// The host callback, configured before the worker fetched anything.
+    pub launcher: Arc<dyn super::Launcher>,
     pub spec: TriggerSpec,
     conn: NatsConn,
     pub bound: Bound,
@@ -384,24 +407,32 @@ impl Handler {
         };
         let delivered = m.delivery_count as i64;
         let token = m.ack_token.clone();
-        let Some(launcher) = self.rt.launcher() else {
-            // No callback (wfctl contexts never configure one): give it back for later.
-            tracing::warn!(trigger = %self.spec.workflow_type, "no engine callback configured; message returned to the stream");
-            self.settle(
-                &token,
-                AckKind::Nak(Some(nak_delay(self.spec.nak_delay, delivered))),
-            )
-            .await;
-            return;
-        };
         let call = TriggerCall {
             trigger_type: self.spec.workflow_type.clone(),
             action: "message".into(),
             data: payload::build(m, &self.spec.broker_ref),
         };
+        // A call the host would refuse for its size fails the same way on every delivery:
+        // straight to the dead-letter subject (or terminated) with the reason, no retries.
+        if let Some(limit) = self.launcher.max_call_bytes() {
+            let size = call_size(&call);
+            if size > limit {
+                let err = format!(
+                    "message too large for the engine callback: the pipeline data is {size} bytes, the host accepts {limit}; consume it with step.eventbus.consume instead"
+                );
+                tracing::error!(trigger = %self.spec.workflow_type, seq = %origin.sequence, size, limit, "{err}");
+                if let Some(dlq) = &self.spec.dead_letter_subject {
+                    if !self.park(dlq, &msg, &origin, &err, &token).await {
+                        return;
+                    }
+                }
+                self.settle(&token, AckKind::Term).await;
+                return;
+            }
+        }
         // Keep the message ours while a long pipeline runs (in-progress acks at ack_wait/2).
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
-        let pipeline = launcher.launch(call);
+        let pipeline = self.launcher.launch(call);
         tokio::pin!(pipeline);
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);

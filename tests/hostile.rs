@@ -1,0 +1,708 @@
+//! Issue 14: hostile input and lifecycle faults, through the real binary and (where a broker is
+//! involved) a real nats-server. Each test is named after the finding it pins; each failed
+//! before its fix. Waits are on events (RPC answers, the host's TriggerWorkflow channel, server
+//! state); the one fixed window asserts that something does NOT happen.
+
+mod common;
+
+use async_nats::jetstream;
+use common::*;
+use eventbus_plugin::pb::eventbus::{AckStepConfig, PublishStepConfig};
+use eventbus_plugin::pb::plugin::{CreateStepRequest, ExecuteStepRequest};
+use nats_test_server::NatsServer;
+use serde_json::{json, Value as Json};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+const PUBLISH: &str = "step.eventbus.publish";
+const ACK: &str = "step.eventbus.ack";
+
+async fn plugin_with(server: &NatsServer, callback: Option<PipelineFn>) -> Plugin {
+    Plugin::launch(LaunchOptions {
+        env: vec![("NATS_URL".into(), server.url())],
+        callback,
+        ..Default::default()
+    })
+    .await
+}
+
+/// Broker `bus`, stream ORDERS (`orders.>`), durable `worker`; returns the broker's handle.
+async fn orders(p: &Plugin) -> String {
+    let bus = p
+        .module_up(
+            "eventbus.broker",
+            "bus",
+            "provider: nats\ndeploy_target: self_hosted\n",
+        )
+        .await;
+    p.module_up(
+        "eventbus.stream",
+        "orders",
+        "name: ORDERS\nsubjects: ['orders.>', 'dead.>']\nbroker_ref: bus\n",
+    )
+    .await;
+    p.module_up(
+        "eventbus.consumer",
+        "worker",
+        "name: worker\nstream_name: ORDERS\nbroker_ref: bus\nfilter_subject: orders.>\nack_policy: ACK_POLICY_EXPLICIT\n",
+    )
+    .await;
+    bus
+}
+
+async fn js(server: &NatsServer) -> jetstream::Context {
+    jetstream::new(async_nats::connect(server.url()).await.unwrap())
+}
+
+fn no_panic(p: &Plugin) {
+    let err = p.stderr();
+    assert!(!err.contains("panicked"), "the plugin panicked: {err}");
+    assert!(p.child_alive(), "the plugin exited");
+}
+
+trait Alive {
+    fn child_alive(&self) -> bool;
+}
+impl Alive for Plugin {
+    fn child_alive(&self) -> bool {
+        // `try_wait` needs `&mut`; the pid still answering signal 0 is the same question.
+        // SAFETY: kill(2) with signal 0 only checks that our child exists.
+        unsafe { libc::kill(self.child.id() as i32, 0) == 0 }
+    }
+}
+
+/// Finding 1: JetStream API subjects from config or pipeline state used to delete and purge
+/// streams and consumers; a dead-letter subject on the API deleted the stream on first use.
+#[tokio::test]
+async fn f1_publish_never_reaches_jetstream_api_sys_or_inboxes() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p).await;
+    let api = [
+        "$JS.API.STREAM.DELETE.ORDERS",
+        "$JS.API.STREAM.PURGE.ORDERS",
+        "$JS.API.CONSUMER.DELETE.ORDERS.worker",
+        "$SYS.REQ.SERVER.PING",
+        "_INBOX.stolen",
+        "orders.*",
+    ];
+    for (i, subject) in api.iter().enumerate() {
+        let e = p
+            .create_step(
+                PUBLISH,
+                &format!("static-{i}"),
+                &format!("subject: '{subject}'\n"),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.contains("config.subject:"), "{subject}: {e}");
+    }
+    let dynamic = p.create_step(PUBLISH, "dynamic", "").await.unwrap();
+    for subject in api {
+        let e = p
+            .execute(
+                PUBLISH,
+                &dynamic,
+                "payload: x\n",
+                &json!({"subject": subject}),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("reserved") || e.contains("wildcard"),
+            "{subject}: {e}"
+        );
+    }
+    let e = p
+        .create_trigger(
+            "pipeline:p",
+            &json!({"name": "worker", "stream_name": "ORDERS",
+                    "dead_letter_subject": "$JS.API.STREAM.DELETE.ORDERS"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("config.dead_letter_subject:"), "{e}");
+    // The stream, its consumer and its data are untouched.
+    let out = p
+        .execute(
+            PUBLISH,
+            &dynamic,
+            "payload: kept\n",
+            &json!({"subject": "orders.a"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["sequence"], "1", "{out}");
+    let js = js(&server).await;
+    let mut stream = js.get_stream("ORDERS").await.expect("stream survives");
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    stream
+        .consumer_info("worker")
+        .await
+        .expect("consumer survives");
+    no_panic(&p);
+}
+
+/// Finding 2: config decode errors echoed `auth` given as a string, a numeric password and a
+/// dsn whose password holds a comma; quoted values are capped.
+#[tokio::test]
+async fn f2_config_errors_never_echo_credentials_and_cap_values() {
+    let p = Plugin::launch(LaunchOptions::default()).await;
+    for (i, yaml) in [
+        "provider: nats\ndeploy_target: self_hosted\nauth: tok-s3cr3t\n",
+        "provider: nats\ndeploy_target: self_hosted\nauth: {user: u, password: 918273645}\n",
+        "provider: nats\ndeploy_target: self_hosted\nauth: {token: [tok-s3cr3t]}\n",
+        "provider: nats\ndeploy_target: self_hosted\ndsn: 'nats://u:pa,ss-s3cr3t@h:4222'\n",
+        "provider: nats\ndeploy_target: self_hosted\nservers: ['nats://u:pa,ss-s3cr3t@h:4222', 'x y']\n",
+        "provider: nats\ndeploy_target: self_hosted\ndsn: 918273645\n",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let e = p
+            .create_module_legacy("eventbus.broker", &format!("b{i}"), yaml)
+            .await
+            .unwrap_err();
+        assert!(
+            !e.contains("s3cr3t") && !e.contains("918273645") && !e.contains("ss-"),
+            "{yaml}: {e}"
+        );
+        assert!(e.contains(&format!("eventbus.broker \"b{i}\": config.")), "{e}");
+    }
+    let huge = "p".repeat(1 << 20);
+    let e = p
+        .create_module_legacy("eventbus.broker", "big", &format!("provider: {huge}\n"))
+        .await
+        .unwrap_err();
+    assert!(
+        e.len() < 1024,
+        "a 1 MiB provider gave a {} byte error",
+        e.len()
+    );
+    no_panic(&p);
+}
+
+/// Finding 3: header names with a space, colon, CR/LF, non-ASCII or empty, values /
+/// correlation_id / message_id with CR or LF, and durations near i64::MAX made async-nats or
+/// std panic inside the step (the host saw RST_STREAM).
+#[tokio::test]
+async fn f3_bad_headers_ids_and_huge_durations_are_errors_not_panics() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p).await;
+    let h = p.create_step(PUBLISH, "pub", "").await.unwrap();
+    let bad_names = ["a b", "a:b", "a\r\nb", "é", ""];
+    for name in bad_names {
+        let state = json!({"subject": "orders.h", "headers": {name: "v"}});
+        let e = p
+            .execute(PUBLISH, &h, "payload: x\n", &state)
+            .await
+            .unwrap_err();
+        assert!(e.contains("header"), "{name:?}: {e}");
+    }
+    for (field, value) in [
+        ("headers", json!({"x-k": "a\r\nInjected: yes"})),
+        ("correlation_id", json!("c\n1")),
+        ("message_id", json!("m\r1")),
+    ] {
+        let state = json!({"subject": "orders.h", field: value});
+        let e = p
+            .execute(PUBLISH, &h, "payload: x\n", &state)
+            .await
+            .unwrap_err();
+        assert!(e.contains(field), "{field}: {e}");
+        // The same value in config is refused when the step is created.
+        let cfg = serde_yaml::to_string(&json!({"subject": "orders.h", field: value})).unwrap();
+        let e = p
+            .create_step(PUBLISH, &format!("cfg-{field}"), &cfg)
+            .await
+            .unwrap_err();
+        assert!(e.contains(&format!("config.{field}")), "{field}: {e}");
+    }
+    // Durations near i64::MAX, as a typed_config the host could send.
+    let huge = Some(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 999_999_999,
+    });
+    let publish_cfg = PublishStepConfig {
+        subject: "orders.t".into(),
+        timeout: huge,
+        ..Default::default()
+    };
+    let ack_cfg = AckStepConfig {
+        action: 2, // NAK
+        nak_delay: huge,
+        ..Default::default()
+    };
+    let mut client = p.client.clone();
+    for (type_name, any) in [
+        (PUBLISH, any("PublishStepConfig", &publish_cfg)),
+        (ACK, any("AckStepConfig", &ack_cfg)),
+    ] {
+        let r = client
+            .create_step(CreateStepRequest {
+                r#type: type_name.into(),
+                name: "huge".into(),
+                config: None,
+                typed_config: Some(any.clone()),
+            })
+            .await
+            .expect("CreateStep answered")
+            .into_inner();
+        assert!(r.error.contains("is longer than the limit"), "{}", r.error);
+        // And at execute, on a step created without it.
+        let step = p.create_step(type_name, "plain", "").await.unwrap();
+        let r = client
+            .execute_step(ExecuteStepRequest {
+                handle_id: step,
+                typed_config: Some(any),
+                ..Default::default()
+            })
+            .await
+            .expect("ExecuteStep answered")
+            .into_inner();
+        assert!(r.error.contains("is longer than the limit"), "{}", r.error);
+    }
+    let e = p
+        .create_module(
+            "eventbus.broker",
+            "slow",
+            "provider: nats\ndeploy_target: self_hosted\nrequest_timeout: 315576000000s\n",
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("config.request_timeout"), "{e}");
+    let e = p
+        .create_trigger(
+            "pipeline:t",
+            &json!({"name": "worker", "stream_name": "ORDERS", "nak_delay": "315576000000s"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("config.nak_delay"), "{e}");
+    // The broker connection still serves.
+    p.execute(
+        PUBLISH,
+        &h,
+        "payload: ok\n",
+        &json!({"subject": "orders.ok"}),
+    )
+    .await
+    .unwrap();
+    no_panic(&p);
+}
+
+fn any<M: prost::Message>(name: &str, m: &M) -> prost_types::Any {
+    prost_types::Any {
+        type_url: format!("type.googleapis.com/workflow.plugin.eventbus.v1.{name}"),
+        value: m.encode_to_vec(),
+    }
+}
+
+/// Finding 4: a 100 KB ack token or subject made the server drop the broker's shared
+/// connection ("maximum control line exceeded") for every user of the broker.
+#[tokio::test]
+async fn f4_oversized_token_or_subject_never_reaches_the_shared_connection() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p).await;
+    let publish = p.create_step(PUBLISH, "pub", "").await.unwrap();
+    let ack = p.create_step(ACK, "ack", "").await.unwrap();
+    let long_subject = format!("orders.{}", "s".repeat(100_000));
+    let e = p
+        .execute(
+            PUBLISH,
+            &publish,
+            "payload: x\n",
+            &json!({"subject": long_subject}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("limited to 1024 bytes"),
+        "{}",
+        &e[..e.len().min(300)]
+    );
+    assert!(e.len() < 1024, "a {} byte error", e.len());
+    let long_token = format!("$JS.ACK.ORDERS.worker.1.1.1.1.{}", "9".repeat(100_000));
+    for token in [
+        long_token.as_str(),
+        "$JS.ACK.ORDERS.worker.1.1",
+        "$JS.ACK.ORDERS.worker.1.1.1.1.0.$JS.API.STREAM.DELETE",
+        "$JS.API.STREAM.DELETE.ORDERS",
+    ] {
+        let e = p
+            .execute(ACK, &ack, "", &json!({"ack_token": token}))
+            .await
+            .unwrap_err();
+        assert!(e.contains("ack_token"), "{}", &e[..e.len().min(300)]);
+        assert!(e.len() < 1024, "a {} byte error", e.len());
+    }
+    // The connection was never dropped: the next publish lands and nothing reconnected.
+    p.execute(
+        PUBLISH,
+        &publish,
+        "payload: x\n",
+        &json!({"subject": "orders.after"}),
+    )
+    .await
+    .unwrap();
+    let err = p.stderr();
+    assert!(!err.contains("disconnected"), "{err}");
+    let js = js(&server).await;
+    js.get_stream("ORDERS").await.expect("stream survives");
+    no_panic(&p);
+}
+
+/// Finding 5: error texts are capped (a 3.5 MiB unknown key in Initialize went into the gRPC
+/// status), and the IaC services take requests as large as PluginService does (a 4.4 MiB Plan
+/// was refused by tonic's 4 MiB default).
+#[tokio::test]
+async fn f5_error_texts_are_capped_and_iac_takes_large_requests() {
+    use eventbus_plugin::pb::iac::{
+        ia_c_provider_required_client::IaCProviderRequiredClient, InitializeRequest, PlanRequest,
+        ResourceSpec,
+    };
+    let p = Plugin::launch(LaunchOptions::default()).await;
+    let mut iac = IaCProviderRequiredClient::new(p.channel.clone())
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(usize::MAX);
+    let key = "k".repeat(3_500_000);
+    let cfg = serde_json::to_vec(&json!({ key: 1 })).unwrap();
+    let status = iac
+        .initialize(InitializeRequest { config_json: cfg })
+        .await
+        .expect_err("an unknown key is refused");
+    assert!(
+        status.message().len() < 4096,
+        "a {} byte status message",
+        status.message().len()
+    );
+    let big = serde_json::to_vec(
+        &json!({"name": "S", "subjects": ["a.>"], "description": "d".repeat(4_400_000)}),
+    )
+    .unwrap();
+    let r = iac
+        .plan(PlanRequest {
+            desired: vec![ResourceSpec {
+                name: "s".into(),
+                r#type: "infra.eventbus.stream".into(),
+                config_json: big,
+                ..Default::default()
+            }],
+            current: vec![],
+        })
+        .await;
+    if let Err(s) = &r {
+        assert!(
+            !s.message().contains("message length too large")
+                && s.code() != tonic::Code::OutOfRange
+                && s.code() != tonic::Code::ResourceExhausted,
+            "{:?}: {}",
+            s.code(),
+            &s.message()[..s.message().len().min(300)]
+        );
+    }
+    no_panic(&p);
+}
+
+/// Finding 6 (trigger side): a message whose pipeline data exceeds the host's callback limit
+/// can never be delivered; it goes straight to the dead-letter subject with the reason.
+#[tokio::test]
+async fn f6_a_message_too_big_for_the_callback_is_dead_lettered_at_once() {
+    let server = NatsServer::start();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let pipeline: PipelineFn = Arc::new(move |_| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    });
+    let p = plugin_with(&server, Some(pipeline)).await;
+    orders(&p).await;
+    let t = p
+        .create_trigger(
+            "pipeline:big",
+            &json!({"name": "worker", "dead_letter_subject": "dead.big", "max_deliver": 5}),
+        )
+        .await
+        .unwrap();
+    p.lifecycle("start", &t).await.unwrap();
+    // ~600 KB of JSON array: as base64 + text + parsed JSON it is well over 4 MiB.
+    let body = format!("[{}1]", "1,".repeat(300_000));
+    let js = js(&server).await;
+    js.publish("orders.big", body.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    let dead = tokio::time::timeout(T, async {
+        loop {
+            if let Ok(m) = stream.get_last_raw_message_by_subject("dead.big").await {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("dead-lettered in time");
+    assert_eq!(dead.payload.len(), body.len());
+    let h = |k: &str| {
+        dead.headers
+            .get(k)
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        h("Eventbus-Error").contains("too large"),
+        "{:?}",
+        dead.headers
+    );
+    assert_eq!(h("Eventbus-Delivery-Count"), "1", "no retries were burnt");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    no_panic(&p);
+}
+
+/// Finding 7: a trigger started before ConfigureCallback nak'ed its messages until
+/// max_deliver ran out (then they were terminated, unseen). It now waits without fetching.
+#[tokio::test]
+async fn f7_trigger_waits_for_the_callback_without_spending_deliveries() {
+    let server = NatsServer::start();
+    let mut p = plugin_with(&server, None).await;
+    orders(&p).await;
+    let js = js(&server).await;
+    js.publish("orders.early", "early".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let t = p
+        .create_trigger(
+            "pipeline:early",
+            &json!({"name": "worker", "nak_delay": "0.1s", "max_deliver": 2}),
+        )
+        .await
+        .unwrap();
+    p.lifecycle("start", &t).await.unwrap();
+    // Asserting an absence needs a window: ten nak delays, in which the old code delivered,
+    // nak'ed and (at max_deliver 2) terminated the message.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let info = js
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .consumer_info("worker")
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.delivered.consumer_sequence, 0, "{info:?}");
+    p.serve_callback(ok_pipeline(), Duration::ZERO).await;
+    let call = p.next_call(T).await;
+    let data = call.data.unwrap();
+    assert_eq!(
+        data.fields["delivery_count"].kind,
+        Some(prost_types::value::Kind::NumberValue(1.0))
+    );
+    no_panic(&p);
+}
+
+/// Findings 8 and 14: a broker stopped and started again stayed "Closed" for good, and the
+/// error claimed "the client keeps reconnecting".
+#[tokio::test]
+async fn f8_f14_broker_stop_then_start_reconnects() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    let bus = orders(&p).await;
+    let h = p.create_step(PUBLISH, "pub", "").await.unwrap();
+    let state = json!({"subject": "orders.s"});
+    let publish = || p.execute(PUBLISH, &h, "payload: x\n", &state);
+    publish().await.unwrap();
+    p.lifecycle("stop", &bus).await.unwrap();
+    let e = publish().await.unwrap_err();
+    assert!(
+        e.contains("stopped") && !e.contains("keeps reconnecting"),
+        "{e}"
+    );
+    p.lifecycle("start", &bus).await.unwrap();
+    let out = publish().await.unwrap();
+    assert_eq!(out["sequence"], "2", "{out}");
+    no_panic(&p);
+}
+
+/// Finding 9: a second module with a name in use silently replaced the first in `broker_ref`.
+#[tokio::test]
+async fn f9_duplicate_module_names_are_refused() {
+    let p = Plugin::launch(LaunchOptions::default()).await;
+    let broker = "provider: nats\ndeploy_target: self_hosted\n";
+    p.create_module("eventbus.broker", "bus", broker)
+        .await
+        .unwrap();
+    let e = p
+        .create_module("eventbus.broker", "bus", broker)
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("eventbus.broker \"bus\": config.name: a module named \"bus\" already exists (eventbus.broker)"),
+        "{e}"
+    );
+    let e = p
+        .create_module("eventbus.stream", "bus", "name: S\nsubjects: [s.>]\n")
+        .await
+        .unwrap_err();
+    assert!(e.contains("already exists"), "{e}");
+    no_panic(&p);
+}
+
+/// Finding 11: NaN or Infinity for an int64 field in a legacy Struct config was accepted
+/// silently (it became an unset field).
+#[tokio::test]
+async fn f11_nan_and_infinity_for_integer_fields_are_refused() {
+    use eventbus_plugin::pb::plugin::CreateModuleRequest;
+    let p = Plugin::launch(LaunchOptions::default()).await;
+    for (i, n) in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY]
+        .into_iter()
+        .enumerate()
+    {
+        let mut cfg = common::typed::json_to_struct(&json!({"name": "S", "subjects": ["s.>"]}));
+        cfg.fields.insert(
+            "max_msgs".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(n)),
+            },
+        );
+        let r = p
+            .client
+            .clone()
+            .create_module(CreateModuleRequest {
+                r#type: "eventbus.stream".into(),
+                name: format!("s{i}"),
+                config: Some(cfg),
+                typed_config: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.error.contains("config.max_msgs:"), "{n}: {}", r.error);
+    }
+    no_panic(&p);
+}
+
+/// "No panic anywhere": hostile values for every step, trigger and module field, through the
+/// real binary. A panic in a handler resets the stream, so every RPC must answer, and the
+/// plugin's stderr must never say "panicked".
+#[tokio::test]
+async fn no_panic_across_the_step_trigger_and_module_surface() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p).await;
+    let hostile: Vec<Json> = vec![
+        json!(""),
+        json!("$JS.API.STREAM.DELETE.ORDERS"),
+        json!("a\r\nb"),
+        json!("é:\u{0}"),
+        json!("x".repeat(70_000)),
+        json!(-1),
+        json!(1e300),
+        json!(i64::MAX),
+        json!([1, "a", null]),
+        json!({"": "", "a b": "c\r\n", "ok": 1}),
+        json!("9223372036854775807s"),
+        json!("-315576000000s"),
+        json!("{{ .x }}"),
+    ];
+    let fields = [
+        "subject",
+        "payload",
+        "headers",
+        "correlation_id",
+        "message_id",
+        "timeout",
+        "broker_ref",
+        "consumer",
+        "stream_name",
+        "batch_size",
+        "max_wait",
+        "ack_token",
+        "action",
+        "nak_delay",
+    ];
+    let mut client = p.client.clone();
+    let mut answered = 0;
+    for type_name in [PUBLISH, "step.eventbus.consume", ACK] {
+        let step = p.create_step(type_name, "plain", "").await.unwrap();
+        for field in fields {
+            for v in &hostile {
+                let cfg = common::typed::json_to_struct(&json!({ field: v }));
+                let r = client
+                    .create_step(CreateStepRequest {
+                        r#type: type_name.into(),
+                        name: "h".into(),
+                        config: Some(cfg.clone()),
+                        typed_config: None,
+                    })
+                    .await;
+                assert!(r.is_ok(), "CreateStep {type_name} {field}={v}: {r:?}");
+                let r = client
+                    .execute_step(ExecuteStepRequest {
+                        handle_id: step.clone(),
+                        config: Some(cfg.clone()),
+                        current: Some(cfg),
+                        ..Default::default()
+                    })
+                    .await;
+                assert!(r.is_ok(), "ExecuteStep {type_name} {field}={v}: {r:?}");
+                answered += 2;
+            }
+        }
+    }
+    for field in [
+        "name",
+        "stream_name",
+        "filter_subject",
+        "max_in_flight",
+        "ack_mode",
+        "dead_letter_subject",
+        "batch_size",
+        "nak_delay",
+        "max_deliver",
+        "bus",
+    ] {
+        for v in &hostile {
+            let r = p
+                .create_trigger("pipeline:h", &json!({"name": "worker", field: v}))
+                .await;
+            if let Ok(t) = r {
+                p.lifecycle("start", &t).await.ok();
+                p.lifecycle("destroy", &t).await.ok();
+            }
+            answered += 1;
+        }
+    }
+    for (type_name, field) in [
+        ("eventbus.broker", "dsn"),
+        ("eventbus.broker", "auth"),
+        ("eventbus.broker", "connect_timeout"),
+        ("eventbus.stream", "subjects"),
+        ("eventbus.stream", "max_age"),
+        ("eventbus.consumer", "filter_subject"),
+        ("eventbus.consumer", "ack_wait"),
+    ] {
+        for v in &hostile {
+            let r = p
+                .create_module_legacy(
+                    type_name,
+                    &format!("m{answered}"),
+                    &serde_yaml::to_string(&json!({ field: v })).unwrap(),
+                )
+                .await;
+            if let Err(e) = &r {
+                assert!(!e.contains("transport") && !e.contains("h2"), "{e}");
+            }
+            answered += 1;
+        }
+    }
+    assert!(answered > 600, "{answered}");
+    no_panic(&p);
+}
