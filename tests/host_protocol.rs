@@ -631,14 +631,14 @@ async fn exits_when_the_host_process_dies() {
 async fn a_closed_stderr_never_crashes_the_plugin() {
     let dir = tempfile::tempdir().unwrap();
     let bin = install(dir.path());
-    let mut child = std::process::Command::new(&bin)
-        .current_dir(bin.parent().unwrap())
-        .env(COOKIE.0, COOKIE.1)
-        .env("RUST_LOG", "debug")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_retrying(
+        std::process::Command::new(&bin)
+            .current_dir(bin.parent().unwrap())
+            .env(COOKIE.0, COOKIE.1)
+            .env("RUST_LOG", "debug")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
     drop(child.stderr.take()); // the host stopped reading: every log write now fails (EPIPE)
     let line = read_first_line(&mut child);
     let socket = std::path::PathBuf::from(line.split('|').nth(3).unwrap());

@@ -127,7 +127,12 @@ pub fn install(root: &Path) -> PathBuf {
     let dir = root.join("plugins").join("eventbus");
     std::fs::create_dir_all(&dir).unwrap();
     let bin = dir.join("eventbus");
-    std::fs::copy(BIN, &bin).unwrap();
+    // A hard link opens no file for writing, so no thread of this process can fork while
+    // holding a write handle to a binary another test is about to exec ("text file busy").
+    // Copied when the temp dir is on another file system.
+    if std::fs::hard_link(plugin_bin(), &bin).is_err() {
+        std::fs::copy(BIN, &bin).unwrap();
+    }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::copy(repo.join("plugin.json"), dir.join("plugin.json")).unwrap();
     std::fs::copy(
@@ -136,6 +141,22 @@ pub fn install(root: &Path) -> PathBuf {
     )
     .unwrap();
     bin
+}
+
+/// `cmd.spawn()`, retrying only "text file busy": a binary just written can be busy for a
+/// moment while another thread of this process forks with the write handle inherited.
+pub fn spawn_retrying(cmd: &mut Command) -> Child {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Ok(child) => return child,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("spawn {cmd:?}: {e}"),
+        }
+    }
 }
 
 pub async fn dial_unix(path: &Path) -> Channel {
@@ -169,19 +190,7 @@ pub fn spawn_raw(bin: &Path, env: &[(String, String)], with_cookie: bool) -> Chi
     for (k, v) in env {
         cmd.env(k, v);
     }
-    // A binary copied by one test can be "text file busy" for a moment while another thread of
-    // this process forks with the copy's write handle inherited; retry that case only.
-    let mut tries = 0;
-    loop {
-        match cmd.spawn() {
-            Ok(child) => return child,
-            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("spawn plugin {}: {e}", bin.display()),
-        }
-    }
+    spawn_retrying(&mut cmd)
 }
 
 fn collect_stderr(child: &mut Child) -> Arc<Mutex<String>> {
