@@ -408,6 +408,78 @@ async fn f5_error_texts_are_capped_and_iac_takes_large_requests() {
     no_panic(&p);
 }
 
+/// Finding 6 (consume side): 300 JSON messages of ~1 MiB came back as a 322 MB response. A
+/// batch now holds at most `max_bytes` of payload (the server ends it there) and carries only
+/// the forms `include` names.
+#[tokio::test]
+async fn f6_consume_output_is_bounded_by_max_bytes_and_include() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p).await;
+    let js = js(&server).await;
+    let body = format!("[{}1]", "1,".repeat(100_000)); // ~200 KB
+    for _ in 0..12 {
+        js.publish("orders.bulk", body.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let consume = p
+        .create_step(
+            "step.eventbus.consume",
+            "get",
+            "consumer: worker
+",
+        )
+        .await
+        .unwrap();
+    let out = p
+        .execute(
+            "step.eventbus.consume",
+            &consume,
+            "consumer: worker
+batch_size: 100
+max_wait: 2s
+max_bytes: 1048576
+include: [payload]
+",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    let msgs = out["messages"].as_array().unwrap();
+    assert!(
+        !msgs.is_empty() && msgs.len() <= 5,
+        "{} messages of 200 KB in a 1 MiB budget",
+        msgs.len()
+    );
+    for m in msgs {
+        assert!(
+            m.get("text").is_none() && m.get("json").is_none(),
+            "{}",
+            &m.to_string()[..200]
+        );
+        assert!(m["payload"].as_str().unwrap().len() > 200_000);
+    }
+    let e = p
+        .create_step(
+            "step.eventbus.consume",
+            "bad",
+            "consumer: worker
+max_bytes: -1
+include: [payload, xml]
+",
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("config.max_bytes:") && e.contains("config.include:"),
+        "{e}"
+    );
+    no_panic(&p);
+}
+
 /// Finding 6 (trigger side): a message whose pipeline data exceeds the host's callback limit
 /// can never be delivered; it goes straight to the dead-letter subject with the reason.
 #[tokio::test]

@@ -10,7 +10,7 @@ use crate::nats::conn::ConnState;
 use crate::nats::{NatsConn, NatsError};
 use crate::runtime::modules::broker::BrokerModule;
 use crate::runtime::modules::consumer::{fetch_consumer_config, get_stream};
-use crate::runtime::steps::consume::to_message;
+use crate::runtime::steps::consume::{to_message, Include};
 use crate::runtime::{render, Runtime};
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use std::sync::Arc;
@@ -398,7 +398,7 @@ pub(super) struct Handler {
 
 impl Handler {
     async fn handle(&self, msg: async_nats::jetstream::Message) {
-        let m = to_message(&msg, &self.spec.durable);
+        let m = to_message(&msg, &self.spec.durable, Include::ALL);
         let origin = Origin {
             subject: m.subject.clone(),
             stream: m.stream.clone(),
