@@ -670,6 +670,10 @@ async fn no_panic_across_the_step_trigger_and_module_surface() {
     let p = plugin_with(&server, None).await;
     orders(&p).await;
     let hostile: Vec<Json> = vec![
+        json!({"a b": "v"}),
+        json!({"": "v"}),
+        json!({"é": "v"}),
+        json!({"x": "a\r\nInjected: 1"}),
         json!(""),
         json!("$JS.API.STREAM.DELETE.ORDERS"),
         json!("a\r\nb"),
@@ -700,13 +704,29 @@ async fn no_panic_across_the_step_trigger_and_module_surface() {
         "action",
         "nak_delay",
     ];
+    // Each hostile value replaces one field of a config that works, so the checks before the
+    // network (and the network calls themselves) are reached. Progress acks are not answered
+    // by the server, so the ack step never waits for a confirmation here.
+    let bases = [
+        (PUBLISH, json!({"subject": "orders.np", "payload": "x"})),
+        (
+            "step.eventbus.consume",
+            json!({"consumer": "worker", "batch_size": 1, "max_wait": "0.05s"}),
+        ),
+        (
+            ACK,
+            json!({"ack_token": "$JS.ACK.ORDERS.worker.1.1.1.1.0", "action": "ACK_ACTION_PROGRESS"}),
+        ),
+    ];
     let mut client = p.client.clone();
     let mut answered = 0;
-    for type_name in [PUBLISH, "step.eventbus.consume", ACK] {
+    for (type_name, base) in bases {
         let step = p.create_step(type_name, "plain", "").await.unwrap();
         for field in fields {
             for v in &hostile {
-                let cfg = common::typed::json_to_struct(&json!({ field: v }));
+                let mut cfg = base.clone();
+                cfg[field] = v.clone();
+                let cfg = common::typed::json_to_struct(&cfg);
                 let r = client
                     .create_step(CreateStepRequest {
                         r#type: type_name.into(),
@@ -716,16 +736,22 @@ async fn no_panic_across_the_step_trigger_and_module_surface() {
                     })
                     .await;
                 assert!(r.is_ok(), "CreateStep {type_name} {field}={v}: {r:?}");
-                let r = client
-                    .execute_step(ExecuteStepRequest {
-                        handle_id: step.clone(),
-                        config: Some(cfg.clone()),
-                        current: Some(cfg),
-                        ..Default::default()
-                    })
-                    .await;
-                assert!(r.is_ok(), "ExecuteStep {type_name} {field}={v}: {r:?}");
-                answered += 2;
+                // The hostile value once in config, once in pipeline state.
+                let state = common::typed::json_to_struct(&json!({ field: v }));
+                let plain = common::typed::json_to_struct(&base);
+                for (config, current) in [(cfg, None), (plain, Some(state))] {
+                    let r = client
+                        .execute_step(ExecuteStepRequest {
+                            handle_id: step.clone(),
+                            config: Some(config),
+                            current,
+                            ..Default::default()
+                        })
+                        .await;
+                    assert!(r.is_ok(), "ExecuteStep {type_name} {field}={v}: {r:?}");
+                    answered += 1;
+                }
+                answered += 1;
             }
         }
     }
