@@ -59,7 +59,7 @@ pipelines:
         name: orders-worker        # stream and broker come from the consumer module
         ack_mode: manual           # the pipeline acks with step.eventbus.ack
         max_in_flight: 4
-        nak_delay: 300ms
+        nak_delay: 0.3s
     steps:
       - name: log
         type: step.log
