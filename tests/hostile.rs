@@ -340,6 +340,39 @@ async fn f4_oversized_token_or_subject_never_reaches_the_shared_connection() {
         assert!(e.contains("ack_token"), "{}", &e[..e.len().min(300)]);
         assert!(e.len() < 1024, "a {} byte error", e.len());
     }
+    let consume = p
+        .create_step("step.eventbus.consume", "get", "consumer: worker\n")
+        .await
+        .unwrap();
+    let long_stream = "S".repeat(100_000);
+    let e = p
+        .execute(
+            "step.eventbus.consume",
+            &consume,
+            "max_wait: 0.1s\n",
+            &json!({"consumer": "other", "stream_name": long_stream, "broker_ref": long_stream}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("stream_name") && e.len() < 1024,
+        "{}",
+        &e[..e.len().min(300)]
+    );
+    let e = p
+        .execute(
+            PUBLISH,
+            &publish,
+            "payload: x\n",
+            &json!({"subject": "orders.x", "broker_ref": long_stream}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("broker_ref") && e.len() < 1024,
+        "{}",
+        &e[..e.len().min(300)]
+    );
     // The connection was never dropped: the next publish lands and nothing reconnected.
     p.execute(
         PUBLISH,

@@ -364,7 +364,8 @@ impl Runtime {
                 RuntimeError::failed(
                     component,
                     format!(
-                        "broker_ref {broker_ref:?} names no declared eventbus.broker module (declared: [{}])",
+                        "broker_ref {} names no declared eventbus.broker module (declared: [{}])",
+                        crate::secret::quote(broker_ref),
                         brokers.keys().cloned().collect::<Vec<_>>().join(", ")
                     ),
                 )

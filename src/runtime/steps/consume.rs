@@ -243,6 +243,12 @@ impl ConsumeStep {
                 broker_ref = c.spec.broker_ref.clone();
             }
         }
+        // From pipeline state it reaches the API subject ($JS.API.CONSUMER.*.<stream>...), so it
+        // gets the same rules (and length bound) as a configured one.
+        if !stream.is_empty() {
+            check_name(&stream)
+                .map_err(|e| RuntimeError::failed(component, format!("stream_name {e}")))?;
+        }
         if stream.is_empty() {
             return Err(RuntimeError::failed(
                 component,
