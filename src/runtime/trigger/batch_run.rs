@@ -5,7 +5,7 @@ use super::batch::Mark;
 use super::run::{Handler, Origin};
 use super::{payload, AckMode, TriggerCall};
 use crate::nats::ack::AckKind;
-use crate::runtime::steps::consume::to_message;
+use crate::runtime::steps::consume::{to_message, Include};
 use async_nats::jetstream::Message as JsMessage;
 use prost_types::value::Kind;
 use prost_types::{ListValue, Struct, Value};
@@ -30,7 +30,7 @@ impl Handler {
         let mut values = Vec::with_capacity(msgs.len());
         let mut items = Vec::with_capacity(msgs.len());
         for msg in msgs {
-            let m = to_message(&msg, &self.spec.durable);
+            let m = to_message(&msg, &self.spec.durable, Include::ALL);
             let origin = Origin {
                 subject: m.subject.clone(),
                 stream: m.stream.clone(),
