@@ -8,6 +8,7 @@ pub mod error;
 pub(crate) mod files;
 pub mod plan;
 pub mod provider;
+pub(crate) mod scrub;
 pub mod state;
 pub mod targets;
 

@@ -13,7 +13,7 @@
 //! state holds the applied config.
 
 use super::error::DriverError;
-use super::files::write_atomic;
+use super::files::{write_atomic, FileLock};
 use super::targets::nats_server::LocalRecord;
 use crate::providers::DeployTarget;
 use serde::{Deserialize, Serialize};
@@ -217,13 +217,7 @@ impl StateStore {
     pub fn update<T>(&self, f: impl FnOnce(&mut ProviderState) -> T) -> Result<T, DriverError> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         create_private_dir(&self.dir).map_err(|e| self.err(e))?;
-        let lock_file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join(LOCK))
-            .map_err(|e| self.err(e))?;
-        let _flock = Flock::exclusive(&lock_file).map_err(|e| self.err(e))?;
+        let _flock = FileLock::exclusive(&self.dir.join(LOCK)).map_err(|e| self.err(e))?;
         let mut state = self.load()?;
         let out = f(&mut state);
         state.format = FORMAT;
@@ -233,7 +227,7 @@ impl StateStore {
     }
 }
 
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.is_dir() {
         return Ok(());
@@ -242,33 +236,6 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-}
-
-struct Flock<'a>(&'a std::fs::File);
-
-impl<'a> Flock<'a> {
-    fn exclusive(f: &'a std::fs::File) -> std::io::Result<Self> {
-        use std::os::fd::AsRawFd;
-        loop {
-            // SAFETY: flock(2) on a file descriptor we own for the guard's lifetime.
-            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-            if r == 0 {
-                return Ok(Flock(f));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    }
-}
-
-impl Drop for Flock<'_> {
-    fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: as above.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
 }
 
 #[cfg(test)]

@@ -25,8 +25,13 @@ pub fn decode(name: &str, config_json: &[u8]) -> Result<ConsumerSpec, DriverErro
     for k in super::stream::WFCTL_INJECTED {
         m.remove(*k);
     }
-    let c: ConsumerConfig = decode_config(CONSUMER_TYPE, name, "ConsumerConfig", m)?;
-    Ok(ConsumerSpec::validate(CONSUMER_TYPE, name, &c)?)
+    decode_config(
+        CONSUMER_TYPE,
+        name,
+        "ConsumerConfig",
+        m,
+        |c: ConsumerConfig| Ok(ConsumerSpec::validate(CONSUMER_TYPE, name, &c)?),
+    )
 }
 
 pub fn provider_id(broker: &str, stream: &str, durable: &str) -> String {

@@ -212,22 +212,30 @@ fn type_of(j: &Json) -> &'static str {
     }
 }
 
-/// Strict decode of a config message, as the engine decodes the same YAML.
-pub fn decode_config<T: prost::Message + Default>(
+/// Strict decode of a config message, as the engine decodes the same YAML, then `then` (the
+/// spec's validation). Problems from either are reported without secrets or long values
+/// (`iac::scrub`).
+pub fn decode_config<T: prost::Message + Default, S>(
     type_name: &str,
     name: &str,
     message: &str,
     json: Map<String, Json>,
-) -> Result<T, DriverError> {
-    crate::runtime::decode::decode_json::<T>(&crate::runtime::types::qualified(message), json)
-        .map_err(|lines| {
-            let mut p = crate::runtime::config_error::Problems::new(type_name, name);
-            p.raw(lines);
-            match p.finish(()) {
-                Err(e) => DriverError::Config(e),
-                Ok(()) => DriverError::invalid(format!("{type_name} {name:?}"), "invalid config"),
-            }
-        })
+    then: impl FnOnce(T) -> Result<S, DriverError>,
+) -> Result<S, DriverError> {
+    let scrub = crate::iac::scrub::Scrubber::new(&json);
+    let decoded =
+        crate::runtime::decode::decode_json::<T>(&crate::runtime::types::qualified(message), json)
+            .map_err(|lines| {
+                let mut p = crate::runtime::config_error::Problems::new(type_name, name);
+                p.raw(lines);
+                match p.finish(()) {
+                    Err(e) => DriverError::Config(e),
+                    Ok(()) => {
+                        DriverError::invalid(format!("{type_name} {name:?}"), "invalid config")
+                    }
+                }
+            });
+    decoded.and_then(then).map_err(|e| scrub.error(e))
 }
 
 /// Where a stream or consumer's broker is and how to reach it.

@@ -33,8 +33,9 @@ pub fn decode(name: &str, config_json: &[u8]) -> Result<StreamSpec, DriverError>
     for k in WFCTL_INJECTED {
         m.remove(*k);
     }
-    let c: StreamConfig = decode_config(STREAM_TYPE, name, "StreamConfig", m)?;
-    Ok(StreamSpec::validate(STREAM_TYPE, name, &c)?)
+    decode_config(STREAM_TYPE, name, "StreamConfig", m, |c: StreamConfig| {
+        Ok(StreamSpec::validate(STREAM_TYPE, name, &c)?)
+    })
 }
 
 pub fn provider_id(broker: &str, stream: &str) -> String {

@@ -20,11 +20,11 @@ impl Provider {
         for r in &refs {
             let st = match self.read(&r.r#type, r).await {
                 Ok(o) => ResourceStatus {
+                    outputs_json: masked(&o),
                     name: r.name.clone(),
                     r#type: r.r#type.clone(),
                     provider_id: o.provider_id,
                     status: o.status,
-                    outputs_json: o.outputs_json,
                 },
                 Err(e) => {
                     let stopped = e.is_not_found()
@@ -106,6 +106,7 @@ impl Provider {
             }
         }
         Ok(ResourceState {
+            outputs_json: masked(&o),
             id: provider_id.into(),
             name: r.name.clone(),
             r#type: type_name.into(),
@@ -113,7 +114,6 @@ impl Provider {
             provider_id: o.provider_id,
             applied_config_json: serde_json::to_vec(&applied).unwrap_or_default(),
             applied_config_source: "adoption".into(),
-            outputs_json: o.outputs_json,
             ..Default::default()
         })
     }
@@ -195,4 +195,24 @@ impl Provider {
         }
         Ok(out)
     }
+}
+
+/// What a sensitive output shows where the RPC has no sensitive map to mark it.
+pub(crate) const MASK: &str = "(sensitive)";
+
+/// `o`'s outputs with the values of its sensitive keys replaced by `MASK`, for replies that
+/// cannot mark keys sensitive (ResourceStatus, ResourceState): wfctl would print or persist
+/// the secret as a plain value.
+fn masked(o: &ResourceOutput) -> Vec<u8> {
+    let mut v = outputs_of(&o.outputs_json);
+    if let Some(m) = v.as_object_mut() {
+        for (k, sensitive) in &o.sensitive {
+            if *sensitive {
+                if let Some(x) = m.get_mut(k) {
+                    *x = json!(MASK);
+                }
+            }
+        }
+    }
+    serde_json::to_vec(&v).unwrap_or_default()
 }

@@ -109,7 +109,11 @@ impl Provider {
             }
             return Err(DriverError::invalid(
                 what,
-                format!("unknown key {k:?} (valid keys: {})", CONFIG_KEYS.join(", ")),
+                format!(
+                    "unknown key {} (valid keys: {})",
+                    crate::iac::scrub::quote(k),
+                    CONFIG_KEYS.join(", ")
+                ),
             ));
         }
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));

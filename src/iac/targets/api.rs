@@ -26,15 +26,16 @@ impl BrokerDesired {
     pub fn decode(name: &str, config_json: &[u8]) -> Result<BrokerDesired, DriverError> {
         let what = label(name);
         let m = config_object(&what, config_json)?;
-        let c: ClusterConfig = decode_config(BROKER_TYPE, name, "ClusterConfig", m)?;
-        let spec = BrokerSpec::validate(BROKER_TYPE, name, &c)?;
-        let js = c.jetstream.unwrap_or_default();
-        Ok(BrokerDesired {
-            config: c.clone(),
-            spec,
-            declared_replicas: c.replicas.max(0) as u32,
-            max_file_store: js.max_storage_bytes.max(0),
-            max_memory_store: js.max_memory_bytes.max(0),
+        decode_config(BROKER_TYPE, name, "ClusterConfig", m, |c: ClusterConfig| {
+            let spec = BrokerSpec::validate(BROKER_TYPE, name, &c)?;
+            let js = c.jetstream.clone().unwrap_or_default();
+            Ok(BrokerDesired {
+                declared_replicas: c.replicas.max(0) as u32,
+                max_file_store: js.max_storage_bytes.max(0),
+                max_memory_store: js.max_memory_bytes.max(0),
+                config: c,
+                spec,
+            })
         })
     }
 }

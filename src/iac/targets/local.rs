@@ -6,7 +6,8 @@ use super::api::{block, label, path_text, Applied, BrokerDesired, BrokerTarget};
 use super::nats_server::{self, LocalRecord};
 use crate::iac::drivers::Ctx;
 use crate::iac::error::DriverError;
-use crate::iac::state::{AuthRecord, BrokerRecord};
+use crate::iac::files::FileLock;
+use crate::iac::state::{create_private_dir, AuthRecord, BrokerRecord};
 use crate::providers::DeployTarget;
 use serde_json::{json, Map, Value as Json};
 use std::path::{Path, PathBuf};
@@ -119,12 +120,34 @@ fn data_dir(ctx: &Ctx, name: &str, d: &BrokerDesired) -> PathBuf {
             .state
             .dir()
             .join("brokers")
-            .join(nats_server::safe_name(name)),
+            .join(nats_server::dir_name(name)),
     }
+}
+
+/// The lock file that serialises local applies between plugin processes sharing a state dir.
+const APPLY_LOCK: &str = "local.lock";
+
+/// Waits for the state dir's local-apply lock. Held from reading the state until the broker is
+/// recorded, so of two processes creating one broker the second finds the first's record and
+/// adopts it, and no started nats-server goes unrecorded.
+async fn lock_local(ctx: &Ctx, what: &str) -> Result<FileLock, DriverError> {
+    let dir = ctx.state.dir().to_path_buf();
+    block(what.to_string(), move || {
+        let lock = dir.join(APPLY_LOCK);
+        create_private_dir(&dir)
+            .and_then(|_| FileLock::exclusive(&lock))
+            .map_err(|source| nats_server::LocalError::Io {
+                op: "lock",
+                path: lock.display().to_string(),
+                source,
+            })
+    })
+    .await
 }
 
 async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied, DriverError> {
     let what = label(name);
+    let _lock = lock_local(ctx, &what).await?;
     let state = ctx.state.load()?;
     let existing = state
         .brokers
@@ -154,28 +177,37 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
             },
         });
     }
-    let dir = data_dir(ctx, name, d);
+    // A broker keeps the data dir it was created with while local.state_dir is unchanged.
+    let dir = match &existing {
+        Some(old) if old.configured_state_dir == path_text(&d.spec.local.state_dir) => {
+            PathBuf::from(&old.data_dir)
+        }
+        _ => data_dir(ctx, name, d),
+    };
+    let sharer = state.brokers.iter().find(|(n, r)| {
+        n.as_str() != name
+            && r.local
+                .as_ref()
+                .is_some_and(|l| Path::new(&l.data_dir) == dir)
+    });
+    if let Some((other, _)) = sharer {
+        return Err(DriverError::refused(
+            &what,
+            format!(
+                "local broker {other:?} already keeps its data in {}; two brokers never share a data dir, give this one its own local.state_dir",
+                dir.display()
+            ),
+        ));
+    }
     let replicas = d.spec.replicas.max(1);
     let client_port = d.spec.local.client_port;
     let broker = name.to_string();
     let desired = LocalRecord {
         binary: binary.display().to_string(),
-        configured_binary: d
-            .spec
-            .local
-            .binary
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
+        configured_binary: path_text(&d.spec.local.binary),
         server_version: found,
         data_dir: dir.display().to_string(),
-        configured_state_dir: d
-            .spec
-            .local
-            .state_dir
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
+        configured_state_dir: path_text(&d.spec.local.state_dir),
         cluster_name: format!("eventbus-{}", nats_server::safe_name(name)),
         client_port,
         max_file_store: d.max_file_store,
@@ -256,5 +288,9 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
         bind: d.spec.bind,
         outputs: Json::Null,
     };
+    // Recorded before the lock is released: see `lock_local`.
+    ctx.state.update(|s| {
+        s.brokers.insert(name.to_string(), record.clone());
+    })?;
     Ok(Applied { record, outputs })
 }

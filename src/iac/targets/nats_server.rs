@@ -200,6 +200,26 @@ pub fn safe_name(s: &str) -> String {
         .collect()
 }
 
+/// A broker name as one directory name, injectively: ASCII letters, digits, `-` and `_` stay
+/// (names that were already safe keep the directory earlier releases gave them), every other
+/// byte becomes `%XX`. `%` is itself encoded, so `orders-bus`, `orders.bus` and `orders/bus`
+/// get three directories, and neither `.` nor `/` survives, so the result never leaves the
+/// brokers directory. The empty name is `%`, which no other name produces.
+pub fn dir_name(s: &str) -> String {
+    if s.is_empty() {
+        return "%".into();
+    }
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Chooses ports for `replicas` nodes: client ports from `client_port` upwards (or free ones),
 /// cluster and monitoring ports free. All probe listeners are held until every port is chosen.
 pub fn plan_nodes(
@@ -558,6 +578,31 @@ mod tests {
                 c.contains(&format!("\"nats-route://127.0.0.1:{p}\"")),
                 "{c}"
             );
+        }
+    }
+
+    /// Issue 14 finding 10: look-alike names shared one data directory.
+    #[test]
+    fn data_dir_names_are_injective_and_stay_inside_the_brokers_dir() {
+        let names = [
+            "orders-bus",
+            "orders.bus",
+            "orders/bus",
+            "orders%2Ebus",
+            "..",
+            ".",
+            "",
+        ];
+        let dirs: Vec<String> = names.iter().map(|n| dir_name(n)).collect();
+        let unique: std::collections::BTreeSet<&String> = dirs.iter().collect();
+        assert_eq!(unique.len(), names.len(), "{dirs:?}");
+        assert_eq!(
+            dir_name("orders-bus"),
+            "orders-bus",
+            "safe names keep their old dir"
+        );
+        for d in &dirs {
+            assert!(!d.is_empty() && !d.contains('/') && !d.contains('.'), "{d}");
         }
     }
 
