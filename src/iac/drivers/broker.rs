@@ -287,6 +287,17 @@ pub fn prevent_destroy_outputs(o: &Json) -> bool {
 impl super::Driver for super::BrokerDriver {
     type Spec = BrokerDesired;
     const KIND: super::Kind = super::Kind::Broker;
+    const TIER: i32 = 1;
+    const SENSITIVE: &'static [&'static str] = &["token", "password"];
+    /// Where clients reach it, and what a target that runs servers for us reports of them
+    /// (absent keys compare equal).
+    const DRIFT_KEYS: &'static [&'static str] = &[
+        "url",
+        "version",
+        "instance_size",
+        "http_port",
+        "config_sha256",
+    ];
     fn decode(name: &str, config_json: &[u8]) -> Result<BrokerDesired, DriverError> {
         decode(name, config_json)
     }
@@ -309,6 +320,14 @@ impl super::Driver for super::BrokerDriver {
     }
     async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
         health(ctx, r).await
+    }
+    async fn scale(_: &Ctx, _: &ResourceRef, _: i32) -> Result<Output, DriverError> {
+        Err(DriverError::Unsupported(
+            "Scale of infra.eventbus (replicas of a local broker change by replace; set replicas and apply)".into(),
+        ))
+    }
+    fn troubleshoot(ctx: &Ctx, r: &ResourceRef) -> Result<Vec<(String, String)>, DriverError> {
+        troubleshoot(ctx, r)
     }
 }
 

@@ -528,6 +528,17 @@ pub fn diff(spec: &ConsumerSpec, desired_broker: Option<&str>, current: &Json) -
 impl super::Driver for super::ConsumerDriver {
     type Spec = ConsumerSpec;
     const KIND: super::Kind = super::Kind::Consumer;
+    const TIER: i32 = 2;
+    const DRIFT_KEYS: &'static [&'static str] = &[
+        "filter_subjects",
+        "deliver_policy",
+        "ack_policy",
+        "max_deliver",
+        "ack_wait",
+        "max_ack_pending",
+        "backoff",
+        "description",
+    ];
     fn decode(name: &str, config_json: &[u8]) -> Result<ConsumerSpec, DriverError> {
         decode(name, config_json)
     }

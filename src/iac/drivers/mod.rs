@@ -10,10 +10,12 @@ pub mod stream;
 use super::error::DriverError;
 use super::state::{BrokerRecord, ProviderState, StateStore};
 use crate::nats::{ConnSettings, NatsConn};
+use crate::pb::iac::{ResourceRef, ResourceSpec};
 use crate::runtime::types::IAC_RESOURCE_TYPES;
 use crate::secret::Secret;
 use serde_json::{Map, Value as Json};
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -48,6 +50,18 @@ impl Kind {
         }
     }
 
+    /// Every kind, in the order capabilities list them.
+    pub const ALL: [Kind; 3] = [Kind::Broker, Kind::Stream, Kind::Consumer];
+
+    /// The driver of this kind: the one place that maps a resource type to its code.
+    pub(crate) fn driver(self) -> &'static dyn Resource {
+        match self {
+            Kind::Broker => &BrokerDriver,
+            Kind::Stream => &StreamDriver,
+            Kind::Consumer => &ConsumerDriver,
+        }
+    }
+
     pub fn type_name(self) -> &'static str {
         match self {
             Kind::Broker => BROKER_TYPE,
@@ -69,10 +83,19 @@ pub struct Output {
 
 /// The one shape every resource type's driver has: decode into the runtime's own spec,
 /// create-or-adopt and update in place (`apply`), read (by name when the provider_id is empty),
-/// an idempotent delete, a health check, and a pure diff against persisted outputs.
+/// an idempotent delete, a health check, and a pure diff against persisted outputs; and the
+/// facts the provider reports about the type (capability tier and operations, sensitive output
+/// keys, the keys drift compares without a spec).
 pub(crate) trait Driver {
-    type Spec;
+    type Spec: Send + Sync;
     const KIND: Kind;
+    /// Capability tier: 1 = infrastructure the others depend on, 2 = what lives on it.
+    const TIER: i32;
+    const OPERATIONS: &'static [&'static str] = &["create", "read", "update", "delete"];
+    /// Output keys holding credentials (wfctl routes them to its secrets provider).
+    const SENSITIVE: &'static [&'static str] = &[];
+    /// The server-side settings drift compares when no spec is given.
+    const DRIFT_KEYS: &'static [&'static str];
     fn decode(name: &str, config_json: &[u8]) -> Result<Self::Spec, DriverError>;
     /// No I/O: the provider state only resolves which broker a stream or consumer names.
     fn diff(
@@ -80,13 +103,116 @@ pub(crate) trait Driver {
         state: &ProviderState,
         current: &Json,
     ) -> Result<Vec<super::plan::Change>, DriverError>;
-    async fn apply(ctx: &Ctx, name: &str, spec: &Self::Spec) -> Result<Output, DriverError>;
-    async fn read(ctx: &Ctx, r: &crate::pb::iac::ResourceRef) -> Result<Output, DriverError>;
-    async fn delete(ctx: &Ctx, r: &crate::pb::iac::ResourceRef) -> Result<(), DriverError>;
-    async fn health(
+    fn apply(
         ctx: &Ctx,
-        r: &crate::pb::iac::ResourceRef,
-    ) -> Result<(bool, String), DriverError>;
+        name: &str,
+        spec: &Self::Spec,
+    ) -> impl Future<Output = Result<Output, DriverError>> + Send;
+    fn read(ctx: &Ctx, r: &ResourceRef)
+        -> impl Future<Output = Result<Output, DriverError>> + Send;
+    fn delete(ctx: &Ctx, r: &ResourceRef) -> impl Future<Output = Result<(), DriverError>> + Send;
+    fn health(
+        ctx: &Ctx,
+        r: &ResourceRef,
+    ) -> impl Future<Output = Result<(bool, String), DriverError>> + Send;
+    /// Only types whose OPERATIONS include "scale" override this.
+    fn scale(
+        _ctx: &Ctx,
+        _r: &ResourceRef,
+        _replicas: i32,
+    ) -> impl Future<Output = Result<Output, DriverError>> + Send {
+        std::future::ready(Err(DriverError::Unsupported(format!(
+            "Scale of {}",
+            Self::KIND.type_name()
+        ))))
+    }
+    fn troubleshoot(_ctx: &Ctx, _r: &ResourceRef) -> Result<Vec<(String, String)>, DriverError> {
+        Err(DriverError::Unsupported(format!(
+            "Troubleshoot of {}",
+            Self::KIND.type_name()
+        )))
+    }
+}
+
+/// A driver behind one pointer, so the provider routes every call through `Kind::driver`
+/// (the only match over resource types) instead of one match per operation.
+#[tonic::async_trait]
+pub(crate) trait Resource: Sync {
+    fn tier(&self) -> i32;
+    fn operations(&self) -> &'static [&'static str];
+    fn sensitive(&self) -> &'static [&'static str];
+    fn drift_keys(&self) -> &'static [&'static str];
+    /// Decodes `spec` and diffs it against `current`.
+    fn diff(
+        &self,
+        state: &ProviderState,
+        spec: &ResourceSpec,
+        current: &Json,
+    ) -> Result<Vec<super::plan::Change>, DriverError>;
+    /// Decodes `spec` and applies it.
+    async fn apply(&self, ctx: &Ctx, spec: &ResourceSpec) -> Result<Output, DriverError>;
+    async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError>;
+    async fn delete(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError>;
+    async fn health(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError>;
+    async fn scale(&self, ctx: &Ctx, r: &ResourceRef, replicas: i32)
+        -> Result<Output, DriverError>;
+    fn troubleshoot(
+        &self,
+        ctx: &Ctx,
+        r: &ResourceRef,
+    ) -> Result<Vec<(String, String)>, DriverError>;
+}
+
+#[tonic::async_trait]
+impl<D: Driver + Sync> Resource for D {
+    fn tier(&self) -> i32 {
+        D::TIER
+    }
+    fn operations(&self) -> &'static [&'static str] {
+        D::OPERATIONS
+    }
+    fn sensitive(&self) -> &'static [&'static str] {
+        D::SENSITIVE
+    }
+    fn drift_keys(&self) -> &'static [&'static str] {
+        D::DRIFT_KEYS
+    }
+    fn diff(
+        &self,
+        state: &ProviderState,
+        spec: &ResourceSpec,
+        current: &Json,
+    ) -> Result<Vec<super::plan::Change>, DriverError> {
+        D::diff(&D::decode(&spec.name, &spec.config_json)?, state, current)
+    }
+    async fn apply(&self, ctx: &Ctx, spec: &ResourceSpec) -> Result<Output, DriverError> {
+        let desired = D::decode(&spec.name, &spec.config_json)?;
+        D::apply(ctx, &spec.name, &desired).await
+    }
+    async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        D::read(ctx, r).await
+    }
+    async fn delete(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        D::delete(ctx, r).await
+    }
+    async fn health(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        D::health(ctx, r).await
+    }
+    async fn scale(
+        &self,
+        ctx: &Ctx,
+        r: &ResourceRef,
+        replicas: i32,
+    ) -> Result<Output, DriverError> {
+        D::scale(ctx, r, replicas).await
+    }
+    fn troubleshoot(
+        &self,
+        ctx: &Ctx,
+        r: &ResourceRef,
+    ) -> Result<Vec<(String, String)>, DriverError> {
+        D::troubleshoot(ctx, r)
+    }
 }
 
 pub struct BrokerDriver;

@@ -600,6 +600,22 @@ pub fn diff(spec: &StreamSpec, desired_broker: Option<&str>, current: &Json) -> 
 impl super::Driver for super::StreamDriver {
     type Spec = StreamSpec;
     const KIND: super::Kind = super::Kind::Stream;
+    const TIER: i32 = 2;
+    const OPERATIONS: &'static [&'static str] = &["create", "read", "update", "delete", "scale"];
+    const DRIFT_KEYS: &'static [&'static str] = &[
+        "subjects",
+        "retention_policy",
+        "storage",
+        "num_replicas",
+        "max_bytes",
+        "max_msgs",
+        "max_msgs_per_subject",
+        "max_msg_size",
+        "max_age",
+        "discard",
+        "duplicate_window",
+        "description",
+    ];
     fn decode(name: &str, config_json: &[u8]) -> Result<StreamSpec, DriverError> {
         decode(name, config_json)
     }
@@ -622,6 +638,9 @@ impl super::Driver for super::StreamDriver {
     }
     async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
         health(ctx, r).await
+    }
+    async fn scale(ctx: &Ctx, r: &ResourceRef, replicas: i32) -> Result<Output, DriverError> {
+        scale(ctx, r, replicas).await
     }
 }
 

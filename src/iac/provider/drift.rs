@@ -62,7 +62,7 @@ impl Provider {
                 }
                 None => {
                     let recorded = recorded_outputs(&state, kind, &r.name);
-                    let keys = drift_keys(kind);
+                    let keys = kind.driver().drift_keys();
                     let fields: Vec<String> = keys
                         .iter()
                         .filter(|k| {
@@ -109,43 +109,6 @@ fn recorded_outputs(state: &ProviderState, kind: Kind, name: &str) -> Json {
     }
     .filter(Json::is_object)
     .unwrap_or(Json::Null)
-}
-
-/// The server-side settings drift compares without a spec.
-fn drift_keys(kind: Kind) -> &'static [&'static str] {
-    match kind {
-        Kind::Broker => &[
-            "url",
-            "version",
-            "instance_size",
-            "http_port",
-            "config_sha256",
-        ],
-        Kind::Stream => &[
-            "subjects",
-            "retention_policy",
-            "storage",
-            "num_replicas",
-            "max_bytes",
-            "max_msgs",
-            "max_msgs_per_subject",
-            "max_msg_size",
-            "max_age",
-            "discard",
-            "duplicate_window",
-            "description",
-        ],
-        Kind::Consumer => &[
-            "filter_subjects",
-            "deliver_policy",
-            "ack_policy",
-            "max_deliver",
-            "ack_wait",
-            "max_ack_pending",
-            "backoff",
-            "description",
-        ],
-    }
 }
 
 /// Lists compare as sets.

@@ -9,7 +9,7 @@ mod inventory;
 mod validate;
 
 use super::drivers::{
-    self, broker, stream, BrokerDriver, ConsumerDriver, Ctx, Driver, Kind, Output, StreamDriver,
+    self, broker, BrokerDriver, ConsumerDriver, Ctx, Driver, Kind, Output, StreamDriver,
 };
 use super::error::DriverError;
 use super::plan::{self, Change};
@@ -128,52 +128,20 @@ impl Provider {
     }
 
     pub fn capabilities() -> Vec<IaCCapabilityDeclaration> {
-        let ops = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
-        vec![
-            IaCCapabilityDeclaration {
-                resource_type: drivers::BROKER_TYPE.into(),
-                tier: 1,
-                operations: ops(&["create", "read", "update", "delete"]),
-            },
-            IaCCapabilityDeclaration {
-                resource_type: drivers::STREAM_TYPE.into(),
-                tier: 2,
-                operations: ops(&["create", "read", "update", "delete", "scale"]),
-            },
-            IaCCapabilityDeclaration {
-                resource_type: drivers::CONSUMER_TYPE.into(),
-                tier: 2,
-                operations: ops(&["create", "read", "update", "delete"]),
-            },
-        ]
+        Kind::ALL
+            .iter()
+            .map(|k| {
+                let d = k.driver();
+                IaCCapabilityDeclaration {
+                    resource_type: k.type_name().into(),
+                    tier: d.tier(),
+                    operations: d.operations().iter().map(|s| s.to_string()).collect(),
+                }
+            })
+            .collect()
     }
 
     // ---------------------------------------------------------------- ResourceDriver
-
-    async fn apply(
-        &self,
-        spec: &ResourceSpec,
-        type_name: &str,
-    ) -> Result<ResourceOutput, DriverError> {
-        let type_name = if type_name.is_empty() {
-            &spec.r#type
-        } else {
-            type_name
-        };
-        async fn one<D: Driver>(
-            ctx: &Ctx,
-            spec: &ResourceSpec,
-        ) -> Result<ResourceOutput, DriverError> {
-            let desired = D::decode(&spec.name, &spec.config_json)?;
-            let out = D::apply(ctx, &spec.name, &desired).await?;
-            Ok(wire(&spec.name, D::KIND.type_name(), out))
-        }
-        match Kind::parse(type_name)? {
-            Kind::Broker => one::<BrokerDriver>(&self.ctx, spec).await,
-            Kind::Stream => one::<StreamDriver>(&self.ctx, spec).await,
-            Kind::Consumer => one::<ConsumerDriver>(&self.ctx, spec).await,
-        }
-    }
 
     /// Create is create-or-adopt (wfctl cannot recognise "already exists" over gRPC).
     pub async fn create(
@@ -181,7 +149,9 @@ impl Provider {
         type_name: &str,
         spec: &ResourceSpec,
     ) -> Result<ResourceOutput, DriverError> {
-        self.apply(spec, type_name).await
+        let kind = Kind::parse(or(type_name, &spec.r#type))?;
+        let out = kind.driver().apply(&self.ctx, spec).await?;
+        Ok(wire(&spec.name, kind.type_name(), out))
     }
 
     /// Update applies in place; a resource deleted behind our back is created again.
@@ -191,7 +161,7 @@ impl Provider {
         _r: &ResourceRef,
         spec: &ResourceSpec,
     ) -> Result<ResourceOutput, DriverError> {
-        self.apply(spec, type_name).await
+        self.create(type_name, spec).await
     }
 
     pub async fn read(
@@ -199,29 +169,14 @@ impl Provider {
         type_name: &str,
         r: &ResourceRef,
     ) -> Result<ResourceOutput, DriverError> {
-        let kind = Kind::parse(if type_name.is_empty() {
-            &r.r#type
-        } else {
-            type_name
-        })?;
-        let out = match kind {
-            Kind::Broker => BrokerDriver::read(&self.ctx, r).await?,
-            Kind::Stream => StreamDriver::read(&self.ctx, r).await?,
-            Kind::Consumer => ConsumerDriver::read(&self.ctx, r).await?,
-        };
+        let kind = Kind::parse(or(type_name, &r.r#type))?;
+        let out = kind.driver().read(&self.ctx, r).await?;
         Ok(wire(&r.name, kind.type_name(), out))
     }
 
     pub async fn delete(&self, type_name: &str, r: &ResourceRef) -> Result<(), DriverError> {
-        match Kind::parse(if type_name.is_empty() {
-            &r.r#type
-        } else {
-            type_name
-        })? {
-            Kind::Broker => BrokerDriver::delete(&self.ctx, r).await,
-            Kind::Stream => StreamDriver::delete(&self.ctx, r).await,
-            Kind::Consumer => ConsumerDriver::delete(&self.ctx, r).await,
-        }
+        let kind = Kind::parse(or(type_name, &r.r#type))?;
+        kind.driver().delete(&self.ctx, r).await
     }
 
     /// Pure apart from reading the provider state (to resolve a stream's broker).
@@ -241,13 +196,9 @@ impl Provider {
         r: &ResourceRef,
         replicas: i32,
     ) -> Result<ResourceOutput, DriverError> {
-        match Kind::parse(type_name)? {
-            Kind::Stream => Ok(wire(&r.name, type_name, stream::scale(&self.ctx, r, replicas).await?)),
-            Kind::Broker => Err(DriverError::Unsupported(
-                "Scale of infra.eventbus (replicas of a local broker change by replace; set replicas and apply)".into(),
-            )),
-            Kind::Consumer => Err(DriverError::Unsupported("Scale of infra.eventbus.consumer".into())),
-        }
+        let kind = Kind::parse(type_name)?;
+        let out = kind.driver().scale(&self.ctx, r, replicas).await?;
+        Ok(wire(&r.name, type_name, out))
     }
 
     pub async fn health(
@@ -255,18 +206,12 @@ impl Provider {
         type_name: &str,
         r: &ResourceRef,
     ) -> Result<(bool, String), DriverError> {
-        match Kind::parse(type_name)? {
-            Kind::Broker => BrokerDriver::health(&self.ctx, r).await,
-            Kind::Stream => StreamDriver::health(&self.ctx, r).await,
-            Kind::Consumer => ConsumerDriver::health(&self.ctx, r).await,
-        }
+        Kind::parse(type_name)?.driver().health(&self.ctx, r).await
     }
 
     pub fn sensitive_keys(type_name: &str) -> Result<Vec<String>, DriverError> {
-        Ok(match Kind::parse(type_name)? {
-            Kind::Broker => vec!["token".into(), "password".into()],
-            _ => Vec::new(),
-        })
+        let d = Kind::parse(type_name)?.driver();
+        Ok(d.sensitive().iter().map(|k| k.to_string()).collect())
     }
 
     pub fn troubleshoot(
@@ -274,12 +219,7 @@ impl Provider {
         type_name: &str,
         r: &ResourceRef,
     ) -> Result<Vec<(String, String)>, DriverError> {
-        match Kind::parse(type_name)? {
-            Kind::Broker => broker::troubleshoot(&self.ctx, r),
-            _ => Err(DriverError::Unsupported(format!(
-                "Troubleshoot of {type_name}"
-            ))),
-        }
+        Kind::parse(type_name)?.driver().troubleshoot(&self.ctx, r)
     }
 
     /// The host's own algorithm, for engine steps that call Plan (wfctl computes its own).
@@ -302,26 +242,17 @@ pub fn diff_with(
     desired: &ResourceSpec,
     current: &Json,
 ) -> Result<Vec<Change>, DriverError> {
-    let type_name = if type_name.is_empty() {
-        &desired.r#type
+    Kind::parse(or(type_name, &desired.r#type))?
+        .driver()
+        .diff(state, desired, current)
+}
+
+/// The request's resource type, else the one the spec or ref carries.
+fn or<'a>(type_name: &'a str, fallback: &'a str) -> &'a str {
+    if type_name.is_empty() {
+        fallback
     } else {
         type_name
-    };
-    fn one<D: Driver>(
-        state: &ProviderState,
-        desired: &ResourceSpec,
-        current: &Json,
-    ) -> Result<Vec<Change>, DriverError> {
-        D::diff(
-            &D::decode(&desired.name, &desired.config_json)?,
-            state,
-            current,
-        )
-    }
-    match Kind::parse(type_name)? {
-        Kind::Broker => one::<BrokerDriver>(state, desired, current),
-        Kind::Stream => one::<StreamDriver>(state, desired, current),
-        Kind::Consumer => one::<ConsumerDriver>(state, desired, current),
     }
 }
 
