@@ -1,7 +1,7 @@
 //! The IaC face's one error type and its one conversion to the host's error shape.
 //!
 //! wfctl recognises a missing resource only by the text `iac: resource not found` in the gRPC
-//! message (iac-protocol §3.4), so `NotFound` always renders with that prefix and nothing else
+//! message (docs/iac-host.md §3.2), so `NotFound` always renders with that prefix and nothing else
 //! does.
 
 use crate::nats::NatsError;

@@ -1,7 +1,7 @@
 //! The IaC face: `wfctl infra plan/apply/destroy` provisions brokers, streams and consumers
-//! through these services (iac-protocol §2-§5). Each RPC converts the wire request, calls one
+//! through these services (docs/iac-host.md). Each RPC converts the wire request, calls one
 //! `Provider` function and converts back; the work is in `provider`, `drivers/`, `plan` (pure),
-//! `state` (the provider's own records) and `local` (nats-server processes).
+//! `state` (the provider's own records) and `targets` (where brokers run).
 
 pub mod drivers;
 pub mod error;

@@ -69,7 +69,7 @@ pub(crate) fn identity_change(out: &mut Vec<Change>, key: &str, want: &str, curr
     }
 }
 
-/// The host's algorithm (iac-protocol §4.1): new specs are created, existing ones diffed,
+/// The host's algorithm (docs/iac-host.md §4.1): new specs are created, existing ones diffed,
 /// state entries no longer desired deleted; creates/updates/replaces in dependency order,
 /// then deletes in reverse dependency order.
 pub fn compute_plan(

@@ -1,7 +1,7 @@
 //! The provider's own small state file, `<state_dir>/state.json`.
 //!
 //! wfctl starts a fresh plugin per command and erases `${broker.url}` references outside
-//! env_vars (iac-protocol pitfall 1), so streams and consumers name their broker by plain name
+//! env_vars (docs/iac-host.md §1.3), so streams and consumers name their broker by plain name
 //! and the provider records here what it learned when it created or adopted that broker: its
 //! urls and credentials, and for the `local` target the nats-server processes it started. It
 //! also keeps, per stream and consumer, where it lives and the per-resource flags that Delete

@@ -1,4 +1,5 @@
-//! The provider x deploy-target matrix (Go inventory §5.2, plus the new `local` target).
+//! The provider x deploy-target matrix: the providers and targets the Go plugin offered, plus the
+//! new `local` target.
 //!
 //! Every combination either works or fails at config load with a line that names the provider,
 //! the target and what would work; nothing is left to fail later at Start.

@@ -1,5 +1,6 @@
-//! The one table of capability names (contract §3). Everything that lists types (type lists,
-//! contract registry, schemas, plugin.json tests) reads from here.
+//! The one table of capability names (module, step, trigger and IaC resource types the plugin
+//! registers). Everything that lists types (type lists, contract registry, schemas, plugin.json
+//! tests) reads from here.
 
 use crate::pb::EVENTBUS_PACKAGE;
 

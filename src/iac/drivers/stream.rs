@@ -23,7 +23,7 @@ use crate::pb::iac::ResourceRef;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use serde_json::{json, Value as Json};
 
-/// wfctl may inject an environment's `provider` into every infra.* config (iac-protocol §1.1);
+/// wfctl may inject an environment's `provider` into every infra.* config (docs/iac-host.md §1.1);
 /// routing already happened through `iac_provider`, so it is dropped before the strict decode.
 pub const WFCTL_INJECTED: &[&str] = &["provider"];
 

@@ -3,8 +3,8 @@
 //! One process per replica, each with its own directory `<data_dir>/<server_name>/` holding the
 //! rendered config (`nats.conf`), the log and the JetStream store. Replicas > 1 form a loopback
 //! cluster (server names, one cluster name, routes to every node), which is what JetStream
-//! needs for R3 streams (deploy-targets §1.3). Configs are files, never flags: nats-server has
-//! no flags for store limits and exits 0 on an unknown flag (§0, §1.7).
+//! needs for R3 streams (docs/iac-host.md §5.2). Configs are files, never flags: nats-server has
+//! no flags for store limits and exits 0 on an unknown flag (docs/iac-host.md §5.1).
 //!
 //! Processes are started in their own session (`setsid`), with stdin/stdout/stderr on
 //! /dev/null, and are never waited for: they outlive the plugin process, which wfctl starts
