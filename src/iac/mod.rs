@@ -3,14 +3,14 @@
 //! `Provider` function and converts back; the work is in `provider`, `drivers/`, `plan` (pure),
 //! `state` (the provider's own records) and `targets` (where brokers run).
 
-pub mod drivers;
-pub mod error;
+pub(crate) mod drivers;
+pub(crate) mod error;
 pub(crate) mod files;
-pub mod plan;
-pub mod provider;
+pub(crate) mod plan;
+pub(crate) mod provider;
 pub(crate) mod scrub;
-pub mod state;
-pub mod targets;
+pub(crate) mod state;
+pub(crate) mod targets;
 
 use crate::pb::iac::{
     ia_c_provider_drift_detector_server::{

@@ -10,7 +10,7 @@
 //!
 //! The diff is over a flat "view" of the compared settings that the outputs echo.
 
-use super::{bool_field, str_field, BrokerConn, Ctx, Output};
+use super::{str_field, BrokerConn, Ctx, Output};
 use crate::iac::error::DriverError;
 use crate::iac::plan::{field, Change};
 use crate::iac::state::{BrokerRecord, ProviderState};
@@ -278,10 +278,6 @@ pub fn troubleshoot(ctx: &Ctx, r: &ResourceRef) -> Result<Vec<(String, String)>,
     for_target(name, rec.target)?
         .troubleshoot(rec)
         .ok_or_else(|| DriverError::Unsupported(format!("Troubleshoot of a {} broker", rec.target)))
-}
-
-pub fn prevent_destroy_outputs(o: &Json) -> bool {
-    bool_field(o, "prevent_destroy")
 }
 
 impl super::Driver for super::BrokerDriver {

@@ -370,7 +370,6 @@ pub struct BrokerConn {
     /// The broker resource name, or `""` when the resource names its servers itself.
     pub name: String,
     pub settings: ConnSettings,
-    pub record: Option<BrokerRecord>,
 }
 
 impl BrokerConn {
@@ -401,7 +400,6 @@ impl BrokerConn {
                 connect_timeout: ms(r.connect_timeout_ms, Duration::from_secs(5)),
                 request_timeout: ms(r.request_timeout_ms, Duration::from_secs(5)),
             },
-            record: Some(r.clone()),
         }
     }
 
@@ -415,15 +413,7 @@ impl BrokerConn {
                 request_timeout: Duration::from_secs(5),
                 ..Default::default()
             },
-            record: None,
         }
-    }
-
-    /// A local broker none of whose processes answer: its streams are unknowable, not gone.
-    pub fn local_down(&self) -> bool {
-        self.record
-            .as_ref()
-            .is_some_and(|r| all_down(&self.name, r))
     }
 }
 
@@ -679,6 +669,7 @@ pub fn i64_field(o: &Json, key: &str, default: i64) -> i64 {
     o.get(key).and_then(Json::as_i64).unwrap_or(default)
 }
 
+#[cfg(test)]
 pub fn bool_field(o: &Json, key: &str) -> bool {
     o.get(key).and_then(Json::as_bool).unwrap_or(false)
 }

@@ -9,8 +9,8 @@
 //! kept.
 
 use super::{
-    bool_field, config_object, decode_config, duration_from_json, duration_json, i64_field,
-    resolve_broker, str_field, strings_field, BrokerConn, Ctx, Output, STREAM_TYPE,
+    config_object, decode_config, duration_from_json, duration_json, i64_field, resolve_broker,
+    str_field, strings_field, BrokerConn, Ctx, Output, STREAM_TYPE,
 };
 use crate::iac::error::DriverError;
 use crate::iac::plan::{field, flag_changes, identity_change, Change as PlanChange};
@@ -141,7 +141,9 @@ pub fn observed_from_outputs(o: &Json) -> stream::Config {
     }
 }
 
+#[cfg(test)]
 pub fn flags_from_outputs(o: &Json) -> Flags {
+    use super::bool_field;
     Flags {
         broker: str_field(o, "broker").to_string(),
         broker_ref: str_field(o, "broker_ref").to_string(),
@@ -283,7 +285,6 @@ pub struct Located {
     pub stream: String,
     pub durable: String,
     pub flags: Flags,
-    pub recorded: bool,
     pub released: bool,
 }
 
@@ -305,7 +306,6 @@ pub fn locate(state: &ProviderState, r: &ResourceRef, type_name: &str) -> Option
                     prevent_destroy: rec.prevent_destroy,
                     bind: rec.bind,
                 },
-                recorded: true,
                 released: rec.released,
             });
         }
@@ -334,7 +334,6 @@ pub fn locate(state: &ProviderState, r: &ResourceRef, type_name: &str) -> Option
             broker_ref: broker.to_string(),
             ..Default::default()
         },
-        recorded: false,
         released: false,
     })
 }
