@@ -22,6 +22,12 @@ pub enum DriverError {
     Config(#[from] ConfigError),
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
+    #[error("{what}: config_json is not JSON")]
+    NotJson {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
     /// Built only by `targets::for_target`, which lists the targets that exist.
     #[error(
         "infra.eventbus {broker:?}: deploy target {target:?} is not available yet in the eventbus IaC provider; use deploy_target {available}"
@@ -55,10 +61,30 @@ pub enum DriverError {
         #[source]
         source: super::targets::nats_server::LocalError,
     },
-    #[error("provider state {path}: {detail}")]
-    State { path: String, detail: String },
+    #[error("provider state {path}")]
+    State {
+        path: String,
+        #[source]
+        source: StateCause,
+    },
+    /// A blocking task (process work, probes) died before answering.
+    #[error("{what}: worker failed")]
+    Worker {
+        what: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("{0} is not supported by the eventbus IaC provider")]
     Unsupported(String),
+}
+
+/// Why the provider state file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateCause {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
 }
 
 impl DriverError {
@@ -128,7 +154,8 @@ impl From<DriverError> for tonic::Status {
             DriverError::EmptyType { .. }
             | DriverError::UnknownType { .. }
             | DriverError::Config(_)
-            | DriverError::Invalid { .. } => tonic::Status::invalid_argument(msg),
+            | DriverError::Invalid { .. }
+            | DriverError::NotJson { .. } => tonic::Status::invalid_argument(msg),
             DriverError::Platform { class, .. } => match class {
                 PlatformClass::Auth => tonic::Status::permission_denied(msg),
                 PlatformClass::Invalid => tonic::Status::invalid_argument(msg),
@@ -146,7 +173,9 @@ impl From<DriverError> for tonic::Status {
                 NatsError::Settings(_) => tonic::Status::invalid_argument(msg),
                 _ => tonic::Status::failed_precondition(msg),
             },
-            DriverError::Local { .. } | DriverError::State { .. } => tonic::Status::internal(msg),
+            DriverError::Local { .. } | DriverError::State { .. } | DriverError::Worker { .. } => {
+                tonic::Status::internal(msg)
+            }
             DriverError::Unsupported(_) => tonic::Status::unimplemented(msg),
         }
     }

@@ -12,7 +12,7 @@
 //! one. The directory is 0700 and the file 0600: it can hold broker credentials, as wfctl's own
 //! state holds the applied config.
 
-use super::error::DriverError;
+use super::error::{DriverError, StateCause};
 use super::files::{write_atomic, FileLock};
 use super::targets::nats_server::LocalRecord;
 use crate::providers::DeployTarget;
@@ -179,10 +179,10 @@ impl StateStore {
         self.dir.join(FILE)
     }
 
-    fn err(&self, detail: impl std::fmt::Display) -> DriverError {
+    fn err(&self, source: impl Into<StateCause>) -> DriverError {
         DriverError::State {
             path: self.path().display().to_string(),
-            detail: detail.to_string(),
+            source: source.into(),
         }
     }
 

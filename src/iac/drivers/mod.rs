@@ -320,10 +320,10 @@ pub fn config_object(what: &str, config_json: &[u8]) -> Result<Map<String, Json>
             what,
             format!("config_json must be a JSON object, got {}", type_of(&other)),
         )),
-        Err(e) => Err(DriverError::invalid(
-            what,
-            format!("config_json is not JSON: {e}"),
-        )),
+        Err(source) => Err(DriverError::NotJson {
+            what: what.to_string(),
+            source,
+        }),
     }
 }
 

@@ -146,7 +146,7 @@ pub async fn block<T: Send + 'static>(
 ) -> Result<T, DriverError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(|source| DriverError::Local { what, source }),
-        Err(e) => Err(DriverError::invalid(what, format!("worker failed: {e}"))),
+        Err(source) => Err(DriverError::Worker { what, source }),
     }
 }
 
