@@ -7,6 +7,7 @@
 //! which wfctl plans as a replace.
 
 use super::error::DriverError;
+use crate::nats::stream::{Change as NatsChange, FieldDiff};
 use crate::pb::iac::{DiffResult, FieldChange, IaCPlan, PlanAction, ResourceSpec, ResourceState};
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -43,7 +44,34 @@ pub(crate) fn field(o: &Json, key: &str) -> Json {
     o.get(key).cloned().unwrap_or(Json::Null)
 }
 
-pub(crate) fn flag_changes(out: &mut Vec<Change>, want: &Json, current: &Json) {
+/// A stream or consumer diff against its persisted outputs: the identity keys (`(output key,
+/// desired value)`, skipped when the value is not known; a change forces a replace), the
+/// spec's own field differences with values as the outputs show them, then the flags.
+pub(crate) fn resource_changes(
+    identity: &[(&str, Option<&str>)],
+    fields: Vec<FieldDiff>,
+    want: &Json,
+    current: &Json,
+) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (key, value) in identity {
+        if let Some(v) = value {
+            identity_change(&mut out, key, v, current);
+        }
+    }
+    for d in fields {
+        out.push(Change {
+            path: d.field.into(),
+            old: field(current, d.field),
+            new: field(want, d.field),
+            force_new: d.change != NatsChange::InPlace,
+        });
+    }
+    flag_changes(&mut out, want, current);
+    out
+}
+
+fn flag_changes(out: &mut Vec<Change>, want: &Json, current: &Json) {
     for key in ["prevent_destroy", "bind"] {
         let (w, h) = (field(want, key), field(current, key));
         if w.as_bool().unwrap_or(false) != h.as_bool().unwrap_or(false) {
@@ -57,7 +85,7 @@ pub(crate) fn flag_changes(out: &mut Vec<Change>, want: &Json, current: &Json) {
     }
 }
 
-pub(crate) fn identity_change(out: &mut Vec<Change>, key: &str, want: &str, current: &Json) {
+fn identity_change(out: &mut Vec<Change>, key: &str, want: &str, current: &Json) {
     let have = current.get(key).and_then(Json::as_str).unwrap_or_default();
     if !have.is_empty() && have != want {
         out.push(Change {

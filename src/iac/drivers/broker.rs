@@ -294,9 +294,6 @@ impl super::Driver for super::BrokerDriver {
         "http_port",
         "config_sha256",
     ];
-    fn decode(name: &str, config_json: &[u8]) -> Result<BrokerDesired, DriverError> {
-        decode(name, config_json)
-    }
     /// Unsupported targets fail here, at plan time.
     fn diff(
         spec: &BrokerDesired,
@@ -305,18 +302,7 @@ impl super::Driver for super::BrokerDriver {
     ) -> Result<Vec<Change>, DriverError> {
         diff(spec, current)
     }
-    async fn apply(ctx: &Ctx, name: &str, spec: &BrokerDesired) -> Result<Output, DriverError> {
-        apply(ctx, name, spec).await
-    }
-    async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
-        read(ctx, r).await
-    }
-    async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
-        delete(ctx, r).await
-    }
-    async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
-        health(ctx, r).await
-    }
+    super::forward_driver_ops!(BrokerDesired);
     async fn scale(_: &Ctx, _: &ResourceRef, _: i32) -> Result<Output, DriverError> {
         Err(DriverError::Unsupported(
             "Scale of infra.eventbus (replicas of a local broker change by replace; set replicas and apply)".into(),

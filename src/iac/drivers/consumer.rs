@@ -8,7 +8,7 @@ use super::{
     str_field, strings_field, BrokerConn, Ctx, Output, CONSUMER_TYPE,
 };
 use crate::iac::error::DriverError;
-use crate::iac::plan::{field, flag_changes, identity_change, Change as PlanChange};
+use crate::iac::plan::{resource_changes, Change as PlanChange};
 use crate::iac::state::ResourceRecord;
 use crate::nats::consumer::{fetch_consumer_config, overlay, ConsumerSpec};
 use crate::nats::error::lift_api;
@@ -507,22 +507,16 @@ pub async fn list(
 
 pub fn diff(spec: &ConsumerSpec, desired_broker: Option<&str>, current: &Json) -> Vec<PlanChange> {
     let want = desired_outputs(spec, desired_broker.unwrap_or_default());
-    let mut out = Vec::new();
-    identity_change(&mut out, "name", &spec.durable, current);
-    identity_change(&mut out, "stream_name", &spec.stream, current);
-    if let Some(b) = desired_broker {
-        identity_change(&mut out, "broker", b, current);
-    }
-    for d in spec.diff(&observed_from_outputs(current)) {
-        out.push(PlanChange {
-            path: d.field.into(),
-            old: field(current, d.field),
-            new: field(&want, d.field),
-            force_new: d.change != Change::InPlace,
-        });
-    }
-    flag_changes(&mut out, &want, current);
-    out
+    resource_changes(
+        &[
+            ("name", Some(&spec.durable)),
+            ("stream_name", Some(&spec.stream)),
+            ("broker", desired_broker),
+        ],
+        spec.diff(&observed_from_outputs(current)),
+        &want,
+        current,
+    )
 }
 
 impl super::Driver for super::ConsumerDriver {
@@ -539,9 +533,6 @@ impl super::Driver for super::ConsumerDriver {
         "backoff",
         "description",
     ];
-    fn decode(name: &str, config_json: &[u8]) -> Result<ConsumerSpec, DriverError> {
-        decode(name, config_json)
-    }
     fn diff(
         spec: &ConsumerSpec,
         state: &crate::iac::state::ProviderState,
@@ -550,18 +541,7 @@ impl super::Driver for super::ConsumerDriver {
         let b = super::desired_broker(&spec.broker_ref, &spec.servers, state);
         Ok(diff(spec, b.as_deref(), current))
     }
-    async fn apply(ctx: &Ctx, name: &str, spec: &ConsumerSpec) -> Result<Output, DriverError> {
-        apply(ctx, name, spec).await
-    }
-    async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
-        read(ctx, r).await
-    }
-    async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
-        delete(ctx, r).await
-    }
-    async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
-        health(ctx, r).await
-    }
+    super::forward_driver_ops!(ConsumerSpec);
 }
 
 #[cfg(test)]

@@ -134,6 +134,29 @@ pub(crate) trait Driver {
     }
 }
 
+/// Inside a driver module's `impl Driver`: `decode`, `apply`, `read`, `delete` and `health`
+/// call that module's free functions of the same names (which its other code calls too).
+macro_rules! forward_driver_ops {
+    ($spec:ty) => {
+        fn decode(name: &str, config_json: &[u8]) -> Result<$spec, DriverError> {
+            decode(name, config_json)
+        }
+        async fn apply(ctx: &Ctx, name: &str, spec: &$spec) -> Result<Output, DriverError> {
+            apply(ctx, name, spec).await
+        }
+        async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+            read(ctx, r).await
+        }
+        async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+            delete(ctx, r).await
+        }
+        async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+            health(ctx, r).await
+        }
+    };
+}
+pub(crate) use forward_driver_ops;
+
 /// A driver behind one pointer, so the provider routes every call through `Kind::driver`
 /// (the only match over resource types) instead of one match per operation.
 #[tonic::async_trait]

@@ -13,7 +13,7 @@ use super::{
     str_field, strings_field, BrokerConn, Ctx, Output, STREAM_TYPE,
 };
 use crate::iac::error::DriverError;
-use crate::iac::plan::{field, flag_changes, identity_change, Change as PlanChange};
+use crate::iac::plan::{resource_changes, Change as PlanChange};
 use crate::iac::state::{ProviderState, ResourceRecord};
 use crate::nats::error::lift_api;
 use crate::nats::stream::{fetch_stream_config, overlay, Change, StreamSpec};
@@ -579,21 +579,12 @@ pub async fn list(ctx: &Ctx, broker: &str) -> Result<Vec<(String, stream::Config
 /// `desired_broker`: the broker the spec resolves to, when that can be decided.
 pub fn diff(spec: &StreamSpec, desired_broker: Option<&str>, current: &Json) -> Vec<PlanChange> {
     let want = desired_outputs(spec, desired_broker.unwrap_or_default());
-    let mut out = Vec::new();
-    identity_change(&mut out, "name", &spec.name, current);
-    if let Some(b) = desired_broker {
-        identity_change(&mut out, "broker", b, current);
-    }
-    for d in spec.diff(&observed_from_outputs(current)) {
-        out.push(PlanChange {
-            path: d.field.into(),
-            old: field(current, d.field),
-            new: field(&want, d.field),
-            force_new: d.change != Change::InPlace,
-        });
-    }
-    flag_changes(&mut out, &want, current);
-    out
+    resource_changes(
+        &[("name", Some(&spec.name)), ("broker", desired_broker)],
+        spec.diff(&observed_from_outputs(current)),
+        &want,
+        current,
+    )
 }
 
 impl super::Driver for super::StreamDriver {
@@ -615,9 +606,6 @@ impl super::Driver for super::StreamDriver {
         "duplicate_window",
         "description",
     ];
-    fn decode(name: &str, config_json: &[u8]) -> Result<StreamSpec, DriverError> {
-        decode(name, config_json)
-    }
     fn diff(
         spec: &StreamSpec,
         state: &ProviderState,
@@ -626,18 +614,7 @@ impl super::Driver for super::StreamDriver {
         let b = super::desired_broker(&spec.broker_ref, &spec.servers, state);
         Ok(diff(spec, b.as_deref(), current))
     }
-    async fn apply(ctx: &Ctx, name: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
-        apply(ctx, name, spec).await
-    }
-    async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
-        read(ctx, r).await
-    }
-    async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
-        delete(ctx, r).await
-    }
-    async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
-        health(ctx, r).await
-    }
+    super::forward_driver_ops!(StreamSpec);
     async fn scale(ctx: &Ctx, r: &ResourceRef, replicas: i32) -> Result<Output, DriverError> {
         scale(ctx, r, replicas).await
     }
