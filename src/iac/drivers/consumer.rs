@@ -17,7 +17,8 @@ use crate::nats::{NatsConn, NatsError};
 use crate::pb::eventbus::ConsumerConfig;
 use crate::pb::iac::ResourceRef;
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy};
-use serde_json::{json, Value as Json};
+use serde::Serialize;
+use serde_json::Value as Json;
 
 pub fn decode(name: &str, config_json: &[u8]) -> Result<ConsumerSpec, DriverError> {
     let what = format!("{CONSUMER_TYPE} {name:?}");
@@ -71,30 +72,58 @@ fn filters(c: &consumer::Config) -> Vec<String> {
     f
 }
 
+/// A consumer's outputs, in the config's vocabulary: every setting the diff compares, where the
+/// consumer lives, and the flags Delete needs.
+#[derive(Serialize)]
+struct ConsumerOutputs<'a> {
+    name: &'a str,
+    stream_name: &'a str,
+    broker: &'a str,
+    broker_ref: &'a str,
+    filter_subjects: Vec<String>,
+    deliver_policy: &'static str,
+    opt_start_seq: u64,
+    opt_start_time: String,
+    ack_policy: &'static str,
+    max_deliver: i64,
+    ack_wait: Json,
+    max_ack_pending: i64,
+    backoff: Vec<Json>,
+    description: &'a str,
+    prevent_destroy: bool,
+    bind: bool,
+}
+
+/// Server config → outputs.
 pub fn to_outputs(c: &consumer::Config, stream: &str, f: &Flags) -> Json {
     let (seq, start) = match &c.deliver_policy {
         DeliverPolicy::ByStartSequence { start_sequence } => (*start_sequence, String::new()),
         DeliverPolicy::ByStartTime { start_time } => (0, rfc3339(start_time)),
         _ => (0, String::new()),
     };
-    json!({
-        "name": c.durable_name.clone().or_else(|| c.name.clone()).unwrap_or_default(),
-        "stream_name": stream,
-        "broker": f.broker,
-        "broker_ref": f.broker_ref,
-        "filter_subjects": filters(c),
-        "deliver_policy": deliver_name(&c.deliver_policy),
-        "opt_start_seq": seq,
-        "opt_start_time": start,
-        "ack_policy": ack_name(c.ack_policy),
-        "max_deliver": c.max_deliver,
-        "ack_wait": duration_json(c.ack_wait),
-        "max_ack_pending": c.max_ack_pending,
-        "backoff": c.backoff.iter().map(|d| duration_json(*d)).collect::<Vec<_>>(),
-        "description": c.description.clone().unwrap_or_default(),
-        "prevent_destroy": f.prevent_destroy,
-        "bind": f.bind,
+    serde_json::to_value(ConsumerOutputs {
+        name: c
+            .durable_name
+            .as_deref()
+            .or(c.name.as_deref())
+            .unwrap_or_default(),
+        stream_name: stream,
+        broker: &f.broker,
+        broker_ref: &f.broker_ref,
+        filter_subjects: filters(c),
+        deliver_policy: deliver_name(&c.deliver_policy),
+        opt_start_seq: seq,
+        opt_start_time: start,
+        ack_policy: ack_name(c.ack_policy),
+        max_deliver: c.max_deliver,
+        ack_wait: duration_json(c.ack_wait),
+        max_ack_pending: c.max_ack_pending,
+        backoff: c.backoff.iter().map(|d| duration_json(*d)).collect(),
+        description: c.description.as_deref().unwrap_or_default(),
+        prevent_destroy: f.prevent_destroy,
+        bind: f.bind,
     })
+    .unwrap_or_default()
 }
 
 pub fn observed_from_outputs(o: &Json) -> consumer::Config {
@@ -547,6 +576,7 @@ impl super::Driver for super::ConsumerDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn outputs_round_trip_through_the_server_config() {

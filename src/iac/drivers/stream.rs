@@ -21,7 +21,8 @@ use crate::nats::NatsError;
 use crate::pb::eventbus::StreamConfig;
 use crate::pb::iac::ResourceRef;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
-use serde_json::{json, Value as Json};
+use serde::Serialize;
+use serde_json::Value as Json;
 
 /// wfctl may inject an environment's `provider` into every infra.* config (docs/iac-host.md §1.1);
 /// routing already happened through `iac_provider`, so it is dropped before the strict decode.
@@ -89,27 +90,51 @@ pub struct Flags {
     pub bind: bool,
 }
 
-/// Server config → outputs (config vocabulary). Every field the diff compares is here.
+/// A stream's outputs, in the config's vocabulary: every setting the diff compares, where the
+/// stream lives, and the flags Delete needs.
+#[derive(Serialize)]
+struct StreamOutputs<'a> {
+    name: &'a str,
+    broker: &'a str,
+    broker_ref: &'a str,
+    subjects: &'a [String],
+    retention_policy: &'static str,
+    storage: &'static str,
+    num_replicas: usize,
+    max_bytes: i64,
+    max_msgs: i64,
+    max_msgs_per_subject: i64,
+    max_msg_size: i32,
+    max_age: Json,
+    discard: &'static str,
+    duplicate_window: Json,
+    description: &'a str,
+    prevent_destroy: bool,
+    bind: bool,
+}
+
+/// Server config → outputs.
 pub fn to_outputs(c: &stream::Config, f: &Flags) -> Json {
-    json!({
-        "name": c.name,
-        "broker": f.broker,
-        "broker_ref": f.broker_ref,
-        "subjects": c.subjects,
-        "retention_policy": retention_name(c.retention),
-        "storage": storage_name(c.storage),
-        "num_replicas": c.num_replicas.max(1),
-        "max_bytes": c.max_bytes,
-        "max_msgs": c.max_messages,
-        "max_msgs_per_subject": c.max_messages_per_subject,
-        "max_msg_size": c.max_message_size,
-        "max_age": duration_json(c.max_age),
-        "discard": discard_name(c.discard),
-        "duplicate_window": duration_json(c.duplicate_window),
-        "description": c.description.clone().unwrap_or_default(),
-        "prevent_destroy": f.prevent_destroy,
-        "bind": f.bind,
+    serde_json::to_value(StreamOutputs {
+        name: &c.name,
+        broker: &f.broker,
+        broker_ref: &f.broker_ref,
+        subjects: &c.subjects,
+        retention_policy: retention_name(c.retention),
+        storage: storage_name(c.storage),
+        num_replicas: c.num_replicas.max(1),
+        max_bytes: c.max_bytes,
+        max_msgs: c.max_messages,
+        max_msgs_per_subject: c.max_messages_per_subject,
+        max_msg_size: c.max_message_size,
+        max_age: duration_json(c.max_age),
+        discard: discard_name(c.discard),
+        duplicate_window: duration_json(c.duplicate_window),
+        description: c.description.as_deref().unwrap_or_default(),
+        prevent_destroy: f.prevent_destroy,
+        bind: f.bind,
     })
+    .unwrap_or_default()
 }
 
 /// Outputs → the server config they describe (managed fields only; the rest default).
@@ -623,6 +648,7 @@ impl super::Driver for super::StreamDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn spec(json: Json) -> StreamSpec {
         decode("orders-stream", json.to_string().as_bytes()).unwrap()

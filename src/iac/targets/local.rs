@@ -9,6 +9,7 @@ use crate::iac::error::DriverError;
 use crate::iac::files::FileLock;
 use crate::iac::state::{create_private_dir, AuthRecord, BrokerRecord};
 use crate::providers::DeployTarget;
+use serde::Serialize;
 use serde_json::{json, Map, Value as Json};
 use std::path::{Path, PathBuf};
 
@@ -121,6 +122,41 @@ fn data_dir(ctx: &Ctx, name: &str, d: &BrokerDesired) -> PathBuf {
             .dir()
             .join("brokers")
             .join(nats_server::dir_name(name)),
+    }
+}
+
+/// What apply returns of a local broker (the driver adds the compared view and the version).
+#[derive(Serialize)]
+struct LocalOutputs<'a> {
+    name: &'a str,
+    /// Every node's client url, comma-separated: what clients are given.
+    url: String,
+    urls: Vec<String>,
+    /// Set for a cluster only.
+    cluster_name: &'a str,
+    data_dir: &'a str,
+    binary: &'a str,
+    nodes: Vec<NodeOutputs<'a>>,
+}
+
+#[derive(Serialize)]
+struct NodeOutputs<'a> {
+    server_name: &'a str,
+    client_port: u16,
+    cluster_port: u16,
+    monitor_port: u16,
+    pid: u32,
+}
+
+impl<'a> From<&'a nats_server::NodeRecord> for NodeOutputs<'a> {
+    fn from(n: &'a nats_server::NodeRecord) -> Self {
+        NodeOutputs {
+            server_name: &n.server_name,
+            client_port: n.client_port,
+            cluster_port: n.cluster_port,
+            monitor_port: n.monitor_port,
+            pid: n.pid,
+        }
     }
 }
 
@@ -260,21 +296,20 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
         }
     };
     let urls = rec.urls();
-    let outputs = json!({
-        "name": name,
-        "url": urls.join(","),
-        "urls": urls,
-        "cluster_name": if rec.nodes.len() > 1 { rec.cluster_name.clone() } else { String::new() },
-        "data_dir": rec.data_dir,
-        "binary": rec.binary,
-        "nodes": rec.nodes.iter().map(|n| json!({
-            "server_name": n.server_name,
-            "client_port": n.client_port,
-            "cluster_port": n.cluster_port,
-            "monitor_port": n.monitor_port,
-            "pid": n.pid,
-        })).collect::<Vec<_>>(),
-    });
+    let outputs = serde_json::to_value(LocalOutputs {
+        name,
+        url: urls.join(","),
+        cluster_name: if rec.nodes.len() > 1 {
+            &rec.cluster_name
+        } else {
+            ""
+        },
+        data_dir: &rec.data_dir,
+        binary: &rec.binary,
+        nodes: rec.nodes.iter().map(NodeOutputs::from).collect(),
+        urls,
+    })
+    .unwrap_or_default();
     let record = BrokerRecord {
         target: DeployTarget::Local,
         urls: rec.urls(),

@@ -9,6 +9,7 @@ use crate::iac::state::{AuthRecord, BrokerRecord};
 use crate::providers::DeployTarget;
 use crate::runtime::modules::broker::BrokerSpec;
 use crate::secret::Secret;
+use serde::Serialize;
 use serde_json::{json, Map, Value as Json};
 
 pub struct SelfHosted;
@@ -59,6 +60,15 @@ fn auth_record(spec: &BrokerSpec) -> AuthRecord {
         tls_key_file: path_text(&c.tls_key_file),
         tls_required: c.tls_required,
     }
+}
+
+/// What apply returns of an adopted broker: its urls without credentials (the driver adds the
+/// compared view, the version and the credentials as sensitive keys).
+#[derive(Serialize)]
+struct SelfHostedOutputs<'a> {
+    name: &'a str,
+    url: String,
+    urls: Vec<String>,
 }
 
 #[tonic::async_trait]
@@ -119,7 +129,12 @@ impl BrokerTarget for SelfHosted {
         };
         Ok(Applied {
             record,
-            outputs: json!({"name": name, "url": shown.join(","), "urls": shown}),
+            outputs: serde_json::to_value(SelfHostedOutputs {
+                name,
+                url: shown.join(","),
+                urls: shown,
+            })
+            .unwrap_or_default(),
         })
     }
 }
