@@ -253,6 +253,16 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
     Ok(())
 }
 
+/// The broker itself, when it answers.
+pub async fn enumerate(ctx: &Ctx, broker: &str) -> Result<Vec<(String, Output)>, DriverError> {
+    let r = ResourceRef {
+        name: broker.to_string(),
+        r#type: super::BROKER_TYPE.into(),
+        provider_id: broker.to_string(),
+    };
+    Ok(vec![(broker.to_string(), read(ctx, &r).await?)])
+}
+
 pub async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
     match read(ctx, r).await {
         Ok(o) => Ok((

@@ -504,6 +504,30 @@ pub async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), Driver
 }
 
 /// Consumers on every stream of one broker, for import-all.
+/// The consumers on `broker`, as the enumerator reports them.
+pub async fn enumerate(ctx: &Ctx, broker: &str) -> Result<Vec<(String, Output)>, DriverError> {
+    let flags = Flags {
+        broker: broker.to_string(),
+        broker_ref: broker.to_string(),
+        ..Default::default()
+    };
+    Ok(list(ctx, broker)
+        .await?
+        .into_iter()
+        .map(|(provider_id, stream_name, cfg)| {
+            let outputs = to_outputs(&cfg, &stream_name, &flags);
+            let durable = str_field(&outputs, "name").to_string();
+            let output = Output {
+                provider_id,
+                outputs,
+                sensitive: Vec::new(),
+                status: "running".into(),
+            };
+            (durable, output)
+        })
+        .collect())
+}
+
 pub async fn list(
     ctx: &Ctx,
     broker: &str,

@@ -115,6 +115,11 @@ pub(crate) trait Driver {
         ctx: &Ctx,
         r: &ResourceRef,
     ) -> impl Future<Output = Result<(bool, String), DriverError>> + Send;
+    /// What of this type lives on `broker` (a recorded broker), as (resource name, outputs).
+    fn enumerate(
+        ctx: &Ctx,
+        broker: &str,
+    ) -> impl Future<Output = Result<Vec<(String, Output)>, DriverError>> + Send;
     /// Only types whose OPERATIONS include "scale" override this.
     fn scale(
         _ctx: &Ctx,
@@ -134,7 +139,8 @@ pub(crate) trait Driver {
     }
 }
 
-/// Inside a driver module's `impl Driver`: `decode`, `apply`, `read`, `delete` and `health`
+/// Inside a driver module's `impl Driver`: `decode`, `apply`, `read`, `delete`, `health` and
+/// `enumerate`
 /// call that module's free functions of the same names (which its other code calls too).
 macro_rules! forward_driver_ops {
     ($spec:ty) => {
@@ -152,6 +158,9 @@ macro_rules! forward_driver_ops {
         }
         async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
             health(ctx, r).await
+        }
+        async fn enumerate(ctx: &Ctx, broker: &str) -> Result<Vec<(String, Output)>, DriverError> {
+            enumerate(ctx, broker).await
         }
     };
 }
@@ -177,6 +186,11 @@ pub(crate) trait Resource: Sync {
     async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError>;
     async fn delete(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError>;
     async fn health(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError>;
+    async fn enumerate(
+        &self,
+        ctx: &Ctx,
+        broker: &str,
+    ) -> Result<Vec<(String, Output)>, DriverError>;
     async fn scale(&self, ctx: &Ctx, r: &ResourceRef, replicas: i32)
         -> Result<Output, DriverError>;
     fn troubleshoot(
@@ -220,6 +234,13 @@ impl<D: Driver + Sync> Resource for D {
     }
     async fn health(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
         D::health(ctx, r).await
+    }
+    async fn enumerate(
+        &self,
+        ctx: &Ctx,
+        broker: &str,
+    ) -> Result<Vec<(String, Output)>, DriverError> {
+        D::enumerate(ctx, broker).await
     }
     async fn scale(
         &self,

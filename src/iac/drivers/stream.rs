@@ -583,6 +583,28 @@ pub async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), Driver
 }
 
 /// Streams on one broker, for import-all.
+/// The streams on `broker`, as the enumerator reports them.
+pub async fn enumerate(ctx: &Ctx, broker: &str) -> Result<Vec<(String, Output)>, DriverError> {
+    let flags = Flags {
+        broker: broker.to_string(),
+        broker_ref: broker.to_string(),
+        ..Default::default()
+    };
+    Ok(list(ctx, broker)
+        .await?
+        .into_iter()
+        .map(|(provider_id, cfg)| {
+            let output = Output {
+                provider_id,
+                outputs: to_outputs(&cfg, &flags),
+                sensitive: Vec::new(),
+                status: "running".into(),
+            };
+            (cfg.name, output)
+        })
+        .collect())
+}
+
 pub async fn list(ctx: &Ctx, broker: &str) -> Result<Vec<(String, stream::Config)>, DriverError> {
     use futures::TryStreamExt;
     let state = ctx.state.load()?;

@@ -2,7 +2,7 @@
 //! enumeration by type.
 
 use super::{outputs_of, wire, Provider, NAME};
-use crate::iac::drivers::{self, consumer, stream, Kind, Output};
+use crate::iac::drivers::{self, Kind};
 use crate::iac::error::DriverError;
 use crate::pb::iac::{ResourceOutput, ResourceRef, ResourceState, ResourceStatus};
 use serde_json::json;
@@ -122,74 +122,14 @@ impl Provider {
         let kind = Kind::parse(type_name)?;
         let state = self.ctx.state.load()?;
         let mut out = Vec::new();
-        match kind {
-            Kind::Broker => {
-                for name in state.brokers.keys() {
-                    let r = ResourceRef {
-                        name: name.clone(),
-                        r#type: type_name.into(),
-                        provider_id: name.clone(),
-                    };
-                    match self.read(type_name, &r).await {
-                        Ok(o) => out.push(o),
-                        Err(e) => {
-                            tracing::warn!(broker = %name, error = %crate::error_chain::render(&e), "enumerate: skipped")
-                        }
-                    }
-                }
-            }
-            Kind::Stream => {
-                for name in state.brokers.keys() {
-                    match stream::list(&self.ctx, name).await {
-                        Ok(list) => out.extend(list.into_iter().map(|(pid, cfg)| {
-                            let flags = stream::Flags {
-                                broker: name.clone(),
-                                broker_ref: name.clone(),
-                                ..Default::default()
-                            };
-                            wire(
-                                &cfg.name.clone(),
-                                type_name,
-                                Output {
-                                    provider_id: pid,
-                                    outputs: stream::to_outputs(&cfg, &flags),
-                                    sensitive: Vec::new(),
-                                    status: "running".into(),
-                                },
-                            )
-                        })),
-                        Err(e) => {
-                            tracing::warn!(broker = %name, error = %crate::error_chain::render(&e), "enumerate: skipped")
-                        }
-                    }
-                }
-            }
-            Kind::Consumer => {
-                for name in state.brokers.keys() {
-                    match consumer::list(&self.ctx, name).await {
-                        Ok(list) => out.extend(list.into_iter().map(|(pid, stream_name, cfg)| {
-                            let flags = stream::Flags {
-                                broker: name.clone(),
-                                broker_ref: name.clone(),
-                                ..Default::default()
-                            };
-                            let outputs = consumer::to_outputs(&cfg, &stream_name, &flags);
-                            let durable = drivers::str_field(&outputs, "name").to_string();
-                            wire(
-                                &durable,
-                                type_name,
-                                Output {
-                                    provider_id: pid,
-                                    outputs,
-                                    sensitive: Vec::new(),
-                                    status: "running".into(),
-                                },
-                            )
-                        })),
-                        Err(e) => {
-                            tracing::warn!(broker = %name, error = %crate::error_chain::render(&e), "enumerate: skipped")
-                        }
-                    }
+        for broker in state.brokers.keys() {
+            match kind.driver().enumerate(&self.ctx, broker).await {
+                Ok(list) => out.extend(
+                    list.into_iter()
+                        .map(|(name, o)| wire(&name, kind.type_name(), o)),
+                ),
+                Err(e) => {
+                    tracing::warn!(broker = %broker, error = %crate::error_chain::render(&e), "enumerate: skipped")
                 }
             }
         }
