@@ -10,7 +10,7 @@ pub(crate) mod plan;
 pub(crate) mod provider;
 pub(crate) mod scrub;
 pub(crate) mod state;
-pub(crate) mod targets;
+pub mod targets;
 
 use crate::pb::iac::{
     ia_c_provider_drift_detector_server::{

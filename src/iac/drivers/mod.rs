@@ -414,6 +414,8 @@ pub struct BrokerConn {
     /// The broker resource name, or `""` when the resource names its servers itself.
     pub name: String,
     pub settings: ConnSettings,
+    /// The provider's record of the broker (`None` when the resource names its servers).
+    pub record: Option<BrokerRecord>,
 }
 
 impl BrokerConn {
@@ -444,6 +446,7 @@ impl BrokerConn {
                 connect_timeout: ms(r.connect_timeout_ms, Duration::from_secs(5)),
                 request_timeout: ms(r.request_timeout_ms, Duration::from_secs(5)),
             },
+            record: Some(r.clone()),
         }
     }
 
@@ -457,6 +460,7 @@ impl BrokerConn {
                 request_timeout: Duration::from_secs(5),
                 ..Default::default()
             },
+            record: None,
         }
     }
 }

@@ -28,7 +28,7 @@ impl BrokerDesired {
         let m = config_object(&what, config_json)?;
         decode_config(BROKER_TYPE, name, "ClusterConfig", m, |c: ClusterConfig| {
             let spec = BrokerSpec::validate(BROKER_TYPE, name, &c)?;
-            let js = c.jetstream.clone().unwrap_or_default();
+            let js = c.jetstream.unwrap_or_default();
             Ok(BrokerDesired {
                 declared_replicas: c.replicas.max(0) as u32,
                 max_file_store: js.max_storage_bytes.max(0),

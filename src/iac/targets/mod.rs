@@ -9,11 +9,11 @@
 
 mod api;
 pub mod app_platform;
-pub mod local;
-pub mod nats_server;
-pub mod self_hosted;
+pub(crate) mod local;
+pub(crate) mod nats_server;
+pub(crate) mod self_hosted;
 
-pub use api::{block, label, strip_userinfo, Applied, BrokerDesired, BrokerTarget, Platform};
+pub use api::{block, label, strip_userinfo, BrokerDesired, BrokerTarget, Platform};
 
 use crate::iac::error::DriverError;
 use crate::providers::DeployTarget;
