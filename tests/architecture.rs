@@ -252,9 +252,9 @@ fn starts(m: &[String], prefix: &[&str]) -> bool {
 /// both faces. The list may only shrink: a new edge fails, and so does a listed edge that is
 /// gone (delete it here).
 const KNOWN_CROSSINGS: &[&str] = &[
-    "crate::iac::drivers -> crate::runtime::config_error",
-    "crate::iac::drivers -> crate::runtime::decode",
-    "crate::iac::drivers -> crate::runtime::types",
+    "crate::iac::drivers::values -> crate::runtime::config_error",
+    "crate::iac::drivers::values -> crate::runtime::decode",
+    "crate::iac::drivers::values -> crate::runtime::types",
     "crate::iac::error -> crate::runtime::config_error",
     "crate::iac::targets::api -> crate::runtime::modules::broker",
     "crate::iac::targets::self_hosted -> crate::runtime::modules::broker",
