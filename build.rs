@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Trims pipeline state nobody reads before prost's recursion limit sees it.
+        .codec_path("crate::host::codec::PluginCodec")
         .compile_fds(all)?;
 
     // The registry set: eventbus.proto and its transitive imports only, so a host can build

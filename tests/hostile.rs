@@ -10,6 +10,7 @@ use common::*;
 use eventbus_plugin::pb::eventbus::{AckStepConfig, PublishStepConfig};
 use eventbus_plugin::pb::plugin::{CreateStepRequest, ExecuteStepRequest};
 use nats_test_server::NatsServer;
+use prost::Message;
 use serde_json::{json, Value as Json};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -835,5 +836,138 @@ async fn no_panic_across_the_step_trigger_and_module_surface() {
         }
     }
     assert!(answered > 600, "{answered}");
+    no_panic(&p);
+}
+
+/// Writes a protobuf key and a length-delimited body.
+fn len_field(number: u32, body: &[u8], out: &mut Vec<u8>) {
+    prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, out);
+    prost::encoding::encode_varint(body.len() as u64, out);
+    out.extend_from_slice(body);
+}
+
+/// One `Struct` map entry `{key: value}` (Struct.fields = 1, entry key = 1, value = 2).
+fn struct_entry(key: &str, value: &[u8], out: &mut Vec<u8>) {
+    let mut entry = Vec::new();
+    len_field(1, key.as_bytes(), &mut entry);
+    len_field(2, value, &mut entry);
+    len_field(1, &entry, out);
+}
+
+/// A `Struct` whose key `deep` holds `depth` nested objects, plus `extra` entries, built on the
+/// wire without recursion (a prost `Struct` this deep could not even be dropped on a test
+/// thread's stack).
+fn deep_struct(depth: usize, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut value = Vec::new();
+    len_field(3, b"bottom", &mut value); // Value.string_value
+    for _ in 0..depth {
+        let mut object = Vec::new();
+        struct_entry("a", &value, &mut object);
+        value.clear();
+        len_field(5, &object, &mut value); // Value.struct_value
+    }
+    let mut top = Vec::new();
+    struct_entry("deep", &value, &mut top);
+    for (k, v) in extra {
+        let mut text = Vec::new();
+        len_field(3, v.as_bytes(), &mut text);
+        struct_entry(k, &text, &mut top);
+    }
+    top
+}
+
+/// Sends already-encoded request bytes, as a host with a deeper recursion limit would.
+#[derive(Default)]
+struct RawRequest;
+
+struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Codec for RawRequest {
+    type Encode = Vec<u8>;
+    type Decode = eventbus_plugin::pb::plugin::ExecuteStepResponse;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<Self::Decode>;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        Default::default()
+    }
+}
+
+/// Finding 12: pipeline state nested 32 objects deep (in `current` or `trigger_data`) failed
+/// to decode, because prost stops at 100 message levels and a JSON object costs three. The Go
+/// host encodes up to 10,000 levels; here 3,000 objects (9,000 levels) in `trigger_data`,
+/// `metadata` and `current`, with `typed_input` (STRICT host) and without it (legacy host).
+#[tokio::test]
+async fn f12_deeply_nested_pipeline_state_decodes() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p).await;
+    let h = p.create_step(PUBLISH, "deep", "").await.unwrap();
+    let (cfg_msg, input_msg, output_msg) = p.codec.step_messages(PUBLISH);
+    let typed_config = p
+        .codec
+        .typed_from_yaml(&cfg_msg, "payload: deep\n")
+        .unwrap();
+    let deep = deep_struct(3000, &[("subject", "orders.legacy")]);
+    let mut grpc = tonic::client::Grpc::new(p.channel.clone());
+    let path = "/workflow.plugin.v1.PluginService/ExecuteStep";
+    let mut send = async |typed_input: Option<prost_types::Any>| {
+        let mut raw = ExecuteStepRequest {
+            handle_id: h.clone(),
+            typed_config: Some(typed_config.clone()),
+            typed_input,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        len_field(2, &deep, &mut raw); // trigger_data
+        len_field(5, &deep, &mut raw); // metadata
+        len_field(4, &deep, &mut raw); // current
+        grpc.ready().await.expect("channel ready");
+        grpc.unary(
+            tonic::Request::new(raw),
+            tonic::codegen::http::uri::PathAndQuery::from_static(path),
+            RawRequest,
+        )
+        .await
+        .map(|r| r.into_inner())
+    };
+    // STRICT host: typed_input carries the step's fields.
+    let typed_input = p
+        .codec
+        .typed_input(&input_msg, &json!({"subject": "orders.strict"}))
+        .unwrap();
+    let r = send(Some(typed_input)).await.expect("ExecuteStep answered");
+    assert!(r.error.is_empty(), "{}", r.error);
+    let out = p
+        .codec
+        .render_output(&output_msg, r.typed_output.as_ref().unwrap())
+        .unwrap();
+    assert_eq!(out["sequence"], "1", "{out}");
+    // Legacy host: no typed_input, the subject comes from `current` beside the deep key.
+    let r = send(None).await.expect("ExecuteStep answered");
+    assert!(r.error.is_empty(), "{}", r.error);
+    let mut stream = js(&server).await.get_stream("ORDERS").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, 2);
+    let last = stream
+        .get_last_raw_message_by_subject("orders.legacy")
+        .await
+        .unwrap();
+    assert_eq!(&last.payload[..], b"deep");
     no_panic(&p);
 }

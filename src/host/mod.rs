@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod callback;
+pub mod codec;
 pub mod controller;
 pub mod handshake;
 pub mod manifest;
