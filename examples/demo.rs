@@ -247,7 +247,7 @@ async fn run(clock: &Clock) -> Result<(), String> {
                 .map_err(|_| format!("only {seen} of {expected} deliveries within 15 s"))?
                 .ok_or("callback closed")?;
             seen += 1;
-            let state = eventbus_plugin::runtime::decode::value_to_json(&prost_types::Value {
+            let state = eventbus_plugin::config::decode::value_to_json(&prost_types::Value {
                 kind: Some(prost_types::value::Kind::StructValue(
                     req.data.clone().unwrap_or_default(),
                 )),

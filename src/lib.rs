@@ -1,8 +1,10 @@
 //! workflow-plugin-eventbus: a NATS JetStream event bus for the GoCodeAlone workflow engine,
 //! served as a go-plugin gRPC subprocess. Faces: `host` (protocol), `runtime` (modules, steps,
-//! trigger), `iac` (wfctl provider); shared NATS plumbing in `nats`, the provider x target matrix
+//! trigger), `iac` (wfctl provider); config validation both faces share in `config`, shared NATS
+//! plumbing in `nats`, the provider x target matrix
 //! in `providers`.
 
+pub mod config;
 pub mod error_chain;
 pub mod host;
 pub mod iac;

@@ -25,6 +25,16 @@ pub use generated::workflow_plugin_v1 as plugin;
 pub const EVENTBUS_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/eventbus_descriptor.bin"));
 
+/// Fully-qualified names of the IaC services the plugin serves (its SERVICE descriptors and
+/// plugin.json list them).
+pub const IAC_SERVICES: &[&str] = &[
+    "workflow.plugin.external.iac.IaCProviderDriftDetector",
+    "workflow.plugin.external.iac.IaCProviderEnumerator",
+    "workflow.plugin.external.iac.IaCProviderRequired",
+    "workflow.plugin.external.iac.IaCProviderValidator",
+    "workflow.plugin.external.iac.ResourceDriver",
+];
+
 /// Protobuf package of our own messages.
 pub const EVENTBUS_PACKAGE: &str = "workflow.plugin.eventbus.v1";
 

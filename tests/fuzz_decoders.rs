@@ -8,10 +8,10 @@
 //! No broker is declared in the runtime that executes steps, so every execution ends before
 //! the network, at the first refusal; the network paths are covered by tests/hostile.rs.
 
+use eventbus_plugin::config::decode::{json_to_struct, RawConfig};
 use eventbus_plugin::pb::eventbus::{
     AckRequest, AckStepConfig, ConsumeRequest, ConsumeStepConfig, PublishRequest, PublishStepConfig,
 };
-use eventbus_plugin::runtime::decode::{json_to_struct, RawConfig};
 use eventbus_plugin::runtime::{ExecuteInput, Runtime};
 use eventbus_plugin::shutdown::Lifecycle;
 use prost::Message;

@@ -507,7 +507,7 @@ async fn stream_update_keeps_settings_the_config_does_not_manage() {
 }
 
 fn decode_payload(data: &prost_types::Struct) -> Json {
-    eventbus_plugin::runtime::decode::value_to_json(&prost_types::Value {
+    eventbus_plugin::config::decode::value_to_json(&prost_types::Value {
         kind: Some(prost_types::value::Kind::StructValue(data.clone())),
     })
 }

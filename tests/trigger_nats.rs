@@ -694,7 +694,7 @@ async fn b13_manual_mode_ack_step_inside_the_pipeline_settles_the_message() {
         let (cell, acked_tx) = (cell.clone(), acked_tx.clone());
         Box::pin(async move {
             let (steps, handle) = cell.get().expect("ack step ready").clone();
-            let current = Json::Object(eventbus_plugin::runtime::decode::struct_to_json(
+            let current = Json::Object(eventbus_plugin::config::decode::struct_to_json(
                 req.data.as_ref().unwrap(),
             ));
             let out = steps

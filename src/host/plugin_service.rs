@@ -3,6 +3,7 @@
 
 use super::broker::BrokerState;
 use super::callback::CallbackLauncher;
+use crate::config::decode::RawConfig;
 use crate::pb::plugin::{
     plugin_service_server::PluginService, ConfigFragmentResponse, ConfigureCallbackRequest,
     ContractRegistry, CreateModuleRequest, CreateStepRequest, CreateTriggerRequest,
@@ -10,7 +11,6 @@ use crate::pb::plugin::{
     ExecuteStepResponse, GetAssetRequest, GetAssetResponse, HandleRequest, HandleResponse,
     InvokeServiceRequest, InvokeServiceResponse, Manifest, ModuleSchemaList, TypeList,
 };
-use crate::runtime::decode::RawConfig;
 use crate::runtime::{render, schema, types, ExecuteInput, Runtime, RuntimeError};
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,8 +4,8 @@
 //! message (docs/iac-host.md §3.2), so `NotFound` always renders with that prefix and nothing else
 //! does.
 
+use crate::config::error::ConfigError;
 use crate::nats::NatsError;
-use crate::runtime::config_error::ConfigError;
 
 /// The text wfctl matches to recognise "resource not found".
 pub const NOT_FOUND_SENTINEL: &str = "iac: resource not found";

@@ -27,14 +27,9 @@ use provider::Provider;
 use std::sync::{Arc, RwLock};
 use tonic::{Request, Response, Status};
 
-/// Fully-qualified names of the services served (SERVICE descriptors, plugin.json).
-pub const SERVICES: &[&str] = &[
-    "workflow.plugin.external.iac.IaCProviderDriftDetector",
-    "workflow.plugin.external.iac.IaCProviderEnumerator",
-    "workflow.plugin.external.iac.IaCProviderRequired",
-    "workflow.plugin.external.iac.IaCProviderValidator",
-    "workflow.plugin.external.iac.ResourceDriver",
-];
+/// The IaC services this face serves; the list lives with the other wire names in `pb`, where
+/// the contract registry reads it too.
+pub use crate::pb::IAC_SERVICES as SERVICES;
 
 /// The services' shared handle: the provider configured by the last Initialize (a default one
 /// before that, so no call ever depends on in-memory state from another command).

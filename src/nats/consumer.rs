@@ -2,11 +2,11 @@
 //! conversion to a durable pull consumer config, and an idempotent ensure.
 
 use super::stream::{in_place_fields, Change, EnsureOutcome, FieldDiff, FieldDiffs};
+use crate::config::error::{duration, negative, ConfigError, Problems};
 use crate::nats::error::lift_api;
 use crate::nats::names::{check_filter_subject, check_name};
 use crate::nats::{NatsConn, NatsError};
 use crate::pb::eventbus::{AckPolicy, ConsumerConfig, DeliverPolicy};
-use crate::runtime::config_error::{duration, negative, ConfigError, Problems};
 use async_nats::jetstream::consumer::{self, pull};
 use std::time::Duration;
 

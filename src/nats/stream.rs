@@ -2,11 +2,11 @@
 //! conversion to the server's stream config, and an idempotent ensure (create or update in
 //! place, no update when nothing the user set differs: Go defect B10).
 
+use crate::config::error::{duration, negative, ConfigError, Problems};
 use crate::nats::error::lift_api;
 use crate::nats::names::{check_filter_subject, check_name};
 use crate::nats::{NatsConn, NatsError};
 use crate::pb::eventbus::{DiscardPolicy, RetentionPolicy, StorageType, StreamConfig};
-use crate::runtime::config_error::{duration, negative, ConfigError, Problems};
 use async_nats::jetstream::stream;
 use std::time::Duration;
 

@@ -3,18 +3,16 @@
 //! `Runtime` is a cheap cloneable handle over the handle tables; the gRPC layer converts wire
 //! requests into calls on it and renders its errors into the response `error` field.
 
-pub mod config_error;
-pub mod decode;
 pub mod modules;
 pub mod schema;
 pub mod steps;
 pub mod trigger;
 pub mod types;
 
+use crate::config::decode::{self, RawConfig};
+use crate::config::error::{self as config_error, ConfigError};
 use crate::nats::NatsError;
 use crate::shutdown::Lifecycle;
-use config_error::ConfigError;
-use decode::RawConfig;
 use modules::broker::{BrokerModule, BrokerSpec};
 use modules::consumer::ConsumerSpec;
 use modules::stream::StreamSpec;
@@ -509,9 +507,9 @@ impl Runtime {
 
 #[cfg(test)]
 mod future_size {
-    use super::decode::RawConfig;
     use super::steps::{ack::AckStep, publish::PublishStep};
     use super::{ExecuteInput, Runtime};
+    use crate::config::decode::RawConfig;
 
     const NONE: RawConfig<'static> = RawConfig {
         typed: None,

@@ -1,8 +1,8 @@
 //! What the plugin tells the host about its types: module schemas (field docs for UIs), the
 //! contract registry (STRICT_PROTO descriptors + the FileDescriptorSet) and the manifest.
 
-use super::decode::message_descriptor;
 use super::types::{self, ModuleKind, StepKind, MODULE_TYPES, STEP_TYPES};
+use crate::config::decode::message_descriptor;
 use crate::pb::plugin::{
     ConfigFieldDef, ContractDescriptor, ContractKind, ContractMode, ModuleSchema,
 };
@@ -166,7 +166,7 @@ fn descriptor(kind: ContractKind) -> ContractDescriptor {
 }
 
 /// Service names of the IaC services this binary serves (SERVICE descriptors + plugin.json).
-pub const IAC_SERVICES: &[&str] = crate::iac::SERVICES;
+pub const IAC_SERVICES: &[&str] = crate::pb::IAC_SERVICES;
 
 pub fn contract_descriptors() -> Vec<ContractDescriptor> {
     let mut out = Vec::new();

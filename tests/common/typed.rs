@@ -24,7 +24,7 @@ pub fn yaml_to_json(yaml: &str) -> Json {
 }
 
 pub fn json_to_struct(j: &Json) -> prost_types::Struct {
-    match eventbus_plugin::runtime::decode::json_to_value(j).kind {
+    match eventbus_plugin::config::decode::json_to_value(j).kind {
         Some(prost_types::value::Kind::StructValue(s)) => s,
         _ => prost_types::Struct::default(),
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// Config problems a target found, as one error naming each field (`field: message` lines).
 pub fn config_problems(type_name: &str, name: &str, lines: Vec<String>) -> DriverError {
-    let mut p = crate::runtime::config_error::Problems::new(type_name, name);
+    let mut p = crate::config::error::Problems::new(type_name, name);
     p.raw(lines);
     match p.finish(()) {
         Err(e) => DriverError::Config(e),
@@ -57,9 +57,9 @@ pub fn decode_config<T: prost::Message + Default, S>(
 ) -> Result<S, DriverError> {
     let scrub = crate::iac::scrub::Scrubber::new(&json);
     let decoded =
-        crate::runtime::decode::decode_json::<T>(&crate::runtime::types::qualified(message), json)
+        crate::config::decode::decode_json::<T>(&crate::runtime::types::qualified(message), json)
             .map_err(|lines| {
-                let mut p = crate::runtime::config_error::Problems::new(type_name, name);
+                let mut p = crate::config::error::Problems::new(type_name, name);
                 p.raw(lines);
                 match p.finish(()) {
                     Err(e) => DriverError::Config(e),

@@ -2,11 +2,11 @@
 //! validated broker config it receives. Kept apart from `mod.rs` so a target's file imports
 //! this contract without importing the dispatch that imports it.
 
+use crate::config::broker::BrokerSpec;
 use crate::iac::drivers::{config_object, decode_config, Ctx, BROKER_TYPE};
 use crate::iac::error::DriverError;
 use crate::iac::state::BrokerRecord;
 use crate::pb::eventbus::ClusterConfig;
-use crate::runtime::modules::broker::BrokerSpec;
 use serde_json::{Map, Value as Json};
 use std::path::PathBuf;
 

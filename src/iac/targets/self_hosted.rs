@@ -3,11 +3,11 @@
 //! then checks they answer and have JetStream); delete only forgets them.
 
 use super::api::{label, path_text, strip_userinfo, Applied, BrokerDesired, BrokerTarget};
+use crate::config::broker::BrokerSpec;
 use crate::iac::drivers::{fingerprint, Ctx};
 use crate::iac::error::DriverError;
 use crate::iac::state::{AuthRecord, BrokerRecord};
 use crate::providers::DeployTarget;
-use crate::runtime::modules::broker::BrokerSpec;
 use crate::secret::Secret;
 use serde::Serialize;
 use serde_json::{json, Map, Value as Json};

@@ -2,11 +2,11 @@
 
 use super::bulk::FailOn;
 use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
+use crate::config::decode::{self, RawConfig};
+use crate::config::error::Problems;
 use crate::nats::ack::AckKind;
 use crate::nats::guard::{check_ack_token, check_duration, MAX_DURATION};
 use crate::pb::eventbus::{AckAction, AckRequest, AckResponse, AckStepConfig};
-use crate::runtime::config_error::Problems;
-use crate::runtime::decode::{self, RawConfig};
 use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
 

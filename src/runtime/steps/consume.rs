@@ -3,12 +3,12 @@
 //! durable) and reused by every execution, instead of a subscription per call.
 
 use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
+use crate::config::decode::{self, RawConfig};
+use crate::config::error::Problems;
 use crate::nats::guard::{check_duration, MAX_DURATION};
 use crate::nats::names::check_name;
 use crate::nats::{NatsConn, NatsError};
 use crate::pb::eventbus::{ConsumeRequest, ConsumeResponse, ConsumeStepConfig, Message};
-use crate::runtime::config_error::Problems;
-use crate::runtime::decode::{self, RawConfig};
 use crate::runtime::modules::consumer::get_stream;
 use crate::runtime::steps::publish::rfc3339;
 use crate::runtime::types::StepKind;

@@ -1,8 +1,8 @@
 //! One outgoing message, shared by the single and the bulk publish: its checks, its headers and
 //! its payload, so a rule added here applies to both.
 
+use crate::config::decode;
 use crate::nats::guard::{check_header_name, check_header_value, check_publish_target};
-use crate::runtime::decode;
 use async_nats::HeaderMap;
 
 pub const CORRELATION_HEADER: &str = "Nats-Correlation-Id";

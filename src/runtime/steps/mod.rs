@@ -10,9 +10,9 @@ pub mod message;
 pub mod publish;
 pub mod publish_bulk;
 
-use super::decode::{self, RawConfig};
 use super::types::StepKind;
 use super::{Runtime, RuntimeError};
+use crate::config::decode::{self, RawConfig};
 
 pub struct ExecuteInput<'a> {
     pub typed_config: Option<&'a prost_types::Any>,

@@ -2,13 +2,13 @@
 //! step never hangs while the broker is down (Go defect B21).
 
 use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
+use crate::config::decode::{self, RawConfig};
+use crate::config::error::Problems;
 use crate::nats::guard::{
     check_duration, check_header_name, check_header_value, check_publish_target, MAX_DURATION,
 };
 use crate::nats::NatsError;
 use crate::pb::eventbus::{PublishRequest, PublishResponse, PublishStepConfig};
-use crate::runtime::config_error::Problems;
-use crate::runtime::decode::{self, RawConfig};
 use crate::runtime::modules::broker::BrokerModule;
 use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};

@@ -6,11 +6,11 @@
 use super::bulk::{failure_summary, window, FailOn, MAX_ITEMS};
 use super::message::{build_message, now_rfc3339, payload_of};
 use super::{pick, StepOutput};
+use crate::config::error::{duration, Problems};
 use crate::nats::NatsError;
 use crate::pb::eventbus::{
     BulkPublishMessage, BulkPublishResult, PublishRequest, PublishResponse, PublishStepConfig,
 };
-use crate::runtime::config_error::{duration, Problems};
 use crate::runtime::types::StepKind;
 use crate::runtime::{render, Runtime, RuntimeError};
 use async_nats::HeaderMap;

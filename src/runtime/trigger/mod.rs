@@ -7,9 +7,10 @@ mod batch_run;
 pub mod payload;
 pub mod run;
 
-use super::config_error::Problems;
 use super::types::TRIGGER_TYPE;
-use super::{decode, Runtime, RuntimeError};
+use super::{Runtime, RuntimeError};
+use crate::config::decode;
+use crate::config::error::Problems;
 use crate::nats::guard::{check_publish_target, MAX_DURATION};
 use crate::nats::names::{check_filter_subject, check_name};
 use futures::future::BoxFuture;

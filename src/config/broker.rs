@@ -1,0 +1,238 @@
+//! `infra.eventbus` / `eventbus.broker` config, validated into a `BrokerSpec`: what the runtime
+//! module connects with and what the IaC broker driver provisions.
+
+use crate::config::error::{ConfigError, Problems};
+use crate::nats::guard::{check_duration, MAX_DURATION};
+use crate::nats::names::env_key;
+use crate::nats::ConnSettings;
+use crate::pb::eventbus::ClusterConfig;
+use crate::providers::{self, DeployTarget, Provider};
+use crate::secret::{quote, Secret};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct LocalSpec {
+    pub binary: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub client_port: u16,
+    pub remove_data_on_delete: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct BrokerSpec {
+    pub name: String,
+    pub type_name: String,
+    pub provider: Provider,
+    pub target: DeployTarget,
+    pub version: String,
+    pub replicas: u32,
+    /// Explicit servers (`dsn`, comma-separated, or `servers`), before env fallbacks.
+    pub explicit_urls: Vec<Secret>,
+    pub conn: ConnSettings,
+    pub local: LocalSpec,
+    pub prevent_destroy: bool,
+    pub bind: bool,
+    pub protected: bool,
+}
+
+fn opt_path(s: &str) -> Option<PathBuf> {
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+impl BrokerSpec {
+    pub fn validate(
+        type_name: &str,
+        name: &str,
+        c: &ClusterConfig,
+    ) -> Result<BrokerSpec, ConfigError> {
+        let mut p = Problems::new(type_name, name);
+        let (provider, target) = match providers::check(&c.provider, &c.deploy_target) {
+            Ok(pt) => pt,
+            Err((field, msg)) => {
+                p.field(field, msg);
+                (Provider::Nats, DeployTarget::SelfHosted)
+            }
+        };
+        if let Err((field, msg)) = providers::check_version(&c.version) {
+            p.field(field, msg);
+        }
+        if c.replicas < 0 || c.replicas > 9 {
+            p.field(
+                "replicas",
+                format!("{} is out of range (1..=9; 0 means 1)", c.replicas),
+            );
+        }
+        if !c.dsn.is_empty() && !c.servers.is_empty() {
+            p.field("dsn", "set either dsn or servers, not both");
+        }
+        let explicit: Vec<Secret> = if c.dsn.is_empty() {
+            c.servers.iter().map(Secret::new).collect()
+        } else {
+            c.dsn.split(',').map(|s| Secret::new(s.trim())).collect()
+        };
+        // A password may contain a comma, so an entry of a split dsn can be a fragment of
+        // userinfo that url redaction cannot recognise: when credentials are present anywhere
+        // the entry is identified by position only.
+        let credentials = c.dsn.contains('@');
+        for (i, u) in explicit.iter().enumerate() {
+            if async_nats::ServerAddr::from_str(u.expose()).is_err() {
+                let field = if c.dsn.is_empty() {
+                    format!("servers[{i}]")
+                } else {
+                    "dsn".into()
+                };
+                let shown = if credentials || u.expose().contains('@') {
+                    format!(
+                        "entry {} of {} (not shown: it carries credentials)",
+                        i + 1,
+                        explicit.len()
+                    )
+                } else {
+                    quote(u.expose())
+                };
+                p.field(
+                    &field,
+                    format!(
+                        "{shown} is not a NATS url (e.g. nats://127.0.0.1:4222 or tls://host:4222)"
+                    ),
+                );
+            }
+        }
+        let auth = c.auth.clone().unwrap_or_default();
+        let tls = c.tls.clone().unwrap_or_default();
+        let token = (!auth.token.is_empty()).then(|| Secret::new(&auth.token));
+        let user = (!auth.user.is_empty()).then(|| auth.user.clone());
+        let password = (!auth.password.is_empty()).then(|| Secret::new(&auth.password));
+        if user.is_some() != password.is_some() {
+            p.field("auth", "user and password go together; set both or neither");
+        }
+        let methods = [
+            token.is_some(),
+            user.is_some(),
+            !auth.creds_file.is_empty(),
+            !auth.nkey_seed_file.is_empty(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if methods > 1 {
+            p.field(
+                "auth",
+                "choose one of token, user/password, creds_file or nkey_seed_file",
+            );
+        }
+        for (field, path) in [
+            ("auth.creds_file", &auth.creds_file),
+            ("auth.nkey_seed_file", &auth.nkey_seed_file),
+        ] {
+            if !path.is_empty() && !std::path::Path::new(path).is_file() {
+                p.field(field, format!("{} is not a readable file", quote(path)));
+            }
+        }
+        if tls.cert_file.is_empty() != tls.key_file.is_empty() {
+            p.field(
+                "tls",
+                "cert_file and key_file go together; set both or neither",
+            );
+        }
+        for (field, path) in [
+            ("tls.ca_file", &tls.ca_file),
+            ("tls.cert_file", &tls.cert_file),
+            ("tls.key_file", &tls.key_file),
+        ] {
+            if !path.is_empty() && !std::path::Path::new(path).is_file() {
+                p.field(field, format!("{} is not a readable file", quote(path)));
+            }
+        }
+        let mut timeouts = [None, None];
+        for (slot, (field, d)) in timeouts.iter_mut().zip([
+            ("connect_timeout", &c.connect_timeout),
+            ("request_timeout", &c.request_timeout),
+        ]) {
+            match check_duration(d, MAX_DURATION) {
+                Err(e) => p.field(field, e),
+                Ok(Some(t)) if t.is_zero() => {
+                    p.field(field, "must be a positive duration such as \"5s\"")
+                }
+                Ok(t) => *slot = t,
+            }
+        }
+        let local = c.local.clone().unwrap_or_default();
+        if c.local.is_some() && target != DeployTarget::Local {
+            p.field(
+                "local",
+                format!("only applies to deploy_target local (this broker uses {target})"),
+            );
+        }
+        if !(0..=65535).contains(&local.client_port) {
+            p.field(
+                "local.client_port",
+                format!("{} is not a port number", local.client_port),
+            );
+        }
+        if !c.broker_target.is_empty() || !c.poll_interval.is_empty() || c.max_conns != 0 {
+            tracing::warn!(broker = name, "broker_target, poll_interval and max_conns only applied to the Go pgchannel provider; ignored");
+        }
+        let spec = BrokerSpec {
+            name: name.to_string(),
+            type_name: type_name.to_string(),
+            provider,
+            target,
+            version: c.version.clone(),
+            replicas: c.replicas.max(1) as u32,
+            explicit_urls: explicit,
+            conn: ConnSettings {
+                urls: Vec::new(),
+                token,
+                user,
+                password,
+                creds_file: opt_path(&auth.creds_file),
+                nkey_seed_file: opt_path(&auth.nkey_seed_file),
+                tls_ca_file: opt_path(&tls.ca_file),
+                tls_cert_file: opt_path(&tls.cert_file),
+                tls_key_file: opt_path(&tls.key_file),
+                tls_required: tls.required,
+                connection_name: if c.connection_name.is_empty() {
+                    format!("workflow-plugin-eventbus:{name}")
+                } else {
+                    c.connection_name.clone()
+                },
+                connect_timeout: timeouts[0].unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+                request_timeout: timeouts[1].unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+            },
+            local: LocalSpec {
+                binary: opt_path(&local.binary),
+                state_dir: opt_path(&local.state_dir),
+                client_port: local.client_port.clamp(0, 65535) as u16,
+                remove_data_on_delete: local.remove_data_on_delete,
+            },
+            prevent_destroy: c.prevent_destroy,
+            bind: c.bind,
+            protected: c.protected,
+        };
+        p.finish(spec)
+    }
+
+    /// `dsn`/`servers` > `EVENTBUS_<NAME>_URI` > `NATS_URL`.
+    pub fn resolve_urls(&self) -> Vec<Secret> {
+        if !self.explicit_urls.is_empty() {
+            return self.explicit_urls.clone();
+        }
+        let from_env = std::env::var(format!("EVENTBUS_{}_URI", env_key(&self.name)))
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .or_else(|| {
+                std::env::var("NATS_URL")
+                    .ok()
+                    .filter(|v| !v.trim().is_empty())
+            });
+        from_env
+            .map(|v| v.split(',').map(|s| Secret::new(s.trim())).collect())
+            .unwrap_or_default()
+    }
+}
