@@ -65,9 +65,36 @@ pub fn quote(value: &str) -> String {
     format!("{head:?}... ({} bytes)", value.len())
 }
 
+/// A short stable fingerprint (sha256, 16 hex digits) of some values; "" when all are empty.
+pub fn fingerprint(parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    if parts.iter().all(|p| p.is_empty()) {
+        return String::new();
+    }
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fingerprints_hide_and_detect() {
+        assert_eq!(fingerprint(&["", ""]), "");
+        let a = fingerprint(&["hunter2", ""]);
+        assert_eq!(a.len(), 16);
+        assert!(!a.contains("hunter2"));
+        assert_ne!(a, fingerprint(&["", "hunter2"]));
+    }
 
     #[test]
     fn secrets_do_not_format() {

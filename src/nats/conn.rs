@@ -6,7 +6,7 @@
 //! and fail fast with a clear error instead of hanging (Go defects B8, B21).
 
 use super::NatsError;
-use crate::secret::{redact_url, Secret};
+use crate::secret::{fingerprint, redact_url, Secret};
 use async_nats::{ConnectOptions, Event, ServerAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -32,6 +32,27 @@ pub struct ConnSettings {
 }
 
 impl ConnSettings {
+    /// A fingerprint of everything that authenticates the connection (credentials, their
+    /// files, TLS): the connection cache's key and the IaC broker's drift compare this one
+    /// value, so they can never disagree on which fields matter. "" without any.
+    pub fn auth_fingerprint(&self) -> String {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        fingerprint(&[
+            self.token.as_ref().map(Secret::expose).unwrap_or_default(),
+            self.user.as_deref().unwrap_or_default(),
+            self.password
+                .as_ref()
+                .map(Secret::expose)
+                .unwrap_or_default(),
+            &path(&self.creds_file).unwrap_or_default(),
+            &path(&self.nkey_seed_file).unwrap_or_default(),
+            &path(&self.tls_ca_file).unwrap_or_default(),
+            &path(&self.tls_cert_file).unwrap_or_default(),
+            &path(&self.tls_key_file).unwrap_or_default(),
+            if self.tls_required { "tls" } else { "" },
+        ])
+    }
+
     pub fn redacted_urls(&self) -> String {
         self.urls
             .iter()
@@ -252,6 +273,53 @@ impl NatsConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_credential_and_tls_file_changes_the_auth_fingerprint() {
+        let base = ConnSettings::default();
+        assert_eq!(base.auth_fingerprint(), "");
+        let variants = [
+            ConnSettings {
+                token: Some(Secret::new("t")),
+                ..Default::default()
+            },
+            ConnSettings {
+                user: Some("u".into()),
+                password: Some(Secret::new("p")),
+                ..Default::default()
+            },
+            ConnSettings {
+                creds_file: Some("/c".into()),
+                ..Default::default()
+            },
+            ConnSettings {
+                nkey_seed_file: Some("/n".into()),
+                ..Default::default()
+            },
+            ConnSettings {
+                tls_ca_file: Some("/ca".into()),
+                ..Default::default()
+            },
+            ConnSettings {
+                tls_cert_file: Some("/cert".into()),
+                ..Default::default()
+            },
+            ConnSettings {
+                tls_key_file: Some("/key".into()),
+                ..Default::default()
+            },
+            ConnSettings {
+                tls_required: true,
+                ..Default::default()
+            },
+        ];
+        let prints: std::collections::HashSet<String> = variants
+            .iter()
+            .map(ConnSettings::auth_fingerprint)
+            .collect();
+        assert_eq!(prints.len(), variants.len(), "two credential sets collide");
+        assert!(!prints.contains(""));
+    }
 
     #[test]
     fn url_credentials_are_lifted_out_of_the_addresses() {

@@ -507,29 +507,11 @@ pub struct ConnCache {
 }
 
 impl ConnCache {
+    /// One connection per server list and credentials: the same fingerprint the broker's
+    /// drift compares, so two brokers that differ only in a client certificate never share.
     fn key(s: &ConnSettings) -> String {
         let urls: Vec<&str> = s.urls.iter().map(Secret::expose).collect();
-        format!(
-            "{}|{}",
-            urls.join(","),
-            fingerprint(&[
-                s.token.as_ref().map(Secret::expose).unwrap_or_default(),
-                s.user.as_deref().unwrap_or_default(),
-                s.password.as_ref().map(Secret::expose).unwrap_or_default(),
-                &s.creds_file
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                &s.nkey_seed_file
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                &s.tls_ca_file
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-            ])
-        )
+        format!("{}|{}", urls.join(","), s.auth_fingerprint())
     }
 
     /// A connected handle, or `Unavailable` after the connect timeout.
@@ -606,24 +588,6 @@ where
     call().await
 }
 
-/// A short stable fingerprint (sha256, 16 hex digits) of some values; "" when all are empty.
-pub fn fingerprint(parts: &[&str]) -> String {
-    use sha2::{Digest, Sha256};
-    if parts.iter().all(|p| p.is_empty()) {
-        return String::new();
-    }
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p.as_bytes());
-        h.update([0u8]);
-    }
-    h.finalize()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,15 +611,6 @@ mod tests {
         assert!(config_object("x", b"null").unwrap().is_empty());
         let e = config_object("x", b"[1]").unwrap_err().to_string();
         assert!(e.contains("JSON object"), "{e}");
-    }
-
-    #[test]
-    fn fingerprints_hide_and_detect() {
-        assert_eq!(fingerprint(&["", ""]), "");
-        let a = fingerprint(&["hunter2", ""]);
-        assert_eq!(a.len(), 16);
-        assert!(!a.contains("hunter2"));
-        assert_ne!(a, fingerprint(&["", "hunter2"]));
     }
 
     #[test]

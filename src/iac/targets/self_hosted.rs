@@ -4,30 +4,14 @@
 
 use super::api::{label, path_text, strip_userinfo, Applied, BrokerDesired, BrokerTarget};
 use crate::config::broker::BrokerSpec;
-use crate::iac::drivers::{fingerprint, Ctx};
+use crate::iac::drivers::Ctx;
 use crate::iac::error::DriverError;
 use crate::iac::state::{AuthRecord, BrokerRecord};
 use crate::providers::DeployTarget;
-use crate::secret::Secret;
 use serde::Serialize;
 use serde_json::{json, Map, Value as Json};
 
 pub struct SelfHosted;
-
-fn auth_fingerprint(spec: &BrokerSpec) -> String {
-    let c = &spec.conn;
-    fingerprint(&[
-        c.token.as_ref().map(Secret::expose).unwrap_or_default(),
-        c.user.as_deref().unwrap_or_default(),
-        c.password.as_ref().map(Secret::expose).unwrap_or_default(),
-        &path_text(&c.creds_file),
-        &path_text(&c.nkey_seed_file),
-        &path_text(&c.tls_ca_file),
-        &path_text(&c.tls_cert_file),
-        &path_text(&c.tls_key_file),
-        if c.tls_required { "tls" } else { "" },
-    ])
-}
 
 fn server_list(spec: &BrokerSpec) -> Vec<String> {
     let mut s: Vec<String> = spec
@@ -99,7 +83,10 @@ impl BrokerTarget for SelfHosted {
 
     fn view(&self, d: &BrokerDesired, m: &mut Map<String, Json>) {
         m.insert("servers".into(), json!(server_list(&d.spec)));
-        m.insert("auth_fingerprint".into(), json!(auth_fingerprint(&d.spec)));
+        m.insert(
+            "auth_fingerprint".into(),
+            json!(d.spec.conn.auth_fingerprint()),
+        );
     }
 
     async fn apply(&self, _: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied, DriverError> {
