@@ -5,10 +5,12 @@
 //! store, killed with SIGKILL, paused with SIGSTOP, or put into lame-duck mode, and they are
 //! killed and cleaned up on drop. A missing binary fails loudly with the install hint.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -40,13 +42,23 @@ pub fn version(bin: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// A port that was free a moment ago. The tiny race with other processes is acceptable in
-/// tests; a fixed port is what makes restarts on the same address possible.
+/// A port that was free a moment ago and that this process has not handed out before. The
+/// kernel may give the same ephemeral port to two binds in a row once the first is closed, so
+/// without the memory one server's client and monitor ports could be the same number (seen
+/// in CI: "bind: address already in use" at start). The race with other processes stays, and
+/// is rare; a fixed port is what makes restarts on the same address possible.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port");
+        if seen.insert(port) {
+            return port;
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
