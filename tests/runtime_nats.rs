@@ -465,7 +465,9 @@ async fn stream_update_keeps_settings_the_config_does_not_manage() {
         ..Default::default()
     }]);
     cfg.metadata = HashMap::from([("owner".to_string(), "payments".to_string())]);
-    conn.js.update_stream(cfg).await.unwrap();
+    let set = conn.js.update_stream(cfg).await.unwrap();
+    // Stream metadata exists from nats-server 2.10 on; 2.9 (make test-nats29) drops it.
+    let server_keeps_metadata = set.config.metadata.contains_key("owner");
 
     let mut p = plugin_with(&server, None).await;
     p.module_up("eventbus.broker", "bus", broker).await;
@@ -499,10 +501,14 @@ async fn stream_update_keeps_settings_the_config_does_not_manage() {
         ["LEGACY"],
         "out-of-band sources survive the update"
     );
-    assert_eq!(
-        got.metadata.get("owner").map(String::as_str),
-        Some("payments")
-    );
+    if server_keeps_metadata {
+        assert_eq!(
+            got.metadata.get("owner").map(String::as_str),
+            Some("payments")
+        );
+    } else {
+        eprintln!("this nats-server keeps no stream metadata (before 2.10): sources checked only");
+    }
     p.shutdown().await;
 }
 
