@@ -150,27 +150,38 @@ fn fields(mut rest: &[u8]) -> impl Iterator<Item = Result<Field<'_>, &'static st
 
 /// The request without the state nobody reads (see the module comment).
 fn trim_execute_step(raw: &Bytes) -> Result<Bytes, &'static str> {
+    // One walk: everything but the unread state is copied as it comes; `current` is held back
+    // until it is known whether `typed_input` (which may come after it) makes it unread too.
+    // Field order does not matter in protobuf, and the held occurrences keep theirs.
     let mut has_typed_input = false;
-    for f in fields(raw) {
-        has_typed_input |= f?.number == TYPED_INPUT;
-    }
+    let mut current = Vec::new();
     let mut out = Vec::with_capacity(raw.len());
     for f in fields(raw) {
         let f = f?;
         match f.number {
             TRIGGER_DATA | STEP_OUTPUTS | METADATA => {}
-            CURRENT if has_typed_input => {}
-            CURRENT if f.wire == WIRE_LEN => {
-                let kept = trim_struct(f.body)?;
-                prost::encoding::encode_key(
-                    CURRENT as u32,
-                    prost::encoding::WireType::LengthDelimited,
-                    &mut out,
-                );
-                prost::encoding::encode_varint(kept.len() as u64, &mut out);
-                out.put_slice(&kept);
+            CURRENT => current.push(f),
+            n => {
+                has_typed_input |= n == TYPED_INPUT;
+                out.put_slice(f.raw);
             }
-            _ => out.put_slice(f.raw),
+        }
+    }
+    if !has_typed_input {
+        for f in current {
+            if f.wire != WIRE_LEN {
+                // Not a Struct on the wire: left for prost to refuse.
+                out.put_slice(f.raw);
+                continue;
+            }
+            let kept = trim_struct(f.body)?;
+            prost::encoding::encode_key(
+                CURRENT as u32,
+                prost::encoding::WireType::LengthDelimited,
+                &mut out,
+            );
+            prost::encoding::encode_varint(kept.len() as u64, &mut out);
+            out.put_slice(&kept);
         }
     }
     Ok(Bytes::from(out))
