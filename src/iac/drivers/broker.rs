@@ -78,6 +78,7 @@ pub fn diff(d: &BrokerDesired, current: &Json) -> Result<Vec<Change>, DriverErro
 
 /// Connects and checks JetStream; returns the server's version.
 async fn verify(ctx: &Ctx, what: &str, b: &BrokerConn) -> Result<String, DriverError> {
+    let b = &ctx.reach(what, b).await?;
     let conn = ctx.conns.connect(what, b).await?;
     conn.js.query_account().await.map_err(|e| {
         DriverError::refused(
@@ -244,7 +245,7 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
     for_target(&name, rec.target)?
         .delete(ctx, &what, &rec)
         .await?;
-    ctx.conns.evict(&rec.urls).await;
+    ctx.forget(&name, &rec.urls).await;
     ctx.state.update(|s| {
         s.brokers.remove(&name);
         s.resources

@@ -291,6 +291,15 @@ pub struct Ctx {
     pub provider_config: Map<String, Json>,
     /// Brokers whose platform was asked in this process whether they still exist.
     brokers_exist: Mutex<HashMap<String, bool>>,
+    /// How this process reaches each broker (by name and recorded urls): the urls to dial
+    /// and what keeps them open (a port-forward), `None` for the recorded urls.
+    reaches: tokio::sync::Mutex<HashMap<String, Option<Reached>>>,
+}
+
+/// A broker's urls as this process reaches them, and the tunnel that carries them.
+struct Reached {
+    urls: Vec<String>,
+    _guard: Box<dyn std::any::Any + Send + Sync>,
 }
 
 impl Ctx {
@@ -300,6 +309,7 @@ impl Ctx {
             conns: ConnCache::default(),
             provider_config: Map::new(),
             brokers_exist: Mutex::new(HashMap::new()),
+            reaches: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -345,7 +355,51 @@ impl Ctx {
                 )));
             }
         }
-        self.conns.connect(what, b).await
+        self.conns.connect(what, &self.reach(what, b).await?).await
+    }
+
+    /// `b` with the urls this process reaches it through: the target's tunnel when the
+    /// recorded urls only work inside its platform (`BrokerTarget::reach`), opened once per
+    /// broker per process and kept open until the process ends or the broker is deleted.
+    pub async fn reach(&self, what: &str, b: &BrokerConn) -> Result<BrokerConn, DriverError> {
+        let Some(rec) = &b.record else {
+            return Ok(b.clone());
+        };
+        let key = format!("{}|{}", b.name, rec.urls.join(","));
+        let mut reaches = self.reaches.lock().await;
+        if !reaches.contains_key(&key) {
+            let target = crate::iac::targets::for_target(&b.name, rec.target)?;
+            let reached = target.reach(self, what, rec).await?.map(|r| Reached {
+                urls: r.urls,
+                _guard: r.guard,
+            });
+            reaches.insert(key.clone(), reached);
+        }
+        let mut out = b.clone();
+        if let Some(Some(r)) = reaches.get(&key) {
+            out.settings.urls = r.urls.iter().map(Secret::new).collect();
+        }
+        Ok(out)
+    }
+
+    /// Closes the connections to a deleted broker and the tunnels that carried them.
+    pub async fn forget(&self, name: &str, recorded_urls: &[String]) {
+        self.conns.evict(recorded_urls).await;
+        let prefix = format!("{name}|");
+        let gone: Vec<Reached> = {
+            let mut reaches = self.reaches.lock().await;
+            let keys: Vec<String> = reaches
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .cloned()
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| reaches.remove(&k).flatten())
+                .collect()
+        };
+        for r in gone {
+            self.conns.evict(&r.urls).await;
+        }
     }
 }
 

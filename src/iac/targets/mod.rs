@@ -9,11 +9,12 @@
 
 mod api;
 pub mod app_platform;
+pub mod kubernetes;
 pub(crate) mod local;
 pub(crate) mod nats_server;
 pub(crate) mod self_hosted;
 
-pub use api::{block, label, strip_userinfo, BrokerDesired, BrokerTarget, Platform};
+pub use api::{block, label, strip_userinfo, BrokerDesired, BrokerTarget, Platform, Reach};
 
 use crate::iac::error::DriverError;
 use crate::providers::DeployTarget;
