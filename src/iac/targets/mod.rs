@@ -9,6 +9,7 @@
 
 mod api;
 pub mod app_platform;
+pub mod kubernetes;
 pub(crate) mod local;
 pub(crate) mod nats_server;
 pub(crate) mod self_hosted;
