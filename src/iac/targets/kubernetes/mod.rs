@@ -1,4 +1,17 @@
-//! TEMPORARY (k8s-apply): k8s-render owns this file; replaced by its version on merge.
+//! The `kubernetes` and `aws.eks` deploy targets: a JetStream cluster as a StatefulSet with a
+//! persistent volume per pod, applied through the Kubernetes API.
+//!
+//! `config` validates the broker config's `kubernetes:` section and derives the object names,
+//! `render` turns it into the objects server-side apply sends (and the `render` subcommand
+//! writes). Both are pure; talking to a cluster lives beside them.
+
 pub mod apply;
 pub mod client;
+pub mod config;
 pub mod forward;
+pub mod render;
+
+pub use config::{
+    name_base, quantity_bytes, settings, Flavor, KubeAuth, KubeSettings, Names, ServiceType,
+};
+pub use render::{render, render_settings, to_yaml, Rendered, RenderedObject};
