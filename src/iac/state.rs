@@ -81,6 +81,9 @@ pub struct BrokerRecord {
     /// `digitalocean.app_platform`: the app that runs the broker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<AppRecord>,
+    /// `kubernetes` / `aws.eks`: the cluster and the objects applied there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeRecord>,
     #[serde(default)]
     pub prevent_destroy: bool,
     #[serde(default)]
@@ -94,6 +97,42 @@ pub struct BrokerRecord {
 pub struct AppRecord {
     pub app_id: String,
     pub app_name: String,
+}
+
+/// A broker applied to a Kubernetes cluster: enough to find, reach and delete it later, even
+/// from a destroy wfctl runs without the provider's config.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KubeRecord {
+    /// The kubeconfig file and context used ("" = the defaults: KUBECONFIG, current context,
+    /// else in-cluster).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kubeconfig: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub context: String,
+    pub namespace: String,
+    pub stateful_set: String,
+    pub client_service: String,
+    /// The claim template (PVCs are `<claim>-<stateful_set>-<ordinal>`).
+    pub claim: String,
+    /// The pods' label selector (port-forwards go to its Ready pods).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// Applied objects in apply order; delete walks them backwards.
+    #[serde(default)]
+    pub objects: Vec<KubeObject>,
+    #[serde(default)]
+    pub delete_pvcs: bool,
+    /// The client Service's external address (`nats://<lb>:4222`), "" without one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub external_url: String,
+}
+
+/// One applied object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeObject {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
 }
 
 mod target_name {
@@ -260,6 +299,7 @@ mod tests {
                         request_timeout_ms: 0,
                         local: None,
                         app: None,
+                        kubernetes: None,
                         prevent_destroy: false,
                         bind: false,
                         outputs: Json::Null,

@@ -319,6 +319,7 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
         request_timeout_ms: d.spec.conn.request_timeout.as_millis() as u64,
         local: Some(rec),
         app: None,
+        kubernetes: None,
         prevent_destroy: d.spec.prevent_destroy,
         bind: d.spec.bind,
         outputs: Json::Null,

@@ -155,6 +155,7 @@ impl BrokerTarget for AppPlatform {
                 app_id: app.id.clone(),
                 app_name: a.app_name.clone(),
             }),
+            kubernetes: None,
             prevent_destroy: d.spec.prevent_destroy,
             bind: d.spec.bind,
             outputs: Json::Null,

@@ -16,21 +16,14 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
 };
 use kube::Client;
-use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// One object this provider applied, as the state file records it (delete walks these).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ObjRef {
-    pub api_version: String,
-    pub kind: String,
-    pub name: String,
-}
+pub use crate::iac::state::KubeObject as ObjRef;
 
-impl ObjRef {
-    pub fn of(body: &Json) -> Result<ObjRef, KubeError> {
+pub fn obj_ref(body: &Json) -> Result<ObjRef, KubeError> {
         let s = |p: &str| {
             body.pointer(p)
                 .and_then(Json::as_str)
@@ -49,11 +42,10 @@ impl ObjRef {
             )));
         }
         Ok(r)
-    }
+}
 
-    pub fn label(&self) -> String {
-        format!("{}/{}", self.kind, self.name)
-    }
+fn label(r: &ObjRef) -> String {
+    format!("{}/{}", r.kind, r.name)
 }
 
 fn api(client: &Client, ns: &str, r: &ObjRef) -> Api<DynamicObject> {
@@ -102,12 +94,12 @@ pub async fn apply_all(
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let mut done = Vec::new();
     for body in objects {
-        let r = ObjRef::of(body)?;
+        let r = obj_ref(body)?;
         api(client, ns, &r)
             .patch(&r.name, &pp, &Patch::Apply(body))
             .await
-            .map_err(|e| KubeError::api(format!("apply {} in {ns}", r.label()), e))?;
-        tracing::debug!(object = %r.label(), namespace = %ns, "applied");
+            .map_err(|e| KubeError::api(format!("apply {} in {ns}", label(&r)), e))?;
+        tracing::debug!(object = %label(&r), namespace = %ns, "applied");
         done.push(r);
     }
     Ok(done)
@@ -119,9 +111,9 @@ pub async fn delete_all(client: &Client, ns: &str, objects: &[ObjRef]) -> Result
     let dp = DeleteParams::background();
     for r in objects.iter().rev() {
         match api(client, ns, r).delete(&r.name, &dp).await {
-            Ok(_) => tracing::info!(object = %r.label(), namespace = %ns, "deleted"),
+            Ok(_) => tracing::info!(object = %label(&r), namespace = %ns, "deleted"),
             Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(KubeError::api(format!("delete {} in {ns}", r.label()), e)),
+            Err(e) => return Err(KubeError::api(format!("delete {} in {ns}", label(&r)), e)),
         }
     }
     Ok(())
@@ -405,11 +397,11 @@ mod tests {
 
     #[test]
     fn object_refs_need_their_identity() {
-        let r = ObjRef::of(
+        let r = obj_ref(
             &json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "bus"}}),
         )
         .unwrap();
-        assert_eq!(r.label(), "StatefulSet/bus");
-        assert!(ObjRef::of(&json!({"kind": "Service"})).is_err());
+        assert_eq!(label(&r), "StatefulSet/bus");
+        assert!(obj_ref(&json!({"kind": "Service"})).is_err());
     }
 }

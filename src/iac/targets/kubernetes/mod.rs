@@ -10,8 +10,10 @@ pub mod client;
 pub mod config;
 pub mod forward;
 pub mod render;
+mod target;
 
 pub use config::{
     name_base, quantity_bytes, settings, Flavor, KubeAuth, KubeSettings, Names, ServiceType,
 };
 pub use render::{render, render_settings, to_yaml, Rendered, RenderedObject};
+pub use target::{KubernetesTarget, AWS_EKS, KUBERNETES};
