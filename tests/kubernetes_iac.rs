@@ -105,7 +105,12 @@ async fn three_replica_broker_stream_and_consumer_plan_apply_replan_destroy() {
     let mut w = wfctl(dir.path(), &fake);
     let ns = "events";
     let file = vec![
-        broker("orders-bus", "kubernetes", 3, json!({"namespace": ns, "storage_size": "1Gi"})),
+        broker(
+            "orders-bus",
+            "kubernetes",
+            3,
+            json!({"namespace": ns, "storage_size": "1Gi"}),
+        ),
         stream("orders-bus", 3),
         consumer("orders-bus"),
     ];
@@ -121,14 +126,16 @@ async fn three_replica_broker_stream_and_consumer_plan_apply_replan_destroy() {
     assert!(errors.is_empty(), "{}", fail(&fake, ns, &errors));
 
     let o = &w.state["orders-bus"].outputs;
-    assert_eq!(w.state["orders-bus"].provider_id, "events/orders-bus", "{o}");
+    assert_eq!(
+        w.state["orders-bus"].provider_id, "events/orders-bus",
+        "{o}"
+    );
     assert_eq!(o["durable"], json!(true), "{o}");
     assert_eq!(o["replicas"], json!(3), "{o}");
     assert_eq!(o["namespace"], ns, "{o}");
     assert_eq!(o["storage_size"], "1Gi", "{o}");
     assert_eq!(
-        o["in_cluster_url"],
-        "nats://orders-bus.events.svc.cluster.local:4222",
+        o["in_cluster_url"], "nats://orders-bus.events.svc.cluster.local:4222",
         "{o}"
     );
     assert_eq!(o["url"], o["in_cluster_url"], "no external address: {o}");
@@ -158,8 +165,10 @@ async fn three_replica_broker_stream_and_consumer_plan_apply_replan_destroy() {
         .filter(|(m, _, _)| m == "PATCH")
         .collect();
     assert!(
-        patches.iter().all(|(_, q, ct)| ct == "application/apply-patch+yaml"
-            && q.contains("fieldManager=workflow-plugin-eventbus")),
+        patches
+            .iter()
+            .all(|(_, q, ct)| ct == "application/apply-patch+yaml"
+                && q.contains("fieldManager=workflow-plugin-eventbus")),
         "{patches:?}"
     );
     // Applied in dependency order.
@@ -180,8 +189,25 @@ async fn three_replica_broker_stream_and_consumer_plan_apply_replan_destroy() {
     assert_eq!(info.config.num_replicas, 3);
     let cluster = info.cluster.clone().unwrap();
     assert_eq!(cluster.replicas.len() + 1, 3, "{cluster:?}");
-    let c: async_nats::jetstream::consumer::PullConsumer = s.get_consumer("shipping").await.unwrap();
+    let c: async_nats::jetstream::consumer::PullConsumer =
+        s.get_consumer("shipping").await.unwrap();
     assert_eq!(c.cached_info().config.filter_subject, "orders.created");
+    // The provider reached the ClusterIP-only broker through the API's port-forward: to the
+    // monitoring port while waiting for the meta cluster, to the client port for the stream.
+    let forwards: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .map(|(_, q, _)| q)
+        .filter(|q| q.contains("/portforward?"))
+        .collect();
+    assert!(
+        forwards.iter().any(|q| q.contains("/namespaces/events/pods/orders-bus-") && q.ends_with("ports=4222")),
+        "{forwards:?}"
+    );
+    assert!(
+        forwards.iter().any(|q| q.ends_with("ports=8222")),
+        "{forwards:?}"
+    );
 
     let t = Instant::now();
     let replan = w.plan(&file).await;
@@ -216,7 +242,10 @@ async fn scale_1_to_3_and_config_change_roll_the_pods_as_updates() {
     let dir = tempfile::tempdir().unwrap();
     let mut w = wfctl(dir.path(), &fake);
     let ns = "default";
-    let mut file = vec![broker("scale-bus", "kubernetes", 1, json!({})), stream("scale-bus", 1)];
+    let mut file = vec![
+        broker("scale-bus", "kubernetes", 1, json!({})),
+        stream("scale-bus", 1),
+    ];
     let (_, errors) = w.apply(&file).await;
     assert!(errors.is_empty(), "{}", fail(&fake, ns, &errors));
     assert_eq!(fake.pods(ns).len(), 1);
@@ -233,7 +262,11 @@ async fn scale_1_to_3_and_config_change_roll_the_pods_as_updates() {
     let pods = fake.pods(ns);
     assert_eq!(pods.len(), 3, "{pods:?}");
     let revisions: std::collections::BTreeSet<&String> = pods.values().map(|p| &p.0).collect();
-    assert_eq!(revisions.len(), 1, "every pod on the new revision: {pods:?}");
+    assert_eq!(
+        revisions.len(),
+        1,
+        "every pod on the new revision: {pods:?}"
+    );
     assert_eq!(w.state["scale-bus"].outputs["cluster_size"], json!(3));
     // The stream is still reachable through the provider (and replanned as unchanged).
     assert!(w.plan(&file).await.is_empty());
@@ -259,7 +292,10 @@ async fn scale_1_to_3_and_config_change_roll_the_pods_as_updates() {
     assert!(order[2] < order[1] && order[1] < order[0], "{after:?}");
     let conf = fake.object("configmaps", ns, "scale-bus-config").unwrap();
     assert!(
-        conf["data"]["nats.conf"].as_str().unwrap().contains("67108864"),
+        conf["data"]["nats.conf"]
+            .as_str()
+            .unwrap()
+            .contains("67108864"),
         "{conf}"
     );
 
@@ -287,12 +323,33 @@ async fn statefulset_deleted_out_of_band_is_missing_and_destroy_removes_the_clai
     assert_eq!(fake.claims(ns).len(), 3);
 
     // Someone runs `kubectl scale --replicas=5`: config drift naming the field.
-    // (Checked on the live object, which the fake lets the test edit.)
+    fake.edit("statefulsets", ns, "drift-bus", |o| {
+        o["spec"]["replicas"] = json!(5)
+    });
+    let drifts = w.drift().await.unwrap();
+    let d = drifts.iter().find(|d| d.name == "drift-bus").unwrap();
+    assert_eq!(d.class, DriftClass::Config as i32, "{drifts:?}");
+    assert_eq!(d.fields, vec!["replicas"], "{drifts:?}");
+    let actual: Json = serde_json::from_slice(&d.actual_json).unwrap();
+    assert_eq!(actual, json!({"replicas": 5}));
+    fake.edit("statefulsets", ns, "drift-bus", |o| {
+        o["spec"]["replicas"] = json!(3)
+    });
+
+    // Someone deletes the StatefulSet: the broker is missing, and so is the stream it held.
     assert!(fake.delete_out_of_band("statefulsets", ns, "drift-bus"));
     let drifts = w.drift().await.unwrap();
     let class = |n: &str| drifts.iter().find(|d| d.name == n).map(|d| d.class);
-    assert_eq!(class("drift-bus"), Some(DriftClass::Ghost as i32), "{drifts:?}");
-    assert_eq!(class("drift-bus-orders"), Some(DriftClass::Ghost as i32), "{drifts:?}");
+    assert_eq!(
+        class("drift-bus"),
+        Some(DriftClass::Ghost as i32),
+        "{drifts:?}"
+    );
+    assert_eq!(
+        class("drift-bus-orders"),
+        Some(DriftClass::Ghost as i32),
+        "{drifts:?}"
+    );
 
     // Destroy succeeds (the rest of the objects and the claims go).
     let result = w.destroy().await;
@@ -340,14 +397,30 @@ async fn aws_eks_behind_a_load_balancer_with_a_chosen_context() {
         "internal",
         "{svc}"
     );
-    // The stream went through the load balancer's address, and so does a client.
+    // The stream went through the load balancer's address (no port-forward to the client
+    // port), and so does a client.
+    assert!(
+        !fake
+            .requests()
+            .iter()
+            .any(|(_, q, _)| q.contains("portforward?ports=4222")),
+        "{:?}",
+        fake.requests()
+    );
     let c = async_nats::ConnectOptions::with_token(NATS_TOKEN.into())
         .connect(external.as_str())
         .await
         .unwrap();
     let js = async_nats::jetstream::new(c);
     assert_eq!(
-        js.get_stream("ORDERS").await.unwrap().info().await.unwrap().config.num_replicas,
+        js.get_stream("ORDERS")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .num_replicas,
         3
     );
 

@@ -265,7 +265,9 @@ impl Fake {
     pub fn client_url(&self, ns: &str, pod: &str) -> Option<String> {
         let st = lock(&self.state);
         let p = st.pods.get(&(ns.to_string(), pod.to_string()))?;
-        p.ports.get(&4222).map(|port| format!("nats://127.0.0.1:{port}"))
+        p.ports
+            .get(&4222)
+            .map(|port| format!("nats://127.0.0.1:{port}"))
     }
 
     pub fn pod_log(&self, ns: &str, pod: &str) -> String {
@@ -274,6 +276,16 @@ impl Fake {
             .get(&(ns.to_string(), pod.to_string()))
             .and_then(|p| std::fs::read_to_string(&p.log).ok())
             .unwrap_or_default()
+    }
+
+    /// Changes a stored object as `kubectl edit` would (out of band).
+    pub fn edit(&self, plural: &str, ns: &str, name: &str, f: impl FnOnce(&mut Json)) {
+        let mut st = lock(&self.state);
+        let o = st
+            .objects
+            .get_mut(&(plural.into(), ns.into(), name.into()))
+            .expect("object exists");
+        f(o);
     }
 
     /// Deletes an object as `kubectl delete` would (out of band).
@@ -347,13 +359,19 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn matches_selector(labels: &Json, selector: &str) -> bool {
-    selector.split(',').filter(|s| !s.is_empty()).all(|kv| match kv.split_once('=') {
-        Some((k, v)) => labels.get(k).and_then(Json::as_str) == Some(v),
-        None => false,
-    })
+    selector
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .all(|kv| match kv.split_once('=') {
+            Some((k, v)) => labels.get(k).and_then(Json::as_str) == Some(v),
+            None => false,
+        })
 }
 
-async fn handle(st: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    st: Arc<Mutex<State>>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let q = req.uri().query().unwrap_or("").to_string();
@@ -380,7 +398,13 @@ async fn handle(st: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -> R
     let rest: &[&str] = match parts.as_slice() {
         ["api", "v1", "namespaces", rest @ ..] => rest,
         ["apis", "apps" | "policy", "v1", "namespaces", rest @ ..] => rest,
-        _ => return status(404, "NotFound", "the server could not find the requested resource"),
+        _ => {
+            return status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+        }
     };
     match rest {
         [ns] => namespace(&st, &method, ns, &ctype, &q, req).await,
@@ -388,7 +412,11 @@ async fn handle(st: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -> R
         [ns, "pods", name, "portforward"] => portforward(&st, ns, name, &q, req),
         [ns, plural, name] => {
             if kind_of(plural).0.is_empty() {
-                return status(404, "NotFound", "the server could not find the requested resource");
+                return status(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                );
             }
             match method.as_str() {
                 "GET" => get(&st, ns, plural, name),
@@ -411,7 +439,11 @@ async fn handle(st: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -> R
                 _ => status(405, "MethodNotAllowed", "method not allowed"),
             }
         }
-        _ => status(404, "NotFound", "the server could not find the requested resource"),
+        _ => status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ),
     }
 }
 
@@ -421,7 +453,11 @@ fn not_found(plural: &str, name: &str) -> Response<Full<Bytes>> {
         "policy/v1" => ".policy",
         _ => "",
     };
-    status(404, "NotFound", &format!("{plural}{group} \"{name}\" not found"))
+    status(
+        404,
+        "NotFound",
+        &format!("{plural}{group} \"{name}\" not found"),
+    )
 }
 
 async fn namespace(
@@ -443,10 +479,18 @@ async fn namespace(
         }
         "PATCH" => {
             if ctype != "application/apply-patch+yaml" {
-                return status(415, "UnsupportedMediaType", "the body of the request was in an unknown format");
+                return status(
+                    415,
+                    "UnsupportedMediaType",
+                    "the body of the request was in an unknown format",
+                );
             }
             if query(q, "fieldManager").unwrap_or_default().is_empty() {
-                return status(422, "Invalid", "fieldManager: Required value: is required for apply patch");
+                return status(
+                    422,
+                    "Invalid",
+                    "fieldManager: Required value: is required for apply patch",
+                );
             }
             let _ = req.into_body().collect().await;
             lock(st).namespaces.insert(ns.to_string());
@@ -459,12 +503,20 @@ async fn namespace(
 fn list(st: &Arc<Mutex<State>>, ns: &str, plural: &str, q: &str) -> Response<Full<Bytes>> {
     let (api_version, kind) = kind_of(plural);
     if kind.is_empty() {
-        return status(404, "NotFound", "the server could not find the requested resource");
+        return status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
     }
     let selector = query(q, "labelSelector").unwrap_or_default();
     let s = lock(st);
     let items: Vec<Json> = if plural == "pods" {
-        s.pods.values().filter(|p| p.ns == ns).map(Pod::json).collect()
+        s.pods
+            .values()
+            .filter(|p| p.ns == ns)
+            .map(Pod::json)
+            .collect()
     } else {
         s.objects
             .iter()
@@ -476,8 +528,10 @@ fn list(st: &Arc<Mutex<State>>, ns: &str, plural: &str, q: &str) -> Response<Ful
         .into_iter()
         .filter(|o| matches_selector(&o["metadata"]["labels"], &selector))
         .collect();
-    ok(&json!({"apiVersion": api_version, "kind": format!("{kind}List"),
-        "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}))
+    ok(
+        &json!({"apiVersion": api_version, "kind": format!("{kind}List"),
+        "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
+    )
 }
 
 fn get(st: &Arc<Mutex<State>>, ns: &str, plural: &str, name: &str) -> Response<Full<Bytes>> {
@@ -488,13 +542,21 @@ fn get(st: &Arc<Mutex<State>>, ns: &str, plural: &str, name: &str) -> Response<F
             None => not_found(plural, name),
         };
     }
-    match s.objects.get(&(plural.to_string(), ns.to_string(), name.to_string())) {
+    match s
+        .objects
+        .get(&(plural.to_string(), ns.to_string(), name.to_string()))
+    {
         Some(o) => ok(o),
         None => not_found(plural, name),
     }
 }
 
-const IMMUTABLE_SET_FIELDS: [&str; 4] = ["selector", "serviceName", "volumeClaimTemplates", "podManagementPolicy"];
+const IMMUTABLE_SET_FIELDS: [&str; 4] = [
+    "selector",
+    "serviceName",
+    "volumeClaimTemplates",
+    "podManagementPolicy",
+];
 
 fn apply(
     st: &Arc<Mutex<State>>,
@@ -506,7 +568,11 @@ fn apply(
     body: &[u8],
 ) -> Response<Full<Bytes>> {
     if ctype != "application/apply-patch+yaml" {
-        return status(415, "UnsupportedMediaType", &format!("the fake supports only server-side apply, not {ctype}"));
+        return status(
+            415,
+            "UnsupportedMediaType",
+            &format!("the fake supports only server-side apply, not {ctype}"),
+        );
     }
     let Some(manager) = query(q, "fieldManager").filter(|m| !m.is_empty()) else {
         return status(422, "Invalid", "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch");
@@ -518,10 +584,21 @@ fn apply(
     };
     let (api_version, kind) = kind_of(plural);
     if obj["apiVersion"] != api_version || obj["kind"] != kind || obj["metadata"]["name"] != name {
-        return status(400, "BadRequest", &format!("the object's apiVersion/kind/name do not match {api_version} {kind} {name}"));
+        return status(
+            400,
+            "BadRequest",
+            &format!("the object's apiVersion/kind/name do not match {api_version} {kind} {name}"),
+        );
     }
-    if obj["metadata"]["namespace"].as_str().is_some_and(|n| n != ns) {
-        return status(400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request");
+    if obj["metadata"]["namespace"]
+        .as_str()
+        .is_some_and(|n| n != ns)
+    {
+        return status(
+            400,
+            "BadRequest",
+            "the namespace of the provided object does not match the namespace sent on the request",
+        );
     }
     let mut s = lock(st);
     if !s.namespaces.contains(ns) {
@@ -543,7 +620,10 @@ fn apply(
             let mut data = data;
             for (k, v) in sd {
                 let text = v.as_str().unwrap_or_default();
-                data.insert(k, json!(base64::engine::general_purpose::STANDARD.encode(text)));
+                data.insert(
+                    k,
+                    json!(base64::engine::general_purpose::STANDARD.encode(text)),
+                );
             }
             obj["data"] = Json::Object(data);
             obj.as_object_mut().unwrap().remove("stringData");
@@ -560,9 +640,18 @@ fn apply(
     m.insert("namespace".into(), json!(ns));
     m.insert("resourceVersion".into(), json!(rv.to_string()));
     m.insert("generation".into(), json!(generation));
-    m.insert("uid".into(), json!(old.as_ref().map(|o| o["metadata"]["uid"].clone()).unwrap_or(json!(format!("uid-{plural}-{name}-{rv}")))));
+    m.insert(
+        "uid".into(),
+        json!(old
+            .as_ref()
+            .map(|o| o["metadata"]["uid"].clone())
+            .unwrap_or(json!(format!("uid-{plural}-{name}-{rv}")))),
+    );
     m.insert("creationTimestamp".into(), json!("2026-01-01T00:00:00Z"));
-    m.insert("managedFields".into(), json!([{"manager": manager, "operation": "Apply", "apiVersion": api_version}]));
+    m.insert(
+        "managedFields".into(),
+        json!([{"manager": manager, "operation": "Apply", "apiVersion": api_version}]),
+    );
     if let Some(o) = &old {
         if let Some(status) = o.get("status") {
             obj["status"] = status.clone();
@@ -587,7 +676,14 @@ fn apply(
                 let port = obj["spec"]["ports"][0]["port"].as_u64().unwrap_or(4222) as u16;
                 let target = obj["spec"]["ports"][0]["targetPort"].clone();
                 let selector = obj["spec"]["selector"].clone();
-                let task = tokio::spawn(lb_proxy(st.clone(), ns.to_string(), ip, port, target, selector));
+                let task = tokio::spawn(lb_proxy(
+                    st.clone(),
+                    ns.to_string(),
+                    ip,
+                    port,
+                    target,
+                    selector,
+                ));
                 s.lbs.insert(lb_key.clone(), Lb { ip, task });
             }
             let ip = s.lbs[&lb_key].ip;
@@ -642,18 +738,31 @@ fn delete_object(st: &mut State, plural: &str, ns: &str, name: &str) -> bool {
 }
 
 /// The Service's LoadBalancer: each connection to `ip:port` goes to a Ready pod's target port.
-async fn lb_proxy(st: Arc<Mutex<State>>, ns: String, ip: Ipv4Addr, port: u16, _target: Json, selector: Json) {
+async fn lb_proxy(
+    st: Arc<Mutex<State>>,
+    ns: String,
+    ip: Ipv4Addr,
+    port: u16,
+    _target: Json,
+    selector: Json,
+) {
     let Ok(listener) = tokio::net::TcpListener::bind((ip, port)).await else {
         return;
     };
     loop {
-        let Ok((mut tcp, _)) = listener.accept().await else { continue };
+        let Ok((mut tcp, _)) = listener.accept().await else {
+            continue;
+        };
         let to = {
             let s = lock(&st);
             s.pods
                 .values()
                 .filter(|p| p.ns == ns && p.ready)
-                .filter(|p| selector.as_object().is_some_and(|m| m.iter().all(|(k, v)| p.labels.get(k) == Some(v))))
+                .filter(|p| {
+                    selector
+                        .as_object()
+                        .is_some_and(|m| m.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+                })
                 .find_map(|p| p.ports.get(&4222).copied())
         };
         let Some(to) = to else { continue };
@@ -678,7 +787,11 @@ fn portforward(
         .filter_map(|p| p.trim().parse().ok())
         .collect();
     if ports.len() != 1 {
-        return status(400, "BadRequest", "the fake forwards exactly one port per request");
+        return status(
+            400,
+            "BadRequest",
+            "the fake forwards exactly one port per request",
+        );
     }
     let port = ports[0];
     let local = {
@@ -694,7 +807,10 @@ fn portforward(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    if !protocols.split(',').any(|p| p.trim() == "v4.channel.k8s.io") {
+    if !protocols
+        .split(',')
+        .any(|p| p.trim() == "v4.channel.k8s.io")
+    {
         return status(400, "BadRequest", "the fake speaks v4.channel.k8s.io only");
     }
     let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
@@ -702,7 +818,9 @@ fn portforward(
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     tokio::spawn(async move {
-        let Ok(upgraded) = hyper::upgrade::on(req).await else { return };
+        let Ok(upgraded) = hyper::upgrade::on(req).await else {
+            return;
+        };
         let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
             hyper_util::rt::TokioIo::new(upgraded),
             tokio_tungstenite::tungstenite::protocol::Role::Server,
@@ -739,7 +857,9 @@ where
     };
     let Some(tcp) = tcp else {
         let mut msg = vec![1];
-        msg.extend_from_slice(format!("an error occurred forwarding {port} -> {port}: connection refused").as_bytes());
+        msg.extend_from_slice(
+            format!("an error occurred forwarding {port} -> {port}: connection refused").as_bytes(),
+        );
         let _ = tx.send(Message::binary(msg)).await;
         let _ = tx.send(Message::Close(None)).await;
         return;
@@ -797,12 +917,20 @@ async fn controller(st: Arc<Mutex<State>>, root: PathBuf) {
             let up = http_ok(port, &path).await;
             let mut s = lock(&st);
             if let Some(p) = s.pods.get_mut(&k) {
-                let alive = p.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+                let alive = p
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
                 p.ready = up && alive;
             }
         }
         let mut s = lock(&st);
-        let sets: Vec<Key> = s.objects.keys().filter(|(p, _, _)| p == "statefulsets").cloned().collect();
+        let sets: Vec<Key> = s
+            .objects
+            .keys()
+            .filter(|(p, _, _)| p == "statefulsets")
+            .cloned()
+            .collect();
         for key in sets {
             reconcile(&mut s, &key, &root);
         }
@@ -822,17 +950,30 @@ fn probe_path(s: &State, p: &Pod) -> String {
 
 async fn http_ok(port: u16, path: &str) -> bool {
     let ask = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
-        Some(String::from_utf8_lossy(&buf).starts_with("HTTP/1.0 200") || String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"))
+        Some(
+            String::from_utf8_lossy(&buf).starts_with("HTTP/1.0 200")
+                || String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"),
+        )
     };
-    tokio::time::timeout(Duration::from_secs(2), ask).await.ok().flatten().unwrap_or(false)
+    tokio::time::timeout(Duration::from_secs(2), ask)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 fn reconcile(s: &mut State, key: &Key, root: &std::path::Path) {
-    let Some(set) = s.objects.get(key).cloned() else { return };
+    let Some(set) = s.objects.get(key).cloned() else {
+        return;
+    };
     let (ns, name) = (key.1.clone(), key.2.clone());
     let replicas = set["spec"]["replicas"].as_u64().unwrap_or(1) as u32;
     let rev = revision(&name, &set["spec"]["template"]);
@@ -883,7 +1024,10 @@ fn reconcile(s: &mut State, key: &Key, root: &std::path::Path) {
     let current_rev = if updated == pods.len() {
         rev.clone()
     } else {
-        set["status"]["currentRevision"].as_str().unwrap_or(&rev).to_string()
+        set["status"]["currentRevision"]
+            .as_str()
+            .unwrap_or(&rev)
+            .to_string()
     };
     let status = json!({
         "observedGeneration": set["metadata"]["generation"],
@@ -896,13 +1040,24 @@ fn reconcile(s: &mut State, key: &Key, root: &std::path::Path) {
     }
 }
 
-fn start_pod(s: &mut State, set: &Json, ns: &str, name: &str, ordinal: u32, rev: &str, root: &std::path::Path) {
+fn start_pod(
+    s: &mut State,
+    set: &Json,
+    ns: &str,
+    name: &str,
+    ordinal: u32,
+    rev: &str,
+    root: &std::path::Path,
+) {
     let pod = format!("{name}-{ordinal}");
     s.starts += 1;
     let started = s.starts;
     let tmpl = &set["spec"]["template"];
     let c = &tmpl["spec"]["containers"][0];
-    let headless = set["spec"]["serviceName"].as_str().unwrap_or("").to_string();
+    let headless = set["spec"]["serviceName"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     let dir = root.join(ns).join(&pod).join(started.to_string());
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("nats.log");
@@ -915,7 +1070,9 @@ fn start_pod(s: &mut State, set: &Json, ns: &str, name: &str, ordinal: u32, rev:
             }
         }
         for std_port in [4222u16, 8222] {
-            ports.entry(std_port).or_insert_with(nats_test_server::free_port);
+            ports
+                .entry(std_port)
+                .or_insert_with(nats_test_server::free_port);
         }
         ports.insert(6222, cluster_port(s, ns, &pod));
         // Volumes: configMap -> files, claim templates -> the claim's directory, emptyDir -> dir.
@@ -939,14 +1096,19 @@ fn start_pod(s: &mut State, set: &Json, ns: &str, name: &str, ordinal: u32, rev:
                         .ok_or(format!("configmap {cm} not found"))?["data"]
                         .clone();
                     for (k, text) in data.as_object().into_iter().flatten() {
-                        std::fs::write(local.join(k), text.as_str().unwrap_or("")).map_err(|e| e.to_string())?;
+                        std::fs::write(local.join(k), text.as_str().unwrap_or(""))
+                            .map_err(|e| e.to_string())?;
                     }
                 }
             } else {
                 // A claim template: its claim lives on across pod restarts.
                 let claim = format!("{vname}-{name}-{ordinal}");
                 let key = (ns.to_string(), claim.clone());
-                let cdir = s.claims.entry(key).or_insert_with(|| root.join(ns).join("claims").join(&claim)).clone();
+                let cdir = s
+                    .claims
+                    .entry(key)
+                    .or_insert_with(|| root.join(ns).join("claims").join(&claim))
+                    .clone();
                 std::fs::create_dir_all(&cdir).map_err(|e| e.to_string())?;
                 let tmpl_claim = set["spec"]["volumeClaimTemplates"]
                     .as_array()
@@ -988,22 +1150,37 @@ fn start_pod(s: &mut State, set: &Json, ns: &str, name: &str, ordinal: u32, rev:
                     .as_str()
                     .ok_or(format!("secret {sname} has no key {skey}"))?
                     .to_string();
-                String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?
+                String::from_utf8(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(data)
+                        .map_err(|e| e.to_string())?,
+                )
+                .map_err(|e| e.to_string())?
             } else {
                 String::new()
             };
             env.push((k, v));
         }
         // The config file the args name, with this pod's ports, paths and route hosts.
-        let args: Vec<String> = c["args"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(String::from)).collect();
+        let args: Vec<String> = c["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(String::from))
+            .collect();
         let conf_path = args
             .iter()
             .position(|a| a == "--config" || a == "-c")
             .and_then(|i| args.get(i + 1))
             .cloned()
             .ok_or("the container args name no --config file")?;
-        let (mnt, local) = mounts.iter().find(|(m, _)| conf_path.starts_with(m.as_str())).ok_or("the config file is not on a mounted volume")?;
-        let conf = std::fs::read_to_string(local.join(conf_path[mnt.len()..].trim_start_matches('/'))).map_err(|e| format!("{conf_path}: {e}"))?;
+        let (mnt, local) = mounts
+            .iter()
+            .find(|(m, _)| conf_path.starts_with(m.as_str()))
+            .ok_or("the config file is not on a mounted volume")?;
+        let conf =
+            std::fs::read_to_string(local.join(conf_path[mnt.len()..].trim_start_matches('/')))
+                .map_err(|e| format!("{conf_path}: {e}"))?;
         let route_std = 6222u16;
         let mut text = String::new();
         for line in conf.lines() {
@@ -1019,7 +1196,10 @@ fn start_pod(s: &mut State, set: &Json, ns: &str, name: &str, ordinal: u32, rev:
                         format!("{peer}.{headless}.{ns}"),
                         format!("{peer}.{headless}"),
                     ] {
-                        l = l.replace(&format!("{host}:{route_std}"), &format!("127.0.0.1:{pport}"));
+                        l = l.replace(
+                            &format!("{host}:{route_std}"),
+                            &format!("127.0.0.1:{pport}"),
+                        );
                     }
                 }
             } else {

@@ -301,6 +301,8 @@ impl super::Driver for super::BrokerDriver {
     const DRIFT_KEYS: &'static [&'static str] = &[
         "url",
         "version",
+        "replicas",
+        "image",
         "instance_size",
         "http_port",
         "config_sha256",

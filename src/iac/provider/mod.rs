@@ -89,8 +89,13 @@ impl Provider {
             if k.starts_with('_') || ["provider", "plugin", "service"].contains(&k.as_str()) {
                 continue;
             }
-            if ["digitalocean_token", "digitalocean_api_url", "kubeconfig", "kube_context"]
-                .contains(&k.as_str())
+            if [
+                "digitalocean_token",
+                "digitalocean_api_url",
+                "kubeconfig",
+                "kube_context",
+            ]
+            .contains(&k.as_str())
             {
                 if !matches!(v, Json::String(_) | Json::Null) {
                     return Err(DriverError::invalid(what, format!("{k} must be a string")));

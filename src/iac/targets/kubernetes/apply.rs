@@ -24,24 +24,24 @@ use std::time::{Duration, Instant};
 pub use crate::iac::state::KubeObject as ObjRef;
 
 pub fn obj_ref(body: &Json) -> Result<ObjRef, KubeError> {
-        let s = |p: &str| {
-            body.pointer(p)
-                .and_then(Json::as_str)
-                .unwrap_or("")
-                .to_string()
-        };
-        let r = ObjRef {
-            api_version: s("/apiVersion"),
-            kind: s("/kind"),
-            name: s("/metadata/name"),
-        };
-        if r.api_version.is_empty() || r.kind.is_empty() || r.name.is_empty() {
-            return Err(KubeError::Invalid(format!(
-                "a rendered object lacks apiVersion, kind or metadata.name: {}",
-                body.to_string().chars().take(120).collect::<String>()
-            )));
-        }
-        Ok(r)
+    let s = |p: &str| {
+        body.pointer(p)
+            .and_then(Json::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let r = ObjRef {
+        api_version: s("/apiVersion"),
+        kind: s("/kind"),
+        name: s("/metadata/name"),
+    };
+    if r.api_version.is_empty() || r.kind.is_empty() || r.name.is_empty() {
+        return Err(KubeError::Invalid(format!(
+            "a rendered object lacks apiVersion, kind or metadata.name: {}",
+            body.to_string().chars().take(120).collect::<String>()
+        )));
+    }
+    Ok(r)
 }
 
 fn label(r: &ObjRef) -> String {
@@ -111,9 +111,9 @@ pub async fn delete_all(client: &Client, ns: &str, objects: &[ObjRef]) -> Result
     let dp = DeleteParams::background();
     for r in objects.iter().rev() {
         match api(client, ns, r).delete(&r.name, &dp).await {
-            Ok(_) => tracing::info!(object = %label(&r), namespace = %ns, "deleted"),
+            Ok(_) => tracing::info!(object = %label(r), namespace = %ns, "deleted"),
             Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(KubeError::api(format!("delete {} in {ns}", label(&r)), e)),
+            Err(e) => return Err(KubeError::api(format!("delete {} in {ns}", label(r)), e)),
         }
     }
     Ok(())

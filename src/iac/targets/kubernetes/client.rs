@@ -44,7 +44,7 @@ pub enum KubeError {
         source: kube::config::KubeconfigError,
     },
     #[error("cannot build a Kubernetes client: {0}")]
-    Client(#[source] kube::Error),
+    Client(#[source] Box<kube::Error>),
     /// The API answered with an error status.
     #[error("{action}: the API server answered {code} {reason}: {message}{hint}")]
     Api {
@@ -59,7 +59,7 @@ pub enum KubeError {
     Transport {
         action: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error("{what} did not become ready within {waited:?}: {state}")]
     NotReady {
@@ -96,7 +96,7 @@ impl KubeError {
             }
             other => KubeError::Transport {
                 action,
-                source: other,
+                source: Box::new(other),
             },
         }
     }
@@ -165,7 +165,7 @@ pub async fn connect(access: &Access) -> Result<Client, KubeError> {
     // Every call is a short request (no watches): fail in seconds, not the default minutes.
     config.connect_timeout = Some(Duration::from_secs(10));
     config.read_timeout = Some(Duration::from_secs(60));
-    Client::try_from(config).map_err(KubeError::Client)
+    Client::try_from(config).map_err(|e| KubeError::Client(Box::new(e)))
 }
 
 fn context_error(access: &Access, source: kube::config::KubeconfigError) -> KubeError {

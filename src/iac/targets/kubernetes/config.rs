@@ -541,7 +541,10 @@ pub fn validate(
     if !cluster_domain.split('.').all(|l| is_dns_label(l, 63)) {
         field(
             "kubernetes.cluster_domain",
-            format!("{} is not a domain such as cluster.local", quote(&cluster_domain)),
+            format!(
+                "{} is not a domain such as cluster.local",
+                quote(&cluster_domain)
+            ),
         );
     }
     let ready_timeout = match &k.ready_timeout {
@@ -637,6 +640,10 @@ pub fn validate(
 }
 
 /// The settings of `d` for `flavor`, or one error naming every bad field.
-pub fn settings(name: &str, d: &BrokerDesired, flavor: Flavor) -> Result<KubeSettings, DriverError> {
+pub fn settings(
+    name: &str,
+    d: &BrokerDesired,
+    flavor: Flavor,
+) -> Result<KubeSettings, DriverError> {
     validate(name, d, flavor).map_err(|lines| config_problems(BROKER_TYPE, name, lines))
 }

@@ -60,9 +60,18 @@ pub const LAME_DUCK: LameDuck = LameDuck {
 pub const TERMINATION_GRACE_SECS: i64 = 60;
 /// The AWS Load Balancer Controller's annotations for an internal NLB targeting pod IPs.
 pub const EKS_INTERNAL_NLB: [(&str, &str); 3] = [
-    ("service.beta.kubernetes.io/aws-load-balancer-type", "external"),
-    ("service.beta.kubernetes.io/aws-load-balancer-nlb-target-type", "ip"),
-    ("service.beta.kubernetes.io/aws-load-balancer-scheme", "internal"),
+    (
+        "service.beta.kubernetes.io/aws-load-balancer-type",
+        "external",
+    ),
+    (
+        "service.beta.kubernetes.io/aws-load-balancer-nlb-target-type",
+        "ip",
+    ),
+    (
+        "service.beta.kubernetes.io/aws-load-balancer-scheme",
+        "internal",
+    ),
 ];
 
 /// One object as server-side apply sends it.
@@ -271,7 +280,10 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
                 auth_env.push(secret_env(ENV_TOKEN, &n.secret, SECRET_TOKEN));
             }
             KubeAuth::UserPassword { user, password } => {
-                data.insert(SECRET_USER.to_string(), ByteString(user.as_bytes().to_vec()));
+                data.insert(
+                    SECRET_USER.to_string(),
+                    ByteString(user.as_bytes().to_vec()),
+                );
                 data.insert(
                     SECRET_PASSWORD.to_string(),
                     ByteString(password.expose().into()),

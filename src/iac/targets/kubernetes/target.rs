@@ -134,12 +134,7 @@ fn selector_of(r: &Rendered) -> BTreeMap<String, String> {
 }
 
 /// The load balancer's address of the client Service, waited for within the apply's budget.
-async fn external_url(
-    c: &kube::Client,
-    ns: &str,
-    svc: &str,
-    w: Wait,
-) -> Result<String, KubeError> {
+async fn external_url(c: &kube::Client, ns: &str, svc: &str, w: Wait) -> Result<String, KubeError> {
     let start = Instant::now();
     loop {
         if let Some(s) = k8s::service(c, ns, svc).await? {
@@ -256,7 +251,11 @@ impl KubernetesTarget {
             ("config_map", json!(names.config_map)),
             (
                 "secret",
-                json!(if s.auth.is_some() { names.secret.as_str() } else { "" }),
+                json!(if s.auth.is_some() {
+                    names.secret.as_str()
+                } else {
+                    ""
+                }),
             ),
             ("pod_disruption_budget", json!(names.pdb)),
             ("pvc_prefix", json!(names.pvc_prefix)),
@@ -448,10 +447,14 @@ impl BrokerTarget for KubernetesTarget {
             .await
             .map_err(|e| platform_error(what, e))?;
         if k.delete_pvcs {
-            let gone =
-                k8s::delete_claims(&c, &k.namespace, &[k.claim.clone()], &k.stateful_set)
-                    .await
-                    .map_err(|e| platform_error(what, e))?;
+            let gone = k8s::delete_claims(
+                &c,
+                &k.namespace,
+                std::slice::from_ref(&k.claim),
+                &k.stateful_set,
+            )
+            .await
+            .map_err(|e| platform_error(what, e))?;
             tracing::info!(namespace = %k.namespace, claims = gone.len(), "broker deleted with its volume claims");
         } else {
             tracing::info!(namespace = %k.namespace, statefulset = %k.stateful_set, url = %str_field(&rec.outputs, "in_cluster_url"),
