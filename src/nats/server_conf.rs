@@ -91,7 +91,10 @@ impl ServerConf {
             ServerName::Fixed(n) => quoted(n),
             ServerName::Env(var) => format!("${var}"),
         };
-        let mut c = format!("# {}\nserver_name: {name}\n", self.header.replace('\n', " "));
+        let mut c = format!(
+            "# {}\nserver_name: {name}\n",
+            self.header.replace('\n', " ")
+        );
         match (&self.client, &self.monitor) {
             (Listen::EnvHost { var, port }, Listen::EnvHost { port: http, .. }) => {
                 c.push_str(&format!("host: ${var}\nport: {port}\nhttp_port: {http}\n"));
@@ -256,7 +259,9 @@ mod tests {
             "{c}"
         );
         assert!(
-            c.contains("  no_advertise: true\n  routes: [\n    \"nats://bus-0.bus-headless:6222\"\n  ]"),
+            c.contains(
+                "  no_advertise: true\n  routes: [\n    \"nats://bus-0.bus-headless:6222\"\n  ]"
+            ),
             "{c}"
         );
     }
