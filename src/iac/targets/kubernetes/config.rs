@@ -253,7 +253,7 @@ pub fn quantity_bytes(s: &str) -> Option<i64> {
         return None;
     }
     let v = num.parse::<f64>().ok()? * mult;
-    (v >= 1.0 && v < 9.2e18).then_some(v as i64)
+    (1.0..9.2e18).contains(&v).then_some(v as i64)
 }
 
 fn decimal(s: &str) -> bool {
@@ -305,11 +305,7 @@ fn label_value_ok(v: &str) -> bool {
 
 /// Validates the target's part of a broker config: every problem at once, one `field: message`
 /// line each, the field named as in the config.
-pub fn validate(
-    name: &str,
-    d: &BrokerDesired,
-    flavor: Flavor,
-) -> Result<KubeSettings, Vec<String>> {
+pub fn validate(d: &BrokerDesired, flavor: Flavor) -> Result<KubeSettings, Vec<String>> {
     let mut p: Vec<String> = Vec::new();
     let mut field = |f: &str, m: String| p.push(format!("{f}: {m}"));
     let c = &d.config;
@@ -631,7 +627,6 @@ pub fn validate(
         ready_timeout,
         auth,
     };
-    let _ = name;
     if p.is_empty() {
         Ok(settings)
     } else {
@@ -645,5 +640,206 @@ pub fn settings(
     d: &BrokerDesired,
     flavor: Flavor,
 ) -> Result<KubeSettings, DriverError> {
-    validate(name, d, flavor).map_err(|lines| config_problems(BROKER_TYPE, name, lines))
+    validate(d, flavor).map_err(|lines| config_problems(BROKER_TYPE, name, lines))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn desired(name: &str, c: serde_json::Value) -> BrokerDesired {
+        let mut base =
+            json!({"provider": "nats", "deploy_target": "kubernetes", "version": "2.10.29"});
+        for (k, v) in c.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        BrokerDesired::decode(name, base.to_string().as_bytes()).unwrap()
+    }
+
+    fn problems(c: serde_json::Value, flavor: Flavor) -> String {
+        validate(&desired("bus", c), flavor).unwrap_err().join("\n")
+    }
+
+    #[test]
+    fn names_are_dns_labels_and_never_collide() {
+        let n = Names::new("orders-bus");
+        assert_eq!(
+            (
+                n.client.as_str(),
+                n.headless.as_str(),
+                n.config_map.as_str(),
+                n.secret.as_str()
+            ),
+            (
+                "orders-bus",
+                "orders-bus-headless",
+                "orders-bus-config",
+                "orders-bus-auth"
+            )
+        );
+        assert_eq!(n.pod(2), "orders-bus-2");
+        // A broker named like another broker's derived object is hashed, not shared.
+        for tricky in [
+            "orders-bus-headless",
+            "orders-bus-config",
+            "orders-bus-auth",
+        ] {
+            let t = Names::new(tricky);
+            assert_ne!(t.client, n.headless);
+            assert_ne!(t.client, n.config_map);
+            assert_ne!(t.config_map, n.config_map);
+            assert_ne!(t.headless, n.headless);
+        }
+        assert_ne!(name_base("Bus_A"), name_base("bus-a"));
+        for weird in [
+            "Bus_A",
+            "1bus",
+            "x",
+            "a-very-long-broker-name-that-is-far-over-forty-characters-long",
+            "bus-",
+            "ÜBER bus",
+        ] {
+            let b = name_base(weird);
+            assert!(is_dns_label(&b, MAX_BASE), "{weird} -> {b}");
+            assert!(is_dns_label(&format!("{b}-headless"), 63), "{b}");
+        }
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(quantity_bytes("10Gi"), Some(10 << 30));
+        assert_eq!(quantity_bytes("500Mi"), Some(500 << 20));
+        assert_eq!(quantity_bytes("1G"), Some(1_000_000_000));
+        assert_eq!(quantity_bytes("1.5Gi"), Some(3 << 29));
+        assert_eq!(quantity_bytes("4096"), Some(4096));
+        for bad in ["", "Gi", "10GB", "-1Gi", "1e3", "ten", "0", "1.Gi"] {
+            assert_eq!(quantity_bytes(bad), None, "{bad}");
+        }
+        assert!(cpu_ok("500m") && cpu_ok("2") && cpu_ok("0.5"));
+        assert!(!cpu_ok("0") && !cpu_ok("two") && !cpu_ok("1c"));
+    }
+
+    #[test]
+    fn flavor_defaults() {
+        let k = validate(&desired("bus", json!({})), Flavor::Kubernetes).unwrap();
+        assert_eq!(k.namespace, "default");
+        assert_eq!(k.storage_class, None);
+        assert!(!k.zone_spread);
+        assert_eq!(k.image, "nats:2.10.29-alpine");
+        assert_eq!(k.max_file_store, (10i64 << 30) / 10 * 9);
+        assert_eq!(k.replicas, 1);
+        let e = validate(
+            &desired("bus", json!({"deploy_target": "aws.eks"})),
+            Flavor::Eks,
+        )
+        .unwrap();
+        assert_eq!(e.storage_class.as_deref(), Some("gp3"));
+        assert!(e.zone_spread);
+        let e = validate(
+            &desired(
+                "bus",
+                json!({"deploy_target": "aws.eks", "kubernetes": {"zone_spread": false, "storage_class": "gp2"}}),
+            ),
+            Flavor::Eks,
+        )
+        .unwrap();
+        assert!(!e.zone_spread);
+        assert_eq!(e.storage_class.as_deref(), Some("gp2"));
+    }
+
+    #[test]
+    fn refusals_name_the_field_and_what_is_valid() {
+        let k = Flavor::Kubernetes;
+        for (c, want) in [
+            (
+                json!({"replicas": 2}),
+                "replicas: 2 is not possible on kubernetes: use 1, 3 or 5",
+            ),
+            (json!({"replicas": 4}), "use 1, 3 or 5"),
+            (
+                json!({"kubernetes": {"namespace": "Bad_NS"}}),
+                "kubernetes.namespace",
+            ),
+            (
+                json!({"kubernetes": {"storage_size": "lots"}}),
+                "kubernetes.storage_size: \"lots\" is not a size",
+            ),
+            (
+                json!({"kubernetes": {"resources": {"cpu": "fast"}}}),
+                "kubernetes.resources.cpu",
+            ),
+            (
+                json!({"kubernetes": {"resources": {"memory": "1Mi"}}}),
+                "at least 64Mi",
+            ),
+            (
+                json!({"kubernetes": {"service_type": "Ingress"}}),
+                "kubernetes.service_type",
+            ),
+            (
+                json!({"kubernetes": {"service_type": "LoadBalancer"}}),
+                "auth: is required with kubernetes.service_type LoadBalancer",
+            ),
+            (
+                json!({"kubernetes": {"internal_load_balancer": true}}),
+                "only applies to deploy_target aws.eks",
+            ),
+            (
+                json!({"kubernetes": {"labels": {"app.kubernetes.io/name": "x"}}}),
+                "set by the provider",
+            ),
+            (
+                json!({"kubernetes": {"labels": {"team": "has spaces"}}}),
+                "not a label value",
+            ),
+            (
+                json!({"kubernetes": {"storage_size": "1Gi"}, "jetstream": {"max_storage_bytes": 2_000_000_000_i64}}),
+                "jetstream.max_storage_bytes",
+            ),
+            (
+                json!({"version": ""}),
+                "version: is required for kubernetes",
+            ),
+            (
+                json!({"auth": {"token": "has space"}}),
+                "auth.token: must be",
+            ),
+            (
+                json!({"kubernetes": {"ready_timeout": "0s"}}),
+                "kubernetes.ready_timeout",
+            ),
+        ] {
+            let e = problems(c.clone(), k);
+            assert!(e.contains(want), "{c}: {e}");
+        }
+        let e = problems(
+            json!({"deploy_target": "aws.eks", "kubernetes": {"internal_load_balancer": true}}),
+            Flavor::Eks,
+        );
+        assert!(
+            e.contains("needs kubernetes.service_type: LoadBalancer"),
+            "{e}"
+        );
+        // Every problem at once.
+        let e = problems(
+            json!({"replicas": 2, "kubernetes": {"storage_size": "x"}}),
+            k,
+        );
+        assert_eq!(e.lines().count(), 2, "{e}");
+    }
+
+    #[test]
+    fn a_kubernetes_section_on_another_target_is_refused() {
+        let c =
+            json!({"provider": "nats", "deploy_target": "local", "kubernetes": {"namespace": "x"}});
+        let e = BrokerDesired::decode("bus", c.to_string().as_bytes())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("kubernetes: only applies to deploy_target kubernetes or aws.eks"),
+            "{e}"
+        );
+    }
 }

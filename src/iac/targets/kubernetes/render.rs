@@ -446,6 +446,8 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
     pod_annotations.insert(ANNOTATION_CONFIG.into(), checksum.clone());
     let mut storage_requests = BTreeMap::new();
     storage_requests.insert("storage".to_string(), Quantity(s.storage_size.clone()));
+    let mut claim_labels = selector.clone();
+    claim_labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
     let sts = StatefulSet {
         metadata: meta(&n.stateful_set),
         spec: Some(StatefulSetSpec {
@@ -496,9 +498,10 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
                 }),
             },
             volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                // Claim templates cannot change after creation: only labels that never do.
                 metadata: ObjectMeta {
                     name: Some(n.claim.clone()),
-                    labels: Some(labels.clone()),
+                    labels: Some(claim_labels),
                     ..Default::default()
                 },
                 spec: Some(PersistentVolumeClaimSpec {
@@ -560,4 +563,105 @@ pub fn to_yaml(o: &RenderedObject) -> Result<String, DriverError> {
 /// Whether the service type exposes the broker outside the cluster.
 pub fn external(s: &KubeSettings) -> bool {
     s.service_type != ServiceType::ClusterIp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rendered(name: &str, c: Json) -> Rendered {
+        let mut base = json!({"provider": "nats", "deploy_target": "kubernetes", "version": "2.10.29", "replicas": 3});
+        for (k, v) in c.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        let d = BrokerDesired::decode(name, base.to_string().as_bytes()).unwrap();
+        render(name, &d, Flavor::Kubernetes).unwrap()
+    }
+
+    fn checksum(r: &Rendered) -> Json {
+        let sts = r.objects.iter().find(|o| o.kind == "StatefulSet").unwrap();
+        sts.body["spec"]["template"]["metadata"]["annotations"][ANNOTATION_CONFIG].clone()
+    }
+
+    #[test]
+    fn objects_come_in_apply_order() {
+        let r = rendered("bus", json!({"auth": {"token": "tok"}}));
+        let kinds: Vec<&str> = r.objects.iter().map(|o| o.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                "Secret",
+                "ConfigMap",
+                "Service",
+                "Service",
+                "StatefulSet",
+                "PodDisruptionBudget"
+            ]
+        );
+        for o in &r.objects {
+            assert_eq!(o.body["apiVersion"], json!(o.api_version));
+            assert_eq!(o.body["kind"], json!(o.kind));
+            assert_eq!(o.body["metadata"]["name"], json!(o.name));
+            assert_eq!(o.body["metadata"]["namespace"], json!("default"));
+        }
+        assert_eq!(
+            r.in_cluster_url,
+            "nats://bus.default.svc.cluster.local:4222"
+        );
+        // No auth, no Secret (and no secret env in the pod).
+        let r = rendered("bus", json!({}));
+        assert_eq!(r.objects[0].kind, "ConfigMap");
+        assert!(!r.nats_conf.contains("authorization"));
+    }
+
+    #[test]
+    fn a_config_or_credential_change_rolls_the_pods() {
+        let a = rendered("bus", json!({"auth": {"token": "tokA"}}));
+        let b = rendered("bus", json!({"auth": {"token": "tokB"}}));
+        assert_eq!(a.nats_conf, b.nats_conf, "the token is never in nats.conf");
+        assert_ne!(checksum(&a), checksum(&b));
+        let c = rendered(
+            "bus",
+            json!({"auth": {"token": "tokA"}, "jetstream": {"max_memory_bytes": 1048576}}),
+        );
+        assert_ne!(checksum(&a), checksum(&c));
+        assert_eq!(
+            checksum(&a),
+            checksum(&rendered("bus", json!({"auth": {"token": "tokA"}})))
+        );
+        assert!(!serde_json::to_string(&a.objects[4].body)
+            .unwrap()
+            .contains("tokA"));
+    }
+
+    #[test]
+    fn two_brokers_in_one_namespace_share_no_object() {
+        let a = rendered("bus", json!({}));
+        let b = rendered("bus-headless", json!({}));
+        for x in &a.objects {
+            for y in &b.objects {
+                assert!(
+                    !(x.kind == y.kind && x.name == y.name),
+                    "{} {}",
+                    x.kind,
+                    x.name
+                );
+            }
+        }
+        assert!(!a.nats_conf.contains(&b.names.headless));
+    }
+
+    #[test]
+    fn a_single_server_has_no_cluster_block() {
+        let r = rendered("bus", json!({"replicas": 1}));
+        assert!(!r.nats_conf.contains("cluster {"), "{}", r.nats_conf);
+        let r = rendered("bus", json!({"replicas": 5}));
+        assert_eq!(
+            r.nats_conf
+                .matches("bus-headless.default.svc.cluster.local:6222")
+                .count(),
+            5
+        );
+    }
 }
