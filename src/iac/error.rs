@@ -207,7 +207,7 @@ mod tests {
                 type_name: "infra.database".into(),
                 known: "x".into(),
             },
-            not_yet("b", crate::providers::DeployTarget::Kubernetes),
+            not_yet("b", crate::providers::DeployTarget::AwsEcs),
             DriverError::refused("stream \"S\"", "prevent_destroy is set"),
             DriverError::nats(
                 "stream \"S\"",
@@ -240,7 +240,9 @@ mod tests {
             m,
             "infra.eventbus \"bus\": deploy target \"aws.ecs\" is not available yet in the eventbus IaC provider; \
              use deploy_target local (nats-server processes on this machine) or self_hosted (servers you name with dsn/servers) \
-             or digitalocean.app_platform (one non-durable broker as an App Platform app)"
+             or digitalocean.app_platform (one non-durable broker as an App Platform app) \
+             or kubernetes (a durable JetStream cluster as a StatefulSet, through the Kubernetes API) \
+             or aws.eks (the same on EKS: gp3 volumes, zone spread)"
         );
     }
 }

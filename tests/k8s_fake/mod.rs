@@ -868,14 +868,16 @@ where
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         tokio::select! {
-            m = rx.next() => match m {
-                Some(Ok(Message::Binary(b))) if !b.is_empty() => {
-                    if b[0] == 0 && w.write_all(&b[1..]).await.is_err() {
-                        break;
-                    }
+            m = rx.next() => {
+                let data = match m {
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    _ => continue,
+                };
+                // Channel 0 carries the port's bytes; the client writes nothing else.
+                if data.first() == Some(&0) && w.write_all(&data[1..]).await.is_err() {
+                    break;
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                _ => {}
             },
             n = r.read(&mut buf) => match n {
                 Ok(0) | Err(_) => break,
