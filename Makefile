@@ -54,8 +54,17 @@ test-nats29:
 
 # Against the real DigitalOcean Apps API (creates and deletes a billable app):
 # EVENTBUS_ACCEPTANCE=1 DIGITALOCEAN_TOKEN=... make acceptance
+# Against a real Kubernetes cluster (a 3-pod StatefulSet with 1Gi volumes in EVENTBUS_K8S_NAMESPACE,
+# default "default", deleted with its claims; EVENTBUS_K8S_TARGET=aws.eks for the EKS flavor):
+# EVENTBUS_ACCEPTANCE=1 KUBECONFIG=... make acceptance
+# Each runs only when its credentials are set, and says "skipped" otherwise.
 acceptance: deps
-	cargo test --locked --test app_platform_iac -- --ignored live_
+	@if [ -n "$$DIGITALOCEAN_TOKEN" ]; then \
+		cargo test --locked --test app_platform_iac -- --ignored live_; \
+	else echo "skipped: live DigitalOcean (set EVENTBUS_ACCEPTANCE=1 and DIGITALOCEAN_TOKEN)"; fi
+	@if [ -n "$$KUBECONFIG" ]; then \
+		cargo test --locked --test kubernetes_iac -- --ignored live_; \
+	else echo "skipped: live Kubernetes (set EVENTBUS_ACCEPTANCE=1 and KUBECONFIG)"; fi
 
 lint:
 	cargo fmt --all -- --check
