@@ -305,7 +305,7 @@ async fn scale_1_to_3_and_config_change_roll_the_pods_as_updates() {
 
 #[tokio::test]
 async fn statefulset_deleted_out_of_band_is_missing_and_destroy_removes_the_claims_when_asked() {
-    let fake = Fake::start();
+    let fake = Fake::start_tls();
     let dir = tempfile::tempdir().unwrap();
     let mut w = wfctl(dir.path(), &fake);
     let ns = "drift";
@@ -361,7 +361,8 @@ async fn statefulset_deleted_out_of_band_is_missing_and_destroy_removes_the_clai
 
 #[tokio::test]
 async fn aws_eks_behind_a_load_balancer_with_a_chosen_context() {
-    let fake = Fake::start();
+    let fake = Fake::start_tls();
+    assert!(fake.url.starts_with("https://"));
     let dir = tempfile::tempdir().unwrap();
     let mut w = wfctl(dir.path(), &fake);
     // The kubeconfig's current context is a cluster that does not answer: only the named one works.

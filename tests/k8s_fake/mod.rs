@@ -13,7 +13,9 @@
 //!   fields (selector, serviceName, volumeClaimTemplates, podManagementPolicy) answer 422 on
 //!   change, as the real one does. `stringData` of a Secret is folded into `data` (base64).
 //! - Watches, discovery, RBAC, admission, quotas, events and finalizers do not exist; a bearer
-//!   token is checked (401), nothing else. Plain http on 127.0.0.1 (a real one is TLS).
+//!   token is checked (401), nothing else. HTTP/1.1 only, on 127.0.0.1: plain (`start`) or TLS
+//!   with a private CA the kubeconfig carries as `certificate-authority-data` (`start_tls`), as
+//!   a real one always has (and HTTP/2).
 //! - Controllers: the StatefulSet "controller" runs in-process every 100 ms: Parallel pod
 //!   management only (all missing ordinals start at once), RollingUpdate one pod at a time from the
 //!   highest ordinal, each replaced pod Ready before the next (OnDelete is honoured by not
@@ -153,6 +155,40 @@ fn lock(s: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 
 impl Fake {
     pub fn start() -> Fake {
+        Fake::launch(false)
+    }
+
+    /// Served over TLS with a certificate of a private CA (the kubeconfig trusts that CA).
+    pub fn start_tls() -> Fake {
+        Fake::launch(true)
+    }
+
+    fn launch(tls: bool) -> Fake {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let acceptor = tls.then(|| {
+            use tokio_rustls::rustls;
+            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
         let root = tempfile::tempdir().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
         lock(&state).namespaces.insert("default".into());
@@ -176,15 +212,29 @@ impl Fake {
                             continue;
                         };
                         let st = st.clone();
+                        let acceptor = acceptor.clone();
                         tokio::spawn(async move {
                             let svc = hyper::service::service_fn(move |req| {
                                 let st = st.clone();
                                 async move { Ok::<_, std::convert::Infallible>(handle(st, req).await) }
                             });
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                                .with_upgrades()
-                                .await;
+                            let http = hyper::server::conn::http1::Builder::new();
+                            match acceptor {
+                                Some(a) => {
+                                    if let Ok(tls) = a.accept(tcp).await {
+                                        let _ = http
+                                            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                                            .with_upgrades()
+                                            .await;
+                                    }
+                                }
+                                None => {
+                                    let _ = http
+                                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                                        .with_upgrades()
+                                        .await;
+                                }
+                            }
                         });
                     }
                 };
@@ -200,14 +250,22 @@ impl Fake {
             });
         });
         let addr: SocketAddr = rx.recv().unwrap();
-        let url = format!("http://{addr}");
+        let url = format!("{}://{addr}", if tls { "https" } else { "http" });
+        let ca_data = if tls {
+            format!(
+                "\n    certificate-authority-data: {}",
+                base64::engine::general_purpose::STANDARD.encode(ca.pem())
+            )
+        } else {
+            String::new()
+        };
         let kubeconfig = root.path().join("kubeconfig");
         // Two contexts: `fake` (current) and `elsewhere`, a cluster that does not answer, so a
         // test can show which context the provider picked.
         std::fs::write(
             &kubeconfig,
             format!(
-                "apiVersion: v1\nkind: Config\ncurrent-context: fake\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n- name: elsewhere\n  cluster:\n    server: http://127.0.0.1:9\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n- name: elsewhere\n  context:\n    cluster: elsewhere\n    user: fake\nusers:\n- name: fake\n  user:\n    token: {TOKEN}\n"
+                "apiVersion: v1\nkind: Config\ncurrent-context: fake\nclusters:\n- name: fake\n  cluster:\n    server: {url}{ca_data}\n- name: elsewhere\n  cluster:\n    server: http://127.0.0.1:9\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n- name: elsewhere\n  context:\n    cluster: elsewhere\n    user: fake\nusers:\n- name: fake\n  user:\n    token: {TOKEN}\n"
             ),
         )
         .unwrap();
