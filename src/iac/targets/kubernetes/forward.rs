@@ -165,8 +165,14 @@ impl Tunnel {
         tracing::info!(namespace = %ns, %local, port, "port-forward to the broker's pods open");
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut tcp, _)) = listener.accept().await else {
-                    continue;
+                let mut tcp = match listener.accept().await {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "port-forward listener: accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
                 let (client, ns, selector, next) =
                     (client.clone(), ns.clone(), selector.clone(), next.clone());

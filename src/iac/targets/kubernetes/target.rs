@@ -202,12 +202,19 @@ impl KubernetesTarget {
                 .collect();
             k8s::delete_all(&c, &ns, &stale).await?;
         }
+        // One budget (kubernetes.ready_timeout) for the rollout, the meta cluster and the
+        // load balancer together.
         let w = Wait::from_env(s.ready_timeout);
+        let start = Instant::now();
+        let left = |w: Wait| Wait {
+            timeout: w.timeout.saturating_sub(start.elapsed()),
+            ..w
+        };
         k8s::wait_rollout(&c, &ns, &r.names.stateful_set, w).await?;
         let selector = selector_of(&r);
-        k8s::wait_meta(&c, &ns, &selector, MONITOR_PORT, r.replicas, w).await?;
+        k8s::wait_meta(&c, &ns, &selector, MONITOR_PORT, r.replicas, left(w)).await?;
         let external = match s.service_type {
-            ServiceType::LoadBalancer => external_url(&c, &ns, &r.names.client, w).await?,
+            ServiceType::LoadBalancer => external_url(&c, &ns, &r.names.client, left(w)).await?,
             _ => String::new(),
         };
         let (token, user, password) = match &s.auth {
