@@ -78,11 +78,22 @@ fn golden_dir() -> PathBuf {
 fn rendered_manifests_match_the_golden_files() {
     let update = std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1");
     let mut mismatched = Vec::new();
+    let mut dirs = Vec::new();
     for (name, flavor, config) in cases() {
         let r = rendered(name, flavor, &config);
         let dir = golden_dir().join(&r.names.base);
+        dirs.push(r.names.base.clone());
         if update {
+            let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
+        }
+        let files = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        if files != r.objects.len() {
+            mismatched.push(format!(
+                "{}: {files} files for {} objects",
+                dir.display(),
+                r.objects.len()
+            ));
         }
         for (i, o) in r.objects.iter().enumerate() {
             let file = dir.join(format!("{:02}-{}.yaml", i + 1, o.kind.to_ascii_lowercase()));
@@ -97,6 +108,18 @@ fn rendered_manifests_match_the_golden_files() {
                 Err(e) => mismatched.push(format!("{}: {e}", file.display())),
             }
         }
+    }
+    let mut on_disk: Vec<String> = std::fs::read_dir(golden_dir())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    on_disk.sort();
+    dirs.sort();
+    if on_disk != dirs && !update {
+        mismatched.push(format!("golden brokers {on_disk:?}, rendered {dirs:?}"));
     }
     assert!(
         mismatched.is_empty(),
