@@ -682,6 +682,37 @@ fn render_writes_what_apply_sends_for_every_kubernetes_broker() {
         !out.join("local-bus").exists(),
         "local brokers are not rendered"
     );
+
+    // Rendered again without auth: the earlier Secret's file goes, files of others stay.
+    std::fs::write(out.join("orders-bus/README"), "mine").unwrap();
+    std::fs::write(
+        &infra,
+        INFRA.replace("auth: {token: \"${RENDER_TEST_TOKEN}\"}", ""),
+    )
+    .unwrap();
+    let o = plugin()
+        .arg("render")
+        .arg(&infra)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut files: Vec<String> = std::fs::read_dir(out.join("orders-bus"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "01-configmap.yaml",
+            "02-service.yaml",
+            "03-service.yaml",
+            "04-statefulset.yaml",
+            "05-poddisruptionbudget.yaml",
+            "README"
+        ]
+    );
 }
 
 fn render_err(infra: &str, env: &[(&str, &str)]) -> (i32, String) {
