@@ -457,16 +457,56 @@ async fn the_configmap_boots_a_3_node_jetstream_cluster_and_an_r3_stream_survive
     });
     let r = rendered("orders-bus", Flavor::Kubernetes, &config);
     let mut pods = pods(&r);
-    for p in &mut pods {
+    let probe = |which: &str| -> String {
+        let sts = r.objects.iter().find(|o| o.kind == "StatefulSet").unwrap();
+        sts.body
+            .pointer(&format!(
+                "/spec/template/spec/containers/0/{which}/httpGet/path"
+            ))
+            .and_then(Json::as_str)
+            .unwrap()
+            .to_string()
+    };
+    let (startup, readiness, liveness) = (
+        probe("startupProbe"),
+        probe("readinessProbe"),
+        probe("livenessProbe"),
+    );
+    // One pod alone, its peers not started yet: the startup probe fails (no meta leader), and
+    // from 2.10 on the readiness and liveness probes pass (the pod gets Ready and is not
+    // restarted while it waits for a quorum). 2.9 ignores `js-server-only`/`js-enabled-only`
+    // and runs the full check: its pods get Ready with the quorum, which the headless
+    // Service's not-ready addresses still let them form.
+    pods[0].start(&bin);
+    let code = |p: &Pod, path: &str| http_get(p.monitor_port, path).map(|(c, _)| c);
+    let v = nats_test_server::version(&bin);
+    let pre_2_10 = v.contains("v2.9.") || v.contains("v2.8.");
+    poll(
+        "the lone pod's monitor port",
+        Duration::from_secs(30),
+        || code(&pods[0], "/varz").filter(|c| *c == 200),
+    );
+    if !pre_2_10 {
+        poll("the lone pod's readiness", Duration::from_secs(30), || {
+            (code(&pods[0], &readiness) == Some(200)).then_some(())
+        });
+        assert_eq!(code(&pods[0], &liveness), Some(200), "{liveness}");
+    }
+    assert_ne!(
+        code(&pods[0], &startup),
+        Some(200),
+        "{startup} without a quorum"
+    );
+    for p in &mut pods[1..] {
         p.start(&bin);
     }
     // The startup probe's check (meta group formed, assets current) on every pod, then the
     // meta cluster's size as /jsz reports it.
     for p in &pods {
         poll(
-            &format!("{} /healthz", p.name),
+            &format!("{} {startup}", p.name),
             Duration::from_secs(60),
-            || (http_get(p.monitor_port, "/healthz").map(|(c, _)| c) == Some(200)).then_some(()),
+            || (code(p, &startup) == Some(200)).then_some(()),
         );
     }
     let size = poll("meta cluster of 3", Duration::from_secs(30), || {
