@@ -78,11 +78,22 @@ fn golden_dir() -> PathBuf {
 fn rendered_manifests_match_the_golden_files() {
     let update = std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1");
     let mut mismatched = Vec::new();
+    let mut dirs = Vec::new();
     for (name, flavor, config) in cases() {
         let r = rendered(name, flavor, &config);
         let dir = golden_dir().join(&r.names.base);
+        dirs.push(r.names.base.clone());
         if update {
+            let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
+        }
+        let files = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        if files != r.objects.len() {
+            mismatched.push(format!(
+                "{}: {files} files for {} objects",
+                dir.display(),
+                r.objects.len()
+            ));
         }
         for (i, o) in r.objects.iter().enumerate() {
             let file = dir.join(format!("{:02}-{}.yaml", i + 1, o.kind.to_ascii_lowercase()));
@@ -97,6 +108,18 @@ fn rendered_manifests_match_the_golden_files() {
                 Err(e) => mismatched.push(format!("{}: {e}", file.display())),
             }
         }
+    }
+    let mut on_disk: Vec<String> = std::fs::read_dir(golden_dir())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    on_disk.sort();
+    dirs.sort();
+    if on_disk != dirs && !update {
+        mismatched.push(format!("golden brokers {on_disk:?}, rendered {dirs:?}"));
     }
     assert!(
         mismatched.is_empty(),
@@ -434,16 +457,56 @@ async fn the_configmap_boots_a_3_node_jetstream_cluster_and_an_r3_stream_survive
     });
     let r = rendered("orders-bus", Flavor::Kubernetes, &config);
     let mut pods = pods(&r);
-    for p in &mut pods {
+    let probe = |which: &str| -> String {
+        let sts = r.objects.iter().find(|o| o.kind == "StatefulSet").unwrap();
+        sts.body
+            .pointer(&format!(
+                "/spec/template/spec/containers/0/{which}/httpGet/path"
+            ))
+            .and_then(Json::as_str)
+            .unwrap()
+            .to_string()
+    };
+    let (startup, readiness, liveness) = (
+        probe("startupProbe"),
+        probe("readinessProbe"),
+        probe("livenessProbe"),
+    );
+    // One pod alone, its peers not started yet: the startup probe fails (no meta leader), and
+    // from 2.10 on the readiness and liveness probes pass (the pod gets Ready and is not
+    // restarted while it waits for a quorum). 2.9 ignores `js-server-only`/`js-enabled-only`
+    // and runs the full check: its pods get Ready with the quorum, which the headless
+    // Service's not-ready addresses still let them form.
+    pods[0].start(&bin);
+    let code = |p: &Pod, path: &str| http_get(p.monitor_port, path).map(|(c, _)| c);
+    let v = nats_test_server::version(&bin);
+    let pre_2_10 = v.contains("v2.9.") || v.contains("v2.8.");
+    poll(
+        "the lone pod's monitor port",
+        Duration::from_secs(30),
+        || code(&pods[0], "/varz").filter(|c| *c == 200),
+    );
+    if !pre_2_10 {
+        poll("the lone pod's readiness", Duration::from_secs(30), || {
+            (code(&pods[0], &readiness) == Some(200)).then_some(())
+        });
+        assert_eq!(code(&pods[0], &liveness), Some(200), "{liveness}");
+    }
+    assert_ne!(
+        code(&pods[0], &startup),
+        Some(200),
+        "{startup} without a quorum"
+    );
+    for p in &mut pods[1..] {
         p.start(&bin);
     }
     // The startup probe's check (meta group formed, assets current) on every pod, then the
     // meta cluster's size as /jsz reports it.
     for p in &pods {
         poll(
-            &format!("{} /healthz", p.name),
+            &format!("{} {startup}", p.name),
             Duration::from_secs(60),
-            || (http_get(p.monitor_port, "/healthz").map(|(c, _)| c) == Some(200)).then_some(()),
+            || (code(p, &startup) == Some(200)).then_some(()),
         );
     }
     let size = poll("meta cluster of 3", Duration::from_secs(30), || {
@@ -658,6 +721,37 @@ fn render_writes_what_apply_sends_for_every_kubernetes_broker() {
     assert!(
         !out.join("local-bus").exists(),
         "local brokers are not rendered"
+    );
+
+    // Rendered again without auth: the earlier Secret's file goes, files of others stay.
+    std::fs::write(out.join("orders-bus/README"), "mine").unwrap();
+    std::fs::write(
+        &infra,
+        INFRA.replace("auth: {token: \"${RENDER_TEST_TOKEN}\"}", ""),
+    )
+    .unwrap();
+    let o = plugin()
+        .arg("render")
+        .arg(&infra)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut files: Vec<String> = std::fs::read_dir(out.join("orders-bus"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "01-configmap.yaml",
+            "02-service.yaml",
+            "03-service.yaml",
+            "04-statefulset.yaml",
+            "05-poddisruptionbudget.yaml",
+            "README"
+        ]
     );
 }
 

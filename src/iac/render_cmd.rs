@@ -111,6 +111,36 @@ fn write_file(path: &Path, text: &str, private: bool) -> Result<(), RenderCmdErr
     f.write_all(text.as_bytes()).map_err(err)
 }
 
+/// `NN-<kind>.yaml`: numbered in apply order.
+fn object_file(i: usize, kind: &str) -> String {
+    format!("{:02}-{}.yaml", i + 1, kind.to_ascii_lowercase())
+}
+
+/// Files an earlier run wrote for this broker (`NN-<kind>.yaml`) go first: with auth turned off
+/// there is no Secret any more, and a stale file would show one in a review or `kubectl diff`.
+/// Other files in the directory are left alone.
+fn remove_stale(dir: &Path) -> Result<(), RenderCmdError> {
+    let err = |source| RenderCmdError::Write {
+        path: dir.display().to_string(),
+        source,
+    };
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let ours = name.len() > 8
+            && name.as_bytes()[..2].iter().all(u8::is_ascii_digit)
+            && name.as_bytes()[2] == b'-'
+            && name.ends_with(".yaml")
+            && name[3..name.len() - 5]
+                .chars()
+                .all(|c| c.is_ascii_lowercase());
+        if ours && entry.file_type().map_err(err)?.is_file() {
+            std::fs::remove_file(entry.path()).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
 /// Renders every kubernetes / aws.eks broker of `infra` into `<out>/<broker name base>/`,
 /// one `NN-<kind>.yaml` per object in apply order. Nothing is written unless every broker
 /// renders.
@@ -184,8 +214,9 @@ pub fn run(infra: &Path, out: &Path) -> Result<Vec<Written>, RenderCmdError> {
             path: dir.display().to_string(),
             source,
         })?;
+        remove_stale(&dir)?;
         for (i, o) in r.objects.iter().enumerate() {
-            let file = dir.join(format!("{:02}-{}.yaml", i + 1, o.kind.to_ascii_lowercase()));
+            let file = dir.join(object_file(i, o.kind));
             let yaml = to_yaml(o).map_err(|e| RenderCmdError::Broker(e.to_string()))?;
             write_file(&file, &yaml, o.kind == "Secret")?;
             written.push(Written {
