@@ -88,6 +88,26 @@ pub struct BrokerRecord {
     /// Outputs of the last create/update, for drift detection.
     #[serde(default)]
     pub outputs: Json,
+    /// Set for a `provider: pgchannel` broker: the database it adopted. Absent in records of
+    /// NATS brokers (and in every file an earlier release wrote), which is how the stream and
+    /// consumer drivers tell the two providers apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pg: Option<PgRecord>,
+}
+
+/// What a pgchannel broker's streams and consumers need to reach its database in a later
+/// plugin process (wfctl erases `${bus.dsn}` references, docs/iac-host.md §1.3).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PgRecord {
+    /// As configured or read from `EVENTBUS_<NAME>_URI`; it may carry a password, so it is
+    /// never logged or put in outputs (this file is 0600, as for NATS credentials).
+    pub dsn: String,
+    #[serde(default)]
+    pub max_conns: usize,
+    #[serde(default)]
+    pub poll_interval_ms: u64,
+    #[serde(default)]
+    pub connect_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -263,6 +283,7 @@ mod tests {
                         prevent_destroy: false,
                         bind: false,
                         outputs: Json::Null,
+                        pg: None,
                     },
                 );
             })
