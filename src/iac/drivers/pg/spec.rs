@@ -156,6 +156,7 @@ pub fn consumer_def(
             DeliverFrom::BySeq(i64::try_from(*start_sequence).unwrap_or(i64::MAX))
         }
         DeliverPolicy::ByStartTime { start_time } => DeliverFrom::ByTime(*start_time),
+        // Not in the config's enum today; refused should it ever be.
         DeliverPolicy::LastPerSubject => {
             p.field(
                 "deliver_policy",
@@ -230,7 +231,8 @@ pub fn stream_outputs(d: &StreamDef, f: &Flags) -> Json {
     })
 }
 
-/// Outputs → the stream row they describe.
+/// Outputs → the stream row they describe (the round trip the tests check).
+#[cfg(test)]
 pub fn stream_from_outputs(o: &Json) -> StreamDef {
     let age = duration_from_json(o.get("max_age"));
     StreamDef {
@@ -393,17 +395,13 @@ mod tests {
         assert!(e.contains("config.name") && e.contains("config.subjects[0]"), "{e}");
         let c = consumer::decode(
             "w",
-            br#"{"name":"w","stream_name":"ORDERS","filter_subject":"orders.*","max_ack_pending":10,"deliver_policy":"DELIVER_POLICY_LAST_PER_SUBJECT"}"#,
+            br#"{"name":"w","stream_name":"ORDERS","filter_subject":"orders.*","max_ack_pending":10}"#,
         )
         .unwrap();
         let e = consumer_def(CONSUMER_TYPE, "w", &c)
             .unwrap_err()
             .to_string();
-        for f in [
-            "config.filter_subjects[0]",
-            "config.max_ack_pending",
-            "config.deliver_policy",
-        ] {
+        for f in ["config.filter_subjects[0]", "config.max_ack_pending"] {
             assert!(e.contains(f), "{f}: {e}");
         }
     }
