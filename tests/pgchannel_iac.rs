@@ -199,14 +199,14 @@ async fn pgchannel_plan_apply_replan_update_drift_destroy() {
     assert!(w.plan(&desired).await.is_empty());
     let drifts = w.drift().await.unwrap();
     assert!(
-        drifts
-            .iter()
-            .all(|d| d.class == DriftClass::InSync as i32),
+        drifts.iter().all(|d| d.class == DriftClass::InSync as i32),
         "{drifts:?}"
     );
 
     // Rows changed behind wfctl's back: CONFIG drift naming the field.
-    pg.psql("UPDATE eventbus_streams SET subjects = ARRAY['orders.>', 'extra.>'] WHERE name = 'ORDERS'");
+    pg.psql(
+        "UPDATE eventbus_streams SET subjects = ARRAY['orders.>', 'extra.>'] WHERE name = 'ORDERS'",
+    );
     pg.psql("UPDATE eventbus_consumers SET max_deliver = 9 WHERE name = 'orders-worker'");
     let drifts = w.drift().await.unwrap();
     let find = |n: &str| drifts.iter().find(|d| d.name == n).unwrap().clone();
@@ -250,7 +250,10 @@ async fn pgchannel_plan_apply_replan_update_drift_destroy() {
     );
     let t = Instant::now();
     let d = w.destroy().await;
-    eprintln!("pgchannel destroy (consumer, stream with 3 events, broker): {:?}", t.elapsed());
+    eprintln!(
+        "pgchannel destroy (consumer, stream with 3 events, broker): {:?}",
+        t.elapsed()
+    );
     assert!(d.errors.is_empty(), "{:?}", d.errors);
     assert_eq!(d.destroyed.len(), 3);
     assert_eq!(
@@ -367,7 +370,8 @@ async fn pgchannel_nats_only_settings_are_refused_at_plan_naming_the_field() {
         .await
         .unwrap_err();
     assert!(
-        e.message().contains("config.storage") && e.message().contains("config.max_msgs_per_subject"),
+        e.message().contains("config.storage")
+            && e.message().contains("config.max_msgs_per_subject"),
         "{}",
         e.message()
     );
@@ -466,6 +470,11 @@ async fn pgchannel_env_dsn_prevent_destroy_and_older_state_files() {
     );
     // The NATS brokers of the older file are untouched.
     let st = state_file(dir.path());
-    assert_eq!(st["brokers"]["bus"]["local"]["nodes"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        st["brokers"]["bus"]["local"]["nodes"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
     assert!(st["brokers"].get("pgbus").is_none(), "{st}");
 }

@@ -347,6 +347,19 @@ mod tests {
         let again: Json = serde_json::to_value(&s).unwrap();
         assert_eq!(again["brokers"]["bus"]["target"], "local");
         assert_eq!(again["brokers"]["edge"]["target"], "self_hosted");
+        // NATS records have no pgchannel part, and write none back.
+        assert!(s.brokers.values().all(|b| b.pg.is_none()));
+        assert!(again["brokers"]["bus"].get("pg").is_none());
+        // A pgchannel record written by this release reads back whole.
+        let mut with_pg = s.clone();
+        with_pg.brokers.get_mut("edge").unwrap().pg = Some(PgRecord {
+            dsn: "postgres://u:pw@db:5432/app".into(),
+            max_conns: 4,
+            poll_interval_ms: 250,
+            connect_timeout_ms: 5000,
+        });
+        let text = serde_json::to_string(&with_pg).unwrap();
+        assert_eq!(serde_json::from_str::<ProviderState>(&text).unwrap(), with_pg);
         let bad = text.replacen("\"self_hosted\"", "\"mainframe\"", 1);
         let e = serde_json::from_str::<ProviderState>(&bad)
             .unwrap_err()

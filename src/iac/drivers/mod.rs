@@ -150,7 +150,6 @@ pub(crate) trait Driver {
     }
 }
 
-
 /// A driver behind one pointer, so the provider routes every call through `Kind::driver`
 /// (the only match over resource types) instead of one match per operation.
 #[tonic::async_trait]

@@ -39,7 +39,11 @@ fn on_spec(state: &ProviderState, broker_ref: &str, servers: &[String]) -> On {
 }
 
 /// By the recorded (or provider_id-named) location of an existing stream or consumer.
-fn on_ref(state: &ProviderState, r: &ResourceRef, type_name: &str) -> Option<(stream::Located, PgRecord)> {
+fn on_ref(
+    state: &ProviderState,
+    r: &ResourceRef,
+    type_name: &str,
+) -> Option<(stream::Located, PgRecord)> {
     let l = stream::locate(state, r, type_name)?;
     if !l.servers.is_empty() {
         return None;

@@ -130,7 +130,12 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
                         .and_then(|l| l.split(':').next())
                         .unwrap_or_default()
                         .to_string();
-                    out.push(diag(Error, name, &field, format!("{}: {line}", c.component)));
+                    out.push(diag(
+                        Error,
+                        name,
+                        &field,
+                        format!("{}: {line}", c.component),
+                    ));
                 }
             }
         }
@@ -196,11 +201,7 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
 
 /// Whether a stream or consumer spec is on a pgchannel broker that `brokers` (the plan's and
 /// the provider state's, by name → is pgchannel) names; for plan validation.
-fn spec_on_pg(
-    brokers: &BTreeMap<String, bool>,
-    broker_ref: &str,
-    servers: &[String],
-) -> bool {
+fn spec_on_pg(brokers: &BTreeMap<String, bool>, broker_ref: &str, servers: &[String]) -> bool {
     if servers.iter().any(|s| !s.trim().is_empty()) {
         return false;
     }

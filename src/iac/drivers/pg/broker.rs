@@ -51,12 +51,12 @@ pub fn record_of(name: &str, d: &BrokerDesired) -> Result<PgRecord, DriverError>
     let Some(pg) = &d.spec.pg else {
         return Err(DriverError::invalid(label(name), "not a pgchannel broker"));
     };
-    let dsn = pg.resolve_dsn(name).ok_or_else(|| {
+    let dsn = d.spec.resolve_pg_dsn().ok_or_else(|| {
         DriverError::invalid(
             label(name),
             format!(
-                "pgchannel needs the database to adopt: set dsn, or EVENTBUS_{}_URI in wfctl's environment",
-                crate::nats::names::env_key(name)
+                "pgchannel needs the database to adopt: set dsn, or {} in wfctl's environment",
+                d.spec.pg_env_var()
             ),
         )
     })?;
@@ -114,7 +114,10 @@ fn outputs(name: &str, view: &Json, bus: &crate::pg::PgBus) -> Json {
     // The runtime module reads the same variable when its config has no dsn.
     m.insert(
         "dsn_env".into(),
-        json!(format!("EVENTBUS_{}_URI", crate::nats::names::env_key(name))),
+        json!(format!(
+            "EVENTBUS_{}_URI",
+            crate::nats::names::env_key(name)
+        )),
     );
     Json::Object(m)
 }

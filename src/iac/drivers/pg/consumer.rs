@@ -101,7 +101,10 @@ pub async fn apply(
             .await
             .map_err(|e| DriverError::pg(&what, e))?
             .ok_or_else(|| {
-                DriverError::refused(&what, "the row was deleted while it was being written; apply again")
+                DriverError::refused(
+                    &what,
+                    "the row was deleted while it was being written; apply again",
+                )
             })?,
     };
     let flags = Flags {
@@ -210,7 +213,10 @@ pub async fn health(
     match read(ctx, r, l, pg).await {
         Ok(_) => Ok((
             true,
-            format!("pgchannel consumer {:?} on stream {:?}", l.durable, l.stream),
+            format!(
+                "pgchannel consumer {:?} on stream {:?}",
+                l.durable, l.stream
+            ),
         )),
         Err(e) if e.is_not_found() => Err(e),
         Err(e) => Ok((false, crate::error_chain::render(&e))),

@@ -11,7 +11,7 @@
 //! which provider they describe.
 
 use crate::config::error::{ConfigError, Problems};
-use crate::iac::drivers::{duration_from_json, duration_json, i64_field, str_field, strings_field};
+use crate::iac::drivers::duration_json;
 use crate::nats::consumer::ConsumerSpec;
 use crate::nats::stream::StreamSpec;
 use crate::pg::{AckPolicy as PgAck, ConsumerDef, DeliverFrom, StreamDef};
@@ -33,11 +33,7 @@ const NATS_ONLY: &str = "is a NATS JetStream setting; pgchannel";
 /// A pgchannel stream name becomes a NOTIFY channel (`eventbus_<lower(name)>`), so it keeps
 /// the Go provider's rule.
 fn check_pg_name(name: &str) -> Result<(), String> {
-    if !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    {
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         Ok(())
     } else {
         Err(format!(
@@ -83,7 +79,10 @@ pub fn stream_def(type_name: &str, module: &str, s: &StreamSpec) -> Result<Strea
     if s.retention != RetentionPolicy::Limits {
         p.field(
             "retention_policy",
-            format!("{:?} {NATS_ONLY} retains by max_age/max_msgs/max_bytes only (remove it)", s.retention),
+            format!(
+                "{:?} {NATS_ONLY} retains by max_age/max_msgs/max_bytes only (remove it)",
+                s.retention
+            ),
         );
     }
     if s.discard == DiscardPolicy::New {
@@ -231,20 +230,6 @@ pub fn stream_outputs(d: &StreamDef, f: &Flags) -> Json {
     })
 }
 
-/// Outputs → the stream row they describe (the round trip the tests check).
-#[cfg(test)]
-pub fn stream_from_outputs(o: &Json) -> StreamDef {
-    let age = duration_from_json(o.get("max_age"));
-    StreamDef {
-        name: str_field(o, "name").to_string(),
-        subjects: strings_field(o, "subjects"),
-        max_age: (!age.is_zero()).then_some(age),
-        max_msgs: limit(i64_field(o, "max_msgs", -1)),
-        max_bytes: limit(i64_field(o, "max_bytes", -1)),
-        duplicate_window: duration_from_json(o.get("duplicate_window")),
-    }
-}
-
 fn rfc3339(t: &time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
@@ -327,7 +312,23 @@ pub fn same(key: &str, a: &Json, b: &Json) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iac::drivers::{consumer, stream, CONSUMER_TYPE, STREAM_TYPE};
+    use crate::iac::drivers::{
+        consumer, duration_from_json, i64_field, str_field, stream, strings_field, CONSUMER_TYPE,
+        STREAM_TYPE,
+    };
+
+    /// Outputs → the stream row they describe (the round trip the tests check).
+    pub fn stream_from_outputs(o: &Json) -> StreamDef {
+        let age = duration_from_json(o.get("max_age"));
+        StreamDef {
+            name: str_field(o, "name").to_string(),
+            subjects: strings_field(o, "subjects"),
+            max_age: (!age.is_zero()).then_some(age),
+            max_msgs: limit(i64_field(o, "max_msgs", -1)),
+            max_bytes: limit(i64_field(o, "max_bytes", -1)),
+            duplicate_window: duration_from_json(o.get("duplicate_window")),
+        }
+    }
 
     fn s(cfg: Json) -> StreamSpec {
         stream::decode("orders", cfg.to_string().as_bytes()).unwrap()
@@ -392,7 +393,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("config.name") && e.contains("config.subjects[0]"), "{e}");
+        assert!(
+            e.contains("config.name") && e.contains("config.subjects[0]"),
+            "{e}"
+        );
         let c = consumer::decode(
             "w",
             br#"{"name":"w","stream_name":"ORDERS","filter_subject":"orders.*","max_ack_pending":10}"#,

@@ -107,7 +107,10 @@ pub async fn apply(
             .await
             .map_err(|e| DriverError::pg(&what, e))?
             .ok_or_else(|| {
-                DriverError::refused(&what, "the row was deleted while it was being written; apply again")
+                DriverError::refused(
+                    &what,
+                    "the row was deleted while it was being written; apply again",
+                )
             })?,
     };
     let flags = Flags {
@@ -213,7 +216,8 @@ pub async fn delete(
     ctx.state.update(|s| {
         s.resources.remove(&r.name);
         s.resources.retain(|_, rec| {
-            !(rec.type_name == CONSUMER_TYPE && rec.provider_id.starts_with(&format!("{stream_id}/")))
+            !(rec.type_name == CONSUMER_TYPE
+                && rec.provider_id.starts_with(&format!("{stream_id}/")))
         });
     })
 }
