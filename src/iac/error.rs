@@ -190,7 +190,7 @@ impl From<DriverError> for tonic::Status {
                 _ => tonic::Status::failed_precondition(msg),
             },
             DriverError::Pg { source, .. } => {
-                if source.is_unavailable() {
+                if source.is_transient() {
                     tonic::Status::unavailable(msg)
                 } else {
                     tonic::Status::failed_precondition(msg)

@@ -359,7 +359,10 @@ mod tests {
             connect_timeout_ms: 5000,
         });
         let text = serde_json::to_string(&with_pg).unwrap();
-        assert_eq!(serde_json::from_str::<ProviderState>(&text).unwrap(), with_pg);
+        assert_eq!(
+            serde_json::from_str::<ProviderState>(&text).unwrap(),
+            with_pg
+        );
         let bad = text.replacen("\"self_hosted\"", "\"mainframe\"", 1);
         let e = serde_json::from_str::<ProviderState>(&bad)
             .unwrap_err()

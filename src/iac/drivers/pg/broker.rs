@@ -106,11 +106,12 @@ pub fn diff(name: &str, d: &BrokerDesired, current: &Json) -> Result<Vec<Change>
     Ok(out)
 }
 
-fn outputs(name: &str, view: &Json, bus: &crate::pg::PgBus) -> Json {
+fn outputs(name: &str, view: &Json) -> Json {
     let mut m: Map<String, Json> = view.as_object().cloned().unwrap_or_default();
     m.insert("name".into(), json!(name));
     m.insert("tables".into(), json!(TABLES));
-    m.insert("schema_version".into(), json!(bus.schema_version()));
+    // The version this plugin brings the schema to (connect migrated it there if it was older).
+    m.insert("schema_version".into(), json!(crate::pg::SCHEMA_VERSION));
     // The runtime module reads the same variable when its config has no dsn.
     m.insert(
         "dsn_env".into(),
@@ -135,7 +136,7 @@ pub async fn apply(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Output, D
         elapsed_ms = started.elapsed().as_millis() as u64,
         "pgchannel database adopted; schema present"
     );
-    let outputs = outputs(name, &view, &bus);
+    let outputs = outputs(name, &view);
     let record = BrokerRecord {
         // Nothing is deployed for pgchannel: the database runs wherever the operator runs it,
         // which is what self_hosted means for NATS. No code path dispatches on it (`pg` is set).
@@ -173,10 +174,15 @@ pub async fn read(
 ) -> Result<Output, DriverError> {
     let what = label(name);
     let bus = ctx.pg.connect(&what, name, pg).await?;
+    // The pool may be this process's cached one: one cheap query against the streams table
+    // proves the database answers now (the domain has no ping of its own).
+    bus.stream("")
+        .await
+        .map_err(|e| DriverError::pg(&what, e))?;
     let view = view_of(name, pg, rec.prevent_destroy, rec.bind);
     Ok(Output {
         provider_id: name.to_string(),
-        outputs: outputs(name, &view, &bus),
+        outputs: outputs(name, &view),
         sensitive: Vec::new(),
         status: "running".into(),
     })

@@ -14,43 +14,34 @@ use crate::config::error::{ConfigError, Problems};
 use crate::iac::drivers::duration_json;
 use crate::nats::consumer::ConsumerSpec;
 use crate::nats::stream::StreamSpec;
-use crate::pg::{AckPolicy as PgAck, ConsumerDef, DeliverFrom, StreamDef};
+use crate::pg::{
+    AckPolicy as PgAck, ConsumerDef, DeliverFrom, StreamDef, DEFAULT_ACK_WAIT,
+    DEFAULT_DUPLICATE_WINDOW, DEFAULT_MAX_DELIVER,
+};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy, StorageType};
 use serde_json::{json, Value as Json};
 use std::time::Duration;
 
 pub const PROVIDER: &str = "pgchannel";
-/// JetStream's default, kept so a stream moved between providers de-duplicates alike.
-pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
-/// JetStream's default ack wait.
-pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
-/// The Go pgchannel provider's default (`max_deliver <= 0` means 5 there).
-pub const DEFAULT_MAX_DELIVER: i32 = 5;
+const MS: Duration = Duration::from_millis(1);
 
 const NATS_ONLY: &str = "is a NATS JetStream setting; pgchannel";
 
-/// A pgchannel stream name becomes a NOTIFY channel (`eventbus_<lower(name)>`), so it keeps
-/// the Go provider's rule.
-fn check_pg_name(name: &str) -> Result<(), String> {
-    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name:?} is not a pgchannel stream name: use letters, digits and _ only (it names the NOTIFY channel eventbus_<name>)"
-        ))
-    }
+/// The domain's own checks (stream names name a NOTIFY channel; filters are literal, comma
+/// lists or `prefix.>`), so wfctl and the runtime refuse the same configs.
+fn domain(r: Result<(), crate::pg::PgError>) -> Result<(), String> {
+    r.map_err(|e| {
+        let m = e.to_string();
+        m.strip_prefix("pgchannel: ").unwrap_or(&m).to_string()
+    })
 }
 
-/// Subjects and filters are literal or end in `.>`; `*` matches nothing in pgchannel's
-/// matching, so a config with it would silently receive nothing.
-fn check_pattern(s: &str) -> Result<(), String> {
-    if s.split('.').any(|t| t == "*") {
-        return Err(format!(
-            "{s:?}: `*` wildcards are not supported by pgchannel; use a literal subject or a prefix ending in .> (e.g. \"orders.>\")"
-        ));
-    }
-    Ok(())
+/// Round up to the unit a column stores, so the outputs of what was written and the desired
+/// side compare equal.
+fn ceil_to(d: Duration, unit: Duration) -> Duration {
+    let (n, u) = (d.as_nanos(), unit.as_nanos());
+    Duration::from_nanos(u64::try_from(n.div_ceil(u) * u).unwrap_or(u64::MAX))
 }
 
 fn limit(v: i64) -> Option<i64> {
@@ -60,10 +51,7 @@ fn limit(v: i64) -> Option<i64> {
 /// The row a stream config asks for, or every NATS-only setting it uses.
 pub fn stream_def(type_name: &str, module: &str, s: &StreamSpec) -> Result<StreamDef, ConfigError> {
     let mut p = Problems::new(type_name, module);
-    p.check("name", check_pg_name(&s.name));
-    for (i, subj) in s.subjects.iter().enumerate() {
-        p.check(&format!("subjects[{i}]"), check_pattern(subj));
-    }
+    p.check("name", domain(crate::pg::validate_stream_name(&s.name)));
     if s.replicas > 1 {
         p.field(
             "num_replicas",
@@ -115,11 +103,13 @@ pub fn stream_def(type_name: &str, module: &str, s: &StreamSpec) -> Result<Strea
             "names NATS servers; a pgchannel stream lives in its broker's database (use broker_ref)",
         );
     }
-    let max_age = (!s.max_age.is_zero()).then_some(s.max_age);
+    // max_age is kept in whole seconds (the Go column), the window in milliseconds.
+    let max_age = (!s.max_age.is_zero()).then(|| ceil_to(s.max_age, Duration::from_secs(1)));
     let mut dup = s.duplicate_window.unwrap_or(DEFAULT_DUPLICATE_WINDOW);
     if let Some(age) = max_age {
         dup = dup.min(age);
     }
+    let dup = ceil_to(dup, MS);
     p.finish(StreamDef {
         name: s.name.clone(),
         subjects: s.subjects.clone(),
@@ -137,7 +127,10 @@ pub fn consumer_def(
     c: &ConsumerSpec,
 ) -> Result<ConsumerDef, ConfigError> {
     let mut p = Problems::new(type_name, module);
-    p.check("stream_name", check_pg_name(&c.stream));
+    p.check(
+        "stream_name",
+        domain(crate::pg::validate_stream_name(&c.stream)),
+    );
     if c.durable.contains(':') {
         p.field(
             "name",
@@ -145,7 +138,10 @@ pub fn consumer_def(
         );
     }
     for (i, f) in c.filter_subjects.iter().enumerate() {
-        p.check(&format!("filter_subjects[{i}]"), check_pattern(f));
+        p.check(
+            &format!("filter_subjects[{i}]"),
+            domain(crate::pg::parse_filters(std::slice::from_ref(f)).map(|_| ())),
+        );
     }
     let deliver = match &c.deliver {
         DeliverPolicy::All => DeliverFrom::All,
@@ -154,7 +150,12 @@ pub fn consumer_def(
         DeliverPolicy::ByStartSequence { start_sequence } => {
             DeliverFrom::BySeq(i64::try_from(*start_sequence).unwrap_or(i64::MAX))
         }
-        DeliverPolicy::ByStartTime { start_time } => DeliverFrom::ByTime(*start_time),
+        // Kept in microseconds.
+        DeliverPolicy::ByStartTime { start_time } => DeliverFrom::ByTime(
+            start_time
+                .replace_nanosecond(start_time.nanosecond() / 1000 * 1000)
+                .unwrap_or(*start_time),
+        ),
         // Not in the config's enum today; refused should it ever be.
         DeliverPolicy::LastPerSubject => {
             p.field(
@@ -199,8 +200,9 @@ pub fn consumer_def(
         deliver,
         ack_policy,
         max_deliver,
-        ack_wait: c.ack_wait.unwrap_or(DEFAULT_ACK_WAIT),
-        backoff: c.backoff.clone(),
+        // Kept in milliseconds.
+        ack_wait: ceil_to(c.ack_wait.unwrap_or(DEFAULT_ACK_WAIT), MS),
+        backoff: c.backoff.iter().map(|b| ceil_to(*b, MS)).collect(),
     })
 }
 
