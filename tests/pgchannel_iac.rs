@@ -7,8 +7,8 @@ mod common;
 
 use common::iac::{Res, Wfctl};
 use eventbus_plugin::pb::iac::{
-    DriftClass, IaCPlan, PlanAction, PlanDiagnosticSeverity, ResourceCreateRequest,
-    ValidatePlanRequest,
+    DetectDriftWithSpecsRequest, DriftClass, IaCPlan, PlanAction, PlanDiagnosticSeverity,
+    ResourceCreateRequest, ValidatePlanRequest,
 };
 use pg_test_server::PgServer;
 use serde_json::{json, Value as Json};
@@ -86,7 +86,8 @@ async fn pgchannel_plan_apply_replan_update_drift_destroy() {
             "orders-stream",
             "ORDERS",
             "bus",
-            json!({"max_msgs": 100, "max_age": "3600s"}),
+            // Stored in whole seconds: the plan must not see 3600.5s vs 3601s as a change.
+            json!({"max_msgs": 100, "max_age": "3600.5s"}),
         ),
         consumer_res(
             "orders-worker",
@@ -95,22 +96,35 @@ async fn pgchannel_plan_apply_replan_update_drift_destroy() {
             "bus",
             json!({"max_deliver": 5, "ack_wait": "30s", "filter_subject": "orders.created"}),
         ),
+        // Start time kept in microseconds, backoff in milliseconds: no change on re-plan.
+        consumer_res(
+            "orders-audit",
+            "ORDERS",
+            "orders-stream",
+            "bus",
+            json!({
+                "deliver_policy": "DELIVER_POLICY_BY_START_TIME",
+                "opt_start_time": "2026-01-02T03:04:05.123456789Z",
+                "max_deliver": 4, "backoff": ["1s", "2.5s"]
+            }),
+        ),
     ];
     let t = Instant::now();
     let plan = w.plan(&desired).await;
-    eprintln!("pgchannel plan (3 creates): {:?}", t.elapsed());
+    eprintln!("pgchannel plan (4 creates): {:?}", t.elapsed());
     assert_eq!(
         actions(&plan),
         [
             pair("create", "bus"),
             pair("create", "orders-stream"),
-            pair("create", "orders-worker")
+            pair("create", "orders-worker"),
+            pair("create", "orders-audit")
         ]
     );
     let t = Instant::now();
     let (_, errors) = w.apply(&desired).await;
     eprintln!(
-        "pgchannel apply (adopt database + schema, 1 stream, 1 consumer): {:?}",
+        "pgchannel apply (adopt database + schema, 1 stream, 2 consumers): {:?}",
         t.elapsed()
     );
     assert!(errors.is_empty(), "{errors:?}");
@@ -168,7 +182,7 @@ async fn pgchannel_plan_apply_replan_update_drift_destroy() {
         w.plan(&desired).await.is_empty(),
         "re-plan after apply is empty"
     );
-    eprintln!("pgchannel re-plan (3 diffs, no changes): {:?}", t.elapsed());
+    eprintln!("pgchannel re-plan (4 diffs, no changes): {:?}", t.elapsed());
     let (plan, errors) = w.apply(&desired).await;
     assert!(plan.is_empty() && errors.is_empty(), "{plan:?} {errors:?}");
 
@@ -197,6 +211,25 @@ async fn pgchannel_plan_apply_replan_update_drift_destroy() {
         "7"
     );
     assert!(w.plan(&desired).await.is_empty());
+
+    // Where a consumer starts only counts for a new row: a replace, as for NATS.
+    desired[3].config["deliver_policy"] = json!("DELIVER_POLICY_NEW");
+    desired[3]
+        .config
+        .as_object_mut()
+        .unwrap()
+        .remove("opt_start_time");
+    let plan = w.plan(&desired).await;
+    assert_eq!(actions(&plan), [pair("replace", "orders-audit")]);
+    assert_eq!(plan[0].forced(), ["deliver_policy", "opt_start_time"]);
+    let (_, errors) = w.apply(&desired).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        pg.psql("SELECT deliver_policy FROM eventbus_consumers WHERE name = 'orders-audit'")
+            .trim(),
+        "new"
+    );
+    assert!(w.plan(&desired).await.is_empty());
     let drifts = w.drift().await.unwrap();
     assert!(
         drifts.iter().all(|d| d.class == DriftClass::InSync as i32),
@@ -222,6 +255,25 @@ async fn pgchannel_plan_apply_replan_update_drift_destroy() {
         "{c:?}"
     );
     assert_eq!(find("bus").class, DriftClass::InSync as i32);
+    // With the specs (DetectDriftWithSpecs) the same fields, from the config's side.
+    let l = w.load().await;
+    let with_specs = l
+        .drift
+        .clone()
+        .detect_drift_with_specs(DetectDriftWithSpecsRequest {
+            refs: w.all_refs(),
+            specs: desired.iter().map(|r| (r.name.clone(), r.spec())).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .drifts;
+    l.close().await;
+    let s = with_specs
+        .iter()
+        .find(|d| d.name == "orders-stream")
+        .unwrap();
+    assert_eq!(s.fields, ["subjects"], "{s:?}");
 
     // A row deleted behind wfctl's back: GHOST, then refresh + apply makes it again.
     pg.psql("DELETE FROM eventbus_consumers WHERE name = 'orders-worker'");
@@ -251,11 +303,11 @@ async fn pgchannel_plan_apply_replan_update_drift_destroy() {
     let t = Instant::now();
     let d = w.destroy().await;
     eprintln!(
-        "pgchannel destroy (consumer, stream with 3 events, broker): {:?}",
+        "pgchannel destroy (2 consumers, stream with 3 events, broker): {:?}",
         t.elapsed()
     );
     assert!(d.errors.is_empty(), "{:?}", d.errors);
-    assert_eq!(d.destroyed.len(), 3);
+    assert_eq!(d.destroyed.len(), 4);
     assert_eq!(
         pg.psql("SELECT count(*) FROM eventbus_streams WHERE name = 'ORDERS'")
             .trim(),
