@@ -468,6 +468,17 @@ async fn pgchannel_env_dsn_prevent_destroy_and_older_state_files() {
         errors.len() == 1 && errors[0].contains("EVENTBUS_PGBUS_URI"),
         "{errors:?}"
     );
+    // A refused password: one line naming the broker, never the password.
+    let wrong = pg.url().replace(PASSWORD, "wrong-pw-Xy7");
+    let (_, errors) = w.apply(&[pg_broker("pgbus", json!({"dsn": wrong}))]).await;
+    assert!(
+        errors.len() == 1
+            && errors[0].contains("infra.eventbus \"pgbus\"")
+            && errors[0].contains("password")
+            && !errors[0].contains("wrong-pw-Xy7"),
+        "{errors:?}"
+    );
+    assert!(!w.logs().contains("wrong-pw-Xy7"));
     w.env = vec![("EVENTBUS_PGBUS_URI".into(), pg.url())];
     let mut desired = vec![
         pg_broker("pgbus", json!({"prevent_destroy": true})),
