@@ -1,7 +1,8 @@
 //! One driver per resource type. Create/read/update/delete are async over a shared NATS
-//! connection; the diffs they are planned with are pure (`iac::plan`). What they share lives
-//! here: the resource kinds, the output shape, how a stream or consumer finds its broker, and
-//! the per-process connection cache.
+//! connection (or, for a `provider: pgchannel` broker, a pool on its database: `pg/`, chosen
+//! per call in `route.rs`); the diffs they are planned with are pure (`iac::plan`). What they
+//! share lives here: the resource kinds, the output shape, how a stream or consumer finds its
+//! broker, and the per-process connection caches.
 
 pub mod broker;
 pub mod consumer;
