@@ -7,8 +7,8 @@ mod common;
 
 use common::iac::{Res, Wfctl};
 use eventbus_plugin::pb::iac::{
-    DetectDriftWithSpecsRequest, DriftClass, IaCPlan, PlanAction, PlanDiagnosticSeverity,
-    ResourceCreateRequest, ValidatePlanRequest,
+    DetectDriftWithSpecsRequest, DriftClass, IaCPlan, ImportRequest, PlanAction,
+    PlanDiagnosticSeverity, ResourceCreateRequest, ValidatePlanRequest,
 };
 use pg_test_server::PgServer;
 use serde_json::{json, Value as Json};
@@ -160,6 +160,44 @@ async fn pgchannel_plan_apply_replan_update_drift_destroy() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o077, 0, "state file must be private: {mode:o}");
+
+    // Import by provider_id reads the row back; a broker's import carries no redacted dsn
+    // as if it were config.
+    let l = w.load().await;
+    let imported = l
+        .required
+        .clone()
+        .import(ImportRequest {
+            provider_id: "bus/ORDERS".into(),
+            resource_type: STREAM.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap();
+    let applied: Json = serde_json::from_slice(&imported.applied_config_json).unwrap();
+    assert_eq!(
+        (applied["name"].as_str(), applied["max_msgs"].as_i64()),
+        (Some("ORDERS"), Some(100)),
+        "{applied}"
+    );
+    let imported = l
+        .required
+        .clone()
+        .import(ImportRequest {
+            provider_id: "bus".into(),
+            resource_type: BROKER.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap();
+    let applied: Json = serde_json::from_slice(&imported.applied_config_json).unwrap();
+    assert_eq!(applied["provider"], "pgchannel", "{applied}");
+    assert!(applied.get("dsn").is_none(), "{applied}");
+    l.close().await;
 
     // The rows, in the Go provider's columns.
     assert_eq!(
