@@ -228,7 +228,7 @@ mod tests {
         for p in Provider::ALL {
             for t in DeployTarget::ALL {
                 match check(p.as_str(), t.as_str()) {
-                    Ok((pp, tt)) if pp == Provider::Pgchannel => {
+                    Ok((Provider::Pgchannel, tt)) => {
                         assert_eq!(tt, DeployTarget::SelfHosted, "deploy_target ignored");
                     }
                     Ok((pp, tt)) => {
