@@ -37,11 +37,17 @@ fn domain(r: Result<(), crate::pg::PgError>) -> Result<(), String> {
     })
 }
 
-/// Round up to the unit a column stores, so the outputs of what was written and the desired
-/// side compare equal.
+/// To the unit a column stores, rounded as the domain rounds when it writes (max_age up to
+/// whole seconds, milliseconds and microseconds down), so the desired side compares equal to
+/// what was written, and a row the runtime ensured from the same config reads back the same.
 fn ceil_to(d: Duration, unit: Duration) -> Duration {
     let (n, u) = (d.as_nanos(), unit.as_nanos());
     Duration::from_nanos(u64::try_from(n.div_ceil(u) * u).unwrap_or(u64::MAX))
+}
+
+fn floor_to(d: Duration, unit: Duration) -> Duration {
+    let (n, u) = (d.as_nanos(), unit.as_nanos());
+    Duration::from_nanos(u64::try_from(n / u * u).unwrap_or(u64::MAX))
 }
 
 fn limit(v: i64) -> Option<i64> {
@@ -68,8 +74,8 @@ pub fn stream_def(type_name: &str, module: &str, s: &StreamSpec) -> Result<Strea
         p.field(
             "retention_policy",
             format!(
-                "{:?} {NATS_ONLY} retains by max_age/max_msgs/max_bytes only (remove it)",
-                s.retention
+                "{} {NATS_ONLY} retains by max_age/max_msgs/max_bytes only (remove it)",
+                crate::iac::drivers::stream::retention_name(s.retention)
             ),
         );
     }
@@ -103,13 +109,10 @@ pub fn stream_def(type_name: &str, module: &str, s: &StreamSpec) -> Result<Strea
             "names NATS servers; a pgchannel stream lives in its broker's database (use broker_ref)",
         );
     }
-    // max_age is kept in whole seconds (the Go column), the window in milliseconds.
+    // max_age is kept in whole seconds (the Go column), the window in milliseconds. The window
+    // defaults to 2 min whatever max_age is, as the runtime face ensures the row.
     let max_age = (!s.max_age.is_zero()).then(|| ceil_to(s.max_age, Duration::from_secs(1)));
-    let mut dup = s.duplicate_window.unwrap_or(DEFAULT_DUPLICATE_WINDOW);
-    if let Some(age) = max_age {
-        dup = dup.min(age);
-    }
-    let dup = ceil_to(dup, MS);
+    let dup = floor_to(s.duplicate_window.unwrap_or(DEFAULT_DUPLICATE_WINDOW), MS);
     p.finish(StreamDef {
         name: s.name.clone(),
         subjects: s.subjects.clone(),
@@ -201,8 +204,8 @@ pub fn consumer_def(
         ack_policy,
         max_deliver,
         // Kept in milliseconds.
-        ack_wait: ceil_to(c.ack_wait.unwrap_or(DEFAULT_ACK_WAIT), MS),
-        backoff: c.backoff.iter().map(|b| ceil_to(*b, MS)).collect(),
+        ack_wait: floor_to(c.ack_wait.unwrap_or(DEFAULT_ACK_WAIT), MS),
+        backoff: c.backoff.iter().map(|b| floor_to(*b, MS)).collect(),
     })
 }
 
@@ -383,7 +386,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((d.max_msgs, d.max_bytes), (None, None));
-        assert_eq!(d.duplicate_window, Duration::from_secs(60));
+        assert_eq!(d.duplicate_window, DEFAULT_DUPLICATE_WINDOW);
     }
 
     #[test]
@@ -396,7 +399,8 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("config.name") && e.contains("config.subjects[0]"),
+            // Stream subjects may use `*` (publish routes by them); only filters may not.
+            e.contains("config.name") && e.contains("NOTIFY") && !e.contains("subjects"),
             "{e}"
         );
         let c = consumer::decode(
