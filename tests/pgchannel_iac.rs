@@ -379,7 +379,7 @@ async fn pgchannel_plan_apply_replan_update_drift_destroy() {
 
 #[tokio::test]
 async fn pgchannel_nats_only_settings_are_refused_at_plan_naming_the_field() {
-    let pg = PgServer::start();
+    let mut pg = PgServer::start();
     let dir = tempfile::tempdir().unwrap();
     let mut w = Wfctl::new(dir.path());
     let mut desired = vec![
@@ -484,6 +484,20 @@ async fn pgchannel_nats_only_settings_are_refused_at_plan_naming_the_field() {
         .unwrap_err();
     assert!(e.message().contains("config.name"), "{}", e.message());
     l.close().await;
+
+    // A database that does not answer is an error for drift, never GHOST: its rows may well
+    // still be there.
+    pg.stop();
+    let t = Instant::now();
+    let drift = w.drift().await;
+    eprintln!("pgchannel drift with the database down: {:?}", t.elapsed());
+    let e = drift.expect_err("drift must fail while the database is down");
+    assert!(
+        e.message().contains("infra.eventbus") && !e.message().contains("iac: resource not found"),
+        "{}",
+        e.message()
+    );
+    pg.start_again();
     let d = w.destroy().await;
     assert!(d.errors.is_empty(), "{:?}", d.errors);
 }
