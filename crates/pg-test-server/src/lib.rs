@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Bumped whenever the template's content changes, so an old one is never reused.
+const TEMPLATE_LAYOUT: &str = "v2";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The database the harness creates; tests may create more with [`PgServer::create_database`].
 pub const DATABASE: &str = "eventbus";
@@ -172,7 +174,8 @@ fn copy_template(bin: &Path, owner: Option<(u32, u32)>, data: &Path) {
         .unwrap_or_else(|| "pg".into());
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    let template = scratch_base().join(format!("pg-test-template-{me}-{version}"));
+    let template =
+        scratch_base().join(format!("pg-test-template-{me}-{version}-{TEMPLATE_LAYOUT}"));
     if !template.join("PG_VERSION").is_file() {
         let scratch = tempfile::Builder::new()
             .prefix("pg-test-template-build")
@@ -227,6 +230,7 @@ pub struct Builder {
     password: Option<String>,
     port: Option<u16>,
     settings: Vec<(String, String)>,
+    tls: Option<(String, String)>,
 }
 
 impl Builder {
@@ -238,6 +242,12 @@ impl Builder {
     }
     pub fn port(mut self, port: u16) -> Self {
         self.port = Some(port);
+        self
+    }
+    /// Serve TLS (`ssl=on`) with this PEM certificate chain and key; plain connections stay
+    /// allowed, so `sslmode` decides.
+    pub fn tls(mut self, cert_pem: impl Into<String>, key_pem: impl Into<String>) -> Self {
+        self.tls = Some((cert_pem.into(), key_pem.into()));
         self
     }
     /// An extra `-c name=value` server setting.
@@ -278,6 +288,19 @@ impl Builder {
                         format!("--pwfile={}", pwfile.display()),
                     ],
                 );
+            }
+        }
+        if let Some((cert, key)) = &self.tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let p = data.join(name);
+                std::fs::write(&p, pem).expect("write TLS file");
+                // The server refuses a key readable by others.
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod TLS file");
+                if let Some((uid, gid)) = owner {
+                    chown_tree(&p, uid, gid);
+                }
             }
         }
         let mut s = PgServer {
@@ -371,6 +394,11 @@ impl PgServer {
             .args(["-c", "full_page_writes=off"])
             .args(["-c", "max_connections=200"])
             .args(["-c", "shared_buffers=32MB"]);
+        if self.builder.tls.is_some() {
+            cmd.args(["-c", "ssl=on"])
+                .args(["-c", "ssl_cert_file=server.crt"])
+                .args(["-c", "ssl_key_file=server.key"]);
+        }
         for (k, v) in &self.builder.settings {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }
