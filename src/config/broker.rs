@@ -2,6 +2,7 @@
 //! module connects with and what the IaC broker driver provisions.
 
 use crate::config::error::{ConfigError, Problems};
+use crate::config::pg::{self as pgcfg, PgConfig};
 use crate::nats::guard::{check_duration, MAX_DURATION};
 use crate::nats::names::env_key;
 use crate::nats::ConnSettings;
@@ -38,6 +39,8 @@ pub struct BrokerSpec {
     pub prevent_destroy: bool,
     pub bind: bool,
     pub protected: bool,
+    /// Provider pgchannel only: the Postgres side (the NATS fields above are then unused).
+    pub pg: Option<PgConfig>,
 }
 
 fn opt_path(s: &str) -> Option<PathBuf> {
@@ -67,10 +70,13 @@ impl BrokerSpec {
                 format!("{} is out of range (1..=9; 0 means 1)", c.replicas),
             );
         }
+        let is_pg = provider == Provider::Pgchannel;
         if !c.dsn.is_empty() && !c.servers.is_empty() {
             p.field("dsn", "set either dsn or servers, not both");
         }
-        let explicit: Vec<Secret> = if c.dsn.is_empty() {
+        let explicit: Vec<Secret> = if is_pg {
+            Vec::new()
+        } else if c.dsn.is_empty() {
             c.servers.iter().map(Secret::new).collect()
         } else {
             c.dsn.split(',').map(|s| Secret::new(s.trim())).collect()
@@ -183,9 +189,14 @@ impl BrokerSpec {
                 format!("{} is not a port number", local.client_port),
             );
         }
-        if !c.broker_target.is_empty() || !c.poll_interval.is_empty() || c.max_conns != 0 {
-            tracing::warn!(broker = name, "broker_target, poll_interval and max_conns only applied to the Go pgchannel provider; ignored");
-        }
+        let pg = if is_pg {
+            Some(pg_config(&mut p, name, c, timeouts[0]))
+        } else {
+            if !c.broker_target.is_empty() || !c.poll_interval.is_empty() || c.max_conns != 0 {
+                tracing::warn!(broker = name, "broker_target, poll_interval and max_conns apply to provider pgchannel only; ignored");
+            }
+            None
+        };
         let spec = BrokerSpec {
             name: name.to_string(),
             type_name: type_name.to_string(),
@@ -222,12 +233,33 @@ impl BrokerSpec {
             prevent_destroy: c.prevent_destroy,
             bind: c.bind,
             protected: c.protected,
+            pg,
         };
         p.finish(spec)
     }
 
-    /// `dsn`/`servers` > `EVENTBUS_<NAME>_URI` > `NATS_URL`.
+    /// pgchannel: `dsn` > `EVENTBUS_<NAME>_URI` (the Go provider read no env var for it: B20).
+    /// `None` for other providers or when neither is set.
+    pub fn resolve_pg_dsn(&self) -> Option<Secret> {
+        let pg = self.pg.as_ref()?;
+        if let Some(d) = &pg.explicit_dsn {
+            return Some(d.clone());
+        }
+        std::env::var(self.pg_env_var())
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| Secret::new(v.trim()))
+    }
+
+    pub fn pg_env_var(&self) -> String {
+        format!("EVENTBUS_{}_URI", env_key(&self.name))
+    }
+
+    /// `dsn`/`servers` > `EVENTBUS_<NAME>_URI` > `NATS_URL`. Empty for pgchannel.
     pub fn resolve_urls(&self) -> Vec<Secret> {
+        if self.pg.is_some() {
+            return Vec::new();
+        }
         if !self.explicit_urls.is_empty() {
             return self.explicit_urls.clone();
         }
@@ -242,5 +274,152 @@ impl BrokerSpec {
         from_env
             .map(|v| v.split(',').map(|s| Secret::new(s.trim())).collect())
             .unwrap_or_default()
+    }
+}
+
+/// The pgchannel checks, in the Go plugin's order where it had them, with its texts where they
+/// were clear. NATS-only settings are refused rather than ignored: a `tls` block that silently
+/// did nothing would leave a user believing the connection is encrypted.
+fn pg_config(
+    p: &mut Problems,
+    name: &str,
+    c: &ClusterConfig,
+    connect_timeout: Option<Duration>,
+) -> PgConfig {
+    if !c.broker_target.is_empty() && c.broker_target != "in_process" {
+        p.field(
+            "broker_target",
+            format!(
+                "pgchannel requires broker_target=in_process (got {}); leave it empty or set in_process",
+                quote(&c.broker_target)
+            ),
+        );
+    }
+    let env = format!("EVENTBUS_{}_URI", env_key(name));
+    if c.dsn.trim().is_empty() {
+        let from_env = std::env::var(&env).ok().filter(|v| !v.trim().is_empty());
+        match from_env {
+            None => p.field(
+                "dsn",
+                format!("pgchannel requires dsn (Postgres connection string), or {env} in the environment"),
+            ),
+            Some(v) => {
+                if let Err(e) = pgcfg::check_dsn(&v) {
+                    p.field("dsn", format!("(from {env}) {e}"));
+                }
+            }
+        }
+    } else if let Err(e) = pgcfg::check_dsn(&c.dsn) {
+        p.field("dsn", e);
+    }
+    let max_conns = match pgcfg::check_max_conns(c.max_conns) {
+        Ok(n) => n,
+        Err(e) => {
+            p.field("max_conns", e);
+            pgcfg::DEFAULT_MAX_CONNS
+        }
+    };
+    let poll_interval = match pgcfg::check_poll_interval(&c.poll_interval) {
+        Ok(d) => d,
+        Err(e) => {
+            p.field("poll_interval", e);
+            pgcfg::DEFAULT_POLL_INTERVAL
+        }
+    };
+    let nats_only = "is a NATS setting; pgchannel takes its connection from dsn (TLS there too: sslmode, sslrootcert)";
+    if !c.servers.is_empty() {
+        p.field("servers", nats_only);
+    }
+    if c.auth.as_ref().is_some_and(|a| *a != Default::default()) {
+        p.field("auth", nats_only);
+    }
+    if c.tls.as_ref().is_some_and(|t| *t != Default::default()) {
+        p.field("tls", nats_only);
+    }
+    if c.local.is_some() {
+        p.field(
+            "local",
+            "applies to provider nats with deploy_target local only",
+        );
+    }
+    PgConfig {
+        explicit_dsn: (!c.dsn.trim().is_empty()).then(|| Secret::new(c.dsn.trim())),
+        max_conns,
+        poll_interval,
+        connect_timeout: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pg(f: impl FnOnce(&mut ClusterConfig)) -> Result<BrokerSpec, ConfigError> {
+        let mut c = ClusterConfig {
+            provider: "pgchannel".into(),
+            dsn: "postgres://app:s3cret@127.0.0.1:5432/events?sslmode=disable".into(),
+            ..Default::default()
+        };
+        f(&mut c);
+        BrokerSpec::validate("eventbus.broker", "pgbus", &c)
+    }
+
+    #[test]
+    fn pgchannel_go_config_is_accepted() {
+        let s = pg(|c| {
+            c.broker_target = "in_process".into();
+            c.deploy_target = "whatever-go-ignored".into();
+            c.poll_interval = "250ms".into();
+            c.max_conns = 4;
+        })
+        .unwrap();
+        assert_eq!(s.provider, Provider::Pgchannel);
+        let got = s.pg.as_ref().unwrap();
+        assert_eq!(got.max_conns, 4);
+        assert_eq!(got.poll_interval, Duration::from_millis(250));
+        assert!(s.resolve_urls().is_empty());
+        let d = pg(|_| {}).unwrap();
+        assert_eq!(d.pg.as_ref().unwrap().max_conns, 16);
+        assert_eq!(d.pg.as_ref().unwrap().poll_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn pgchannel_bad_values_are_one_line_each_without_the_password() {
+        let e = pg(|c| {
+            c.poll_interval = "fast".into();
+            c.broker_target = "remote".into();
+            c.max_conns = -2;
+        })
+        .unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.problems.len(), 3, "{text}");
+        assert!(
+            text.contains("config.poll_interval: \"fast\" is not a positive duration"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgchannel requires broker_target=in_process (got \"remote\")"),
+            "{text}"
+        );
+        assert!(text.contains("config.max_conns"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+        let e = pg(|c| c.poll_interval = "0s".into()).unwrap_err();
+        assert!(e.to_string().contains("poll_interval"), "{e}");
+        let e = pg(|c| c.servers = vec!["nats://x:4222".into()]).unwrap_err();
+        assert!(
+            e.to_string().contains("config.servers: is a NATS setting"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pgchannel_without_dsn_names_the_env_var() {
+        let e = pg(|c| c.dsn.clear()).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "pgchannel requires dsn (Postgres connection string), or EVENTBUS_PGBUS_URI"
+            ),
+            "{e}"
+        );
     }
 }

@@ -5,3 +5,4 @@
 pub mod broker;
 pub mod decode;
 pub mod error;
+pub mod pg;

@@ -55,6 +55,14 @@ pub enum DriverError {
         #[source]
         source: NatsError,
     },
+    /// A pgchannel broker's database refused or failed (`crate::pg` errors never carry the
+    /// password).
+    #[error("{what}")]
+    Pg {
+        what: String,
+        #[source]
+        source: crate::pg::PgError,
+    },
     #[error("{what}")]
     Local {
         what: String,
@@ -115,6 +123,14 @@ impl DriverError {
         DriverError::Nats { what, source }
     }
 
+    /// A pgchannel database failure about `what`.
+    pub fn pg(what: impl Into<String>, source: crate::pg::PgError) -> Self {
+        DriverError::Pg {
+            what: what.into(),
+            source,
+        }
+    }
+
     pub fn is_not_found(&self) -> bool {
         matches!(self, DriverError::NotFound { .. })
     }
@@ -173,6 +189,13 @@ impl From<DriverError> for tonic::Status {
                 NatsError::Settings(_) => tonic::Status::invalid_argument(msg),
                 _ => tonic::Status::failed_precondition(msg),
             },
+            DriverError::Pg { source, .. } => {
+                if source.is_transient() {
+                    tonic::Status::unavailable(msg)
+                } else {
+                    tonic::Status::failed_precondition(msg)
+                }
+            }
             DriverError::Local { .. } | DriverError::State { .. } | DriverError::Worker { .. } => {
                 tonic::Status::internal(msg)
             }

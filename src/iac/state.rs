@@ -91,6 +91,26 @@ pub struct BrokerRecord {
     /// Outputs of the last create/update, for drift detection.
     #[serde(default)]
     pub outputs: Json,
+    /// Set for a `provider: pgchannel` broker: the database it adopted. Absent in records of
+    /// NATS brokers (and in every file an earlier release wrote), which is how the stream and
+    /// consumer drivers tell the two providers apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pg: Option<PgRecord>,
+}
+
+/// What a pgchannel broker's streams and consumers need to reach its database in a later
+/// plugin process (wfctl erases `${bus.dsn}` references, docs/iac-host.md §1.3).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PgRecord {
+    /// As configured or read from `EVENTBUS_<NAME>_URI`; it may carry a password, so it is
+    /// never logged or put in outputs (this file is 0600, as for NATS credentials).
+    pub dsn: String,
+    #[serde(default)]
+    pub max_conns: usize,
+    #[serde(default)]
+    pub poll_interval_ms: u64,
+    #[serde(default)]
+    pub connect_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -303,6 +323,7 @@ mod tests {
                         prevent_destroy: false,
                         bind: false,
                         outputs: Json::Null,
+                        pg: None,
                     },
                 );
             })
@@ -366,6 +387,22 @@ mod tests {
         let again: Json = serde_json::to_value(&s).unwrap();
         assert_eq!(again["brokers"]["bus"]["target"], "local");
         assert_eq!(again["brokers"]["edge"]["target"], "self_hosted");
+        // NATS records have no pgchannel part, and write none back.
+        assert!(s.brokers.values().all(|b| b.pg.is_none()));
+        assert!(again["brokers"]["bus"].get("pg").is_none());
+        // A pgchannel record written by this release reads back whole.
+        let mut with_pg = s.clone();
+        with_pg.brokers.get_mut("edge").unwrap().pg = Some(PgRecord {
+            dsn: "postgres://u:pw@db:5432/app".into(),
+            max_conns: 4,
+            poll_interval_ms: 250,
+            connect_timeout_ms: 5000,
+        });
+        let text = serde_json::to_string(&with_pg).unwrap();
+        assert_eq!(
+            serde_json::from_str::<ProviderState>(&text).unwrap(),
+            with_pg
+        );
         let bad = text.replacen("\"self_hosted\"", "\"mainframe\"", 1);
         let e = serde_json::from_str::<ProviderState>(&bad)
             .unwrap_err()

@@ -1,5 +1,6 @@
 //! The provider x deploy-target matrix: the providers and targets the Go plugin offered, plus the
-//! new `local` target.
+//! new `local` target. `pgchannel` (PostgreSQL as the bus) has no deploy target: it uses the
+//! database its dsn names, and `deploy_target` is ignored for it, as in the Go plugin.
 //!
 //! Every combination either works or fails at config load with a line that names the provider,
 //! the target and what would work; nothing is left to fail later at Start.
@@ -12,16 +13,23 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Provider {
     Nats,
+    Pgchannel,
     Kafka,
     Kinesis,
 }
 
 impl Provider {
-    pub const ALL: [Provider; 3] = [Provider::Nats, Provider::Kafka, Provider::Kinesis];
+    pub const ALL: [Provider; 4] = [
+        Provider::Nats,
+        Provider::Pgchannel,
+        Provider::Kafka,
+        Provider::Kinesis,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Nats => "nats",
+            Provider::Pgchannel => "pgchannel",
             Provider::Kafka => "kafka",
             Provider::Kinesis => "kinesis",
         }
@@ -43,6 +51,8 @@ impl Provider {
                 AwsEcs,
                 AwsEks,
             ],
+            // Not deployed by us: the database the dsn names.
+            Provider::Pgchannel => &[],
             Provider::Kafka => &[DigitalOceanManagedKafka, AwsMsk, Kubernetes, SelfHosted],
             Provider::Kinesis => &[AwsKinesis],
         }
@@ -128,8 +138,6 @@ pub fn check(provider: &str, target: &str) -> Result<(Provider, DeployTarget), F
     let Some(p) = Provider::parse(provider) else {
         let hint = if Provider::parse(&provider.to_ascii_lowercase()).is_some() {
             " (provider names are lowercase)"
-        } else if provider == "pgchannel" {
-            " (pgchannel was a Go-only provider; use nats)"
         } else {
             ""
         };
@@ -142,6 +150,11 @@ pub fn check(provider: &str, target: &str) -> Result<(Provider, DeployTarget), F
             ),
         ));
     };
+    if p == Provider::Pgchannel {
+        // The Go plugin never read deploy_target for pgchannel; configs written for it may
+        // carry any value. SelfHosted: "the server the operator names" (the dsn).
+        return Ok((p, DeployTarget::SelfHosted));
+    }
     if target.is_empty() {
         return Err((
             "deploy_target",
@@ -168,7 +181,7 @@ pub fn check(provider: &str, target: &str) -> Result<(Provider, DeployTarget), F
     }
     let t = t.unwrap_or(DeployTarget::SelfHosted);
     match p {
-        Provider::Nats => Ok((p, t)),
+        Provider::Nats | Provider::Pgchannel => Ok((p, t)),
         Provider::Kafka => Err(("provider", kafka::NOT_YET.to_string())),
         Provider::Kinesis => Err(("provider", kinesis::NOT_YET.to_string())),
     }
@@ -215,6 +228,9 @@ mod tests {
         for p in Provider::ALL {
             for t in DeployTarget::ALL {
                 match check(p.as_str(), t.as_str()) {
+                    Ok((Provider::Pgchannel, tt)) => {
+                        assert_eq!(tt, DeployTarget::SelfHosted, "deploy_target ignored");
+                    }
                     Ok((pp, tt)) => {
                         assert_eq!(pp, Provider::Nats);
                         assert!(p.targets().contains(&tt));
@@ -253,6 +269,12 @@ mod tests {
         let (f, m) = check("kafka", "aws.msk").unwrap_err();
         assert_eq!(f, "provider");
         assert!(m.contains("not available yet"), "{m}");
+        // Go configs for pgchannel carry no (or any) deploy_target.
+        assert_eq!(
+            check("pgchannel", "").unwrap(),
+            (Provider::Pgchannel, DeployTarget::SelfHosted)
+        );
+        assert!(check("pgchannel", "aws.ecs").is_ok());
     }
 
     #[test]

@@ -13,18 +13,18 @@ use prost_reflect::{FieldDescriptor, Kind};
 pub fn field_doc(message: &str, field: &str) -> Option<(&'static str, bool, &'static str)> {
     let d = |s, r, def| Some((s, r, def));
     match (message, field) {
-        ("ClusterConfig", "provider") => d("Broker implementation: nats (kafka and kinesis are declared but not available yet)", true, ""),
-        ("ClusterConfig", "deploy_target") => d("Where the broker runs: local, self_hosted, kubernetes, digitalocean.app_platform, aws.ecs or aws.eks", true, ""),
+        ("ClusterConfig", "provider") => d("Broker implementation: nats or pgchannel (PostgreSQL tables + LISTEN/NOTIFY, Go-plugin compatible); kafka and kinesis are declared but not available yet", true, ""),
+        ("ClusterConfig", "deploy_target") => d("Where the broker runs: local, self_hosted, kubernetes, digitalocean.app_platform, aws.ecs or aws.eks (nats); ignored for pgchannel, as in the Go plugin", true, ""),
         ("ClusterConfig", "version") => d("Pinned nats-server release for provisioned brokers, e.g. 2.10 (latest is refused)", false, ""),
         ("ClusterConfig", "replicas") => d("Server count for provisioned brokers; 3 or 5 form a JetStream cluster", false, "1"),
         ("ClusterConfig", "jetstream") => d("JetStream limits for provisioned brokers (enabled, max_storage_bytes, max_memory_bytes)", false, ""),
         ("ClusterConfig", "kafka") => d("Reserved for the kafka provider (not available yet)", false, ""),
         ("ClusterConfig", "kinesis") => d("Reserved for the kinesis provider (not available yet)", false, ""),
         ("ClusterConfig", "limits") => d("CPU/memory/storage hints for provisioned brokers", false, ""),
-        ("ClusterConfig", "dsn") => d("NATS url(s), comma-separated; wins over EVENTBUS_<NAME>_URI and NATS_URL", false, ""),
-        ("ClusterConfig", "poll_interval") => d("Go pgchannel provider only; ignored", false, ""),
-        ("ClusterConfig", "broker_target") => d("Go pgchannel provider only; ignored", false, ""),
-        ("ClusterConfig", "max_conns") => d("Go pgchannel provider only; ignored", false, ""),
+        ("ClusterConfig", "dsn") => d("nats: url(s), comma-separated; wins over EVENTBUS_<NAME>_URI and NATS_URL. pgchannel: PostgreSQL connection string (postgres://user:pw@host/db?sslmode=verify-full&sslrootcert=ca.pem or key=value form); wins over EVENTBUS_<NAME>_URI; the password is never logged", false, ""),
+        ("ClusterConfig", "poll_interval") => d("pgchannel: safety-net poll tick under LISTEN/NOTIFY, Go duration text (500ms, 1s); invalid or <= 0 is refused", false, "1s"),
+        ("ClusterConfig", "broker_target") => d("pgchannel: in_process or empty (the Go plugin's only value)", false, ""),
+        ("ClusterConfig", "max_conns") => d("pgchannel: connection pool size (1..=1000)", false, "16"),
         (_, "iac_provider") => d("Name of the iac.provider module (provider: eventbus) that provisions this resource", false, ""),
         (_, "depends_on") => d("Resources wfctl applies before this one", false, ""),
         (_, "size") => d("Abstract size for provisioning (xs, s, m, l, xl)", false, ""),
@@ -112,7 +112,7 @@ pub fn config_fields(message: &str) -> Vec<ConfigFieldDef> {
                     .iter()
                     .map(|t| t.as_str().to_string())
                     .collect(),
-                _ if f.name() == "provider" => vec!["nats".into()],
+                _ if f.name() == "provider" => vec!["nats".into(), "pgchannel".into()],
                 _ => Vec::new(),
             };
             ConfigFieldDef {

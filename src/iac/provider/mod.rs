@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 pub const NAME: &str = "eventbus";
 /// Part of wfctl's on-disk Diff cache key: bump the suffix whenever Diff semantics change.
-pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+diff.1");
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+diff.2");
 pub const DEFAULT_STATE_DIR: &str = ".eventbus-iac";
 /// Keys of the `iac.provider` module config; `provider` routes, `plugin`/`service` are the
 /// engine's.

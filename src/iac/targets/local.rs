@@ -323,6 +323,7 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
         prevent_destroy: d.spec.prevent_destroy,
         bind: d.spec.bind,
         outputs: Json::Null,
+        pg: None,
     };
     // Recorded before the lock is released: see `lock_local`.
     ctx.state.update(|s| {

@@ -114,6 +114,7 @@ impl BrokerTarget for SelfHosted {
             prevent_destroy: d.spec.prevent_destroy,
             bind: d.spec.bind,
             outputs: Json::Null,
+            pg: None,
         };
         Ok(Applied {
             record,

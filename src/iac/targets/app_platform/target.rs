@@ -159,6 +159,7 @@ impl BrokerTarget for AppPlatform {
             prevent_destroy: d.spec.prevent_destroy,
             bind: d.spec.bind,
             outputs: Json::Null,
+            pg: None,
         };
         Ok(Applied {
             record,

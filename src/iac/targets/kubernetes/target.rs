@@ -289,6 +289,7 @@ impl KubernetesTarget {
                 local: None,
                 app: None,
                 kubernetes: Some(kube),
+                pg: None,
                 prevent_destroy: d.spec.prevent_destroy,
                 bind: d.spec.bind,
                 outputs: Json::Null,
