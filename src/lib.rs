@@ -11,6 +11,7 @@ pub mod iac;
 pub mod logging;
 pub mod nats;
 pub mod pb;
+pub mod pg;
 pub mod providers;
 pub mod runtime;
 pub mod secret;

@@ -1,0 +1,165 @@
+//! One active subscriber per consumer across processes.
+//!
+//! The subscriber holds the consumer's session advisory lock (the Go plugin's key, so Go and
+//! Rust subscribers exclude each other) on a dedicated connection that also LISTENs on the
+//! stream's channel. If that connection dies the lock is gone, so `next_batch` returns an
+//! error and the caller subscribes again (with backoff); another process may take over in
+//! between, which is the point. Rows are claimed through the same lease as `fetch`, so even a
+//! Go subscriber or a consume step running beside us cannot receive the same row at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::core::Inner;
+use super::keys::consumer_lock_key;
+use super::listen::Dedicated;
+use super::types::{notify_channel, Delivery, SubOpts};
+use super::PgError;
+
+pub struct Subscription {
+    bus: Arc<Inner>,
+    stream: String,
+    consumer: String,
+    dead_letter: Option<String>,
+    cancel: CancellationToken,
+    conn: Dedicated,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("stream", &self.stream)
+            .field("consumer", &self.consumer)
+            .finish()
+    }
+}
+
+pub(crate) async fn subscribe(
+    bus: &Arc<Inner>,
+    stream: &str,
+    consumer: &str,
+    o: SubOpts,
+) -> Result<Subscription, PgError> {
+    let exists = bus
+        .client("Subscribe")
+        .await?
+        .query_opt(
+            "SELECT 1 FROM eventbus_consumers WHERE stream_name = $1 AND name = $2",
+            &[&stream, &consumer],
+        )
+        .await
+        .map_err(|e| PgError::db("Subscribe", e))?;
+    if exists.is_none() {
+        return Err(PgError::ConsumerNotFound {
+            stream: stream.to_string(),
+            consumer: consumer.to_string(),
+        });
+    }
+    let key = consumer_lock_key(stream, consumer);
+    let inner = bus;
+    let conn = Dedicated::connect(&inner.cfg, &inner.tls, "Subscribe").await?;
+    let poll = inner.settings.poll_interval;
+    loop {
+        let got: bool = conn
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await
+            .map_err(|e| PgError::db("Subscribe: lock", e))?
+            .get(0);
+        if got {
+            break;
+        }
+        tokio::select! {
+            _ = o.cancel.cancelled() => return Err(PgError::Cancelled("Subscribe")),
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+    conn.client
+        .batch_execute(&format!("LISTEN \"{}\"", notify_channel(stream)))
+        .await
+        .map_err(|e| PgError::db("Subscribe: LISTEN", e))?;
+    tracing::debug!(
+        stream,
+        consumer,
+        "pgchannel subscriber holds the consumer lock"
+    );
+    Ok(Subscription {
+        bus: bus.clone(),
+        stream: stream.to_string(),
+        consumer: consumer.to_string(),
+        dead_letter: o.dead_letter_subject,
+        cancel: o.cancel,
+        conn,
+    })
+}
+
+impl Subscription {
+    fn lost(&self, msg: impl Into<String>) -> PgError {
+        PgError::Lost {
+            stream: self.stream.clone(),
+            consumer: self.consumer.clone(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Up to `max` deliverable events (new, or redeliveries whose lease/nak delay expired), in
+    /// id order; waits for NOTIFY or the poll tick; Err when the lock/connection is lost (the
+    /// caller re-subscribes with backoff). Never returns an empty Vec except on cancel.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, PgError> {
+        let poll: Duration = self.bus.settings.poll_interval;
+        loop {
+            if self.cancel.is_cancelled() {
+                return Ok(Vec::new());
+            }
+            if !self.conn.is_alive() {
+                return Err(self.lost("the connection holding the consumer lock closed"));
+            }
+            self.conn.wake.borrow_and_update();
+            let got = super::lease::lease(
+                &self.bus,
+                &self.stream,
+                &self.consumer,
+                max.max(1),
+                None,
+                self.dead_letter.as_deref(),
+            )
+            .await?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
+            let cancel = self.cancel.clone();
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(Vec::new()),
+                r = self.conn.wake.changed() => {
+                    if r.is_err() || !self.conn.is_alive() {
+                        return Err(self.lost("the connection holding the consumer lock closed"));
+                    }
+                }
+                _ = tokio::time::sleep(poll) => {
+                    // Idle: prove the lock's connection is still there (a silent network
+                    // drop gives no EOF).
+                    let beat = tokio::time::timeout(
+                        self.bus.settings.connect_timeout,
+                        self.conn.client.simple_query("SELECT 1"),
+                    )
+                    .await;
+                    match beat {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(self.lost(e.to_string())),
+                        Err(_) => return Err(self.lost("heartbeat timed out")),
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+}

@@ -1,0 +1,902 @@
+//! The pgchannel domain layer against a real PostgreSQL server (crates/pg-test-server).
+//! Each test starts its own server so restarts and schema states never leak between tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use eventbus_plugin::pg::*;
+use pg_test_server::PgServer;
+use tokio_util::sync::CancellationToken;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+fn settings(pg: &PgServer) -> PgSettings {
+    let mut s = PgSettings::new("bus", pg.url());
+    s.poll_interval = Duration::from_millis(100);
+    s.connect_timeout = Duration::from_secs(10);
+    s.max_conns = 8;
+    s
+}
+
+async fn bus(pg: &PgServer) -> PgBus {
+    PgBus::connect(settings(pg)).await.expect("connect")
+}
+
+fn stream(name: &str, subjects: &[&str]) -> StreamDef {
+    StreamDef {
+        name: name.into(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        max_age: None,
+        max_msgs: None,
+        max_bytes: None,
+        duplicate_window: Duration::ZERO,
+    }
+}
+
+fn consumer(stream: &str, name: &str) -> ConsumerDef {
+    ConsumerDef {
+        stream: stream.into(),
+        name: name.into(),
+        filter_subjects: vec![],
+        deliver: DeliverFrom::All,
+        ack_policy: AckPolicy::Explicit,
+        max_deliver: 0,
+        ack_wait: Duration::from_secs(30),
+        backoff: vec![],
+    }
+}
+
+fn msg(subject: &str, payload: &str) -> Outgoing {
+    Outgoing {
+        subject: subject.into(),
+        payload: Bytes::from(payload.to_string()),
+        ..Default::default()
+    }
+}
+
+fn opts(batch: usize) -> FetchOpts {
+    FetchOpts {
+        batch,
+        max_wait: Duration::ZERO,
+        max_bytes: None,
+        dead_letter_subject: None,
+    }
+}
+
+fn ids(ds: &[Delivery]) -> Vec<i64> {
+    ds.iter().map(|d| d.token.id).collect()
+}
+
+async fn setup(pg: &PgServer) -> PgBus {
+    let b = bus(pg).await;
+    b.ensure_stream(&stream("ORDERS", &["orders.>"]))
+        .await
+        .unwrap();
+    b.ensure_consumer(&consumer("ORDERS", "worker"))
+        .await
+        .unwrap();
+    b
+}
+
+async fn publish_n(b: &PgBus, n: usize) -> Vec<i64> {
+    let msgs: Vec<Outgoing> = (0..n)
+        .map(|i| msg("orders.new", &format!("m{i}")))
+        .collect();
+    b.publish(&msgs)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.id)
+        .collect()
+}
+
+/// Polls `f` until it returns Some, or panics after `within`.
+async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_creates_the_schema_once_and_reconnects_without_ddl() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    let tables = pg.psql(
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables \
+         WHERE tablename LIKE 'eventbus_%'",
+    );
+    assert_eq!(
+        tables,
+        "eventbus_consumers,eventbus_event_deliveries,eventbus_events,eventbus_schema_version,eventbus_streams"
+    );
+    b.close().await;
+    let b2 = bus(&pg).await;
+    assert_eq!(
+        pg.psql("SELECT max(version) FROM eventbus_schema_version"),
+        SCHEMA_VERSION.to_string()
+    );
+    b2.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_schema_ensure_from_four_tasks() {
+    let pg = PgServer::start();
+    let s = settings(&pg);
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { PgBus::connect(s).await.map(|_| ()) })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().expect("every concurrent connect succeeds");
+    }
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM eventbus_schema_version"),
+        "2",
+        "versions 1 and 2 recorded once each"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_reference_database_carries_over() {
+    let pg = PgServer::start();
+    pg.psql_file(std::path::Path::new(&format!(
+        "{FIXTURES}/pgchannel-go-schema.sql"
+    )));
+    pg.psql_file(std::path::Path::new(&format!(
+        "{FIXTURES}/pgchannel-go-rows.sql"
+    )));
+    let b = bus(&pg).await;
+    // Upgraded in place: our columns exist, Go rows intact.
+    assert_eq!(
+        pg.psql(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = \
+             'eventbus_event_deliveries' AND column_name IN ('state', 'due_at')"
+        ),
+        "2"
+    );
+    let s = b
+        .stream("ORDERS")
+        .await
+        .unwrap()
+        .expect("Go stream visible");
+    assert_eq!(s.subjects, vec!["orders.>".to_string()]);
+    let c = b
+        .consumer("ORDERS", "worker")
+        .await
+        .unwrap()
+        .expect("Go consumer");
+    assert_eq!(c.filter_subjects, vec!["orders.>".to_string()]);
+    assert_eq!(c.max_deliver, 5);
+    // The Go position (2) holds; event 3 was handed out twice by Go: this is the third time.
+    let got = b.fetch("ORDERS", "worker", opts(10)).await.unwrap();
+    assert_eq!(ids(&got), vec![3, 4, 5]);
+    assert_eq!(got[0].delivery_count, 3, "Go delivery count carries over");
+    assert_eq!(got[1].delivery_count, 1);
+    assert_eq!(got[0].correlation_id.as_deref(), Some("corr-3"));
+    assert_eq!(got[0].headers.get("tenant").map(String::as_str), Some("t2"));
+    assert_eq!(got[0].payload, Bytes::from_static(br#"{"n":3}"#));
+    assert_eq!(got[0].token.to_string(), "ORDERS:worker:3");
+    // The other Go consumer starts from its position 0 with an empty (Go) filter.
+    let audit = b.fetch("ORDERS", "audit", opts(10)).await.unwrap();
+    assert_eq!(ids(&audit), vec![1, 2, 3, 4, 5]);
+    for d in &got {
+        b.ack(&d.token, AckOp::Ack).await.unwrap();
+    }
+    assert_eq!(
+        pg.psql("SELECT position FROM eventbus_consumers WHERE name = 'worker'"),
+        "5",
+        "position kept meaningful for the Go plugin"
+    );
+    // Ours publish; the Go plugin's own statements still run against the upgraded schema.
+    let p = b.publish(&[msg("orders.created", "six")]).await.unwrap();
+    assert_eq!(p[0].id, 6);
+    pg.psql(
+        "INSERT INTO eventbus_events (stream_name, subject, headers, payload, correlation_id) \
+         VALUES ('ORDERS', 'orders.created', '{}'::jsonb, '\\x00'::bytea, NULL); \
+         INSERT INTO eventbus_streams (name, subjects, max_age_seconds) VALUES ('GO2', ARRAY['go2.>'], 60) \
+           ON CONFLICT (name) DO UPDATE SET subjects = EXCLUDED.subjects, max_age_seconds = EXCLUDED.max_age_seconds; \
+         INSERT INTO eventbus_consumers (stream_name, name, filter_subject, ack_policy, max_deliver) \
+           VALUES ('ORDERS', 'worker', 'orders.>', 'explicit', 5) ON CONFLICT (stream_name, name) DO UPDATE \
+           SET filter_subject = EXCLUDED.filter_subject, ack_policy = EXCLUDED.ack_policy, max_deliver = EXCLUDED.max_deliver; \
+         INSERT INTO eventbus_event_deliveries (stream_name, consumer_name, event_id, delivery_count, first_delivered_at, last_delivered_at) \
+           VALUES ('ORDERS', 'audit', 6, 1, NOW(), NOW()) ON CONFLICT (stream_name, consumer_name, event_id) DO UPDATE \
+           SET delivery_count = eventbus_event_deliveries.delivery_count + 1, last_delivered_at = NOW();",
+    );
+    assert_eq!(
+        pg.psql(
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM eventbus_events \
+             WHERE stream_name = 'ORDERS' AND id > (SELECT position FROM eventbus_consumers \
+             WHERE name = 'worker') ORDER BY 1"
+        ),
+        "6,7",
+        "the Go poller's query sees what is left"
+    );
+    // The Go DDL applied again (as create-if-missing) is still accepted.
+    let ddl = std::fs::read_to_string(format!("{FIXTURES}/pgchannel-go-schema.sql"))
+        .unwrap()
+        .replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ")
+        .replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ");
+    pg.psql(&ddl);
+    let more = b.fetch("ORDERS", "worker", opts(10)).await.unwrap();
+    assert_eq!(ids(&more), vec![6, 7]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_fetch_ack_round_trip() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    let mut m = msg("orders.eu.new", "hello");
+    m.headers.insert("k".into(), "v".into());
+    m.correlation_id = Some("c-1".into());
+    let p = b.publish(&[m]).await.unwrap();
+    assert_eq!((p[0].stream.as_str(), p[0].duplicate), ("ORDERS", false));
+    let got = b.fetch("ORDERS", "worker", opts(10)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let d = &got[0];
+    assert_eq!(d.subject, "orders.eu.new");
+    assert_eq!(d.payload, Bytes::from_static(b"hello"));
+    assert_eq!(
+        d.headers,
+        BTreeMap::from([("k".to_string(), "v".to_string())])
+    );
+    assert_eq!(d.correlation_id.as_deref(), Some("c-1"));
+    assert_eq!(d.delivery_count, 1);
+    assert_eq!(d.published_at, p[0].ts);
+    let token: AckToken = d.token.to_string().parse().unwrap();
+    b.ack(&token, AckOp::Ack).await.unwrap();
+    assert!(b
+        .fetch("ORDERS", "worker", opts(10))
+        .await
+        .unwrap()
+        .is_empty());
+    let e = b
+        .publish(&[msg("nobody.home", "x")])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "pgchannel: Publish: no stream claims subject \"nobody.home\" (publish before EnsureStream?)"
+    );
+    let e = b
+        .ack(&"ORDERS:ghost:1".parse().unwrap(), AckOp::Ack)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "pgchannel: consumer \"ghost\" on stream \"ORDERS\" not found"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msg_id_is_deduplicated_within_the_window_only() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    let mut s = stream("ORDERS", &["orders.>"]);
+    s.duplicate_window = Duration::from_millis(300);
+    b.ensure_stream(&s).await.unwrap();
+    let mut m = msg("orders.new", "a");
+    m.msg_id = Some("id-1".into());
+    let first = b.publish(&[m.clone(), m.clone()]).await.unwrap();
+    assert!(!first[0].duplicate && first[1].duplicate);
+    assert_eq!(first[0].id, first[1].id);
+    let again = b.publish(&[m.clone()]).await.unwrap();
+    assert!(again[0].duplicate);
+    assert_eq!(again[0].id, first[0].id);
+    // Outside the window the same id is a new message.
+    let later = eventually(Duration::from_secs(10), "window to pass", || {
+        let b = b.clone();
+        let m = m.clone();
+        async move {
+            let p = b.publish(&[m]).await.unwrap();
+            (!p[0].duplicate).then_some(p)
+        }
+    })
+    .await;
+    assert!(later[0].id > first[0].id);
+    assert_eq!(pg.psql("SELECT count(*) FROM eventbus_events"), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b16_concurrent_fetchers_never_share_a_row() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    let published: BTreeSet<i64> = publish_n(&b, 200).await.into_iter().collect();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let got = b.fetch("ORDERS", "worker", opts(7)).await.unwrap();
+                if got.is_empty() {
+                    return mine;
+                }
+                mine.extend(ids(&got));
+            }
+        }));
+    }
+    let mut seen = BTreeSet::new();
+    let mut total = 0;
+    for t in tasks {
+        let mine = t.await.unwrap();
+        total += mine.len();
+        seen.extend(mine);
+    }
+    assert_eq!(total, 200, "no row handed out twice");
+    assert_eq!(seen, published, "every row handed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b16_consume_dead_letters_after_max_deliver() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    b.ensure_stream(&stream("ORDERS", &["orders.>"]))
+        .await
+        .unwrap();
+    b.ensure_stream(&stream("DLQ", &["dlq.orders"]))
+        .await
+        .unwrap();
+    let mut c = consumer("ORDERS", "worker");
+    c.max_deliver = 2;
+    b.ensure_consumer(&c).await.unwrap();
+    b.ensure_consumer(&consumer("DLQ", "ops")).await.unwrap();
+    let mut m = msg("orders.new", "poison");
+    m.correlation_id = Some("c-9".into());
+    let id = b.publish(&[m]).await.unwrap()[0].id;
+    let o = FetchOpts {
+        dead_letter_subject: Some("dlq.orders".into()),
+        ..opts(5)
+    };
+    for n in 1..=2 {
+        let got = b.fetch("ORDERS", "worker", o.clone()).await.unwrap();
+        assert_eq!(ids(&got), vec![id]);
+        assert_eq!(got[0].delivery_count, n);
+        b.ack(&got[0].token, AckOp::Nak(None)).await.unwrap();
+    }
+    assert!(
+        b.fetch("ORDERS", "worker", o.clone())
+            .await
+            .unwrap()
+            .is_empty(),
+        "third delivery exceeds max_deliver 2"
+    );
+    let dl = b.fetch("DLQ", "ops", opts(5)).await.unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].subject, "dlq.orders");
+    assert_eq!(dl[0].payload, Bytes::from_static(b"poison"));
+    assert_eq!(dl[0].correlation_id.as_deref(), Some("c-9"));
+    assert_eq!(dl[0].headers["Eventbus-Original-Sequence"], id.to_string());
+    assert_eq!(dl[0].headers["Eventbus-Original-Stream"], "ORDERS");
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT state FROM eventbus_event_deliveries WHERE event_id = {id} AND consumer_name = 'worker'"
+        )),
+        "dead"
+    );
+    // Without a dead-letter subject the message is terminated all the same.
+    let id2 = b.publish(&[msg("orders.new", "p2")]).await.unwrap()[0].id;
+    for _ in 0..2 {
+        let got = b.fetch("ORDERS", "worker", opts(5)).await.unwrap();
+        assert_eq!(ids(&got), vec![id2]);
+        b.ack(&got[0].token, AckOp::Nak(None)).await.unwrap();
+    }
+    assert!(b
+        .fetch("ORDERS", "worker", opts(5))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b16_deliver_policy_new_skips_history() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    b.ensure_stream(&stream("ORDERS", &["orders.>"]))
+        .await
+        .unwrap();
+    let old = publish_n(&b, 3).await;
+    let mut all = consumer("ORDERS", "all");
+    all.deliver = DeliverFrom::All;
+    let mut new = consumer("ORDERS", "new");
+    new.deliver = DeliverFrom::New;
+    let mut last = consumer("ORDERS", "last");
+    last.deliver = DeliverFrom::Last;
+    let mut seq = consumer("ORDERS", "seq");
+    seq.deliver = DeliverFrom::BySeq(old[1]);
+    for c in [&all, &new, &last, &seq] {
+        assert_eq!(b.ensure_consumer(c).await.unwrap(), Ensured::Created);
+        assert_eq!(b.ensure_consumer(c).await.unwrap(), Ensured::Unchanged);
+    }
+    let cutoff = time::OffsetDateTime::now_utc();
+    let mut by_time = consumer("ORDERS", "time");
+    by_time.deliver = DeliverFrom::ByTime(cutoff);
+    b.ensure_consumer(&by_time).await.unwrap();
+    let fresh = publish_n(&b, 1).await[0];
+    let f = |n: &'static str| {
+        let b = b.clone();
+        async move { ids(&b.fetch("ORDERS", n, opts(10)).await.unwrap()) }
+    };
+    assert_eq!(f("all").await, vec![old[0], old[1], old[2], fresh]);
+    assert_eq!(f("new").await, vec![fresh]);
+    assert_eq!(f("last").await, vec![old[2], fresh]);
+    assert_eq!(f("seq").await, vec![old[1], old[2], fresh]);
+    assert_eq!(f("time").await, vec![fresh]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b16_ack_policy_none_settles_on_delivery() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    b.ensure_stream(&stream("ORDERS", &["orders.>"]))
+        .await
+        .unwrap();
+    let mut c = consumer("ORDERS", "fire");
+    c.ack_policy = AckPolicy::None;
+    c.ack_wait = Duration::from_millis(50);
+    b.ensure_consumer(&c).await.unwrap();
+    let published = publish_n(&b, 3).await;
+    assert_eq!(
+        ids(&b.fetch("ORDERS", "fire", opts(10)).await.unwrap()),
+        published
+    );
+    // Long past the lease: nothing comes back, no ack needed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(b
+        .fetch("ORDERS", "fire", opts(10))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        pg.psql("SELECT position FROM eventbus_consumers WHERE name = 'fire'"),
+        published[2].to_string()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b16_acks_are_per_message() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    b.ensure_stream(&stream("ORDERS", &["orders.>"]))
+        .await
+        .unwrap();
+    let mut c = consumer("ORDERS", "worker");
+    c.ack_wait = Duration::from_millis(300);
+    b.ensure_consumer(&c).await.unwrap();
+    let mut all = consumer("ORDERS", "cumulative");
+    all.ack_policy = AckPolicy::All;
+    all.ack_wait = Duration::from_millis(300);
+    b.ensure_consumer(&all).await.unwrap();
+    let p = publish_n(&b, 3).await;
+    let got = b.fetch("ORDERS", "worker", opts(10)).await.unwrap();
+    let got_all = b.fetch("ORDERS", "cumulative", opts(10)).await.unwrap();
+    // Ack only the last one.
+    b.ack(&got[2].token, AckOp::Ack).await.unwrap();
+    b.ack(&got_all[2].token, AckOp::Ack).await.unwrap();
+    // Explicit: the first two come back after their lease; with `all` they were settled too.
+    let again = eventually(Duration::from_secs(10), "lease expiry", || {
+        let b = b.clone();
+        async move {
+            let g = b.fetch("ORDERS", "worker", opts(10)).await.unwrap();
+            (!g.is_empty()).then_some(g)
+        }
+    })
+    .await;
+    assert_eq!(ids(&again), vec![p[0], p[1]]);
+    assert!(again.iter().all(|d| d.delivery_count == 2));
+    assert!(b
+        .fetch("ORDERS", "cumulative", opts(10))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        pg.psql("SELECT position FROM eventbus_consumers WHERE name = 'worker'"),
+        "0",
+        "the position stays below the first unacked message"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b16_failing_message_does_not_block_others() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    let p = publish_n(&b, 3).await;
+    let first = b.fetch("ORDERS", "worker", opts(1)).await.unwrap();
+    assert_eq!(ids(&first), vec![p[0]]);
+    b.ack(&first[0].token, AckOp::Nak(Some(Duration::from_secs(3600))))
+        .await
+        .unwrap();
+    let rest = b.fetch("ORDERS", "worker", opts(10)).await.unwrap();
+    assert_eq!(
+        ids(&rest),
+        vec![p[1], p[2]],
+        "the failing message waits, the others flow"
+    );
+    // A nak without delay redelivers at once; term never again.
+    b.ack(&rest[0].token, AckOp::Nak(None)).await.unwrap();
+    b.ack(&rest[1].token, AckOp::Term).await.unwrap();
+    let again = b.fetch("ORDERS", "worker", opts(10)).await.unwrap();
+    assert_eq!(ids(&again), vec![p[1]]);
+    assert_eq!(again[0].delivery_count, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_extends_the_lease() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    b.ensure_stream(&stream("ORDERS", &["orders.>"]))
+        .await
+        .unwrap();
+    let mut c = consumer("ORDERS", "worker");
+    c.ack_wait = Duration::from_millis(400);
+    b.ensure_consumer(&c).await.unwrap();
+    publish_n(&b, 1).await;
+    let got = b.fetch("ORDERS", "worker", opts(1)).await.unwrap();
+    let due = |pg: &PgServer| {
+        pg.psql("SELECT (extract(epoch from due_at) * 1000)::int8 FROM eventbus_event_deliveries")
+            .parse::<i64>()
+            .unwrap()
+    };
+    let before = due(&pg);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.ack(&got[0].token, AckOp::Progress).await.unwrap();
+    assert!(due(&pg) > before, "the lease end moved forward");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b16_max_age_prunes() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    let mut s = stream("ORDERS", &["orders.>"]);
+    s.max_age = Some(Duration::from_secs(60));
+    b.ensure_stream(&s).await.unwrap();
+    b.ensure_consumer(&consumer("ORDERS", "worker"))
+        .await
+        .unwrap();
+    publish_n(&b, 5).await;
+    b.fetch("ORDERS", "worker", opts(2)).await.unwrap();
+    pg.psql("UPDATE eventbus_events SET ts = now() - interval '2 minutes' WHERE id <= 3");
+    let r = b.prune_once().await.unwrap();
+    assert_eq!(r.events, 3);
+    assert_eq!(
+        pg.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM eventbus_events"),
+        "4,5"
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM eventbus_event_deliveries"),
+        "0",
+        "cascade"
+    );
+    assert_eq!(b.prune_once().await.unwrap().events, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_max_msgs_and_max_bytes_prune() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    let mut s = stream("ORDERS", &["orders.>"]);
+    s.max_msgs = Some(4);
+    b.ensure_stream(&s).await.unwrap();
+    let mut s2 = stream("BLOBS", &["blobs.>"]);
+    s2.max_bytes = Some(25);
+    b.ensure_stream(&s2).await.unwrap();
+    let p = publish_n(&b, 10).await;
+    let blobs: Vec<Outgoing> = (0..5).map(|_| msg("blobs.x", "0123456789")).collect();
+    let pb: Vec<i64> = b
+        .publish(&blobs)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    let r = b.prune_once().await.unwrap();
+    assert_eq!(r.events, 6 + 3);
+    assert_eq!(
+        pg.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM eventbus_events WHERE stream_name = 'ORDERS'"),
+        p[6..].iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+    );
+    assert_eq!(
+        pg.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM eventbus_events WHERE stream_name = 'BLOBS'"),
+        format!("{},{}", pb[3], pb[4]),
+        "20 bytes kept of a 25-byte budget"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b16_delivery_rows_cleaned_up() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    publish_n(&b, 5).await;
+    let got = b.fetch("ORDERS", "worker", opts(10)).await.unwrap();
+    for d in &got[..4] {
+        b.ack(&d.token, AckOp::Ack).await.unwrap();
+    }
+    let r = b.prune_once().await.unwrap();
+    assert_eq!(
+        r.deliveries, 4,
+        "settled rows below the position are removed"
+    );
+    assert_eq!(
+        pg.psql("SELECT event_id FROM eventbus_event_deliveries"),
+        got[4].token.id.to_string(),
+        "the unacked delivery stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b16_star_filter_refused() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    b.ensure_stream(&stream("ORDERS", &["orders.>"]))
+        .await
+        .unwrap();
+    let mut c = consumer("ORDERS", "w");
+    c.filter_subjects = vec!["orders.*".into()];
+    let e = b.ensure_consumer(&c).await.unwrap_err().to_string();
+    assert!(
+        e.contains("orders.*") && e.contains("not supported") && e.contains("\"w\""),
+        "{e}"
+    );
+    assert!(b.consumer("ORDERS", "w").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b16_like_prefix_escaped() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    b.ensure_stream(&stream("S", &[">"])).await.unwrap();
+    let mut c = consumer("S", "w");
+    c.filter_subjects = vec!["a_b.>, x%y.>".into()];
+    b.ensure_consumer(&c).await.unwrap();
+    let p = b
+        .publish(&[
+            msg("a_b.1", "match"),
+            msg("aXb.2", "underscore must not be a wildcard"),
+            msg("x%y.3", "match"),
+            msg("xzzy.4", "percent must not be a wildcard"),
+        ])
+        .await
+        .unwrap();
+    let got = b.fetch("S", "w", opts(10)).await.unwrap();
+    assert_eq!(ids(&got), vec![p[0].id, p[2].id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b16_invalid_poll_interval_is_an_error() {
+    let pg = PgServer::start();
+    let e = PgSettings::new("bus", pg.url())
+        .with_poll_interval_str("often")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("poll_interval") && e.contains("often"), "{e}");
+    let mut s = settings(&pg);
+    s.poll_interval = Duration::ZERO;
+    let e = PgBus::connect(s).await.unwrap_err().to_string();
+    assert!(e.contains("poll_interval"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_names_and_subjects_are_validated() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    let e = b
+        .ensure_stream(&stream("BMW-Fulfillment", &["x.>"]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("BMW-Fulfillment") && e.contains("letters, digits and _"),
+        "{e}"
+    );
+    assert!(b.ensure_stream(&stream("S", &[])).await.is_err());
+    assert_eq!(
+        b.ensure_stream(&stream("S", &["s.>"])).await.unwrap(),
+        Ensured::Created
+    );
+    assert_eq!(
+        b.ensure_stream(&stream("S", &["s.>"])).await.unwrap(),
+        Ensured::Unchanged
+    );
+    assert_eq!(
+        b.ensure_stream(&stream("S", &["s.>", "t"])).await.unwrap(),
+        Ensured::Updated
+    );
+    assert!(b.publish(&[msg("s.*", "x")]).await.is_err());
+    let e = b
+        .ensure_consumer(&consumer("NOPE", "w"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "pgchannel: stream \"NOPE\" not found");
+    assert!(b.delete_stream("S").await.unwrap());
+    assert!(!b.delete_stream("S").await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_wait_is_woken_by_notify_not_by_polling() {
+    let pg = PgServer::start();
+    let mut s = settings(&pg);
+    // A poll interval far longer than the test: only a NOTIFY can end the wait early.
+    s.poll_interval = Duration::from_secs(60);
+    let b = PgBus::connect(s).await.unwrap();
+    b.ensure_stream(&stream("ORDERS", &["orders.>"]))
+        .await
+        .unwrap();
+    b.ensure_consumer(&consumer("ORDERS", "worker"))
+        .await
+        .unwrap();
+    let b2 = b.clone();
+    let waiter = tokio::spawn(async move {
+        b2.fetch(
+            "ORDERS",
+            "worker",
+            FetchOpts {
+                max_wait: Duration::from_secs(30),
+                ..opts(5)
+            },
+        )
+        .await
+    });
+    // Publish once the waiter is listening (its LISTEN shows in pg_stat_activity).
+    eventually(Duration::from_secs(10), "LISTEN connection", || async {
+        (pg.psql("SELECT count(*) FROM pg_listening_channels()") == "0").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let id = publish_n(&b, 1).await[0];
+    let got = waiter.await.unwrap().unwrap();
+    assert_eq!(ids(&got), vec![id]);
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_subscribers_one_holder_and_takeover() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    let b2 = bus(&pg).await; // another "process"
+    let mut first = b
+        .subscribe("ORDERS", "worker", SubOpts::default())
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let second = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            b2.subscribe(
+                "ORDERS",
+                "worker",
+                SubOpts {
+                    cancel,
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    });
+    let p = publish_n(&b, 2).await;
+    let got = first.next_batch(10).await.unwrap();
+    assert_eq!(ids(&got), p);
+    for d in &got {
+        b.ack(&d.token, AckOp::Ack).await.unwrap();
+    }
+    assert!(
+        !second.is_finished(),
+        "the second subscriber waits for the lock"
+    );
+    drop(first);
+    let mut second = tokio::time::timeout(Duration::from_secs(20), second)
+        .await
+        .expect("takeover")
+        .unwrap()
+        .unwrap();
+    let p2 = publish_n(&b, 1).await;
+    assert_eq!(ids(&second.next_batch(10).await.unwrap()), p2);
+    cancel.cancel();
+    assert!(
+        second.next_batch(10).await.unwrap().is_empty(),
+        "cancel ends the wait"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_waiting_for_the_lock_can_be_cancelled() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    let _holder = b
+        .subscribe("ORDERS", "worker", SubOpts::default())
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let b2 = b.clone();
+    let c2 = cancel.clone();
+    let waiting = tokio::spawn(async move {
+        b2.subscribe(
+            "ORDERS",
+            "worker",
+            SubOpts {
+                cancel: c2,
+                ..Default::default()
+            },
+        )
+        .await
+    });
+    cancel.cancel();
+    let e = waiting.await.unwrap().unwrap_err();
+    assert!(matches!(e, PgError::Cancelled(_)), "{e}");
+    let e = b
+        .subscribe("ORDERS", "ghost", SubOpts::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ghost") && e.contains("not found"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_is_survived_by_publish_and_subscribe() {
+    let mut pg = PgServer::start();
+    let b = setup(&pg).await;
+    let mut sub = b
+        .subscribe("ORDERS", "worker", SubOpts::default())
+        .await
+        .unwrap();
+    let p = publish_n(&b, 1).await;
+    let got = sub.next_batch(10).await.unwrap();
+    assert_eq!(ids(&got), p);
+    b.ack(&got[0].token, AckOp::Ack).await.unwrap();
+    pg.restart();
+    // The pooled connections died with the server: publish retries on fresh ones.
+    let p2 = publish_n(&b, 1).await;
+    // The subscription's lock connection died: Err, then subscribing again works.
+    let e = sub.next_batch(10).await.unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    drop(sub);
+    let mut sub = b
+        .subscribe("ORDERS", "worker", SubOpts::default())
+        .await
+        .unwrap();
+    assert_eq!(ids(&sub.next_batch(10).await.unwrap()), p2);
+    // And after a kill -9.
+    pg.kill9();
+    pg.start_again();
+    let p3 = publish_n(&b, 1).await;
+    assert!(sub.next_batch(10).await.is_err());
+    drop(sub);
+    let mut sub = b
+        .subscribe("ORDERS", "worker", SubOpts::default())
+        .await
+        .unwrap();
+    let got = sub.next_batch(10).await.unwrap();
+    assert!(ids(&got).contains(&p3[0]), "{:?}", ids(&got));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_never_shows_in_errors_or_the_redacted_dsn() {
+    let pg = PgServer::builder().password("hunter2-secret").start();
+    let good = PgSettings::new("bus", pg.url());
+    assert!(!good.redacted_dsn().contains("hunter2"));
+    assert!(good.redacted_dsn().contains("***"));
+    let b = PgBus::connect(good).await.expect("scram login works");
+    assert!(!b.redacted_dsn().contains("hunter2"));
+    let mut bad = PgSettings::new("bus", pg.url().replace("hunter2-secret", "wrong-pass-xyz"));
+    bad.connect_timeout = Duration::from_secs(2);
+    let e = PgBus::connect(bad).await.unwrap_err().to_string();
+    assert!(!e.contains("wrong-pass-xyz"), "{e}");
+    assert!(
+        e.contains("password") || e.contains("authentication"),
+        "{e}"
+    );
+}
