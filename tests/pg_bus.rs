@@ -900,3 +900,78 @@ async fn the_password_never_shows_in_errors_or_the_redacted_dsn() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_outlives_its_dead_fetcher_and_the_message_returns() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    b.ensure_stream(&stream("ORDERS", &["orders.>"]))
+        .await
+        .unwrap();
+    let mut c = consumer("ORDERS", "worker");
+    c.ack_wait = Duration::from_millis(300);
+    b.ensure_consumer(&c).await.unwrap();
+    let p = publish_n(&b, 2).await;
+    // A "process" leases both and dies without settling anything.
+    let doomed = bus(&pg).await;
+    assert_eq!(
+        ids(&doomed.fetch("ORDERS", "worker", opts(10)).await.unwrap()),
+        p
+    );
+    doomed.close().await;
+    drop(doomed);
+    assert!(
+        b.fetch("ORDERS", "worker", opts(10))
+            .await
+            .unwrap()
+            .is_empty(),
+        "still leased"
+    );
+    let back = eventually(Duration::from_secs(10), "lease expiry", || {
+        let b = b.clone();
+        async move {
+            let g = b.fetch("ORDERS", "worker", opts(10)).await.unwrap();
+            (!g.is_empty()).then_some(g)
+        }
+    })
+    .await;
+    assert_eq!(ids(&back), p);
+    assert!(back.iter().all(|d| d.delivery_count == 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backoff_sets_the_lease_of_each_redelivery() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    b.ensure_stream(&stream("ORDERS", &["orders.>"]))
+        .await
+        .unwrap();
+    let mut c = consumer("ORDERS", "worker");
+    c.backoff = vec![Duration::from_millis(50), Duration::from_secs(3600)];
+    b.ensure_consumer(&c).await.unwrap();
+    assert_eq!(
+        b.consumer("ORDERS", "worker")
+            .await
+            .unwrap()
+            .unwrap()
+            .backoff,
+        c.backoff
+    );
+    publish_n(&b, 1).await;
+    assert_eq!(b.fetch("ORDERS", "worker", opts(1)).await.unwrap().len(), 1);
+    // First lease 50 ms: back soon. Second lease one hour: not back.
+    let again = eventually(Duration::from_secs(10), "first lease expiry", || {
+        let b = b.clone();
+        async move {
+            let g = b.fetch("ORDERS", "worker", opts(1)).await.unwrap();
+            (!g.is_empty()).then_some(g)
+        }
+    })
+    .await;
+    assert_eq!(again[0].delivery_count, 2);
+    let secs: i64 = pg
+        .psql("SELECT extract(epoch from due_at - now())::int8 FROM eventbus_event_deliveries")
+        .parse()
+        .unwrap();
+    assert!(secs > 3000, "second lease from backoff[1]: {secs}s");
+}

@@ -671,6 +671,9 @@ impl PgBus {
         let mut stream_keys: Vec<i32> = routes.iter().map(|r| stream_key(&r.name)).collect();
         stream_keys.sort_unstable();
         stream_keys.dedup();
+        if msgs.iter().all(|m| m.msg_id.is_none()) {
+            return self.publish_plain(&c, msgs, &routes, &stream_keys).await;
+        }
         let mut id_keys: Vec<i32> = msgs
             .iter()
             .zip(&routes)
@@ -778,6 +781,85 @@ impl PgBus {
             .await
             .map_err(|e| (PgError::db("Publish: commit", e), true))?;
         Ok(out)
+    }
+
+    /// Publish without de-duplication in one statement (one round trip, its own implicit
+    /// transaction): take the streams' shared publish locks, insert in input order, notify
+    /// each stream once. `lk` is joined into the INSERT so the locks are held before any id
+    /// is drawn from the sequence.
+    async fn publish_plain(
+        &self,
+        c: &Object,
+        msgs: &[Outgoing],
+        routes: &[StreamRoute],
+        stream_keys: &[i32],
+    ) -> Result<Vec<Published>, (PgError, bool)> {
+        let stmt = c
+            .prepare_cached(&format!(
+                "WITH lk AS (SELECT count(pg_advisory_xact_lock_shared($1, k)) AS n \
+                   FROM unnest($2::int4[]) AS k), \
+                 ins AS (INSERT INTO eventbus_events AS e (stream_name, subject, headers, payload, \
+                   correlation_id) SELECT m.s, m.subj, m.h, m.p, m.c FROM lk, \
+                   unnest($3::text[], $4::text[], $5::jsonb[], $6::bytea[], $7::text[]) \
+                   WITH ORDINALITY AS m(s, subj, h, p, c, ord) ORDER BY m.ord \
+                   RETURNING e.id, e.stream_name, {TS_MICROS}), \
+                 n AS (SELECT pg_notify('eventbus_' || lower(stream_name), max(id)::text) \
+                   FROM ins GROUP BY stream_name) \
+                 SELECT ins.*, (SELECT count(*) FROM n) FROM ins ORDER BY 1"
+            ))
+            .await
+            .map_err(|e| (PgError::db("Publish", e), false))?;
+        let streams: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+        let subjects: Vec<&str> = msgs.iter().map(|m| m.subject.as_str()).collect();
+        let headers: Vec<serde_json::Value> = msgs
+            .iter()
+            .map(|m| serde_json::to_value(&m.headers).unwrap_or_default())
+            .collect();
+        let payloads: Vec<&[u8]> = msgs.iter().map(|m| m.payload.as_ref()).collect();
+        let corr: Vec<Option<&str>> = msgs
+            .iter()
+            .map(|m| m.correlation_id.as_deref().filter(|s| !s.is_empty()))
+            .collect();
+        let rows = c
+            .query(
+                &stmt,
+                &[
+                    &LOCK_CLASS,
+                    &stream_keys,
+                    &streams,
+                    &subjects,
+                    &headers,
+                    &payloads,
+                    &corr,
+                ],
+            )
+            .await
+            .map_err(|e| {
+                // A server-reported error rolled the statement back; a lost connection may
+                // have lost the reply to a commit.
+                let maybe = e.as_db_error().is_none();
+                (PgError::db("Publish", e), maybe)
+            })?;
+        if rows.len() != msgs.len() {
+            return Err((
+                PgError::invalid(format!(
+                    "Publish: stored {} of {} messages",
+                    rows.len(),
+                    msgs.len()
+                )),
+                true,
+            ));
+        }
+        // Ids were drawn in input order, so ascending ids line up with the input.
+        Ok(rows
+            .iter()
+            .map(|r| Published {
+                stream: r.get(1),
+                id: r.get(0),
+                ts: micros_to_time(r.get(2)),
+                duplicate: false,
+            })
+            .collect())
     }
 
     // ------------------------------------------------------------ fetch / ack

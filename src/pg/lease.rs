@@ -110,42 +110,59 @@ pub(crate) async fn lease(
         });
     }
     let ids: Vec<i64> = cands.iter().map(|c| c.id).collect();
+    // The lease (and, with ack_policy none, the settlement) is written by the claim itself:
+    // the n-th delivery is leased for backoff[n-1] (last entry repeated) or ack_wait.
+    let settle_now: Option<&str> = (policy == AckPolicy::None).then_some("acked");
+    let first_lease = lease_ms(1, ack_wait, &backoff);
     let claim = tx
         .prepare_cached(
             "INSERT INTO eventbus_event_deliveries AS d (stream_name, consumer_name, event_id, \
-             delivery_count, first_delivered_at, last_delivered_at) \
-             SELECT $1, $2, x, 1, now(), now() FROM unnest($3::int8[]) AS x \
+             delivery_count, first_delivered_at, last_delivered_at, state, due_at) \
+             SELECT $1, $2, x, 1, now(), now(), $4::text, \
+               now() + $5::int8 * interval '1 millisecond' FROM unnest($3::int8[]) AS x \
              ON CONFLICT (stream_name, consumer_name, event_id) DO UPDATE \
-             SET delivery_count = d.delivery_count + 1, last_delivered_at = now() \
+             SET delivery_count = d.delivery_count + 1, last_delivered_at = now(), state = $4::text, \
+               due_at = now() + (CASE WHEN cardinality($6::int8[]) > 0 \
+                 THEN ($6::int8[])[LEAST(d.delivery_count + 1, cardinality($6::int8[]))] \
+                 ELSE $5::int8 END) * interval '1 millisecond' \
              WHERE d.state IS NULL AND (d.due_at IS NULL OR d.due_at <= now()) \
              RETURNING d.event_id, d.delivery_count",
         )
         .await
         .map_err(db)?;
     let claimed: BTreeMap<i64, i32> = tx
-        .query(&claim, &[&stream, &consumer, &ids])
+        .query(
+            &claim,
+            &[
+                &stream,
+                &consumer,
+                &ids,
+                &settle_now,
+                &first_lease,
+                &backoff,
+            ],
+        )
         .await
         .map_err(db)?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let mut upd_ids = Vec::with_capacity(claimed.len());
-    let mut upd_ms = Vec::with_capacity(claimed.len());
-    let mut upd_state: Vec<Option<String>> = Vec::with_capacity(claimed.len());
+    let mut dead_ids = Vec::new();
     let mut out = Vec::with_capacity(claimed.len());
-    let mut settled_any = false;
+    let mut settled_any = policy == AckPolicy::None && !claimed.is_empty();
     for cand in cands {
         let Some(&count) = claimed.get(&cand.id) else {
             continue;
         };
         if count > max_deliver.max(1) {
+            // Past max_deliver: never handed out again. Without a stream for the dead-letter
+            // subject it stays unsettled under its new lease, so nothing is dropped.
             let dead = match dead_letter {
                 None => true,
                 Some(subject) => {
                     copy_to_dead_letter(&tx, stream, consumer, &cand, count, subject).await?
                 }
             };
-            upd_ids.push(cand.id);
             if dead {
                 tracing::warn!(
                     stream,
@@ -154,23 +171,9 @@ pub(crate) async fn lease(
                     deliveries = count - 1,
                     "pgchannel: message exceeded max_deliver; dead-lettered"
                 );
-                upd_ms.push(0);
-                upd_state.push(Some("dead".to_string()));
-                settled_any = true;
-            } else {
-                upd_ms.push(lease_ms(count, ack_wait, &backoff));
-                upd_state.push(None);
+                dead_ids.push(cand.id);
             }
             continue;
-        }
-        upd_ids.push(cand.id);
-        upd_ms.push(lease_ms(count, ack_wait, &backoff));
-        if policy == AckPolicy::None {
-            // At most once: settled as it is handed out.
-            upd_state.push(Some("acked".to_string()));
-            settled_any = true;
-        } else {
-            upd_state.push(None);
         }
         out.push(Delivery {
             token: AckToken {
@@ -186,20 +189,15 @@ pub(crate) async fn lease(
             delivery_count: count,
         });
     }
-    if !upd_ids.is_empty() {
-        let set = tx
-            .prepare_cached(
-                "UPDATE eventbus_event_deliveries d SET \
-                 due_at = CASE WHEN u.st IS NULL THEN now() + u.ms * interval '1 millisecond' END, \
-                 state = u.st \
-                 FROM unnest($3::int8[], $4::int8[], $5::text[]) AS u(id, ms, st) \
-                 WHERE d.stream_name = $1 AND d.consumer_name = $2 AND d.event_id = u.id",
-            )
-            .await
-            .map_err(db)?;
-        tx.execute(&set, &[&stream, &consumer, &upd_ids, &upd_ms, &upd_state])
-            .await
-            .map_err(db)?;
+    if !dead_ids.is_empty() {
+        tx.execute(
+            "UPDATE eventbus_event_deliveries SET state = 'dead', due_at = NULL \
+             WHERE stream_name = $1 AND consumer_name = $2 AND event_id = ANY($3::int8[])",
+            &[&stream, &consumer, &dead_ids],
+        )
+        .await
+        .map_err(db)?;
+        settled_any = true;
     }
     if settled_any {
         advance_position(&tx, stream, consumer, filter.as_deref(), false).await?;

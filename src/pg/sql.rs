@@ -101,3 +101,18 @@ pub(crate) async fn advance_position(
     tx.execute(&sql, &params).await.map_err(db)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_follow_backoff_then_repeat_its_last_entry() {
+        assert_eq!(lease_ms(1, Some(500), &[]), 500);
+        assert_eq!(lease_ms(3, None, &[]), 30_000);
+        let b = [100, 1000];
+        assert_eq!(lease_ms(1, Some(500), &b), 100);
+        assert_eq!(lease_ms(2, Some(500), &b), 1000);
+        assert_eq!(lease_ms(9, Some(500), &b), 1000);
+    }
+}

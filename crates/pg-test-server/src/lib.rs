@@ -1,6 +1,7 @@
 //! Real PostgreSQL servers for tests and benchmarks.
 //!
-//! `PgServer::start()` runs `initdb` into a fresh temp dir, starts `postgres` listening on a
+//! `PgServer::start()` copies a cluster made once by `initdb` (see `copy_template`) into a
+//! fresh temp dir, starts `postgres` listening on a
 //! unix socket in that dir and on `127.0.0.1:<free port>` (nothing else), and creates the
 //! database `eventbus`. Durability is traded for speed (`fsync=off`, `synchronous_commit=off`,
 //! `full_page_writes=off`): a crash of the *machine* may lose data, a crash of the server
@@ -25,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Bumped whenever the template's content changes, so an old one is never reused.
+const TEMPLATE_LAYOUT: &str = "v2";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The database the harness creates; tests may create more with [`PgServer::create_database`].
 pub const DATABASE: &str = "eventbus";
@@ -79,6 +82,24 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Where servers live: `PG_TEST_TMPDIR`, else `/dev/shm` (memory: a copy of the cluster
+/// costs milliseconds instead of seconds on a busy disk), else the temp dir.
+fn scratch_base() -> PathBuf {
+    if let Some(p) = std::env::var_os("PG_TEST_TMPDIR").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let shm = Path::new("/dev/shm");
+    let writable = tempfile::Builder::new()
+        .prefix("pgtest-probe")
+        .tempdir_in(shm)
+        .is_ok();
+    if writable {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 /// uid/gid to run the server as when we are root; None when we are not root.
 fn run_as() -> Option<(u32, u32)> {
     // SAFETY: geteuid has no preconditions.
@@ -109,11 +130,107 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) {
     }
 }
 
+fn initdb(bin: &Path, owner: Option<(u32, u32)>, data: &Path, extra: &[String]) {
+    let mut cmd = Command::new(bin.join("initdb"));
+    cmd.arg("-D")
+        .arg(data)
+        .args([
+            "-U",
+            USER,
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--wal-segsize=1",
+        ])
+        .arg("--auth-local=trust")
+        .args(extra);
+    if !extra.iter().any(|a| a.starts_with("--auth-host")) {
+        cmd.arg("--auth-host=trust");
+    }
+    if let Some((uid, gid)) = owner {
+        cmd.uid(uid).gid(gid);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.join("initdb").display()));
+    assert!(
+        out.status.success(),
+        "initdb failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A trust-auth cluster made once per machine, user and server version under the temp dir
+/// (`pg-test-template-<uid>-<version>`), copied for each server. Built in a scratch dir and
+/// renamed into place, so concurrent test processes never see a half-made template.
+fn copy_template(bin: &Path, owner: Option<(u32, u32)>, data: &Path) {
+    let version = bin
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|v| v.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "pg".into());
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let template =
+        scratch_base().join(format!("pg-test-template-{me}-{version}-{TEMPLATE_LAYOUT}"));
+    if !template.join("PG_VERSION").is_file() {
+        let scratch = tempfile::Builder::new()
+            .prefix("pg-test-template-build")
+            .tempdir_in(scratch_base())
+            .expect("temp dir");
+        if let Some((uid, gid)) = owner {
+            chown_tree(scratch.path(), uid, gid);
+        }
+        let d = scratch.path().join("data");
+        initdb(bin, owner, &d, &[]);
+        // The database the tests use replaces `postgres`, so a copy holds three databases.
+        let mut single = Command::new(bin.join("postgres"));
+        single.arg("--single").arg("-D").arg(&d).arg("template1");
+        if let Some((uid, gid)) = owner {
+            single.uid(uid).gid(gid);
+        }
+        let mut child = single
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run postgres --single");
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            let _ = writeln!(stdin, "ALTER DATABASE postgres RENAME TO {DATABASE}");
+        }
+        let out = child.wait_with_output().expect("postgres --single");
+        assert!(
+            out.status.success(),
+            "postgres --single: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Losing the race to another process is fine: its template is as good as ours.
+        let _ = std::fs::rename(&d, &template);
+    }
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(&template)
+        .arg(data)
+        .output()
+        .expect("run cp");
+    assert!(
+        out.status.success(),
+        "copy the initdb template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // cp -a keeps the template's owner, which is the account the server runs as.
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Builder {
     password: Option<String>,
     port: Option<u16>,
     settings: Vec<(String, String)>,
+    tls: Option<(String, String)>,
 }
 
 impl Builder {
@@ -127,6 +244,12 @@ impl Builder {
         self.port = Some(port);
         self
     }
+    /// Serve TLS (`ssl=on`) with this PEM certificate chain and key; plain connections stay
+    /// allowed, so `sslmode` decides.
+    pub fn tls(mut self, cert_pem: impl Into<String>, key_pem: impl Into<String>) -> Self {
+        self.tls = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
     /// An extra `-c name=value` server setting.
     pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.push((name.into(), value.into()));
@@ -136,7 +259,7 @@ impl Builder {
     pub fn start(self) -> PgServer {
         let dir = tempfile::Builder::new()
             .prefix("pgtest")
-            .tempdir()
+            .tempdir_in(scratch_base())
             .expect("temp dir");
         let owner = run_as();
         let data = dir.path().join("data");
@@ -146,37 +269,40 @@ impl Builder {
             chown_tree(dir.path(), uid, gid);
         }
         let bin = bin_dir();
-        let mut initdb = Command::new(bin.join("initdb"));
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", USER, "-E", "UTF8", "--locale=C", "--no-sync"])
-            .arg("--auth-local=trust");
-        if let Some(pw) = &self.password {
-            let pwfile = dir.path().join("pw");
-            std::fs::write(&pwfile, pw).expect("password file");
-            if let Some((uid, gid)) = owner {
-                chown_tree(&pwfile, uid, gid);
+        match &self.password {
+            // The common case copies a cluster initdb'd once per machine: initdb takes
+            // seconds on a busy machine, a copy a fraction of that.
+            None => copy_template(&bin, owner, &data),
+            Some(pw) => {
+                let pwfile = dir.path().join("pw");
+                std::fs::write(&pwfile, pw).expect("password file");
+                if let Some((uid, gid)) = owner {
+                    chown_tree(&pwfile, uid, gid);
+                }
+                initdb(
+                    &bin,
+                    owner,
+                    &data,
+                    &[
+                        "--auth-host=scram-sha-256".to_string(),
+                        format!("--pwfile={}", pwfile.display()),
+                    ],
+                );
             }
-            initdb
-                .arg("--auth-host=scram-sha-256")
-                .arg(format!("--pwfile={}", pwfile.display()));
-        } else {
-            initdb.arg("--auth-host=trust");
         }
-        if let Some((uid, gid)) = owner {
-            initdb.uid(uid).gid(gid);
+        if let Some((cert, key)) = &self.tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let p = data.join(name);
+                std::fs::write(&p, pem).expect("write TLS file");
+                // The server refuses a key readable by others.
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod TLS file");
+                if let Some((uid, gid)) = owner {
+                    chown_tree(&p, uid, gid);
+                }
+            }
         }
-        let out = initdb
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("run {}: {e}", bin.join("initdb").display()));
-        assert!(
-            out.status.success(),
-            "initdb failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
         let mut s = PgServer {
             port: self.port.unwrap_or_else(free_port),
             bin,
@@ -188,7 +314,9 @@ impl Builder {
             dir,
         };
         s.spawn();
-        s.psql_as_super("postgres", &format!("CREATE DATABASE {DATABASE}"));
+        if s.builder.password.is_some() {
+            s.psql_as_super("template1", &format!("CREATE DATABASE {DATABASE}"));
+        }
         s
     }
 }
@@ -266,6 +394,11 @@ impl PgServer {
             .args(["-c", "full_page_writes=off"])
             .args(["-c", "max_connections=200"])
             .args(["-c", "shared_buffers=32MB"]);
+        if self.builder.tls.is_some() {
+            cmd.args(["-c", "ssl=on"])
+                .args(["-c", "ssl_cert_file=server.crt"])
+                .args(["-c", "ssl_key_file=server.key"]);
+        }
         for (k, v) in &self.builder.settings {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }
@@ -331,7 +464,7 @@ impl PgServer {
     }
 
     pub fn create_database(&self, name: &str) {
-        self.psql_as_super("postgres", &format!("CREATE DATABASE {name}"));
+        self.psql_as_super("template1", &format!("CREATE DATABASE {name}"));
     }
 
     fn psql_as_super(&self, db: &str, sql: &str) -> String {
