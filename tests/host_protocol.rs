@@ -357,7 +357,7 @@ async fn validation_errors_name_module_field_and_remedy() {
     let cases: &[(&str, &str, &[&str])] = &[
         ("eventbus.broker", "deploy_target: self_hosted\n", &["eventbus.broker \"m\": config.provider: is required"]),
         ("eventbus.broker", "provider: nats\n", &["config.deploy_target: is required for provider nats"]),
-        ("eventbus.broker", "provider: rabbitmq\ndeploy_target: self_hosted\n", &["unknown provider \"rabbitmq\"", "supported providers are: nats, kafka, kinesis"]),
+        ("eventbus.broker", "provider: rabbitmq\ndeploy_target: self_hosted\n", &["unknown provider \"rabbitmq\"", "supported providers are: nats, pgchannel, kafka, kinesis"]),
         ("eventbus.broker", "provider: NATS\ndeploy_target: self_hosted\n", &["lowercase"]),
         ("eventbus.broker", "provider: nats\ndeploy_target: aws.msk\n", &["config.deploy_target: provider \"nats\" does not support deploy target \"aws.msk\"", "local, self_hosted"]),
         ("eventbus.broker", "provider: kafka\ndeploy_target: aws.msk\n", &["config.provider: provider \"kafka\" is not available yet", "use provider: nats"]),
