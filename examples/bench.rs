@@ -1154,7 +1154,9 @@ async fn pg_bench(
     let mut done = 0;
     while done < PG_CONSUME_N {
         if start.elapsed() > WAIT {
-            return Err(format!("pg steps consumed only {done} of {PG_CONSUME_N}"));
+            // Reported, not fatal: the trigger figures below still get measured.
+            fig("pg_consume_ack_steps_b100_consumed", done as f64, "msg");
+            break;
         }
         let out = execute(&p.client, consume_req.clone()).await?;
         let batch = ConsumeResponse::decode(out.as_slice()).map_err(|e| e.to_string())?;
