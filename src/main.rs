@@ -13,6 +13,10 @@ talk to it over gRPC. Install it as <plugins>/eventbus/eventbus beside plugin.js
 Usage:
   workflow-plugin-eventbus --help       this text
   workflow-plugin-eventbus --version    print the version
+  workflow-plugin-eventbus render <infra.yaml> <out-dir>
+                                        write the Kubernetes objects of every kubernetes or
+                                        aws.eks broker in an infra file as YAML (what apply
+                                        sends), for review or kubectl diff; no cluster needed
 
 Environment:
   NATS_URL, EVENTBUS_<BROKER>_URI   broker urls when a broker module sets no dsn
@@ -30,6 +34,10 @@ fn main() {
         Some("--version") | Some("-V") | Some("version") => {
             println!("workflow-plugin-eventbus {}", env!("CARGO_PKG_VERSION"));
             return;
+        }
+        Some("render") => {
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            std::process::exit(eventbus_plugin::iac::render_cmd::main(&args));
         }
         _ => {}
     }

@@ -1028,7 +1028,7 @@ async fn errors_name_the_problem_and_transient_failures_are_never_ghosts() {
         e.message()
     );
     // Targets that are not provisioned yet fail at Diff and at Create, naming alternatives.
-    for target in ["kubernetes", "aws.ecs", "aws.eks"] {
+    for target in ["aws.ecs"] {
         let b = Res::new(
             "k",
             BROKER,

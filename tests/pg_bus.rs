@@ -975,3 +975,37 @@ async fn backoff_sets_the_lease_of_each_redelivery() {
         .unwrap();
     assert!(secs > 3000, "second lease from backoff[1]: {secs}s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_consumer_lock_is_an_error_and_resubscribing_works() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    let mut sub = b
+        .subscribe("ORDERS", "worker", SubOpts::default())
+        .await
+        .unwrap();
+    let key = consumer_lock_key("ORDERS", "worker");
+    // The Go key: the bigint lock shows as classid = high half, objid = low half.
+    let held = pg.psql(&format!(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 \
+         AND classid::int8 = {} AND objid::int8 = {}",
+        (key as u64) >> 32,
+        (key as u64) & 0xffff_ffff
+    ));
+    assert_eq!(held, "1", "the subscriber holds the Go plugin's lock key");
+    pg.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1",
+    );
+    let e = tokio::time::timeout(Duration::from_secs(20), sub.next_batch(10))
+        .await
+        .expect("the loss is noticed")
+        .unwrap_err();
+    assert!(matches!(e, PgError::Lost { .. }) || e.is_transient(), "{e}");
+    drop(sub);
+    let mut sub = b
+        .subscribe("ORDERS", "worker", SubOpts::default())
+        .await
+        .unwrap();
+    let p = publish_n(&b, 1).await;
+    assert_eq!(ids(&sub.next_batch(10).await.unwrap()), p);
+}

@@ -175,6 +175,14 @@ impl BrokerSpec {
                 format!("only applies to deploy_target local (this broker uses {target})"),
             );
         }
+        if c.kubernetes.is_some()
+            && !matches!(target, DeployTarget::Kubernetes | DeployTarget::AwsEks)
+        {
+            p.field(
+                "kubernetes",
+                format!("only applies to deploy_target kubernetes or aws.eks (this broker uses {target})"),
+            );
+        }
         if !(0..=65535).contains(&local.client_port) {
             p.field(
                 "local.client_port",

@@ -55,6 +55,14 @@ pub enum DriverError {
         #[source]
         source: NatsError,
     },
+    /// A pgchannel broker's database refused or failed (`crate::pg` errors never carry the
+    /// password).
+    #[error("{what}")]
+    Pg {
+        what: String,
+        #[source]
+        source: crate::pg::PgError,
+    },
     #[error("{what}")]
     Local {
         what: String,
@@ -115,6 +123,14 @@ impl DriverError {
         DriverError::Nats { what, source }
     }
 
+    /// A pgchannel database failure about `what`.
+    pub fn pg(what: impl Into<String>, source: crate::pg::PgError) -> Self {
+        DriverError::Pg {
+            what: what.into(),
+            source,
+        }
+    }
+
     pub fn is_not_found(&self) -> bool {
         matches!(self, DriverError::NotFound { .. })
     }
@@ -173,6 +189,13 @@ impl From<DriverError> for tonic::Status {
                 NatsError::Settings(_) => tonic::Status::invalid_argument(msg),
                 _ => tonic::Status::failed_precondition(msg),
             },
+            DriverError::Pg { source, .. } => {
+                if source.is_transient() {
+                    tonic::Status::unavailable(msg)
+                } else {
+                    tonic::Status::failed_precondition(msg)
+                }
+            }
             DriverError::Local { .. } | DriverError::State { .. } | DriverError::Worker { .. } => {
                 tonic::Status::internal(msg)
             }
@@ -207,7 +230,7 @@ mod tests {
                 type_name: "infra.database".into(),
                 known: "x".into(),
             },
-            not_yet("b", crate::providers::DeployTarget::Kubernetes),
+            not_yet("b", crate::providers::DeployTarget::AwsEcs),
             DriverError::refused("stream \"S\"", "prevent_destroy is set"),
             DriverError::nats(
                 "stream \"S\"",
@@ -240,7 +263,9 @@ mod tests {
             m,
             "infra.eventbus \"bus\": deploy target \"aws.ecs\" is not available yet in the eventbus IaC provider; \
              use deploy_target local (nats-server processes on this machine) or self_hosted (servers you name with dsn/servers) \
-             or digitalocean.app_platform (one non-durable broker as an App Platform app)"
+             or digitalocean.app_platform (one non-durable broker as an App Platform app) \
+             or kubernetes (a durable JetStream cluster as a StatefulSet, through the Kubernetes API) \
+             or aws.eks (the same on EKS: gp3 volumes, zone spread)"
         );
     }
 }

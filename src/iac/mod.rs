@@ -8,6 +8,7 @@ pub(crate) mod error;
 pub(crate) mod files;
 pub(crate) mod plan;
 pub(crate) mod provider;
+pub mod render_cmd;
 pub(crate) mod scrub;
 pub(crate) mod state;
 pub mod targets;

@@ -81,6 +81,9 @@ pub struct BrokerRecord {
     /// `digitalocean.app_platform`: the app that runs the broker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<AppRecord>,
+    /// `kubernetes` / `aws.eks`: the cluster and the objects applied there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeRecord>,
     #[serde(default)]
     pub prevent_destroy: bool,
     #[serde(default)]
@@ -88,12 +91,68 @@ pub struct BrokerRecord {
     /// Outputs of the last create/update, for drift detection.
     #[serde(default)]
     pub outputs: Json,
+    /// Set for a `provider: pgchannel` broker: the database it adopted. Absent in records of
+    /// NATS brokers (and in every file an earlier release wrote), which is how the stream and
+    /// consumer drivers tell the two providers apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pg: Option<PgRecord>,
+}
+
+/// What a pgchannel broker's streams and consumers need to reach its database in a later
+/// plugin process (wfctl erases `${bus.dsn}` references, docs/iac-host.md §1.3).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PgRecord {
+    /// As configured or read from `EVENTBUS_<NAME>_URI`; it may carry a password, so it is
+    /// never logged or put in outputs (this file is 0600, as for NATS credentials).
+    pub dsn: String,
+    #[serde(default)]
+    pub max_conns: usize,
+    #[serde(default)]
+    pub poll_interval_ms: u64,
+    #[serde(default)]
+    pub connect_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AppRecord {
     pub app_id: String,
     pub app_name: String,
+}
+
+/// A broker applied to a Kubernetes cluster: enough to find, reach and delete it later, even
+/// from a destroy wfctl runs without the provider's config.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KubeRecord {
+    /// The kubeconfig file and context used ("" = the defaults: KUBECONFIG, current context,
+    /// else in-cluster).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kubeconfig: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub context: String,
+    pub namespace: String,
+    pub stateful_set: String,
+    pub client_service: String,
+    /// The claim template (PVCs are `<claim>-<stateful_set>-<ordinal>`).
+    pub claim: String,
+    /// The pods' label selector (port-forwards go to its Ready pods).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// Applied objects in apply order; delete walks them backwards.
+    #[serde(default)]
+    pub objects: Vec<KubeObject>,
+    #[serde(default)]
+    pub delete_pvcs: bool,
+    /// The client Service's external address (`nats://<lb>:4222`), "" without one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub external_url: String,
+}
+
+/// One applied object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeObject {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
 }
 
 mod target_name {
@@ -260,9 +319,11 @@ mod tests {
                         request_timeout_ms: 0,
                         local: None,
                         app: None,
+                        kubernetes: None,
                         prevent_destroy: false,
                         bind: false,
                         outputs: Json::Null,
+                        pg: None,
                     },
                 );
             })
@@ -326,6 +387,22 @@ mod tests {
         let again: Json = serde_json::to_value(&s).unwrap();
         assert_eq!(again["brokers"]["bus"]["target"], "local");
         assert_eq!(again["brokers"]["edge"]["target"], "self_hosted");
+        // NATS records have no pgchannel part, and write none back.
+        assert!(s.brokers.values().all(|b| b.pg.is_none()));
+        assert!(again["brokers"]["bus"].get("pg").is_none());
+        // A pgchannel record written by this release reads back whole.
+        let mut with_pg = s.clone();
+        with_pg.brokers.get_mut("edge").unwrap().pg = Some(PgRecord {
+            dsn: "postgres://u:pw@db:5432/app".into(),
+            max_conns: 4,
+            poll_interval_ms: 250,
+            connect_timeout_ms: 5000,
+        });
+        let text = serde_json::to_string(&with_pg).unwrap();
+        assert_eq!(
+            serde_json::from_str::<ProviderState>(&text).unwrap(),
+            with_pg
+        );
         let bad = text.replacen("\"self_hosted\"", "\"mainframe\"", 1);
         let e = serde_json::from_str::<ProviderState>(&bad)
             .unwrap_err()

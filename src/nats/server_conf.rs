@@ -1,5 +1,5 @@
 //! The one nats-server config renderer every deploy target uses (`local` files on this machine,
-//! the App Platform env var). Native NATS conf syntax: every string is quoted, and values that
+//! the App Platform env var, the Kubernetes ConfigMap). Native NATS conf syntax: every string is quoted, and values that
 //! must come from the process environment (listen host, secrets) are left as bare `$NAME`
 //! references, which nats-server resolves from its environment at start. Secrets are therefore
 //! never part of the rendered text. Only keys nats-server 2.9 already knows are written.
@@ -27,11 +27,30 @@ pub enum EnvAuth {
     },
 }
 
+/// A server's name: fixed, or from the environment (one config file shared by every pod of a
+/// StatefulSet, each pod naming itself after its pod name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerName {
+    Fixed(String),
+    Env(String),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterConf {
     pub name: String,
     pub listen: String,
     pub routes: Vec<String>,
+    /// Keep the server from telling clients about peer addresses they cannot reach (pod IPs
+    /// behind a Service): clients stay on the url they were given.
+    pub no_advertise: bool,
+}
+
+/// Lame-duck mode on shutdown: clients are moved off gradually over `duration_secs`, after
+/// `grace_secs` (must be lower) during which the server still accepts them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LameDuck {
+    pub duration_secs: u32,
+    pub grace_secs: u32,
 }
 
 /// A websocket listener without TLS (TLS ends at whatever is in front: an edge proxy).
@@ -44,12 +63,15 @@ pub struct WebsocketConf {
 pub struct ServerConf {
     /// First line, as a comment.
     pub header: String,
-    pub server_name: String,
+    pub server_name: ServerName,
     pub client: Listen,
     /// Monitoring port; with `Listen::EnvHost` it binds the same host as the client port.
     pub monitor: Listen,
     /// `None` = log to stderr.
     pub logfile: Option<String>,
+    /// Where the server writes its pid, so `nats-server --signal ldm=<file>` can reach it.
+    pub pid_file: Option<String>,
+    pub lame_duck: Option<LameDuck>,
     pub store_dir: String,
     /// 0 = not set (nats-server's default).
     pub max_file_store: i64,
@@ -65,10 +87,13 @@ pub fn quoted(s: &str) -> String {
 
 impl ServerConf {
     pub fn render(&self) -> String {
+        let name = match &self.server_name {
+            ServerName::Fixed(n) => quoted(n),
+            ServerName::Env(var) => format!("${var}"),
+        };
         let mut c = format!(
-            "# {}\nserver_name: {}\n",
-            self.header.replace('\n', " "),
-            quoted(&self.server_name)
+            "# {}\nserver_name: {name}\n",
+            self.header.replace('\n', " ")
         );
         match (&self.client, &self.monitor) {
             (Listen::EnvHost { var, port }, Listen::EnvHost { port: http, .. }) => {
@@ -88,6 +113,15 @@ impl ServerConf {
         if let Some(l) = &self.logfile {
             c.push_str(&format!("logfile: {}\n", quoted(l)));
         }
+        if let Some(p) = &self.pid_file {
+            c.push_str(&format!("pid_file: {}\n", quoted(p)));
+        }
+        if let Some(ld) = &self.lame_duck {
+            c.push_str(&format!(
+                "lame_duck_duration: \"{}s\"\nlame_duck_grace_period: \"{}s\"\n",
+                ld.duration_secs, ld.grace_secs
+            ));
+        }
         c.push_str(&format!(
             "jetstream {{\n  store_dir: {}\n",
             quoted(&self.store_dir)
@@ -102,9 +136,15 @@ impl ServerConf {
         if let Some(cl) = &self.cluster {
             let routes: Vec<String> = cl.routes.iter().map(|r| quoted(r)).collect();
             c.push_str(&format!(
-                "cluster {{\n  name: {}\n  listen: {}\n  routes: [\n    {}\n  ]\n}}\n",
+                "cluster {{\n  name: {}\n  listen: {}\n",
                 quoted(&cl.name),
                 quoted(&cl.listen),
+            ));
+            if cl.no_advertise {
+                c.push_str("  no_advertise: true\n");
+            }
+            c.push_str(&format!(
+                "  routes: [\n    {}\n  ]\n}}\n",
                 routes.join("\n    ")
             ));
         }
@@ -158,7 +198,7 @@ mod tests {
     fn app_like() -> ServerConf {
         ServerConf {
             header: "test".into(),
-            server_name: "bus".into(),
+            server_name: ServerName::Fixed("bus".into()),
             client: Listen::EnvHost {
                 var: "NATS_HOST".into(),
                 port: 4222,
@@ -168,6 +208,8 @@ mod tests {
                 port: 8222,
             },
             logfile: None,
+            pid_file: None,
+            lame_duck: None,
             store_dir: "/tmp/js".into(),
             max_file_store: 1 << 30,
             max_memory_store: 0,
@@ -192,6 +234,36 @@ mod tests {
         );
         assert!(c.contains("token: $NATS_TOKEN"), "{c}");
         assert!(!c.contains("logfile") && !c.contains("cluster {"), "{c}");
+    }
+
+    #[test]
+    fn a_pod_names_itself_and_routes_go_to_its_peers() {
+        let mut conf = app_like();
+        conf.server_name = ServerName::Env("SERVER_NAME".into());
+        conf.pid_file = Some("/var/run/nats/nats.pid".into());
+        conf.lame_duck = Some(LameDuck {
+            duration_secs: 30,
+            grace_secs: 10,
+        });
+        conf.cluster = Some(ClusterConf {
+            name: "bus".into(),
+            listen: "0.0.0.0:6222".into(),
+            routes: vec!["nats://bus-0.bus-headless:6222".into()],
+            no_advertise: true,
+        });
+        let c = conf.render();
+        assert!(c.contains("server_name: $SERVER_NAME\n"), "{c}");
+        assert!(c.contains("pid_file: \"/var/run/nats/nats.pid\"\n"), "{c}");
+        assert!(
+            c.contains("lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"10s\"\n"),
+            "{c}"
+        );
+        assert!(
+            c.contains(
+                "  no_advertise: true\n  routes: [\n    \"nats://bus-0.bus-headless:6222\"\n  ]"
+            ),
+            "{c}"
+        );
     }
 
     #[test]

@@ -10,6 +10,34 @@
 //! consumers, publish, fetch, ack, prune), `lease` (the claim of deliverable rows shared by
 //! fetch and subscribe), `listen` (dedicated connections for LISTEN and advisory locks),
 //! `subscribe` (one active subscriber per consumer).
+//!
+//! Delivery model: a consumer's unsettled messages are the events above its `position` that
+//! match its filter and have no settled delivery row. Handing one out writes (or bumps) its
+//! delivery row with a lease (`due_at`); until the lease ends (ack_wait, or the backoff entry
+//! for that delivery) nobody else gets it. Ack/term settle the row, nak moves `due_at`,
+//! progress extends it. `position` trails the first unsettled event, so the Go plugin's
+//! `id > position` poll still sees exactly what is left.
+//!
+//! Go behaviours deliberately not kept (B16 and related):
+//! * `FOR UPDATE SKIP LOCKED` outside a transaction (no lock at all): rows are claimed by an
+//!   upsert on the delivery row inside a transaction instead (see `lease` for why not
+//!   SKIP LOCKED on the shared event rows).
+//! * Cumulative acks: acks settle one message; only ack_policy `all` settles up to the id.
+//! * A failing message blocking its consumer for max_deliver x poll_interval: a nak'd or
+//!   leased message waits alone; later ones keep flowing.
+//! * Silent skip past max_deliver on subscribe, none on consume: both dead-letter (copy to
+//!   the dead-letter subject's stream when given) and settle the row as `dead`.
+//! * deliver_policy, ack_policy, max_age ignored: all honoured; max_msgs/max_bytes added.
+//! * Unbounded growth of events and delivery rows: a bounded prune runs every 30 s.
+//! * `*` filters accepted and passed to SQL: refused when the consumer is defined; `%`, `_`
+//!   and `\` in a `prefix.>` filter no longer act as LIKE wildcards.
+//! * Malformed poll_interval silently 1 s: an error (`PgSettings::with_poll_interval_str`).
+//! * Schema never created: created if missing and upgraded additively (see `schema`).
+//! * Publish subjects with wildcards or empty tokens were stored: refused.
+//!
+//! Mixed fleets: while a Go plugin still publishes into the same database it does not take
+//! the per-stream publish lock, so a position advanced by us could pass one of its rows that
+//! commits late (the Go plugin's own cursor had the same race). Run one generation at a time.
 
 mod bus;
 mod core;

@@ -1,8 +1,9 @@
 //! Connection settings: the DSN (libpq URL or key=value form), TLS per libpq's `sslmode` /
 //! `sslrootcert`, password redaction, and the Go-style duration syntax of `poll_interval`.
 //!
-//! tokio-postgres understands neither `verify-ca`/`verify-full` nor `sslrootcert`, so those
-//! two keys are taken out of the DSN here and turned into a rustls configuration.
+//! tokio-postgres understands neither `verify-ca`/`verify-full` nor `sslrootcert`, `sslcert`,
+//! `sslkey`, so those keys are taken out of the DSN here and turned into a rustls
+//! configuration.
 
 use std::fmt;
 use std::str::FromStr;
@@ -170,23 +171,33 @@ impl PgSettings {
             }
         });
         let mode = split.mode.unwrap_or(SslMode::Prefer);
+        let client = ClientCert {
+            cert: split.cert.clone(),
+            key: split.key.clone(),
+        };
         let tls = match mode {
             SslMode::Disable => Tls::Plain,
             // libpq's prefer tries TLS without verifying; on a socket or loopback there is
             // nothing to protect against, and test servers have no certificate.
             SslMode::Prefer if local => Tls::Plain,
-            SslMode::Prefer => Tls::Rustls(tls_config(Verify::None, None, b)?),
+            SslMode::Prefer => Tls::Rustls(tls_config(Verify::None, None, &client, b)?),
             // libpq: require with a root certificate present behaves as verify-ca.
             SslMode::Require => match &split.rootcert {
-                Some(root) => Tls::Rustls(tls_config(Verify::Chain, Some(root), b)?),
-                None => Tls::Rustls(tls_config(Verify::None, None, b)?),
+                Some(root) => Tls::Rustls(tls_config(Verify::Chain, Some(root), &client, b)?),
+                None => Tls::Rustls(tls_config(Verify::None, None, &client, b)?),
             },
-            SslMode::VerifyCa => {
-                Tls::Rustls(tls_config(Verify::Chain, split.rootcert.as_deref(), b)?)
-            }
-            SslMode::VerifyFull => {
-                Tls::Rustls(tls_config(Verify::Full, split.rootcert.as_deref(), b)?)
-            }
+            SslMode::VerifyCa => Tls::Rustls(tls_config(
+                Verify::Chain,
+                split.rootcert.as_deref(),
+                &client,
+                b,
+            )?),
+            SslMode::VerifyFull => Tls::Rustls(tls_config(
+                Verify::Full,
+                split.rootcert.as_deref(),
+                &client,
+                b,
+            )?),
         };
         cfg.ssl_mode(match (&tls, mode) {
             (Tls::Plain, _) => tokio_postgres::config::SslMode::Disable,
@@ -222,6 +233,7 @@ enum Verify {
 fn tls_config(
     verify: Verify,
     rootcert: Option<&str>,
+    client: &ClientCert,
     broker: &str,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, PgError> {
     use tokio_rustls::rustls;
@@ -229,11 +241,10 @@ fn tls_config(
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| PgError::invalid(format!("{broker}: TLS setup: {e}")))?;
-    let config = match verify {
+    let builder = match verify {
         Verify::None => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verify::NoVerify(provider)))
-            .with_no_client_auth(),
+            .with_custom_certificate_verifier(Arc::new(verify::NoVerify(provider))),
         Verify::Chain | Verify::Full => {
             let roots = Arc::new(root_store(rootcert, broker)?);
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -243,15 +254,63 @@ fn tls_config(
             .build()
             .map_err(|e| PgError::invalid(format!("{broker}: sslrootcert: {e}")))?;
             match verify {
-                Verify::Full => builder.with_webpki_verifier(inner).with_no_client_auth(),
+                Verify::Full => builder.with_webpki_verifier(inner),
                 _ => builder
                     .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(verify::AnyName(inner)))
-                    .with_no_client_auth(),
+                    .with_custom_certificate_verifier(Arc::new(verify::AnyName(inner))),
             }
         }
     };
+    let config = match client_auth(client, broker)? {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| PgError::invalid(format!("{broker}: sslcert/sslkey: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+#[derive(Default)]
+struct ClientCert {
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+type ClientAuth = (
+    Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+    tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// libpq's `sslcert`/`sslkey`: both or neither (libpq's defaults under ~/.postgresql are not
+/// looked at; a service has no meaningful home).
+fn client_auth(c: &ClientCert, broker: &str) -> Result<Option<ClientAuth>, PgError> {
+    use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    match (&c.cert, &c.key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    PgError::invalid(format!(
+                        "{broker}: sslcert {cert:?}: cannot read PEM certificates: {e}"
+                    ))
+                })?;
+            if chain.is_empty() {
+                return Err(PgError::invalid(format!(
+                    "{broker}: sslcert {cert:?} holds no certificate"
+                )));
+            }
+            let k = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                PgError::invalid(format!(
+                    "{broker}: sslkey {key:?}: cannot read a PEM private key: {e}"
+                ))
+            })?;
+            Ok(Some((chain, k)))
+        }
+        _ => Err(PgError::invalid(format!(
+            "{broker}: sslcert and sslkey go together (a client certificate needs its key)"
+        ))),
+    }
 }
 
 fn root_store(
@@ -400,6 +459,9 @@ struct SplitDsn {
     rest: String,
     mode: Option<SslMode>,
     rootcert: Option<String>,
+    /// Client certificate chain and key (PEM files), libpq's `sslcert` / `sslkey`.
+    cert: Option<String>,
+    key: Option<String>,
 }
 
 fn is_url(dsn: &str) -> bool {
@@ -411,8 +473,18 @@ fn is_url(dsn: &str) -> bool {
 fn split_tls(dsn: &str) -> Result<SplitDsn, String> {
     let mut mode = None;
     let mut rootcert = None;
+    let mut cert = None;
+    let mut key = None;
     let mut take = |k: &str, v: &str| -> Result<bool, String> {
         match k {
+            "sslcert" => {
+                cert = Some(v.to_string());
+                Ok(true)
+            }
+            "sslkey" => {
+                key = Some(v.to_string());
+                Ok(true)
+            }
             "sslmode" => {
                 mode = Some(v.parse::<SslMode>()?);
                 Ok(true)
@@ -459,6 +531,8 @@ fn split_tls(dsn: &str) -> Result<SplitDsn, String> {
         rest,
         mode,
         rootcert,
+        cert,
+        key,
     })
 }
 

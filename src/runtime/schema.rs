@@ -38,6 +38,7 @@ pub fn field_doc(message: &str, field: &str) -> Option<(&'static str, bool, &'st
         ("ClusterConfig", "connect_timeout") => d("Timeout of one connection attempt (reconnects continue forever)", false, "5s"),
         ("ClusterConfig", "request_timeout") => d("Bound on publish, ack and JetStream API calls", false, "5s"),
         ("ClusterConfig", "local") => d("deploy_target local: binary, state_dir, client_port, remove_data_on_delete", false, ""),
+        ("ClusterConfig", "kubernetes") => d("deploy_target kubernetes or aws.eks: namespace, storage_size, storage_class, resources (cpu, memory; requests = limits), service_type, image, labels, annotations, service_annotations, delete_pvcs_on_delete, zone_spread, internal_load_balancer (aws.eks), cluster_domain, context, ready_timeout", false, ""),
         ("ClusterConfig", "app_platform") => d("deploy_target digitalocean.app_platform: acknowledge_data_loss (required), instance_size, http_port, deploy_timeout", false, ""),
         (_, "prevent_destroy") => d("IaC: refuse to delete this resource", false, "false"),
         (_, "bind") => d("IaC: adopt only; never create (fails when it does not exist)", false, "false"),

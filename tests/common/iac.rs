@@ -277,6 +277,8 @@ pub struct Wfctl {
     pub provider_config: Json,
     pub env: Vec<(String, String)>,
     pub state: BTreeMap<String, Record>,
+    /// The stderr of every plugin process this wfctl started (wfctl forwards it to its log).
+    stderrs: Mutex<Vec<Arc<Mutex<String>>>>,
 }
 
 impl Wfctl {
@@ -285,14 +287,28 @@ impl Wfctl {
             provider_config: serde_json::json!({"provider": "eventbus", "state_dir": state_dir}),
             env: Vec::new(),
             state: BTreeMap::new(),
+            stderrs: Mutex::new(Vec::new()),
         }
     }
 
     pub async fn load(&self) -> Loaded {
         match Loaded::load(&self.provider_config, &self.env).await {
-            Ok(l) => l,
+            Ok(l) => {
+                self.stderrs.lock().unwrap().push(l.stderr.clone());
+                l
+            }
             Err(e) => panic!("load: {e}"),
         }
+    }
+
+    /// What the plugin processes of this wfctl wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        self.stderrs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.lock().unwrap().clone())
+            .collect()
     }
 
     fn current(&self, name: &str) -> Option<ResourceOutput> {

@@ -231,6 +231,7 @@ pub struct Builder {
     port: Option<u16>,
     settings: Vec<(String, String)>,
     tls: Option<(String, String)>,
+    client_ca: Option<String>,
 }
 
 impl Builder {
@@ -248,6 +249,12 @@ impl Builder {
     /// allowed, so `sslmode` decides.
     pub fn tls(mut self, cert_pem: impl Into<String>, key_pem: impl Into<String>) -> Self {
         self.tls = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+    /// Ask clients for a certificate issued by this CA (PEM); `pg_stat_ssl.client_dn` then
+    /// shows who presented one.
+    pub fn tls_client_ca(mut self, ca_pem: impl Into<String>) -> Self {
+        self.client_ca = Some(ca_pem.into());
         self
     }
     /// An extra `-c name=value` server setting.
@@ -292,7 +299,13 @@ impl Builder {
         }
         if let Some((cert, key)) = &self.tls {
             use std::os::unix::fs::PermissionsExt;
-            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+            let ca = self.client_ca.as_ref();
+            let files = [
+                ("server.crt", Some(cert)),
+                ("server.key", Some(key)),
+                ("root.crt", ca),
+            ];
+            for (name, pem) in files.into_iter().filter_map(|(n, p)| p.map(|p| (n, p))) {
                 let p = data.join(name);
                 std::fs::write(&p, pem).expect("write TLS file");
                 // The server refuses a key readable by others.
@@ -398,6 +411,9 @@ impl PgServer {
             cmd.args(["-c", "ssl=on"])
                 .args(["-c", "ssl_cert_file=server.crt"])
                 .args(["-c", "ssl_key_file=server.key"]);
+            if self.builder.client_ca.is_some() {
+                cmd.args(["-c", "ssl_ca_file=root.crt"]);
+            }
         }
         for (k, v) in &self.builder.settings {
             cmd.arg("-c").arg(format!("{k}={v}"));
@@ -424,6 +440,7 @@ impl PgServer {
             }
             let ok = Command::new(self.bin.join("pg_isready"))
                 .arg("-q")
+                .args(["-U", USER])
                 .arg("-h")
                 .arg(&self.sock)
                 .arg("-p")

@@ -78,6 +78,7 @@ pub fn diff(d: &BrokerDesired, current: &Json) -> Result<Vec<Change>, DriverErro
 
 /// Connects and checks JetStream; returns the server's version.
 async fn verify(ctx: &Ctx, what: &str, b: &BrokerConn) -> Result<String, DriverError> {
+    let b = &ctx.reach(what, b).await?;
     let conn = ctx.conns.connect(what, b).await?;
     conn.js.query_account().await.map_err(|e| {
         DriverError::refused(
@@ -142,7 +143,7 @@ fn sensitive_outputs(d: &BrokerDesired, m: &mut Map<String, Json>) -> Vec<String
     keys
 }
 
-fn record_for<'a>(
+pub fn record_for<'a>(
     state: &'a ProviderState,
     r: &ResourceRef,
 ) -> Option<(&'a String, &'a BrokerRecord)> {
@@ -220,6 +221,27 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
     };
     let (name, rec) = (name.clone(), rec.clone());
     let what = label(&name);
+    refuse_delete(&state, &name, &rec)?;
+    for_target(&name, rec.target)?
+        .delete(ctx, &what, &rec)
+        .await?;
+    ctx.forget(&name, &rec.urls).await;
+    ctx.state.update(|s| {
+        s.brokers.remove(&name);
+        s.resources
+            .retain(|_, res| !(res.released && res.broker == name));
+    })?;
+    Ok(())
+}
+
+/// Why a recorded broker may not be deleted yet (every provider): `prevent_destroy`, or
+/// streams/consumers still recorded on it.
+pub fn refuse_delete(
+    state: &ProviderState,
+    name: &str,
+    rec: &BrokerRecord,
+) -> Result<(), DriverError> {
+    let what = label(name);
     if rec.prevent_destroy {
         return Err(DriverError::refused(
             &what,
@@ -241,26 +263,7 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
             ),
         ));
     }
-    for_target(&name, rec.target)?
-        .delete(ctx, &what, &rec)
-        .await?;
-    ctx.conns.evict(&rec.urls).await;
-    ctx.state.update(|s| {
-        s.brokers.remove(&name);
-        s.resources
-            .retain(|_, res| !(res.released && res.broker == name));
-    })?;
     Ok(())
-}
-
-/// The broker itself, when it answers.
-pub async fn enumerate(ctx: &Ctx, broker: &str) -> Result<Vec<(String, Output)>, DriverError> {
-    let r = ResourceRef {
-        name: broker.to_string(),
-        r#type: super::BROKER_TYPE.into(),
-        provider_id: broker.to_string(),
-    };
-    Ok(vec![(broker.to_string(), read(ctx, &r).await?)])
 }
 
 pub async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
@@ -290,39 +293,6 @@ pub fn troubleshoot(ctx: &Ctx, r: &ResourceRef) -> Result<Vec<(String, String)>,
         .ok_or_else(|| DriverError::Unsupported(format!("Troubleshoot of a {} broker", rec.target)))
 }
 
-impl super::Driver for super::BrokerDriver {
-    type Spec = BrokerDesired;
-    const KIND: super::Kind = super::Kind::Broker;
-    const TIER: i32 = 1;
-    const SENSITIVE: &'static [&'static str] = &["token", "password"];
-    /// Where clients reach it, and what a target that runs servers for us reports of them
-    /// (absent keys compare equal).
-    const DRIFT_KEYS: &'static [&'static str] = &[
-        "url",
-        "version",
-        "instance_size",
-        "http_port",
-        "config_sha256",
-    ];
-    /// Unsupported targets fail here, at plan time.
-    fn diff(
-        spec: &BrokerDesired,
-        _: &ProviderState,
-        current: &Json,
-    ) -> Result<Vec<Change>, DriverError> {
-        diff(spec, current)
-    }
-    super::forward_driver_ops!(BrokerDesired);
-    async fn scale(_: &Ctx, _: &ResourceRef, _: i32) -> Result<Output, DriverError> {
-        Err(DriverError::Unsupported(
-            "Scale of infra.eventbus (replicas of a local broker change by replace; set replicas and apply)".into(),
-        ))
-    }
-    fn troubleshoot(ctx: &Ctx, r: &ResourceRef) -> Result<Vec<(String, String)>, DriverError> {
-        troubleshoot(ctx, r)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,18 +306,17 @@ mod tests {
 
     #[test]
     fn other_targets_are_not_yet() {
-        for t in ["kubernetes", "aws.ecs", "aws.eks"] {
-            let d = decode(
-                "bus",
-                format!(r#"{{"provider":"nats","deploy_target":"{t}"}}"#).as_bytes(),
-            )
-            .unwrap();
-            let e = check_target(&d).err().expect("not provisioned").to_string();
-            assert!(
-                e.contains(t) && e.contains("local") && e.contains("self_hosted"),
-                "{e}"
-            );
-        }
+        let t = "aws.ecs";
+        let d = decode(
+            "bus",
+            format!(r#"{{"provider":"nats","deploy_target":"{t}"}}"#).as_bytes(),
+        )
+        .unwrap();
+        let e = check_target(&d).err().expect("not provisioned").to_string();
+        assert!(
+            e.contains(t) && e.contains("local") && e.contains("kubernetes"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -572,31 +572,6 @@ pub fn diff(spec: &ConsumerSpec, desired_broker: Option<&str>, current: &Json) -
     )
 }
 
-impl super::Driver for super::ConsumerDriver {
-    type Spec = ConsumerSpec;
-    const KIND: super::Kind = super::Kind::Consumer;
-    const TIER: i32 = 2;
-    const DRIFT_KEYS: &'static [&'static str] = &[
-        "filter_subjects",
-        "deliver_policy",
-        "ack_policy",
-        "max_deliver",
-        "ack_wait",
-        "max_ack_pending",
-        "backoff",
-        "description",
-    ];
-    fn diff(
-        spec: &ConsumerSpec,
-        state: &crate::iac::state::ProviderState,
-        current: &Json,
-    ) -> Result<Vec<PlanChange>, DriverError> {
-        let b = super::desired_broker(&spec.broker_ref, &spec.servers, state);
-        Ok(diff(spec, b.as_deref(), current))
-    }
-    super::forward_driver_ops!(ConsumerSpec);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,13 @@
 //! One driver per resource type. Create/read/update/delete are async over a shared NATS
-//! connection; the diffs they are planned with are pure (`iac::plan`). What they share lives
-//! here: the resource kinds, the output shape, how a stream or consumer finds its broker, and
-//! the per-process connection cache.
+//! connection (or, for a `provider: pgchannel` broker, a pool on its database: `pg/`, chosen
+//! per call in `route.rs`); the diffs they are planned with are pure (`iac::plan`). What they
+//! share lives here: the resource kinds, the output shape, how a stream or consumer finds its
+//! broker, and the per-process connection caches.
 
 pub mod broker;
 pub mod consumer;
+pub mod pg;
+mod route;
 pub mod stream;
 mod values;
 
@@ -105,7 +108,9 @@ pub(crate) trait Driver {
     const DRIFT_KEYS: &'static [&'static str];
     fn decode(name: &str, config_json: &[u8]) -> Result<Self::Spec, DriverError>;
     /// No I/O: the provider state only resolves which broker a stream or consumer names.
+    /// `name` is the resource's, for errors.
     fn diff(
+        name: &str,
         spec: &Self::Spec,
         state: &ProviderState,
         current: &Json,
@@ -145,33 +150,6 @@ pub(crate) trait Driver {
         )))
     }
 }
-
-/// Inside a driver module's `impl Driver`: `decode`, `apply`, `read`, `delete`, `health` and
-/// `enumerate`
-/// call that module's free functions of the same names (which its other code calls too).
-macro_rules! forward_driver_ops {
-    ($spec:ty) => {
-        fn decode(name: &str, config_json: &[u8]) -> Result<$spec, DriverError> {
-            decode(name, config_json)
-        }
-        async fn apply(ctx: &Ctx, name: &str, spec: &$spec) -> Result<Output, DriverError> {
-            apply(ctx, name, spec).await
-        }
-        async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
-            read(ctx, r).await
-        }
-        async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
-            delete(ctx, r).await
-        }
-        async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
-            health(ctx, r).await
-        }
-        async fn enumerate(ctx: &Ctx, broker: &str) -> Result<Vec<(String, Output)>, DriverError> {
-            enumerate(ctx, broker).await
-        }
-    };
-}
-pub(crate) use forward_driver_ops;
 
 /// A driver behind one pointer, so the provider routes every call through `Kind::driver`
 /// (the only match over resource types) instead of one match per operation.
@@ -227,7 +205,12 @@ impl<D: Driver + Sync> Resource for D {
         spec: &ResourceSpec,
         current: &Json,
     ) -> Result<Vec<super::plan::Change>, DriverError> {
-        D::diff(&D::decode(&spec.name, &spec.config_json)?, state, current)
+        D::diff(
+            &spec.name,
+            &D::decode(&spec.name, &spec.config_json)?,
+            state,
+            current,
+        )
     }
     async fn apply(&self, ctx: &Ctx, spec: &ResourceSpec) -> Result<Output, DriverError> {
         let desired = D::decode(&spec.name, &spec.config_json)?;
@@ -286,11 +269,22 @@ pub fn desired_broker(
 pub struct Ctx {
     pub state: StateStore,
     pub conns: ConnCache,
+    /// Pools on pgchannel brokers' databases.
+    pub pg: pg::conns::PgCache,
     /// The iac.provider module's config (targets read their own keys from it, e.g. an API
     /// token, only when a broker on that target is used).
     pub provider_config: Map<String, Json>,
     /// Brokers whose platform was asked in this process whether they still exist.
     brokers_exist: Mutex<HashMap<String, bool>>,
+    /// How this process reaches each broker (by name and recorded urls): the urls to dial
+    /// and what keeps them open (a port-forward), `None` for the recorded urls.
+    reaches: tokio::sync::Mutex<HashMap<String, Option<Reached>>>,
+}
+
+/// A broker's urls as this process reaches them, and the tunnel that carries them.
+struct Reached {
+    urls: Vec<String>,
+    _guard: Box<dyn std::any::Any + Send + Sync>,
 }
 
 impl Ctx {
@@ -298,8 +292,10 @@ impl Ctx {
         Ctx {
             state: StateStore::new(state_dir),
             conns: ConnCache::default(),
+            pg: pg::conns::PgCache::default(),
             provider_config: Map::new(),
             brokers_exist: Mutex::new(HashMap::new()),
+            reaches: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -345,7 +341,51 @@ impl Ctx {
                 )));
             }
         }
-        self.conns.connect(what, b).await
+        self.conns.connect(what, &self.reach(what, b).await?).await
+    }
+
+    /// `b` with the urls this process reaches it through: the target's tunnel when the
+    /// recorded urls only work inside its platform (`BrokerTarget::reach`), opened once per
+    /// broker per process and kept open until the process ends or the broker is deleted.
+    pub async fn reach(&self, what: &str, b: &BrokerConn) -> Result<BrokerConn, DriverError> {
+        let Some(rec) = &b.record else {
+            return Ok(b.clone());
+        };
+        let key = format!("{}|{}", b.name, rec.urls.join(","));
+        let mut reaches = self.reaches.lock().await;
+        if !reaches.contains_key(&key) {
+            let target = crate::iac::targets::for_target(&b.name, rec.target)?;
+            let reached = target.reach(self, what, rec).await?.map(|r| Reached {
+                urls: r.urls,
+                _guard: r.guard,
+            });
+            reaches.insert(key.clone(), reached);
+        }
+        let mut out = b.clone();
+        if let Some(Some(r)) = reaches.get(&key) {
+            out.settings.urls = r.urls.iter().map(Secret::new).collect();
+        }
+        Ok(out)
+    }
+
+    /// Closes the connections to a deleted broker and the tunnels that carried them.
+    pub async fn forget(&self, name: &str, recorded_urls: &[String]) {
+        self.conns.evict(recorded_urls).await;
+        let prefix = format!("{name}|");
+        let gone: Vec<Reached> = {
+            let mut reaches = self.reaches.lock().await;
+            let keys: Vec<String> = reaches
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .cloned()
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| reaches.remove(&k).flatten())
+                .collect()
+        };
+        for r in gone {
+            self.conns.evict(&r.urls).await;
+        }
     }
 }
 

@@ -634,39 +634,6 @@ pub fn diff(spec: &StreamSpec, desired_broker: Option<&str>, current: &Json) -> 
     )
 }
 
-impl super::Driver for super::StreamDriver {
-    type Spec = StreamSpec;
-    const KIND: super::Kind = super::Kind::Stream;
-    const TIER: i32 = 2;
-    const OPERATIONS: &'static [&'static str] = &["create", "read", "update", "delete", "scale"];
-    const DRIFT_KEYS: &'static [&'static str] = &[
-        "subjects",
-        "retention_policy",
-        "storage",
-        "num_replicas",
-        "max_bytes",
-        "max_msgs",
-        "max_msgs_per_subject",
-        "max_msg_size",
-        "max_age",
-        "discard",
-        "duplicate_window",
-        "description",
-    ];
-    fn diff(
-        spec: &StreamSpec,
-        state: &ProviderState,
-        current: &Json,
-    ) -> Result<Vec<PlanChange>, DriverError> {
-        let b = super::desired_broker(&spec.broker_ref, &spec.servers, state);
-        Ok(diff(spec, b.as_deref(), current))
-    }
-    super::forward_driver_ops!(StreamSpec);
-    async fn scale(ctx: &Ctx, r: &ResourceRef, replicas: i32) -> Result<Output, DriverError> {
-        scale(ctx, r, replicas).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -101,6 +101,11 @@ impl Provider {
                 "cluster_name",
                 "token",
                 "password",
+                // pgchannel: the dsn shown is redacted, so it is no config to apply again.
+                "dsn",
+                "dsn_env",
+                "tables",
+                "schema_version",
             ] {
                 m.remove(k);
             }

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 pub const NAME: &str = "eventbus";
 /// Part of wfctl's on-disk Diff cache key: bump the suffix whenever Diff semantics change.
-pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+diff.1");
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+diff.2");
 pub const DEFAULT_STATE_DIR: &str = ".eventbus-iac";
 /// Keys of the `iac.provider` module config; `provider` routes, `plugin`/`service` are the
 /// engine's.
@@ -33,6 +33,9 @@ const CONFIG_KEYS: &[&str] = &[
     "state_dir",
     "digitalocean_token",
     "digitalocean_api_url",
+    "kubeconfig",
+    "kube_context",
+    "kube_reach",
     "plugin",
     "service",
 ];
@@ -86,9 +89,32 @@ impl Provider {
             if k.starts_with('_') || ["provider", "plugin", "service"].contains(&k.as_str()) {
                 continue;
             }
-            if k == "digitalocean_token" || k == "digitalocean_api_url" {
+            if [
+                "digitalocean_token",
+                "digitalocean_api_url",
+                "kubeconfig",
+                "kube_context",
+            ]
+            .contains(&k.as_str())
+            {
                 if !matches!(v, Json::String(_) | Json::Null) {
                     return Err(DriverError::invalid(what, format!("{k} must be a string")));
+                }
+                continue;
+            }
+            if k == "kube_reach" {
+                // How wfctl's machine reaches a kubernetes broker: through a port-forward
+                // (default) or straight at the recorded urls (wfctl runs inside the cluster).
+                let known = match v {
+                    Json::Null => true,
+                    Json::String(s) => ["", "port_forward", "direct"].contains(&s.as_str()),
+                    _ => false,
+                };
+                if !known {
+                    return Err(DriverError::invalid(
+                        what,
+                        "kube_reach must be port_forward (default) or direct",
+                    ));
                 }
                 continue;
             }

@@ -40,6 +40,12 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
         .iter()
         .map(|(n, r)| (n.clone(), r.replicas))
         .collect();
+    // Which of them are pgchannel brokers (their streams and consumers are rows).
+    let mut on_pg: BTreeMap<String, bool> = state
+        .brokers
+        .iter()
+        .map(|(n, r)| (n.clone(), r.pg.is_some()))
+        .collect();
     let mut deleted: BTreeSet<String> = BTreeSet::new();
     let mut streams: BTreeSet<String> = state
         .resources
@@ -60,7 +66,12 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
         match Desired::decode(kind, &spec.name, &spec.config_json) {
             Ok(d) => {
                 match &d {
+                    Desired::Broker(b) if drivers::pg::broker::is_pg(b) => {
+                        brokers.insert(spec.name.clone(), 1);
+                        on_pg.insert(spec.name.clone(), true);
+                    }
                     Desired::Broker(b) => {
+                        on_pg.insert(spec.name.clone(), false);
                         let replicas = match broker::check_target(b) {
                             Ok(t) => t.replicas(b),
                             Err(e) => {
@@ -97,6 +108,7 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
     }
     for b in &deleted {
         brokers.remove(b);
+        on_pg.remove(b);
     }
     for (name, d) in &decoded {
         let (broker_ref, servers, replicas, stream_name) = match d {
@@ -104,6 +116,29 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
             Desired::Stream(s) => (&s.broker_ref, &s.servers, Some(s.replicas as u32), None),
             Desired::Consumer(c) => (&c.broker_ref, &c.servers, None, Some(&c.stream)),
         };
+        if spec_on_pg(&on_pg, broker_ref, servers) {
+            // The NATS-only settings, one diagnostic per field.
+            let refused = match d {
+                Desired::Stream(s) => drivers::pg::stream::def(name, s).err(),
+                Desired::Consumer(c) => drivers::pg::consumer::def(name, c).err(),
+                Desired::Broker(_) => None,
+            };
+            if let Some(DriverError::Config(c)) = refused {
+                for line in c.problems {
+                    let field = line
+                        .strip_prefix("config.")
+                        .and_then(|l| l.split(':').next())
+                        .unwrap_or_default()
+                        .to_string();
+                    out.push(diag(
+                        Error,
+                        name,
+                        &field,
+                        format!("{}: {line}", c.component),
+                    ));
+                }
+            }
+        }
         let explicit = servers.iter().any(|s| !s.trim().is_empty());
         let broker = if !broker_ref.is_empty() {
             if !brokers.contains_key(broker_ref.as_str()) && !explicit {
@@ -162,6 +197,20 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
         }
     }
     out
+}
+
+/// Whether a stream or consumer spec is on a pgchannel broker that `brokers` (the plan's and
+/// the provider state's, by name → is pgchannel) names; for plan validation.
+fn spec_on_pg(brokers: &BTreeMap<String, bool>, broker_ref: &str, servers: &[String]) -> bool {
+    if servers.iter().any(|s| !s.trim().is_empty()) {
+        return false;
+    }
+    let name = if broker_ref.is_empty() && brokers.len() == 1 {
+        brokers.keys().next().cloned()
+    } else {
+        Some(broker_ref.to_string())
+    };
+    name.and_then(|n| brokers.get(&n).copied()).unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -62,6 +62,14 @@ pub enum Platform {
     Live(Json),
 }
 
+/// How the machine running wfctl reaches a recorded broker when the record's urls only work
+/// inside the platform (a ClusterIP Service): urls to use instead, and what keeps them working
+/// (a port-forward) for as long as the plugin process uses them.
+pub struct Reach {
+    pub urls: Vec<String>,
+    pub guard: Box<dyn std::any::Any + Send + Sync>,
+}
+
 /// One deploy target. Blocking work (processes, probes) runs inside `block`, never on the
 /// async worker threads.
 #[tonic::async_trait]
@@ -95,6 +103,17 @@ pub trait BrokerTarget: Sync {
         _rec: &BrokerRecord,
     ) -> Result<Platform, DriverError> {
         Ok(Platform::Untracked)
+    }
+
+    /// How this process reaches the broker: `None` = through the record's urls (the default).
+    /// Asked once per broker per process, before the first connection.
+    async fn reach(
+        &self,
+        _ctx: &Ctx,
+        _what: &str,
+        _rec: &BrokerRecord,
+    ) -> Result<Option<Reach>, DriverError> {
+        Ok(None)
     }
 
     /// Keys of the broker view the diff compares, and which of them force a replace.

@@ -319,9 +319,11 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
         request_timeout_ms: d.spec.conn.request_timeout.as_millis() as u64,
         local: Some(rec),
         app: None,
+        kubernetes: None,
         prevent_destroy: d.spec.prevent_destroy,
         bind: d.spec.bind,
         outputs: Json::Null,
+        pg: None,
     };
     // Recorded before the lock is released: see `lock_local`.
     ctx.state.update(|s| {

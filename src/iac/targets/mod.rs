@@ -9,20 +9,23 @@
 
 mod api;
 pub mod app_platform;
+pub mod kubernetes;
 pub(crate) mod local;
 pub(crate) mod nats_server;
 pub(crate) mod self_hosted;
 
-pub use api::{block, label, strip_userinfo, BrokerDesired, BrokerTarget, Platform};
+pub use api::{block, label, strip_userinfo, BrokerDesired, BrokerTarget, Platform, Reach};
 
 use crate::iac::error::DriverError;
 use crate::providers::DeployTarget;
 
 /// The targets this provider provisions, in the order errors offer them.
-const AVAILABLE: [DeployTarget; 3] = [
+const AVAILABLE: [DeployTarget; 5] = [
     DeployTarget::Local,
     DeployTarget::SelfHosted,
     DeployTarget::DigitalOceanApp,
+    DeployTarget::Kubernetes,
+    DeployTarget::AwsEks,
 ];
 
 /// The implementation of `target`, or the "not available yet" error naming `broker`.
@@ -34,6 +37,8 @@ pub fn for_target(
         DeployTarget::Local => Ok(&local::Local),
         DeployTarget::SelfHosted => Ok(&self_hosted::SelfHosted),
         DeployTarget::DigitalOceanApp => Ok(&app_platform::AppPlatform),
+        DeployTarget::Kubernetes => Ok(&kubernetes::KUBERNETES),
+        DeployTarget::AwsEks => Ok(&kubernetes::AWS_EKS),
         other => Err(DriverError::NotYet {
             broker: broker.to_string(),
             target: other.as_str().to_string(),

@@ -261,16 +261,18 @@ pub fn plan_nodes(
 
 /// The nats-server config of node `i`, through the renderer every target shares.
 pub fn render_config(rec: &LocalRecord, broker: &str, i: usize) -> String {
-    use crate::nats::server_conf::{ClusterConf, Listen, ServerConf};
+    use crate::nats::server_conf::{ClusterConf, Listen, ServerConf, ServerName};
     let n = &rec.nodes[i];
     ServerConf {
         header: format!(
             "Written by workflow-plugin-eventbus for infra.eventbus {broker:?}; rewritten on update."
         ),
-        server_name: n.server_name.clone(),
+        server_name: ServerName::Fixed(n.server_name.clone()),
         client: Listen::Addr(format!("127.0.0.1:{}", n.client_port)),
         monitor: Listen::Addr(format!("127.0.0.1:{}", n.monitor_port)),
         logfile: Some(n.log_path().display().to_string()),
+        pid_file: None,
+        lame_duck: None,
         store_dir: n.store_dir().display().to_string(),
         max_file_store: rec.max_file_store,
         max_memory_store: rec.max_memory_store,
@@ -282,6 +284,7 @@ pub fn render_config(rec: &LocalRecord, broker: &str, i: usize) -> String {
                 .iter()
                 .map(|p| format!("nats-route://127.0.0.1:{}", p.cluster_port))
                 .collect(),
+            no_advertise: false,
         }),
         websocket: None,
         auth: None,

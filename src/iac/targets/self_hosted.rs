@@ -110,9 +110,11 @@ impl BrokerTarget for SelfHosted {
             request_timeout_ms: d.spec.conn.request_timeout.as_millis() as u64,
             local: None,
             app: None,
+            kubernetes: None,
             prevent_destroy: d.spec.prevent_destroy,
             bind: d.spec.bind,
             outputs: Json::Null,
+            pg: None,
         };
         Ok(Applied {
             record,

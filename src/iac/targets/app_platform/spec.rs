@@ -10,7 +10,7 @@
 //! as `$NAME`; they are never part of the config text.
 
 use super::AppDesired;
-use crate::nats::server_conf::{EnvAuth, Listen, ServerConf, WebsocketConf};
+use crate::nats::server_conf::{EnvAuth, Listen, ServerConf, ServerName, WebsocketConf};
 use serde_json::{json, Value as Json};
 
 pub const CLIENT_PORT: u16 = 4222;
@@ -45,7 +45,7 @@ pub fn render_config(d: &AppDesired) -> String {
             "Written by workflow-plugin-eventbus for infra.eventbus {:?} on App Platform; the store is wiped on every deploy and restart.",
             d.broker
         ),
-        server_name: d.app_name.clone(),
+        server_name: ServerName::Fixed(d.app_name.clone()),
         client: Listen::EnvHost {
             var: ENV_HOST.into(),
             port: CLIENT_PORT,
@@ -55,6 +55,8 @@ pub fn render_config(d: &AppDesired) -> String {
             port: MONITOR_PORT,
         },
         logfile: None,
+        pid_file: None,
+        lame_duck: None,
         store_dir: STORE_DIR.into(),
         max_file_store: d.max_file_store,
         max_memory_store: d.max_memory_store,

@@ -155,9 +155,11 @@ impl BrokerTarget for AppPlatform {
                 app_id: app.id.clone(),
                 app_name: a.app_name.clone(),
             }),
+            kubernetes: None,
             prevent_destroy: d.spec.prevent_destroy,
             bind: d.spec.bind,
             outputs: Json::Null,
+            pg: None,
         };
         Ok(Applied {
             record,

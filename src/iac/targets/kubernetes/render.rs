@@ -1,0 +1,667 @@
+//! The Kubernetes objects of one broker, as typed `k8s-openapi` structs turned into the JSON
+//! that server-side apply sends (and the `render` subcommand writes as YAML). Pure: no I/O.
+//!
+//! The shape follows what NATS recommends for a JetStream cluster on Kubernetes: a
+//! StatefulSet whose pods name themselves after their pod name (stable `server_name` = stable
+//! RAFT peer), route to each other over a headless Service that publishes pods before they are
+//! Ready (peers must find each other to become Ready at all), start in parallel, keep their
+//! store on a volume of their own, and drain clients in lame-duck mode before they stop.
+
+use super::config::{
+    hex, settings, Flavor, KubeAuth, KubeSettings, Names, ServiceType, ANNOTATION_BROKER,
+    ANNOTATION_CONFIG, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_VERSION, MANAGED_BY,
+};
+use crate::iac::error::DriverError;
+use crate::iac::targets::api::BrokerDesired;
+use crate::nats::server_conf::{ClusterConf, EnvAuth, LameDuck, Listen, ServerConf, ServerName};
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+    StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec,
+    TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::{ByteString, Resource};
+use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+pub const CLIENT_PORT: u16 = 4222;
+pub const CLUSTER_PORT: u16 = 6222;
+pub const MONITOR_PORT: u16 = 8222;
+pub const CONFIG_KEY: &str = "nats.conf";
+pub const CONFIG_DIR: &str = "/etc/nats-config";
+pub const PID_DIR: &str = "/var/run/nats";
+pub const PID_FILE: &str = "/var/run/nats/nats.pid";
+pub const STORE_DIR: &str = "/data";
+pub const CONTAINER: &str = "nats";
+/// Env var names in the pod.
+pub const ENV_SERVER_NAME: &str = "SERVER_NAME";
+pub const ENV_TOKEN: &str = "NATS_TOKEN";
+pub const ENV_USER: &str = "NATS_USER";
+pub const ENV_PASSWORD: &str = "NATS_PASSWORD";
+/// Secret data keys.
+pub const SECRET_TOKEN: &str = "token";
+pub const SECRET_USER: &str = "user";
+pub const SECRET_PASSWORD: &str = "password";
+/// Lame duck: clients move off over 30 s after a 10 s grace; the pod gets 60 s to stop.
+pub const LAME_DUCK: LameDuck = LameDuck {
+    duration_secs: 30,
+    grace_secs: 10,
+};
+pub const TERMINATION_GRACE_SECS: i64 = 60;
+/// The AWS Load Balancer Controller's annotations for an internal NLB targeting pod IPs.
+pub const EKS_INTERNAL_NLB: [(&str, &str); 3] = [
+    (
+        "service.beta.kubernetes.io/aws-load-balancer-type",
+        "external",
+    ),
+    (
+        "service.beta.kubernetes.io/aws-load-balancer-nlb-target-type",
+        "ip",
+    ),
+    (
+        "service.beta.kubernetes.io/aws-load-balancer-scheme",
+        "internal",
+    ),
+];
+
+/// One object as server-side apply sends it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RenderedObject {
+    pub api_version: &'static str,
+    pub kind: &'static str,
+    pub name: String,
+    pub namespace: String,
+    /// The full object: apiVersion, kind, metadata, spec/data.
+    pub body: Json,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rendered {
+    pub settings: KubeSettings,
+    pub names: Names,
+    pub replicas: u32,
+    /// In apply (dependency) order: Secret (with auth), ConfigMap, headless Service, client
+    /// Service, StatefulSet, PodDisruptionBudget. Delete walks it in reverse.
+    pub objects: Vec<RenderedObject>,
+    /// `nats://<client>.<ns>.svc.<cluster domain>:4222`.
+    pub in_cluster_url: String,
+    /// The nats.conf every pod reads (secrets only as `$NAME` references).
+    pub nats_conf: String,
+    /// sha256 of nats.conf and the credentials' fingerprint: the pod template annotation.
+    pub config_sha256: String,
+}
+
+fn object<T: Resource + serde::Serialize>(
+    o: &T,
+    name: &str,
+    namespace: &str,
+) -> Result<RenderedObject, DriverError> {
+    let body = serde_json::to_value(o).map_err(|e| {
+        DriverError::invalid(
+            format!("{} {name}", T::KIND),
+            format!("cannot serialize: {e}"),
+        )
+    })?;
+    Ok(RenderedObject {
+        api_version: T::API_VERSION,
+        kind: T::KIND,
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        body,
+    })
+}
+
+/// The nats.conf of a broker's pods, through the renderer every target shares.
+pub fn nats_conf(broker: &str, s: &KubeSettings, n: &Names) -> String {
+    let domain = format!("{}.svc.{}", s.namespace, s.cluster_domain);
+    ServerConf {
+        header: format!(
+            "Written by workflow-plugin-eventbus for infra.eventbus {broker:?} ({}); every pod of StatefulSet {} reads it.",
+            s.flavor.target(),
+            n.stateful_set
+        ),
+        server_name: ServerName::Env(ENV_SERVER_NAME.into()),
+        client: Listen::Addr(format!("0.0.0.0:{CLIENT_PORT}")),
+        monitor: Listen::Addr(format!("0.0.0.0:{MONITOR_PORT}")),
+        logfile: None,
+        pid_file: Some(PID_FILE.into()),
+        lame_duck: Some(LAME_DUCK),
+        store_dir: STORE_DIR.into(),
+        max_file_store: s.max_file_store,
+        max_memory_store: s.max_memory_store,
+        cluster: (s.replicas > 1).then(|| ClusterConf {
+            name: n.stateful_set.clone(),
+            listen: format!("0.0.0.0:{CLUSTER_PORT}"),
+            routes: (0..s.replicas)
+                .map(|i| format!("nats://{}.{}.{domain}:{CLUSTER_PORT}", n.pod(i), n.headless))
+                .collect(),
+            no_advertise: true,
+        }),
+        websocket: None,
+        auth: s.auth.as_ref().map(|a| match a {
+            KubeAuth::Token(_) => EnvAuth::Token {
+                var: ENV_TOKEN.into(),
+            },
+            KubeAuth::UserPassword { .. } => EnvAuth::UserPassword {
+                user_var: ENV_USER.into(),
+                password_var: ENV_PASSWORD.into(),
+            },
+        }),
+    }
+    .render()
+}
+
+/// GOMEMLIMIT: 80 % of the memory limit, so the Go runtime collects before the kernel kills.
+pub fn gomemlimit(memory_bytes: i64) -> String {
+    format!("{}MiB", memory_bytes / 10 * 8 / (1 << 20))
+}
+
+fn port(name: &str, p: u16, app_protocol: &str) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port: p as i32,
+        target_port: Some(IntOrString::String(name.into())),
+        app_protocol: Some(app_protocol.into()),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failures: i32, initial_delay: Option<i32>) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("monitor".into()),
+            ..Default::default()
+        }),
+        initial_delay_seconds: initial_delay,
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failures),
+        success_threshold: Some(1),
+        ..Default::default()
+    }
+}
+
+fn spread(key: &str, selector: &BTreeMap<String, String>) -> TopologySpreadConstraint {
+    TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: key.into(),
+        when_unsatisfiable: "DoNotSchedule".into(),
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector.clone()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The object set of broker `name` for `flavor`. Pure; errors name the config field.
+pub fn render(name: &str, d: &BrokerDesired, flavor: Flavor) -> Result<Rendered, DriverError> {
+    render_settings(name, settings(name, d, flavor)?)
+}
+
+/// Renders already validated settings.
+pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverError> {
+    let n = Names::new(name);
+    let ns = s.namespace.clone();
+    let selector: BTreeMap<String, String> = [
+        (LABEL_NAME.to_string(), "nats".to_string()),
+        (LABEL_INSTANCE.to_string(), n.base.clone()),
+    ]
+    .into();
+    let mut labels = s.labels.clone();
+    labels.extend(selector.clone());
+    labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
+    if !s.version.is_empty() {
+        labels.insert(LABEL_VERSION.into(), s.version.clone());
+    }
+    let mut annotations = s.annotations.clone();
+    annotations.insert(ANNOTATION_BROKER.into(), name.to_string());
+    let meta = |object_name: &str| ObjectMeta {
+        name: Some(object_name.to_string()),
+        namespace: Some(ns.clone()),
+        labels: Some(labels.clone()),
+        annotations: Some(annotations.clone()),
+        ..Default::default()
+    };
+
+    let conf = nats_conf(name, &s, &n);
+    let mut h = Sha256::new();
+    h.update(conf.as_bytes());
+    h.update(b"\0");
+    if let Some(a) = &s.auth {
+        h.update(a.fingerprint().as_bytes());
+    }
+    let checksum = hex(&h.finalize());
+
+    let mut objects = Vec::new();
+
+    // 1. Credentials, read by the pods as env vars that nats.conf references.
+    let mut auth_env = Vec::new();
+    if let Some(a) = &s.auth {
+        let mut data = BTreeMap::new();
+        match a {
+            KubeAuth::Token(t) => {
+                data.insert(SECRET_TOKEN.to_string(), ByteString(t.expose().into()));
+                auth_env.push(secret_env(ENV_TOKEN, &n.secret, SECRET_TOKEN));
+            }
+            KubeAuth::UserPassword { user, password } => {
+                data.insert(
+                    SECRET_USER.to_string(),
+                    ByteString(user.as_bytes().to_vec()),
+                );
+                data.insert(
+                    SECRET_PASSWORD.to_string(),
+                    ByteString(password.expose().into()),
+                );
+                auth_env.push(secret_env(ENV_USER, &n.secret, SECRET_USER));
+                auth_env.push(secret_env(ENV_PASSWORD, &n.secret, SECRET_PASSWORD));
+            }
+        }
+        let secret = Secret {
+            metadata: meta(&n.secret),
+            type_: Some("Opaque".into()),
+            data: Some(data),
+            ..Default::default()
+        };
+        objects.push(object(&secret, &n.secret, &ns)?);
+    }
+
+    // 2. nats.conf.
+    let cm = ConfigMap {
+        metadata: meta(&n.config_map),
+        data: Some([(CONFIG_KEY.to_string(), conf.clone())].into()),
+        ..Default::default()
+    };
+    objects.push(object(&cm, &n.config_map, &ns)?);
+
+    // 3. Peer discovery: every pod gets a DNS name at once, Ready or not.
+    let headless = Service {
+        metadata: meta(&n.headless),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector.clone()),
+            ports: Some(vec![
+                port("nats", CLIENT_PORT, "tcp"),
+                port("cluster", CLUSTER_PORT, "tcp"),
+                port("monitor", MONITOR_PORT, "http"),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    objects.push(object(&headless, &n.headless, &ns)?);
+
+    // 4. Clients: the client port only (routes and monitoring stay on the headless Service).
+    let mut client_meta = meta(&n.client);
+    let mut svc_annotations = annotations.clone();
+    if s.internal_load_balancer && s.flavor == Flavor::Eks {
+        for (k, v) in EKS_INTERNAL_NLB {
+            svc_annotations.insert(k.into(), v.into());
+        }
+    }
+    svc_annotations.extend(s.service_annotations.clone());
+    client_meta.annotations = Some(svc_annotations);
+    let client = Service {
+        metadata: client_meta,
+        spec: Some(ServiceSpec {
+            type_: Some(s.service_type.as_str().into()),
+            selector: Some(selector.clone()),
+            ports: Some(vec![port("nats", CLIENT_PORT, "tcp")]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    objects.push(object(&client, &n.client, &ns)?);
+
+    // 5. The servers.
+    let resources: BTreeMap<String, Quantity> = [
+        ("cpu".to_string(), Quantity(s.cpu.clone())),
+        ("memory".to_string(), Quantity(s.memory.clone())),
+    ]
+    .into();
+    let mut env_vars = vec![
+        EnvVar {
+            name: "POD_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        env(ENV_SERVER_NAME, "$(POD_NAME)"),
+        env("GOMEMLIMIT", &gomemlimit(s.memory_bytes)),
+    ];
+    env_vars.extend(auth_env);
+    let container = Container {
+        name: CONTAINER.into(),
+        image: Some(s.image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(vec![
+            "--config".into(),
+            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+        ]),
+        env: Some(env_vars),
+        ports: Some(
+            [
+                ("nats", CLIENT_PORT),
+                ("cluster", CLUSTER_PORT),
+                ("monitor", MONITOR_PORT),
+            ]
+            .iter()
+            .map(|(name, p)| ContainerPort {
+                name: Some(name.to_string()),
+                container_port: *p as i32,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            })
+            .collect(),
+        ),
+        resources: Some(ResourceRequirements {
+            requests: Some(resources.clone()),
+            limits: Some(resources),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".into(),
+                mount_path: CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "pid".into(),
+                mount_path: PID_DIR.into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: n.claim.clone(),
+                mount_path: STORE_DIR.into(),
+                ..Default::default()
+            },
+        ]),
+        // Startup: the full check (meta group and assets recovered); readiness: the server
+        // alone, so pods become Ready (and reachable) before a quorum exists; liveness: the
+        // server with JetStream on, never the meta group, so a lost quorum restarts nothing.
+        startup_probe: Some(probe("/healthz", 10, 90, Some(10))),
+        readiness_probe: Some(probe("/healthz?js-server-only=true", 10, 3, Some(10))),
+        liveness_probe: Some(probe("/healthz?js-enabled-only=true", 30, 3, Some(10))),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        "nats-server".into(),
+                        format!("--signal=ldm={PID_FILE}"),
+                    ]),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut spreads = vec![spread("kubernetes.io/hostname", &selector)];
+    if s.zone_spread {
+        spreads.push(spread("topology.kubernetes.io/zone", &selector));
+    }
+    let mut pod_annotations = annotations.clone();
+    pod_annotations.insert(ANNOTATION_CONFIG.into(), checksum.clone());
+    let mut storage_requests = BTreeMap::new();
+    storage_requests.insert("storage".to_string(), Quantity(s.storage_size.clone()));
+    let mut claim_labels = selector.clone();
+    claim_labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
+    let sts = StatefulSet {
+        metadata: meta(&n.stateful_set),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(s.replicas as i32),
+            service_name: Some(n.headless.clone()),
+            pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..Default::default()
+            }),
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some(if s.delete_pvcs { "Delete" } else { "Retain" }.into()),
+                    when_scaled: Some("Retain".into()),
+                },
+            ),
+            selector: LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels.clone()),
+                    annotations: Some(pod_annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    enable_service_links: Some(false),
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_SECS),
+                    topology_spread_constraints: Some(spreads),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "config".into(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: n.config_map.clone(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                        Volume {
+                            name: "pid".into(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                // Claim templates cannot change after creation: only labels that never do.
+                metadata: ObjectMeta {
+                    name: Some(n.claim.clone()),
+                    labels: Some(claim_labels),
+                    ..Default::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".into()]),
+                    storage_class_name: s.storage_class.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(storage_requests),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    objects.push(object(&sts, &n.stateful_set, &ns)?);
+
+    // 6. Voluntary disruptions (node drains) take one pod at a time.
+    let pdb = PodDisruptionBudget {
+        metadata: meta(&n.pdb),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    objects.push(object(&pdb, &n.pdb, &ns)?);
+
+    Ok(Rendered {
+        in_cluster_url: format!(
+            "nats://{}.{}.svc.{}:{CLIENT_PORT}",
+            n.client, s.namespace, s.cluster_domain
+        ),
+        replicas: s.replicas,
+        settings: s,
+        names: n,
+        objects,
+        nats_conf: conf,
+        config_sha256: checksum,
+    })
+}
+
+/// One YAML document: the same Value apply sends, so the bytes are what a review sees.
+pub fn to_yaml(o: &RenderedObject) -> Result<String, DriverError> {
+    serde_yaml::to_string(&o.body).map_err(|e| {
+        DriverError::invalid(
+            format!("{} {}", o.kind, o.name),
+            format!("cannot write YAML: {e}"),
+        )
+    })
+}
+
+/// Whether the service type exposes the broker outside the cluster.
+pub fn external(s: &KubeSettings) -> bool {
+    s.service_type != ServiceType::ClusterIp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rendered(name: &str, c: Json) -> Rendered {
+        let mut base = json!({"provider": "nats", "deploy_target": "kubernetes", "version": "2.10.29", "replicas": 3});
+        for (k, v) in c.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        let d = BrokerDesired::decode(name, base.to_string().as_bytes()).unwrap();
+        render(name, &d, Flavor::Kubernetes).unwrap()
+    }
+
+    fn checksum(r: &Rendered) -> Json {
+        let sts = r.objects.iter().find(|o| o.kind == "StatefulSet").unwrap();
+        sts.body["spec"]["template"]["metadata"]["annotations"][ANNOTATION_CONFIG].clone()
+    }
+
+    #[test]
+    fn objects_come_in_apply_order() {
+        let r = rendered("bus", json!({"auth": {"token": "tok"}}));
+        let kinds: Vec<&str> = r.objects.iter().map(|o| o.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                "Secret",
+                "ConfigMap",
+                "Service",
+                "Service",
+                "StatefulSet",
+                "PodDisruptionBudget"
+            ]
+        );
+        for o in &r.objects {
+            assert_eq!(o.body["apiVersion"], json!(o.api_version));
+            assert_eq!(o.body["kind"], json!(o.kind));
+            assert_eq!(o.body["metadata"]["name"], json!(o.name));
+            assert_eq!(o.body["metadata"]["namespace"], json!("default"));
+        }
+        assert_eq!(
+            r.in_cluster_url,
+            "nats://bus.default.svc.cluster.local:4222"
+        );
+        // No auth, no Secret (and no secret env in the pod).
+        let r = rendered("bus", json!({}));
+        assert_eq!(r.objects[0].kind, "ConfigMap");
+        assert!(!r.nats_conf.contains("authorization"));
+    }
+
+    #[test]
+    fn a_config_or_credential_change_rolls_the_pods() {
+        let a = rendered("bus", json!({"auth": {"token": "tokA"}}));
+        let b = rendered("bus", json!({"auth": {"token": "tokB"}}));
+        assert_eq!(a.nats_conf, b.nats_conf, "the token is never in nats.conf");
+        assert_ne!(checksum(&a), checksum(&b));
+        let c = rendered(
+            "bus",
+            json!({"auth": {"token": "tokA"}, "jetstream": {"max_memory_bytes": 1048576}}),
+        );
+        assert_ne!(checksum(&a), checksum(&c));
+        assert_eq!(
+            checksum(&a),
+            checksum(&rendered("bus", json!({"auth": {"token": "tokA"}})))
+        );
+        assert!(!serde_json::to_string(&a.objects[4].body)
+            .unwrap()
+            .contains("tokA"));
+    }
+
+    #[test]
+    fn two_brokers_in_one_namespace_share_no_object() {
+        let a = rendered("bus", json!({}));
+        let b = rendered("bus-headless", json!({}));
+        for x in &a.objects {
+            for y in &b.objects {
+                assert!(
+                    !(x.kind == y.kind && x.name == y.name),
+                    "{} {}",
+                    x.kind,
+                    x.name
+                );
+            }
+        }
+        assert!(!a.nats_conf.contains(&b.names.headless));
+    }
+
+    #[test]
+    fn a_single_server_has_no_cluster_block() {
+        let r = rendered("bus", json!({"replicas": 1}));
+        assert!(!r.nats_conf.contains("cluster {"), "{}", r.nats_conf);
+        let r = rendered("bus", json!({"replicas": 5}));
+        assert_eq!(
+            r.nats_conf
+                .matches("bus-headless.default.svc.cluster.local:6222")
+                .count(),
+            5
+        );
+    }
+}

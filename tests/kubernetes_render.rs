@@ -1,0 +1,830 @@
+//! The `kubernetes` / `aws.eks` object set without a cluster: golden manifests, Kubernetes'
+//! own strict JSON schemas (PyPI `kubernetes-validate`) for 1.29 and 1.34, the ConfigMap's
+//! nats.conf booted as a real 3-node JetStream cluster on loopback, and the `render`
+//! subcommand of the real binary.
+//!
+//! What a real cluster does that these tests cannot: schedule pods (topology spread), bind
+//! volumes, run the probes and the preStop hook from the kubelet, resolve the headless
+//! Service's pod names through cluster DNS. The boot test stands in for DNS by mapping each
+//! pod's name to its own loopback port (below); everything else in nats.conf is the rendered
+//! text as is.
+
+use base64::Engine;
+use eventbus_plugin::iac::targets::kubernetes::{render, to_yaml, Flavor, Rendered};
+use eventbus_plugin::iac::targets::BrokerDesired;
+use nats_test_server::free_port;
+use serde_json::{json, Value as Json};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn decode(name: &str, config: &Json) -> BrokerDesired {
+    BrokerDesired::decode(name, config.to_string().as_bytes()).unwrap()
+}
+
+/// The cases the golden files and the schema check cover: (broker, flavor, config).
+fn cases() -> Vec<(&'static str, Flavor, Json)> {
+    vec![
+        (
+            "orders-bus",
+            Flavor::Kubernetes,
+            json!({
+                "provider": "nats", "deploy_target": "kubernetes", "version": "2.10.29",
+                "replicas": 3, "auth": {"token": "ordersT0ken"},
+                "kubernetes": {
+                    "namespace": "eventbus", "storage_class": "do-block-storage",
+                    "labels": {"team": "orders"}, "annotations": {"owner": "orders-team"}
+                }
+            }),
+        ),
+        (
+            "Payments_Bus",
+            Flavor::Eks,
+            json!({
+                "provider": "nats", "deploy_target": "aws.eks", "version": "2.11.4",
+                "replicas": 5, "auth": {"user": "app", "password": "s3cretPw"},
+                "jetstream": {"max_storage_bytes": 40_000_000_000_i64, "max_memory_bytes": 1_073_741_824},
+                "kubernetes": {
+                    "namespace": "payments", "storage_size": "50Gi",
+                    "resources": {"cpu": "2", "memory": "8Gi"},
+                    "service_type": "LoadBalancer", "internal_load_balancer": true,
+                    "delete_pvcs_on_delete": true
+                }
+            }),
+        ),
+        (
+            "dev-bus",
+            Flavor::Kubernetes,
+            json!({
+                "provider": "nats", "deploy_target": "kubernetes", "version": "2.10",
+                "kubernetes": {"image": "registry.example.com/nats:2.10.29-alpine"}
+            }),
+        ),
+    ]
+}
+
+fn rendered(name: &str, flavor: Flavor, config: &Json) -> Rendered {
+    render(name, &decode(name, config), flavor).unwrap()
+}
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/kubernetes")
+}
+
+/// `UPDATE_GOLDEN=1 cargo test --test kubernetes_render golden` rewrites the files; review the
+/// diff like any other change.
+#[test]
+fn rendered_manifests_match_the_golden_files() {
+    let update = std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1");
+    let mut mismatched = Vec::new();
+    let mut dirs = Vec::new();
+    for (name, flavor, config) in cases() {
+        let r = rendered(name, flavor, &config);
+        let dir = golden_dir().join(&r.names.base);
+        dirs.push(r.names.base.clone());
+        if update {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        let files = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        if files != r.objects.len() {
+            mismatched.push(format!(
+                "{}: {files} files for {} objects",
+                dir.display(),
+                r.objects.len()
+            ));
+        }
+        for (i, o) in r.objects.iter().enumerate() {
+            let file = dir.join(format!("{:02}-{}.yaml", i + 1, o.kind.to_ascii_lowercase()));
+            let yaml = to_yaml(o).unwrap();
+            if update {
+                std::fs::write(&file, &yaml).unwrap();
+                continue;
+            }
+            match std::fs::read_to_string(&file) {
+                Ok(want) if want == yaml => {}
+                Ok(_) => mismatched.push(format!("{} differs", file.display())),
+                Err(e) => mismatched.push(format!("{}: {e}", file.display())),
+            }
+        }
+    }
+    let mut on_disk: Vec<String> = std::fs::read_dir(golden_dir())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    on_disk.sort();
+    dirs.sort();
+    if on_disk != dirs && !update {
+        mismatched.push(format!("golden brokers {on_disk:?}, rendered {dirs:?}"));
+    }
+    assert!(
+        mismatched.is_empty(),
+        "rendered manifests differ from tests/golden/kubernetes (rerun with UPDATE_GOLDEN=1 and review the diff):\n{}",
+        mismatched.join("\n")
+    );
+}
+
+/// The validator: `KUBERNETES_VALIDATE`, else `kubernetes-validate` on PATH or beside python3's
+/// scripts. Missing under `CI=true` is a failure; elsewhere the test says "skipped".
+fn validator() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KUBERNETES_VALIDATE").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Ok(o) = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+    {
+        dirs.push(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("kubernetes-validate"))
+        .find(|p| p.is_file())
+}
+
+fn validate(bin: &Path, version: &str, files: &[PathBuf]) -> (bool, String) {
+    let out = Command::new(bin)
+        .args(["--strict", "-k", version])
+        .args(files)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn every_object_passes_kubernetes_strict_schemas_1_29_and_1_34() {
+    let Some(bin) = validator() else {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "kubernetes-validate is not installed (make deps: pip install kubernetes-validate)"
+        );
+        eprintln!(
+            "skipped: kubernetes-validate is not installed (pip install kubernetes-validate)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for (name, flavor, config) in cases() {
+        for (i, o) in rendered(name, flavor, &config).objects.iter().enumerate() {
+            let f = dir.path().join(format!("{}-{i}.yaml", o.name));
+            std::fs::write(&f, to_yaml(o).unwrap()).unwrap();
+            files.push(f);
+        }
+    }
+    assert_eq!(files.len(), 6 + 6 + 5, "Secret only where auth is set");
+    for version in ["1.29", "1.34"] {
+        let (ok, text) = validate(&bin, version, &files);
+        assert!(ok, "kubernetes-validate --strict -k {version}:\n{text}");
+        let passed = text.matches(" passed for resource ").count();
+        assert_eq!(passed, files.len(), "every object checked:\n{text}");
+        eprintln!("kubernetes-validate --strict -k {version}: {passed} objects passed");
+    }
+    // The check can fail: a field Kubernetes does not know is refused in strict mode.
+    let sts = rendered("orders-bus", Flavor::Kubernetes, &cases()[0].2)
+        .objects
+        .into_iter()
+        .find(|o| o.kind == "StatefulSet")
+        .unwrap();
+    let mut bad = sts.body.clone();
+    bad["spec"]["podManagmentPolicy"] = json!("Parallel");
+    let f = dir.path().join("bad.yaml");
+    std::fs::write(&f, serde_yaml::to_string(&bad).unwrap()).unwrap();
+    let (ok, text) = validate(&bin, "1.34", &[f]);
+    assert!(!ok, "a misspelt field must fail strict validation:\n{text}");
+}
+
+// ---- the rendered nats.conf as a real cluster ----
+
+/// A pod stood in for by a nats-server process.
+struct Pod {
+    name: String,
+    client_port: u16,
+    monitor_port: u16,
+    child: Option<Child>,
+    conf: PathBuf,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+    pid_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Pod {
+    fn start(&mut self, bin: &Path) {
+        let log = self.conf.with_extension("log");
+        let log = std::fs::File::create(log).unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.args(&self.args)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(cmd.spawn().unwrap());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.conf.with_extension("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect_timeout(
+        &([127, 0, 0, 1], port).into(),
+        Duration::from_millis(300),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `s` with `from` replaced by `to`, which must occur exactly once: a renderer change that
+/// moves a line fails here instead of booting something else.
+fn swap(s: &str, from: &str, to: &str) -> String {
+    assert_eq!(s.matches(from).count(), 1, "{from:?} once in:\n{s}");
+    s.replacen(from, to, 1)
+}
+
+/// The pods of a rendered broker on loopback. What differs from the cluster, and only this:
+/// - DNS: route `nats://<pod>.<headless>.<ns>.svc.<domain>:6222` becomes
+///   `nats://127.0.0.1:<that pod's cluster port>`, the pod's name mapped to loopback;
+/// - one network namespace for all: every listener's `0.0.0.0:<port>` becomes
+///   `127.0.0.1:<a free port of this pod>`;
+/// - the mounts: `/data` and `/var/run/nats/nats.pid` become files of a temp dir per pod.
+///
+/// The process gets the container's args and env as the kubelet builds them: `$(POD_NAME)`
+/// expanded, the field ref `metadata.name` = the pod name, secret refs read from the
+/// rendered Secret's data.
+fn pods(r: &Rendered) -> Vec<Pod> {
+    let object = |kind: &str| {
+        r.objects
+            .iter()
+            .find(|o| o.kind == kind)
+            .map(|o| o.body.clone())
+    };
+    let sts = object("StatefulSet").unwrap();
+    let secret = object("Secret");
+    let container = sts.pointer("/spec/template/spec/containers/0").unwrap();
+    let conf_text = object("ConfigMap").unwrap()["data"]["nats.conf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let n = r.replicas as usize;
+    let ports: Vec<(u16, u16, u16)> = (0..n)
+        .map(|_| (free_port(), free_port(), free_port()))
+        .collect();
+    let domain = format!("{}.svc.{}", r.settings.namespace, r.settings.cluster_domain);
+    (0..n)
+        .map(|i| {
+            let name = r.names.pod(i as u32);
+            let dir = tempfile::tempdir().unwrap();
+            let (client, cluster, monitor) = ports[i];
+            let pid_file = dir.path().join("nats.pid");
+            let mut c = swap(
+                &conf_text,
+                "listen: \"0.0.0.0:4222\"",
+                &format!("listen: \"127.0.0.1:{client}\""),
+            );
+            c = swap(
+                &c,
+                "http: \"0.0.0.0:8222\"",
+                &format!("http: \"127.0.0.1:{monitor}\""),
+            );
+            c = swap(
+                &c,
+                "store_dir: \"/data\"",
+                &format!(
+                    "store_dir: {:?}",
+                    dir.path().join("data").display().to_string()
+                ),
+            );
+            c = swap(
+                &c,
+                "pid_file: \"/var/run/nats/nats.pid\"",
+                &format!("pid_file: {:?}", pid_file.display().to_string()),
+            );
+            if n > 1 {
+                c = swap(
+                    &c,
+                    "listen: \"0.0.0.0:6222\"",
+                    &format!("listen: \"127.0.0.1:{cluster}\""),
+                );
+                for (j, (_, peer, _)) in ports.iter().enumerate() {
+                    c = swap(
+                        &c,
+                        &format!(
+                            "\"nats://{}.{}.{domain}:6222\"",
+                            r.names.pod(j as u32),
+                            r.names.headless
+                        ),
+                        &format!("\"nats://127.0.0.1:{peer}\""),
+                    );
+                }
+            }
+            let conf = dir.path().join("nats.conf");
+            std::fs::write(&conf, &c).unwrap();
+            let mut env = Vec::new();
+            for e in container["env"].as_array().unwrap() {
+                let key = e["name"].as_str().unwrap().to_string();
+                let value = if let Some(v) = e["value"].as_str() {
+                    v.replace("$(POD_NAME)", &name)
+                } else if e.pointer("/valueFrom/fieldRef/fieldPath")
+                    == Some(&json!("metadata.name"))
+                {
+                    name.clone()
+                } else if let Some(k) = e.pointer("/valueFrom/secretKeyRef/key") {
+                    let s = secret.as_ref().expect("a secret ref needs the Secret");
+                    let b64 = s["data"][k.as_str().unwrap()].as_str().unwrap();
+                    String::from_utf8(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b64)
+                            .unwrap(),
+                    )
+                    .unwrap()
+                } else {
+                    panic!("env source the stand-in does not know: {e}");
+                };
+                env.push((key, value));
+            }
+            let args: Vec<String> = container["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| {
+                    let a = a.as_str().unwrap();
+                    if a == "/etc/nats-config/nats.conf" {
+                        conf.display().to_string()
+                    } else {
+                        a.to_string()
+                    }
+                })
+                .collect();
+            Pod {
+                name,
+                client_port: client,
+                monitor_port: monitor,
+                child: None,
+                conf,
+                env,
+                args,
+                pid_file,
+                _dir: dir,
+            }
+        })
+        .collect()
+}
+
+async fn publish_all(js: &async_nats::jetstream::Context, from: u32, to: u32) {
+    use async_nats::jetstream::message::PublishMessage;
+    for i in from..to {
+        // Right after a node dies the stream may be electing a leader: retry until acked. The
+        // message id makes a retry of a publish that did land a duplicate the server drops.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let msg = PublishMessage::build()
+                .payload(format!("order {i}").into())
+                .message_id(format!("order-{i}"));
+            let attempt = async {
+                let ack = js
+                    .send_publish("orders.created", msg)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ack.await.map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                Ok(Ok(ack)) => {
+                    assert_eq!(ack.sequence, i as u64 + 1, "no message lost or duplicated");
+                    break;
+                }
+                other => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "publish {i} not acked: {other:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configmap_boots_a_3_node_jetstream_cluster_and_an_r3_stream_survives_a_lost_pod() {
+    let bin = nats_test_server::binary();
+    let token = "clusterT0ken";
+    let config = json!({
+        "provider": "nats", "deploy_target": "kubernetes", "version": "2.10.29", "replicas": 3,
+        "auth": {"token": token}, "kubernetes": {"namespace": "eventbus"}
+    });
+    let r = rendered("orders-bus", Flavor::Kubernetes, &config);
+    let mut pods = pods(&r);
+    let probe = |which: &str| -> String {
+        let sts = r.objects.iter().find(|o| o.kind == "StatefulSet").unwrap();
+        sts.body
+            .pointer(&format!(
+                "/spec/template/spec/containers/0/{which}/httpGet/path"
+            ))
+            .and_then(Json::as_str)
+            .unwrap()
+            .to_string()
+    };
+    let (startup, readiness, liveness) = (
+        probe("startupProbe"),
+        probe("readinessProbe"),
+        probe("livenessProbe"),
+    );
+    // One pod alone, its peers not started yet: the startup probe fails (no meta leader), and
+    // from 2.10 on the readiness and liveness probes pass (the pod gets Ready and is not
+    // restarted while it waits for a quorum). 2.9 ignores `js-server-only`/`js-enabled-only`
+    // and runs the full check: its pods get Ready with the quorum, which the headless
+    // Service's not-ready addresses still let them form.
+    pods[0].start(&bin);
+    let code = |p: &Pod, path: &str| http_get(p.monitor_port, path).map(|(c, _)| c);
+    let v = nats_test_server::version(&bin);
+    let pre_2_10 = v.contains("v2.9.") || v.contains("v2.8.");
+    poll(
+        "the lone pod's monitor port",
+        Duration::from_secs(30),
+        || code(&pods[0], "/varz").filter(|c| *c == 200),
+    );
+    if !pre_2_10 {
+        poll("the lone pod's readiness", Duration::from_secs(30), || {
+            (code(&pods[0], &readiness) == Some(200)).then_some(())
+        });
+        assert_eq!(code(&pods[0], &liveness), Some(200), "{liveness}");
+    }
+    assert_ne!(
+        code(&pods[0], &startup),
+        Some(200),
+        "{startup} without a quorum"
+    );
+    for p in &mut pods[1..] {
+        p.start(&bin);
+    }
+    // The startup probe's check (meta group formed, assets current) on every pod, then the
+    // meta cluster's size as /jsz reports it.
+    for p in &pods {
+        poll(
+            &format!("{} {startup}", p.name),
+            Duration::from_secs(60),
+            || (code(p, &startup) == Some(200)).then_some(()),
+        );
+    }
+    let size = poll("meta cluster of 3", Duration::from_secs(30), || {
+        let (_, body) = http_get(pods[0].monitor_port, "/jsz")?;
+        let v: Json = serde_json::from_str(&body).ok()?;
+        (v["meta_cluster"]["cluster_size"] == json!(3)).then_some(3)
+    });
+    assert_eq!(size, 3);
+    // Every pod named itself after its pod name.
+    for p in &pods {
+        let (_, varz) = http_get(p.monitor_port, "/varz").unwrap();
+        let v: Json = serde_json::from_str(&varz).unwrap();
+        assert_eq!(v["server_name"], json!(p.name), "{}", p.log());
+    }
+
+    // Client auth is the Secret's token: a wrong one is refused.
+    let urls: Vec<String> = pods
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{}", p.client_port))
+        .collect();
+    let bad = async_nats::ConnectOptions::with_token("wrong".into())
+        .connection_timeout(Duration::from_secs(3))
+        .max_reconnects(Some(1))
+        .connect(urls[0].as_str())
+        .await;
+    assert!(bad.is_err(), "a wrong token must not connect");
+    let client = async_nats::ConnectOptions::with_token(token.into())
+        .connect(
+            urls.iter()
+                .map(|u| u.parse::<async_nats::ServerAddr>().unwrap())
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    publish_all(&js, 0, 50).await;
+
+    // Lose the stream's leader (SIGKILL: no lame duck, as when a node dies).
+    let info = stream.info().await.unwrap();
+    let leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .unwrap();
+    let victim = pods.iter().position(|p| p.name == leader).unwrap();
+    if let Some(mut c) = pods[victim].child.take() {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+    publish_all(&js, 50, 100).await;
+
+    // All 100 messages readable, in order, from the two survivors.
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, 100);
+    assert_ne!(
+        info.cluster.as_ref().and_then(|c| c.leader.clone()),
+        Some(leader.clone()),
+        "a surviving pod leads"
+    );
+    for seq in 1..=100u64 {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        assert_eq!(&m.payload[..], format!("order {}", seq - 1).as_bytes());
+    }
+
+    // The killed pod comes back with its store (as a restarted pod with its PVC) and catches up.
+    pods[victim].start(&bin);
+    poll(
+        "the restarted pod's /healthz",
+        Duration::from_secs(60),
+        || {
+            (http_get(pods[victim].monitor_port, "/healthz").map(|(c, _)| c) == Some(200))
+                .then_some(())
+        },
+    );
+    drop(client);
+
+    // The container's preStop hook (lame duck through the pid file) stops a pod gracefully.
+    let pre_stop: Vec<String> = r
+        .objects
+        .iter()
+        .find(|o| o.kind == "StatefulSet")
+        .and_then(|o| {
+            o.body
+                .pointer("/spec/template/spec/containers/0/lifecycle/preStop/exec/command")
+        })
+        .and_then(Json::as_array)
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a.as_str().unwrap().replace(
+                "/var/run/nats/nats.pid",
+                &pods[1].pid_file.display().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(pre_stop[0], "nats-server");
+    let status = Command::new(&bin).args(&pre_stop[1..]).status().unwrap();
+    assert!(status.success(), "preStop command: {pre_stop:?}");
+    let child = pods[1].child.as_mut().unwrap();
+    poll(
+        "the pod to finish lame duck and exit",
+        Duration::from_secs(60),
+        || child.try_wait().ok().flatten().map(|_| ()),
+    );
+    assert!(
+        pods[1].log().contains("lame duck"),
+        "lame duck in the log:\n{}",
+        pods[1].log()
+    );
+}
+
+// ---- the render subcommand ----
+
+fn plugin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_workflow-plugin-eventbus"));
+    c.env_remove("WORKFLOW_PLUGIN");
+    c
+}
+
+const INFRA: &str = r#"
+modules:
+  - name: eventbus-iac
+    type: iac.provider
+    config: {provider: eventbus}
+  - name: orders-bus
+    type: infra.eventbus
+    config:
+      iac_provider: eventbus-iac
+      provider: nats
+      deploy_target: kubernetes
+      version: "2.10.29"
+      replicas: 3
+      auth: {token: "${RENDER_TEST_TOKEN}"}
+      kubernetes: {namespace: eventbus, storage_class: do-block-storage}
+  - name: Payments_Bus
+    type: infra.eventbus
+    config:
+      provider: nats
+      deploy_target: aws.eks
+      version: "2.11.4"
+      replicas: 5
+      auth: {user: app, password: s3cretPw}
+      kubernetes: {service_type: LoadBalancer, internal_load_balancer: true}
+  - name: local-bus
+    type: infra.eventbus
+    config: {provider: nats, deploy_target: local}
+  - name: orders-stream
+    type: infra.eventbus.stream
+    config: {broker_ref: orders-bus, name: ORDERS, subjects: ["orders.>"]}
+"#;
+
+#[test]
+fn render_writes_what_apply_sends_for_every_kubernetes_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let infra = dir.path().join("infra.yaml");
+    std::fs::write(&infra, INFRA).unwrap();
+    let out = dir.path().join("out");
+    let o = plugin()
+        .arg("render")
+        .arg(&infra)
+        .arg(&out)
+        .env("RENDER_TEST_TOKEN", "renderT0ken")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listed = String::from_utf8_lossy(&o.stdout).lines().count();
+    assert_eq!(listed, 12, "{}", String::from_utf8_lossy(&o.stdout));
+
+    // Byte for byte what the library renders (and apply sends) for the same configs.
+    let doc: Json = serde_yaml::from_str(INFRA).unwrap();
+    let mut checked = 0;
+    for m in doc["modules"].as_array().unwrap() {
+        let flavor = match m["config"]["deploy_target"].as_str() {
+            Some("kubernetes") => Flavor::Kubernetes,
+            Some("aws.eks") => Flavor::Eks,
+            _ => continue,
+        };
+        let name = m["name"].as_str().unwrap();
+        let mut config = m["config"].clone();
+        if config["auth"]["token"].is_string() {
+            config["auth"]["token"] = json!("renderT0ken");
+        }
+        let r = rendered(name, flavor, &config);
+        for (i, obj) in r.objects.iter().enumerate() {
+            let file = out.join(&r.names.base).join(format!(
+                "{:02}-{}.yaml",
+                i + 1,
+                obj.kind.to_ascii_lowercase()
+            ));
+            let text = std::fs::read_to_string(&file).unwrap();
+            assert_eq!(text, to_yaml(obj).unwrap(), "{}", file.display());
+            let back: Json = serde_yaml::from_str(&text).unwrap();
+            assert_eq!(back, obj.body, "the YAML reads back as the applied JSON");
+            if obj.kind == "Secret" {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+                assert_eq!(mode & 0o077, 0, "a Secret's file is private");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 12);
+    assert!(
+        !out.join("local-bus").exists(),
+        "local brokers are not rendered"
+    );
+
+    // Rendered again without auth: the earlier Secret's file goes, files of others stay.
+    std::fs::write(out.join("orders-bus/README"), "mine").unwrap();
+    std::fs::write(
+        &infra,
+        INFRA.replace("auth: {token: \"${RENDER_TEST_TOKEN}\"}", ""),
+    )
+    .unwrap();
+    let o = plugin()
+        .arg("render")
+        .arg(&infra)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut files: Vec<String> = std::fs::read_dir(out.join("orders-bus"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "01-configmap.yaml",
+            "02-service.yaml",
+            "03-service.yaml",
+            "04-statefulset.yaml",
+            "05-poddisruptionbudget.yaml",
+            "README"
+        ]
+    );
+}
+
+fn render_err(infra: &str, env: &[(&str, &str)]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("infra.yaml");
+    std::fs::write(&path, infra).unwrap();
+    let o = plugin()
+        .arg("render")
+        .arg(&path)
+        .arg(dir.path().join("out"))
+        .env_remove("RENDER_TEST_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(!dir.path().join("out").exists(), "nothing written on error");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[test]
+fn render_refuses_bad_files_with_one_line_naming_the_problem() {
+    let (code, err) = render_err(INFRA, &[]);
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("orders-bus") && err.contains("RENDER_TEST_TOKEN"),
+        "{err}"
+    );
+
+    let (code, err) = render_err(
+        &INFRA.replace("replicas: 3", "replicas: 2"),
+        &[("RENDER_TEST_TOKEN", "tok")],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("orders-bus") && err.contains("replicas") && err.contains("1, 3 or 5"),
+        "{err}"
+    );
+
+    let (code, err) = render_err(
+        &INFRA.replace("storage_class: do-block-storage", "storage_size: lots"),
+        &[("RENDER_TEST_TOKEN", "tok")],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("kubernetes.storage_size"), "{err}");
+
+    let (code, err) = render_err("modules: [: nope", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("infra.yaml: not YAML"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let (code, err) = render_err("modules: []\n", &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no infra.eventbus module with deploy_target kubernetes"),
+        "{err}"
+    );
+
+    let o = plugin()
+        .args(["render", "/nonexistent/infra.yaml", "/tmp/x"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("/nonexistent/infra.yaml") && err.lines().count() == 1,
+        "{err}"
+    );
+
+    let o = plugin().args(["render", "only-one-arg"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("usage:"));
+}
