@@ -21,8 +21,12 @@
 //!     trigger with `deliver: batch` (batch 100) against the one-message trigger in (c).
 //! (d) spawn-to-handshake (median of 10 launches) and the plugin's RSS idle, loaded and peak
 //!     (VmRSS / VmHWM).
+//! (f) pg: provider pgchannel against a real PostgreSQL started here (pg-test-server: loopback
+//!     TCP, fsync off): the same publish step at 1, 16 and 64 in flight, consume 100 + ack each,
+//!     and the trigger at max_in_flight 1 and 64 (burst published through the publish step at
+//!     64 in flight while receiving), same payloads as the NATS figures.
 //!
-//! `BENCH_ONLY=publish,consume,trigger,bulk,launch` picks phases and `BENCH_INFLIGHT=1,16,64` the
+//! `BENCH_ONLY=publish,consume,trigger,bulk,pg,launch` picks phases and `BENCH_INFLIGHT=1,16,64` the
 //! publish concurrencies (used by `make profile`, which runs one phase under callgrind).
 //!
 //! The plugin side sends requests the way the host does (typed_config / typed_input Any) but
@@ -57,6 +61,11 @@ const PAYLOAD_LEN: usize = 128;
 const WAIT: Duration = Duration::from_secs(60);
 /// Bound on each trigger phase, so a stalling configuration cannot stretch the run.
 const TRIGGER_CAP: Duration = Duration::from_secs(15);
+/// pgchannel phase sizes: one transaction per message is slower than NATS, so fewer messages
+/// keep the phase within a minute.
+const PG_PUBLISH_N: usize = 5_000;
+const PG_CONSUME_N: usize = 5_000;
+const PG_TRIGGER_N: usize = 5_000;
 
 type Res<T> = Result<T, String>;
 
@@ -305,6 +314,7 @@ async fn run() -> Res<()> {
         }
         Box::pin(async { Ok(()) })
     });
+    let pg_pipeline = pipeline.clone();
     let mut plugin = Plugin::launch(LaunchOptions {
         env: vec![("NATS_URL".into(), server.url())],
         callback: Some(pipeline),
@@ -368,6 +378,10 @@ async fn run() -> Res<()> {
     }
     if phase("bulk") {
         bulk_bench(p, &js, &mut lat_rx).await?;
+    }
+
+    if phase("pg") {
+        pg_bench(pg_pipeline, &mut lat_rx).await?;
     }
 
     let loaded_rss = support::proc_status_kb(pid, "VmRSS").unwrap_or(0);
@@ -1043,5 +1057,168 @@ async fn bulk_bench(
         rates.push(burst.rate);
     }
     fig("trigger_batch_ratio_rate", rates[1] / rates[0], "x");
+    Ok(())
+}
+
+/// (f) Provider pgchannel: publish, consume + ack and the trigger through a second plugin
+/// process whose broker is a real PostgreSQL.
+async fn pg_bench(
+    pipeline: PipelineFn,
+    calls: &mut mpsc::UnboundedReceiver<(u64, u64)>,
+) -> Res<()> {
+    let pg = pg_test_server::PgServer::start();
+    println!(
+        "# pgchannel: {} over loopback TCP, fsync off | payload {PAYLOAD_LEN} B",
+        pg.psql("select version()")
+            .trim()
+            .split(" on ")
+            .next()
+            .unwrap_or("PostgreSQL")
+    );
+    let mut plugin = Plugin::launch(LaunchOptions {
+        env: vec![("EVENTBUS_PGBUS_URI".into(), pg.url())],
+        callback: Some(pipeline),
+        ..Default::default()
+    })
+    .await;
+    plugin.calls = None;
+    let p = &plugin;
+    p.module_up("eventbus.broker", "pgbus", "provider: pgchannel\n")
+        .await;
+    p.module_up(
+        "eventbus.stream",
+        "pgbench",
+        "name: PGBENCH\nsubjects: ['pgb.>']\n",
+    )
+    .await;
+    for (name, filter) in [
+        ("pcons", "pgb.cons"),
+        ("ptrig_mif1", "pgb.trig.mif1"),
+        ("ptrig_mif64", "pgb.trig.mif64"),
+    ] {
+        p.module_up(
+            "eventbus.consumer",
+            name,
+            &format!("name: {name}\nstream_name: PGBENCH\nfilter_subject: {filter}\n"),
+        )
+        .await;
+    }
+    let handle = p
+        .create_step("step.eventbus.publish", "pgpub", "broker_ref: pgbus\n")
+        .await?;
+    let publish_req = |subject: &str, t: u64| {
+        request(
+            p,
+            "step.eventbus.publish",
+            &handle,
+            json!({"subject": subject, "payload": payload(t)}),
+            json!({}),
+        )
+    };
+    let req = publish_req("pgb.pub", 0)?;
+    let op = |_| {
+        let req = req.clone();
+        async move { execute(&p.client, req).await.map(|_| ()) }
+    };
+    closed_loop(500, 16, op).await?;
+    for inflight in [1usize, 16, 64] {
+        let s = closed_loop(PG_PUBLISH_N, inflight, op).await?;
+        s.print(&format!("pg_publish_plugin_c{inflight}"));
+    }
+
+    // consume 100 + ack each.
+    let req = publish_req("pgb.cons", 0)?;
+    closed_loop(PG_CONSUME_N, 64, |_| {
+        let req = req.clone();
+        async move { execute(&p.client, req).await.map(|_| ()) }
+    })
+    .await?;
+    let consume = p
+        .create_step("step.eventbus.consume", "pgget", "consumer: pcons\n")
+        .await?;
+    let ack = p.create_step("step.eventbus.ack", "pgack", "").await?;
+    let consume_req = request(
+        p,
+        "step.eventbus.consume",
+        &consume,
+        json!({"consumer": "pcons", "batch_size": 100, "max_wait": "1s"}),
+        json!({}),
+    )?;
+    let ack_template = request(p, "step.eventbus.ack", &ack, json!({}), json!({}))?;
+    let ack_input_type = ack_template
+        .typed_input
+        .as_ref()
+        .map(|a| a.type_url.clone())
+        .unwrap_or_default();
+    let start = Instant::now();
+    let mut done = 0;
+    while done < PG_CONSUME_N {
+        if start.elapsed() > WAIT {
+            // Reported, not fatal: the trigger figures below still get measured.
+            fig("pg_consume_ack_steps_b100_consumed", done as f64, "msg");
+            break;
+        }
+        let out = execute(&p.client, consume_req.clone()).await?;
+        let batch = ConsumeResponse::decode(out.as_slice()).map_err(|e| e.to_string())?;
+        for m in batch.messages {
+            let mut req = ack_template.clone();
+            req.typed_input = Some(prost_types::Any {
+                type_url: ack_input_type.clone(),
+                value: AckRequest {
+                    ack_token: m.ack_token,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            });
+            req.current = None;
+            execute(&p.client, req).await?;
+            done += 1;
+        }
+    }
+    fig(
+        "pg_consume_ack_steps_b100_rate",
+        done as f64 / start.elapsed().as_secs_f64(),
+        "msg/s",
+    );
+
+    // Trigger: burst published through the step (64 in flight) while receiving.
+    for (mif, label) in [(1usize, "mif1"), (64, "mif64")] {
+        let subject = format!("pgb.trig.{label}");
+        let t = p
+            .create_trigger(
+                &format!("pipeline:pgbench-{label}"),
+                &json!({"name": format!("ptrig_{label}"), "max_in_flight": mif}),
+            )
+            .await?;
+        p.lifecycle("start", &t).await?;
+        let publisher = futures::stream::iter(0..PG_TRIGGER_N)
+            .map(|_| {
+                let req = publish_req(&subject, now_ns());
+                async move { execute(&p.client, req?).await.map(|_| ()) }
+            })
+            .buffer_unordered(64)
+            .try_collect::<Vec<()>>();
+        let (published, r) = tokio::join!(publisher, receive(calls, PG_TRIGGER_N, TRIGGER_CAP));
+        published?;
+        let r = r?;
+        p.lifecycle("stop", &t).await?;
+        while calls.try_recv().is_ok() {}
+        fig(&format!("pg_trigger_{label}_burst_rate"), r.rate, "msg/s");
+        fig(&format!("pg_trigger_{label}_burst_p99_e2e"), r.p99_us, "us");
+        if r.received < PG_TRIGGER_N {
+            fig(
+                &format!("pg_trigger_{label}_burst_received"),
+                r.received as f64,
+                "msg",
+            );
+        }
+    }
+    let (code, _) = plugin.shutdown().await;
+    if code != Some(0) {
+        return Err(format!(
+            "pg plugin exited with {code:?}; stderr:\n{}",
+            plugin.stderr()
+        ));
+    }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! requests into calls on it and renders its errors into the response `error` field.
 
 pub mod modules;
+pub mod pg;
 pub mod schema;
 pub mod steps;
 pub mod trigger;
@@ -13,7 +14,7 @@ use crate::config::decode::{self, RawConfig};
 use crate::config::error::{self as config_error, ConfigError};
 use crate::nats::NatsError;
 use crate::shutdown::Lifecycle;
-use modules::broker::{BrokerModule, BrokerSpec};
+use modules::broker::{BrokerModule, BrokerSpec, BusError};
 use modules::consumer::ConsumerSpec;
 use modules::stream::StreamSpec;
 use modules::{ConsumerModule, StreamModule};
@@ -47,6 +48,13 @@ pub enum RuntimeError {
         #[source]
         source: NatsError,
     },
+    /// Provider pgchannel.
+    #[error("{component}")]
+    Bus {
+        component: String,
+        #[source]
+        source: BusError,
+    },
 }
 
 impl RuntimeError {
@@ -60,6 +68,12 @@ impl RuntimeError {
         RuntimeError::Nats {
             component: component.into(),
             source,
+        }
+    }
+    pub fn bus(component: impl Into<String>, source: impl Into<BusError>) -> Self {
+        RuntimeError::Bus {
+            component: component.into(),
+            source: source.into(),
         }
     }
 }
@@ -255,6 +269,12 @@ impl Runtime {
     pub async fn init_module(&self, id: &str) -> Result<(), RuntimeError> {
         match self.module(id)? {
             ModuleHandle::Broker(b) => {
+                if b.is_pg() {
+                    if b.spec.resolve_pg_dsn().is_none() {
+                        tracing::warn!(broker = %b.spec.name, "no Postgres dsn (dsn or {}); steps using this broker will fail until one is set", b.spec.pg_env_var());
+                    }
+                    return Ok(());
+                }
                 if b.spec.resolve_urls().is_empty() {
                     tracing::warn!(broker = %b.spec.name, "no broker url configured; steps using this broker will fail until one is set");
                 }
@@ -268,6 +288,12 @@ impl Runtime {
         match self.module(id)? {
             ModuleHandle::Broker(b) => {
                 let component = format!("{} {:?}", b.spec.type_name, b.spec.name);
+                if b.is_pg() {
+                    b.start_pg()
+                        .await
+                        .map_err(|e| RuntimeError::bus(component, e))?;
+                    return Ok(());
+                }
                 b.start()
                     .await
                     .map_err(|e| RuntimeError::nats(component, e))?;
@@ -278,6 +304,12 @@ impl Runtime {
                 let Some(broker) = self.broker_for_module(&s.spec.broker_ref, &component)? else {
                     return Ok(());
                 };
+                if broker.is_pg() {
+                    return s
+                        .ensure_pg(&broker)
+                        .await
+                        .map_err(|e| RuntimeError::bus(component, e));
+                }
                 s.ensure(&broker)
                     .await
                     .map_err(|e| RuntimeError::nats(component, e))
@@ -287,6 +319,18 @@ impl Runtime {
                 let Some(broker) = self.broker_for_module(&c.spec.broker_ref, &component)? else {
                     return Ok(());
                 };
+                if broker.is_pg() {
+                    if let Some(stream) = self.stream_module(&c.spec.stream) {
+                        stream
+                            .ensure_pg(&broker)
+                            .await
+                            .map_err(|e| RuntimeError::bus(component.clone(), e))?;
+                    }
+                    return c
+                        .ensure_pg(&broker)
+                        .await
+                        .map_err(|e| RuntimeError::bus(component, e));
+                }
                 // The stream module may start after us (no ordering between siblings).
                 if let Some(stream) = self.stream_module(&c.spec.stream) {
                     stream

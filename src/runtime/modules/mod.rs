@@ -4,6 +4,8 @@
 pub mod broker;
 
 use crate::nats::NatsError;
+use crate::pg::{Ensured, PgBus, PgError};
+use broker::BusError;
 // The specs live in the NATS layer, shared with the IaC drivers; runtime code names them here.
 pub use crate::nats::{consumer, stream};
 use broker::BrokerModule;
@@ -22,6 +24,11 @@ pub trait Ensure: Send + Sync {
         &'a self,
         conn: &'a crate::nats::NatsConn,
     ) -> futures::future::BoxFuture<'a, Result<stream::EnsureOutcome, NatsError>>;
+    /// Provider pgchannel: the same declaration as rows in the bus's tables.
+    fn ensure_pg<'a>(
+        &'a self,
+        bus: &'a PgBus,
+    ) -> futures::future::BoxFuture<'a, Result<Ensured, PgError>>;
     fn label(&self) -> String;
 }
 
@@ -31,6 +38,15 @@ impl Ensure for StreamSpec {
         conn: &'a crate::nats::NatsConn,
     ) -> futures::future::BoxFuture<'a, Result<stream::EnsureOutcome, NatsError>> {
         Box::pin(StreamSpec::ensure(self, conn))
+    }
+    fn ensure_pg<'a>(
+        &'a self,
+        bus: &'a PgBus,
+    ) -> futures::future::BoxFuture<'a, Result<Ensured, PgError>> {
+        Box::pin(async move {
+            bus.ensure_stream(&crate::runtime::pg::stream_def(self))
+                .await
+        })
     }
     fn label(&self) -> String {
         format!("stream {:?}", self.name)
@@ -43,6 +59,15 @@ impl Ensure for ConsumerSpec {
         conn: &'a crate::nats::NatsConn,
     ) -> futures::future::BoxFuture<'a, Result<stream::EnsureOutcome, NatsError>> {
         Box::pin(ConsumerSpec::ensure(self, conn))
+    }
+    fn ensure_pg<'a>(
+        &'a self,
+        bus: &'a PgBus,
+    ) -> futures::future::BoxFuture<'a, Result<Ensured, PgError>> {
+        Box::pin(async move {
+            bus.ensure_consumer(&crate::runtime::pg::consumer_def(self))
+                .await
+        })
     }
     fn label(&self) -> String {
         format!("consumer {:?} on stream {:?}", self.durable, self.stream)
@@ -80,6 +105,19 @@ impl<S: Ensure> Declared<S> {
         conn.wait_connected(BROKER_WAIT).await?;
         let outcome = self.spec.ensure(&conn).await?;
         tracing::info!(resource = %self.spec.label(), ?outcome, "ensured");
+        *done = true;
+        Ok(())
+    }
+
+    /// `ensure` on a pgchannel broker.
+    pub async fn ensure_pg(&self, broker: &BrokerModule) -> Result<(), BusError> {
+        let mut done = self.ensured.lock().await;
+        if *done {
+            return Ok(());
+        }
+        let bus = broker.require_pg().await?;
+        let outcome = self.spec.ensure_pg(&bus).await?;
+        tracing::info!(resource = %self.spec.label(), ?outcome, "ensured (pgchannel)");
         *done = true;
         Ok(())
     }

@@ -7,6 +7,7 @@ use crate::config::error::Problems;
 use crate::nats::ack::AckKind;
 use crate::nats::guard::{check_ack_token, check_duration, MAX_DURATION};
 use crate::pb::eventbus::{AckAction, AckRequest, AckResponse, AckStepConfig};
+use crate::runtime::pg::steps::check_any_token;
 use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
 
@@ -42,7 +43,7 @@ fn check_bulk_config(p: &mut Problems, c: &AckStepConfig) {
     }
     for (i, t) in c.ack_tokens.iter().enumerate() {
         if !templated(t) {
-            p.check(&format!("ack_tokens[{i}]"), check_ack_token(t));
+            p.check(&format!("ack_tokens[{i}]"), check_any_token(t));
         }
     }
 }
@@ -79,7 +80,7 @@ impl AckStep {
             Err(lines) => p.raw(lines),
             Ok(c) => {
                 if !c.ack_token.is_empty() && !templated(&c.ack_token) {
-                    p.check("ack_token", check_ack_token(&c.ack_token));
+                    p.check("ack_token", check_any_token(&c.ack_token));
                 }
                 if let Err(e) = check_duration(&c.nak_delay, MAX_DURATION) {
                     p.field("nak_delay", e);
@@ -121,9 +122,24 @@ impl AckStep {
         }
         let kind = kind_of(&cfg).map_err(|e| RuntimeError::failed(component, e))?;
         let token = pick(&cfg.ack_token, &inp.ack_token);
+        let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component);
+        if let Ok(b) = &broker {
+            if b.is_pg() {
+                if token.is_empty() {
+                    return Err(RuntimeError::failed(
+                        component,
+                        "ack_token is required (the ack_token of a consumed or triggered message)",
+                    ));
+                }
+                return Box::pin(crate::runtime::pg::steps::ack_one(
+                    component, b, &token, kind,
+                ))
+                .await;
+            }
+        }
         check_ack_token(&token)
             .map_err(|e| RuntimeError::failed(component, format!("ack_token {e}")))?;
-        let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component)?;
+        let broker = broker?;
         let conn = broker
             .require()
             .await

@@ -55,6 +55,10 @@ pub(super) async fn execute(
         ));
     }
     let broker = rt.broker(broker_ref, component)?;
+    if broker.is_pg() {
+        return crate::runtime::pg::steps::ack_bulk(component, &broker, tokens, kind, fail_on)
+            .await;
+    }
     let conn = broker
         .require()
         .await

@@ -25,48 +25,7 @@ pub const MAX_BATCH: i32 = 1000;
 pub const DEFAULT_MAX_BYTES: i64 = 64 * 1024 * 1024;
 pub const MAX_MAX_BYTES: i64 = 1024 * 1024 * 1024;
 
-/// Which forms of each payload a delivered message carries. Each costs memory and output:
-/// bytes (base64 in the host's JSON, 1.34x), text (1x, UTF-8 only), parsed JSON (up to ~6x for
-/// arrays of numbers).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Include {
-    pub payload: bool,
-    pub text: bool,
-    pub json: bool,
-}
-
-impl Include {
-    pub const ALL: Include = Include {
-        payload: true,
-        text: true,
-        json: true,
-    };
-
-    pub fn parse(list: &[String]) -> Result<Include, String> {
-        if list.is_empty() {
-            return Ok(Include::ALL);
-        }
-        let mut inc = Include {
-            payload: false,
-            text: false,
-            json: false,
-        };
-        for item in list {
-            match item.as_str() {
-                "payload" => inc.payload = true,
-                "text" => inc.text = true,
-                "json" => inc.json = true,
-                other => {
-                    return Err(format!(
-                        "{} is not one of payload, text, json",
-                        crate::secret::quote(other)
-                    ))
-                }
-            }
-        }
-        Ok(inc)
-    }
-}
+pub use super::message::Include;
 
 fn check_max_bytes(n: i64) -> Result<(), String> {
     if !(0..=MAX_MAX_BYTES).contains(&n) {
@@ -256,6 +215,24 @@ impl ConsumeStep {
             ));
         }
         let broker = rt.broker(&broker_ref, component)?;
+        if broker.is_pg() {
+            let ask = crate::runtime::pg::steps::ConsumeAsk {
+                stream: &stream,
+                durable: &durable,
+                batch: limits.batch,
+                max_bytes: limits.max_bytes,
+                include: limits.include,
+                max_wait,
+            };
+            return crate::runtime::pg::steps::consume(
+                component,
+                rt,
+                &broker,
+                declared.first(),
+                ask,
+            )
+            .await;
+        }
         if let Some(c) = declared.first() {
             if let Some(s) = rt.stream_module(&c.spec.stream) {
                 s.ensure(&broker)

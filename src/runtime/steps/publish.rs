@@ -112,6 +112,17 @@ impl PublishStep {
             return Box::pin(super::publish_bulk::execute(&self.component, rt, cfg, inp)).await;
         }
         let out = self.prepare(rt, cfg, inp)?;
+        if out.broker.is_pg() {
+            // Boxed: the NATS publish future below stays the size every publish pays.
+            let msg = crate::runtime::pg::steps::outgoing(out.subject, &out.headers, out.payload);
+            return Box::pin(crate::runtime::pg::steps::publish_one(
+                &self.component,
+                &out.broker,
+                msg,
+                out.timeout,
+            ))
+            .await;
+        }
         let failed = |e| RuntimeError::nats(&self.component, e);
         let conn = out.broker.require().await.map_err(failed)?;
         let timeout = out.timeout.unwrap_or(conn.request_timeout);

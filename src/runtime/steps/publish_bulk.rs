@@ -132,6 +132,13 @@ pub(super) async fn execute(
         .map(|m| prepare(m, &subject, &headers, &correlation, &payload))
         .collect();
     let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component)?;
+    if broker.is_pg() {
+        let timeout = duration(&cfg.timeout).filter(|d| !d.is_zero());
+        return Box::pin(crate::runtime::pg::steps::publish_bulk(
+            component, &broker, prepared, fail_on, timeout,
+        ))
+        .await;
+    }
     let conn = broker
         .require()
         .await
