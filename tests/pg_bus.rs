@@ -1009,3 +1009,57 @@ async fn a_lost_consumer_lock_is_an_error_and_resubscribing_works() {
     let p = publish_n(&b, 1).await;
     assert_eq!(ids(&sub.next_batch(10).await.unwrap()), p);
 }
+
+/// One position advance looks at a bounded window of events (so an ack costs the same however
+/// long the stream is); a filtered consumer behind a long run of other subjects still gets its
+/// position to the first unacked match, then to the end once that is acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn position_crosses_long_runs_in_bounded_steps() {
+    let pg = PgServer::start();
+    let b = bus(&pg).await;
+    b.ensure_stream(&stream("ORDERS", &["orders.>"]))
+        .await
+        .unwrap();
+    let mut c = consumer("ORDERS", "picky");
+    c.filter_subjects = vec!["orders.picky".into()];
+    b.ensure_consumer(&c).await.unwrap();
+    let noise: Vec<Outgoing> = (0..4_500)
+        .map(|i| msg("orders.other", &format!("n{i}")))
+        .collect();
+    for chunk in noise.chunks(500) {
+        b.publish(chunk).await.unwrap();
+    }
+    let p: Vec<i64> = b
+        .publish(&[msg("orders.picky", "a"), msg("orders.picky", "b")])
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    let got = b.fetch("ORDERS", "picky", opts(10)).await.unwrap();
+    assert_eq!(ids(&got), p);
+    let position = |pg: &PgServer| {
+        pg.psql("SELECT position FROM eventbus_consumers WHERE name = 'picky'")
+            .trim()
+            .parse::<i64>()
+            .unwrap_or(-1)
+    };
+    b.ack(&got[1].token, AckOp::Ack).await.unwrap();
+    let below_first = p[0] - 1;
+    eventually(
+        Duration::from_secs(20),
+        "position below the unacked",
+        || {
+            let at = position(&pg);
+            async move { (at == below_first).then_some(()) }
+        },
+    )
+    .await;
+    b.ack(&got[0].token, AckOp::Ack).await.unwrap();
+    let end = p[1];
+    eventually(Duration::from_secs(20), "position at the end", || {
+        let at = position(&pg);
+        async move { (at == end).then_some(()) }
+    })
+    .await;
+}

@@ -22,6 +22,8 @@ use super::{schema, PgError, PgSettings};
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// Rows deleted per stream/consumer and rule in one prune run, so a run stays short.
 pub const PRUNE_BATCH: i64 = 10_000;
+/// How often the background advancer moves lagging consumer positions.
+const ADVANCE_EVERY: Duration = Duration::from_millis(50);
 /// How long a cached list of streams may be used to route publishes.
 const STREAMS_TTL: Duration = Duration::from_secs(1);
 
@@ -68,6 +70,8 @@ impl PgBus {
                 listener: tokio::sync::Mutex::new(None),
                 streams: std::sync::Mutex::new(None),
                 cancel: CancellationToken::new(),
+                lagging: std::sync::Mutex::new(HashSet::new()),
+                lag_wake: Arc::new(tokio::sync::Notify::new()),
                 settings: s,
             }),
         };
@@ -82,6 +86,7 @@ impl PgBus {
         schema::ensure(&mut c).await?;
         drop(c);
         bus.spawn_prune();
+        bus.spawn_advancer();
         tracing::info!(broker = %bus.inner.settings.broker, dsn = %bus.redacted_dsn(), "pgchannel connected");
         Ok(bus)
     }
@@ -108,6 +113,40 @@ impl PgBus {
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "pgchannel prune failed; retrying next interval")
+                    }
+                }
+            }
+        });
+    }
+
+    /// Moves the positions of consumers whose ack or fetch could not (publishes held the
+    /// stream's publish lock): waits for the lock, so positions trail a publish burst by about
+    /// [`ADVANCE_EVERY`], not by a prune interval. A lagging position makes every fetch and
+    /// advance scan the settled rows above it, so without this a consumer kept busy by
+    /// concurrent publishers slowed down as its backlog of settled rows grew.
+    fn spawn_advancer(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let cancel = self.inner.cancel.clone();
+        let wake = self.inner.lag_wake.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = wake.notified() => {}
+                }
+                // Coalesce: one advance per consumer per interval, however many acks asked.
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(ADVANCE_EVERY) => {}
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                let due: Vec<(String, String)> = match inner.lagging.lock() {
+                    Ok(mut set) => set.drain().collect(),
+                    Err(_) => return,
+                };
+                for (stream, consumer) in due {
+                    if let Err(e) = advance_one(&inner, &stream, &consumer).await {
+                        tracing::debug!(error = %e, stream, consumer, "pgchannel: position not advanced; the next ack or prune retries");
                     }
                 }
             }
@@ -1045,10 +1084,14 @@ impl PgBus {
                 false
             }
         };
-        if settled {
-            advance_position(&tx, &t.stream, &t.consumer, filter.as_deref(), false).await?;
-        }
+        let busy = settled
+            && advance_position(&tx, &t.stream, &t.consumer, filter.as_deref(), false)
+                .await?
+                .unfinished();
         tx.commit().await.map_err(db)?;
+        if busy {
+            self.inner.mark_lagging(&t.stream, &t.consumer);
+        }
         Ok(())
     }
 
@@ -1132,7 +1175,13 @@ impl PgBus {
             let tx = c.transaction().await.map_err(db)?;
             let moved = advance_position(&tx, &stream, &name, filter.as_deref(), true).await;
             match moved {
-                Ok(()) => tx.commit().await.map_err(db)?,
+                Ok(a) => {
+                    tx.commit().await.map_err(db)?;
+                    if a.unfinished() {
+                        // A window's worth moved; the advancer finishes catching up.
+                        self.inner.mark_lagging(&stream, &name);
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, stream, consumer = name, "pgchannel prune: position not advanced");
                     drop(tx);
@@ -1152,4 +1201,31 @@ impl PgBus {
         }
         Ok(report)
     }
+}
+
+/// One waiting advance of a consumer's position (background advancer); re-queues the consumer
+/// while it keeps moving, since one advance looks at a bounded window only.
+async fn advance_one(inner: &Inner, stream: &str, consumer: &str) -> Result<(), PgError> {
+    const OP: &str = "advance position";
+    let db = |e| PgError::db(OP, e);
+    let mut c = inner.client(OP).await?;
+    let filter: Option<String> = match c
+        .query_opt(
+            "SELECT filter_subject FROM eventbus_consumers WHERE stream_name = $1 AND name = $2",
+            &[&stream, &consumer],
+        )
+        .await
+        .map_err(db)?
+    {
+        Some(r) => r.get(0),
+        // Deleted meanwhile: nothing to advance.
+        None => return Ok(()),
+    };
+    let tx = c.transaction().await.map_err(db)?;
+    let a = advance_position(&tx, stream, consumer, filter.as_deref(), true).await?;
+    tx.commit().await.map_err(db)?;
+    if a.unfinished() {
+        inner.mark_lagging(stream, consumer);
+    }
+    Ok(())
 }

@@ -20,6 +20,10 @@ pub(crate) struct Inner {
     pub listener: tokio::sync::Mutex<Option<SharedListener>>,
     pub streams: Mutex<Option<(Instant, Arc<Vec<StreamRoute>>)>>,
     pub cancel: CancellationToken,
+    /// Consumers whose position could not be advanced on ack/fetch (publishes in flight);
+    /// the background advancer (`PgBus::spawn_advancer`) drains it.
+    pub lagging: Mutex<HashSet<(String, String)>>,
+    pub lag_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for Inner {
@@ -44,5 +48,13 @@ pub(crate) struct StreamRoute {
 impl Inner {
     pub(crate) async fn client(&self, op: &'static str) -> Result<Object, PgError> {
         self.pool.get().await.map_err(|e| PgError::pool(op, e))
+    }
+
+    /// Hands a consumer's position to the background advancer.
+    pub(crate) fn mark_lagging(&self, stream: &str, consumer: &str) {
+        if let Ok(mut set) = self.lagging.lock() {
+            set.insert((stream.to_string(), consumer.to_string()));
+        }
+        self.lag_wake.notify_one();
     }
 }

@@ -74,7 +74,7 @@ pub(crate) async fn lease(
              FROM eventbus_events e WHERE e.stream_name = $1 AND e.id > $2 AND {} \
              AND NOT EXISTS (SELECT 1 FROM eventbus_event_deliveries d \
                WHERE d.stream_name = $1 AND d.consumer_name = $3 AND d.event_id = e.id \
-               AND (d.state IS NOT NULL OR d.due_at > now())) \
+               AND d.event_id > $2 AND (d.state IS NOT NULL OR d.due_at > now())) \
              ORDER BY e.id LIMIT $7",
             filter_sql(4)
         ))
@@ -199,10 +199,14 @@ pub(crate) async fn lease(
         .map_err(db)?;
         settled_any = true;
     }
-    if settled_any {
-        advance_position(&tx, stream, consumer, filter.as_deref(), false).await?;
-    }
+    let busy = settled_any
+        && advance_position(&tx, stream, consumer, filter.as_deref(), false)
+            .await?
+            .unfinished();
     tx.commit().await.map_err(db)?;
+    if busy {
+        bus.mark_lagging(stream, consumer);
+    }
     Ok(out)
 }
 

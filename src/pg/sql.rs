@@ -48,17 +48,50 @@ pub(crate) fn lease_ms(count: i32, ack_wait_ms: Option<i64>, backoff_ms: &[i64])
         .unwrap_or(duration_ms(DEFAULT_ACK_WAIT))
 }
 
-/// Moves the consumer's `position` (the Go cursor) to just below its first unsettled
-/// matching event, or to the stream's last id when everything is settled, never backwards.
+/// Event rows one position advance looks at. Bounds the work done while holding the
+/// stream's exclusive publish lock (publishers wait behind it); a consumer further behind
+/// catches up over several advances (acks, the background advancer, prune).
+pub(crate) const ADVANCE_WINDOW: i64 = 2_000;
+
+/// What [`advance_position`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Advance {
+    /// Publishes were in flight (only when not waiting): nothing checked.
+    Busy,
+    /// The position moved forward, to its first unsettled matching event or the stream's end.
+    Moved,
+    /// The position moved across a whole window of settled or filtered-out events: there may
+    /// be more to skip.
+    MovedWindow,
+    /// The position was already at its first unsettled matching event.
+    Stayed,
+}
+
+impl Advance {
+    /// Whether another advance may still move the position (left to the background advancer).
+    pub(crate) fn unfinished(self) -> bool {
+        matches!(self, Advance::Busy | Advance::MovedWindow)
+    }
+}
+
+/// Moves the consumer's `position` (the Go cursor: everything at or below it is settled) to
+/// just below its first unsettled matching event, or to the last event looked at when all of
+/// them are settled or filtered out, never backwards. Looks at no more than
+/// [`ADVANCE_WINDOW`] events above the position, in id order, and stops at the first
+/// unsettled match: an earlier version took `min(id)` over every unsettled event above the
+/// position, so each ack cost a scan of the whole backlog (O(backlog) per ack, quadratic
+/// overall).
+///
 /// Needs the stream's exclusive publish lock (see `publish`); without `wait` it only tries,
-/// and skips when publishes are in flight (prune catches up).
+/// and returns [`Advance::Busy`] when publishes are in flight (the caller hands the consumer
+/// to the background advancer).
 pub(crate) async fn advance_position(
     tx: &deadpool_postgres::Transaction<'_>,
     stream: &str,
     consumer: &str,
     filter: Option<&str>,
     wait: bool,
-) -> Result<(), PgError> {
+) -> Result<Advance, PgError> {
     let db = |e| PgError::db("advance position", e);
     let key = stream_key(stream);
     if wait {
@@ -78,28 +111,49 @@ pub(crate) async fn advance_position(
             .map_err(db)?
             .get(0);
         if !got {
-            return Ok(());
+            return Ok(Advance::Busy);
         }
     }
     let filters = match parse_filters(&filter.map(|f| vec![f.to_string()]).unwrap_or_default()) {
         Ok(f) => f,
         // A Go-written filter we refuse: leave its position alone.
-        Err(_) => return Ok(()),
+        Err(_) => return Ok(Advance::Stayed),
     };
     let (all, exact, like) = sql_params(&filters);
+    // `w` is the window: the next ADVANCE_WINDOW events of the stream above the position, in
+    // id order (an index range on the primary key). The first unsettled match in it bounds
+    // the position; when there is none, the whole window is settled or filtered out and the
+    // position moves to its end. COALESCE evaluates the second scan only when needed.
+    // `d.event_id > c.position` lets the delivery lookup use a range, not the whole history.
     let sql = format!(
-        "UPDATE eventbus_consumers c SET position = GREATEST(c.position, COALESCE( \
-           (SELECT min(e.id) - 1 FROM eventbus_events e WHERE e.stream_name = $1 \
-              AND e.id > c.position AND {} AND NOT EXISTS (SELECT 1 FROM eventbus_event_deliveries d \
-              WHERE d.stream_name = $1 AND d.consumer_name = $2 AND d.event_id = e.id \
-              AND d.state IS NOT NULL)), \
-           (SELECT max(id) FROM eventbus_events WHERE stream_name = $1), c.position)) \
-         WHERE c.stream_name = $1 AND c.name = $2",
+        "WITH k AS (SELECT position FROM eventbus_consumers \
+           WHERE stream_name = $1 AND name = $2 FOR UPDATE) \
+         UPDATE eventbus_consumers c SET position = GREATEST(k.position, COALESCE( \
+           (SELECT e.id - 1 FROM (SELECT ev.id, ev.subject FROM eventbus_events ev \
+               WHERE ev.stream_name = $1 AND ev.id > k.position ORDER BY ev.id LIMIT $6) e \
+             WHERE {} AND NOT EXISTS (SELECT 1 FROM eventbus_event_deliveries d \
+               WHERE d.stream_name = $1 AND d.consumer_name = $2 AND d.event_id = e.id \
+               AND d.event_id > k.position AND d.state IS NOT NULL) \
+             ORDER BY e.id LIMIT 1), \
+           (SELECT max(w.id) FROM (SELECT ev.id FROM eventbus_events ev \
+               WHERE ev.stream_name = $1 AND ev.id > k.position ORDER BY ev.id LIMIT $6) w), \
+           k.position)) \
+         FROM k WHERE c.stream_name = $1 AND c.name = $2 \
+         RETURNING c.position > k.position, CASE WHEN c.position > k.position THEN \
+           (SELECT count(*) FROM (SELECT 1 FROM eventbus_events ev WHERE ev.stream_name = $1 \
+              AND ev.id > k.position AND ev.id <= c.position LIMIT $6) z) = $6 ELSE false END",
         filter_sql(3)
     );
-    let params: [&(dyn ToSql + Sync); 5] = [&stream, &consumer, &all, &exact, &like];
-    tx.execute(&sql, &params).await.map_err(db)?;
-    Ok(())
+    let params: [&(dyn ToSql + Sync); 6] =
+        [&stream, &consumer, &all, &exact, &like, &ADVANCE_WINDOW];
+    let row = tx.query_opt(&sql, &params).await.map_err(db)?;
+    Ok(
+        match row.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1))) {
+            Some((true, true)) => Advance::MovedWindow,
+            Some((true, false)) => Advance::Moved,
+            _ => Advance::Stayed,
+        },
+    )
 }
 
 #[cfg(test)]
