@@ -138,15 +138,6 @@ pub async fn apply(
     })
 }
 
-fn flags_of(l: &Located) -> Flags {
-    Flags {
-        broker: l.flags.broker.clone(),
-        broker_ref: l.flags.broker_ref.clone(),
-        prevent_destroy: l.flags.prevent_destroy,
-        bind: l.flags.bind,
-    }
-}
-
 pub async fn read(
     ctx: &Ctx,
     r: &ResourceRef,
@@ -166,7 +157,7 @@ pub async fn read(
         ))),
         Some(row) => Ok(Output {
             provider_id: provider_id(&l.broker, &l.stream, &l.durable),
-            outputs: consumer_outputs(&row, &flags_of(l)),
+            outputs: consumer_outputs(&row, &l.flags),
             sensitive: Vec::new(),
             status: "running".into(),
         }),

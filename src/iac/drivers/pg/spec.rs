@@ -209,14 +209,9 @@ pub fn consumer_def(
     })
 }
 
-/// Flags that live in the provider's records, not in the database.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Flags {
-    pub broker: String,
-    pub broker_ref: String,
-    pub prevent_destroy: bool,
-    pub bind: bool,
-}
+/// The record-only flags are the NATS drivers' own: both providers keep them in the same
+/// resource records.
+pub use crate::iac::drivers::stream::Flags;
 
 /// A stream row → outputs (unlimited limits show as -1, as for NATS).
 pub fn stream_outputs(d: &StreamDef, f: &Flags) -> Json {

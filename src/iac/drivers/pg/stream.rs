@@ -144,15 +144,6 @@ pub async fn apply(
     })
 }
 
-fn flags_of(l: &Located) -> Flags {
-    Flags {
-        broker: l.flags.broker.clone(),
-        broker_ref: l.flags.broker_ref.clone(),
-        prevent_destroy: l.flags.prevent_destroy,
-        bind: l.flags.bind,
-    }
-}
-
 /// The row as it is now; no row is "not found" (drift reports GHOST, refresh re-creates).
 pub async fn read(
     ctx: &Ctx,
@@ -173,7 +164,7 @@ pub async fn read(
         ))),
         Some(row) => Ok(Output {
             provider_id: provider_id(&l.broker, &l.stream),
-            outputs: stream_outputs(&row, &flags_of(l)),
+            outputs: stream_outputs(&row, &l.flags),
             sensitive: Vec::new(),
             status: "running".into(),
         }),
