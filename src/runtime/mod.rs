@@ -168,6 +168,25 @@ impl Runtime {
         self.inner.launcher.borrow().clone()
     }
 
+    /// For a trigger about to take messages: the host callback, waiting (logged once) until
+    /// ConfigureCallback has configured one; `None` when `stop` fires first. Nothing is taken
+    /// before the host can run a pipeline: a message taken now could only be nak'ed, and every
+    /// nak spends one of its max_deliver attempts.
+    pub(crate) async fn launcher_or_stop(
+        &self,
+        stop: &tokio_util::sync::CancellationToken,
+        trigger: &str,
+    ) -> Option<Arc<dyn Launcher>> {
+        if let Some(l) = self.launcher() {
+            return Some(l);
+        }
+        tracing::info!(trigger = %trigger, "waiting for the engine callback (ConfigureCallback) before taking messages");
+        tokio::select! {
+            _ = stop.cancelled() => None,
+            l = self.wait_launcher() => Some(l),
+        }
+    }
+
     /// The host callback, waiting until ConfigureCallback has configured one.
     pub(crate) async fn wait_launcher(&self) -> Arc<dyn Launcher> {
         let mut rx = self.inner.launcher.subscribe();

@@ -156,16 +156,8 @@ impl PgWorker {
         let mut log = RateLimitedLog::new();
         let mut backoff = Duration::from_millis(100);
         let name = self.spec.workflow_type.clone();
-        // As for NATS: nothing is leased before the host can run a pipeline.
-        let launcher = match self.rt.launcher() {
-            Some(l) => l,
-            None => {
-                tracing::info!(trigger = %name, "waiting for the engine callback (ConfigureCallback) before reading messages");
-                tokio::select! {
-                    _ = self.stop.cancelled() => return,
-                    l = self.rt.wait_launcher() => l,
-                }
-            }
+        let Some(launcher) = self.rt.launcher_or_stop(&self.stop, &name).await else {
+            return;
         };
         'outer: while !self.stop.is_cancelled() {
             let (bus, bound) = match self.prepare().await {

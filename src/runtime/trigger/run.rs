@@ -191,18 +191,8 @@ impl Worker {
         let mut log = RateLimitedLog::new();
         let mut backoff = Duration::from_millis(100);
         let name = self.spec.workflow_type.clone();
-        // Nothing is fetched before the host can run a pipeline: a message taken now could
-        // only be nak'ed, and every nak spends one of its max_deliver attempts (it used to be
-        // terminated, unseen, once they ran out).
-        let launcher = match self.rt.launcher() {
-            Some(l) => l,
-            None => {
-                tracing::info!(trigger = %name, "waiting for the engine callback (ConfigureCallback) before fetching messages");
-                tokio::select! {
-                    _ = self.stop.cancelled() => return,
-                    l = self.rt.wait_launcher() => l,
-                }
-            }
+        let Some(launcher) = self.rt.launcher_or_stop(&self.stop, &name).await else {
+            return;
         };
         'outer: while !self.stop.is_cancelled() {
             let (conn, consumer, bound) = match self.bind().await {
