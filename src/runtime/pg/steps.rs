@@ -11,7 +11,7 @@ use crate::pb::eventbus::{
 use crate::pg::{AckOp, AckToken, FetchOpts, Outgoing, PgBus};
 use crate::runtime::modules::broker::{BrokerModule, BusError};
 use crate::runtime::modules::ConsumerModule;
-use crate::runtime::steps::bulk::{failure_summary, FailOn, MAX_ITEMS};
+use crate::runtime::steps::bulk::{failure_summary, FailOn};
 use crate::runtime::steps::message::{
     now_rfc3339, rfc3339, Include, CORRELATION_HEADER, MSG_ID_HEADER,
 };
@@ -301,20 +301,11 @@ pub(crate) async fn ack_bulk(
     kind: AckKind,
     fail_on: FailOn,
 ) -> Result<StepOutput, RuntimeError> {
-    if tokens.len() > MAX_ITEMS {
-        return Err(RuntimeError::failed(
-            component,
-            format!(
-                "ack_tokens: {} tokens is more than one call takes ({MAX_ITEMS}); split the list",
-                tokens.len()
-            ),
-        ));
-    }
+    // The token count was checked by the caller (steps::ack_bulk::execute), for both providers.
     let bus = broker
         .require_pg()
         .await
         .map_err(|e| RuntimeError::bus(component, e))?;
-    let total = tokens.len();
     let bus = &bus;
     let results: Vec<BulkAckResult> = futures::stream::iter(tokens.into_iter().enumerate())
         .map(|(i, t)| async move {
@@ -331,28 +322,5 @@ pub(crate) async fn ack_bulk(
         .buffered(ACK_WINDOW)
         .collect()
         .await;
-    let failed = results.iter().filter(|r| !r.error.is_empty()).count();
-    if fail_on.fails(failed, total) {
-        return Err(RuntimeError::failed(
-            component,
-            failure_summary(
-                "ack tokens",
-                total,
-                fail_on,
-                results
-                    .iter()
-                    .filter(|r| !r.error.is_empty())
-                    .map(|r| (r.index as usize, r.error.as_str())),
-            ),
-        ));
-    }
-    let out = AckResponse {
-        action: kind.name().to_string(),
-        acked: (total - failed) as i32,
-        failed: failed as i32,
-        results,
-    };
-    Ok(StepOutput {
-        typed: StepKind::Ack.pack_output(&out),
-    })
+    crate::runtime::steps::bulk::ack_output(component, kind, fail_on, results)
 }

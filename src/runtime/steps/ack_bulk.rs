@@ -2,13 +2,12 @@
 //! batch trigger's data): one action on many tokens in one ExecuteStep, each confirmed by the
 //! server, pipelined with a bounded window, one result per token in list order.
 
-use super::bulk::{failure_summary, FailOn, MAX_ITEMS};
+use super::bulk::{FailOn, MAX_ITEMS};
 use super::StepOutput;
 use crate::nats::ack::{ack_token, AckKind};
 use crate::nats::guard::check_ack_token as check_token;
 use crate::nats::{NatsConn, NatsError};
-use crate::pb::eventbus::{AckResponse, BulkAckResult};
-use crate::runtime::types::StepKind;
+use crate::pb::eventbus::BulkAckResult;
 use crate::runtime::{render, Runtime, RuntimeError};
 use futures::StreamExt;
 
@@ -66,7 +65,6 @@ pub(super) async fn execute(
     conn.wait_connected(conn.request_timeout)
         .await
         .map_err(|e| RuntimeError::nats(component, e))?;
-    let total = tokens.len();
     let conn = &conn;
     let results: Vec<BulkAckResult> = futures::stream::iter(tokens.into_iter().enumerate())
         .map(|(i, token)| async move {
@@ -87,28 +85,5 @@ pub(super) async fn execute(
         .buffered(WINDOW)
         .collect()
         .await;
-    let failed = results.iter().filter(|r| !r.error.is_empty()).count();
-    if fail_on.fails(failed, total) {
-        return Err(RuntimeError::failed(
-            component,
-            failure_summary(
-                "ack tokens",
-                total,
-                fail_on,
-                results
-                    .iter()
-                    .filter(|r| !r.error.is_empty())
-                    .map(|r| (r.index as usize, r.error.as_str())),
-            ),
-        ));
-    }
-    let out = AckResponse {
-        action: kind.name().to_string(),
-        acked: (total - failed) as i32,
-        failed: failed as i32,
-        results,
-    };
-    Ok(StepOutput {
-        typed: StepKind::Ack.pack_output(&out),
-    })
+    super::bulk::ack_output(component, kind, fail_on, results)
 }

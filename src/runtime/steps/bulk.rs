@@ -1,6 +1,12 @@
 //! What bulk publish and bulk ack share: when a partly failed call fails the step, and how the
 //! error names the items that failed.
 
+use super::StepOutput;
+use crate::nats::ack::AckKind;
+use crate::pb::eventbus::{AckResponse, BulkAckResult};
+use crate::runtime::types::StepKind;
+use crate::runtime::RuntimeError;
+
 /// The most items one bulk call takes: past this a list is more likely a mistake (a whole
 /// table fed in) than a batch, and its results would not fit the host's message limit.
 pub const MAX_ITEMS: usize = 10_000;
@@ -82,6 +88,41 @@ pub fn window(configured: i32, default: usize, max: usize) -> usize {
     } else {
         (configured as usize).min(max)
     }
+}
+
+/// The bulk ack's result, whichever provider settled the tokens: the step fails per `fail_on`
+/// with a summary of the failed tokens, else one result per token in list order.
+pub(crate) fn ack_output(
+    component: &str,
+    kind: AckKind,
+    fail_on: FailOn,
+    results: Vec<BulkAckResult>,
+) -> Result<StepOutput, RuntimeError> {
+    let total = results.len();
+    let failed = results.iter().filter(|r| !r.error.is_empty()).count();
+    if fail_on.fails(failed, total) {
+        return Err(RuntimeError::failed(
+            component,
+            failure_summary(
+                "ack tokens",
+                total,
+                fail_on,
+                results
+                    .iter()
+                    .filter(|r| !r.error.is_empty())
+                    .map(|r| (r.index as usize, r.error.as_str())),
+            ),
+        ));
+    }
+    let out = AckResponse {
+        action: kind.name().to_string(),
+        acked: (total - failed) as i32,
+        failed: failed as i32,
+        results,
+    };
+    Ok(StepOutput {
+        typed: StepKind::Ack.pack_output(&out),
+    })
 }
 
 #[cfg(test)]
