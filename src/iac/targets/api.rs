@@ -169,17 +169,8 @@ pub async fn block<T: Send + 'static>(
     }
 }
 
-/// `nats://user:pass@host:4222` → `nats://host:4222`.
+/// `nats://user:pass@host:4222` → `nats://host:4222` (through the one masking,
+/// [`crate::secret::mask`]).
 pub fn strip_userinfo(url: &str) -> String {
-    let url = url.trim();
-    let (scheme, rest) = match url.split_once("://") {
-        Some((s, r)) => (format!("{s}://"), r),
-        None => (String::new(), url),
-    };
-    let host = match rest.split_once('/') {
-        Some((auth, _)) => auth,
-        None => rest,
-    };
-    let host = host.rsplit_once('@').map(|(_, h)| h).unwrap_or(host);
-    format!("{scheme}{host}")
+    crate::secret::mask(url, crate::secret::Userinfo::Dropped)
 }
