@@ -828,3 +828,41 @@ fn render_refuses_bad_files_with_one_line_naming_the_problem() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("usage:"));
 }
+
+/// Issue 19 finding 6: `auth: {token: "${T}"}` with `T` set but empty rendered a broker
+/// without client authentication, exit 0. Refused with one line naming the field, for a
+/// token and for a user/password pair alike (apply decodes through the same check).
+#[test]
+fn render_refuses_auth_values_that_expanded_to_nothing() {
+    let (code, err) = render_err(INFRA, &[("RENDER_TEST_TOKEN", "")]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("orders-bus") && err.contains("auth.token") && err.contains("empty"),
+        "{err}"
+    );
+    let infra = INFRA
+        .replace(
+            "auth: {token: \"${RENDER_TEST_TOKEN}\"}",
+            "auth: {user: app, password: \"${RENDER_TEST_PW}\"}",
+        )
+        .replace("auth: {user: app, password: s3cretPw}", "");
+    for pw in ["", "  "] {
+        let (code, err) = render_err(&infra, &[("RENDER_TEST_PW", pw)]);
+        assert_eq!(code, 1, "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("auth.password"), "{err}");
+    }
+    let (code, err) = render_err(
+        &INFRA.replace(
+            "{user: app, password: s3cretPw}",
+            "{user: \"\", password: s3cretPw}",
+        ),
+        &[("RENDER_TEST_TOKEN", "tok")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("Payments_Bus") && err.contains("auth.user"),
+        "{err}"
+    );
+}

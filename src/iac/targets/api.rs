@@ -26,6 +26,7 @@ impl BrokerDesired {
     pub fn decode(name: &str, config_json: &[u8]) -> Result<BrokerDesired, DriverError> {
         let what = label(name);
         let m = config_object(&what, config_json)?;
+        crate::config::broker::check_blank_auth(BROKER_TYPE, name, &m)?;
         decode_config(BROKER_TYPE, name, "ClusterConfig", m, |c: ClusterConfig| {
             let spec = BrokerSpec::validate(BROKER_TYPE, name, &c)?;
             let js = c.jetstream.unwrap_or_default();
