@@ -186,7 +186,11 @@ fn every_object_passes_kubernetes_strict_schemas_1_29_and_1_34() {
             files.push(f);
         }
     }
-    assert_eq!(files.len(), 6 + 6 + 5, "Secret only where auth is set");
+    assert_eq!(
+        files.len(),
+        7 + 7 + 6,
+        "Secret only where auth is set; a NetworkPolicy for every broker"
+    );
     for version in ["1.29", "1.34"] {
         let (ok, text) = validate(&bin, version, &files);
         assert!(ok, "kubernetes-validate --strict -k {version}:\n{text}");
@@ -214,6 +218,7 @@ fn every_object_passes_kubernetes_strict_schemas_1_29_and_1_34() {
 struct Pod {
     name: String,
     client_port: u16,
+    cluster_port: u16,
     monitor_port: u16,
     child: Option<Child>,
     conf: PathBuf,
@@ -284,6 +289,18 @@ fn swap(s: &str, from: &str, to: &str) -> String {
     s.replacen(from, to, 1)
 }
 
+/// A key of the rendered Secret, decoded.
+fn secret_text(secret: Option<&Json>, key: &str) -> String {
+    let s = secret.expect("a secret ref needs the Secret");
+    let b64 = s["data"][key].as_str().unwrap();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 /// The pods of a rendered broker on loopback. What differs from the cluster, and only this:
 /// - DNS: route `nats://<pod>.<headless>.<ns>.svc.<domain>:6222` becomes
 ///   `nats://127.0.0.1:<that pod's cluster port>`, the pod's name mapped to loopback;
@@ -348,16 +365,34 @@ fn pods(r: &Rendered) -> Vec<Pod> {
                     "listen: \"0.0.0.0:6222\"",
                     &format!("listen: \"127.0.0.1:{cluster}\""),
                 );
-                for (j, (_, peer, _)) in ports.iter().enumerate() {
-                    c = swap(
-                        &c,
-                        &format!(
-                            "\"nats://{}.{}.{domain}:6222\"",
-                            r.names.pod(j as u32),
-                            r.names.headless
-                        ),
-                        &format!("\"nats://127.0.0.1:{peer}\""),
-                    );
+                if c.contains("include \"routes.conf\"") {
+                    // With auth the routes, credentials in their urls, are the Secret's
+                    // routes.conf, projected beside nats.conf.
+                    let mut routes = secret_text(secret.as_ref(), "routes.conf");
+                    for (j, (_, peer, _)) in ports.iter().enumerate() {
+                        routes = swap(
+                            &routes,
+                            &format!(
+                                "@{}.{}.{domain}:6222\"",
+                                r.names.pod(j as u32),
+                                r.names.headless
+                            ),
+                            &format!("@127.0.0.1:{peer}\""),
+                        );
+                    }
+                    std::fs::write(dir.path().join("routes.conf"), routes).unwrap();
+                } else {
+                    for (j, (_, peer, _)) in ports.iter().enumerate() {
+                        c = swap(
+                            &c,
+                            &format!(
+                                "\"nats://{}.{}.{domain}:6222\"",
+                                r.names.pod(j as u32),
+                                r.names.headless
+                            ),
+                            &format!("\"nats://127.0.0.1:{peer}\""),
+                        );
+                    }
                 }
             }
             let conf = dir.path().join("nats.conf");
@@ -372,14 +407,7 @@ fn pods(r: &Rendered) -> Vec<Pod> {
                 {
                     name.clone()
                 } else if let Some(k) = e.pointer("/valueFrom/secretKeyRef/key") {
-                    let s = secret.as_ref().expect("a secret ref needs the Secret");
-                    let b64 = s["data"][k.as_str().unwrap()].as_str().unwrap();
-                    String::from_utf8(
-                        base64::engine::general_purpose::STANDARD
-                            .decode(b64)
-                            .unwrap(),
-                    )
-                    .unwrap()
+                    secret_text(secret.as_ref(), k.as_str().unwrap())
                 } else {
                     panic!("env source the stand-in does not know: {e}");
                 };
@@ -401,6 +429,7 @@ fn pods(r: &Rendered) -> Vec<Pod> {
             Pod {
                 name,
                 client_port: client,
+                cluster_port: cluster,
                 monitor_port: monitor,
                 child: None,
                 conf,
@@ -627,6 +656,110 @@ async fn the_configmap_boots_a_3_node_jetstream_cluster_and_an_r3_stream_survive
     );
 }
 
+/// A nats-server that is not one of the broker's pods, started from `conf` (with `{dir}`
+/// replaced by its temp dir), logging to `<dir>/peer.log`; killed on drop.
+struct Peer {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Peer {
+    fn start(bin: &Path, conf: &str) -> Peer {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("peer.conf");
+        std::fs::write(&file, conf).unwrap();
+        let log = std::fs::File::create(dir.path().join("peer.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Peer { child, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("peer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 19 finding 3: any pod could join the broker's cluster as a route and read every
+/// stream. Routes now authenticate: a peer without the Secret's route credentials is refused
+/// by a pod of the rendered broker; the same peer with them is let in (so the refusal is the
+/// credentials, not something else).
+#[test]
+fn a_route_without_the_route_credentials_is_refused() {
+    let bin = nats_test_server::binary();
+    let config = json!({
+        "provider": "nats", "deploy_target": "kubernetes", "version": "2.10.29", "replicas": 3,
+        "auth": {"token": "routeT0ken"}, "kubernetes": {"namespace": "eventbus"}
+    });
+    let r = rendered("orders-bus", Flavor::Kubernetes, &config);
+    let secret = r.objects.iter().find(|o| o.kind == "Secret").unwrap();
+    let routes = secret_text(Some(&secret.body), "routes.conf");
+    let password = routes
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("password: "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let mut pods = pods(&r);
+    pods[0].start(&bin);
+    let pod = &pods[0];
+    poll("pod 0's monitor port", Duration::from_secs(30), || {
+        http_get(pod.monitor_port, "/varz").filter(|(c, _)| *c == 200)
+    });
+    let num_routes = || -> Option<u64> {
+        let (_, body) = http_get(pod.monitor_port, "/routez")?;
+        serde_json::from_str::<Json>(&body).ok()?["num_routes"].as_u64()
+    };
+    let peer_conf = |auth: &str, userinfo: &str| {
+        format!(
+            "listen: \"127.0.0.1:{}\"\ncluster {{\n  name: \"orders-bus\"\n  listen: \"127.0.0.1:{}\"\n{auth}  routes: [\"nats://{userinfo}127.0.0.1:{}\"]\n}}\n",
+            free_port(),
+            free_port(),
+            pod.cluster_port
+        )
+    };
+
+    let rogue = Peer::start(&bin, &peer_conf("", ""));
+    poll(
+        "pod 0 refusing the rogue route",
+        Duration::from_secs(30),
+        || pod.log().contains("Authentication Failure").then_some(()),
+    );
+    assert_eq!(num_routes(), Some(0), "{}", pod.log());
+    assert!(
+        rogue.log().contains("Authorization Violation"),
+        "{}",
+        rogue.log()
+    );
+    drop(rogue);
+
+    let member = Peer::start(
+        &bin,
+        &peer_conf(
+            &format!("  authorization {{ user: \"route\", password: \"{password}\" }}\n"),
+            &format!("route:{password}@"),
+        ),
+    );
+    poll(
+        "pod 0 accepting the route with credentials",
+        Duration::from_secs(30),
+        || num_routes().filter(|n| *n >= 1),
+    );
+    drop(member);
+}
+
 // ---- the render subcommand ----
 
 fn plugin() -> Command {
@@ -682,7 +815,7 @@ fn render_writes_what_apply_sends_for_every_kubernetes_broker() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let listed = String::from_utf8_lossy(&o.stdout).lines().count();
-    assert_eq!(listed, 12, "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(listed, 14, "{}", String::from_utf8_lossy(&o.stdout));
 
     // Byte for byte what the library renders (and apply sends) for the same configs.
     let doc: Json = serde_yaml::from_str(INFRA).unwrap();
@@ -717,7 +850,7 @@ fn render_writes_what_apply_sends_for_every_kubernetes_broker() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 12);
+    assert_eq!(checked, 14);
     assert!(
         !out.join("local-bus").exists(),
         "local brokers are not rendered"
@@ -746,10 +879,11 @@ fn render_writes_what_apply_sends_for_every_kubernetes_broker() {
         files,
         [
             "01-configmap.yaml",
-            "02-service.yaml",
+            "02-networkpolicy.yaml",
             "03-service.yaml",
-            "04-statefulset.yaml",
-            "05-poddisruptionbudget.yaml",
+            "04-service.yaml",
+            "05-statefulset.yaml",
+            "06-poddisruptionbudget.yaml",
             "README"
         ]
     );

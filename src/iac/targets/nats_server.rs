@@ -285,6 +285,7 @@ pub fn render_config(rec: &LocalRecord, broker: &str, i: usize) -> String {
                 .map(|p| format!("nats-route://127.0.0.1:{}", p.cluster_port))
                 .collect(),
             no_advertise: false,
+            include: None,
         }),
         websocket: None,
         auth: None,

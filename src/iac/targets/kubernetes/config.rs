@@ -166,6 +166,7 @@ pub struct Names {
     pub client: String,
     pub stateful_set: String,
     pub pdb: String,
+    pub network_policy: String,
     /// The claim template's name; PVCs are `<pvc_prefix><ordinal>`.
     pub claim: String,
     pub pvc_prefix: String,
@@ -181,6 +182,7 @@ impl Names {
             client: base.clone(),
             stateful_set: base.clone(),
             pdb: base.clone(),
+            network_policy: base.clone(),
             claim: "js".into(),
             pvc_prefix: format!("js-{base}-"),
             base,
