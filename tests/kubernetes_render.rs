@@ -1000,3 +1000,98 @@ fn render_refuses_auth_values_that_expanded_to_nothing() {
         "{err}"
     );
 }
+
+/// Issue 19 finding 5: `render` wrote the Secret through a symbolic link planted at a
+/// numbered file (outside out-dir, mode 0644), and deleted numbered files it had not written.
+/// Now a link, or a file of someone else's, at a name render writes is refused before anything
+/// is written; a link as the broker's directory is refused; stale files go only when they carry
+/// the plugin's managed-by label.
+#[test]
+fn render_never_writes_through_a_symbolic_link_nor_removes_a_file_it_did_not_write() {
+    use std::os::unix::fs::symlink;
+    let d = tempfile::tempdir().unwrap();
+    let infra = d.path().join("infra.yaml");
+    std::fs::write(&infra, INFRA).unwrap();
+    let out = d.path().join("out");
+    let bus = out.join("orders-bus");
+    std::fs::create_dir_all(&bus).unwrap();
+    let victim = d.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    let run = || {
+        let o = plugin()
+            .arg("render")
+            .arg(&infra)
+            .arg(&out)
+            .env("RENDER_TEST_TOKEN", "renderT0ken")
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+
+    symlink("../../victim.txt", bus.join("01-secret.yaml")).unwrap();
+    let (code, err) = run();
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("01-secret.yaml") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        1,
+        "nothing written for any broker"
+    );
+    std::fs::remove_file(bus.join("01-secret.yaml")).unwrap();
+
+    // A user's file at a name render writes: refused, kept.
+    std::fs::write(bus.join("03-networkpolicy.yaml"), "kind: NetworkPolicy\n").unwrap();
+    let (code, err) = run();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("03-networkpolicy.yaml") && err.contains("not written by"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(bus.join("03-networkpolicy.yaml")).unwrap(),
+        "kind: NetworkPolicy\n"
+    );
+    std::fs::remove_file(bus.join("03-networkpolicy.yaml")).unwrap();
+
+    // A user's numbered file beside the rendered ones, and a link: both survive a re-render,
+    // while the plugin's own files of an earlier run are replaced.
+    let (code, err) = run();
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(bus.join("09-networkpolicy.yaml"), "mine\n").unwrap();
+    symlink("../../victim.txt", bus.join("10-configmap.yaml")).unwrap();
+    let (code, err) = run();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(bus.join("09-networkpolicy.yaml")).unwrap(),
+        "mine\n"
+    );
+    assert!(std::fs::symlink_metadata(bus.join("10-configmap.yaml"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let secret = std::fs::symlink_metadata(bus.join("01-secret.yaml")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert!(secret.is_file() && secret.permissions().mode() & 0o077 == 0);
+
+    // The broker's directory as a link to elsewhere: refused, nothing lands there.
+    let elsewhere = d.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::remove_dir_all(&bus).unwrap();
+    symlink(&elsewhere, &bus).unwrap();
+    let (code, err) = run();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("orders-bus") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+}
