@@ -1095,3 +1095,93 @@ fn render_never_writes_through_a_symbolic_link_nor_removes_a_file_it_did_not_wri
     );
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
 }
+
+/// Issue 19 finding 7: label and annotation values `yes`, `on`, `off`, `NO`, `1_000` were
+/// written plain, and a YAML 1.1 reader (kubectl's) turned them into booleans and integers.
+/// Every rendered file, read back by PyYAML (a YAML 1.1 reader), is exactly the JSON apply
+/// sends: no string became a bool, number, null or date.
+#[test]
+fn yaml_1_1_readers_read_every_rendered_string_as_a_string() {
+    let tricky = [
+        "yes",
+        "on",
+        "off",
+        "NO",
+        "y",
+        "N",
+        "True",
+        "1_000",
+        "0x1F",
+        "0755",
+        "1.5",
+        "1e3",
+        "2001-12-14",
+        "190:20:30",
+        "~",
+        "null",
+        ".inf",
+        "<<",
+        "=",
+    ];
+    let label_ok = |v: &str| {
+        v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    let labels: serde_json::Map<String, Json> = tricky
+        .iter()
+        .filter(|v| label_ok(v))
+        .enumerate()
+        .map(|(i, v)| (format!("l{i}"), json!(v)))
+        .collect();
+    let mut annotations: serde_json::Map<String, Json> = tricky
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (format!("a{i}"), json!(v)))
+        .collect();
+    annotations.insert("yes".into(), json!("a key too"));
+    let config = json!({
+        "provider": "nats", "deploy_target": "kubernetes", "version": "2.10.29", "replicas": 3,
+        "auth": {"user": "app", "password": "off123"},
+        "kubernetes": {"labels": labels, "annotations": annotations,
+                       "resources": {"cpu": "2", "memory": "1Gi"}}
+    });
+    let r = rendered("yaml-bus", Flavor::Kubernetes, &config);
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for (i, o) in r.objects.iter().enumerate() {
+        let f = dir.path().join(format!("{i}.yaml"));
+        std::fs::write(&f, to_yaml(o).unwrap()).unwrap();
+        files.push(f);
+    }
+    let script = "import json, sys, yaml\n\
+                  print(json.dumps([yaml.safe_load(open(f)) for f in sys.argv[1:]], default=repr))";
+    let out = match Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(&files)
+        .output()
+    {
+        Ok(o) if o.status.success() => o,
+        other => {
+            assert!(
+                std::env::var("CI").map_or(true, |v| v != "true"),
+                "python3 with PyYAML is needed (make deps installs it with kubernetes-validate): {other:?}"
+            );
+            eprintln!("skipped: python3 with PyYAML is not available");
+            return;
+        }
+    };
+    let read: Vec<Json> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(read.len(), r.objects.len());
+    for (o, back) in r.objects.iter().zip(&read) {
+        assert_eq!(
+            back,
+            &o.body,
+            "{} as PyYAML reads it:\n{}",
+            o.kind,
+            to_yaml(o).unwrap()
+        );
+    }
+}

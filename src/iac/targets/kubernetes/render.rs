@@ -685,14 +685,10 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
     })
 }
 
-/// One YAML document: the same Value apply sends, so the bytes are what a review sees.
+/// One YAML document: the same Value apply sends, so the bytes are what a review sees; every
+/// string a YAML 1.1 reader would take for a bool, number or null quoted ([`super::yaml`]).
 pub fn to_yaml(o: &RenderedObject) -> Result<String, DriverError> {
-    serde_yaml::to_string(&o.body).map_err(|e| {
-        DriverError::invalid(
-            format!("{} {}", o.kind, o.name),
-            format!("cannot write YAML: {e}"),
-        )
-    })
+    Ok(super::yaml::to_yaml(&o.body))
 }
 
 /// Whether the service type exposes the broker outside the cluster.
