@@ -1185,3 +1185,49 @@ fn yaml_1_1_readers_read_every_rendered_string_as_a_string() {
         );
     }
 }
+
+/// Issue 19 finding 11 (config part): an infra.yaml of 80,000 nested brackets took 12 s to
+/// parse (the YAML parser is quadratic in the depth). The depth is bounded before parsing:
+/// refused at once with one line, in flow style and in block sequences alike, while quotes,
+/// comments and ordinary nesting pass.
+#[test]
+fn render_refuses_deeply_nested_yaml_at_once() {
+    use std::time::{Duration, Instant};
+    for (what, text) in [
+        (
+            "flow",
+            format!("modules: {}{}\n", "[".repeat(80_000), "]".repeat(80_000)),
+        ),
+        (
+            "maps",
+            format!("modules: {}{}\n", "{a: ".repeat(80_000), "}".repeat(80_000)),
+        ),
+        ("block", format!("modules:\n{}x\n", "- ".repeat(80_000))),
+        (
+            "after a plain quote",
+            format!(
+                "a: don't\nmodules: {}{}\n",
+                "[".repeat(80_000),
+                "]".repeat(80_000)
+            ),
+        ),
+    ] {
+        let started = Instant::now();
+        let (code, err) = render_err(&text, &[]);
+        let took = started.elapsed();
+        assert_eq!(code, 1, "{what}: {err}");
+        assert_eq!(err.lines().count(), 1, "{what}: {err}");
+        assert!(err.contains("nesting deeper than 64"), "{what}: {err}");
+        assert!(took < Duration::from_secs(3), "{what}: {took:?}");
+    }
+    // Brackets in quotes and comments do not count; real nesting of a few levels passes.
+    let quoted = format!(
+        "# {}\nx: \"{}\"\ny: '{}'\n{INFRA}",
+        "[".repeat(100),
+        "[".repeat(100),
+        "{".repeat(100)
+    );
+    let (code, err) = render_err(&quoted, &[("RENDER_TEST_TOKEN", "")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("auth.token"), "parsed past the quotes: {err}");
+}

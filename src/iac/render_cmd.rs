@@ -94,6 +94,76 @@ fn expand(module: &str, v: &mut Json) -> Result<(), RenderCmdError> {
     Ok(())
 }
 
+/// The deepest nesting an infra file may have. Real ones stay under ten levels; the YAML
+/// parser's time grows with the square of the depth (80,000 nested `[` took 12 s), so the
+/// depth is bounded before it parses.
+pub const MAX_DEPTH: usize = 64;
+
+/// Refuses text nested deeper than [`MAX_DEPTH`] in flow style (`[`, `{`) or in block
+/// sequences opened on one line (`- - - x`), without parsing it: one pass over the text that
+/// skips quoted scalars and comments, and may over-count (a `[` inside a plain scalar), never
+/// under-count.
+fn check_depth(text: &str) -> Result<(), String> {
+    let (mut flow, mut line) = (0usize, 1usize);
+    let (mut quote, mut comment) = (None::<char>, false);
+    let mut dashes = 0usize;
+    let mut line_start = true;
+    let mut prev = '\n';
+    let mut chars = text.chars().peekable();
+    let deep = |line: usize| {
+        format!("nesting deeper than {MAX_DEPTH} levels at line {line}; an infra file is not nested that deep")
+    };
+    while let Some(c) = chars.next() {
+        if c == '\n' {
+            line += 1;
+            comment = false;
+            line_start = true;
+            dashes = 0;
+            prev = c;
+            continue;
+        }
+        if comment {
+            continue;
+        }
+        match quote {
+            Some('\'') if c == '\'' => {
+                if chars.peek() == Some(&'\'') {
+                    chars.next();
+                } else {
+                    quote = None;
+                }
+            }
+            Some('"') if c == '\\' => {
+                chars.next();
+            }
+            Some('"') if c == '"' => quote = None,
+            Some(_) => {}
+            None => match c {
+                '#' if prev.is_whitespace() => comment = true,
+                // A quote opens a quoted scalar only where a scalar starts (`don't` is plain).
+                '\'' | '"' if prev.is_whitespace() || "[{,:".contains(prev) => quote = Some(c),
+                '[' | '{' => {
+                    flow += 1;
+                    if flow > MAX_DEPTH {
+                        return Err(deep(line));
+                    }
+                }
+                ']' | '}' => flow = flow.saturating_sub(1),
+                '-' | '?' | ':' if line_start && chars.peek().is_some_and(|n| *n == ' ') => {
+                    dashes += 1;
+                    if dashes > MAX_DEPTH {
+                        return Err(deep(line));
+                    }
+                }
+                ' ' => {}
+                _ => line_start = false,
+            },
+        }
+        prev = c;
+    }
+    Ok(())
+}
+
 /// `NN-<kind>.yaml`: numbered in apply order.
 fn object_file(i: usize, kind: &str) -> String {
     format!("{:02}-{}.yaml", i + 1, kind.to_ascii_lowercase())
@@ -209,6 +279,10 @@ pub fn run(infra: &Path, out: &Path) -> Result<Vec<Written>, RenderCmdError> {
     let text = std::fs::read_to_string(infra).map_err(|source| RenderCmdError::Read {
         path: path.clone(),
         source,
+    })?;
+    check_depth(&text).map_err(|message| RenderCmdError::Shape {
+        path: path.clone(),
+        message,
     })?;
     let doc: Json = serde_yaml::from_str(&text).map_err(|source| RenderCmdError::Yaml {
         path: path.clone(),
