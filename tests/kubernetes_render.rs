@@ -365,34 +365,23 @@ fn pods(r: &Rendered) -> Vec<Pod> {
                     "listen: \"0.0.0.0:6222\"",
                     &format!("listen: \"127.0.0.1:{cluster}\""),
                 );
+                // Each route's host, after `nats://` or after its credentials, to loopback.
+                let to_loopback = |mut text: String, before: &str| {
+                    for (j, (_, peer, _)) in ports.iter().enumerate() {
+                        let pod = r.names.pod(j as u32);
+                        let host = format!("{pod}.{}.{domain}:6222\"", r.names.headless);
+                        let at = format!("127.0.0.1:{peer}\"");
+                        text = swap(&text, &format!("{before}{host}"), &format!("{before}{at}"));
+                    }
+                    text
+                };
                 if c.contains("include \"routes.conf\"") {
                     // With auth the routes, credentials in their urls, are the Secret's
                     // routes.conf, projected beside nats.conf.
-                    let mut routes = secret_text(secret.as_ref(), "routes.conf");
-                    for (j, (_, peer, _)) in ports.iter().enumerate() {
-                        routes = swap(
-                            &routes,
-                            &format!(
-                                "@{}.{}.{domain}:6222\"",
-                                r.names.pod(j as u32),
-                                r.names.headless
-                            ),
-                            &format!("@127.0.0.1:{peer}\""),
-                        );
-                    }
+                    let routes = to_loopback(secret_text(secret.as_ref(), "routes.conf"), "@");
                     std::fs::write(dir.path().join("routes.conf"), routes).unwrap();
                 } else {
-                    for (j, (_, peer, _)) in ports.iter().enumerate() {
-                        c = swap(
-                            &c,
-                            &format!(
-                                "\"nats://{}.{}.{domain}:6222\"",
-                                r.names.pod(j as u32),
-                                r.names.headless
-                            ),
-                            &format!("\"nats://127.0.0.1:{peer}\""),
-                        );
-                    }
+                    c = to_loopback(c, "\"nats://");
                 }
             }
             let conf = dir.path().join("nats.conf");

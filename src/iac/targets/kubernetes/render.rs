@@ -195,18 +195,7 @@ fn route_password(auth: &KubeAuth, base: &str) -> String {
     h.update(b"workflow-plugin-eventbus route password\0");
     h.update(base.as_bytes());
     h.update(b"\0");
-    match auth {
-        KubeAuth::Token(t) => {
-            h.update(b"token\0");
-            h.update(t.expose().as_bytes());
-        }
-        KubeAuth::UserPassword { user, password } => {
-            h.update(b"user\0");
-            h.update(user.as_bytes());
-            h.update(b"\0");
-            h.update(password.expose().as_bytes());
-        }
-    }
+    auth.hash_into(&mut h);
     hex(&h.finalize())
 }
 
