@@ -215,8 +215,10 @@ fn found(path: &Path) -> std::io::Result<Found> {
         .take(OURS_MAX)
         .read_to_string(&mut text)
         .ok();
-    let managed = serde_yaml::from_str::<Json>(&text)
+    // (bounded like an infra file: a planted deep file must not stall the parser)
+    let managed = check_depth(&text)
         .ok()
+        .and_then(|_| serde_yaml::from_str::<Json>(&text).ok())
         .and_then(|v| {
             v.pointer("/metadata/labels")
                 .and_then(|l| l.get(LABEL_MANAGED_BY))
