@@ -21,6 +21,7 @@ use async_nats::HeaderMap;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Mutex};
@@ -115,30 +116,35 @@ impl Provider for NatsProvider {
         Ok(self.conn.wait_connected(bound).await?)
     }
 
-    async fn publish(
+    /// A plain fn returning the future: the message becomes what the client sends before
+    /// it, so only that lives in the future (which is moved into a box per call).
+    fn publish(
         &self,
         msg: OutMessage,
         timeout: Option<Duration>,
-    ) -> Result<Published, ProviderError> {
+    ) -> impl Future<Output = Result<Published, ProviderError>> + Send {
         let conn = &self.conn;
         let timeout = timeout.unwrap_or(conn.request_timeout);
-        let deadline = tokio::time::Instant::now() + timeout;
-        conn.wait_connected(timeout).await?;
         let headers = headers_of(&msg);
-        let ack = tokio::time::timeout_at(deadline, async {
-            let fut = conn
-                .js
-                .publish_with_headers(msg.subject, headers, msg.payload.into())
-                .await
-                .map_err(|e| NatsError::other("publish", e))?;
-            fut.await.map_err(|e| NatsError::other("publish ack", e))
-        })
-        .await
-        .map_err(|_| NatsError::TimedOut {
-            op: "publish",
-            after: timeout,
-        })??;
-        Ok(published(ack))
+        let (subject, payload) = (msg.subject, bytes::Bytes::from(msg.payload));
+        async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            conn.wait_connected(timeout).await?;
+            let ack = tokio::time::timeout_at(deadline, async {
+                let fut = conn
+                    .js
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|e| NatsError::other("publish", e))?;
+                fut.await.map_err(|e| NatsError::other("publish ack", e))
+            })
+            .await
+            .map_err(|_| NatsError::TimedOut {
+                op: "publish",
+                after: timeout,
+            })??;
+            Ok(published(ack))
+        }
     }
 
     /// Sends in list order from this one task (so the stream stores the list in order) while

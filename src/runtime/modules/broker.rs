@@ -14,6 +14,7 @@ use crate::nats::NatsConn;
 use crate::pg::provider::PgProvider;
 use crate::pg::{PgBus, PgSettings};
 use crate::runtime::provider::{Provider, ProviderError};
+use futures::future::Either;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
@@ -78,11 +79,15 @@ impl BrokerModule {
         }
     }
 
-    /// Runs `job` with this broker's provider type: the single provider dispatch.
-    pub async fn dispatch<J: ForProvider>(&self, job: J) -> J::Out {
+    /// Runs `job` with this broker's provider type: the single provider dispatch. Not an
+    /// `async fn`, so the job is not kept a second time beside the future that owns it.
+    pub fn dispatch<'a, J: ForProvider + 'a>(
+        &'a self,
+        job: J,
+    ) -> impl Future<Output = J::Out> + Send + 'a {
         match self.kind() {
-            Kind::Nats => job.run::<NatsProvider>(self).await,
-            Kind::Pg => Box::pin(job.run::<PgProvider>(self)).await,
+            Kind::Nats => Either::Left(job.run::<NatsProvider>(self)),
+            Kind::Pg => Either::Right(Box::pin(job.run::<PgProvider>(self))),
         }
     }
 

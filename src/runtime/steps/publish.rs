@@ -12,6 +12,7 @@ use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
 use crate::runtime::provider::OutMessage;
 use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,13 +109,17 @@ impl PublishStep {
             // Boxed: the bulk future holds the window and would size every single publish.
             return Box::pin(super::publish_bulk::execute(&self.component, rt, cfg, inp)).await;
         }
-        let out = self.prepare(rt, cfg, inp)?;
+        let Outgoing {
+            msg,
+            broker,
+            timeout,
+        } = self.prepare(rt, cfg, inp)?;
         let job = PublishOne {
             component: &self.component,
-            msg: out.msg,
-            timeout: out.timeout,
+            msg,
+            timeout,
         };
-        out.broker.dispatch(job).await
+        broker.dispatch(job).await
     }
 }
 
@@ -127,20 +132,28 @@ struct PublishOne<'a> {
 
 impl ForProvider for PublishOne<'_> {
     type Out = Result<StepOutput, RuntimeError>;
-    async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
-        let failed = |e| RuntimeError::broker(self.component, e);
-        let p = P::open(broker).await.map_err(failed)?;
-        let ack = p.publish(self.msg, self.timeout).await.map_err(failed)?;
-        let resp = PublishResponse {
-            sequence: ack.sequence,
-            acked_at: ack.acked_at,
-            stream: ack.stream,
-            duplicate: ack.duplicate,
-            ..Default::default()
-        };
-        Ok(StepOutput {
-            typed: StepKind::Publish.pack_output(&resp),
-        })
+    /// A plain fn returning the future: only the fields live in it, not the job beside them.
+    fn run<P: Open>(self, broker: &BrokerModule) -> impl Future<Output = Self::Out> + Send {
+        let PublishOne {
+            component,
+            msg,
+            timeout,
+        } = self;
+        async move {
+            let failed = |e| RuntimeError::broker(component, e);
+            let p = P::open(broker).await.map_err(failed)?;
+            let ack = p.publish(msg, timeout).await.map_err(failed)?;
+            let resp = PublishResponse {
+                sequence: ack.sequence,
+                acked_at: ack.acked_at,
+                stream: ack.stream,
+                duplicate: ack.duplicate,
+                ..Default::default()
+            };
+            Ok(StepOutput {
+                typed: StepKind::Publish.pack_output(&resp),
+            })
+        }
     }
 }
 
