@@ -14,7 +14,7 @@ use pg_test_server::PgServer;
 use prost_types::value::Kind;
 use serde_json::{json, Value as Json};
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(30);
@@ -94,6 +94,7 @@ contract! {
         max_deliver_then_dead_letter,
         single_trigger_delivers_and_acks,
         batch_trigger_delivers_lists,
+        batch_pipeline_marks_one_message_failed,
         two_subscribers_share_one_consumer,
         broker_restart_is_survived,
     }
@@ -231,8 +232,8 @@ fn text_of(call: &Call, key: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The `text` of every message of a batch call.
-fn batch_texts(call: &Call) -> Vec<String> {
+/// The `key` of every message of a batch call.
+fn batch_fields(call: &Call, key: &str) -> Vec<String> {
     let Some(Kind::ListValue(l)) = call
         .data
         .as_ref()
@@ -244,10 +245,14 @@ fn batch_texts(call: &Call) -> Vec<String> {
     l.values
         .iter()
         .map(|v| match &v.kind {
-            Some(Kind::StructValue(s)) => s.fields.get("text").map(field).unwrap_or_default(),
+            Some(Kind::StructValue(s)) => s.fields.get(key).map(field).unwrap_or_default(),
             _ => String::new(),
         })
         .collect()
+}
+
+fn batch_texts(call: &Call) -> Vec<String> {
+    batch_fields(call, "text")
 }
 
 async fn start_trigger(p: &Plugin, config: Json) -> String {
@@ -457,6 +462,76 @@ async fn batch_trigger_delivers_lists(fx: Fixture) {
     let want: Vec<String> = (0..5).map(|i| format!("m{i}")).collect();
     assert_eq!(texts, want);
     no_call(&mut p, ACK_WAIT_D + Duration::from_secs(1)).await;
+}
+
+/// A batch pipeline that naks one message through `step.eventbus.ack` and succeeds: the
+/// others are acked, the marked one alone is redelivered, then dead-lettered on its last
+/// delivery instead of dropped.
+async fn batch_pipeline_marks_one_message_failed(fx: Fixture) {
+    let ack_with: Arc<OnceLock<(StepClient, String)>> = Arc::new(OnceLock::new());
+    let cell = ack_with.clone();
+    let pipeline: PipelineFn = Arc::new(move |call: Call| {
+        let cell = cell.clone();
+        Box::pin(async move {
+            let (steps, handle) = cell.get().expect("ack step ready").clone();
+            let texts = batch_fields(&call, "text");
+            let tokens = batch_fields(&call, "ack_token");
+            let bad: Vec<Json> = texts
+                .iter()
+                .zip(tokens)
+                .filter(|(t, _)| *t == "bad")
+                .map(|(_, tok)| json!(tok))
+                .collect();
+            if bad.is_empty() {
+                return Ok(());
+            }
+            steps
+                .execute(
+                    "step.eventbus.ack",
+                    &handle,
+                    "action: ACK_ACTION_NAK\n",
+                    &json!({"ack_tokens": bad}),
+                )
+                .await
+                .map(|_| ())
+        })
+    });
+    let mut p = launch(&fx, Some(pipeline)).await;
+    setup(&p, &fx, "max_deliver: 2\n").await;
+    let handle = p
+        .create_step("step.eventbus.ack", "mark", "action: ACK_ACTION_NAK\n")
+        .await
+        .unwrap();
+    let _ = ack_with.set((p.step_client().await, handle));
+    let list: String = ["ok0", "ok1", "bad", "ok2"]
+        .iter()
+        .map(|t| format!("  - {{subject: jobs.m, payload: {t}}}\n"))
+        .collect();
+    publish(&p, &format!("messages:\n{list}")).await.unwrap();
+    start_trigger(
+        &p,
+        json!({"name": "runner", "deliver": "batch", "batch_size": 4, "max_batch_wait": "300ms",
+               "nak_delay": "100ms", "dead_letter_subject": "dead.jobs", "max_in_flight": 1}),
+    )
+    .await;
+    let mut seen = std::collections::BTreeMap::<String, Vec<String>>::new();
+    while seen.get("bad").map_or(0, Vec::len) < 2 {
+        let call = p.next_call(T).await;
+        for (t, n) in batch_texts(&call)
+            .into_iter()
+            .zip(batch_fields(&call, "delivery_count"))
+        {
+            seen.entry(t).or_default().push(n);
+        }
+    }
+    assert_eq!(seen["bad"], ["1", "2"], "{seen:?}");
+    for ok in ["ok0", "ok1", "ok2"] {
+        assert_eq!(seen[ok], ["1"], "{seen:?}");
+    }
+    let dead = consume_n(&p, "deadreader", 1).await;
+    assert_eq!(dead[0]["text"], "bad");
+    assert_eq!(dead[0]["headers"]["Eventbus-Delivery-Count"], "2");
+    no_call(&mut p, Duration::from_secs(1)).await;
 }
 
 /// Two plugin processes subscribed to one consumer: every message reaches a pipeline, once.
