@@ -368,6 +368,10 @@ impl Provider for NatsProvider {
         })
     }
 
+    async fn close(&self) {
+        self.conn.close().await
+    }
+
     async fn dead_letter(
         &self,
         subject: &str,

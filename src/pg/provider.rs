@@ -350,6 +350,10 @@ impl Provider for PgProvider {
         Ok(sub)
     }
 
+    async fn close(&self) {
+        self.bus.close().await
+    }
+
     async fn dead_letter(
         &self,
         subject: &str,

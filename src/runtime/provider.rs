@@ -276,6 +276,10 @@ pub trait Provider: Clone + Send + Sync + 'static {
         stop: &CancellationToken,
     ) -> impl Future<Output = Result<Self::Subscription, ProviderError>> + Send;
 
+    /// StopModule and shutdown: drains and closes the connection (or pool); the handle is not
+    /// used again.
+    fn close(&self) -> impl Future<Output = ()> + Send;
+
     /// Publishes a copy of `d` to `subject` with the original's headers plus `extra`.
     fn dead_letter(
         &self,

@@ -211,11 +211,11 @@ impl BrokerModule {
         self.stopped.store(true, Ordering::SeqCst);
         let taken = self.nats.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(Some(c)) = taken {
-            c.conn.close().await;
+            c.close().await;
         }
         let pg = self.pg.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(b) = pg {
-            b.bus.close().await;
+            b.close().await;
         }
     }
 }
