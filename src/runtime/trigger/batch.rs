@@ -1,4 +1,5 @@
-//! `deliver: batch` (the run itself is in batch_run.rs): up to `batch_size` messages per pipeline run (`messages: [...]`), each
+//! `deliver: batch` (the run itself is in batch_run.rs, for every provider): up to `batch_size`
+//! messages per pipeline run (`messages: [...]`), each
 //! message still settled on its own. A run that fails fails every message it did not settle;
 //! a pipeline marks one message failed by naking its token with `step.eventbus.ack` (the
 //! trigger then applies its nak delay and dead-letter rules to that message alone) and may ack
