@@ -7,6 +7,7 @@ pub mod consumer;
 pub mod error;
 pub mod guard;
 pub mod names;
+pub mod provider;
 pub mod server_conf;
 pub mod stream;
 
