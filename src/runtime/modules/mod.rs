@@ -44,6 +44,7 @@ impl Ensure for StreamSpec {
         bus: &'a PgBus,
     ) -> futures::future::BoxFuture<'a, Result<Ensured, PgError>> {
         Box::pin(async move {
+            crate::nats::settings::refused_on_pg(&self.settings, &self.label())?;
             bus.ensure_stream(&crate::runtime::pg::stream_def(self))
                 .await
         })
@@ -65,6 +66,7 @@ impl Ensure for ConsumerSpec {
         bus: &'a PgBus,
     ) -> futures::future::BoxFuture<'a, Result<Ensured, PgError>> {
         Box::pin(async move {
+            crate::nats::settings::refused_on_pg(&self.settings, &self.label())?;
             bus.ensure_consumer(&crate::runtime::pg::consumer_def(self))
                 .await
         })
