@@ -613,3 +613,139 @@ async fn every_consumer_setting_creates_reads_back_changes_and_drifts() {
     }
     b.l.close().await;
 }
+
+impl Bench {
+    /// The `destroys` note of a diff, if any.
+    async fn destroys(&self, type_name: &str, res: &Res, current: &ResourceOutput) -> String {
+        let d = self
+            .l
+            .driver
+            .clone()
+            .diff(ResourceDiffRequest {
+                resource_type: type_name.into(),
+                desired: Some(res.spec()),
+                current: Some(current.clone()),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap_or_default();
+        d.changes
+            .iter()
+            .find(|c| c.path == "destroys")
+            .map(|c| serde_json::from_slice::<Json>(&c.old_json).unwrap())
+            .and_then(|j| j.as_str().map(String::from))
+            .unwrap_or_default()
+    }
+}
+
+#[tokio::test]
+async fn retention_limits_to_interest_keeps_a_thousand_messages_and_replaces_say_what_they_delete()
+{
+    let b = bench().await;
+    let stream = Res::new(
+        "orders",
+        STREAM,
+        json!({"servers": [b.url], "name": "ORDERS", "subjects": ["orders.>"]}),
+    );
+    let created = b.create(STREAM, &stream).await.unwrap();
+    // A consumer that has read nothing: under interest retention it keeps every message.
+    let worker = Res::new(
+        "worker",
+        CONSUMER,
+        json!({"servers": [b.url], "name": "worker", "stream_name": "ORDERS"}),
+    );
+    let worker_out = b.create(CONSUMER, &worker).await.unwrap();
+    let mut acks = Vec::new();
+    for i in 0..1000 {
+        acks.push(
+            b.js.publish(format!("orders.{}", i % 10), "x".into())
+                .await
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    let count = |js: jetstream::Context| async move {
+        js.get_stream("ORDERS")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages
+    };
+    assert_eq!(count(b.js.clone()).await, 1000);
+
+    let mut interest = stream.clone();
+    interest.config["retention_policy"] = json!("RETENTION_POLICY_INTEREST");
+    let (paths, forced) = b.diff(STREAM, &interest, &created).await;
+    assert_eq!(paths, ["retention_policy"]);
+    if b.version < settings::RETENTION_IN_PLACE_SINCE {
+        // 2.9 refuses it in place: the plan is a replace, says why and what it deletes.
+        assert_eq!(forced, ["retention_policy"]);
+        let note = b.destroys(STREAM, &interest, &created).await;
+        assert!(
+            note.contains("retention_policy changes in place only from nats-server 2.10")
+                && note.contains(&b.version_text)
+                && note.contains("deletes 1000 messages"),
+            "{note}"
+        );
+        // Applying it in place anyway is refused by name, before anything is sent.
+        let e =
+            b.l.driver
+                .clone()
+                .update(ResourceUpdateRequest {
+                    resource_type: STREAM.into(),
+                    r#ref: Some(Bench::rref(STREAM, &interest.name, &created)),
+                    spec: Some(interest.spec()),
+                })
+                .await
+                .unwrap_err();
+        assert!(
+            e.message()
+                .contains("retention_policy changes in place from nats-server 2.10 on"),
+            "{}",
+            e.message()
+        );
+        assert_eq!(count(b.js.clone()).await, 1000);
+        eprintln!(
+            "skipped limits -> interest in place: needs nats-server 2.10, this one is {}",
+            b.version_text
+        );
+    } else {
+        assert!(forced.is_empty(), "{forced:?}");
+        let updated = b.update(STREAM, &interest, &created).await;
+        assert_eq!(
+            outputs(&updated)["retention_policy"],
+            "RETENTION_POLICY_INTEREST"
+        );
+        assert_eq!(count(b.js.clone()).await, 1000, "the messages are kept");
+        let (again, _) = b.diff(STREAM, &interest, &updated).await;
+        assert!(again.is_empty(), "{again:?}");
+    }
+
+    // A replace names what it deletes, read from the live server.
+    let mut memory = stream.clone();
+    memory.config["storage"] = json!("STORAGE_TYPE_MEMORY");
+    let (_, forced) = b.diff(STREAM, &memory, &created).await;
+    assert_eq!(forced, ["storage"]);
+    let note = b.destroys(STREAM, &memory, &created).await;
+    assert!(
+        note.contains("deletes 1000 messages (")
+            && note.contains("1 consumers with their positions (worker: delivered up to stream seq 0, ack floor 0, 1000 pending"),
+        "{note}"
+    );
+    // And a consumer replace names its position.
+    let mut original = worker.clone();
+    original.config["replay_policy"] = json!("REPLAY_POLICY_ORIGINAL");
+    let note = b.destroys(CONSUMER, &original, &worker_out).await;
+    assert!(
+        note.contains("deletes the position of consumer worker: delivered up to stream seq 0, ack floor 0, 1000 pending"),
+        "{note}"
+    );
+    b.l.close().await;
+}
