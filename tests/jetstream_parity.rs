@@ -89,14 +89,13 @@ impl Bench {
             .map(|r| r.into_inner().output.unwrap())
     }
 
-    async fn diff(
+    async fn diff_result(
         &self,
         type_name: &str,
         res: &Res,
         current: &ResourceOutput,
-    ) -> (Vec<String>, Vec<String>) {
-        let d = self
-            .l
+    ) -> eventbus_plugin::pb::iac::DiffResult {
+        self.l
             .driver
             .clone()
             .diff(ResourceDiffRequest {
@@ -108,7 +107,16 @@ impl Bench {
             .unwrap()
             .into_inner()
             .result
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    async fn diff(
+        &self,
+        type_name: &str,
+        res: &Res,
+        current: &ResourceOutput,
+    ) -> (Vec<String>, Vec<String>) {
+        let d = self.diff_result(type_name, res, current).await;
         // `destroys` is the plan's note on a replace, not a setting.
         let paths = d
             .changes
@@ -149,6 +157,42 @@ impl Bench {
             .unwrap()
     }
 
+    /// An Update the provider must refuse: its message.
+    async fn update_refused(&self, type_name: &str, res: &Res, out: &ResourceOutput) -> String {
+        self.l
+            .driver
+            .clone()
+            .update(ResourceUpdateRequest {
+                resource_type: type_name.into(),
+                r#ref: Some(Self::rref(type_name, &res.name, out)),
+                spec: Some(res.spec()),
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .message()
+            .to_string()
+    }
+
+    /// The provider's in-place Update of `field` to `value`: read back, a clean re-diff, and
+    /// an import (a read by provider_id) that shows it.
+    async fn change_in_place(
+        &self,
+        type_name: &str,
+        changed: &Res,
+        created: &ResourceOutput,
+        field: &str,
+        value: &Json,
+    ) -> ResourceOutput {
+        let updated = self.update(type_name, changed, created).await;
+        assert_eq!(&outputs(&updated)[field], value, "{field}: read back");
+        let (again, _) = self.diff(type_name, changed, &updated).await;
+        assert!(again.is_empty(), "{field}: {again:?}");
+        let imported = self.read(type_name, &changed.name, &updated).await;
+        assert_eq!(&imported[field], value, "{field}: import");
+        updated
+    }
+
     async fn read(&self, type_name: &str, name: &str, out: &ResourceOutput) -> Json {
         let o = self
             .l
@@ -183,6 +227,39 @@ impl Bench {
 
     fn too_old(&self, table: &[Setting], key: &str) -> Option<(u64, u64)> {
         since(table, key).filter(|need| self.version < *need)
+    }
+
+    /// The release a row needs when this server is older (its create, when the base config
+    /// already used the setting, was refused naming it); the row is then skipped, said so.
+    fn too_old_for_row(
+        &self,
+        table: &[Setting],
+        field: &str,
+        extra: &Json,
+        created: &Result<ResourceOutput, tonic::Status>,
+        row: usize,
+    ) -> Option<(u64, u64)> {
+        let need = extra
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .chain([field])
+            .filter_map(|k| self.too_old(table, k))
+            .max()?;
+        if let Err(e) = created {
+            let want = format!("needs nats-server {}.{}", need.0, need.1);
+            assert!(
+                e.message().contains(&want) && e.message().contains(&self.version_text),
+                "{field}: {}",
+                e.message()
+            );
+        }
+        eprintln!(
+            "skipped {field} (row {row}): needs nats-server {}.{}, this one is {}",
+            need.0, need.1, self.version_text
+        );
+        Some(need)
     }
 }
 
@@ -300,47 +377,13 @@ async fn every_stream_setting_creates_reads_back_changes_and_drifts() {
             ),
         );
         let created = b.create(STREAM, &base).await;
-        let needs = extra
-            .as_object()
-            .unwrap()
-            .keys()
-            .chain([field.to_string()].iter())
-            .filter_map(|k| b.too_old(settings::STREAM, k))
-            .max();
-        if let Some(need) = needs {
-            // The row's base config may already use the newer setting; then create refuses it.
-            if let Err(e) = &created {
-                assert!(
-                    e.message()
-                        .contains(&format!("needs nats-server {}.{}", need.0, need.1))
-                        && e.message().contains(&b.version_text),
-                    "{field}: {}",
-                    e.message()
-                );
-            }
-            eprintln!(
-                "skipped {field} (row {i}): needs nats-server {}.{}, this one is {}",
-                need.0, need.1, b.version_text
-            );
+        if let Some(need) = b.too_old_for_row(settings::STREAM, field, &extra, &created, i) {
             if let Ok(created) = &created {
                 let mut changed = base.clone();
                 changed.config[field] = value.clone();
-                let e =
-                    b.l.driver
-                        .clone()
-                        .update(ResourceUpdateRequest {
-                            resource_type: STREAM.into(),
-                            r#ref: Some(Bench::rref(STREAM, &changed.name, created)),
-                            spec: Some(changed.spec()),
-                        })
-                        .await
-                        .unwrap_err();
-                assert!(
-                    e.message()
-                        .contains(&format!("{field} needs nats-server {}.{}", need.0, need.1)),
-                    "{field}: {}",
-                    e.message()
-                );
+                let e = b.update_refused(STREAM, &changed, created).await;
+                let want = format!("{field} needs nats-server {}.{}", need.0, need.1);
+                assert!(e.contains(&want), "{field}: {e}");
             }
             continue;
         }
@@ -400,39 +443,19 @@ async fn every_stream_setting_creates_reads_back_changes_and_drifts() {
         }
         if let Some(need) = late {
             // Older releases take it only at creation: the update is refused by name.
-            let e =
-                b.l.driver
-                    .clone()
-                    .update(ResourceUpdateRequest {
-                        resource_type: STREAM.into(),
-                        r#ref: Some(Bench::rref(STREAM, &changed.name, &created)),
-                        spec: Some(changed.spec()),
-                    })
-                    .await
-                    .unwrap_err();
+            let e = b.update_refused(STREAM, &changed, &created).await;
             let want = format!(
                 "{field} changes in place from nats-server {}.{} on",
                 need.0, need.1
             );
-            assert!(e.message().contains(&want), "{field}: {}", e.message());
+            assert!(e.contains(&want), "{field}: {e}");
             eprintln!("skipped changing {field} in place (row {i}): needs nats-server {}.{}, this one is {}", need.0, need.1, b.version_text);
             continue;
         }
         // In place: the provider's update (an in-place update on the server) takes it.
-        let updated = b.update(STREAM, &changed, &created).await;
-        assert_eq!(
-            outputs(&updated)[field],
-            value,
-            "{field}: read back after update"
-        );
-        let (again, _) = b.diff(STREAM, &changed, &updated).await;
-        assert!(again.is_empty(), "{field}: {again:?}");
-        // Import: a read by provider_id shows it.
-        assert_eq!(
-            b.read(STREAM, &changed.name, &updated).await[field],
-            value,
-            "{field}: import"
-        );
+        let updated = b
+            .change_in_place(STREAM, &changed, &created, field, &value)
+            .await;
         // Drift: the server changed behind our back.
         let mut back =
             b.js.get_stream(&name)
@@ -525,26 +548,9 @@ async fn every_consumer_setting_creates_reads_back_changes_and_drifts() {
             ),
         );
         let created = b.create(CONSUMER, &base).await;
-        let needs = extra
-            .as_object()
-            .unwrap()
-            .keys()
-            .chain([field.to_string()].iter())
-            .filter_map(|k| b.too_old(settings::CONSUMER, k))
-            .max();
-        if let Some(need) = needs {
-            if let Err(e) = &created {
-                assert!(
-                    e.message()
-                        .contains(&format!("needs nats-server {}.{}", need.0, need.1)),
-                    "{field}: {}",
-                    e.message()
-                );
-            }
-            eprintln!(
-                "skipped {field} (row {i}): needs nats-server {}.{}, this one is {}",
-                need.0, need.1, b.version_text
-            );
+        if b.too_old_for_row(settings::CONSUMER, field, &extra, &created, i)
+            .is_some()
+        {
             continue;
         }
         let created = created.unwrap_or_else(|e| panic!("{field}: create: {}", e.message()));
@@ -578,19 +584,9 @@ async fn every_consumer_setting_creates_reads_back_changes_and_drifts() {
             );
             continue;
         }
-        let updated = b.update(CONSUMER, &changed, &created).await;
-        assert_eq!(
-            outputs(&updated)[field],
-            value,
-            "{field}: read back after update"
-        );
-        let (again, _) = b.diff(CONSUMER, &changed, &updated).await;
-        assert!(again.is_empty(), "{field}: {again:?}");
-        assert_eq!(
-            b.read(CONSUMER, &changed.name, &updated).await[field],
-            value,
-            "{field}: import"
-        );
+        let updated = b
+            .change_in_place(CONSUMER, &changed, &created, field, &value)
+            .await;
         let mut back = stream.consumer_info(&durable).await.unwrap().config;
         let mut set = settings::Settings::new();
         set.insert(
@@ -617,20 +613,7 @@ async fn every_consumer_setting_creates_reads_back_changes_and_drifts() {
 impl Bench {
     /// The `destroys` note of a diff, if any.
     async fn destroys(&self, type_name: &str, res: &Res, current: &ResourceOutput) -> String {
-        let d = self
-            .l
-            .driver
-            .clone()
-            .diff(ResourceDiffRequest {
-                resource_type: type_name.into(),
-                desired: Some(res.spec()),
-                current: Some(current.clone()),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .result
-            .unwrap_or_default();
+        let d = self.diff_result(type_name, res, current).await;
         d.changes
             .iter()
             .find(|c| c.path == "destroys")
@@ -695,21 +678,10 @@ async fn retention_limits_to_interest_keeps_a_thousand_messages_and_replaces_say
             "{note}"
         );
         // Applying it in place anyway is refused by name, before anything is sent.
-        let e =
-            b.l.driver
-                .clone()
-                .update(ResourceUpdateRequest {
-                    resource_type: STREAM.into(),
-                    r#ref: Some(Bench::rref(STREAM, &interest.name, &created)),
-                    spec: Some(interest.spec()),
-                })
-                .await
-                .unwrap_err();
+        let e = b.update_refused(STREAM, &interest, &created).await;
         assert!(
-            e.message()
-                .contains("retention_policy changes in place from nats-server 2.10 on"),
-            "{}",
-            e.message()
+            e.contains("retention_policy changes in place from nats-server 2.10 on"),
+            "{e}"
         );
         assert_eq!(count(b.js.clone()).await, 1000);
         eprintln!(

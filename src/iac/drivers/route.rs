@@ -216,23 +216,14 @@ impl Driver for StreamDriver {
         state: &ProviderState,
         changes: Vec<Change>,
     ) -> Vec<Change> {
-        if !matches!(on_spec(state, &spec.broker_ref, &spec.servers), On::Nats) {
-            return changes;
-        }
-        let what = format!("{STREAM_TYPE} stream {:?}", spec.name);
-        let target = stream::LiveTarget::Stream(&spec.name);
-        let table = crate::nats::settings::STREAM;
-        stream::live_report(
-            ctx,
-            state,
-            &what,
-            &spec.broker_ref,
-            &spec.servers,
-            target,
-            table,
-            changes,
-        )
-        .await
+        let live = matches!(on_spec(state, &spec.broker_ref, &spec.servers), On::Nats).then_some(
+            stream::Live {
+                broker_ref: &spec.broker_ref,
+                servers: &spec.servers,
+                target: stream::LiveTarget::Stream(&spec.name),
+            },
+        );
+        stream::live_report(ctx, state, live, changes).await
     }
     async fn apply(ctx: &Ctx, name: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
         let state = ctx.state.load()?;
@@ -333,26 +324,18 @@ impl Driver for ConsumerDriver {
         state: &ProviderState,
         changes: Vec<Change>,
     ) -> Vec<Change> {
-        if !matches!(on_spec(state, &spec.broker_ref, &spec.servers), On::Nats) {
-            return changes;
-        }
-        let what = format!("{CONSUMER_TYPE} consumer {:?}", spec.durable);
         let target = stream::LiveTarget::Consumer {
             stream: &spec.stream,
             durable: &spec.durable,
         };
-        let table = crate::nats::settings::CONSUMER;
-        stream::live_report(
-            ctx,
-            state,
-            &what,
-            &spec.broker_ref,
-            &spec.servers,
-            target,
-            table,
-            changes,
-        )
-        .await
+        let live = matches!(on_spec(state, &spec.broker_ref, &spec.servers), On::Nats).then_some(
+            stream::Live {
+                broker_ref: &spec.broker_ref,
+                servers: &spec.servers,
+                target,
+            },
+        );
+        stream::live_report(ctx, state, live, changes).await
     }
     async fn apply(ctx: &Ctx, name: &str, spec: &ConsumerSpec) -> Result<Output, DriverError> {
         let state = ctx.state.load()?;

@@ -639,6 +639,13 @@ pub enum LiveTarget<'a> {
     Consumer { stream: &'a str, durable: &'a str },
 }
 
+/// Where the resource a plan-time read is about lives (`None`: not on a NATS broker).
+pub struct Live<'a> {
+    pub broker_ref: &'a str,
+    pub servers: &'a [String],
+    pub target: LiveTarget<'a>,
+}
+
 /// How long Diff waits for the live broker before saying it could not ask.
 const PLAN_READ_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -646,17 +653,31 @@ const PLAN_READ_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
 /// cannot make in place is forced to a replace (nats-server versions from `table`, and the
 /// stream retention rule), and every replace gets a `destroys` entry naming what it deletes
 /// (messages, bytes, consumers and their positions). Nothing to replace: no I/O at all.
-#[allow(clippy::too_many_arguments)]
 pub async fn live_report(
     ctx: &Ctx,
     state: &ProviderState,
-    what: &str,
-    broker_ref: &str,
-    servers: &[String],
-    target: LiveTarget<'_>,
-    table: &[settings::Setting],
+    live: Option<Live<'_>>,
     mut changes: Vec<PlanChange>,
 ) -> Vec<PlanChange> {
+    let Some(Live {
+        broker_ref,
+        servers,
+        target,
+    }) = live
+    else {
+        return changes;
+    };
+    let (what, table) = match &target {
+        LiveTarget::Stream(name) => (label(name, name), settings::STREAM),
+        LiveTarget::Consumer { stream, durable } => (
+            format!(
+                "{} consumer {durable:?} on stream {stream:?}",
+                super::CONSUMER_TYPE
+            ),
+            settings::CONSUMER,
+        ),
+    };
+    let what = what.as_str();
     let is_stream = matches!(target, LiveTarget::Stream(_));
     let sensitive = |path: &str| {
         (is_stream && path == "retention_policy")
