@@ -690,6 +690,12 @@ async fn retention_limits_to_interest_keeps_a_thousand_messages_and_replaces_say
         );
     } else {
         assert!(forced.is_empty(), "{forced:?}");
+        // In place, and the plan says what the switch itself removes.
+        let note = b.destroys(STREAM, &interest, &created).await;
+        assert!(
+            note.contains("interest retention deletes the stored messages all 1 consumers have acknowledged (up to stream seq 0)"),
+            "{note}"
+        );
         let updated = b.update(STREAM, &interest, &created).await;
         assert_eq!(
             outputs(&updated)["retention_policy"],
@@ -698,6 +704,30 @@ async fn retention_limits_to_interest_keeps_a_thousand_messages_and_replaces_say
         assert_eq!(count(b.js.clone()).await, 1000, "the messages are kept");
         let (again, _) = b.diff(STREAM, &interest, &updated).await;
         assert!(again.is_empty(), "{again:?}");
+    }
+
+    // Without consumers the same switch would delete everything: the plan says so.
+    if b.version >= settings::RETENTION_IN_PLACE_SINCE {
+        let lone = Res::new(
+            "lone",
+            STREAM,
+            json!({"servers": [b.url], "name": "LONE", "subjects": ["lone.>"]}),
+        );
+        let lone_out = b.create(STREAM, &lone).await.unwrap();
+        for _ in 0..5 {
+            b.js.publish("lone.x", "x".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let mut lone_interest = lone.clone();
+        lone_interest.config["retention_policy"] = json!("RETENTION_POLICY_INTEREST");
+        let note = b.destroys(STREAM, &lone_interest, &lone_out).await;
+        assert!(
+            note.contains("interest retention deletes all 5 stored messages at once: the stream has no consumers"),
+            "{note}"
+        );
     }
 
     // A replace names what it deletes, read from the live server.

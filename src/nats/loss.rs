@@ -58,6 +58,38 @@ pub async fn stream_loss(conn: &NatsConn, name: &str) -> Result<Option<String>, 
     Ok(Some(text))
 }
 
+/// What switching stream `name` to interest retention in place deletes at once: every message
+/// when no consumer exists, else what all consumers have acknowledged (and anything on subjects
+/// none of them filters). `None`: nothing stored.
+pub async fn interest_loss(conn: &NatsConn, name: &str) -> Result<Option<String>, NatsError> {
+    let Some(mut s) = fetch(conn, name).await? else {
+        return Ok(None);
+    };
+    let info = s
+        .info()
+        .await
+        .map_err(|e| NatsError::other("stream info", e))?;
+    let messages = info.state.messages;
+    if messages == 0 {
+        return Ok(None);
+    }
+    let consumers: Vec<consumer::Info> = s
+        .consumers()
+        .try_collect()
+        .await
+        .map_err(|e| NatsError::other("list consumers", e))?;
+    let floor = consumers.iter().map(|c| c.ack_floor.stream_sequence).min();
+    Ok(Some(match floor {
+        None => format!(
+            "interest retention deletes all {messages} stored messages at once: the stream has no consumers"
+        ),
+        Some(floor) => format!(
+            "interest retention deletes the stored messages all {} consumers have acknowledged (up to stream seq {floor}) and any on subjects none of them filters; {messages} are stored",
+            consumers.len()
+        ),
+    }))
+}
+
 /// What deleting consumer `durable` loses, or `None` when it (or its stream) does not exist.
 pub async fn consumer_loss(
     conn: &NatsConn,

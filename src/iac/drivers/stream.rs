@@ -698,11 +698,11 @@ pub async fn live_report(
             }
         }
         .map_err(|e| DriverError::nats(what, e))?;
-        Ok::<_, DriverError>((server_version(&conn), loss))
+        Ok::<_, DriverError>((server_version(&conn), loss, conn))
     };
     let mut notes = Vec::new();
     match tokio::time::timeout(PLAN_READ_BOUND, read).await {
-        Ok(Ok((version, loss))) => {
+        Ok(Ok((version, loss, conn))) => {
             for c in changes
                 .iter_mut()
                 .filter(|c| !c.force_new && sensitive(&c.path))
@@ -724,6 +724,17 @@ pub async fn live_report(
             }
             if changes.iter().any(|c| c.force_new) {
                 notes.extend(loss);
+            } else if let LiveTarget::Stream(name) = target {
+                // In place, but the switch to interest removes what no consumer still needs.
+                let to_interest = changes
+                    .iter()
+                    .any(|c| c.path == "retention_policy" && c.new == "RETENTION_POLICY_INTEREST");
+                let read = crate::nats::loss::interest_loss(&conn, name);
+                if to_interest {
+                    if let Ok(Ok(Some(n))) = tokio::time::timeout(PLAN_READ_BOUND, read).await {
+                        notes.push(n);
+                    }
+                }
             }
         }
         Ok(Err(e)) if changes.iter().any(|c| c.force_new) => notes.push(format!(
