@@ -561,3 +561,29 @@ async fn postgres_restart_is_survived_by_publishers_and_the_trigger() {
     }
     assert!(failures.load(Ordering::SeqCst) < 50);
 }
+
+#[tokio::test]
+async fn jetstream_only_stream_and_consumer_settings_are_refused_at_start() {
+    let pg = PgServer::start();
+    let p = launch(&pg, None).await;
+    p.module_up(
+        "eventbus.broker",
+        "pgbus",
+        "provider: pgchannel\nbroker_target: in_process\n",
+    )
+    .await;
+    let s = p
+        .create_module(
+            "eventbus.stream",
+            "orders",
+            "name: ORDERS\nsubjects: ['orders.>']\nallow_direct: true\nmetadata: {team: a}\n",
+        )
+        .await
+        .unwrap();
+    p.lifecycle("init", &s).await.unwrap();
+    let e = p.lifecycle("start", &s).await.unwrap_err();
+    for key in ["allow_direct", "metadata"] {
+        let line = format!("stream \"ORDERS\": {key} is a NATS JetStream setting; pgchannel has no equivalent (remove it)");
+        assert!(e.contains(&line), "{line} missing in: {e}");
+    }
+}

@@ -13,6 +13,7 @@ use super::{
     AckOp, AckPolicy, AckToken, ConsumerDef, DeliverFrom, Delivery, FetchOpts, Outgoing, PgBus,
     StreamDef, SubOpts, DEFAULT_ACK_WAIT, DEFAULT_DUPLICATE_WINDOW, DEFAULT_MAX_DELIVER,
 };
+use crate::nats::settings::refused_on_pg;
 use crate::config::broker::DEFAULT_REQUEST_TIMEOUT;
 use crate::error_chain::render;
 use crate::nats::consumer::ConsumerSpec;
@@ -249,8 +250,15 @@ impl Provider for PgProvider {
 
     async fn ensure(&self, d: Declaration<'_>) -> Result<String, ProviderError> {
         let outcome = match d {
-            Declaration::Stream(s) => self.bus.ensure_stream(&stream_def(s)).await?,
-            Declaration::Consumer(c) => self.bus.ensure_consumer(&consumer_def(c)).await?,
+            Declaration::Stream(s) => {
+                refused_on_pg(&s.settings, &format!("stream {:?}", s.name))?;
+                self.bus.ensure_stream(&stream_def(s)).await?
+            }
+            Declaration::Consumer(c) => {
+                let what = format!("consumer {:?} on stream {:?}", c.durable, c.stream);
+                refused_on_pg(&c.settings, &what)?;
+                self.bus.ensure_consumer(&consumer_def(c)).await?
+            }
         };
         Ok(format!("{outcome:?}"))
     }

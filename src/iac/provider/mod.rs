@@ -208,15 +208,19 @@ impl Provider {
         kind.driver().delete(&self.ctx, r).await
     }
 
-    /// Pure apart from reading the provider state (to resolve a stream's broker).
-    pub fn diff(
+    /// The pure diff (the provider state resolves a stream's broker), then, for a planned replace
+    /// or a change older releases cannot make in place, what the live broker says.
+    pub async fn diff(
         &self,
         type_name: &str,
         desired: &ResourceSpec,
         current_outputs: &[u8],
     ) -> Result<Vec<Change>, DriverError> {
         let state = self.ctx.state.load()?;
-        diff_with(&state, type_name, desired, &outputs_of(current_outputs))
+        Kind::parse(or(type_name, &desired.r#type))?
+            .driver()
+            .diff_live(&self.ctx, &state, desired, &outputs_of(current_outputs))
+            .await
     }
 
     pub async fn scale(
