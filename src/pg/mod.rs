@@ -48,6 +48,7 @@ mod lease;
 mod listen;
 mod schema;
 mod settings;
+pub mod spec;
 mod sql;
 mod subscribe;
 mod types;

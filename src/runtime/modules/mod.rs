@@ -4,7 +4,7 @@
 pub mod broker;
 
 use crate::nats::NatsError;
-use crate::pg::{Ensured, PgBus, PgError};
+use crate::pg::{Ensured, PgBus};
 use broker::BusError;
 // The specs live in the NATS layer, shared with the IaC drivers; runtime code names them here.
 pub use crate::nats::{consumer, stream};
@@ -24,11 +24,15 @@ pub trait Ensure: Send + Sync {
         &'a self,
         conn: &'a crate::nats::NatsConn,
     ) -> futures::future::BoxFuture<'a, Result<stream::EnsureOutcome, NatsError>>;
-    /// Provider pgchannel: the same declaration as rows in the bus's tables.
+    /// Provider pgchannel: the same declaration as rows in the bus's tables, converted by
+    /// `crate::pg::spec` (as wfctl's plan does), so a setting pgchannel lacks is refused with
+    /// the plan's words; `type_name` and `module` name the module in them.
     fn ensure_pg<'a>(
         &'a self,
+        type_name: &'a str,
+        module: &'a str,
         bus: &'a PgBus,
-    ) -> futures::future::BoxFuture<'a, Result<Ensured, PgError>>;
+    ) -> futures::future::BoxFuture<'a, Result<Ensured, BusError>>;
     fn label(&self) -> String;
 }
 
@@ -41,11 +45,13 @@ impl Ensure for StreamSpec {
     }
     fn ensure_pg<'a>(
         &'a self,
+        type_name: &'a str,
+        module: &'a str,
         bus: &'a PgBus,
-    ) -> futures::future::BoxFuture<'a, Result<Ensured, PgError>> {
+    ) -> futures::future::BoxFuture<'a, Result<Ensured, BusError>> {
         Box::pin(async move {
-            bus.ensure_stream(&crate::runtime::pg::stream_def(self))
-                .await
+            let def = crate::pg::spec::stream_def(type_name, module, self).map_err(refused)?;
+            Ok(bus.ensure_stream(&def).await?)
         })
     }
     fn label(&self) -> String {
@@ -62,16 +68,26 @@ impl Ensure for ConsumerSpec {
     }
     fn ensure_pg<'a>(
         &'a self,
+        type_name: &'a str,
+        module: &'a str,
         bus: &'a PgBus,
-    ) -> futures::future::BoxFuture<'a, Result<Ensured, PgError>> {
+    ) -> futures::future::BoxFuture<'a, Result<Ensured, BusError>> {
         Box::pin(async move {
-            bus.ensure_consumer(&crate::runtime::pg::consumer_def(self))
-                .await
+            let def = crate::pg::spec::consumer_def(type_name, module, self).map_err(refused)?;
+            Ok(bus.ensure_consumer(&def).await?)
         })
     }
     fn label(&self) -> String {
         format!("consumer {:?} on stream {:?}", self.durable, self.stream)
     }
+}
+
+/// A declaration pgchannel refuses, in the plan's words; the first line's component is left
+/// to the caller's error, which names the module already.
+fn refused(e: crate::config::error::ConfigError) -> BusError {
+    let text = e.to_string();
+    let prefix = format!("{}: ", e.component);
+    BusError::Invalid(text.strip_prefix(&prefix).unwrap_or(&text).to_string())
 }
 
 /// A stream or consumer module: its spec, ensured on the server at most once per process
@@ -116,7 +132,10 @@ impl<S: Ensure> Declared<S> {
             return Ok(());
         }
         let bus = broker.require_pg().await?;
-        let outcome = self.spec.ensure_pg(&bus).await?;
+        let outcome = self
+            .spec
+            .ensure_pg(&self.type_name, &self.module, &bus)
+            .await?;
         tracing::info!(resource = %self.spec.label(), ?outcome, "ensured (pgchannel)");
         *done = true;
         Ok(())
