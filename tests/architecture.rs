@@ -53,7 +53,18 @@ fn modules(root: &Path) -> BTreeMap<Vec<String>, PathBuf> {
 /// The file's text up to its unit-test module (tests may reach anywhere).
 fn body(path: &Path) -> String {
     let text = std::fs::read_to_string(path).expect("source file is readable");
-    let cut = text.find("#[cfg(test)]\nmod tests").unwrap_or(text.len());
+    // Test-only modules (`#[cfg(test)]` then `mod …`, public or not) end the part scanned.
+    let cut = text
+        .match_indices("#[cfg(test)]\n")
+        .find(|(at, m)| {
+            let next = text[at + m.len()..].trim_start();
+            let next = next
+                .strip_prefix("pub(crate) ")
+                .or_else(|| next.strip_prefix("pub "))
+                .unwrap_or(next);
+            next.starts_with("mod ")
+        })
+        .map_or(text.len(), |(at, _)| at);
     // Line comments may mention paths without using them.
     text[..cut]
         .lines()
@@ -137,15 +148,57 @@ fn edges(
     text: &str,
     mods: &BTreeMap<Vec<String>, PathBuf>,
 ) -> BTreeSet<Vec<String>> {
-    resolve(
-        module,
-        paths(module, is_mod, text, mods),
-        mods,
-        &Exports::new(),
-    )
+    let found = paths(module, is_mod, text, mods, &BTreeMap::new());
+    resolve(module, found, mods, &Exports::new())
 }
 
-/// The `pub use` lines of a file, as (exported name, path it stands for).
+/// Where the file's `pub use` statements are (`pub`/`pub(crate)`/… through `;`).
+fn reexport_spans(text: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for (at, _) in text.match_indices("pub") {
+        let line_start = text[..at].rfind('\n').map_or(0, |n| n + 1);
+        if !text[line_start..at].trim().is_empty() {
+            continue;
+        }
+        let mut rest = &text[at + "pub".len()..];
+        if rest.starts_with('(') {
+            let Some(close) = rest.find(')') else {
+                continue;
+            };
+            rest = &rest[close + 1..];
+        }
+        if !rest.starts_with(" use ") {
+            continue;
+        }
+        let end = text[at..].find(';').map_or(text.len(), |e| at + e + 1);
+        out.push((at, end));
+    }
+    out
+}
+
+/// The file without its `pub use` statements: a re-export renames, it does not use (whoever
+/// imports the name is led to the file that defines it, `resolve`).
+fn without_reexports(text: &str) -> String {
+    let mut out = text.to_string();
+    for (a, b) in reexport_spans(text) {
+        out.replace_range(a..b, &" ".repeat(b - a));
+    }
+    out
+}
+
+/// Whether `ident` occurs in `text` as a whole identifier.
+fn mentions(text: &str, ident: &str) -> bool {
+    text.match_indices(ident).any(|(at, _)| {
+        let before = text[..at].chars().last().is_some_and(is_ident);
+        let after = text[at + ident.len()..]
+            .chars()
+            .next()
+            .is_some_and(is_ident);
+        !before && !after
+    })
+}
+
+/// The `pub use` statements of a file, as (exported name, path it stands for).
 fn exports(
     module: &[String],
     is_mod: bool,
@@ -153,13 +206,13 @@ fn exports(
     mods: &BTreeMap<Vec<String>, PathBuf>,
 ) -> BTreeMap<String, Vec<String>> {
     let mut out = BTreeMap::new();
-    for (at, _) in text.match_indices("use ") {
-        let before = text[..at].trim_end();
-        if !(before.ends_with("pub") || before.ends_with(')') && before.contains("pub(")) {
+    for (a, b) in reexport_spans(text) {
+        let stmt = &text[a..b];
+        let Some(u) = stmt.find(" use ") else {
             continue;
-        }
-        let end = text[at..].find(';').map_or(text.len(), |e| at + e);
-        for mut p in paths(module, is_mod, &text[at + "use ".len()..end], mods) {
+        };
+        let stmt = &stmt[u + " use ".len()..];
+        for mut p in paths(module, is_mod, stmt, mods, &BTreeMap::new()) {
             if p.last().is_some_and(|l| l == "self") {
                 p.pop();
             }
@@ -171,12 +224,14 @@ fn exports(
     out
 }
 
-/// Every path a file names, made absolute.
+/// Every path a file names, made absolute; `names` are modules the file brought in by name
+/// elsewhere (its re-exports).
 fn paths(
     module: &[String],
     is_mod: bool,
     text: &str,
     mods: &BTreeMap<Vec<String>, PathBuf>,
+    names: &BTreeMap<String, Vec<String>>,
 ) -> Vec<Vec<String>> {
     let mut found = Vec::new();
     for (at, _) in text.match_indices("crate::") {
@@ -218,6 +273,12 @@ fn paths(
         .keys()
         .filter(|m| m.len() == module.len() + 1 && m.starts_with(module))
         .map(|m| (m[module.len()].clone(), m.clone()))
+        .chain(
+            names
+                .iter()
+                .filter(|(_, p)| mods.contains_key(*p))
+                .map(|(n, p)| (n.clone(), p.clone())),
+        )
         .collect();
     for p in &found {
         let mut p = p.clone();
@@ -303,7 +364,15 @@ fn graph_of(root: &Path) -> BTreeMap<Vec<String>, BTreeSet<Vec<String>>> {
     files
         .iter()
         .map(|(m, is_mod, text)| {
-            let found = paths(m, *is_mod, text, &mods);
+            let text = without_reexports(text);
+            let mut found = paths(m, *is_mod, &text, &mods, &exports[*m]);
+            // A re-exported name the file itself uses is a use.
+            found.extend(
+                exports[*m]
+                    .iter()
+                    .filter(|(n, _)| mentions(&text, n))
+                    .map(|(_, p)| p.clone()),
+            );
             ((*m).clone(), resolve(m, found, &mods, &exports))
         })
         .collect()
@@ -389,12 +458,6 @@ const KNOWN_RINGS: &[(&str, &str, &[&str])] = &[
         "crate::runtime",
         &["crate::runtime::pg::steps", "crate::runtime::steps"],
     ),
-    // Removed by the next commit on this branch (`Ctx` as plain data).
-    (
-        "seam-iac",
-        "crate::iac",
-        &["crate::iac::drivers", "crate::iac::targets"],
-    ),
 ];
 
 fn known_ring(r: &[String]) -> Option<&'static str> {
@@ -452,7 +515,7 @@ fn starts(m: &[String], prefix: &[&str]) -> bool {
 /// names (`types`). Config decoding, its problems and the broker spec live in `config`, under
 /// both faces. The list may only shrink: a new edge fails, and so does a listed edge that is
 /// gone (delete it here).
-const KNOWN_CROSSINGS: &[&str] = &["crate::iac::drivers::values -> crate::runtime::types"];
+const KNOWN_CROSSINGS: &[&str] = &["crate::iac::values -> crate::runtime::types"];
 
 #[test]
 fn faces_keep_their_direction() {
@@ -530,11 +593,11 @@ fn the_checker_finds_rings_through_child_paths() {
             "use crate::drivers::Ctx;\npub fn go(_: &Ctx) {}\n",
         ),
     ];
-    // `mod.rs` re-exporting a child by its bare name.
+    // A `mod.rs` using a child by its bare name.
     let mut files = base.to_vec();
     files.push((
         "targets/mod.rs",
-        "mod local;\npub use local::go;\npub fn pick() {}\n",
+        "mod local;\npub fn pick() -> fn(&crate::drivers::Ctx) { local::go }\n",
     ));
     let want = vec![vec![
         "crate::drivers".to_string(),
@@ -568,7 +631,8 @@ fn the_checker_finds_rings_through_child_paths() {
         "use alias"
     );
     // No edge back from the targets: no ring. A field or a foreign path that spells a child's
-    // name is not an edge.
+    // name is not an edge, nor is a re-export (`pub use local::go;`: who imports `go` from
+    // `targets` is led to `local`).
     let files = [
         ("lib.rs", "pub mod drivers;\npub mod targets;\n"),
         (
@@ -579,7 +643,24 @@ fn the_checker_finds_rings_through_child_paths() {
             "targets/mod.rs",
             "mod local;\npub use local::go;\npub fn pick() { x.local::<u8>(); std::local::f(); }\n",
         ),
-        ("targets/local.rs", "pub fn go() {}\n"),
+        ("targets/local.rs", "pub fn go() { super::pick() }\n"),
     ];
     assert!(ring_of(&files).is_empty(), "{:#?}", ring_of(&files));
+    let mut files = files.to_vec();
+    files[1].1 = "pub struct Ctx;\npub fn run() { crate::targets::go(); }\n";
+    files[3].1 = "pub fn go() { crate::drivers::run() }\n";
+    assert_eq!(
+        ring_of(&files),
+        vec![vec![
+            "crate::drivers".to_string(),
+            "crate::targets::local".to_string(),
+        ]],
+        "through a re-export"
+    );
+    // A re-export whose name the file uses itself is a use.
+    let mut files = files.to_vec();
+    files[1].1 = "pub struct Ctx;\npub fn run() { crate::targets::pick(); }\n";
+    files[2].1 = "mod local;\npub use local::go;\npub fn pick() { go() }\n";
+    files[3].1 = "pub fn go() { crate::drivers::run() }\n";
+    assert_eq!(ring_of(&files), want, "a re-exported name in use");
 }

@@ -79,7 +79,7 @@ pub fn diff(d: &BrokerDesired, current: &Json) -> Result<Vec<Change>, DriverErro
 /// Connects and checks JetStream; returns the server's version.
 async fn verify(ctx: &Ctx, what: &str, b: &BrokerConn) -> Result<String, DriverError> {
     let b = &ctx.reach(what, b).await?;
-    let conn = ctx.conns.connect(what, b).await?;
+    let conn = ctx.conns().connect(what, b).await?;
     conn.js.query_account().await.map_err(|e| {
         DriverError::refused(
             what,

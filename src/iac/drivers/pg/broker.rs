@@ -129,7 +129,7 @@ pub async fn apply(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Output, D
     let pg = record_of(name, d)?;
     let view = desired_view(name, d)?;
     let started = std::time::Instant::now();
-    let bus = ctx.pg.connect(&what, name, &pg).await?;
+    let bus = ctx.pg().connect(&what, name, &pg).await?;
     tracing::info!(
         broker = name,
         dsn = %bus.redacted_dsn(),
@@ -174,7 +174,7 @@ pub async fn read(
     pg: &PgRecord,
 ) -> Result<Output, DriverError> {
     let what = label(name);
-    let bus = ctx.pg.connect(&what, name, pg).await?;
+    let bus = ctx.pg().connect(&what, name, pg).await?;
     // The pool may be this process's cached one: one cheap query against the streams table
     // proves the database answers now (the domain has no ping of its own).
     bus.stream("")
@@ -197,7 +197,7 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
     };
     let name = name.clone();
     refuse_delete(&state, &name, rec)?;
-    ctx.pg.evict(&name).await;
+    ctx.pg().evict(&name).await;
     tracing::info!(
         broker = %name,
         "pgchannel broker forgotten; its database and tables are left as they are (adopted, not created)"

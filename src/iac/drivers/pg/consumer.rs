@@ -63,7 +63,7 @@ pub async fn apply(
 ) -> Result<Output, DriverError> {
     let what = label(resource, &spec.stream, &spec.durable);
     let want = def(resource, spec)?;
-    let bus = ctx.pg.connect(&what, broker, pg).await?;
+    let bus = ctx.pg().connect(&what, broker, pg).await?;
     if bus
         .stream(&spec.stream)
         .await
@@ -145,7 +145,7 @@ pub async fn read(
     pg: &PgRecord,
 ) -> Result<Output, DriverError> {
     let what = label(&r.name, &l.stream, &l.durable);
-    let bus = ctx.pg.connect(&what, &l.broker, pg).await?;
+    let bus = ctx.pg().connect(&what, &l.broker, pg).await?;
     match bus
         .consumer(&l.stream, &l.durable)
         .await
@@ -184,7 +184,7 @@ pub async fn delete(
         tracing::info!(resource = %r.name, "bound pgchannel consumer released; its row stays");
         return release(ctx, &r.name);
     }
-    let bus = ctx.pg.connect(&what, &l.broker, pg).await?;
+    let bus = ctx.pg().connect(&what, &l.broker, pg).await?;
     let deleted = bus
         .delete_consumer(&l.stream, &l.durable)
         .await

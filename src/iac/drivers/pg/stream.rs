@@ -82,7 +82,7 @@ pub async fn apply(
 ) -> Result<Output, DriverError> {
     let what = label(resource, &spec.name);
     let want = def(resource, spec)?;
-    let bus = ctx.pg.connect(&what, broker, pg).await?;
+    let bus = ctx.pg().connect(&what, broker, pg).await?;
     let existing = bus
         .stream(&want.name)
         .await
@@ -152,7 +152,7 @@ pub async fn read(
     pg: &PgRecord,
 ) -> Result<Output, DriverError> {
     let what = label(&r.name, &l.stream);
-    let bus = ctx.pg.connect(&what, &l.broker, pg).await?;
+    let bus = ctx.pg().connect(&what, &l.broker, pg).await?;
     match bus
         .stream(&l.stream)
         .await
@@ -193,7 +193,7 @@ pub async fn delete(
         tracing::info!(resource = %r.name, "bound pgchannel stream released; its row and events stay");
         return release(ctx, &r.name);
     }
-    let bus = ctx.pg.connect(&what, &l.broker, pg).await?;
+    let bus = ctx.pg().connect(&what, &l.broker, pg).await?;
     let deleted = bus
         .delete_stream(&l.stream)
         .await
