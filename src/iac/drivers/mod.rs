@@ -5,10 +5,15 @@
 //! broker, and the per-process connection caches.
 
 pub mod broker;
+mod bus;
 pub mod consumer;
+mod nats;
 pub mod pg;
 mod route;
 pub mod stream;
+mod tail;
+
+pub use tail::{forget_broker, record_and_output, record_placed, Placed, Record};
 
 #[cfg(test)]
 pub use crate::iac::values::bool_field;

@@ -11,6 +11,7 @@
 
 use super::conns;
 use crate::iac::drivers::broker::{record_for, refuse_delete, BrokerDesired};
+use crate::iac::drivers::{forget_broker, record_and_output, Record};
 use crate::iac::drivers::{str_field, Ctx, Output};
 use crate::iac::error::DriverError;
 use crate::iac::plan::{field, Change};
@@ -137,7 +138,7 @@ pub async fn apply(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Output, D
         "pgchannel database adopted; schema present"
     );
     let outputs = outputs(name, &view);
-    let record = BrokerRecord {
+    let rec = BrokerRecord {
         // Nothing is deployed for pgchannel: the database runs wherever the operator runs it,
         // which is what self_hosted means for NATS. No code path dispatches on it (`pg` is set).
         target: DeployTarget::SelfHosted,
@@ -154,15 +155,7 @@ pub async fn apply(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Output, D
         outputs: outputs.clone(),
         pg: Some(pg),
     };
-    ctx.state.update(|s| {
-        s.brokers.insert(name.to_string(), record);
-    })?;
-    Ok(Output {
-        provider_id: name.to_string(),
-        outputs,
-        sensitive: Vec::new(),
-        status: "running".into(),
-    })
+    record_and_output(ctx, name, Record::Broker(rec), name.to_string(), Vec::new())
 }
 
 /// Found when recorded; the database must answer (an unreachable database is an error, never
@@ -202,12 +195,7 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
         broker = %name,
         "pgchannel broker forgotten; its database and tables are left as they are (adopted, not created)"
     );
-    ctx.state.update(|s| {
-        s.brokers.remove(&name);
-        s.resources
-            .retain(|_, res| !(res.released && res.broker == name));
-    })?;
-    Ok(())
+    forget_broker(ctx, &name)
 }
 
 pub async fn health(

@@ -7,10 +7,11 @@
 
 use super::spec::{stream_def, stream_outputs, Flags, STREAM_KEYS};
 use crate::iac::drivers::stream::{broker_key, provider_id, release, Located};
+use crate::iac::drivers::{record_placed, Placed};
 use crate::iac::drivers::{Ctx, Output, CONSUMER_TYPE, STREAM_TYPE};
 use crate::iac::error::DriverError;
 use crate::iac::plan::{resource_changes, Change as PlanChange};
-use crate::iac::state::{PgRecord, ResourceRecord};
+use crate::iac::state::PgRecord;
 use crate::nats::stream::{Change, FieldDiff, StreamSpec};
 use crate::pb::iac::ResourceRef;
 use crate::pg::Ensured;
@@ -113,35 +114,17 @@ pub async fn apply(
                 )
             })?,
     };
-    let flags = Flags {
-        broker: broker.to_string(),
-        broker_ref: spec.broker_ref.clone(),
+    let at = Placed {
+        broker,
+        servers: &[],
+        stream: &spec.name,
+        durable: None,
+        broker_ref: &spec.broker_ref,
         prevent_destroy: spec.prevent_destroy,
         bind: spec.bind,
+        provider_id: provider_id(broker, &spec.name),
     };
-    let outputs = stream_outputs(&row, &flags);
-    let pid = provider_id(broker, &spec.name);
-    let rec = ResourceRecord {
-        type_name: STREAM_TYPE.into(),
-        provider_id: pid.clone(),
-        broker: broker.to_string(),
-        servers: Vec::new(),
-        stream: spec.name.clone(),
-        durable: String::new(),
-        prevent_destroy: spec.prevent_destroy,
-        bind: spec.bind,
-        released: false,
-        outputs: outputs.clone(),
-    };
-    ctx.state.update(|s| {
-        s.resources.insert(resource.to_string(), rec);
-    })?;
-    Ok(Output {
-        provider_id: pid,
-        outputs,
-        sensitive: Vec::new(),
-        status: "running".into(),
-    })
+    record_placed(ctx, resource, at, |flags| stream_outputs(&row, flags))
 }
 
 /// The row as it is now; no row is "not found" (drift reports GHOST, refresh re-creates).
