@@ -118,7 +118,13 @@ pub async fn apply(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Output, D
     };
     record.outputs = outputs;
     let provider_id = target.provider_id(name, &record);
-    super::record_and_output(ctx, name, Record::Broker(record), provider_id, sensitive)
+    super::record_and_output(
+        ctx,
+        name,
+        Record::Broker(Box::new(record)),
+        provider_id,
+        sensitive,
+    )
 }
 
 /// Credentials go into outputs only as strings marked sensitive (wfctl routes them to its

@@ -21,7 +21,7 @@ pub struct Flags {
 /// What an apply records in the provider state: a broker (by its name) or a stream or
 /// consumer (by resource name).
 pub enum Record {
-    Broker(BrokerRecord),
+    Broker(Box<BrokerRecord>),
     Resource(ResourceRecord),
 }
 
@@ -40,7 +40,7 @@ pub fn record_and_output(
     };
     ctx.state.update(|s| match record {
         Record::Broker(b) => {
-            s.brokers.insert(name.to_string(), b);
+            s.brokers.insert(name.to_string(), *b);
         }
         Record::Resource(r) => {
             s.resources.insert(name.to_string(), r);

@@ -155,7 +155,13 @@ pub async fn apply(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Output, D
         outputs: outputs.clone(),
         pg: Some(pg),
     };
-    record_and_output(ctx, name, Record::Broker(rec), name.to_string(), Vec::new())
+    record_and_output(
+        ctx,
+        name,
+        Record::Broker(Box::new(rec)),
+        name.to_string(),
+        Vec::new(),
+    )
 }
 
 /// Found when recorded; the database must answer (an unreachable database is an error, never
