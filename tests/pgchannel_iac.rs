@@ -593,3 +593,58 @@ async fn pgchannel_env_dsn_prevent_destroy_and_older_state_files() {
     );
     assert!(st["brokers"].get("pgbus").is_none(), "{st}");
 }
+
+/// The engine and wfctl convert a pgchannel stream's config with one function
+/// (`crate::pg::spec`), so a NATS-only setting is refused by both with the same line: wfctl's
+/// plan at Diff, the runtime when the stream module starts (before, the engine started it and
+/// dropped the setting silently).
+#[tokio::test]
+async fn pgchannel_runtime_and_plan_refuse_num_replicas_with_the_same_line() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Wfctl::new(dir.path());
+    let mut desired = vec![
+        pg_broker("bus", json!({"dsn": pg.url()})),
+        stream_res("orders-stream", "ORDERS", "bus", json!({})),
+    ];
+    let (_, errors) = w.apply(&desired).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    desired[1].config["num_replicas"] = json!(3);
+    let mut l = w.load().await;
+    let planned = w.plan_with(&mut l, &desired).await.unwrap_err();
+    l.close().await;
+
+    let p = common::Plugin::launch(common::LaunchOptions::default()).await;
+    p.module_up(
+        BROKER,
+        "bus",
+        &format!("provider: pgchannel\ndsn: '{}'\n", pg.url()),
+    )
+    .await;
+    let h = p
+        .create_module(
+            STREAM,
+            "orders-stream",
+            "broker_ref: bus\nname: ORDERS\nsubjects: ['orders.>']\nnum_replicas: 3\n",
+        )
+        .await
+        .unwrap();
+    p.lifecycle("init", &h).await.unwrap();
+    let started = p.lifecycle("start", &h).await.unwrap_err();
+
+    // The line as the provider wrote it (the test host puts `diff <resource>: ` before its
+    // errors, as wfctl does).
+    let line = |e: &str| {
+        let l = e
+            .lines()
+            .find(|l| l.contains("config.num_replicas"))
+            .unwrap_or_else(|| panic!("no num_replicas line in: {e}"));
+        l[l.find(STREAM).unwrap_or(0)..].trim().to_string()
+    };
+    assert_eq!(line(&started), line(&planned));
+    assert!(
+        line(&started).starts_with("infra.eventbus.stream \"orders-stream\": config.num_replicas: 3 is a NATS JetStream setting; pgchannel"),
+        "{started}"
+    );
+    assert_eq!(started.lines().count(), 1, "{started}");
+}

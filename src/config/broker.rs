@@ -1,11 +1,10 @@
 //! `infra.eventbus` / `eventbus.broker` config, validated into a `BrokerSpec`: what the runtime
 //! module connects with and what the IaC broker driver provisions.
 
+use crate::config::error::{check_duration, MAX_DURATION};
 use crate::config::error::{ConfigError, Problems};
+use crate::config::nats::ConnSettings;
 use crate::config::pg::{self as pgcfg, PgConfig};
-use crate::nats::guard::{check_duration, MAX_DURATION};
-use crate::nats::names::env_key;
-use crate::nats::ConnSettings;
 use crate::pb::eventbus::ClusterConfig;
 use crate::providers::{self, DeployTarget, Provider};
 use crate::secret::{quote, Secret};
@@ -64,6 +63,20 @@ pub fn check_blank_auth(
         }
     }
     p.finish(())
+}
+
+/// Converts a broker module name into the env-var key part: upper case, every character outside
+/// A-Z and 0-9 becomes `_` (so `orders.bus-1` reads `EVENTBUS_ORDERS_BUS_1_URI`).
+pub fn env_key(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn opt_path(s: &str) -> Option<PathBuf> {

@@ -85,3 +85,34 @@ pub fn duration(d: &Option<prost_types::Duration>) -> Option<std::time::Duration
 pub fn negative(d: &Option<prost_types::Duration>) -> bool {
     d.as_ref().is_some_and(|d| d.seconds < 0 || d.nanos < 0)
 }
+
+/// Timeouts and delays above this are configuration mistakes, and near `i64::MAX` seconds they
+/// overflow `Instant + Duration`.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A protobuf duration from a config: not negative, well formed, and at most `max`. `Ok(None)`
+/// when unset.
+pub fn check_duration(
+    d: &Option<prost_types::Duration>,
+    max: std::time::Duration,
+) -> Result<Option<std::time::Duration>, String> {
+    let Some(d) = d else { return Ok(None) };
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err("must not be negative".into());
+    }
+    if d.nanos >= 1_000_000_000 {
+        return Err(
+            "has a fractional part of a second or more; write it as seconds such as \"1.5s\""
+                .into(),
+        );
+    }
+    let out = std::time::Duration::new(d.seconds as u64, d.nanos as u32);
+    if out > max {
+        return Err(format!(
+            "{}s is longer than the limit of {}s",
+            d.seconds,
+            max.as_secs()
+        ));
+    }
+    Ok(Some(out))
+}

@@ -3,15 +3,18 @@
 //! `Provider` function and converts back; the work is in `provider`, `drivers/`, `plan` (pure),
 //! `state` (the provider's own records) and `targets` (where brokers run).
 
+pub(crate) mod ctx;
 pub(crate) mod drivers;
 pub(crate) mod error;
 pub(crate) mod files;
+pub(crate) mod kind;
 pub(crate) mod plan;
 pub(crate) mod provider;
 pub mod render_cmd;
 pub(crate) mod scrub;
 pub(crate) mod state;
 pub mod targets;
+pub(crate) mod values;
 
 use crate::pb::iac::{
     ia_c_provider_drift_detector_server::{

@@ -98,6 +98,17 @@ pub struct BrokerRecord {
     pub pg: Option<PgRecord>,
 }
 
+impl BrokerRecord {
+    /// The event-bus provider this broker is on: the record of a pgchannel broker holds its
+    /// database (`pg`), every other one is NATS.
+    pub fn provider(&self) -> crate::providers::Provider {
+        match self.pg {
+            Some(_) => crate::providers::Provider::Pgchannel,
+            None => crate::providers::Provider::Nats,
+        }
+    }
+}
+
 /// What a pgchannel broker's streams and consumers need to reach its database in a later
 /// plugin process (wfctl erases `${bus.dsn}` references, docs/iac-host.md §1.3).
 #[derive(Clone, Default, PartialEq, Serialize, Deserialize)]

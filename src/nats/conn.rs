@@ -6,61 +6,16 @@
 //! and fail fast with a clear error instead of hanging (Go defects B8, B21).
 
 use super::NatsError;
-use crate::secret::{fingerprint, redact_url, Secret};
+use crate::secret::{redact_url, Secret};
 use async_nats::{ConnectOptions, Event, ServerAddr};
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::watch;
 
-#[derive(Clone, Debug, Default)]
-pub struct ConnSettings {
-    /// Resolved server URLs (may carry userinfo, hence secret).
-    pub urls: Vec<Secret>,
-    pub token: Option<Secret>,
-    pub user: Option<String>,
-    pub password: Option<Secret>,
-    pub creds_file: Option<PathBuf>,
-    pub nkey_seed_file: Option<PathBuf>,
-    pub tls_ca_file: Option<PathBuf>,
-    pub tls_cert_file: Option<PathBuf>,
-    pub tls_key_file: Option<PathBuf>,
-    pub tls_required: bool,
-    pub connection_name: String,
-    pub connect_timeout: Duration,
-    pub request_timeout: Duration,
-}
+/// The settings are the broker config's (`crate::config::nats`); connecting with them is ours.
+pub use crate::config::nats::ConnSettings;
 
 impl ConnSettings {
-    /// A fingerprint of everything that authenticates the connection (credentials, their
-    /// files, TLS): the connection cache's key and the IaC broker's drift compare this one
-    /// value, so they can never disagree on which fields matter. "" without any.
-    pub fn auth_fingerprint(&self) -> String {
-        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        fingerprint(&[
-            self.token.as_ref().map(Secret::expose).unwrap_or_default(),
-            self.user.as_deref().unwrap_or_default(),
-            self.password
-                .as_ref()
-                .map(Secret::expose)
-                .unwrap_or_default(),
-            &path(&self.creds_file).unwrap_or_default(),
-            &path(&self.nkey_seed_file).unwrap_or_default(),
-            &path(&self.tls_ca_file).unwrap_or_default(),
-            &path(&self.tls_cert_file).unwrap_or_default(),
-            &path(&self.tls_key_file).unwrap_or_default(),
-            if self.tls_required { "tls" } else { "" },
-        ])
-    }
-
-    pub fn redacted_urls(&self) -> String {
-        self.urls
-            .iter()
-            .map(|u| redact_url(u.expose()))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
     /// Server addresses with any `user:password@` or `token@` removed from the urls (the
     /// client library logs addresses at debug level), plus those credentials.
     pub fn server_addrs(&self) -> Result<(Vec<ServerAddr>, UrlAuth), NatsError> {

@@ -8,8 +8,9 @@
 //! the same words. Errors quote values through [`quote`], so a huge value never makes a huge error.
 
 use super::names::check_publish_subject;
+/// Durations are checked where configs are: the same words for every config and step.
+pub use crate::config::error::{check_duration, MAX_DURATION};
 use crate::secret::quote;
-use std::time::Duration;
 
 /// The longest subject or ack token we send. The server's control line (`HPUB <subject>
 /// <reply> <sizes>`) is limited to 4 KiB by default and a longer one closes the connection for
@@ -18,9 +19,6 @@ pub const MAX_SUBJECT_LEN: usize = 1024;
 /// Header names are protocol tokens; values travel in the message's header block.
 pub const MAX_HEADER_NAME_LEN: usize = 256;
 pub const MAX_HEADER_VALUE_LEN: usize = 16 * 1024;
-/// Timeouts and delays above this are configuration mistakes, and near `i64::MAX` seconds they
-/// overflow `Instant + Duration`.
-pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// First subject tokens that address the server itself: the JetStream API and acks (`$JS`,
 /// `$JSC`), Raft traffic (`$NRG`), the system account (`$SYS`), other `$` namespaces, and
@@ -156,36 +154,10 @@ pub fn check_ack_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A protobuf duration from a config: not negative, well formed, and at most `max`. `Ok(None)`
-/// when unset.
-pub fn check_duration(
-    d: &Option<prost_types::Duration>,
-    max: Duration,
-) -> Result<Option<Duration>, String> {
-    let Some(d) = d else { return Ok(None) };
-    if d.seconds < 0 || d.nanos < 0 {
-        return Err("must not be negative".into());
-    }
-    if d.nanos >= 1_000_000_000 {
-        return Err(
-            "has a fractional part of a second or more; write it as seconds such as \"1.5s\""
-                .into(),
-        );
-    }
-    let out = Duration::new(d.seconds as u64, d.nanos as u32);
-    if out > max {
-        return Err(format!(
-            "{}s is longer than the limit of {}s",
-            d.seconds,
-            max.as_secs()
-        ));
-    }
-    Ok(Some(out))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn server_namespaces_and_wildcards_are_not_publish_targets() {

@@ -78,19 +78,8 @@ fn check_tokens(subject: &str, wildcards: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Converts a broker module name into the env-var key part: upper case, every character outside
-/// A-Z and 0-9 becomes `_` (so `orders.bus-1` reads `EVENTBUS_ORDERS_BUS_1_URI`).
-pub fn env_key(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
+/// Broker names become env-var keys in the broker config.
+pub use crate::config::broker::env_key;
 
 #[cfg(test)]
 mod tests {

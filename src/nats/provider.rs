@@ -11,8 +11,8 @@ use super::{NatsConn, NatsError};
 use crate::error_chain::render;
 use crate::pb::eventbus::Message;
 use crate::runtime::provider::{
-    now_rfc3339, rfc3339, BindAsk, Bound, Declaration, Delivered, FetchAsk, Include, Next,
-    OutMessage, Provider, ProviderError, Published, Subscription,
+    now_rfc3339, rfc3339, BindAsk, Bound, Declaration, Declares, Delivered, FetchAsk, Include,
+    Next, OutMessage, Provider, ProviderError, Published, Subscription,
 };
 use async_nats::jetstream::consumer::pull::{self, MessagesError, Stream as PullStream};
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
@@ -259,9 +259,9 @@ impl Provider for NatsProvider {
     }
 
     async fn ensure(&self, d: Declaration<'_>) -> Result<String, ProviderError> {
-        let outcome = match d {
-            Declaration::Stream(s) => s.ensure(&self.conn).await?,
-            Declaration::Consumer(c) => c.ensure(&self.conn).await?,
+        let outcome = match d.what {
+            Declares::Stream(s) => s.ensure(&self.conn).await?,
+            Declares::Consumer(c) => c.ensure(&self.conn).await?,
         };
         Ok(format!("{outcome:?}"))
     }

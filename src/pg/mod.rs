@@ -49,6 +49,7 @@ mod listen;
 pub mod provider;
 mod schema;
 mod settings;
+pub mod spec;
 mod sql;
 mod subscribe;
 mod types;

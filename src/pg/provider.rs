@@ -11,20 +11,16 @@
 
 use super::{
     AckOp, AckPolicy, AckToken, ConsumerDef, DeliverFrom, Delivery, FetchOpts, Outgoing, PgBus,
-    StreamDef, SubOpts, DEFAULT_ACK_WAIT, DEFAULT_DUPLICATE_WINDOW, DEFAULT_MAX_DELIVER,
+    SubOpts, DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER,
 };
 use crate::config::broker::DEFAULT_REQUEST_TIMEOUT;
 use crate::error_chain::render;
-use crate::nats::consumer::ConsumerSpec;
 use crate::nats::provider::{CORRELATION_HEADER, MSG_ID_HEADER};
-use crate::nats::settings::refused_on_pg;
-use crate::nats::stream::StreamSpec;
 use crate::pb::eventbus::Message;
 use crate::runtime::provider::{
-    bounded, rfc3339, AckKind, BindAsk, Bound, Declaration, Delivered, FetchAsk, Include, Next,
-    OutMessage, Provider, ProviderError, Published, Subscription,
+    bounded, rfc3339, AckKind, BindAsk, Bound, Declaration, Declares, Delivered, FetchAsk, Include,
+    Next, OutMessage, Provider, ProviderError, Published, Subscription,
 };
-use async_nats::jetstream::consumer::{self as js_consumer};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -36,48 +32,6 @@ pub const GO_CORRELATION_HEADER: &str = "X-Correlation-Id";
 /// Messages per publish transaction in a bulk publish: one round trip each, and a bounded
 /// transaction (a 10 000-message list is 20 of them, not one huge lock holder).
 const PUBLISH_CHUNK: usize = 500;
-
-pub fn stream_def(s: &StreamSpec) -> StreamDef {
-    StreamDef {
-        name: s.name.clone(),
-        subjects: s.subjects.clone(),
-        max_age: (!s.max_age.is_zero()).then_some(s.max_age),
-        max_msgs: (s.max_msgs > 0).then_some(s.max_msgs),
-        max_bytes: (s.max_bytes > 0).then_some(s.max_bytes),
-        duplicate_window: s.duplicate_window.unwrap_or(DEFAULT_DUPLICATE_WINDOW),
-    }
-}
-
-pub fn consumer_def(c: &ConsumerSpec) -> ConsumerDef {
-    let deliver = match &c.deliver {
-        js_consumer::DeliverPolicy::New => DeliverFrom::New,
-        js_consumer::DeliverPolicy::Last | js_consumer::DeliverPolicy::LastPerSubject => {
-            DeliverFrom::Last
-        }
-        js_consumer::DeliverPolicy::ByStartSequence { start_sequence } => {
-            DeliverFrom::BySeq(i64::try_from(*start_sequence).unwrap_or(i64::MAX))
-        }
-        js_consumer::DeliverPolicy::ByStartTime { start_time } => DeliverFrom::ByTime(*start_time),
-        js_consumer::DeliverPolicy::All => DeliverFrom::All,
-    };
-    let ack_policy = match c.ack {
-        js_consumer::AckPolicy::None => AckPolicy::None,
-        js_consumer::AckPolicy::All => AckPolicy::All,
-        // FlowControl is a server-internal mode our config never produces.
-        _ => AckPolicy::Explicit,
-    };
-    ConsumerDef {
-        stream: c.stream.clone(),
-        name: c.durable.clone(),
-        filter_subjects: c.filter_subjects.clone(),
-        deliver,
-        ack_policy,
-        // <= 0 (unlimited for NATS) becomes the Go provider's 5 in the domain.
-        max_deliver: i32::try_from(c.max_deliver).unwrap_or(i32::MAX),
-        ack_wait: c.ack_wait.unwrap_or(DEFAULT_ACK_WAIT),
-        backoff: c.backoff.clone(),
-    }
-}
 
 /// Whether `t` has the pgchannel token shape `<stream>:<consumer>:<id>`.
 pub fn check_token(t: &str) -> Result<(), String> {
@@ -249,15 +203,14 @@ impl Provider for PgProvider {
     }
 
     async fn ensure(&self, d: Declaration<'_>) -> Result<String, ProviderError> {
-        let outcome = match d {
-            Declaration::Stream(s) => {
-                refused_on_pg(&s.settings, &format!("stream {:?}", s.name))?;
-                self.bus.ensure_stream(&stream_def(s)).await?
+        let outcome = match d.what {
+            Declares::Stream(s) => {
+                let def = super::spec::stream_def(d.type_name, d.module, s).map_err(refused)?;
+                self.bus.ensure_stream(&def).await?
             }
-            Declaration::Consumer(c) => {
-                let what = format!("consumer {:?} on stream {:?}", c.durable, c.stream);
-                refused_on_pg(&c.settings, &what)?;
-                self.bus.ensure_consumer(&consumer_def(c)).await?
+            Declares::Consumer(c) => {
+                let def = super::spec::consumer_def(d.type_name, d.module, c).map_err(refused)?;
+                self.bus.ensure_consumer(&def).await?
             }
         };
         Ok(format!("{outcome:?}"))
@@ -461,4 +414,12 @@ mod tests {
         assert_eq!(o.msg_id.as_deref(), Some("m-1"));
         assert_eq!(o.headers.len(), 1);
     }
+}
+
+/// A declaration pgchannel refuses, in the plan's words (`crate::pg::spec`, shared with wfctl's
+/// plan); the component is left to the caller's error, which names the module already.
+fn refused(e: crate::config::error::ConfigError) -> ProviderError {
+    let text = e.to_string();
+    let prefix = format!("{}: ", e.component);
+    ProviderError::Invalid(text.strip_prefix(&prefix).unwrap_or(&text).to_string())
 }

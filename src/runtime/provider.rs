@@ -95,9 +95,18 @@ impl ProviderError {
     }
 }
 
-/// A declared stream or consumer, for `Provider::ensure`.
+/// A declared stream or consumer, for `Provider::ensure`, with the module that declares it
+/// (its type and name), so that a provider refusing a setting names the module as plan does.
 #[derive(Clone, Copy)]
-pub enum Declaration<'a> {
+pub struct Declaration<'a> {
+    pub type_name: &'a str,
+    pub module: &'a str,
+    pub what: Declares<'a>,
+}
+
+/// What a `Declaration` declares.
+#[derive(Clone, Copy)]
+pub enum Declares<'a> {
     Stream(&'a StreamSpec),
     Consumer(&'a ConsumerSpec),
 }

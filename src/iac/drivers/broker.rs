@@ -11,6 +11,7 @@
 //! The diff is over a flat "view" of the compared settings that the outputs echo.
 
 use super::{str_field, BrokerConn, Ctx, Output};
+use crate::iac::drivers::Record;
 use crate::iac::error::DriverError;
 use crate::iac::plan::{field, Change};
 use crate::iac::state::{BrokerRecord, ProviderState};
@@ -79,7 +80,7 @@ pub fn diff(d: &BrokerDesired, current: &Json) -> Result<Vec<Change>, DriverErro
 /// Connects and checks JetStream; returns the server's version.
 async fn verify(ctx: &Ctx, what: &str, b: &BrokerConn) -> Result<String, DriverError> {
     let b = &ctx.reach(what, b).await?;
-    let conn = ctx.conns.connect(what, b).await?;
+    let conn = ctx.conns().connect(what, b).await?;
     conn.js.query_account().await.map_err(|e| {
         DriverError::refused(
             what,
@@ -115,16 +116,15 @@ pub async fn apply(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Output, D
     } else {
         Vec::new()
     };
-    record.outputs = outputs.clone();
-    ctx.state.update(|s| {
-        s.brokers.insert(name.to_string(), record.clone());
-    })?;
-    Ok(Output {
-        provider_id: target.provider_id(name, &record),
-        outputs,
+    record.outputs = outputs;
+    let provider_id = target.provider_id(name, &record);
+    super::record_and_output(
+        ctx,
+        name,
+        Record::Broker(Box::new(record)),
+        provider_id,
         sensitive,
-        status: "running".into(),
-    })
+    )
 }
 
 /// Credentials go into outputs only as strings marked sensitive (wfctl routes them to its
@@ -226,12 +226,7 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
         .delete(ctx, &what, &rec)
         .await?;
     ctx.forget(&name, &rec.urls).await;
-    ctx.state.update(|s| {
-        s.brokers.remove(&name);
-        s.resources
-            .retain(|_, res| !(res.released && res.broker == name));
-    })?;
-    Ok(())
+    super::forget_broker(ctx, &name)
 }
 
 /// Why a recorded broker may not be deleted yet (every provider): `prevent_destroy`, or

@@ -7,9 +7,9 @@ use super::{
     config_object, decode_config, duration_from_json, duration_json, i64_field, resolve_broker,
     str_field, strings_field, BrokerConn, Ctx, Output, CONSUMER_TYPE,
 };
+use crate::iac::drivers::{record_placed, Placed};
 use crate::iac::error::DriverError;
 use crate::iac::plan::{resource_changes, Change as PlanChange};
-use crate::iac::state::ResourceRecord;
 use crate::nats::consumer::{fetch_consumer_config, overlay, sync_pause, ConsumerSpec};
 use crate::nats::error::lift_api;
 use crate::nats::settings;
@@ -325,34 +325,18 @@ pub async fn apply(ctx: &Ctx, resource: &str, spec: &ConsumerSpec) -> Result<Out
     } else {
         cfg
     };
-    let flags = Flags {
-        broker: b.name.clone(),
-        broker_ref: spec.broker_ref.clone(),
+    let at = Placed {
+        broker: &b.name,
+        servers: &spec.servers,
+        stream: &spec.stream,
+        durable: Some(&spec.durable),
+        broker_ref: &spec.broker_ref,
         prevent_destroy: spec.prevent_destroy,
         bind: spec.bind,
+        provider_id: provider_id(&b.name, &spec.stream, &spec.durable),
     };
-    let outputs = to_outputs(&cfg, &spec.stream, &flags);
-    let pid = provider_id(&b.name, &spec.stream, &spec.durable);
-    let rec = ResourceRecord {
-        type_name: CONSUMER_TYPE.into(),
-        provider_id: pid.clone(),
-        broker: b.name.clone(),
-        servers: spec.servers.clone(),
-        stream: spec.stream.clone(),
-        durable: spec.durable.clone(),
-        prevent_destroy: spec.prevent_destroy,
-        bind: spec.bind,
-        released: false,
-        outputs: outputs.clone(),
-    };
-    ctx.state.update(|s| {
-        s.resources.insert(resource.to_string(), rec);
-    })?;
-    Ok(Output {
-        provider_id: pid,
-        outputs,
-        sensitive: Vec::new(),
-        status: "running".into(),
+    record_placed(ctx, resource, at, |flags| {
+        to_outputs(&cfg, &spec.stream, flags)
     })
 }
 

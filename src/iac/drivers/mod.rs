@@ -5,78 +5,44 @@
 //! broker, and the per-process connection caches.
 
 pub mod broker;
+mod bus;
 pub mod consumer;
+mod nats;
 pub mod pg;
 mod route;
 pub mod stream;
-mod values;
+mod tail;
+
+pub use tail::{forget_broker, record_and_output, record_placed, Placed, Record};
 
 #[cfg(test)]
-pub use values::bool_field;
-pub use values::{
-    config_object, config_problems, decode_config, duration_from_json, duration_json, i64_field,
-    str_field, strings_field,
+pub use crate::iac::values::bool_field;
+pub use crate::iac::values::{
+    config_object, decode_config, duration_from_json, duration_json, i64_field, str_field,
+    strings_field,
 };
 
 use super::error::DriverError;
-use super::state::{BrokerRecord, ProviderState, StateStore};
+use super::state::{BrokerRecord, ProviderState};
 use crate::nats::{ConnSettings, NatsConn};
 use crate::pb::iac::{ResourceRef, ResourceSpec};
 use crate::secret::Secret;
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-pub const BROKER_TYPE: &str = "infra.eventbus";
-pub const STREAM_TYPE: &str = "infra.eventbus.stream";
-pub const CONSUMER_TYPE: &str = "infra.eventbus.consumer";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    Consumer,
-    Stream,
-    Broker,
-}
+pub use crate::iac::kind::{Kind, BROKER_TYPE, CONSUMER_TYPE, STREAM_TYPE};
 
 impl Kind {
-    /// In deletion order: consumers, then streams, then brokers.
-    pub const DELETE_ORDER: [Kind; 3] = [Kind::Consumer, Kind::Stream, Kind::Broker];
-
-    pub fn parse(type_name: &str) -> Result<Kind, DriverError> {
-        match type_name {
-            BROKER_TYPE => Ok(Kind::Broker),
-            STREAM_TYPE => Ok(Kind::Stream),
-            CONSUMER_TYPE => Ok(Kind::Consumer),
-            "" => Err(DriverError::EmptyType {
-                known: Kind::ALL.map(Kind::type_name).join(", "),
-            }),
-            other => Err(DriverError::UnknownType {
-                type_name: other.to_string(),
-                known: Kind::ALL.map(Kind::type_name).join(", "),
-            }),
-        }
-    }
-
-    /// Every kind, in the order capabilities list them.
-    pub const ALL: [Kind; 3] = [Kind::Broker, Kind::Stream, Kind::Consumer];
-
     /// The driver of this kind: the one place that maps a resource type to its code.
     pub(crate) fn driver(self) -> &'static dyn Resource {
         match self {
             Kind::Broker => &BrokerDriver,
             Kind::Stream => &StreamDriver,
             Kind::Consumer => &ConsumerDriver,
-        }
-    }
-
-    pub fn type_name(self) -> &'static str {
-        match self {
-            Kind::Broker => BROKER_TYPE,
-            Kind::Stream => STREAM_TYPE,
-            Kind::Consumer => CONSUMER_TYPE,
         }
     }
 }
@@ -295,20 +261,18 @@ pub fn desired_broker(
     broker_name(broker_ref, state)
 }
 
-/// Shared by every driver call in one plugin process.
-pub struct Ctx {
-    pub state: StateStore,
-    pub conns: ConnCache,
-    /// Pools on pgchannel brokers' databases.
-    pub pg: pg::conns::PgCache,
-    /// The iac.provider module's config (targets read their own keys from it, e.g. an API
-    /// token, only when a broker on that target is used).
-    pub provider_config: Map<String, Json>,
+/// Shared by every driver and target call in one plugin process: plain data
+/// (`crate::iac::ctx`); connecting through a target's platform is the drivers' (below).
+pub use crate::iac::ctx::Ctx;
+
+/// What this process learned about reaching brokers, kept in the `Ctx` (`Ctx::slot`).
+#[derive(Default)]
+struct Reaches {
     /// Brokers whose platform was asked in this process whether they still exist.
-    brokers_exist: Mutex<HashMap<String, bool>>,
+    exist: Mutex<HashMap<String, bool>>,
     /// How this process reaches each broker (by name and recorded urls): the urls to dial
     /// and what keeps them open (a port-forward), `None` for the recorded urls.
-    reaches: tokio::sync::Mutex<HashMap<String, Option<Reached>>>,
+    by_broker: tokio::sync::Mutex<HashMap<String, Option<Reached>>>,
 }
 
 /// A broker's urls as this process reaches them, and the tunnel that carries them.
@@ -318,24 +282,9 @@ struct Reached {
 }
 
 impl Ctx {
-    pub fn new(state_dir: PathBuf) -> Self {
-        Ctx {
-            state: StateStore::new(state_dir),
-            conns: ConnCache::default(),
-            pg: pg::conns::PgCache::default(),
-            provider_config: Map::new(),
-            brokers_exist: Mutex::new(HashMap::new()),
-            reaches: tokio::sync::Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// A provider config string (`None` when absent or empty).
-    pub fn provider_str(&self, key: &str) -> Option<&str> {
-        self.provider_config
-            .get(key)
-            .and_then(Json::as_str)
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
+    /// The NATS connections of this process.
+    pub fn conns(&self) -> std::sync::Arc<ConnCache> {
+        self.slot()
     }
 
     /// Connects to a stream's or consumer's broker. When the broker's platform says it no longer
@@ -343,8 +292,9 @@ impl Ctx {
     /// streams and consumers went with it.
     pub async fn connect(&self, what: &str, b: &BrokerConn) -> Result<NatsConn, DriverError> {
         if let Some(rec) = &b.record {
-            let known = self
-                .brokers_exist
+            let reaches = self.slot::<Reaches>();
+            let known = reaches
+                .exist
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&b.name)
@@ -357,7 +307,8 @@ impl Ctx {
                         target.platform(self, what, rec).await?,
                         crate::iac::targets::Platform::Gone
                     );
-                    self.brokers_exist
+                    reaches
+                        .exist
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(b.name.clone(), exists);
@@ -371,7 +322,9 @@ impl Ctx {
                 )));
             }
         }
-        self.conns.connect(what, &self.reach(what, b).await?).await
+        self.conns()
+            .connect(what, &self.reach(what, b).await?)
+            .await
     }
 
     /// `b` with the urls this process reaches it through: the target's tunnel when the
@@ -382,7 +335,8 @@ impl Ctx {
             return Ok(b.clone());
         };
         let key = format!("{}|{}", b.name, rec.urls.join(","));
-        let mut reaches = self.reaches.lock().await;
+        let slot = self.slot::<Reaches>();
+        let mut reaches = slot.by_broker.lock().await;
         if !reaches.contains_key(&key) {
             let target = crate::iac::targets::for_target(&b.name, rec.target)?;
             let reached = target.reach(self, what, rec).await?.map(|r| Reached {
@@ -400,10 +354,12 @@ impl Ctx {
 
     /// Closes the connections to a deleted broker and the tunnels that carried them.
     pub async fn forget(&self, name: &str, recorded_urls: &[String]) {
-        self.conns.evict(recorded_urls).await;
+        let conns = self.conns();
+        conns.evict(recorded_urls).await;
         let prefix = format!("{name}|");
         let gone: Vec<Reached> = {
-            let mut reaches = self.reaches.lock().await;
+            let slot = self.slot::<Reaches>();
+            let mut reaches = slot.by_broker.lock().await;
             let keys: Vec<String> = reaches
                 .keys()
                 .filter(|k| k.starts_with(&prefix))
@@ -414,7 +370,7 @@ impl Ctx {
                 .collect()
         };
         for r in gone {
-            self.conns.evict(&r.urls).await;
+            conns.evict(&r.urls).await;
         }
     }
 }

@@ -1,70 +1,87 @@
 //! The provider-level dispatch: which event-bus provider serves a call. A broker is NATS (on
 //! one of the deploy targets in `iac::targets`) or pgchannel (an adopted PostgreSQL database,
 //! `drivers::pg`); a stream or consumer is served by its broker's provider, which the broker's
-//! record in the provider state says (`BrokerRecord::pg`). This file is the only place that
-//! makes that choice, as `targets::for_target` is the only place that chooses a deploy target.
+//! record in the provider state says (`BrokerRecord::provider`). This file is the only place
+//! that makes that choice (`on`, the one match over providers), as `targets::for_target` is
+//! the only place that chooses a deploy target.
 //!
-//! Each resource kind's `Driver` impl lives here, forwarding to the NATS driver modules
-//! (`broker`, `stream`, `consumer`) or to their pgchannel counterparts.
+//! Each provider's IaC face is a `BusProvider`: its drivers per resource kind (`Ops`), over the
+//! specs every provider shares. The resource kinds' `Driver` impls below only decide the
+//! provider and forward; adding a provider is its folder (an `impl BusProvider`) plus one arm
+//! in `on`.
 
-use super::pg;
-use super::{broker, consumer, stream, Ctx, Driver, Kind, Output};
+use super::bus::BusProvider;
+use super::{broker, Ctx, Driver, Kind, Output};
 use super::{BrokerDriver, ConsumerDriver, StreamDriver, CONSUMER_TYPE, STREAM_TYPE};
 use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
-use crate::iac::state::{PgRecord, ProviderState};
+use crate::iac::state::ProviderState;
+use crate::iac::targets::BrokerDesired;
 use crate::nats::consumer::ConsumerSpec;
 use crate::nats::stream::StreamSpec;
 use crate::pb::iac::ResourceRef;
+use crate::providers::Provider;
 use serde_json::Value as Json;
 
-/// Which provider a stream or consumer is on.
-enum On {
-    Nats,
-    /// The broker's name and how to reach its database.
-    Pg(String, PgRecord),
+/// The provider's implementation: the one match over providers in the IaC face. Providers
+/// without an IaC face of their own are refused when their broker config is validated, so
+/// they never reach here; should one, it is served as NATS, whose drivers name what is wrong.
+fn on(p: Provider) -> &'static dyn BusProvider {
+    match p {
+        Provider::Pgchannel => &super::pg::PGCHANNEL,
+        Provider::Nats | Provider::Kafka | Provider::Kinesis => &super::nats::NATS,
+    }
 }
 
-/// By the broker a spec names (or the only broker recorded); explicit `servers` are NATS.
-fn on_spec(state: &ProviderState, broker_ref: &str, servers: &[String]) -> On {
+/// By the broker a stream or consumer spec names (or the only broker recorded); explicit
+/// `servers` are NATS. For a Diff whose broker the provider state no longer records, the
+/// persisted outputs say which provider they describe (`provider`, absent for NATS).
+fn by_spec(
+    state: &ProviderState,
+    broker_ref: &str,
+    servers: &[String],
+    current: &Json,
+) -> Provider {
     if servers.iter().any(|s| !s.trim().is_empty()) {
-        return On::Nats;
+        return Provider::Nats;
     }
     super::broker_name(broker_ref, state)
-        .and_then(|b| {
-            let pg = state.brokers.get(&b)?.pg.clone()?;
-            Some(On::Pg(b, pg))
+        .and_then(|b| state.brokers.get(&b))
+        .map(|rec| rec.provider())
+        .or_else(|| {
+            current
+                .get("provider")
+                .and_then(Json::as_str)
+                .and_then(Provider::parse)
         })
-        .unwrap_or(On::Nats)
+        .unwrap_or(Provider::Nats)
 }
 
 /// By the recorded (or provider_id-named) location of an existing stream or consumer.
-fn on_ref(
-    state: &ProviderState,
-    r: &ResourceRef,
-    type_name: &str,
-) -> Option<(stream::Located, PgRecord)> {
-    let l = stream::locate(state, r, type_name)?;
-    if !l.servers.is_empty() {
-        return None;
-    }
-    let pg = state.brokers.get(&l.broker)?.pg.clone()?;
-    Some((l, pg))
+fn by_ref(ctx: &Ctx, r: &ResourceRef, type_name: &str) -> Result<Provider, DriverError> {
+    let state = ctx.state.load()?;
+    Ok(super::stream::locate(&state, r, type_name)
+        .filter(|l| l.servers.is_empty())
+        .and_then(|l| state.brokers.get(&l.broker).map(|rec| rec.provider()))
+        .unwrap_or(Provider::Nats))
 }
 
-/// By a broker's name.
-fn on_broker(state: &ProviderState, broker: &str) -> Option<PgRecord> {
-    state.brokers.get(broker)?.pg.clone()
+/// By a recorded broker: its own name, or the one a broker resource reference names.
+fn by_broker(ctx: &Ctx, broker: &str) -> Result<Provider, DriverError> {
+    let state = ctx.state.load()?;
+    Ok(state
+        .brokers
+        .get(broker)
+        .map_or(Provider::Nats, |rec| rec.provider()))
 }
 
-/// Persisted outputs of a pgchannel stream or consumer say so, for a Diff whose broker the
-/// provider state no longer records.
-fn outputs_are_pg(current: &Json) -> bool {
-    current.get("provider").and_then(Json::as_str) == Some(pg::spec::PROVIDER)
+fn by_broker_ref(ctx: &Ctx, r: &ResourceRef) -> Result<Provider, DriverError> {
+    let state = ctx.state.load()?;
+    Ok(broker::record_for(&state, r).map_or(Provider::Nats, |(_, rec)| rec.provider()))
 }
 
 impl Driver for BrokerDriver {
-    type Spec = broker::BrokerDesired;
+    type Spec = BrokerDesired;
     const KIND: Kind = Kind::Broker;
     const TIER: i32 = 1;
     const SENSITIVE: &'static [&'static str] = &["token", "password"];
@@ -88,46 +105,27 @@ impl Driver for BrokerDriver {
     fn diff(
         name: &str,
         spec: &Self::Spec,
-        _: &ProviderState,
+        state: &ProviderState,
         current: &Json,
     ) -> Result<Vec<Change>, DriverError> {
-        if pg::broker::is_pg(spec) {
-            pg::broker::diff(name, spec, current)
-        } else {
-            broker::diff(spec, current)
-        }
+        on(spec.spec.provider)
+            .brokers()
+            .diff(name, spec, state, current)
     }
     async fn apply(ctx: &Ctx, name: &str, spec: &Self::Spec) -> Result<Output, DriverError> {
-        if pg::broker::is_pg(spec) {
-            pg::broker::apply(ctx, name, spec).await
-        } else {
-            broker::apply(ctx, name, spec).await
-        }
+        on(spec.spec.provider)
+            .brokers()
+            .apply(ctx, name, spec)
+            .await
     }
     async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
-        let state = ctx.state.load()?;
-        if let Some((name, rec)) = broker::record_for(&state, r) {
-            if let Some(pgr) = &rec.pg {
-                return pg::broker::read(ctx, name, rec, pgr).await;
-            }
-        }
-        broker::read(ctx, r).await
+        on(by_broker_ref(ctx, r)?).brokers().read(ctx, r).await
     }
     async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
-        let state = ctx.state.load()?;
-        match broker::record_for(&state, r) {
-            Some((_, rec)) if rec.pg.is_some() => pg::broker::delete(ctx, r).await,
-            _ => broker::delete(ctx, r).await,
-        }
+        on(by_broker_ref(ctx, r)?).brokers().delete(ctx, r).await
     }
     async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
-        let state = ctx.state.load()?;
-        if let Some((name, rec)) = broker::record_for(&state, r) {
-            if let Some(pgr) = &rec.pg {
-                return pg::broker::health(ctx, name, rec, pgr).await;
-            }
-        }
-        broker::health(ctx, r).await
+        on(by_broker_ref(ctx, r)?).brokers().health(ctx, r).await
     }
     /// The broker itself, when it answers.
     async fn enumerate(ctx: &Ctx, b: &str) -> Result<Vec<(String, Output)>, DriverError> {
@@ -144,14 +142,7 @@ impl Driver for BrokerDriver {
         ))
     }
     fn troubleshoot(ctx: &Ctx, r: &ResourceRef) -> Result<Vec<(String, String)>, DriverError> {
-        let state = ctx.state.load()?;
-        if broker::record_for(&state, r).is_some_and(|(_, rec)| rec.pg.is_some()) {
-            return Err(DriverError::Unsupported(
-                "Troubleshoot of a pgchannel broker (the database's own logs are the operator's)"
-                    .into(),
-            ));
-        }
-        broker::troubleshoot(ctx, r)
+        on(by_broker_ref(ctx, r)?).brokers().troubleshoot(ctx, r)
     }
 }
 
@@ -192,7 +183,7 @@ impl Driver for StreamDriver {
         "subject_delete_marker_ttl",
     ];
     fn decode(name: &str, config_json: &[u8]) -> Result<StreamSpec, DriverError> {
-        stream::decode(name, config_json)
+        super::stream::decode(name, config_json)
     }
     /// On a pgchannel broker, NATS-only settings are refused here, at plan time.
     fn diff(
@@ -201,14 +192,9 @@ impl Driver for StreamDriver {
         state: &ProviderState,
         current: &Json,
     ) -> Result<Vec<Change>, DriverError> {
-        let b = super::desired_broker(&spec.broker_ref, &spec.servers, state);
-        match on_spec(state, &spec.broker_ref, &spec.servers) {
-            On::Pg(broker, _) => pg::stream::diff(name, spec, Some(&broker), current),
-            On::Nats if outputs_are_pg(current) => {
-                pg::stream::diff(name, spec, b.as_deref(), current)
-            }
-            On::Nats => Ok(stream::diff(spec, b.as_deref(), current)),
-        }
+        on(by_spec(state, &spec.broker_ref, &spec.servers, current))
+            .streams()
+            .diff(name, spec, state, current)
     }
     async fn plan_report(
         ctx: &Ctx,
@@ -216,58 +202,49 @@ impl Driver for StreamDriver {
         state: &ProviderState,
         changes: Vec<Change>,
     ) -> Vec<Change> {
-        let live = matches!(on_spec(state, &spec.broker_ref, &spec.servers), On::Nats).then_some(
-            stream::Live {
-                broker_ref: &spec.broker_ref,
-                servers: &spec.servers,
-                target: stream::LiveTarget::Stream(&spec.name),
-            },
-        );
-        stream::live_report(ctx, state, live, changes).await
+        on(by_spec(state, &spec.broker_ref, &spec.servers, &Json::Null))
+            .streams()
+            .plan_report(ctx, spec, state, changes)
+            .await
     }
     async fn apply(ctx: &Ctx, name: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
         let state = ctx.state.load()?;
-        match on_spec(&state, &spec.broker_ref, &spec.servers) {
-            On::Pg(broker, pgr) => pg::stream::apply(ctx, name, spec, &broker, &pgr).await,
-            On::Nats => stream::apply(ctx, name, spec).await,
-        }
+        on(by_spec(
+            &state,
+            &spec.broker_ref,
+            &spec.servers,
+            &Json::Null,
+        ))
+        .streams()
+        .apply(ctx, name, spec)
+        .await
     }
     async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
-        let state = ctx.state.load()?;
-        match on_ref(&state, r, STREAM_TYPE) {
-            Some((l, pgr)) => pg::stream::read(ctx, r, &l, &pgr).await,
-            None => stream::read(ctx, r).await,
-        }
+        on(by_ref(ctx, r, STREAM_TYPE)?)
+            .streams()
+            .read(ctx, r)
+            .await
     }
     async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
-        let state = ctx.state.load()?;
-        match on_ref(&state, r, STREAM_TYPE) {
-            Some((l, pgr)) => pg::stream::delete(ctx, r, &l, &pgr).await,
-            None => stream::delete(ctx, r).await,
-        }
+        on(by_ref(ctx, r, STREAM_TYPE)?)
+            .streams()
+            .delete(ctx, r)
+            .await
     }
     async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
-        let state = ctx.state.load()?;
-        match on_ref(&state, r, STREAM_TYPE) {
-            Some((l, pgr)) => pg::stream::health(ctx, r, &l, &pgr).await,
-            None => stream::health(ctx, r).await,
-        }
+        on(by_ref(ctx, r, STREAM_TYPE)?)
+            .streams()
+            .health(ctx, r)
+            .await
     }
     async fn enumerate(ctx: &Ctx, b: &str) -> Result<Vec<(String, Output)>, DriverError> {
-        let state = ctx.state.load()?;
-        match on_broker(&state, b) {
-            Some(pgr) => pg::stream::enumerate(ctx, b, &pgr).await,
-            None => stream::enumerate(ctx, b).await,
-        }
+        on(by_broker(ctx, b)?).streams().enumerate(ctx, b).await
     }
     async fn scale(ctx: &Ctx, r: &ResourceRef, replicas: i32) -> Result<Output, DriverError> {
-        let state = ctx.state.load()?;
-        if on_ref(&state, r, STREAM_TYPE).is_some() {
-            return Err(DriverError::Unsupported(
-                "Scale of a pgchannel stream (its events are rows in one database; replicate the database instead)".into(),
-            ));
-        }
-        stream::scale(ctx, r, replicas).await
+        on(by_ref(ctx, r, STREAM_TYPE)?)
+            .streams()
+            .scale(ctx, r, replicas)
+            .await
     }
 }
 
@@ -301,7 +278,7 @@ impl Driver for ConsumerDriver {
         "priority_timeout",
     ];
     fn decode(name: &str, config_json: &[u8]) -> Result<ConsumerSpec, DriverError> {
-        consumer::decode(name, config_json)
+        super::consumer::decode(name, config_json)
     }
     fn diff(
         name: &str,
@@ -309,14 +286,9 @@ impl Driver for ConsumerDriver {
         state: &ProviderState,
         current: &Json,
     ) -> Result<Vec<Change>, DriverError> {
-        let b = super::desired_broker(&spec.broker_ref, &spec.servers, state);
-        match on_spec(state, &spec.broker_ref, &spec.servers) {
-            On::Pg(broker, _) => pg::consumer::diff(name, spec, Some(&broker), current),
-            On::Nats if outputs_are_pg(current) => {
-                pg::consumer::diff(name, spec, b.as_deref(), current)
-            }
-            On::Nats => Ok(consumer::diff(spec, b.as_deref(), current)),
-        }
+        on(by_spec(state, &spec.broker_ref, &spec.servers, current))
+            .consumers()
+            .diff(name, spec, state, current)
     }
     async fn plan_report(
         ctx: &Ctx,
@@ -324,52 +296,42 @@ impl Driver for ConsumerDriver {
         state: &ProviderState,
         changes: Vec<Change>,
     ) -> Vec<Change> {
-        let target = stream::LiveTarget::Consumer {
-            stream: &spec.stream,
-            durable: &spec.durable,
-        };
-        let live = matches!(on_spec(state, &spec.broker_ref, &spec.servers), On::Nats).then_some(
-            stream::Live {
-                broker_ref: &spec.broker_ref,
-                servers: &spec.servers,
-                target,
-            },
-        );
-        stream::live_report(ctx, state, live, changes).await
+        on(by_spec(state, &spec.broker_ref, &spec.servers, &Json::Null))
+            .consumers()
+            .plan_report(ctx, spec, state, changes)
+            .await
     }
     async fn apply(ctx: &Ctx, name: &str, spec: &ConsumerSpec) -> Result<Output, DriverError> {
         let state = ctx.state.load()?;
-        match on_spec(&state, &spec.broker_ref, &spec.servers) {
-            On::Pg(broker, pgr) => pg::consumer::apply(ctx, name, spec, &broker, &pgr).await,
-            On::Nats => consumer::apply(ctx, name, spec).await,
-        }
+        on(by_spec(
+            &state,
+            &spec.broker_ref,
+            &spec.servers,
+            &Json::Null,
+        ))
+        .consumers()
+        .apply(ctx, name, spec)
+        .await
     }
     async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
-        let state = ctx.state.load()?;
-        match on_ref(&state, r, CONSUMER_TYPE) {
-            Some((l, pgr)) => pg::consumer::read(ctx, r, &l, &pgr).await,
-            None => consumer::read(ctx, r).await,
-        }
+        on(by_ref(ctx, r, CONSUMER_TYPE)?)
+            .consumers()
+            .read(ctx, r)
+            .await
     }
     async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
-        let state = ctx.state.load()?;
-        match on_ref(&state, r, CONSUMER_TYPE) {
-            Some((l, pgr)) => pg::consumer::delete(ctx, r, &l, &pgr).await,
-            None => consumer::delete(ctx, r).await,
-        }
+        on(by_ref(ctx, r, CONSUMER_TYPE)?)
+            .consumers()
+            .delete(ctx, r)
+            .await
     }
     async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
-        let state = ctx.state.load()?;
-        match on_ref(&state, r, CONSUMER_TYPE) {
-            Some((l, pgr)) => pg::consumer::health(ctx, r, &l, &pgr).await,
-            None => consumer::health(ctx, r).await,
-        }
+        on(by_ref(ctx, r, CONSUMER_TYPE)?)
+            .consumers()
+            .health(ctx, r)
+            .await
     }
     async fn enumerate(ctx: &Ctx, b: &str) -> Result<Vec<(String, Output)>, DriverError> {
-        let state = ctx.state.load()?;
-        match on_broker(&state, b) {
-            Some(pgr) => pg::consumer::enumerate(ctx, b, &pgr).await,
-            None => consumer::enumerate(ctx, b).await,
-        }
+        on(by_broker(ctx, b)?).consumers().enumerate(ctx, b).await
     }
 }

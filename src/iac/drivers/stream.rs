@@ -12,9 +12,10 @@ use super::{
     config_object, decode_config, duration_from_json, duration_json, i64_field, resolve_broker,
     str_field, strings_field, BrokerConn, Ctx, Output, STREAM_TYPE,
 };
+use crate::iac::drivers::{record_placed, Placed};
 use crate::iac::error::DriverError;
 use crate::iac::plan::{resource_changes, Change as PlanChange};
-use crate::iac::state::{ProviderState, ResourceRecord};
+use crate::iac::state::ProviderState;
 use crate::nats::error::lift_api;
 use crate::nats::settings;
 use crate::nats::stream::{fetch_stream_config, overlay, server_version, Change, StreamSpec};
@@ -82,14 +83,8 @@ fn discard_name(d: DiscardPolicy) -> &'static str {
     }
 }
 
-/// Flags that live in the provider's records, not on the server.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Flags {
-    pub broker: String,
-    pub broker_ref: String,
-    pub prevent_destroy: bool,
-    pub bind: bool,
-}
+/// Flags that live in the provider's records, not on the server (every provider's).
+pub use super::tail::Flags;
 
 /// A stream's outputs, in the config's vocabulary: every setting the diff compares, where the
 /// stream lives, and the flags Delete needs.
@@ -281,35 +276,17 @@ pub async fn apply(ctx: &Ctx, resource: &str, spec: &StreamSpec) -> Result<Outpu
             }
         }
     };
-    let flags = Flags {
-        broker: b.name.clone(),
-        broker_ref: spec.broker_ref.clone(),
+    let at = Placed {
+        broker: &b.name,
+        servers: &spec.servers,
+        stream: &spec.name,
+        durable: None,
+        broker_ref: &spec.broker_ref,
         prevent_destroy: spec.prevent_destroy,
         bind: spec.bind,
+        provider_id: provider_id(&b.name, &spec.name),
     };
-    let outputs = to_outputs(&cfg, &flags);
-    let pid = provider_id(&b.name, &spec.name);
-    let rec = ResourceRecord {
-        type_name: STREAM_TYPE.into(),
-        provider_id: pid.clone(),
-        broker: b.name.clone(),
-        servers: spec.servers.clone(),
-        stream: spec.name.clone(),
-        durable: String::new(),
-        prevent_destroy: spec.prevent_destroy,
-        bind: spec.bind,
-        released: false,
-        outputs: outputs.clone(),
-    };
-    ctx.state.update(|s| {
-        s.resources.insert(resource.to_string(), rec);
-    })?;
-    Ok(Output {
-        provider_id: pid,
-        outputs,
-        sensitive: Vec::new(),
-        status: "running".into(),
-    })
+    record_placed(ctx, resource, at, |flags| to_outputs(&cfg, flags))
 }
 
 /// Where a stream (or consumer) lives, from the provider's record or from its provider_id.

@@ -3,9 +3,11 @@
 //! this contract without importing the dispatch that imports it.
 
 use crate::config::broker::BrokerSpec;
-use crate::iac::drivers::{config_object, decode_config, Ctx, BROKER_TYPE};
+use crate::iac::ctx::Ctx;
 use crate::iac::error::DriverError;
+use crate::iac::kind::BROKER_TYPE;
 use crate::iac::state::BrokerRecord;
+use crate::iac::values::{config_object, decode_config};
 use crate::pb::eventbus::ClusterConfig;
 use serde_json::{Map, Value as Json};
 use std::path::PathBuf;

@@ -4,7 +4,7 @@
 
 use super::api::{block, label, path_text, Applied, BrokerDesired, BrokerTarget};
 use super::nats_server::{self, LocalRecord};
-use crate::iac::drivers::Ctx;
+use crate::iac::ctx::Ctx;
 use crate::iac::error::DriverError;
 use crate::iac::files::FileLock;
 use crate::iac::state::{create_private_dir, AuthRecord, BrokerRecord};

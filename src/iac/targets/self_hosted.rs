@@ -4,7 +4,7 @@
 
 use super::api::{label, path_text, strip_userinfo, Applied, BrokerDesired, BrokerTarget};
 use crate::config::broker::BrokerSpec;
-use crate::iac::drivers::Ctx;
+use crate::iac::ctx::Ctx;
 use crate::iac::error::DriverError;
 use crate::iac::state::{AuthRecord, BrokerRecord};
 use crate::providers::DeployTarget;

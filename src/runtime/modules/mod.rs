@@ -3,7 +3,7 @@
 
 pub mod broker;
 
-use crate::runtime::provider::{Declaration, Provider, ProviderError};
+use crate::runtime::provider::{Declaration, Declares, Provider, ProviderError};
 // The specs live in the NATS layer, shared with the IaC drivers; runtime code names them here.
 pub use crate::nats::{consumer, stream};
 use broker::{BrokerModule, ForProvider, Open};
@@ -18,13 +18,13 @@ pub const BROKER_WAIT: Duration = Duration::from_secs(10);
 
 /// Something the broker must hold as declared: a stream or a consumer spec.
 pub trait Ensure: Send + Sync {
-    fn declaration(&self) -> Declaration<'_>;
+    fn declares(&self) -> Declares<'_>;
     fn label(&self) -> String;
 }
 
 impl Ensure for StreamSpec {
-    fn declaration(&self) -> Declaration<'_> {
-        Declaration::Stream(self)
+    fn declares(&self) -> Declares<'_> {
+        Declares::Stream(self)
     }
     fn label(&self) -> String {
         format!("stream {:?}", self.name)
@@ -32,8 +32,8 @@ impl Ensure for StreamSpec {
 }
 
 impl Ensure for ConsumerSpec {
-    fn declaration(&self) -> Declaration<'_> {
-        Declaration::Consumer(self)
+    fn declares(&self) -> Declares<'_> {
+        Declares::Consumer(self)
     }
     fn label(&self) -> String {
         format!("consumer {:?} on stream {:?}", self.durable, self.stream)
@@ -82,7 +82,13 @@ impl<S: Ensure> Declared<S> {
             return Ok(());
         }
         p.ready(BROKER_WAIT).await?;
-        let outcome = p.ensure(self.spec.declaration()).await?;
+        let outcome = p
+            .ensure(Declaration {
+                type_name: &self.type_name,
+                module: &self.module,
+                what: self.spec.declares(),
+            })
+            .await?;
         tracing::info!(resource = %self.spec.label(), %outcome, "ensured");
         *done = true;
         Ok(())

@@ -11,6 +11,7 @@
 
 use super::conns;
 use crate::iac::drivers::broker::{record_for, refuse_delete, BrokerDesired};
+use crate::iac::drivers::{forget_broker, record_and_output, Record};
 use crate::iac::drivers::{str_field, Ctx, Output};
 use crate::iac::error::DriverError;
 use crate::iac::plan::{field, Change};
@@ -129,7 +130,7 @@ pub async fn apply(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Output, D
     let pg = record_of(name, d)?;
     let view = desired_view(name, d)?;
     let started = std::time::Instant::now();
-    let bus = ctx.pg.connect(&what, name, &pg).await?;
+    let bus = ctx.pg().connect(&what, name, &pg).await?;
     tracing::info!(
         broker = name,
         dsn = %bus.redacted_dsn(),
@@ -137,7 +138,7 @@ pub async fn apply(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Output, D
         "pgchannel database adopted; schema present"
     );
     let outputs = outputs(name, &view);
-    let record = BrokerRecord {
+    let rec = BrokerRecord {
         // Nothing is deployed for pgchannel: the database runs wherever the operator runs it,
         // which is what self_hosted means for NATS. No code path dispatches on it (`pg` is set).
         target: DeployTarget::SelfHosted,
@@ -154,15 +155,13 @@ pub async fn apply(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Output, D
         outputs: outputs.clone(),
         pg: Some(pg),
     };
-    ctx.state.update(|s| {
-        s.brokers.insert(name.to_string(), record);
-    })?;
-    Ok(Output {
-        provider_id: name.to_string(),
-        outputs,
-        sensitive: Vec::new(),
-        status: "running".into(),
-    })
+    record_and_output(
+        ctx,
+        name,
+        Record::Broker(Box::new(rec)),
+        name.to_string(),
+        Vec::new(),
+    )
 }
 
 /// Found when recorded; the database must answer (an unreachable database is an error, never
@@ -174,7 +173,7 @@ pub async fn read(
     pg: &PgRecord,
 ) -> Result<Output, DriverError> {
     let what = label(name);
-    let bus = ctx.pg.connect(&what, name, pg).await?;
+    let bus = ctx.pg().connect(&what, name, pg).await?;
     // The pool may be this process's cached one: one cheap query against the streams table
     // proves the database answers now (the domain has no ping of its own).
     bus.stream("")
@@ -197,17 +196,12 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
     };
     let name = name.clone();
     refuse_delete(&state, &name, rec)?;
-    ctx.pg.evict(&name).await;
+    ctx.pg().evict(&name).await;
     tracing::info!(
         broker = %name,
         "pgchannel broker forgotten; its database and tables are left as they are (adopted, not created)"
     );
-    ctx.state.update(|s| {
-        s.brokers.remove(&name);
-        s.resources
-            .retain(|_, res| !(res.released && res.broker == name));
-    })?;
-    Ok(())
+    forget_broker(ctx, &name)
 }
 
 pub async fn health(

@@ -31,6 +31,13 @@ pub fn settings(broker: &str, r: &PgRecord) -> PgSettings {
     }
 }
 
+impl crate::iac::ctx::Ctx {
+    /// The pgchannel pools of this process.
+    pub fn pg(&self) -> std::sync::Arc<PgCache> {
+        self.slot()
+    }
+}
+
 #[derive(Default)]
 pub struct PgCache {
     buses: Mutex<HashMap<String, PgBus>>,

@@ -9,10 +9,11 @@ use super::spec::{consumer_def, consumer_outputs, Flags, CONSUMER_KEYS, CONSUMER
 use super::stream::field_diffs;
 use crate::iac::drivers::consumer::provider_id;
 use crate::iac::drivers::stream::{broker_key, locate, release, Located};
+use crate::iac::drivers::{record_placed, Placed};
 use crate::iac::drivers::{Ctx, Output, CONSUMER_TYPE};
 use crate::iac::error::DriverError;
 use crate::iac::plan::{resource_changes, Change as PlanChange};
-use crate::iac::state::{PgRecord, ResourceRecord};
+use crate::iac::state::PgRecord;
 use crate::nats::consumer::ConsumerSpec;
 use crate::pb::iac::ResourceRef;
 use crate::pg::Ensured;
@@ -63,7 +64,7 @@ pub async fn apply(
 ) -> Result<Output, DriverError> {
     let what = label(resource, &spec.stream, &spec.durable);
     let want = def(resource, spec)?;
-    let bus = ctx.pg.connect(&what, broker, pg).await?;
+    let bus = ctx.pg().connect(&what, broker, pg).await?;
     if bus
         .stream(&spec.stream)
         .await
@@ -107,35 +108,17 @@ pub async fn apply(
                 )
             })?,
     };
-    let flags = Flags {
-        broker: broker.to_string(),
-        broker_ref: spec.broker_ref.clone(),
+    let at = Placed {
+        broker,
+        servers: &[],
+        stream: &spec.stream,
+        durable: Some(&spec.durable),
+        broker_ref: &spec.broker_ref,
         prevent_destroy: spec.prevent_destroy,
         bind: spec.bind,
+        provider_id: provider_id(broker, &spec.stream, &spec.durable),
     };
-    let outputs = consumer_outputs(&row, &flags);
-    let pid = provider_id(broker, &spec.stream, &spec.durable);
-    let rec = ResourceRecord {
-        type_name: CONSUMER_TYPE.into(),
-        provider_id: pid.clone(),
-        broker: broker.to_string(),
-        servers: Vec::new(),
-        stream: spec.stream.clone(),
-        durable: spec.durable.clone(),
-        prevent_destroy: spec.prevent_destroy,
-        bind: spec.bind,
-        released: false,
-        outputs: outputs.clone(),
-    };
-    ctx.state.update(|s| {
-        s.resources.insert(resource.to_string(), rec);
-    })?;
-    Ok(Output {
-        provider_id: pid,
-        outputs,
-        sensitive: Vec::new(),
-        status: "running".into(),
-    })
+    record_placed(ctx, resource, at, |flags| consumer_outputs(&row, flags))
 }
 
 pub async fn read(
@@ -145,7 +128,7 @@ pub async fn read(
     pg: &PgRecord,
 ) -> Result<Output, DriverError> {
     let what = label(&r.name, &l.stream, &l.durable);
-    let bus = ctx.pg.connect(&what, &l.broker, pg).await?;
+    let bus = ctx.pg().connect(&what, &l.broker, pg).await?;
     match bus
         .consumer(&l.stream, &l.durable)
         .await
@@ -184,7 +167,7 @@ pub async fn delete(
         tracing::info!(resource = %r.name, "bound pgchannel consumer released; its row stays");
         return release(ctx, &r.name);
     }
-    let bus = ctx.pg.connect(&what, &l.broker, pg).await?;
+    let bus = ctx.pg().connect(&what, &l.broker, pg).await?;
     let deleted = bus
         .delete_consumer(&l.stream, &l.durable)
         .await

@@ -1,7 +1,7 @@
 //! The pgchannel provider's side of the IaC drivers. A pgchannel broker is not a deploy
 //! target (nothing is provisioned: the database is adopted), so it does not go through
 //! `iac::targets`; instead `drivers::route` asks each stream's or consumer's broker record
-//! which provider it is and calls the NATS drivers or these. The rows themselves are kept by
+//! which provider it is and calls that provider's face (`face`: these drivers). The rows themselves are kept by
 //! `crate::pg` (the domain the runtime face uses too), so the IaC face and the runtime agree on
 //! what a stream or consumer row is.
 //!
@@ -13,5 +13,8 @@
 pub mod broker;
 pub mod conns;
 pub mod consumer;
+mod face;
 pub mod spec;
 pub mod stream;
+
+pub(crate) use face::PGCHANNEL;

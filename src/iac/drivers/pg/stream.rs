@@ -7,10 +7,11 @@
 
 use super::spec::{stream_def, stream_outputs, Flags, STREAM_KEYS};
 use crate::iac::drivers::stream::{broker_key, provider_id, release, Located};
+use crate::iac::drivers::{record_placed, Placed};
 use crate::iac::drivers::{Ctx, Output, CONSUMER_TYPE, STREAM_TYPE};
 use crate::iac::error::DriverError;
 use crate::iac::plan::{resource_changes, Change as PlanChange};
-use crate::iac::state::{PgRecord, ResourceRecord};
+use crate::iac::state::PgRecord;
 use crate::nats::stream::{Change, FieldDiff, StreamSpec};
 use crate::pb::iac::ResourceRef;
 use crate::pg::Ensured;
@@ -82,7 +83,7 @@ pub async fn apply(
 ) -> Result<Output, DriverError> {
     let what = label(resource, &spec.name);
     let want = def(resource, spec)?;
-    let bus = ctx.pg.connect(&what, broker, pg).await?;
+    let bus = ctx.pg().connect(&what, broker, pg).await?;
     let existing = bus
         .stream(&want.name)
         .await
@@ -113,35 +114,17 @@ pub async fn apply(
                 )
             })?,
     };
-    let flags = Flags {
-        broker: broker.to_string(),
-        broker_ref: spec.broker_ref.clone(),
+    let at = Placed {
+        broker,
+        servers: &[],
+        stream: &spec.name,
+        durable: None,
+        broker_ref: &spec.broker_ref,
         prevent_destroy: spec.prevent_destroy,
         bind: spec.bind,
+        provider_id: provider_id(broker, &spec.name),
     };
-    let outputs = stream_outputs(&row, &flags);
-    let pid = provider_id(broker, &spec.name);
-    let rec = ResourceRecord {
-        type_name: STREAM_TYPE.into(),
-        provider_id: pid.clone(),
-        broker: broker.to_string(),
-        servers: Vec::new(),
-        stream: spec.name.clone(),
-        durable: String::new(),
-        prevent_destroy: spec.prevent_destroy,
-        bind: spec.bind,
-        released: false,
-        outputs: outputs.clone(),
-    };
-    ctx.state.update(|s| {
-        s.resources.insert(resource.to_string(), rec);
-    })?;
-    Ok(Output {
-        provider_id: pid,
-        outputs,
-        sensitive: Vec::new(),
-        status: "running".into(),
-    })
+    record_placed(ctx, resource, at, |flags| stream_outputs(&row, flags))
 }
 
 /// The row as it is now; no row is "not found" (drift reports GHOST, refresh re-creates).
@@ -152,7 +135,7 @@ pub async fn read(
     pg: &PgRecord,
 ) -> Result<Output, DriverError> {
     let what = label(&r.name, &l.stream);
-    let bus = ctx.pg.connect(&what, &l.broker, pg).await?;
+    let bus = ctx.pg().connect(&what, &l.broker, pg).await?;
     match bus
         .stream(&l.stream)
         .await
@@ -193,7 +176,7 @@ pub async fn delete(
         tracing::info!(resource = %r.name, "bound pgchannel stream released; its row and events stay");
         return release(ctx, &r.name);
     }
-    let bus = ctx.pg.connect(&what, &l.broker, pg).await?;
+    let bus = ctx.pg().connect(&what, &l.broker, pg).await?;
     let deleted = bus
         .delete_stream(&l.stream)
         .await

@@ -16,10 +16,13 @@
 //! config for this target and turns API answers into outputs.
 
 pub mod api;
+mod desired;
 pub mod ops;
 pub mod spec;
 mod target;
 
+use desired::hex;
+pub use desired::{AppAuth, AppDesired};
 pub use target::AppPlatform;
 
 use crate::nats::server_conf::{env_safe_secret, ENV_SAFE_SECRET_RULE};
@@ -41,58 +44,6 @@ pub const DEFAULT_MAX_MEMORY_STORE: i64 = 256 << 20;
 pub const REGIONS: [&str; 10] = [
     "atl", "nyc", "sfo", "tor", "ams", "fra", "lon", "blr", "sgp", "syd",
 ];
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum AppAuth {
-    Token(Secret),
-    UserPassword { user: String, password: Secret },
-}
-
-impl AppAuth {
-    pub fn mode(&self) -> &'static str {
-        match self {
-            AppAuth::Token(_) => "token",
-            AppAuth::UserPassword { .. } => "user_password",
-        }
-    }
-
-    /// Changes when a credential changes, without revealing it.
-    pub fn fingerprint(&self) -> String {
-        let mut h = Sha256::new();
-        match self {
-            AppAuth::Token(t) => {
-                h.update(b"token\0");
-                h.update(t.expose().as_bytes());
-            }
-            AppAuth::UserPassword { user, password } => {
-                h.update(b"user\0");
-                h.update(user.as_bytes());
-                h.update(b"\0");
-                h.update(password.expose().as_bytes());
-            }
-        }
-        hex(&h.finalize()[..8])
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A broker config validated for this target.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AppDesired {
-    pub broker: String,
-    pub app_name: String,
-    pub version: String,
-    pub region: Option<String>,
-    pub instance_size: String,
-    pub http_port: u16,
-    pub max_file_store: i64,
-    pub max_memory_store: i64,
-    pub auth: AppAuth,
-    pub deploy_timeout: Duration,
-}
 
 /// The app (and service) name: the broker's name when it is already a valid App Platform name
 /// (`^[a-z][a-z0-9-]{0,30}[a-z0-9]$`), otherwise a cleaned-up prefix plus a hash of the full name,

@@ -4,10 +4,12 @@
 use super::api::{ApiConfig, ApiError, AppsApi};
 use super::ops::{self, OpsError};
 use super::{desired_view, outputs, validate, AppAuth, AppDesired, COMPARED_KEYS};
-use crate::iac::drivers::{config_problems, str_field, Ctx, BROKER_TYPE};
+use crate::iac::ctx::Ctx;
 use crate::iac::error::{DriverError, PlatformClass};
+use crate::iac::kind::BROKER_TYPE;
 use crate::iac::state::{AppRecord, AuthRecord, BrokerRecord};
 use crate::iac::targets::api::{label, Applied, BrokerDesired, BrokerTarget, Platform};
+use crate::iac::values::{config_problems, str_field};
 use crate::providers::DeployTarget;
 use serde_json::{json, Map, Value as Json};
 

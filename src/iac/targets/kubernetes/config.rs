@@ -1,9 +1,10 @@
 //! The `kubernetes:` section of a broker config, validated, with the defaults of the flavor
 //! applied, and the object names derived from the broker name. Pure: no I/O.
 
-use crate::iac::drivers::{config_problems, BROKER_TYPE};
 use crate::iac::error::DriverError;
+use crate::iac::kind::BROKER_TYPE;
 use crate::iac::targets::api::BrokerDesired;
+use crate::iac::values::config_problems;
 use crate::nats::server_conf::{env_safe_secret, ENV_SAFE_SECRET_RULE};
 use crate::secret::{quote, Secret};
 use sha2::{Digest, Sha256};

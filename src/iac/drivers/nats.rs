@@ -1,0 +1,178 @@
+//! The NATS provider's IaC face: its drivers per resource kind (`broker`, `stream`,
+//! `consumer`) behind the provider seam of `route`.
+
+use super::bus::{BusProvider, Ops};
+use super::{broker, consumer, desired_broker, stream, Ctx, Output};
+use crate::iac::error::DriverError;
+use crate::iac::plan::Change;
+use crate::iac::state::ProviderState;
+use crate::iac::targets::BrokerDesired;
+use crate::nats::consumer::ConsumerSpec;
+use crate::nats::stream::StreamSpec;
+use crate::pb::iac::ResourceRef;
+use serde_json::Value as Json;
+
+pub(crate) struct Nats;
+pub(crate) static NATS: Nats = Nats;
+struct Brokers;
+struct Streams;
+struct Consumers;
+
+impl BusProvider for Nats {
+    fn brokers(&self) -> &dyn Ops<BrokerDesired> {
+        &Brokers
+    }
+    fn streams(&self) -> &dyn Ops<StreamSpec> {
+        &Streams
+    }
+    fn consumers(&self) -> &dyn Ops<ConsumerSpec> {
+        &Consumers
+    }
+}
+
+#[tonic::async_trait]
+impl Ops<BrokerDesired> for Brokers {
+    fn diff(
+        &self,
+        _: &str,
+        spec: &BrokerDesired,
+        _: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<Change>, DriverError> {
+        broker::diff(spec, current)
+    }
+    async fn apply(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        spec: &BrokerDesired,
+    ) -> Result<Output, DriverError> {
+        broker::apply(ctx, name, spec).await
+    }
+    async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        broker::read(ctx, r).await
+    }
+    async fn delete(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        broker::delete(ctx, r).await
+    }
+    async fn health(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        broker::health(ctx, r).await
+    }
+    fn troubleshoot(
+        &self,
+        ctx: &Ctx,
+        r: &ResourceRef,
+    ) -> Result<Vec<(String, String)>, DriverError> {
+        broker::troubleshoot(ctx, r)
+    }
+}
+
+#[tonic::async_trait]
+impl Ops<StreamSpec> for Streams {
+    fn diff(
+        &self,
+        _: &str,
+        spec: &StreamSpec,
+        state: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<Change>, DriverError> {
+        let b = desired_broker(&spec.broker_ref, &spec.servers, state);
+        Ok(stream::diff(spec, b.as_deref(), current))
+    }
+    async fn plan_report(
+        &self,
+        ctx: &Ctx,
+        spec: &StreamSpec,
+        state: &ProviderState,
+        changes: Vec<Change>,
+    ) -> Vec<Change> {
+        let live = stream::Live {
+            broker_ref: &spec.broker_ref,
+            servers: &spec.servers,
+            target: stream::LiveTarget::Stream(&spec.name),
+        };
+        stream::live_report(ctx, state, Some(live), changes).await
+    }
+    async fn apply(&self, ctx: &Ctx, name: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
+        stream::apply(ctx, name, spec).await
+    }
+    async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        stream::read(ctx, r).await
+    }
+    async fn delete(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        stream::delete(ctx, r).await
+    }
+    async fn health(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        stream::health(ctx, r).await
+    }
+    async fn enumerate(
+        &self,
+        ctx: &Ctx,
+        broker: &str,
+    ) -> Result<Vec<(String, Output)>, DriverError> {
+        stream::enumerate(ctx, broker).await
+    }
+    async fn scale(
+        &self,
+        ctx: &Ctx,
+        r: &ResourceRef,
+        replicas: i32,
+    ) -> Result<Output, DriverError> {
+        stream::scale(ctx, r, replicas).await
+    }
+}
+
+#[tonic::async_trait]
+impl Ops<ConsumerSpec> for Consumers {
+    fn diff(
+        &self,
+        _: &str,
+        spec: &ConsumerSpec,
+        state: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<Change>, DriverError> {
+        let b = desired_broker(&spec.broker_ref, &spec.servers, state);
+        Ok(consumer::diff(spec, b.as_deref(), current))
+    }
+    async fn plan_report(
+        &self,
+        ctx: &Ctx,
+        spec: &ConsumerSpec,
+        state: &ProviderState,
+        changes: Vec<Change>,
+    ) -> Vec<Change> {
+        let live = stream::Live {
+            broker_ref: &spec.broker_ref,
+            servers: &spec.servers,
+            target: stream::LiveTarget::Consumer {
+                stream: &spec.stream,
+                durable: &spec.durable,
+            },
+        };
+        stream::live_report(ctx, state, Some(live), changes).await
+    }
+    async fn apply(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        spec: &ConsumerSpec,
+    ) -> Result<Output, DriverError> {
+        consumer::apply(ctx, name, spec).await
+    }
+    async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        consumer::read(ctx, r).await
+    }
+    async fn delete(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        consumer::delete(ctx, r).await
+    }
+    async fn health(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        consumer::health(ctx, r).await
+    }
+    async fn enumerate(
+        &self,
+        ctx: &Ctx,
+        broker: &str,
+    ) -> Result<Vec<(String, Output)>, DriverError> {
+        consumer::enumerate(ctx, broker).await
+    }
+}

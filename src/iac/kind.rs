@@ -1,0 +1,47 @@
+//! The resource types this provider serves, by name: what the drivers, the targets and the
+//! services all name, so none of them imports another for it. Which code serves a kind is the
+//! drivers' (`Kind::driver`).
+
+use crate::iac::error::DriverError;
+
+pub const BROKER_TYPE: &str = "infra.eventbus";
+pub const STREAM_TYPE: &str = "infra.eventbus.stream";
+pub const CONSUMER_TYPE: &str = "infra.eventbus.consumer";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Consumer,
+    Stream,
+    Broker,
+}
+
+impl Kind {
+    /// In deletion order: consumers, then streams, then brokers.
+    pub const DELETE_ORDER: [Kind; 3] = [Kind::Consumer, Kind::Stream, Kind::Broker];
+
+    pub fn parse(type_name: &str) -> Result<Kind, DriverError> {
+        match type_name {
+            BROKER_TYPE => Ok(Kind::Broker),
+            STREAM_TYPE => Ok(Kind::Stream),
+            CONSUMER_TYPE => Ok(Kind::Consumer),
+            "" => Err(DriverError::EmptyType {
+                known: Kind::ALL.map(Kind::type_name).join(", "),
+            }),
+            other => Err(DriverError::UnknownType {
+                type_name: other.to_string(),
+                known: Kind::ALL.map(Kind::type_name).join(", "),
+            }),
+        }
+    }
+
+    /// Every kind, in the order capabilities list them.
+    pub const ALL: [Kind; 3] = [Kind::Broker, Kind::Stream, Kind::Consumer];
+
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Kind::Broker => BROKER_TYPE,
+            Kind::Stream => STREAM_TYPE,
+            Kind::Consumer => CONSUMER_TYPE,
+        }
+    }
+}
