@@ -908,6 +908,74 @@ async fn shutdown_exits_promptly_with_a_trigger_running() {
     assert!(took < Duration::from_millis(1600), "Shutdown took {took:?}");
 }
 
+/// Issue 19 finding 10: Shutdown stops all triggers together. Stopped one after another, each
+/// trigger's drain (its pipeline in flight) delayed the next one's stop, so the later triggers
+/// kept starting pipelines during Shutdown and had them cut at the host's budget. Four triggers,
+/// each with a pipeline in flight and another message waiting: the in-flight ones finish and
+/// are acked, no new pipeline starts, and the plugin exits within the budget.
+// Multi-threaded: the host's pipelines must finish while the test waits for the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_every_trigger_together_within_the_budget() {
+    const N: usize = 4;
+    const PIPELINE: Duration = Duration::from_millis(500);
+    let server = NatsServer::start();
+    // Pipelines are held until Shutdown is sent, then take PIPELINE: each trigger's drain
+    // starts at Shutdown, so stopping them in turn takes N x PIPELINE.
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let pipeline: PipelineFn = Arc::new(move |_| {
+        let mut open = open.clone();
+        Box::pin(async move {
+            let _ = tokio::time::timeout(T, open.wait_for(|o| *o)).await;
+            tokio::time::sleep(PIPELINE).await;
+            Ok(())
+        })
+    });
+    let mut p = launch(&server, pipeline).await;
+    broker_and_stream(&p).await;
+    let js = js(&server).await;
+    for i in 0..N {
+        start_trigger(
+            &p,
+            &format!("pipeline:t{i}"),
+            json!({"name": format!("t{i}"), "stream_name": "JOBS",
+                   "filter_subject": format!("jobs.t{i}"), "max_in_flight": 1}),
+        )
+        .await;
+        js_publish(&js, &format!("jobs.t{i}"), "first").await;
+        js_publish(&js, &format!("jobs.t{i}"), "second").await;
+    }
+    let mut in_flight = BTreeSet::new();
+    for _ in 0..N {
+        let call = p.next_call(T).await;
+        assert_eq!(text_of(&call, "text"), "first", "{}", call.trigger_type);
+        in_flight.insert(call.trigger_type);
+    }
+    assert_eq!(in_flight.len(), N, "one pipeline in flight per trigger");
+    gate.send_replace(true);
+    let (code, took) = p.shutdown().await;
+    assert_eq!(code, Some(0), "stderr:\n{}", p.stderr());
+    eprintln!("shutdown with {N} triggers draining a {PIPELINE:?} pipeline each: {took:?}");
+    let rx = p.calls.as_mut().unwrap();
+    let mut late = Vec::new();
+    while let Ok(call) = rx.try_recv() {
+        late.push((call.trigger_type.clone(), text_of(&call, "text")));
+    }
+    assert!(
+        late.is_empty(),
+        "pipelines started after Shutdown: {late:?}"
+    );
+    for i in 0..N {
+        let info = consumer_info(&js, "JOBS", &format!("t{i}")).await;
+        assert_eq!(
+            info.ack_floor.stream_sequence,
+            (2 * i + 1) as u64,
+            "t{i}: the pipeline in flight at Shutdown was acked: {info:?}"
+        );
+    }
+    // The host SIGKILLs at 2 s; keep a margin for a loaded machine.
+    assert!(took < Duration::from_millis(1600), "Shutdown took {took:?}");
+}
+
 // ---------------------------------------------------------------- 10. outage
 
 fn rss_kib(pid: u32) -> u64 {

@@ -380,11 +380,12 @@ impl Runtime {
                         _ => None,
                     })
                     .collect();
-                for t in triggers {
-                    if t.uses_broker(&b.spec.name) {
-                        t.stop().await;
-                    }
-                }
+                let triggers: Vec<_> = triggers
+                    .into_iter()
+                    .filter(|t| t.uses_broker(&b.spec.name))
+                    .collect();
+                let deadline = tokio::time::Instant::now() + trigger::STOP_DRAIN;
+                trigger::stop_together(&triggers, deadline).await;
                 self.inner.pulls.forget_broker(&b.spec.name).await;
                 b.close().await;
                 Ok(())
@@ -552,14 +553,18 @@ impl Runtime {
         Ok(id)
     }
 
-    /// Stops every trigger (used by shutdown before connections close).
-    pub async fn stop_all(&self) {
+    /// Stops every trigger together (used by shutdown before connections close): all stop
+    /// fetching at once and drain until `deadline`; then the broker connections close.
+    pub async fn stop_all(&self, deadline: tokio::time::Instant) {
         let handles: Vec<ModuleHandle> = read(&self.inner.modules).values().cloned().collect();
-        for h in &handles {
-            if let ModuleHandle::Trigger(t) = h {
-                t.stop().await;
-            }
-        }
+        let triggers: Vec<Arc<TriggerModule>> = handles
+            .iter()
+            .filter_map(|h| match h {
+                ModuleHandle::Trigger(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        trigger::stop_together(&triggers, deadline).await;
         for h in &handles {
             if let ModuleHandle::Broker(b) = h {
                 b.close().await;

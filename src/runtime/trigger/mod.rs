@@ -467,18 +467,49 @@ impl TriggerModule {
 
     /// Stops fetching, then waits (bounded) for in-flight pipelines to finish their ack or nak.
     pub async fn stop(&self) {
-        let running = self.running.lock().ok().and_then(|mut r| r.take());
-        if let Some((token, tracker)) = running {
-            token.cancel();
-            tracker.close();
-            if tokio::time::timeout(STOP_DRAIN, tracker.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!(trigger = %self.spec.workflow_type, "in-flight messages did not finish in {STOP_DRAIN:?}; they will be redelivered");
-            }
-        }
+        stop_together(
+            std::slice::from_ref(self),
+            tokio::time::Instant::now() + STOP_DRAIN,
+        )
+        .await;
     }
+
+    /// Stops fetching and hands back the work still in flight (None when not running).
+    fn halt(&self) -> Option<TaskTracker> {
+        let (token, tracker) = self.running.lock().ok().and_then(|mut r| r.take())?;
+        token.cancel();
+        tracker.close();
+        Some(tracker)
+    }
+}
+
+/// Stops several triggers together: every one stops fetching first, then all drain their
+/// in-flight pipelines against one deadline. One after another, each drain (seconds with a slow
+/// pipeline) delayed the next trigger's stop past the host's shutdown budget, and the triggers
+/// not yet stopped kept starting pipelines meanwhile. Returns true when all drained in time.
+pub async fn stop_together<T: std::borrow::Borrow<TriggerModule>>(
+    triggers: &[T],
+    deadline: tokio::time::Instant,
+) -> bool {
+    let halted: Vec<(&TriggerModule, TaskTracker)> = triggers
+        .iter()
+        .filter_map(|t| t.borrow().halt().map(|tr| (t.borrow(), tr)))
+        .collect();
+    let late: Vec<String> =
+        futures::future::join_all(halted.iter().map(|(t, tracker)| async move {
+            match tokio::time::timeout_at(deadline, tracker.wait()).await {
+                Ok(()) => None,
+                Err(_) => Some(t.spec.workflow_type.clone()),
+            }
+        }))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    if !late.is_empty() {
+        tracing::warn!(triggers = ?late, "in-flight messages did not finish before the stop deadline; they will be redelivered");
+    }
+    late.is_empty()
 }
 
 /// A pgchannel failure that a later attempt may not meet (database down, timed out), as
