@@ -84,6 +84,9 @@ pub fn plugin_bin() -> &'static Path {
     })
 }
 
+/// grpc-go's default largest inbound message, which the host's callback server keeps.
+pub const HOST_CALLBACK_LIMIT: usize = 4 * 1024 * 1024;
+
 pub const COOKIE: (&str, &str) = ("WORKFLOW_PLUGIN", "workflow-external-plugin-v1");
 
 /// What the host's pipeline does when TriggerWorkflow arrives: `Ok(())` or a pipeline error.
@@ -350,10 +353,12 @@ impl Plugin {
         let path = self.dir.path().join("host-callback.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
+        // The host's callback server is a default grpc-go server: 4 MiB inbound at most.
         let svc = EngineCallbackServiceServer::new(CallbackSvc {
             calls: tx,
             pipeline,
-        });
+        })
+        .max_decoding_message_size(HOST_CALLBACK_LIMIT);
         self._callback_server = Some(tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)

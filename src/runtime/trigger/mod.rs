@@ -14,6 +14,7 @@ use crate::config::decode;
 use crate::config::error::Problems;
 use crate::nats::guard::{check_publish_target, MAX_DURATION};
 use crate::nats::names::{check_filter_subject, check_name};
+use crate::runtime::steps::message::Include;
 use futures::future::BoxFuture;
 use serde_json::Value as Json;
 use std::sync::Mutex;
@@ -65,6 +66,8 @@ pub struct TriggerSpec {
     pub max_batch_wait: Duration,
     /// A declared consumer module exists for this durable (it owns the consumer's settings).
     pub declared: bool,
+    /// The payload forms each message's data carries (as the consume step's `include`).
+    pub include: Include,
 }
 
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
@@ -88,6 +91,7 @@ const KNOWN_KEYS: &[&str] = &[
     "workflow_type",
     "deliver",
     "max_batch_wait",
+    "include",
 ];
 
 fn type_name(v: &Json) -> &'static str {
@@ -180,6 +184,36 @@ impl TriggerSpec {
         );
         let batch_size = int("batch_size", 0);
         let max_deliver = int("max_deliver", 0);
+        let include = match map.get("include") {
+            None | Some(Json::Null) => Include::ALL,
+            Some(Json::Array(items)) => {
+                let names: Option<Vec<String>> = items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect();
+                match names.map(|n| Include::parse(&n)) {
+                    Some(Ok(inc)) => inc,
+                    Some(Err(e)) => {
+                        p.field("include", e);
+                        Include::ALL
+                    }
+                    None => {
+                        p.field("include", "must be a list of payload, text, json");
+                        Include::ALL
+                    }
+                }
+            }
+            Some(other) => {
+                p.field(
+                    "include",
+                    format!(
+                        "must be a list of payload, text, json, got {}",
+                        type_name(other)
+                    ),
+                );
+                Include::ALL
+            }
+        };
         for key in map.keys() {
             if !KNOWN_KEYS.contains(&key.as_str()) && !key.starts_with('_') {
                 p.field(
@@ -332,6 +366,7 @@ impl TriggerSpec {
             deliver,
             max_batch_wait,
             declared: declared.len() == 1,
+            include,
         };
         p.finish(spec).map_err(Into::into)
     }

@@ -11,7 +11,7 @@
 //! deliverable id, so pipelines see a consumer's events in id order.
 
 use super::run::{nak_delay, RateLimitedLog};
-use super::{payload, AckMode, Launcher, TriggerCall, TriggerSpec};
+use super::{payload, AckMode, Launcher, TriggerSpec};
 use crate::config::broker::DEFAULT_REQUEST_TIMEOUT;
 use crate::nats::ack::AckKind;
 use crate::pg::{
@@ -20,7 +20,6 @@ use crate::pg::{
 use crate::runtime::modules::broker::{BrokerModule, BusError};
 use crate::runtime::pg::steps::ack_op;
 use crate::runtime::pg::to_message;
-use crate::runtime::steps::message::Include;
 use crate::runtime::{render, Runtime};
 use std::sync::Arc;
 use std::time::Duration;
@@ -267,12 +266,6 @@ impl PgWorker {
     }
 }
 
-/// The encoded size of the TriggerWorkflow request carrying `call`, plus framing.
-fn call_size(call: &TriggerCall) -> usize {
-    use prost::Message as _;
-    call.data.encoded_len() + call.trigger_type.len() + call.action.len() + 64
-}
-
 /// What the dead-letter publish needs after the delivery became the pipeline's data.
 struct Original {
     token: AckToken,
@@ -301,18 +294,13 @@ impl PgHandler {
             correlation_id: d.correlation_id.clone(),
             delivered: d.delivery_count as i64,
         };
-        let call = TriggerCall {
-            trigger_type: self.spec.workflow_type.clone(),
-            action: "message".into(),
-            data: payload::build(to_message(d, Include::ALL), &self.spec.broker_ref),
-        };
-        if let Some(limit) = self.launcher.max_call_bytes() {
-            let size = call_size(&call);
-            if size > limit {
-                let err = format!(
-                    "message too large for the engine callback: the pipeline data is {size} bytes, the host accepts {limit}; consume it with step.eventbus.consume instead"
-                );
-                tracing::error!(trigger = %self.spec.workflow_type, id = orig.token.id, size, limit, "{err}");
+        let data = payload::build(to_message(d, self.spec.include), &self.spec.broker_ref);
+        let limit = self.launcher.max_call_bytes();
+        let call = match payload::message_call(&self.spec.workflow_type, data, limit) {
+            Ok(call) => call,
+            Err(too_large) => {
+                let err = too_large.to_string();
+                tracing::error!(trigger = %self.spec.workflow_type, id = orig.token.id, size = too_large.size, limit = too_large.limit, "{err}");
                 if let Some(dlq) = &self.spec.dead_letter_subject {
                     if !self.park(dlq, &orig, &err).await {
                         return;
@@ -321,7 +309,7 @@ impl PgHandler {
                 self.settle(&orig.token, AckKind::Term).await;
                 return;
             }
-        }
+        };
         // Keep the lease while a long pipeline runs (in-progress at ack_wait/2).
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
         let pipeline = self.launcher.launch(call);

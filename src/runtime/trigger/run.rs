@@ -4,13 +4,13 @@
 //! reconnect, a lame-duck restart or a deleted consumer heal by themselves.
 
 use super::batch::{self, Deliver};
-use super::{payload, AckMode, TriggerCall, TriggerSpec};
+use super::{payload, AckMode, TriggerSpec};
 use crate::nats::ack::{ack_token, AckKind};
 use crate::nats::conn::ConnState;
 use crate::nats::{NatsConn, NatsError};
 use crate::runtime::modules::broker::BrokerModule;
 use crate::runtime::modules::consumer::{fetch_consumer_config, get_stream};
-use crate::runtime::steps::consume::{to_message, Include};
+use crate::runtime::steps::consume::to_message;
 use crate::runtime::{render, Runtime};
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use std::sync::Arc;
@@ -361,12 +361,6 @@ fn dead_letter_headers(original: Option<&async_nats::HeaderMap>) -> async_nats::
     out
 }
 
-/// The encoded size of the TriggerWorkflow request carrying `call`, plus framing.
-fn call_size(call: &TriggerCall) -> usize {
-    use prost::Message as _;
-    call.data.encoded_len() + call.trigger_type.len() + call.action.len() + 64
-}
-
 /// Where a delivery came from: what the handler still needs after the message itself has
 /// become the pipeline's data.
 pub(super) struct Origin {
@@ -383,12 +377,12 @@ pub(super) struct Handler {
     pub spec: TriggerSpec,
     conn: NatsConn,
     pub bound: Bound,
-    stop: CancellationToken,
+    pub stop: CancellationToken,
 }
 
 impl Handler {
     async fn handle(&self, msg: async_nats::jetstream::Message) {
-        let m = to_message(&msg, &self.spec.durable, Include::ALL);
+        let m = to_message(&msg, &self.spec.durable, self.spec.include);
         let origin = Origin {
             subject: m.subject.clone(),
             stream: m.stream.clone(),
@@ -397,29 +391,19 @@ impl Handler {
         };
         let delivered = m.delivery_count as i64;
         let token = m.ack_token.clone();
-        let call = TriggerCall {
-            trigger_type: self.spec.workflow_type.clone(),
-            action: "message".into(),
-            data: payload::build(m, &self.spec.broker_ref),
-        };
-        // A call the host would refuse for its size fails the same way on every delivery:
-        // straight to the dead-letter subject (or terminated) with the reason, no retries.
-        if let Some(limit) = self.launcher.max_call_bytes() {
-            let size = call_size(&call);
-            if size > limit {
-                let err = format!(
-                    "message too large for the engine callback: the pipeline data is {size} bytes, the host accepts {limit}; consume it with step.eventbus.consume instead"
-                );
-                tracing::error!(trigger = %self.spec.workflow_type, seq = %origin.sequence, size, limit, "{err}");
-                if let Some(dlq) = &self.spec.dead_letter_subject {
-                    if !self.park(dlq, &msg, &origin, &err, &token).await {
-                        return;
-                    }
-                }
-                self.settle(&token, AckKind::Term).await;
+        let data = payload::build(m, &self.spec.broker_ref);
+        // Derived forms are left out first; a call the host would still refuse for its size
+        // fails the same way on every delivery: straight to the dead-letter subject (or
+        // terminated) with the reason, no retries.
+        let limit = self.launcher.max_call_bytes();
+        let call = match payload::message_call(&self.spec.workflow_type, data, limit) {
+            Ok(call) => call,
+            Err(too_large) => {
+                self.refuse_too_large(&msg, &origin, &token, too_large)
+                    .await;
                 return;
             }
-        }
+        };
         // Keep the message ours while a long pipeline runs (in-progress acks at ack_wait/2).
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
         let pipeline = self.launcher.launch(call);
@@ -443,6 +427,25 @@ impl Handler {
                     .await
             }
         }
+    }
+
+    /// A message that cannot reach a pipeline at any delivery: dead-lettered (when configured)
+    /// with the reason, and terminated.
+    pub(super) async fn refuse_too_large(
+        &self,
+        msg: &async_nats::jetstream::Message,
+        origin: &Origin,
+        token: &str,
+        too_large: payload::TooLarge,
+    ) {
+        let err = too_large.to_string();
+        tracing::error!(trigger = %self.spec.workflow_type, seq = %origin.sequence, size = too_large.size, limit = too_large.limit, "{err}");
+        if let Some(dlq) = &self.spec.dead_letter_subject {
+            if !self.park(dlq, msg, origin, &err, token).await {
+                return;
+            }
+        }
+        self.settle(token, AckKind::Term).await;
     }
 
     /// A failed delivery: nak with a growing delay, or on its last delivery dead-letter (when
