@@ -7,7 +7,7 @@ mod common;
 
 use async_nats::jetstream;
 use common::*;
-use eventbus_plugin::pb::eventbus::{AckStepConfig, PublishStepConfig};
+use eventbus_plugin::pb::eventbus::{AckStepConfig, ConsumeResponse, PublishStepConfig};
 use eventbus_plugin::pb::plugin::{CreateStepRequest, ExecuteStepRequest};
 use nats_test_server::NatsServer;
 use prost::Message;
@@ -510,6 +510,103 @@ include: [payload, xml]
     assert!(
         e.contains("config.max_bytes:") && e.contains("config.include:"),
         "{e}"
+    );
+    no_panic(&p);
+}
+
+/// One consume execution as the host sends it; the typed output's bytes and its decoding.
+async fn consume_raw(p: &Plugin, handle: &str, config_yaml: &str) -> (usize, ConsumeResponse) {
+    let (cfg, input, _) = p.codec.step_messages("step.eventbus.consume");
+    let r = p
+        .client
+        .clone()
+        .execute_step(ExecuteStepRequest {
+            handle_id: handle.into(),
+            typed_config: Some(p.codec.typed_from_yaml(&cfg, config_yaml).unwrap()),
+            typed_input: Some(p.codec.typed_input(&input, &json!({})).unwrap()),
+            current: Some(typed::json_to_struct(&json!({}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.error, "");
+    let any = r.typed_output.unwrap();
+    let out = ConsumeResponse::decode(&any.value[..]).unwrap();
+    (any.value.len(), out)
+}
+
+/// Issue 19 finding 8: `step.eventbus.consume`'s budget bounded the payload the server sent,
+/// not the output: with the defaults, JSON arrays came back 7.5x larger (503 MB from 64 MiB of
+/// payload, 1.7 GB of RSS). Now the encoded output stays within `max_bytes` (default 64 MiB):
+/// messages that do not fit whole lose their parsed form (then their text), named in
+/// `omitted`; one that does not fit even so goes back to the server at once (a nak), so the
+/// next call gets it without waiting for ack_wait.
+#[tokio::test]
+async fn i19_f8_consume_budget_bounds_the_encoded_output_not_the_payload() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p).await;
+    p.module_up(
+        "eventbus.consumer",
+        "small",
+        "name: small\nstream_name: ORDERS\nbroker_ref: bus\nack_policy: ACK_POLICY_EXPLICIT\n",
+    )
+    .await;
+    let js = js(&server).await;
+    // 100 JSON arrays of 100 KB: 10 MB of payload, ~75 MB with the text and parsed forms.
+    let body = format!("[{}1]", "1,".repeat(50_000));
+    for _ in 0..100 {
+        js.publish("orders.json", body.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let h = p
+        .create_step("step.eventbus.consume", "get", "consumer: worker\n")
+        .await
+        .unwrap();
+    // The defaults: every form, 64 MiB.
+    let (bytes, out) =
+        consume_raw(&p, &h, "consumer: worker\nbatch_size: 100\nmax_wait: 2s\n").await;
+    eprintln!(
+        "default budget: {} messages, {bytes} bytes of output",
+        out.count
+    );
+    assert!(bytes <= 64 << 20, "{bytes} bytes of output");
+    assert!(out.count > 0 && out.messages.iter().all(|m| m.payload == body.as_bytes()));
+    assert!(out.messages[0].json.is_some() && out.messages[0].omitted.is_empty());
+    assert!(
+        out.messages
+            .iter()
+            .any(|m| m.json.is_none() && m.omitted == ["json"]),
+        "the forms that did not fit were left out and named"
+    );
+    // A tight budget: the messages that do not fit even as payload come back at once.
+    let h = p
+        .create_step("step.eventbus.consume", "few", "consumer: small\n")
+        .await
+        .unwrap();
+    let cfg = "consumer: small\nbatch_size: 100\nmax_wait: 2s\nmax_bytes: 1048576\n";
+    let (bytes, first) = consume_raw(&p, &h, cfg).await;
+    assert!(bytes <= 1 << 20, "{bytes} bytes of output");
+    assert!(first.count >= 2, "{}", first.count);
+    assert!(first.messages.iter().all(|m| m.delivery_count == 1));
+    let started = std::time::Instant::now();
+    let (bytes, next) = consume_raw(&p, &h, cfg).await;
+    assert!(bytes <= 1 << 20, "{bytes} bytes of output");
+    let seq = |m: &eventbus_plugin::pb::eventbus::Message| m.sequence.parse::<u64>().unwrap();
+    let after = seq(first.messages.last().unwrap());
+    assert_eq!(
+        seq(&next.messages[0]),
+        after + 1,
+        "the next message, given back at once"
+    );
+    assert_eq!(next.messages[0].delivery_count, 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not after ack_wait (30 s)"
     );
     no_panic(&p);
 }

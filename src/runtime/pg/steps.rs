@@ -5,9 +5,7 @@
 use super::{looks_like_token, to_message};
 use crate::config::broker::DEFAULT_REQUEST_TIMEOUT;
 use crate::nats::ack::AckKind;
-use crate::pb::eventbus::{
-    AckResponse, BulkAckResult, BulkPublishResult, ConsumeResponse, PublishResponse,
-};
+use crate::pb::eventbus::{AckResponse, BulkAckResult, BulkPublishResult, PublishResponse};
 use crate::pg::{AckOp, AckToken, FetchOpts, Outgoing, PgBus};
 use crate::runtime::modules::broker::{BrokerModule, BusError};
 use crate::runtime::modules::ConsumerModule;
@@ -15,7 +13,8 @@ use crate::runtime::steps::bulk::{failure_summary, FailOn};
 use crate::runtime::steps::message::{
     now_rfc3339, rfc3339, Include, CORRELATION_HEADER, MSG_ID_HEADER,
 };
-use crate::runtime::steps::StepOutput;
+use crate::runtime::steps::output::Output;
+use crate::runtime::steps::{output, StepOutput};
 use crate::runtime::types::StepKind;
 use crate::runtime::{render, Runtime, RuntimeError};
 use async_nats::HeaderMap;
@@ -225,7 +224,7 @@ pub(crate) async fn consume(
     let opts = FetchOpts {
         batch: ask.batch,
         max_wait: ask.max_wait,
-        max_bytes: Some(ask.max_bytes),
+        max_bytes: Some(output::fetch_bytes(ask.max_bytes, ask.batch)),
         dead_letter_subject: None,
     };
     // The fetch ends by itself at max_wait; the outer bound only guards against a database
@@ -234,16 +233,25 @@ pub(crate) async fn consume(
     let rows = bounded("fetch", bound, bus.fetch(ask.stream, ask.durable, opts))
         .await
         .map_err(failed)?;
-    let messages: Vec<_> = rows
-        .into_iter()
-        .map(|d| to_message(d, ask.include))
-        .collect();
-    let out = ConsumeResponse {
-        count: messages.len() as i32,
-        messages,
-    };
+    let mut out = Output::new(ask.max_bytes, rows.len());
+    for d in rows {
+        // Past max_deliver the database dead-letters a row, so one given back is not lost.
+        if let Some(m) = out.push(to_message(d, ask.include), false) {
+            // Over the budget even without its derived forms: back for the next call, at once.
+            let back = token(&m.ack_token);
+            let naked = match &back {
+                Ok(t) => bounded("nak", DEFAULT_REQUEST_TIMEOUT, bus.ack(t, AckOp::Nak(None)))
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = naked {
+                tracing::debug!(error = %e, "nak of a message over the consume budget failed; it comes back after its lease");
+            }
+        }
+    }
     Ok(StepOutput {
-        typed: StepKind::Consume.pack_output(&out),
+        typed: StepKind::Consume.pack_output(&out.into_response()),
     })
 }
 

@@ -2,9 +2,11 @@
 //! waiting at most `max_wait`. The pull consumer handle is bound once per (broker, stream,
 //! durable) and reused by every execution, instead of a subscription per call.
 
+use super::output::{self, Output};
 use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
 use crate::config::decode::{self, RawConfig};
 use crate::config::error::Problems;
+use crate::nats::ack::{ack_token, AckKind};
 use crate::nats::guard::{check_duration, MAX_DURATION};
 use crate::nats::names::check_name;
 use crate::nats::{NatsConn, NatsError};
@@ -20,8 +22,9 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 pub const MAX_BATCH: i32 = 1000;
-/// The default and the largest `max_bytes`: 64 MiB is the largest `max_payload` a server
-/// accepts, so one message always fits; a batch never holds more payload than this.
+/// The default `max_bytes`: the encoded output (every form of every message) one execution
+/// returns at most, so also about what it holds in memory. A single message larger than that
+/// (a server accepts up to 64 MiB) still comes, alone, without its derived forms.
 pub const DEFAULT_MAX_BYTES: i64 = 64 * 1024 * 1024;
 pub const MAX_MAX_BYTES: i64 = 1024 * 1024 * 1024;
 
@@ -250,7 +253,7 @@ impl ConsumeStep {
         conn.wait_connected(conn.request_timeout)
             .await
             .map_err(|e| RuntimeError::nats(component, e))?;
-        let messages = match fetch(
+        let out = match fetch(
             rt,
             &broker.spec.name,
             &conn,
@@ -286,17 +289,13 @@ impl ConsumeStep {
             other => other,
         }
         .map_err(|e| RuntimeError::nats(component, e))?;
-        let out = ConsumeResponse {
-            count: messages.len() as i32,
-            messages,
-        };
         Ok(StepOutput {
             typed: StepKind::Consume.pack_output(&out),
         })
     }
 }
 
-/// How much one execution takes: messages, payload bytes (bounded by the server), forms.
+/// How much one execution takes: messages, output bytes (all forms, as encoded), forms.
 #[derive(Clone, Copy)]
 struct Limits {
     batch: usize,
@@ -312,25 +311,40 @@ async fn fetch(
     durable: &str,
     limits: Limits,
     max_wait: Duration,
-) -> Result<Vec<Message>, NatsError> {
+) -> Result<ConsumeResponse, NatsError> {
     let consumer = rt.pulls().get(broker, conn, stream, durable).await?;
     let batch = limits.batch;
+    let max_deliver = consumer.cached_info().config.max_deliver;
     let mut batch_stream = consumer
         .fetch()
         .max_messages(batch)
-        .max_bytes(limits.max_bytes)
+        .max_bytes(output::fetch_bytes(limits.max_bytes, batch))
         .expires(max_wait)
         .messages()
         .await
         .map_err(|e| NatsError::other("fetch", e))?;
-    let mut out = Vec::with_capacity(batch);
+    let mut out = Output::new(limits.max_bytes, batch);
     // The fetch ends by itself at `max_wait`; the outer bound only guards against a server
     // that never answers.
     let bound = max_wait + conn.request_timeout;
     let collect = async {
         while let Some(m) = batch_stream.next().await {
             match m {
-                Ok(m) => out.push(to_message(&m, durable, limits.include)),
+                Ok(m) => {
+                    let msg = to_message(&m, durable, limits.include);
+                    // A nak on the last delivery would end it: that one stays, over budget.
+                    let last = max_deliver > 0 && msg.delivery_count as i64 >= max_deliver;
+                    if let Some(msg) = out.push(msg, last) {
+                        // Over the budget even without its derived forms: back to the server
+                        // for the next call, at once.
+                        let nak = AckKind::Nak(None);
+                        if let Err(e) =
+                            ack_token(&conn.client, &msg.ack_token, nak, conn.request_timeout).await
+                        {
+                            tracing::debug!(error = %e, "nak of a message over the consume budget failed; it is redelivered after ack_wait");
+                        }
+                    }
+                }
                 Err(e) => {
                     let text = e.to_string();
                     if text.contains("consumer deleted") || text.contains("not found") {
@@ -349,7 +363,7 @@ async fn fetch(
         Ok(r) => r?,
         Err(_) => tracing::debug!("fetch outer bound reached"),
     }
-    Ok(out)
+    Ok(out.into_response())
 }
 
 /// One delivered message in our wire shape (also the base of the trigger payload), with the

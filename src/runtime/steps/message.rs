@@ -71,6 +71,11 @@ pub fn rfc3339(t: time::OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
+/// The forms derived from a payload, in the order they are left out when a message does not
+/// fit its output (the consume budget, the host's callback limit): the parsed JSON (up to ~6
+/// bytes per payload byte), then the text (a copy). The payload itself is never left out.
+pub const DERIVED_FORMS: [&str; 2] = ["json", "text"];
+
 /// Which forms of each payload a delivered message carries. Each costs memory and output:
 /// bytes (base64 in the host's JSON, 1.34x), text (1x, UTF-8 only), parsed JSON (up to ~6x for
 /// arrays of numbers).

@@ -9,6 +9,7 @@
 
 use super::TriggerCall;
 use crate::pb::eventbus::Message;
+use crate::runtime::steps::message::DERIVED_FORMS;
 use base64::Engine;
 use prost_types::value::Kind;
 use prost_types::{Struct, Value};
@@ -109,11 +110,6 @@ pub fn entry_bytes(entry: &Struct) -> usize {
     key_len(1) + encoded_len_varint(value as u64) + value
 }
 
-/// The derived forms, in the order they are left out when a call does not fit: the parsed JSON
-/// (up to ~6 bytes per payload byte), then the text (a copy of the payload). The payload itself
-/// (the message) is never left out.
-const DERIVED: [&str; 2] = ["json", "text"];
-
 /// A message whose data cannot fit the host's limit even without its derived forms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooLarge {
@@ -141,7 +137,7 @@ pub fn fit(
 ) -> Result<(), TooLarge> {
     let mut now = size(data);
     let mut omitted = Vec::new();
-    for form in DERIVED {
+    for form in DERIVED_FORMS {
         if now <= limit {
             break;
         }
