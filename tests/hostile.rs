@@ -514,6 +514,97 @@ include: [payload, xml]
     no_panic(&p);
 }
 
+/// Issue 19 finding 11 (runtime parts): bulk `messages` with `$JS.API` subjects in static config
+/// passed CreateStep and failed only at Execute; a 10 KB module name and a 1 MiB dsn were
+/// accepted (the broker never worked and the dsn was echoed to stderr). Each is now refused at
+/// Create in one short line, and values quoted in errors are capped.
+#[tokio::test]
+async fn i19_f11_reserved_and_oversized_static_config_is_refused_at_create() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    let short = |e: &str| {
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.len() < 1000, "{} bytes: {}...", e.len(), &e[..300]);
+    };
+    let e = p
+        .create_step(
+            PUBLISH,
+            "fanout",
+            "messages: [{subject: orders.ok}, {subject: '$JS.API.STREAM.DELETE.ORDERS'}, {subject: '$JS.API.STREAM.PURGE.ORDERS'}]\n",
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("config.messages[1].subject:")
+            && e.contains("reserved")
+            && e.contains("(and 1 more messages with problems)"),
+        "{e}"
+    );
+    short(&e);
+    let e = p
+        .create_step(
+            PUBLISH,
+            "fanout",
+            "messages: [{subject: orders.ok, headers: {'a b': x}}]\n",
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("config.messages[0].headers:"), "{e}");
+    let long = "m".repeat(10_000);
+    let broker = "provider: nats\ndeploy_target: self_hosted\n";
+    let e = p
+        .create_module("eventbus.broker", &long, broker)
+        .await
+        .unwrap_err();
+    assert!(e.contains("config.name: is 10000 bytes long"), "{e}");
+    short(&e);
+    let e = p.create_step(PUBLISH, &long, "").await.unwrap_err();
+    assert!(e.contains("config.name: is 10000 bytes long"), "{e}");
+    short(&e);
+    let e = p
+        .create_trigger(&long, &json!({"name": "worker", "stream_name": "ORDERS"}))
+        .await
+        .unwrap_err();
+    assert!(e.contains("config.name: is 10000 bytes long"), "{e}");
+    short(&e);
+    let host = "h".repeat(1 << 20);
+    for (provider, dsn) in [
+        ("nats", format!("nats://{host}:4222")),
+        ("pgchannel", format!("postgres://u:secret@{host}/db")),
+    ] {
+        let e = p
+            .create_module(
+                "eventbus.broker",
+                &format!("big-{provider}"),
+                &format!("provider: {provider}\ndeploy_target: self_hosted\ndsn: '{dsn}'\n"),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("config.dsn: is ") && e.contains("bytes long"),
+            "{e}"
+        );
+        assert!(!e.contains("secret"));
+        short(&e);
+    }
+    // A value quoted in an error is capped (200 characters).
+    let e = p
+        .create_trigger(
+            "pipeline:x",
+            &json!({"name": "worker", "stream_name": "ORDERS", "deliver": "b".repeat(10_000)}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("config.deliver:"), "{e}");
+    short(&e);
+    assert!(
+        p.stderr().len() < 100_000,
+        "{} bytes of stderr",
+        p.stderr().len()
+    );
+    no_panic(&p);
+}
+
 /// One consume execution as the host sends it; the typed output's bytes and its decoding.
 async fn consume_raw(p: &Plugin, handle: &str, config_yaml: &str) -> (usize, ConsumeResponse) {
     let (cfg, input, _) = p.codec.step_messages("step.eventbus.consume");

@@ -32,7 +32,7 @@ pub use trigger::{Launcher, TriggerCall};
 pub enum RuntimeError {
     #[error("unknown {kind} handle: {id}")]
     UnknownHandle { kind: &'static str, id: String },
-    #[error("workflow-plugin-eventbus: unknown {kind} type {type_name:?} (known: {known})")]
+    #[error("workflow-plugin-eventbus: unknown {kind} type {} (known: {known})", crate::secret::quote(.type_name))]
     UnknownType {
         kind: &'static str,
         type_name: String,
@@ -137,6 +137,26 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The longest module, step or trigger name accepted. Names are quoted in every error and log
+/// line of their component and key the module table; a 10 KB name was accepted and echoed.
+pub const MAX_COMPONENT_NAME: usize = 256;
+
+/// Create-time bound on a component's name, one line.
+fn check_component_name(type_name: &str, name: &str) -> Result<(), RuntimeError> {
+    if name.len() <= MAX_COMPONENT_NAME {
+        return Ok(());
+    }
+    let mut p = config_error::Problems::new(type_name, name);
+    p.field(
+        "name",
+        format!(
+            "is {} bytes long; names are limited to {MAX_COMPONENT_NAME} bytes",
+            name.len()
+        ),
+    );
+    Err(RuntimeError::Config(p.into_error()))
+}
+
 impl Runtime {
     pub fn new(lifecycle: Lifecycle) -> Self {
         Runtime {
@@ -225,6 +245,7 @@ impl Runtime {
                 known: types::module_type_names().join(", "),
             });
         };
+        check_component_name(type_name, name)?;
         let problems = |lines: Vec<String>| {
             let mut p = config_error::Problems::new(type_name, name);
             p.raw(lines);
@@ -497,6 +518,7 @@ impl Runtime {
                 known: types::step_type_names().join(", "),
             });
         };
+        check_component_name(type_name, name)?;
         let step = Step::create(kind, name, raw)?;
         let id = self.new_handle("step");
         write(&self.inner.steps).insert(id.clone(), Arc::new(step));
@@ -546,6 +568,7 @@ impl Runtime {
                 known: types::TRIGGER_TYPE.into(),
             });
         }
+        check_component_name(type_name, name)?;
         let spec = trigger::TriggerSpec::from_struct(self, name, config)?;
         let t = Arc::new(TriggerModule::new(spec, self.inner.lifecycle.child_token()));
         let id = self.new_handle("trg");

@@ -15,6 +15,7 @@ use crate::config::error::Problems;
 use crate::nats::guard::{check_publish_target, MAX_DURATION};
 use crate::nats::names::{check_filter_subject, check_name};
 use crate::runtime::steps::message::Include;
+use crate::secret::quote;
 use futures::future::BoxFuture;
 use serde_json::Value as Json;
 use std::sync::Mutex;
@@ -153,7 +154,7 @@ impl TriggerSpec {
             "" | "message" => batch::Deliver::Message,
             "batch" => batch::Deliver::Batch,
             other => {
-                p.field("deliver", format!("{other:?} is not valid; use message (one message per pipeline run, the default) or batch (up to batch_size messages per run)"));
+                p.field("deliver", format!("{} is not valid; use message (one message per pipeline run, the default) or batch (up to batch_size messages per run)", quote(other)));
                 batch::Deliver::Message
             }
         };
@@ -244,7 +245,7 @@ impl TriggerSpec {
             "" | "auto" => AckMode::Auto,
             "manual" => AckMode::Manual,
             other => {
-                p.field("ack_mode", format!("{other:?} is not valid; use auto (ack after the pipeline succeeds) or manual (step.eventbus.ack)"));
+                p.field("ack_mode", format!("{} is not valid; use auto (ack after the pipeline succeeds) or manual (step.eventbus.ack)", quote(other)));
                 AckMode::Auto
             }
         };
@@ -256,7 +257,10 @@ impl TriggerSpec {
                 _ => {
                     p.field(
                         "max_batch_wait",
-                        format!("{batch_wait_s:?} is not a duration of at most 1m such as \"200ms\" or \"1s\""),
+                        format!(
+                            "{} is not a duration of at most 1m such as \"200ms\" or \"1s\"",
+                            quote(&batch_wait_s)
+                        ),
                     );
                     batch::DEFAULT_MAX_BATCH_WAIT
                 }
@@ -275,7 +279,7 @@ impl TriggerSpec {
                         "nak_delay",
                         format!(
                             "{} is not a duration of at most 24h such as \"500ms\", \"2s\" or \"1m\"",
-                            crate::secret::quote(&nak_delay_s)
+                            quote(&nak_delay_s)
                         ),
                     );
                     DEFAULT_NAK_DELAY
@@ -340,7 +344,13 @@ impl TriggerSpec {
             }
         }
         if stream.is_empty() && !durable.is_empty() {
-            p.field("stream_name", format!("is required: no eventbus.consumer module declares {durable:?}, so name its stream"));
+            p.field(
+                "stream_name",
+                format!(
+                    "is required: no eventbus.consumer module declares {}, so name its stream",
+                    quote(&durable)
+                ),
+            );
         } else if !stream.is_empty() {
             p.check("stream_name", check_name(&stream));
         }
