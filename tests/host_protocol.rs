@@ -628,18 +628,23 @@ async fn exits_when_the_host_process_dies() {
     assert!(!socket.exists(), "plugin kept running after its host died");
 }
 
+/// The plugin with the cookie at log level `level`, stdout and stderr piped and left to the test.
+fn spawn_logging(bin: &std::path::Path, level: &str) -> std::process::Child {
+    spawn_retrying(
+        std::process::Command::new(bin)
+            .current_dir(bin.parent().unwrap())
+            .env(COOKIE.0, COOKIE.1)
+            .env("RUST_LOG", level)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    )
+}
+
 #[tokio::test]
 async fn a_closed_stderr_never_crashes_the_plugin() {
     let dir = tempfile::tempdir().unwrap();
     let bin = install(dir.path());
-    let mut child = spawn_retrying(
-        std::process::Command::new(&bin)
-            .current_dir(bin.parent().unwrap())
-            .env(COOKIE.0, COOKIE.1)
-            .env("RUST_LOG", "debug")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped()),
-    );
+    let mut child = spawn_logging(&bin, "debug");
     drop(child.stderr.take()); // the host stopped reading: every log write now fails (EPIPE)
     let line = read_first_line(&mut child);
     let socket = std::path::PathBuf::from(line.split('|').nth(3).unwrap());
@@ -682,14 +687,7 @@ async fn a_closed_stderr_never_crashes_the_plugin() {
 async fn an_undrained_stderr_at_trace_never_blocks_rpcs() {
     let dir = tempfile::tempdir().unwrap();
     let bin = install(dir.path());
-    let mut child = spawn_retrying(
-        std::process::Command::new(&bin)
-            .current_dir(bin.parent().unwrap())
-            .env(COOKIE.0, COOKIE.1)
-            .env("RUST_LOG", "trace")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped()),
-    );
+    let mut child = spawn_logging(&bin, "trace");
     // Kept open and never read: the pipe (64 KiB) fills after a few hundred lines.
     let _stderr = child.stderr.take();
     let line = read_first_line(&mut child);

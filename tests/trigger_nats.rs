@@ -978,26 +978,6 @@ async fn shutdown_stops_every_trigger_together_within_the_budget() {
 
 // ---------------------------------------------------------------- 9b. the host's callback limit
 
-/// The entries of a batch call's `messages`.
-fn entries(call: &Call) -> Vec<prost_types::Struct> {
-    match call
-        .data
-        .as_ref()
-        .and_then(|d| d.fields.get("messages"))
-        .and_then(|v| v.kind.clone())
-    {
-        Some(Kind::ListValue(l)) => l
-            .values
-            .into_iter()
-            .filter_map(|v| match v.kind {
-                Some(Kind::StructValue(s)) => Some(s),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// What one message's data says it left out (`omitted`), as strings.
 fn omitted(data: &prost_types::Struct) -> Vec<String> {
     match data.fields.get("omitted").and_then(|v| v.kind.clone()) {
@@ -1085,7 +1065,7 @@ async fn f1_batch_over_the_callback_limit_is_split_and_every_message_reaches_a_p
             "{}",
             encoded_len(&call)
         );
-        for e in entries(&call) {
+        for e in batch_entries(&call) {
             let text = match e.fields.get("text").and_then(|v| v.kind.clone()) {
                 Some(Kind::StringValue(t)) => t,
                 _ => panic!("text was left out of {:?}", e.fields.keys()),

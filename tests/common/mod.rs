@@ -682,6 +682,27 @@ impl Drop for Plugin {
     }
 }
 
+/// The entries of a batch call's `messages` (`deliver: batch`).
+pub fn batch_entries(call: &TriggerWorkflowRequest) -> Vec<prost_types::Struct> {
+    use prost_types::value::Kind;
+    match call
+        .data
+        .as_ref()
+        .and_then(|d| d.fields.get("messages"))
+        .and_then(|v| v.kind.clone())
+    {
+        Some(Kind::ListValue(l)) => l
+            .values
+            .into_iter()
+            .filter_map(|v| match v.kind {
+                Some(Kind::StructValue(s)) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// A pipeline that just succeeds.
 pub fn ok_pipeline() -> PipelineFn {
     Arc::new(|_| Box::pin(async { Ok(()) }))

@@ -118,3 +118,18 @@ impl Include {
         Ok(inc)
     }
 }
+
+/// A delivered JSON array of about 2n bytes with every form (tests of the size budgets).
+#[cfg(test)]
+pub(crate) fn json_message(n: usize) -> crate::pb::eventbus::Message {
+    let body = format!("[{}1]", "1,".repeat(n));
+    let json = serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default();
+    crate::pb::eventbus::Message {
+        subject: "orders.big".into(),
+        text: body.clone(),
+        json: Some(decode::json_to_value(&json)),
+        payload: body.into_bytes(),
+        ack_token: "$JS.ACK.ORDERS.w.1.1.1.1.0".into(),
+        ..Default::default()
+    }
+}

@@ -92,20 +92,8 @@ impl Output {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::steps::message::json_message;
     use prost::Message as _;
-
-    fn json_message(n: usize) -> Message {
-        let body = format!("[{}1]", "1,".repeat(n));
-        let json = serde_json::from_str::<serde_json::Value>(&body).unwrap();
-        Message {
-            subject: "orders.big".into(),
-            text: body.clone(),
-            json: Some(crate::config::decode::json_to_value(&json)),
-            payload: body.into_bytes(),
-            ack_token: "$JS.ACK.ORDERS.w.1.1.1.1.0".into(),
-            ..Default::default()
-        }
-    }
 
     /// Finding 8 of issue 19: the output, not the payload, is what the budget bounds.
     #[test]

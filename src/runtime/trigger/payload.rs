@@ -269,6 +269,7 @@ impl BatchSizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::steps::message::json_message;
 
     fn text_of(payload: &[u8]) -> Option<Value> {
         let text = std::str::from_utf8(payload)
@@ -280,19 +281,6 @@ mod tests {
             ..Default::default()
         };
         build(m, "").fields.get("text").cloned()
-    }
-
-    fn json_message(n: usize) -> Message {
-        let body = format!("[{}1]", "1,".repeat(n));
-        let json = serde_json::from_str::<serde_json::Value>(&body).unwrap();
-        Message {
-            subject: "orders.big".into(),
-            text: body.clone(),
-            json: Some(crate::config::decode::json_to_value(&json)),
-            payload: body.into_bytes(),
-            ack_token: "$JS.ACK.ORDERS.w.1.1.1.1.0".into(),
-            ..Default::default()
-        }
     }
 
     #[test]
