@@ -19,7 +19,6 @@ use crate::runtime::steps::StepOutput;
 use crate::runtime::types::StepKind;
 use crate::runtime::{render, Runtime, RuntimeError};
 use async_nats::HeaderMap;
-use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +26,6 @@ use std::time::Duration;
 /// Messages per publish transaction in a bulk publish: one round trip each, and a bounded
 /// transaction (a 10 000-message list is 20 of them, not one huge lock holder).
 const PUBLISH_CHUNK: usize = 500;
-/// Acks awaited at once in a bulk ack; each takes a pooled connection.
-const ACK_WINDOW: usize = 16;
 
 /// The headers the step built for NATS, split the way the pgchannel tables keep them: the
 /// correlation id in its own column, the message id as the de-duplication key, the rest as the
@@ -306,21 +303,50 @@ pub(crate) async fn ack_bulk(
         .require_pg()
         .await
         .map_err(|e| RuntimeError::bus(component, e))?;
-    let bus = &bus;
-    let results: Vec<BulkAckResult> = futures::stream::iter(tokens.into_iter().enumerate())
-        .map(|(i, t)| async move {
-            let error = match settle(bus, &t, kind).await {
-                Ok(()) => String::new(),
-                Err(e) => render(&e),
+    let parsed: Vec<Result<AckToken, BusError>> = tokens.iter().map(|t| token(t)).collect();
+    let valid: Vec<AckToken> = parsed
+        .iter()
+        .filter_map(|p| p.as_ref().ok())
+        .cloned()
+        .collect();
+    // One statement per consumer over all of its tokens, each token's outcome reported.
+    let mut settled = match tokio::time::timeout(
+        DEFAULT_REQUEST_TIMEOUT,
+        bus.settle_many(&valid, ack_op(kind)),
+    )
+    .await
+    {
+        Ok(r) => r
+            .into_iter()
+            .map(|r| r.map_err(BusError::from))
+            .collect::<Vec<_>>(),
+        Err(_) => (0..valid.len())
+            .map(|_| {
+                Err(BusError::TimedOut {
+                    op: "ack",
+                    after: DEFAULT_REQUEST_TIMEOUT,
+                })
+            })
+            .collect::<Vec<_>>(),
+    }
+    .into_iter();
+    let results: Vec<BulkAckResult> = tokens
+        .into_iter()
+        .zip(parsed)
+        .enumerate()
+        .map(|(i, (t, p))| {
+            let outcome = match p {
+                Err(e) => Err(e),
+                Ok(_) => settled.next().unwrap_or_else(|| {
+                    Err(BusError::Invalid("ack: no result for the token".into()))
+                }),
             };
             BulkAckResult {
                 index: i as i32,
                 ack_token: t,
-                error,
+                error: outcome.err().map(|e| render(&e)).unwrap_or_default(),
             }
         })
-        .buffered(ACK_WINDOW)
-        .collect()
-        .await;
+        .collect();
     crate::runtime::steps::bulk::ack_output(component, kind, fail_on, results)
 }
