@@ -834,6 +834,39 @@ async fn raw_windowed(
     Ok(())
 }
 
+/// One consume step call, its output fed straight into one bulk ack (as pipeline state would
+/// carry it); the messages settled.
+async fn consume_bulk_ack(
+    p: &Plugin,
+    consume_req: &ExecuteStepRequest,
+    ack_template: &ExecuteStepRequest,
+    ack_input_type: &str,
+) -> Res<usize> {
+    let out = execute(&p.client, consume_req.clone()).await?;
+    let batch = ConsumeResponse::decode(out.as_slice()).map_err(|e| e.to_string())?;
+    let n = batch.messages.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut req = ack_template.clone();
+    req.typed_input = Some(prost_types::Any {
+        type_url: ack_input_type.to_string(),
+        value: AckRequest {
+            messages: batch.messages,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    });
+    req.current = None;
+    let out = execute(&p.client, req).await?;
+    let acked = eventbus_plugin::pb::eventbus::AckResponse::decode(out.as_slice())
+        .map_err(|e| e.to_string())?;
+    if acked.acked as usize != n {
+        return Err(format!("bulk ack confirmed {} of {n}", acked.acked));
+    }
+    Ok(n)
+}
+
 /// (e) Bulk publish, consume + bulk ack, and trigger batch delivery against their baselines.
 async fn bulk_bench(
     p: &Plugin,
@@ -938,30 +971,7 @@ async fn bulk_bench(
         if start.elapsed() > WAIT {
             return Err(format!("bulk steps consumed only {done} of {CONSUME_N}"));
         }
-        let out = execute(&p.client, consume_req.clone()).await?;
-        let batch = ConsumeResponse::decode(out.as_slice()).map_err(|e| e.to_string())?;
-        let n = batch.messages.len();
-        if n == 0 {
-            continue;
-        }
-        // The consume output fed straight in, as pipeline state would carry it.
-        let mut req = ack_template.clone();
-        req.typed_input = Some(prost_types::Any {
-            type_url: ack_input_type.clone(),
-            value: AckRequest {
-                messages: batch.messages,
-                ..Default::default()
-            }
-            .encode_to_vec(),
-        });
-        req.current = None;
-        let out = execute(&p.client, req).await?;
-        let acked = eventbus_plugin::pb::eventbus::AckResponse::decode(out.as_slice())
-            .map_err(|e| e.to_string())?;
-        if acked.acked as usize != n {
-            return Err(format!("bulk ack confirmed {} of {n}", acked.acked));
-        }
-        done += n;
+        done += consume_bulk_ack(p, &consume_req, &ack_template, &ack_input_type).await?;
     }
     let steps_rate = done as f64 / start.elapsed().as_secs_f64();
     let mut raw_rates = Vec::new();
@@ -1348,28 +1358,7 @@ async fn pg_bench(
                 if start.elapsed() > WAIT {
                     return Err("pg bulk consume stalled".to_string());
                 }
-                let out = execute(&p.client, req.clone()).await?;
-                let batch = ConsumeResponse::decode(out.as_slice()).map_err(|e| e.to_string())?;
-                let n = batch.messages.len();
-                if n == 0 {
-                    continue;
-                }
-                let mut ack = ack_template.clone();
-                ack.typed_input = Some(prost_types::Any {
-                    type_url: ack_input_type.clone(),
-                    value: AckRequest {
-                        messages: batch.messages,
-                        ..Default::default()
-                    }
-                    .encode_to_vec(),
-                });
-                ack.current = None;
-                let out = execute(&p.client, ack).await?;
-                let acked = eventbus_plugin::pb::eventbus::AckResponse::decode(out.as_slice())
-                    .map_err(|e| e.to_string())?;
-                if acked.acked as usize != n {
-                    return Err(format!("pg bulk ack confirmed {} of {n}", acked.acked));
-                }
+                let n = consume_bulk_ack(p, &req, &ack_template, &ack_input_type).await?;
                 done_c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             }
             Ok::<Instant, String>(Instant::now())
