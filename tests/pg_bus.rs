@@ -1293,3 +1293,48 @@ async fn competing_subscribers_share_one_consumer() {
     assert_eq!(total, 300, "no message delivered twice");
     assert_eq!(seen, published);
 }
+
+/// The trigger's settle coalescer: many concurrent callers, each awaiting its own token's
+/// result (a forged token fails alone), every held message settled once all have answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settler_coalesces_concurrent_acks_with_exact_results() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    publish_n(&b, 200).await;
+    let got = b.fetch("ORDERS", "worker", opts(200)).await.unwrap();
+    assert_eq!(got.len(), 200);
+    let settler = b.settler();
+    let mut tasks = Vec::new();
+    for d in &got {
+        let s = settler.clone();
+        let t = d.token.clone();
+        tasks.push(tokio::spawn(async move { s.settle(&t, AckOp::Ack).await }));
+    }
+    let forged = AckToken {
+        stream: "ORDERS".into(),
+        consumer: "worker".into(),
+        id: got[199].token.id + 1000,
+    };
+    let e = tokio::time::timeout(Duration::from_secs(30), settler.settle(&forged, AckOp::Ack))
+        .await
+        .expect("answered")
+        .unwrap_err();
+    assert!(matches!(e, PgError::NoMessage { .. }), "{e}");
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("answered")
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        pg.psql("SELECT position FROM eventbus_consumers WHERE name = 'worker'"),
+        got[199].token.id.to_string(),
+        "every message settled"
+    );
+    assert!(b
+        .fetch("ORDERS", "worker", opts(10))
+        .await
+        .unwrap()
+        .is_empty());
+}

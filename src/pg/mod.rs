@@ -63,6 +63,7 @@ pub use filter::{parse_filters, SubjectFilter};
 pub use keys::consumer_lock_key;
 pub use schema::SCHEMA_VERSION;
 pub use settings::{parse_go_duration, PgSettings, SslMode};
+pub use settle::Settler;
 pub use subscribe::Subscription;
 pub use types::{
     notify_channel, validate_stream_name, AckOp, AckPolicy, AckToken, ConsumerDef, DeliverFrom,

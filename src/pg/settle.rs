@@ -14,6 +14,8 @@
 
 use std::collections::HashMap;
 
+use tokio::sync::{mpsc, oneshot};
+
 use super::core::Inner;
 use tokio_postgres::types::ToSql;
 
@@ -191,5 +193,75 @@ impl PgBus {
                 }
             })
             .collect()
+    }
+}
+
+/// Tokens one coalesced flush settles at most.
+const COALESCE_MAX: usize = 512;
+
+type Queued = (AckToken, AckOp, oneshot::Sender<Result<(), PgError>>);
+
+/// Coalesces settles from many concurrent callers (a trigger's pipelines) into
+/// [`PgBus::settle_many`] calls: each caller still awaits its own token's result, so nothing
+/// is settled before its caller asked. No timer: a flush starts as soon as the previous one
+/// ended, with whatever queued meanwhile, so one caller alone waits no longer than a plain
+/// ack, and under load a flush carries many tokens in one statement. Cheap to clone; the
+/// flushing task ends when the last clone is dropped or the bus is closed.
+#[derive(Clone)]
+pub struct Settler {
+    tx: mpsc::UnboundedSender<Queued>,
+}
+
+impl std::fmt::Debug for Settler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settler").finish_non_exhaustive()
+    }
+}
+
+impl Settler {
+    /// Settles one token in the next flush; its own outcome, as [`PgBus::ack`] gives it.
+    pub async fn settle(&self, token: &AckToken, op: AckOp) -> Result<(), PgError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send((token.clone(), op, done))
+            .map_err(|_| PgError::Cancelled("Ack"))?;
+        rx.await.unwrap_or(Err(PgError::Cancelled("Ack")))
+    }
+}
+
+impl PgBus {
+    /// A settle coalescer over this bus (see [`Settler`]).
+    pub fn settler(&self) -> Settler {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
+        let bus = self.clone();
+        let cancel = self.inner.cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                let first = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    q = rx.recv() => match q { Some(q) => q, None => return },
+                };
+                let mut queued = vec![first];
+                while queued.len() < COALESCE_MAX {
+                    match rx.try_recv() {
+                        Ok(q) => queued.push(q),
+                        Err(_) => break,
+                    }
+                }
+                // One settle_many per kind of settle, in the order the kinds first came.
+                while !queued.is_empty() {
+                    let op = queued[0].1;
+                    let (same, rest): (Vec<Queued>, Vec<Queued>) =
+                        queued.into_iter().partition(|q| q.1 == op);
+                    queued = rest;
+                    let tokens: Vec<AckToken> = same.iter().map(|q| q.0.clone()).collect();
+                    let results = bus.settle_many(&tokens, op).await;
+                    for ((_, _, done), r) in same.into_iter().zip(results) {
+                        let _ = done.send(r);
+                    }
+                }
+            }
+        });
+        Settler { tx }
     }
 }

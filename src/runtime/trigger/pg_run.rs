@@ -15,7 +15,7 @@ use super::{payload, AckMode, Launcher, TriggerCall, TriggerSpec};
 use crate::config::broker::DEFAULT_REQUEST_TIMEOUT;
 use crate::nats::ack::AckKind;
 use crate::pg::{
-    AckPolicy, AckToken, ConsumerDef, DeliverFrom, Delivery, Outgoing, PgBus, SubOpts,
+    AckPolicy, AckToken, ConsumerDef, DeliverFrom, Delivery, Outgoing, PgBus, Settler, SubOpts,
 };
 use crate::runtime::modules::broker::{BrokerModule, BusError};
 use crate::runtime::pg::steps::ack_op;
@@ -201,6 +201,8 @@ impl PgWorker {
             };
             tracing::info!(trigger = %name, stream = %self.spec.stream, consumer = %self.spec.durable, "subscribed (pgchannel)");
             backoff = Duration::from_millis(100);
+            // The pipelines' acks, coalesced into one statement per flush.
+            let settler = bus.settler();
             loop {
                 // Slots first, so no row waits in our hands while its lease runs.
                 let first = tokio::select! {
@@ -231,6 +233,7 @@ impl PgWorker {
                                 launcher: self.rt.launcher().unwrap_or_else(|| launcher.clone()),
                                 spec: self.spec.clone(),
                                 bus: bus.clone(),
+                                settler: settler.clone(),
                                 bound,
                                 stop: self.stop.clone(),
                             };
@@ -287,6 +290,7 @@ struct PgHandler {
     launcher: Arc<dyn Launcher>,
     spec: TriggerSpec,
     bus: PgBus,
+    settler: Settler,
     bound: Bound,
     stop: CancellationToken,
 }
@@ -430,9 +434,11 @@ impl PgHandler {
     /// worst lets the lease run out and the row come back).
     async fn settle(&self, token: &AckToken, kind: AckKind) {
         for attempt in 0..3u32 {
-            let r =
-                tokio::time::timeout(DEFAULT_REQUEST_TIMEOUT, self.bus.ack(token, ack_op(kind)))
-                    .await;
+            let r = tokio::time::timeout(
+                DEFAULT_REQUEST_TIMEOUT,
+                self.settler.settle(token, ack_op(kind)),
+            )
+            .await;
             match r {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) if attempt == 2 => {
