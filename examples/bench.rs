@@ -834,6 +834,37 @@ async fn raw_windowed(
     Ok(())
 }
 
+/// A bulk publish of one `BULK_LIST`-message list to `subject` (`max_in_flight` when given).
+fn bulk_publish_req(
+    p: &Plugin,
+    handle: &str,
+    subject: &str,
+    max_in_flight: Option<usize>,
+) -> Res<ExecuteStepRequest> {
+    let list: Vec<serde_json::Value> = (0..BULK_LIST)
+        .map(|i| json!({"payload": payload(i as u64)}))
+        .collect();
+    let mut config = json!({"subject": subject, "messages": list});
+    if let Some(n) = max_in_flight {
+        config["max_in_flight"] = json!(n);
+    }
+    request(p, "step.eventbus.publish", handle, config, json!({}))
+}
+
+/// Sends one bulk publish and checks that every message of the list was stored.
+async fn bulk_publish(p: &Plugin, req: ExecuteStepRequest) -> Res<()> {
+    let out = execute(&p.client, req).await?;
+    let r = eventbus_plugin::pb::eventbus::PublishResponse::decode(out.as_slice())
+        .map_err(|e| e.to_string())?;
+    if r.published as usize != BULK_LIST {
+        return Err(format!(
+            "bulk publish stored {} of {BULK_LIST}",
+            r.published
+        ));
+    }
+    Ok(())
+}
+
 /// One consume step call, its output fed straight into one bulk ack (as pipeline state would
 /// carry it); the messages settled.
 async fn consume_bulk_ack(
@@ -881,31 +912,8 @@ async fn bulk_bench(
             "subject: bench.bulk\nbroker_ref: bus\n",
         )
         .await?;
-    let list: Vec<serde_json::Value> = (0..BULK_LIST)
-        .map(|i| json!({"payload": payload(i as u64)}))
-        .collect();
-    let req = request(
-        p,
-        "step.eventbus.publish",
-        &handle,
-        json!({"subject": "bench.bulk", "max_in_flight": BULK_LIST, "messages": list}),
-        json!({}),
-    )?;
-    let bulk_op = |_| {
-        let req = req.clone();
-        async move {
-            let out = execute(&p.client, req).await?;
-            let r = eventbus_plugin::pb::eventbus::PublishResponse::decode(out.as_slice())
-                .map_err(|e| e.to_string())?;
-            if r.published as usize != BULK_LIST {
-                return Err(format!(
-                    "bulk publish stored {} of {BULK_LIST}",
-                    r.published
-                ));
-            }
-            Ok(())
-        }
-    };
+    let req = bulk_publish_req(p, &handle, "bench.bulk", Some(BULK_LIST))?;
+    let bulk_op = |_| bulk_publish(p, req.clone());
     let lists = PUBLISH_N / BULK_LIST;
     closed_loop(10, 1, bulk_op).await?; // warm
     raw_windowed(js, "bench.bulk", 1000, BULK_LIST).await?;
@@ -1397,31 +1405,8 @@ async fn pg_bench(
             "subject: pgb.bulk\nbroker_ref: pgbus\n",
         )
         .await?;
-    let list: Vec<serde_json::Value> = (0..BULK_LIST)
-        .map(|i| json!({"payload": payload(i as u64)}))
-        .collect();
-    let bulk_req = request(
-        p,
-        "step.eventbus.publish",
-        &bulk,
-        json!({"subject": "pgb.bulk", "messages": list}),
-        json!({}),
-    )?;
-    let bulk_op = |_| {
-        let req = bulk_req.clone();
-        async move {
-            let out = execute(&p.client, req).await?;
-            let r = eventbus_plugin::pb::eventbus::PublishResponse::decode(out.as_slice())
-                .map_err(|e| e.to_string())?;
-            if r.published as usize != BULK_LIST {
-                return Err(format!(
-                    "pg bulk publish stored {} of {BULK_LIST}",
-                    r.published
-                ));
-            }
-            Ok(())
-        }
-    };
+    let bulk_req = bulk_publish_req(p, &bulk, "pgb.bulk", None)?;
+    let bulk_op = |_| bulk_publish(p, bulk_req.clone());
     closed_loop(5, 1, bulk_op).await?;
     let s = closed_loop(PG_PUBLISH_N / BULK_LIST, 1, bulk_op).await?;
     fig(
