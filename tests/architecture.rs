@@ -458,7 +458,11 @@ const KNOWN_RINGS: &[(&str, &str, &[&str])] = &[
     (
         "issue-18",
         "crate::runtime",
-        &["crate::runtime", "crate::runtime::steps", "crate::runtime::trigger"],
+        &[
+            "crate::runtime",
+            "crate::runtime::steps",
+            "crate::runtime::trigger",
+        ],
     ),
 ];
 
