@@ -834,6 +834,70 @@ async fn raw_windowed(
     Ok(())
 }
 
+/// A bulk publish of one `BULK_LIST`-message list to `subject` (`max_in_flight` when given).
+fn bulk_publish_req(
+    p: &Plugin,
+    handle: &str,
+    subject: &str,
+    max_in_flight: Option<usize>,
+) -> Res<ExecuteStepRequest> {
+    let list: Vec<serde_json::Value> = (0..BULK_LIST)
+        .map(|i| json!({"payload": payload(i as u64)}))
+        .collect();
+    let mut config = json!({"subject": subject, "messages": list});
+    if let Some(n) = max_in_flight {
+        config["max_in_flight"] = json!(n);
+    }
+    request(p, "step.eventbus.publish", handle, config, json!({}))
+}
+
+/// Sends one bulk publish and checks that every message of the list was stored.
+async fn bulk_publish(p: &Plugin, req: ExecuteStepRequest) -> Res<()> {
+    let out = execute(&p.client, req).await?;
+    let r = eventbus_plugin::pb::eventbus::PublishResponse::decode(out.as_slice())
+        .map_err(|e| e.to_string())?;
+    if r.published as usize != BULK_LIST {
+        return Err(format!(
+            "bulk publish stored {} of {BULK_LIST}",
+            r.published
+        ));
+    }
+    Ok(())
+}
+
+/// One consume step call, its output fed straight into one bulk ack (as pipeline state would
+/// carry it); the messages settled.
+async fn consume_bulk_ack(
+    p: &Plugin,
+    consume_req: &ExecuteStepRequest,
+    ack_template: &ExecuteStepRequest,
+    ack_input_type: &str,
+) -> Res<usize> {
+    let out = execute(&p.client, consume_req.clone()).await?;
+    let batch = ConsumeResponse::decode(out.as_slice()).map_err(|e| e.to_string())?;
+    let n = batch.messages.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut req = ack_template.clone();
+    req.typed_input = Some(prost_types::Any {
+        type_url: ack_input_type.to_string(),
+        value: AckRequest {
+            messages: batch.messages,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    });
+    req.current = None;
+    let out = execute(&p.client, req).await?;
+    let acked = eventbus_plugin::pb::eventbus::AckResponse::decode(out.as_slice())
+        .map_err(|e| e.to_string())?;
+    if acked.acked as usize != n {
+        return Err(format!("bulk ack confirmed {} of {n}", acked.acked));
+    }
+    Ok(n)
+}
+
 /// (e) Bulk publish, consume + bulk ack, and trigger batch delivery against their baselines.
 async fn bulk_bench(
     p: &Plugin,
@@ -848,31 +912,8 @@ async fn bulk_bench(
             "subject: bench.bulk\nbroker_ref: bus\n",
         )
         .await?;
-    let list: Vec<serde_json::Value> = (0..BULK_LIST)
-        .map(|i| json!({"payload": payload(i as u64)}))
-        .collect();
-    let req = request(
-        p,
-        "step.eventbus.publish",
-        &handle,
-        json!({"subject": "bench.bulk", "max_in_flight": BULK_LIST, "messages": list}),
-        json!({}),
-    )?;
-    let bulk_op = |_| {
-        let req = req.clone();
-        async move {
-            let out = execute(&p.client, req).await?;
-            let r = eventbus_plugin::pb::eventbus::PublishResponse::decode(out.as_slice())
-                .map_err(|e| e.to_string())?;
-            if r.published as usize != BULK_LIST {
-                return Err(format!(
-                    "bulk publish stored {} of {BULK_LIST}",
-                    r.published
-                ));
-            }
-            Ok(())
-        }
-    };
+    let req = bulk_publish_req(p, &handle, "bench.bulk", Some(BULK_LIST))?;
+    let bulk_op = |_| bulk_publish(p, req.clone());
     let lists = PUBLISH_N / BULK_LIST;
     closed_loop(10, 1, bulk_op).await?; // warm
     raw_windowed(js, "bench.bulk", 1000, BULK_LIST).await?;
@@ -938,30 +979,7 @@ async fn bulk_bench(
         if start.elapsed() > WAIT {
             return Err(format!("bulk steps consumed only {done} of {CONSUME_N}"));
         }
-        let out = execute(&p.client, consume_req.clone()).await?;
-        let batch = ConsumeResponse::decode(out.as_slice()).map_err(|e| e.to_string())?;
-        let n = batch.messages.len();
-        if n == 0 {
-            continue;
-        }
-        // The consume output fed straight in, as pipeline state would carry it.
-        let mut req = ack_template.clone();
-        req.typed_input = Some(prost_types::Any {
-            type_url: ack_input_type.clone(),
-            value: AckRequest {
-                messages: batch.messages,
-                ..Default::default()
-            }
-            .encode_to_vec(),
-        });
-        req.current = None;
-        let out = execute(&p.client, req).await?;
-        let acked = eventbus_plugin::pb::eventbus::AckResponse::decode(out.as_slice())
-            .map_err(|e| e.to_string())?;
-        if acked.acked as usize != n {
-            return Err(format!("bulk ack confirmed {} of {n}", acked.acked));
-        }
-        done += n;
+        done += consume_bulk_ack(p, &consume_req, &ack_template, &ack_input_type).await?;
     }
     let steps_rate = done as f64 / start.elapsed().as_secs_f64();
     let mut raw_rates = Vec::new();
@@ -1060,13 +1078,141 @@ async fn bulk_bench(
     Ok(())
 }
 
+/// Statements the server has run so far (pg_stat_statements, every statement counted).
+fn pg_statements(pg: &pg_test_server::PgServer) -> i64 {
+    pg.psql(
+        "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements \
+         WHERE query NOT LIKE '%pg_stat_statements%'",
+    )
+    .trim()
+    .parse()
+    .unwrap_or(0)
+}
+
+/// Raw SQL against the plugin's own tables, one connection, prepared statements: bulk insert
+/// of 100-row lists, and a consumer that claims 100 delivery rows per statement, then settles
+/// them one statement each or all in one. What PostgreSQL gives on this machine, without the
+/// plugin and the host hop.
+async fn pg_raw_bench(pg: &pg_test_server::PgServer) -> Res<()> {
+    let err = |e: tokio_postgres::Error| e.to_string();
+    let (c, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .map_err(err)?;
+    let driver = tokio::spawn(conn);
+    let insert = c
+        .prepare(
+            "WITH ins AS (INSERT INTO eventbus_events (stream_name, subject, headers, payload) \
+               SELECT 'PGBENCH', $1, '{}'::jsonb, p FROM unnest($2::bytea[]) AS p RETURNING id) \
+             SELECT pg_notify('eventbus_pgbench', max(id)::text) FROM ins",
+        )
+        .await
+        .map_err(err)?;
+    let list: Vec<Vec<u8>> = (0..BULK_LIST)
+        .map(|i| payload(i as u64).into_bytes())
+        .collect();
+    let start = Instant::now();
+    for _ in 0..PG_PUBLISH_N / BULK_LIST {
+        c.execute(&insert, &[&"pgb.rawbulk", &list])
+            .await
+            .map_err(err)?;
+    }
+    fig(
+        "pg_bulk_publish_raw_sql_l100_rate",
+        PG_PUBLISH_N as f64 / start.elapsed().as_secs_f64(),
+        "msg/s",
+    );
+    for name in ["praw_each", "praw_all"] {
+        c.execute(
+            "INSERT INTO eventbus_consumers (stream_name, name, position, filter_subject) \
+             VALUES ('PGBENCH', $1, 0, 'pgb.rawbulk')",
+            &[&name],
+        )
+        .await
+        .map_err(err)?;
+    }
+    let claim = c
+        .prepare(
+            "WITH k AS (SELECT e.id, e.payload FROM eventbus_events e \
+               WHERE e.stream_name = 'PGBENCH' AND e.id > $2 AND e.subject = 'pgb.rawbulk' \
+               AND NOT EXISTS (SELECT 1 FROM eventbus_event_deliveries d \
+                 WHERE d.stream_name = 'PGBENCH' AND d.consumer_name = $1 AND d.event_id = e.id) \
+               ORDER BY e.id LIMIT 100), \
+             ins AS (INSERT INTO eventbus_event_deliveries AS d (stream_name, consumer_name, \
+               event_id, due_at) SELECT 'PGBENCH', $1, k.id, now() + interval '30 seconds' FROM k \
+               ON CONFLICT DO NOTHING RETURNING d.event_id) \
+             SELECT k.id, k.payload FROM k JOIN ins ON ins.event_id = k.id ORDER BY k.id",
+        )
+        .await
+        .map_err(err)?;
+    let ack_one = c
+        .prepare(
+            "UPDATE eventbus_event_deliveries SET state = 'acked', due_at = NULL \
+             WHERE stream_name = 'PGBENCH' AND consumer_name = $1 AND event_id = $2 AND state IS NULL",
+        )
+        .await
+        .map_err(err)?;
+    let ack_all = c
+        .prepare(
+            "UPDATE eventbus_event_deliveries SET state = 'acked', due_at = NULL \
+             WHERE stream_name = 'PGBENCH' AND consumer_name = $1 AND event_id = ANY($2) \
+             AND state IS NULL",
+        )
+        .await
+        .map_err(err)?;
+    let advance = c
+        .prepare(
+            "UPDATE eventbus_consumers SET position = $2 WHERE stream_name = 'PGBENCH' AND name = $1",
+        )
+        .await
+        .map_err(err)?;
+    for (name, each) in [("praw_each", true), ("praw_all", false)] {
+        let start = Instant::now();
+        let mut done = 0;
+        let mut position = 0i64;
+        while done < PG_PUBLISH_N {
+            let rows = c.query(&claim, &[&name, &position]).await.map_err(err)?;
+            if rows.is_empty() {
+                return Err(format!("raw SQL consumer {name} ran dry at {done}"));
+            }
+            let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+            if each {
+                for id in &ids {
+                    c.execute(&ack_one, &[&name, id]).await.map_err(err)?;
+                }
+            } else {
+                c.execute(&ack_all, &[&name, &ids]).await.map_err(err)?;
+            }
+            position = ids.iter().copied().max().unwrap_or(position);
+            c.execute(&advance, &[&name, &position])
+                .await
+                .map_err(err)?;
+            done += ids.len();
+        }
+        fig(
+            &format!(
+                "pg_consume_{}_raw_sql_b100_rate",
+                if each { "ack" } else { "bulk_ack" }
+            ),
+            done as f64 / start.elapsed().as_secs_f64(),
+            "msg/s",
+        );
+    }
+    drop(c);
+    let _ = driver.await;
+    Ok(())
+}
+
 /// (f) Provider pgchannel: publish, consume + ack and the trigger through a second plugin
 /// process whose broker is a real PostgreSQL.
 async fn pg_bench(
     pipeline: PipelineFn,
     calls: &mut mpsc::UnboundedReceiver<(u64, u64)>,
 ) -> Res<()> {
-    let pg = pg_test_server::PgServer::start();
+    let pg = pg_test_server::PgServer::builder()
+        .setting("shared_preload_libraries", "pg_stat_statements")
+        .setting("pg_stat_statements.track", "all")
+        .start();
+    pg.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
     println!(
         "# pgchannel: {} over loopback TCP, fsync off | payload {PAYLOAD_LEN} B",
         pg.psql("select version()")
@@ -1093,6 +1239,8 @@ async fn pg_bench(
     .await;
     for (name, filter) in [
         ("pcons", "pgb.cons"),
+        ("pcons_bulk", "pgb.cons"),
+        ("pcons_c4", "pgb.cons"),
         ("ptrig_mif1", "pgb.trig.mif1"),
         ("ptrig_mif64", "pgb.trig.mif64"),
     ] {
@@ -1150,6 +1298,7 @@ async fn pg_bench(
         .as_ref()
         .map(|a| a.type_url.clone())
         .unwrap_or_default();
+    let statements = pg_statements(&pg);
     let start = Instant::now();
     let mut done = 0;
     while done < PG_CONSUME_N {
@@ -1180,6 +1329,94 @@ async fn pg_bench(
         done as f64 / start.elapsed().as_secs_f64(),
         "msg/s",
     );
+    fig(
+        "pg_consume_ack_statements_per_msg",
+        (pg_statements(&pg) - statements) as f64 / done.max(1) as f64,
+        "stmt",
+    );
+
+    // consume 100 + one bulk ack of the consume output, one caller, then 4 callers sharing
+    // one consumer.
+    let consume = p
+        .create_step(
+            "step.eventbus.consume",
+            "pgget_bulk",
+            "consumer: pcons_bulk\n",
+        )
+        .await?;
+    let ack = p.create_step("step.eventbus.ack", "pgack_bulk", "").await?;
+    let consume_req = |durable: &str| {
+        request(
+            p,
+            "step.eventbus.consume",
+            &consume,
+            json!({"consumer": durable, "batch_size": 100, "max_wait": "1s"}),
+            json!({}),
+        )
+    };
+    let ack_template = request(p, "step.eventbus.ack", &ack, json!({}), json!({}))?;
+    let done_c = std::sync::atomic::AtomicUsize::new(0);
+    let bulk_loop = |req: ExecuteStepRequest| {
+        let ack_template = ack_template.clone();
+        let ack_input_type = ack_input_type.clone();
+        let done_c = &done_c;
+        async move {
+            let start = Instant::now();
+            while done_c.load(std::sync::atomic::Ordering::Relaxed) < PG_CONSUME_N {
+                if start.elapsed() > WAIT {
+                    return Err("pg bulk consume stalled".to_string());
+                }
+                let n = consume_bulk_ack(p, &req, &ack_template, &ack_input_type).await?;
+                done_c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok::<Instant, String>(Instant::now())
+        }
+    };
+    let statements = pg_statements(&pg);
+    let start = Instant::now();
+    let end = bulk_loop(consume_req("pcons_bulk")?).await?;
+    let done = done_c.swap(0, std::sync::atomic::Ordering::Relaxed);
+    fig(
+        "pg_consume_bulk_ack_steps_b100_rate",
+        done as f64 / (end - start).as_secs_f64(),
+        "msg/s",
+    );
+    fig(
+        "pg_consume_bulk_ack_statements_per_msg",
+        (pg_statements(&pg) - statements) as f64 / done.max(1) as f64,
+        "stmt",
+    );
+    let start = Instant::now();
+    let req = consume_req("pcons_c4")?;
+    let ends = futures::future::try_join_all((0..4).map(|_| bulk_loop(req.clone()))).await?;
+    let done = done_c.load(std::sync::atomic::Ordering::Relaxed);
+    let end = ends.into_iter().min().unwrap_or_else(Instant::now);
+    fig(
+        "pg_consume_bulk_ack_steps_b100_c4_rate",
+        done as f64 / (end - start).as_secs_f64(),
+        "msg/s",
+    );
+
+    // Bulk publish: lists of 100 through the step, one call at a time.
+    let bulk = p
+        .create_step(
+            "step.eventbus.publish",
+            "pgbulk",
+            "subject: pgb.bulk\nbroker_ref: pgbus\n",
+        )
+        .await?;
+    let bulk_req = bulk_publish_req(p, &bulk, "pgb.bulk", None)?;
+    let bulk_op = |_| bulk_publish(p, bulk_req.clone());
+    closed_loop(5, 1, bulk_op).await?;
+    let s = closed_loop(PG_PUBLISH_N / BULK_LIST, 1, bulk_op).await?;
+    fig(
+        "pg_bulk_publish_plugin_l100_rate",
+        s.rate * BULK_LIST as f64,
+        "msg/s",
+    );
+
+    // The limit: raw SQL on the same server and schema, no plugin.
+    pg_raw_bench(&pg).await?;
 
     // Trigger: burst published through the step (64 in flight) while receiving.
     for (mif, label) in [(1usize, "mif1"), (64, "mif64")] {

@@ -1085,3 +1085,278 @@ async fn an_unencoded_password_with_reserved_characters_connects_and_never_shows
     assert!(frags.iter().all(|f| !shown.contains(f)), "{shown}");
     assert!(!format!("{b:?}").contains("Zx9"));
 }
+
+/// Issue 19, finding 4: a token of a consumer that never received the message (`S:B:<id>`
+/// while only A consumed it) settles nothing and is an error, for every ack kind, single and
+/// bulk; B still gets every message. A token of an id the stream does not hold is an error too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_settles_only_a_delivery_the_consumer_holds() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    b.ensure_consumer(&consumer("ORDERS", "other"))
+        .await
+        .unwrap();
+    let p = publish_n(&b, 3).await;
+    let got = b.fetch("ORDERS", "worker", opts(10)).await.unwrap();
+    assert_eq!(ids(&got), p);
+    let forged = |id: i64| AckToken {
+        stream: "ORDERS".into(),
+        consumer: "other".into(),
+        id,
+    };
+    for op in [AckOp::Ack, AckOp::Term, AckOp::Nak(None), AckOp::Progress] {
+        let e = b.ack(&forged(p[0]), op).await.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "pgchannel: Ack: message {} of stream \"ORDERS\" was not delivered to consumer \"other\"; nothing settled",
+                p[0]
+            ),
+            "{op:?}"
+        );
+    }
+    let bulk: Vec<AckToken> = p.iter().map(|id| forged(*id)).collect();
+    let r = b.settle_many(&bulk, AckOp::Ack).await;
+    assert_eq!(r.len(), 3);
+    assert!(r.iter().all(|r| r.is_err()), "{r:?}");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM eventbus_event_deliveries WHERE consumer_name = 'other'"),
+        "0",
+        "nothing written for the consumer that never received them"
+    );
+    let e = b.ack(&forged(p[2] + 1000), AckOp::Ack).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "pgchannel: Ack: stream \"ORDERS\" has no message {} (never published, or removed by retention)",
+            p[2] + 1000
+        )
+    );
+    let theirs = b.fetch("ORDERS", "other", opts(10)).await.unwrap();
+    assert_eq!(
+        ids(&theirs),
+        p,
+        "the other consumer still gets every message"
+    );
+    // The holder's acks work, and acking again (a retry) is not an error, also once the row
+    // is pruned below the position.
+    for d in &got {
+        b.ack(&d.token, AckOp::Ack).await.unwrap();
+    }
+    b.ack(&got[0].token, AckOp::Ack).await.unwrap();
+    b.prune_once().await.unwrap();
+    b.ack(&got[0].token, AckOp::Term).await.unwrap();
+}
+
+/// A bulk settle is one statement per consumer, and each token gets its own outcome: held ones
+/// settle, the others fail alone, duplicates and other consumers' groups are fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_many_reports_each_token() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    b.ensure_consumer(&consumer("ORDERS", "other"))
+        .await
+        .unwrap();
+    let p = publish_n(&b, 4).await;
+    let mine = b.fetch("ORDERS", "worker", opts(3)).await.unwrap();
+    let theirs = b.fetch("ORDERS", "other", opts(1)).await.unwrap();
+    let tok = |c: &str, id: i64| AckToken {
+        stream: "ORDERS".into(),
+        consumer: c.into(),
+        id,
+    };
+    let tokens = vec![
+        mine[0].token.clone(),
+        tok("worker", p[3]), // published, not handed out yet
+        mine[1].token.clone(),
+        theirs[0].token.clone(),
+        mine[0].token.clone(),
+        tok("ghost", p[0]),
+        mine[2].token.clone(),
+    ];
+    let r = b.settle_many(&tokens, AckOp::Ack).await;
+    let ok: Vec<bool> = r.iter().map(Result::is_ok).collect();
+    assert_eq!(
+        ok,
+        vec![true, false, true, true, true, false, true],
+        "{r:?}"
+    );
+    assert!(matches!(r[1], Err(PgError::NotDelivered { .. })), "{r:?}");
+    assert!(
+        matches!(r[5], Err(PgError::ConsumerNotFound { .. })),
+        "{r:?}"
+    );
+    let next = b.fetch("ORDERS", "worker", opts(10)).await.unwrap();
+    assert_eq!(ids(&next), vec![p[3]], "the unheld token settled nothing");
+    assert_eq!(
+        pg.psql("SELECT position FROM eventbus_consumers WHERE name = 'worker'"),
+        p[2].to_string()
+    );
+}
+
+/// Issue 20: four fetchers of one consumer, each fetching and bulk-acking in a loop, share the
+/// work: every message once, none twice, and more than one of them gets rows (they skip the
+/// rows another is claiming instead of queueing behind it). The speed against one fetcher is a
+/// bench figure (`pg_consume_bulk_ack_steps_b100_c4_rate`), not asserted on a loaded machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_concurrent_fetchers_share_one_consumer_without_overlap() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    let mut published = BTreeSet::new();
+    for _ in 0..4 {
+        published.extend(publish_n(&b, 250).await);
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            let mut batches = 0;
+            loop {
+                let got = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    b.fetch("ORDERS", "worker", opts(20)),
+                )
+                .await
+                .expect("fetch in time")
+                .unwrap();
+                if got.is_empty() {
+                    return (mine, batches);
+                }
+                batches += 1;
+                let tokens: Vec<AckToken> = got.iter().map(|d| d.token.clone()).collect();
+                for r in b.settle_many(&tokens, AckOp::Ack).await {
+                    r.unwrap();
+                }
+                mine.extend(ids(&got));
+            }
+        }));
+    }
+    let mut seen = BTreeSet::new();
+    let mut total = 0;
+    let mut busy = 0;
+    for t in tasks {
+        let (mine, batches) = tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("fetchers finish")
+            .unwrap();
+        total += mine.len();
+        busy += usize::from(batches > 0);
+        seen.extend(mine);
+    }
+    assert_eq!(total, 1000, "no message handed out twice");
+    assert_eq!(seen, published, "every message handed out");
+    assert!(
+        busy >= 2,
+        "the fetchers shared the work ({busy} of 4 got rows)"
+    );
+    assert!(b
+        .fetch("ORDERS", "worker", opts(10))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// Issue 20: competing subscribers (no consumer lock) on one consumer subscribe at once (an
+/// exclusive one waits for the lock), work side by side, and no message reaches both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competing_subscribers_share_one_consumer() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    let published: BTreeSet<i64> = publish_n(&b, 300).await.into_iter().collect();
+    let cancel = CancellationToken::new();
+    let o = || SubOpts {
+        dead_letter_subject: None,
+        cancel: cancel.clone(),
+    };
+    let mut subs = Vec::new();
+    for _ in 0..2 {
+        subs.push(
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                b.subscribe_competing("ORDERS", "worker", o()),
+            )
+            .await
+            .expect("no lock to wait for")
+            .unwrap(),
+        );
+    }
+    let mut tasks = Vec::new();
+    for mut sub in subs {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let got =
+                    match tokio::time::timeout(Duration::from_secs(2), sub.next_batch(10)).await {
+                        Ok(r) => r.unwrap(),
+                        // Nothing left for a while: done.
+                        Err(_) => return mine,
+                    };
+                let tokens: Vec<AckToken> = got.iter().map(|d| d.token.clone()).collect();
+                for r in b.settle_many(&tokens, AckOp::Ack).await {
+                    r.unwrap();
+                }
+                mine.extend(ids(&got));
+            }
+        }));
+    }
+    let mut seen = BTreeSet::new();
+    let mut total = 0;
+    for t in tasks {
+        let mine = tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("subscribers finish")
+            .unwrap();
+        total += mine.len();
+        seen.extend(mine);
+    }
+    cancel.cancel();
+    assert_eq!(total, 300, "no message delivered twice");
+    assert_eq!(seen, published);
+}
+
+/// The trigger's settle coalescer: many concurrent callers, each awaiting its own token's
+/// result (a forged token fails alone), every held message settled once all have answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settler_coalesces_concurrent_acks_with_exact_results() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    publish_n(&b, 200).await;
+    let got = b.fetch("ORDERS", "worker", opts(200)).await.unwrap();
+    assert_eq!(got.len(), 200);
+    let settler = b.settler();
+    let mut tasks = Vec::new();
+    for d in &got {
+        let s = settler.clone();
+        let t = d.token.clone();
+        tasks.push(tokio::spawn(async move { s.settle(&t, AckOp::Ack).await }));
+    }
+    let forged = AckToken {
+        stream: "ORDERS".into(),
+        consumer: "worker".into(),
+        id: got[199].token.id + 1000,
+    };
+    let e = tokio::time::timeout(Duration::from_secs(30), settler.settle(&forged, AckOp::Ack))
+        .await
+        .expect("answered")
+        .unwrap_err();
+    assert!(matches!(e, PgError::NoMessage { .. }), "{e}");
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("answered")
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        pg.psql("SELECT position FROM eventbus_consumers WHERE name = 'worker'"),
+        got[199].token.id.to_string(),
+        "every message settled"
+    );
+    assert!(b
+        .fetch("ORDERS", "worker", opts(10))
+        .await
+        .unwrap()
+        .is_empty());
+}

@@ -592,7 +592,8 @@ async fn jetstream_only_stream_and_consumer_settings_are_refused_at_start() {
     p.lifecycle("init", &s).await.unwrap();
     let e = p.lifecycle("start", &s).await.unwrap_err();
     for key in ["allow_direct", "metadata"] {
-        let line = format!("stream \"ORDERS\": {key} is a NATS JetStream setting; pgchannel has no equivalent (remove it)");
+        // The plan's words (crate::pg::spec is the one conversion for wfctl and the engine).
+        let line = format!("eventbus.stream \"orders\": config.{key}: is a NATS JetStream setting; pgchannel has no equivalent (remove it)");
         assert!(e.contains(&line), "{line} missing in: {e}");
     }
 }

@@ -1,6 +1,6 @@
 //! PgBus: the pool, schema ensure, stream/consumer rows, publish, fetch, ack and retention.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use super::filter::{filter_sql, parse_filters, sql_params, stream_subject_matche
 use super::keys::{msg_id_key, stream_key, LOCK_CLASS};
 use super::listen::Dedicated;
 use super::settings::Tls;
-use super::sql::{advance_position, duration_ms, lease_ms, micros_to_time, TS_MICROS};
+use super::sql::{advance_position, duration_ms, micros_to_time, TS_MICROS};
 use super::subscribe::Subscription;
 use super::types::*;
 use super::{schema, PgError, PgSettings};
@@ -71,6 +71,7 @@ impl PgBus {
                 streams: std::sync::Mutex::new(None),
                 cancel: CancellationToken::new(),
                 lagging: std::sync::Mutex::new(HashSet::new()),
+                consumers: std::sync::Mutex::new(HashMap::new()),
                 lag_wake: Arc::new(tokio::sync::Notify::new()),
                 settings: s,
             }),
@@ -173,7 +174,7 @@ impl PgBus {
     }
 
     /// Retries an idempotent operation on transient failures until the connect timeout.
-    async fn retrying<T, F, Fut>(&self, mut f: F) -> Result<T, PgError>
+    pub(crate) async fn retrying<T, F, Fut>(&self, mut f: F) -> Result<T, PgError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, PgError>>,
@@ -330,6 +331,7 @@ impl PgBus {
             })
             .await;
         self.forget_streams();
+        self.inner.forget_consumer(name, None);
         r
     }
 
@@ -425,7 +427,9 @@ impl PgBus {
                 )));
             }
         }
-        self.retrying(|| self.ensure_consumer_once(c)).await
+        let r = self.retrying(|| self.ensure_consumer_once(c)).await;
+        self.inner.forget_consumer(&c.stream, Some(&c.name));
+        r
     }
 
     async fn ensure_consumer_once(&self, d: &ConsumerDef) -> Result<Ensured, PgError> {
@@ -625,6 +629,7 @@ impl PgBus {
     }
 
     pub async fn delete_consumer(&self, stream: &str, name: &str) -> Result<bool, PgError> {
+        self.inner.forget_consumer(stream, Some(name));
         self.retrying(|| async {
             let mut c = self.client("DeleteConsumer").await?;
             let tx = c
@@ -735,12 +740,13 @@ impl PgBus {
             .await
             .map_err(db)?;
         if !id_keys.is_empty() {
-            tx.execute(
-                "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k",
-                &[&LOCK_CLASS, &id_keys],
-            )
-            .await
-            .map_err(db)?;
+            let lock = tx
+                .prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k")
+                .await
+                .map_err(db)?;
+            tx.execute(&lock, &[&LOCK_CLASS, &id_keys])
+                .await
+                .map_err(db)?;
         }
         let insert = tx
             .prepare_cached(&format!(
@@ -808,13 +814,14 @@ impl PgBus {
                 duplicate: false,
             });
         }
-        for (stream, id) in &last_id {
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&notify_channel(stream), &id.to_string()],
-            )
+        let notify = tx
+            .prepare_cached("SELECT pg_notify($1, $2)")
             .await
             .map_err(db)?;
+        for (stream, id) in &last_id {
+            tx.execute(&notify, &[&notify_channel(stream), &id.to_string()])
+                .await
+                .map_err(db)?;
         }
         tx.commit()
             .await
@@ -984,115 +991,15 @@ impl PgBus {
         Ok(l.conn.wake.clone())
     }
 
-    /// Settles one delivery. Acks are per message, except with ack_policy `all`, where an
-    /// ack settles every delivered message up to the id (as NATS's AckAll). With ack_policy
-    /// `none` messages are settled when delivered, and this is a no-op.
+    /// Settles one delivery the consumer holds (see `settle`). Acks are per message, except
+    /// with ack_policy `all`, where an ack settles every delivered message up to the id (as
+    /// NATS's AckAll). With ack_policy `none` messages are settled when delivered, and this is
+    /// a no-op.
     pub async fn ack(&self, token: &AckToken, op: AckOp) -> Result<(), PgError> {
-        self.retrying(|| self.ack_once(token, op)).await
-    }
-
-    async fn ack_once(&self, t: &AckToken, op: AckOp) -> Result<(), PgError> {
-        const OP: &str = "Ack";
-        let db = |e| PgError::db(OP, e);
-        let mut c = self.client(OP).await?;
-        let tx = c.transaction().await.map_err(db)?;
-        let row = tx
-            .query_opt(
-                "SELECT ack_policy, ack_wait_ms, backoff_ms, filter_subject FROM eventbus_consumers \
-                 WHERE stream_name = $1 AND name = $2",
-                &[&t.stream, &t.consumer],
-            )
+        self.settle_many(std::slice::from_ref(token), op)
             .await
-            .map_err(db)?
-            .ok_or_else(|| PgError::ConsumerNotFound {
-                stream: t.stream.clone(),
-                consumer: t.consumer.clone(),
-            })?;
-        let policy = AckPolicy::from_db(&row.get::<_, String>(0));
-        if policy == AckPolicy::None {
-            return Ok(());
-        }
-        let ack_wait: Option<i64> = row.get(1);
-        let backoff: Vec<i64> = row.get::<_, Option<Vec<i64>>>(2).unwrap_or_default();
-        let filter: Option<String> = row.get(3);
-        let settle = |state: &'static str| {
-            let tx = &tx;
-            async move {
-                // Settle the row; a token for an event that is gone (pruned) is a no-op.
-                tx.execute(
-                    "INSERT INTO eventbus_event_deliveries AS d (stream_name, consumer_name, \
-                     event_id, state) SELECT $1, $2, $3, $4 WHERE EXISTS \
-                     (SELECT 1 FROM eventbus_events WHERE id = $3 AND stream_name = $1) \
-                     ON CONFLICT (stream_name, consumer_name, event_id) DO UPDATE \
-                     SET state = $4, due_at = NULL WHERE d.state IS NULL",
-                    &[&t.stream, &t.consumer, &t.id, &state],
-                )
-                .await
-                .map_err(db)
-            }
-        };
-        let settled = match op {
-            AckOp::Ack => {
-                if policy == AckPolicy::All {
-                    tx.execute(
-                        "UPDATE eventbus_event_deliveries SET state = 'acked', due_at = NULL \
-                         WHERE stream_name = $1 AND consumer_name = $2 AND event_id <= $3 \
-                         AND state IS NULL",
-                        &[&t.stream, &t.consumer, &t.id],
-                    )
-                    .await
-                    .map_err(db)?;
-                }
-                settle("acked").await?;
-                true
-            }
-            AckOp::Term => {
-                settle("term").await?;
-                true
-            }
-            AckOp::Nak(delay) => {
-                let ms = delay.map(duration_ms).unwrap_or(0);
-                tx.execute(
-                    "UPDATE eventbus_event_deliveries SET due_at = now() + $4::int8 * interval '1 millisecond' \
-                     WHERE stream_name = $1 AND consumer_name = $2 AND event_id = $3 AND state IS NULL",
-                    &[&t.stream, &t.consumer, &t.id, &ms],
-                )
-                .await
-                .map_err(db)?;
-                false
-            }
-            AckOp::Progress => {
-                let count: Option<i32> = tx
-                    .query_opt(
-                        "SELECT delivery_count FROM eventbus_event_deliveries WHERE stream_name = $1 \
-                         AND consumer_name = $2 AND event_id = $3 AND state IS NULL FOR UPDATE",
-                        &[&t.stream, &t.consumer, &t.id],
-                    )
-                    .await
-                    .map_err(db)?
-                    .map(|r| r.get(0));
-                if let Some(n) = count {
-                    let ms = lease_ms(n, ack_wait, &backoff);
-                    tx.execute(
-                        "UPDATE eventbus_event_deliveries SET due_at = now() + $4::int8 * interval '1 millisecond' \
-                         WHERE stream_name = $1 AND consumer_name = $2 AND event_id = $3",
-                        &[&t.stream, &t.consumer, &t.id, &ms],
-                    )
-                    .await
-                    .map_err(db)?;
-                }
-                false
-            }
-        };
-        let busy = settled
-            && advance_position(&tx, &t.stream, &t.consumer, filter.as_deref(), false)
-                .await?
-                .unfinished();
-        tx.commit().await.map_err(db)?;
-        if busy {
-            self.inner.mark_lagging(&t.stream, &t.consumer);
-        }
-        Ok(())
+            .pop()
+            .unwrap_or_else(|| Err(PgError::invalid("Ack: no result for the token")))
     }
 
     // -------------------------------------------------------------- subscribe
@@ -1105,7 +1012,20 @@ impl PgBus {
         consumer: &str,
         o: SubOpts,
     ) -> Result<Subscription, PgError> {
-        super::subscribe::subscribe(&self.inner, stream, consumer, o).await
+        super::subscribe::subscribe(&self.inner, stream, consumer, o, true).await
+    }
+
+    /// A competing subscriber: no consumer lock, so subscribers in any number of processes
+    /// share the consumer's work (as NATS pull consumers do), each claim skipping the rows
+    /// another subscriber or fetcher is claiming. Delivery order across them is not promised;
+    /// where order matters (`max_in_flight: 1`) use [`PgBus::subscribe`].
+    pub async fn subscribe_competing(
+        &self,
+        stream: &str,
+        consumer: &str,
+        o: SubOpts,
+    ) -> Result<Subscription, PgError> {
+        super::subscribe::subscribe(&self.inner, stream, consumer, o, false).await
     }
 
     // ------------------------------------------------------------------ prune
@@ -1116,7 +1036,7 @@ impl PgBus {
         const OP: &str = "prune";
         let db = |e| PgError::db(OP, e);
         let mut report = PruneReport::default();
-        let mut c = self.client(OP).await?;
+        let c = self.client(OP).await?;
         let streams = c
             .query(
                 "SELECT name, max_age_seconds, max_msgs, max_bytes FROM eventbus_streams",
@@ -1163,69 +1083,60 @@ impl PgBus {
             }
         }
         let consumers = c
-            .query(
-                "SELECT stream_name, name, filter_subject FROM eventbus_consumers",
-                &[],
-            )
+            .query("SELECT stream_name, name FROM eventbus_consumers", &[])
             .await
             .map_err(db)?;
         for k in &consumers {
-            let (stream, name, filter): (String, String, Option<String>) =
-                (k.get(0), k.get(1), k.get(2));
-            let tx = c.transaction().await.map_err(db)?;
-            let moved = advance_position(&tx, &stream, &name, filter.as_deref(), true).await;
-            match moved {
-                Ok(a) => {
-                    tx.commit().await.map_err(db)?;
-                    if a.unfinished() {
-                        // A window's worth moved; the advancer finishes catching up.
-                        self.inner.mark_lagging(&stream, &name);
-                    }
-                }
+            let (stream, name): (String, String) = (k.get(0), k.get(1));
+            match advance_and_prune(&self.inner, &c, &stream, &name).await {
+                Ok(n) => report.deliveries += n,
                 Err(e) => {
-                    tracing::debug!(error = %e, stream, consumer = name, "pgchannel prune: position not advanced");
-                    drop(tx);
+                    tracing::debug!(error = %e, stream, consumer = name, "pgchannel prune: position not advanced")
                 }
             }
-            report.deliveries += c
-                .execute(
-                    "DELETE FROM eventbus_event_deliveries WHERE ctid IN (SELECT d.ctid FROM \
-                     eventbus_event_deliveries d JOIN eventbus_consumers k ON \
-                     k.stream_name = d.stream_name AND k.name = d.consumer_name \
-                     WHERE d.stream_name = $1 AND d.consumer_name = $2 AND d.event_id <= k.position \
-                     LIMIT $3)",
-                    &[&stream, &name, &PRUNE_BATCH],
-                )
-                .await
-                .map_err(db)?;
         }
         Ok(report)
     }
 }
 
-/// One waiting advance of a consumer's position (background advancer); re-queues the consumer
-/// while it keeps moving, since one advance looks at a bounded window only.
-async fn advance_one(inner: &Inner, stream: &str, consumer: &str) -> Result<(), PgError> {
+/// Settled delivery rows removed per consumer in one pass (the advancer's or prune's).
+const PRUNE_DELIVERIES: &str =
+    "DELETE FROM eventbus_event_deliveries WHERE ctid IN (SELECT d.ctid \
+     FROM eventbus_event_deliveries d JOIN eventbus_consumers k ON k.stream_name = d.stream_name \
+     AND k.name = d.consumer_name WHERE d.stream_name = $1 AND d.consumer_name = $2 \
+     AND d.event_id <= k.position LIMIT $3)";
+
+/// One waiting advance of a consumer's position, then the settled delivery rows at or below
+/// it removed (bounded): the background pass, so acks never delete. Re-queues the consumer
+/// while it keeps moving, since one advance looks at a bounded window only. The rows deleted.
+async fn advance_and_prune(
+    inner: &Inner,
+    c: &Object,
+    stream: &str,
+    consumer: &str,
+) -> Result<u64, PgError> {
     const OP: &str = "advance position";
     let db = |e| PgError::db(OP, e);
-    let mut c = inner.client(OP).await?;
-    let filter: Option<String> = match c
-        .query_opt(
-            "SELECT filter_subject FROM eventbus_consumers WHERE stream_name = $1 AND name = $2",
-            &[&stream, &consumer],
-        )
-        .await
-        .map_err(db)?
-    {
-        Some(r) => r.get(0),
+    let cfg = match inner.consumer_cfg(c, stream, consumer).await {
+        Ok(cfg) => cfg,
         // Deleted meanwhile: nothing to advance.
-        None => return Ok(()),
+        Err(PgError::ConsumerNotFound { .. }) => return Ok(0),
+        Err(e) => return Err(e),
     };
-    let tx = c.transaction().await.map_err(db)?;
-    let a = advance_position(&tx, stream, consumer, filter.as_deref(), true).await?;
-    tx.commit().await.map_err(db)?;
+    let a = advance_position(c, stream, consumer, &cfg, true).await?;
     if a.unfinished() {
         inner.mark_lagging(stream, consumer);
     }
-    Ok(())
+    let prune = c.prepare_cached(PRUNE_DELIVERIES).await.map_err(db)?;
+    c.execute(&prune, &[&stream, &consumer, &PRUNE_BATCH])
+        .await
+        .map_err(db)
+}
+
+/// One background advance of a consumer (see [`advance_and_prune`]).
+async fn advance_one(inner: &Inner, stream: &str, consumer: &str) -> Result<(), PgError> {
+    let c = inner.client("advance position").await?;
+    advance_and_prune(inner, &c, stream, consumer)
+        .await
+        .map(|_| ())
 }

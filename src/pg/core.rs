@@ -1,16 +1,22 @@
 //! State shared by the bus, its subscriptions and the lease (kept apart from `bus` so the
 //! modules that use it do not import each other).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Object, Pool};
 use tokio_util::sync::CancellationToken;
 
+use super::filter::{parse_filters, sql_params};
 use super::listen::Dedicated;
 use super::settings::Tls;
+use super::types::AckPolicy;
 use super::{PgError, PgSettings};
+
+/// How long a consumer's settings read from its row may be used by acks and leases. Changes
+/// made by this process apply at once (`forget_consumer`); another process's within this.
+const CONSUMER_TTL: Duration = Duration::from_secs(1);
 
 pub(crate) struct Inner {
     pub settings: PgSettings,
@@ -24,6 +30,22 @@ pub(crate) struct Inner {
     /// the background advancer (`PgBus::spawn_advancer`) drains it.
     pub lagging: Mutex<HashSet<(String, String)>>,
     pub lag_wake: Arc<tokio::sync::Notify>,
+    /// Consumer settings by (stream, consumer), read at most once per [`CONSUMER_TTL`].
+    pub consumers: Mutex<HashMap<ConsumerKey, (Instant, Arc<ConsumerCfg>)>>,
+}
+
+/// (stream, consumer).
+pub(crate) type ConsumerKey = (String, String);
+
+/// What acks and leases need from a consumer's row besides its position.
+#[derive(Clone, Debug)]
+pub(crate) struct ConsumerCfg {
+    pub policy: AckPolicy,
+    pub max_deliver: i32,
+    pub ack_wait_ms: Option<i64>,
+    pub backoff_ms: Vec<i64>,
+    /// The filter as SQL parameters (see `filter::filter_sql`), or why it is refused.
+    pub filter_params: Result<(bool, Vec<String>, Vec<String>), PgError>,
 }
 
 impl Drop for Inner {
@@ -48,6 +70,62 @@ pub(crate) struct StreamRoute {
 impl Inner {
     pub(crate) async fn client(&self, op: &'static str) -> Result<Object, PgError> {
         self.pool.get().await.map_err(|e| PgError::pool(op, e))
+    }
+
+    /// The consumer's settings, from the cache or its row; `ConsumerNotFound` when absent.
+    pub(crate) async fn consumer_cfg(
+        &self,
+        c: &Object,
+        stream: &str,
+        consumer: &str,
+    ) -> Result<Arc<ConsumerCfg>, PgError> {
+        let key = (stream.to_string(), consumer.to_string());
+        if let Ok(g) = self.consumers.lock() {
+            if let Some((at, cfg)) = g.get(&key) {
+                if at.elapsed() < CONSUMER_TTL {
+                    return Ok(cfg.clone());
+                }
+            }
+        }
+        let stmt = c
+            .prepare_cached(
+                "SELECT ack_policy, max_deliver, ack_wait_ms, backoff_ms, filter_subject \
+                 FROM eventbus_consumers WHERE stream_name = $1 AND name = $2",
+            )
+            .await
+            .map_err(|e| PgError::db("consumer settings", e))?;
+        let row = c
+            .query_opt(&stmt, &[&stream, &consumer])
+            .await
+            .map_err(|e| PgError::db("consumer settings", e))?
+            .ok_or_else(|| PgError::ConsumerNotFound {
+                stream: stream.to_string(),
+                consumer: consumer.to_string(),
+            })?;
+        let filter: Option<String> = row.get(4);
+        let filter_params = parse_filters(&filter.iter().cloned().collect::<Vec<_>>())
+            .map(|f| sql_params(&f))
+            .map_err(|e| {
+                PgError::invalid(format!("consumer {consumer:?} on stream {stream:?}: {e}"))
+            });
+        let cfg = Arc::new(ConsumerCfg {
+            policy: AckPolicy::from_db(&row.get::<_, String>(0)),
+            max_deliver: row.get(1),
+            ack_wait_ms: row.get(2),
+            backoff_ms: row.get::<_, Option<Vec<i64>>>(3).unwrap_or_default(),
+            filter_params,
+        });
+        if let Ok(mut g) = self.consumers.lock() {
+            g.insert(key, (Instant::now(), cfg.clone()));
+        }
+        Ok(cfg)
+    }
+
+    /// Drops cached consumer settings (all of a stream's when `consumer` is None).
+    pub(crate) fn forget_consumer(&self, stream: &str, consumer: Option<&str>) {
+        if let Ok(mut g) = self.consumers.lock() {
+            g.retain(|(s, c), _| s != stream || consumer.is_some_and(|n| n != c));
+        }
     }
 
     /// Hands a consumer's position to the background advancer.

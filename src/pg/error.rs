@@ -1,7 +1,7 @@
 //! The pg layer's one error type. Every variant renders as one line that names what failed;
 //! none carries the DSN, so no password can leak through an error.
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum PgError {
     /// Bad settings or definitions: `<what>: <why, and what is valid>`.
     #[error("pgchannel: {0}")]
@@ -15,6 +15,20 @@ pub enum PgError {
     /// Quoted at most [`crate::secret::QUOTE_MAX`] characters: a 100 KB token was echoed whole.
     #[error("pgchannel: Ack: malformed ackToken {} (want \"<stream>:<consumer>:<id>\")", crate::secret::quote(.0))]
     MalformedToken(String),
+    /// An ack token naming a message the consumer was never handed (another consumer's
+    /// delivery, or a forged id): nothing is settled.
+    #[error(
+        "pgchannel: Ack: message {id} of stream \"{stream}\" was not delivered to consumer \"{consumer}\"; nothing settled"
+    )]
+    NotDelivered {
+        stream: String,
+        consumer: String,
+        id: i64,
+    },
+    /// An ack token naming a message the stream does not hold (never published, or removed
+    /// by retention).
+    #[error("pgchannel: Ack: stream \"{stream}\" has no message {id} (never published, or removed by retention)")]
+    NoMessage { stream: String, id: i64 },
     /// A database or connection failure during `op`; `transient` when retrying (on a fresh
     /// connection) may succeed: connection lost, server shutting down or starting up.
     #[error("pgchannel: {op}: {msg}")]

@@ -44,7 +44,7 @@ pub(crate) fn msg_id_key(stream: &str, msg_id: &str) -> i32 {
     ]))
 }
 
-fn fold(h: u64) -> i32 {
+pub(crate) fn fold(h: u64) -> i32 {
     ((h >> 32) ^ (h & 0xffff_ffff)) as u32 as i32
 }
 

@@ -2,24 +2,26 @@
 //!
 //! A row is deliverable when its event is above the consumer's position, matches the filter,
 //! and has no delivery row that is settled (`state` set) or still leased (`due_at` in the
-//! future). The claim is an `INSERT ... ON CONFLICT DO UPDATE ... WHERE <still deliverable>`
-//! on the delivery rows inside one transaction: the conflicting row is locked and re-checked
-//! at its latest committed version, so two fetchers racing for one event (whatever their
-//! snapshots) cannot both claim it; the loser simply gets fewer rows. The candidate events
-//! are not locked with `FOR UPDATE SKIP LOCKED` on purpose: event rows are shared by every
-//! consumer of the stream, and skipping rows another *consumer* is leasing would make this
-//! one miss them until its next poll.
+//! future). One prepared statement (see [`CLAIM`]) finds, sizes and claims them: the claim is
+//! an `INSERT ... ON CONFLICT DO UPDATE ... WHERE <still deliverable>` on the delivery rows,
+//! so the conflicting row is locked and re-checked at its latest committed version and two
+//! fetchers racing for one event (whatever their snapshots) cannot both claim it; the loser
+//! simply gets fewer rows.
 //!
-//! Past max_deliver a row is dead-lettered in the same transaction: copied to the stream that
-//! owns the dead-letter subject (when one is given) and marked `dead`; it is never handed to
-//! the caller again. When no stream owns the dead-letter subject the row stays unsettled (no
-//! message is dropped) and the problem is logged.
-
-use std::collections::BTreeMap;
+//! Concurrent fetchers of one consumer skip each other's rows: a per-(consumer, event)
+//! advisory try-lock, scoped to the claiming statement, plays the part `FOR UPDATE SKIP
+//! LOCKED` plays on a queue table, without a second copy of each event per consumer and
+//! without locking the event rows, which every consumer of the stream shares (skipping rows
+//! another *consumer* is leasing would make this one miss them until its next poll).
+//!
+//! Past max_deliver a row is dead-lettered right after, in one transaction: copied to the
+//! stream that owns the dead-letter subject (when one is given) and marked `dead`; it is never
+//! handed to the caller again. When no stream owns the dead-letter subject the row stays
+//! unsettled (no message is dropped) and the problem is logged.
 
 use super::core::Inner;
-use super::filter::{filter_sql, parse_filters, sql_params};
-use super::keys::{stream_key, LOCK_CLASS};
+use super::filter::filter_sql;
+use super::keys::{fnv64a, fold, stream_key, LOCK_CLASS};
 use super::sql::{advance_position, headers_from_json, lease_ms, micros_to_time, TS_MICROS};
 use super::types::{notify_channel, AckPolicy, AckToken, Delivery};
 use super::PgError;
@@ -33,6 +35,61 @@ struct Candidate {
     ts_us: i64,
 }
 
+/// Candidates looked at per requested row: room for concurrent fetchers of one consumer to
+/// take disjoint rows (each skips the rows another is claiming at that moment).
+const SPREAD: i64 = 4;
+
+/// One statement: the consumer's next deliverable rows, cut to the byte budget, claimed.
+///
+/// `c0` reads only ids, at most `SPREAD` x the batch, in id order above the position (an
+/// index range; the plan stops at the limit). `c1` keeps those no concurrent fetcher of the
+/// same consumer is claiming right now: a transaction-scoped advisory try-lock per (consumer,
+/// event), held until this statement ends, so fetchers spread over the window instead of
+/// queueing on each other's uncommitted rows; the claim below stays the arbiter. `c1` reads
+/// `c0` in its stored (id) order without sorting, so the limit stops the try-locks after the
+/// batch: a fetcher locks about as many rows as it takes, and leaves the rest to the others. `c2` joins
+/// the rows' content and `sized` applies the byte budget (`$7`, always at least one row).
+const CLAIM: &str = "WITH k AS (SELECT position FROM eventbus_consumers \
+       WHERE stream_name = $1 AND name = $2), \
+     c0 AS MATERIALIZED (SELECT e.id FROM eventbus_events e, k \
+       WHERE e.stream_name = $1 AND e.id > k.position AND __FILTER__ \
+       AND NOT EXISTS (SELECT 1 FROM eventbus_event_deliveries d \
+         WHERE d.stream_name = $1 AND d.consumer_name = $2 AND d.event_id = e.id \
+         AND d.event_id > k.position AND (d.state IS NOT NULL OR d.due_at > now())) \
+       ORDER BY e.id LIMIT $6::int8 * __SPREAD__), \
+     c1 AS MATERIALIZED (SELECT id FROM c0 \
+       WHERE pg_try_advisory_xact_lock($11::int4 # (id >> 32)::int4, (id & 2147483647)::int4) \
+       LIMIT $6::int8), \
+     sized AS (SELECT e.id, e.subject, e.headers, e.payload, e.correlation_id, \
+       __TS__ AS ts_us, \
+       sum(octet_length(e.payload)) OVER (ORDER BY e.id) AS acc, \
+       row_number() OVER (ORDER BY e.id) AS rn \
+       FROM c1 JOIN eventbus_events e ON e.id = c1.id), \
+     pick AS (SELECT * FROM sized WHERE rn = 1 OR acc <= $7), \
+     claim AS (INSERT INTO eventbus_event_deliveries AS d (stream_name, consumer_name, event_id, \
+       delivery_count, first_delivered_at, last_delivered_at, state, due_at) \
+       SELECT $1, $2, pick.id, 1, now(), now(), $8::text, \
+         now() + $9::int8 * interval '1 millisecond' FROM pick \
+       ON CONFLICT (stream_name, consumer_name, event_id) DO UPDATE \
+       SET delivery_count = d.delivery_count + 1, last_delivered_at = now(), state = $8::text, \
+         due_at = now() + (CASE WHEN cardinality($10::int8[]) > 0 \
+           THEN ($10::int8[])[LEAST(d.delivery_count + 1, cardinality($10::int8[]))] \
+           ELSE $9::int8 END) * interval '1 millisecond' \
+       WHERE d.state IS NULL AND (d.due_at IS NULL OR d.due_at <= now()) \
+       RETURNING d.event_id, d.delivery_count) \
+     SELECT pick.id, pick.subject, pick.headers, pick.payload, pick.correlation_id, pick.ts_us, \
+       claim.delivery_count FROM pick JOIN claim ON claim.event_id = pick.id ORDER BY pick.id";
+
+fn claim_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        CLAIM
+            .replace("__FILTER__", &filter_sql(3))
+            .replace("__SPREAD__", &SPREAD.to_string())
+            .replace("__TS__", TS_MICROS)
+    })
+}
+
 pub(crate) async fn lease(
     bus: &Inner,
     stream: &str,
@@ -44,135 +101,60 @@ pub(crate) async fn lease(
     const OP: &str = "Fetch";
     let db = |e| PgError::db(OP, e);
     let mut c = bus.client(OP).await?;
-    let tx = c.transaction().await.map_err(db)?;
-    let k = tx
-        .query_opt(
-            "SELECT position, filter_subject, ack_policy, max_deliver, ack_wait_ms, backoff_ms \
-             FROM eventbus_consumers WHERE stream_name = $1 AND name = $2",
-            &[&stream, &consumer],
-        )
-        .await
-        .map_err(db)?
-        .ok_or_else(|| PgError::ConsumerNotFound {
-            stream: stream.to_string(),
-            consumer: consumer.to_string(),
-        })?;
-    let position: i64 = k.get(0);
-    let filter: Option<String> = k.get(1);
-    let policy = AckPolicy::from_db(&k.get::<_, String>(2));
-    let max_deliver: i32 = k.get(3);
-    let ack_wait: Option<i64> = k.get(4);
-    let backoff: Vec<i64> = k.get::<_, Option<Vec<i64>>>(5).unwrap_or_default();
-    let filters = parse_filters(&filter.iter().cloned().collect::<Vec<_>>()).map_err(|e| {
-        PgError::invalid(format!("consumer {consumer:?} on stream {stream:?}: {e}"))
-    })?;
-    let (all, exact, like) = sql_params(&filters);
+    let cfg = bus.consumer_cfg(&c, stream, consumer).await?;
+    let (all, exact, like) = cfg.filter_params.clone()?;
     let limit = i64::try_from(max.max(1)).unwrap_or(i64::MAX);
-    let select = tx
-        .prepare_cached(&format!(
-            "SELECT e.id, e.subject, e.headers, e.payload, e.correlation_id, {TS_MICROS} \
-             FROM eventbus_events e WHERE e.stream_name = $1 AND e.id > $2 AND {} \
-             AND NOT EXISTS (SELECT 1 FROM eventbus_event_deliveries d \
-               WHERE d.stream_name = $1 AND d.consumer_name = $3 AND d.event_id = e.id \
-               AND d.event_id > $2 AND (d.state IS NOT NULL OR d.due_at > now())) \
-             ORDER BY e.id LIMIT $7",
-            filter_sql(4)
-        ))
-        .await
-        .map_err(db)?;
-    let rows = tx
+    let budget = max_bytes
+        .and_then(|b| i64::try_from(b).ok())
+        .unwrap_or(i64::MAX);
+    // The lease (and, with ack_policy none, the settlement) is written by the claim itself:
+    // the n-th delivery is leased for backoff[n-1] (last entry repeated) or ack_wait.
+    let settle_now: Option<&str> = (cfg.policy == AckPolicy::None).then_some("acked");
+    let first_lease = lease_ms(1, cfg.ack_wait_ms, &cfg.backoff_ms);
+    let spread_key = fold(fnv64a(&[
+        b"lease\0",
+        stream.as_bytes(),
+        &[0],
+        consumer.as_bytes(),
+    ]));
+    let stmt = c.prepare_cached(claim_sql()).await.map_err(db)?;
+    let rows = c
         .query(
-            &select,
-            &[&stream, &position, &consumer, &all, &exact, &like, &limit],
+            &stmt,
+            &[
+                &stream,
+                &consumer,
+                &all,
+                &exact,
+                &like,
+                &limit,
+                &budget,
+                &settle_now,
+                &first_lease,
+                &cfg.backoff_ms,
+                &spread_key,
+            ],
         )
         .await
         .map_err(db)?;
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let mut cands: Vec<Candidate> = Vec::with_capacity(rows.len());
-    let mut bytes = 0usize;
+    let max_deliver = cfg.max_deliver.max(1);
+    let mut out = Vec::with_capacity(rows.len());
+    let mut dead: Vec<(Candidate, i32)> = Vec::new();
     for r in &rows {
-        let payload: Vec<u8> = r.get(3);
-        if let Some(limit) = max_bytes {
-            if !cands.is_empty() && bytes + payload.len() > limit {
-                break;
-            }
-        }
-        bytes += payload.len();
-        cands.push(Candidate {
+        let count: i32 = r.get(6);
+        let cand = Candidate {
             id: r.get(0),
             subject: r.get(1),
             headers: r.get(2),
-            payload,
+            payload: r.get(3),
             correlation_id: r.get(4),
             ts_us: r.get(5),
-        });
-    }
-    let ids: Vec<i64> = cands.iter().map(|c| c.id).collect();
-    // The lease (and, with ack_policy none, the settlement) is written by the claim itself:
-    // the n-th delivery is leased for backoff[n-1] (last entry repeated) or ack_wait.
-    let settle_now: Option<&str> = (policy == AckPolicy::None).then_some("acked");
-    let first_lease = lease_ms(1, ack_wait, &backoff);
-    let claim = tx
-        .prepare_cached(
-            "INSERT INTO eventbus_event_deliveries AS d (stream_name, consumer_name, event_id, \
-             delivery_count, first_delivered_at, last_delivered_at, state, due_at) \
-             SELECT $1, $2, x, 1, now(), now(), $4::text, \
-               now() + $5::int8 * interval '1 millisecond' FROM unnest($3::int8[]) AS x \
-             ON CONFLICT (stream_name, consumer_name, event_id) DO UPDATE \
-             SET delivery_count = d.delivery_count + 1, last_delivered_at = now(), state = $4::text, \
-               due_at = now() + (CASE WHEN cardinality($6::int8[]) > 0 \
-                 THEN ($6::int8[])[LEAST(d.delivery_count + 1, cardinality($6::int8[]))] \
-                 ELSE $5::int8 END) * interval '1 millisecond' \
-             WHERE d.state IS NULL AND (d.due_at IS NULL OR d.due_at <= now()) \
-             RETURNING d.event_id, d.delivery_count",
-        )
-        .await
-        .map_err(db)?;
-    let claimed: BTreeMap<i64, i32> = tx
-        .query(
-            &claim,
-            &[
-                &stream,
-                &consumer,
-                &ids,
-                &settle_now,
-                &first_lease,
-                &backoff,
-            ],
-        )
-        .await
-        .map_err(db)?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let mut dead_ids = Vec::new();
-    let mut out = Vec::with_capacity(claimed.len());
-    let mut settled_any = policy == AckPolicy::None && !claimed.is_empty();
-    for cand in cands {
-        let Some(&count) = claimed.get(&cand.id) else {
-            continue;
         };
-        if count > max_deliver.max(1) {
-            // Past max_deliver: never handed out again. Without a stream for the dead-letter
-            // subject it stays unsettled under its new lease, so nothing is dropped.
-            let dead = match dead_letter {
-                None => true,
-                Some(subject) => {
-                    copy_to_dead_letter(&tx, stream, consumer, &cand, count, subject).await?
-                }
-            };
-            if dead {
-                tracing::warn!(
-                    stream,
-                    consumer,
-                    id = cand.id,
-                    deliveries = count - 1,
-                    "pgchannel: message exceeded max_deliver; dead-lettered"
-                );
-                dead_ids.push(cand.id);
-            }
+        if count > max_deliver {
+            dead.push((cand, count));
             continue;
         }
         out.push(Delivery {
@@ -189,23 +171,50 @@ pub(crate) async fn lease(
             delivery_count: count,
         });
     }
-    if !dead_ids.is_empty() {
-        tx.execute(
-            "UPDATE eventbus_event_deliveries SET state = 'dead', due_at = NULL \
-             WHERE stream_name = $1 AND consumer_name = $2 AND event_id = ANY($3::int8[])",
-            &[&stream, &consumer, &dead_ids],
-        )
-        .await
-        .map_err(db)?;
-        settled_any = true;
+    let mut settled_any = cfg.policy == AckPolicy::None;
+    if !dead.is_empty() {
+        // Past max_deliver: never handed out again. Without a stream for the dead-letter
+        // subject it stays unsettled under its new lease, so nothing is dropped.
+        let tx = c.transaction().await.map_err(db)?;
+        let mut dead_ids = Vec::new();
+        for (cand, count) in &dead {
+            let (cand, count) = (cand, *count);
+            let gone = match dead_letter {
+                None => true,
+                Some(subject) => {
+                    copy_to_dead_letter(&tx, stream, consumer, cand, count, subject).await?
+                }
+            };
+            if gone {
+                tracing::warn!(
+                    stream,
+                    consumer,
+                    id = cand.id,
+                    deliveries = count - 1,
+                    "pgchannel: message exceeded max_deliver; dead-lettered"
+                );
+                dead_ids.push(cand.id);
+            }
+        }
+        if !dead_ids.is_empty() {
+            tx.execute(
+                "UPDATE eventbus_event_deliveries SET state = 'dead', due_at = NULL \
+                 WHERE stream_name = $1 AND consumer_name = $2 AND event_id = ANY($3::int8[])",
+                &[&stream, &consumer, &dead_ids],
+            )
+            .await
+            .map_err(db)?;
+            settled_any = true;
+        }
+        tx.commit().await.map_err(db)?;
     }
-    let busy = settled_any
-        && advance_position(&tx, stream, consumer, filter.as_deref(), false)
+    if settled_any {
+        let busy = advance_position(&c, stream, consumer, &cfg, false)
             .await?
             .unfinished();
-    tx.commit().await.map_err(db)?;
-    if busy {
-        bus.mark_lagging(stream, consumer);
+        if busy {
+            bus.mark_lagging(stream, consumer);
+        }
     }
     Ok(out)
 }

@@ -7,8 +7,9 @@
 //!
 //! Modules: `settings` (DSN, TLS, redaction), `types` (definitions and tokens), `filter`
 //! (subject filters and their SQL), `schema` (create/upgrade), `bus` (PgBus: streams,
-//! consumers, publish, fetch, ack, prune), `lease` (the claim of deliverable rows shared by
-//! fetch and subscribe), `listen` (dedicated connections for LISTEN and advisory locks),
+//! consumers, publish, fetch, prune), `lease` (the claim of deliverable rows shared by
+//! fetch and subscribe), `settle` (ack/nak/term/progress of one or many tokens), `sql` (the
+//! position advance), `listen` (dedicated connections for LISTEN and advisory locks),
 //! `subscribe` (one active subscriber per consumer).
 //!
 //! Delivery model: a consumer's unsettled messages are the events above its `position` that
@@ -20,8 +21,11 @@
 //!
 //! Go behaviours deliberately not kept (B16 and related):
 //! * `FOR UPDATE SKIP LOCKED` outside a transaction (no lock at all): rows are claimed by an
-//!   upsert on the delivery row inside a transaction instead (see `lease` for why not
-//!   SKIP LOCKED on the shared event rows).
+//!   upsert on the delivery row in one statement instead, and concurrent fetchers of one
+//!   consumer skip each other's rows by statement-scoped advisory try-locks (see `lease` for
+//!   why not SKIP LOCKED on the shared event rows).
+//! * An ack of any id settled it, delivered or not: a token settles only a delivery its
+//!   consumer holds (see `settle`).
 //! * Cumulative acks: acks settle one message; only ack_policy `all` settles up to the id.
 //! * A failing message blocking its consumer for max_deliver x poll_interval: a nak'd or
 //!   leased message waits alone; later ones keep flowing.
@@ -49,6 +53,7 @@ mod listen;
 pub mod provider;
 mod schema;
 mod settings;
+mod settle;
 pub mod spec;
 mod sql;
 mod subscribe;
@@ -60,6 +65,7 @@ pub use filter::{parse_filters, SubjectFilter};
 pub use keys::consumer_lock_key;
 pub use schema::SCHEMA_VERSION;
 pub use settings::{parse_go_duration, PgSettings, SslMode};
+pub use settle::Settler;
 pub use subscribe::Subscription;
 pub use types::{
     notify_channel, validate_stream_name, AckOp, AckPolicy, AckToken, ConsumerDef, DeliverFrom,

@@ -207,6 +207,42 @@ impl Provider for PgProvider {
         .await
     }
 
+    async fn settle_list(&self, tokens: &[&str], kind: AckKind) -> Vec<Result<(), ProviderError>> {
+        let parsed: Vec<Result<AckToken, ProviderError>> = tokens
+            .iter()
+            .map(|t| t.parse::<AckToken>().map_err(ProviderError::from))
+            .collect();
+        let valid: Vec<AckToken> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .cloned()
+            .collect();
+        let settled = match tokio::time::timeout(
+            DEFAULT_REQUEST_TIMEOUT,
+            self.bus.settle_many(&valid, ack_op(kind)),
+        )
+        .await
+        {
+            Ok(r) => r
+                .into_iter()
+                .map(|r| r.map_err(ProviderError::from))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut settled = settled.into_iter();
+        parsed
+            .into_iter()
+            .map(|p| {
+                p.and_then(|_| {
+                    settled.next().unwrap_or(Err(ProviderError::TimedOut {
+                        op: "ack",
+                        after: DEFAULT_REQUEST_TIMEOUT,
+                    }))
+                })
+            })
+            .collect()
+    }
+
     async fn ensure(&self, d: Declaration<'_>) -> Result<String, ProviderError> {
         let outcome = match d.what {
             Declares::Stream(s) => {

@@ -21,7 +21,7 @@ use std::time::Duration;
 /// Milliseconds: the unit the ack wait, backoff and duplicate window columns keep.
 pub const MS: Duration = Duration::from_millis(1);
 
-const NATS_ONLY: &str = "is a NATS JetStream setting; pgchannel";
+pub const NATS_ONLY: &str = "is a NATS JetStream setting; pgchannel";
 
 /// The domain's own checks (stream names name a NOTIFY channel; filters are literal, comma
 /// lists or `prefix.>`), so wfctl and the runtime refuse the same configs.
@@ -101,6 +101,9 @@ pub fn stream_def(type_name: &str, module: &str, s: &StreamSpec) -> Result<Strea
             "description",
             "pgchannel has no column for it (remove it, or put it in a YAML comment)",
         );
+    }
+    for key in s.settings.keys() {
+        p.field(key, format!("{NATS_ONLY} has no equivalent (remove it)"));
     }
     if s.servers.iter().any(|u| !u.trim().is_empty()) {
         p.field(
@@ -183,6 +186,9 @@ pub fn consumer_def(
             "description",
             "pgchannel has no column for it (remove it, or put it in a YAML comment)",
         );
+    }
+    for key in c.settings.keys() {
+        p.field(key, format!("{NATS_ONLY} has no equivalent (remove it)"));
     }
     if c.servers.iter().any(|u| !u.trim().is_empty()) {
         p.field(

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
 
-use super::filter::{filter_sql, parse_filters, sql_params};
+use deadpool_postgres::Object;
+
+use super::core::ConsumerCfg;
+use super::filter::filter_sql;
 use super::keys::{stream_key, LOCK_CLASS};
 use super::types::DEFAULT_ACK_WAIT;
 use super::PgError;
@@ -48,9 +51,9 @@ pub(crate) fn lease_ms(count: i32, ack_wait_ms: Option<i64>, backoff_ms: &[i64])
         .unwrap_or(duration_ms(DEFAULT_ACK_WAIT))
 }
 
-/// Event rows one position advance looks at. Bounds the work done while holding the
-/// stream's exclusive publish lock (publishers wait behind it); a consumer further behind
-/// catches up over several advances (acks, the background advancer, prune).
+/// Ids one position advance looks at (an id range, not a row count, so no plan can read
+/// past it); a consumer further behind catches up over several advances (the background
+/// advancer continues while a whole window moved).
 pub(crate) const ADVANCE_WINDOW: i64 = 2_000;
 
 /// What [`advance_position`] did.
@@ -58,10 +61,10 @@ pub(crate) const ADVANCE_WINDOW: i64 = 2_000;
 pub(crate) enum Advance {
     /// Publishes were in flight (only when not waiting): nothing checked.
     Busy,
-    /// The position moved forward, to its first unsettled matching event or the stream's end.
+    /// The position moved forward, to its first unsettled matching event or the fence.
     Moved,
-    /// The position moved across a whole window of settled or filtered-out events: there may
-    /// be more to skip.
+    /// The position moved across a whole window of settled or filtered-out ids: there may be
+    /// more to skip.
     MovedWindow,
     /// The position was already at its first unsettled matching event.
     Stayed,
@@ -74,79 +77,109 @@ impl Advance {
     }
 }
 
-/// Moves the consumer's `position` (the Go cursor: everything at or below it is settled) to
-/// just below its first unsettled matching event, or to the last event looked at when all of
-/// them are settled or filtered out, never backwards. Looks at no more than
-/// [`ADVANCE_WINDOW`] events above the position, in id order, and stops at the first
-/// unsettled match: an earlier version took `min(id)` over every unsettled event above the
-/// position, so each ack cost a scan of the whole backlog (O(backlog) per ack, quadratic
-/// overall).
+/// The last id drawn from the events' sequence, read while holding the stream's exclusive
+/// publish lock for this one statement only (autocommit: the lock ends with the statement).
+/// Publishers hold the shared lock from before they draw an id until they commit, so every id
+/// at or below the fence belongs to a publish that has finished: a later statement's snapshot
+/// sees all of them. The CASE makes the sequence read wait for the lock (an initplan runs when
+/// first used). NULL: publishes were in flight (try) or the wait timed out.
+const FENCE_TRY: &str = "SELECT CASE WHEN pg_try_advisory_xact_lock($1, $2) THEN \
+     (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
+        FROM eventbus_events_id_seq) END";
+const FENCE_WAIT: &str = "SELECT CASE WHEN pg_advisory_xact_lock($1, $2)::text IS NULL THEN NULL \
+     ELSE (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
+        FROM eventbus_events_id_seq) END \
+     FROM (SELECT set_config('lock_timeout', '2s', true)) AS s";
+
+/// Moves the position to just below the first unsettled matching event in `(position,
+/// LEAST(position + $6, fence $7)]`, or to the end of that range when it holds none. The
+/// event scan is an index range of at most ADVANCE_WINDOW ids. Returns (moved, whole window).
+const ADVANCE: &str = "WITH k AS (SELECT position FROM eventbus_consumers \
+       WHERE stream_name = $1 AND name = $2 FOR UPDATE), \
+     r AS (SELECT position AS lo, LEAST(position + $6, $7) AS hi FROM k), \
+     f AS (SELECT e.id FROM eventbus_events e, r WHERE e.stream_name = $1 \
+       AND e.id > r.lo AND e.id <= r.hi AND __FILTER__ \
+       AND NOT EXISTS (SELECT 1 FROM eventbus_event_deliveries d \
+         WHERE d.stream_name = $1 AND d.consumer_name = $2 AND d.event_id = e.id \
+         AND d.state IS NOT NULL) \
+       ORDER BY e.id LIMIT 1) \
+     UPDATE eventbus_consumers c SET position = GREATEST(r.lo, COALESCE((SELECT id - 1 FROM f), r.hi)) \
+     FROM r WHERE c.stream_name = $1 AND c.name = $2 \
+     RETURNING c.position > r.lo, c.position = r.lo + $6 AND r.hi < $7";
+
+fn advance_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| ADVANCE.replace("__FILTER__", &filter_sql(3)))
+}
+
+/// Moves the consumer's `position` (the Go cursor: everything at or below it is settled)
+/// forward, never backwards, by at most [`ADVANCE_WINDOW`] ids: to just below its first
+/// unsettled matching event, or across ids that are all settled or filtered out. An earlier
+/// version took `min(id)` over every unsettled event above the position (O(backlog) per ack).
 ///
-/// Needs the stream's exclusive publish lock (see `publish`); without `wait` it only tries,
-/// and returns [`Advance::Busy`] when publishes are in flight (the caller hands the consumer
-/// to the background advancer).
+/// Two autocommit statements on `c` (which must not be in a transaction): the fence (see
+/// [`FENCE_TRY`]), then the move, bounded by the fence, in a snapshot taken after it. The
+/// stream's exclusive lock is held only for the fence read, so publishers wait microseconds,
+/// not for a scan. Without `wait` it only tries, and returns [`Advance::Busy`] when publishes
+/// are in flight (the caller hands the consumer to the background advancer).
 pub(crate) async fn advance_position(
-    tx: &deadpool_postgres::Transaction<'_>,
+    c: &Object,
     stream: &str,
     consumer: &str,
-    filter: Option<&str>,
+    cfg: &ConsumerCfg,
     wait: bool,
 ) -> Result<Advance, PgError> {
-    let db = |e| PgError::db("advance position", e);
-    let key = stream_key(stream);
-    if wait {
-        tx.batch_execute("SET LOCAL lock_timeout = '2s'")
-            .await
-            .map_err(db)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_CLASS, &key])
-            .await
-            .map_err(db)?;
-    } else {
-        let got: bool = tx
-            .query_one(
-                "SELECT pg_try_advisory_xact_lock($1, $2)",
-                &[&LOCK_CLASS, &key],
-            )
-            .await
-            .map_err(db)?
-            .get(0);
-        if !got {
-            return Ok(Advance::Busy);
-        }
+    if cfg.filter_params.is_err() {
+        return Ok(Advance::Stayed);
     }
-    let filters = match parse_filters(&filter.map(|f| vec![f.to_string()]).unwrap_or_default()) {
-        Ok(f) => f,
+    let fence = publish_fence(c, stream, wait).await?;
+    advance_below(c, stream, consumer, cfg, fence).await
+}
+
+/// The publish fence of the stream (see [`FENCE_TRY`]); None when publishes were in flight.
+pub(crate) async fn publish_fence(
+    c: &Object,
+    stream: &str,
+    wait: bool,
+) -> Result<Option<i64>, PgError> {
+    let db = |e| PgError::db("advance position", e);
+    let stmt = c
+        .prepare_cached(if wait { FENCE_WAIT } else { FENCE_TRY })
+        .await
+        .map_err(db)?;
+    Ok(c.query_one(&stmt, &[&LOCK_CLASS, &stream_key(stream)])
+        .await
+        .map_err(db)?
+        .get(0))
+}
+
+/// The move of [`advance_position`], given a fence read by an earlier statement (None: Busy).
+pub(crate) async fn advance_below(
+    c: &Object,
+    stream: &str,
+    consumer: &str,
+    cfg: &ConsumerCfg,
+    fence: Option<i64>,
+) -> Result<Advance, PgError> {
+    let db = |e| PgError::db("advance position", e);
+    let Ok((all, exact, like)) = &cfg.filter_params else {
         // A Go-written filter we refuse: leave its position alone.
-        Err(_) => return Ok(Advance::Stayed),
+        return Ok(Advance::Stayed);
     };
-    let (all, exact, like) = sql_params(&filters);
-    // `w` is the window: the next ADVANCE_WINDOW events of the stream above the position, in
-    // id order (an index range on the primary key). The first unsettled match in it bounds
-    // the position; when there is none, the whole window is settled or filtered out and the
-    // position moves to its end. COALESCE evaluates the second scan only when needed.
-    // `d.event_id > c.position` lets the delivery lookup use a range, not the whole history.
-    let sql = format!(
-        "WITH k AS (SELECT position FROM eventbus_consumers \
-           WHERE stream_name = $1 AND name = $2 FOR UPDATE) \
-         UPDATE eventbus_consumers c SET position = GREATEST(k.position, COALESCE( \
-           (SELECT e.id - 1 FROM (SELECT ev.id, ev.subject FROM eventbus_events ev \
-               WHERE ev.stream_name = $1 AND ev.id > k.position ORDER BY ev.id LIMIT $6) e \
-             WHERE {} AND NOT EXISTS (SELECT 1 FROM eventbus_event_deliveries d \
-               WHERE d.stream_name = $1 AND d.consumer_name = $2 AND d.event_id = e.id \
-               AND d.event_id > k.position AND d.state IS NOT NULL) \
-             ORDER BY e.id LIMIT 1), \
-           (SELECT max(w.id) FROM (SELECT ev.id FROM eventbus_events ev \
-               WHERE ev.stream_name = $1 AND ev.id > k.position ORDER BY ev.id LIMIT $6) w), \
-           k.position)) \
-         FROM k WHERE c.stream_name = $1 AND c.name = $2 \
-         RETURNING c.position > k.position, CASE WHEN c.position > k.position THEN \
-           (SELECT count(*) FROM (SELECT 1 FROM eventbus_events ev WHERE ev.stream_name = $1 \
-              AND ev.id > k.position AND ev.id <= c.position LIMIT $6) z) = $6 ELSE false END",
-        filter_sql(3)
-    );
-    let params: [&(dyn ToSql + Sync); 6] =
-        [&stream, &consumer, &all, &exact, &like, &ADVANCE_WINDOW];
-    let row = tx.query_opt(&sql, &params).await.map_err(db)?;
+    let Some(fence) = fence else {
+        return Ok(Advance::Busy);
+    };
+    let stmt = c.prepare_cached(advance_sql()).await.map_err(db)?;
+    let params: [&(dyn ToSql + Sync); 7] = [
+        &stream,
+        &consumer,
+        all,
+        exact,
+        like,
+        &ADVANCE_WINDOW,
+        &fence,
+    ];
+    let row = c.query_opt(&stmt, &params).await.map_err(db)?;
     Ok(
         match row.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1))) {
             Some((true, true)) => Advance::MovedWindow,

@@ -1,4 +1,4 @@
-//! One active subscriber per consumer across processes.
+//! One active subscriber per consumer across processes, or competing subscribers.
 //!
 //! The subscriber holds the consumer's session advisory lock (the Go plugin's key, so Go and
 //! Rust subscribers exclude each other) on a dedicated connection that also LISTENs on the
@@ -6,6 +6,8 @@
 //! error and the caller subscribes again (with backoff); another process may take over in
 //! between, which is the point. Rows are claimed through the same lease as `fetch`, so even a
 //! Go subscriber or a consume step running beside us cannot receive the same row at once.
+//! A competing subscriber (`PgBus::subscribe_competing`) skips the lock: any number share the
+//! consumer's work, for triggers that promise no order.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,11 +38,15 @@ impl std::fmt::Debug for Subscription {
     }
 }
 
+/// `exclusive`: hold the consumer's advisory lock (one active subscriber across processes,
+/// id order with one in flight); otherwise a competing subscriber: any number share the
+/// consumer's work, each claim skipping the rows another is claiming (see `lease`).
 pub(crate) async fn subscribe(
     bus: &Arc<Inner>,
     stream: &str,
     consumer: &str,
     o: SubOpts,
+    exclusive: bool,
 ) -> Result<Subscription, PgError> {
     let exists = bus
         .client("Subscribe")
@@ -61,14 +67,15 @@ pub(crate) async fn subscribe(
     let inner = bus;
     let conn = Dedicated::connect(&inner.cfg, &inner.tls, "Subscribe").await?;
     let poll = inner.settings.poll_interval;
-    loop {
-        let got: bool = conn
+    let mut held = !exclusive;
+    while !held {
+        held = conn
             .client
             .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
             .await
             .map_err(|e| PgError::db("Subscribe: lock", e))?
             .get(0);
-        if got {
+        if held {
             break;
         }
         tokio::select! {
@@ -80,11 +87,7 @@ pub(crate) async fn subscribe(
         .batch_execute(&format!("LISTEN \"{}\"", notify_channel(stream)))
         .await
         .map_err(|e| PgError::db("Subscribe: LISTEN", e))?;
-    tracing::debug!(
-        stream,
-        consumer,
-        "pgchannel subscriber holds the consumer lock"
-    );
+    tracing::debug!(stream, consumer, exclusive, "pgchannel subscriber ready");
     Ok(Subscription {
         bus: bus.clone(),
         stream: stream.to_string(),

@@ -262,6 +262,21 @@ pub trait Provider: Clone + Send + Sync + 'static {
         kind: AckKind,
     ) -> impl Future<Output = Result<(), ProviderError>> + Send;
 
+    /// One ack kind on a list of tokens, one result per token in list order (a bulk ack).
+    /// Default: `settle` per token, `ACK_WINDOW` at a time; a provider that settles many in
+    /// one request (pgchannel: one statement per consumer) overrides it.
+    fn settle_list(
+        &self,
+        tokens: &[&str],
+        kind: AckKind,
+    ) -> impl Future<Output = Vec<Result<(), ProviderError>>> + Send {
+        use futures::StreamExt;
+        futures::stream::iter(tokens.iter().copied())
+            .map(move |t| self.settle(t, kind))
+            .buffered(Self::ACK_WINDOW)
+            .collect()
+    }
+
     /// Makes the broker hold the declaration as declared; the outcome, for the log.
     fn ensure(
         &self,

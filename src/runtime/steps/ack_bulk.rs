@@ -8,7 +8,6 @@ use crate::pb::eventbus::BulkAckResult;
 use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
 use crate::runtime::provider::{AckKind, Provider, ProviderError};
 use crate::runtime::{render, Runtime, RuntimeError};
-use futures::StreamExt;
 
 /// Settles one token, the single and the bulk ack alike. A nak of a message that a batch
 /// trigger run is holding is not sent: the trigger applies its own failure rules to it when the
@@ -75,25 +74,50 @@ impl ForProvider for AckList<'_> {
         let failed = |e| RuntimeError::broker(self.component, e);
         let p = P::open(broker).await.map_err(failed)?;
         p.ready(p.request_timeout()).await.map_err(failed)?;
-        let (p, rt, kind) = (&p, self.rt, self.kind);
-        Ok(futures::stream::iter(self.tokens.into_iter().enumerate())
-            .map(|(i, token)| async move {
-                // The same token check as the single ack, before anything is sent.
-                let error = match P::check_token(&token) {
-                    Err(e) => format!("ack_token {e}"),
-                    Ok(()) => match settle(rt, p, &token, kind).await {
-                        Ok(()) => String::new(),
-                        Err(e) => render(&e),
+        let (rt, kind) = (self.rt, self.kind);
+        // The same token check as the single ack, before anything is sent; a nak of a token a
+        // batch run holds is left to that run (`settle`), everything else goes in one list.
+        let mut errors: Vec<Option<String>> = Vec::with_capacity(self.tokens.len());
+        let mut send: Vec<&str> = Vec::new();
+        let marks = rt.batch_marks();
+        for token in &self.tokens {
+            match P::check_token(token) {
+                Err(e) => errors.push(Some(format!("ack_token {e}"))),
+                Ok(()) if matches!(kind, AckKind::Nak(_)) && marks.mark_failed(token) => {
+                    errors.push(Some(String::new()))
+                }
+                Ok(()) => {
+                    errors.push(None);
+                    send.push(token);
+                }
+            }
+        }
+        let mut sent = p.settle_list(&send, kind).await.into_iter();
+        Ok(self
+            .tokens
+            .iter()
+            .zip(errors)
+            .enumerate()
+            .map(|(i, (token, early))| {
+                let error = match early {
+                    Some(e) => e,
+                    None => match sent.next() {
+                        Some(Ok(())) => {
+                            if kind != AckKind::Progress {
+                                marks.mark_settled(token);
+                            }
+                            String::new()
+                        }
+                        Some(Err(e)) => render(&e),
+                        None => "ack: no result for the token".into(),
                     },
                 };
                 BulkAckResult {
                     index: i as i32,
-                    ack_token: token,
+                    ack_token: token.clone(),
                     error,
                 }
             })
-            .buffered(P::ACK_WINDOW)
-            .collect()
-            .await)
+            .collect())
     }
 }

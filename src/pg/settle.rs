@@ -1,0 +1,267 @@
+//! Settling deliveries: ack, nak, term and progress, for one token or thousands.
+//!
+//! A token settles only a delivery its consumer holds: a delivery row of that consumer that is
+//! not settled yet (leased, or its lease ran out and nobody took it again). Every token of one
+//! consumer is settled by one statement over `unnest($ids)`, which also reports each id's
+//! outcome, so a bulk ack costs one round trip and its per-token result stays exact:
+//!
+//! * applied: the row was held and is now settled (or its lease moved, for nak/progress);
+//! * already settled: acked, terminated or dead-lettered before (a retried ack is a no-op),
+//!   or at or below the consumer's position (settled, and its row pruned);
+//! * not delivered: the stream holds the message but this consumer was never handed it (an
+//!   ack token naming another consumer, or a forged id): an error, nothing written;
+//! * no message: the stream has no such id: an error.
+
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::core::Inner;
+use tokio_postgres::types::ToSql;
+
+use super::sql::{advance_below, duration_ms, publish_fence};
+use super::types::{AckOp, AckPolicy, AckToken, DEFAULT_ACK_WAIT};
+use super::{PgBus, PgError};
+
+/// The outcome of each id of one consumer's settle, or why the statement failed.
+type Settled = Result<HashMap<i64, Outcome>, PgError>;
+
+/// What one id of a settle came to (the statement's codes 0-3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Applied,
+    AlreadySettled,
+    NotDelivered,
+    NoMessage,
+}
+
+/// `$4` the new state (NULL for nak/progress), `$5` 0 settle / 1 nak / 2 progress, `$6` the
+/// nak delay, `$7` ack_wait and `$8` backoff (ms) for progress. The outcome columns read the
+/// snapshot from before the UPDATE, so a row this statement settled shows in `u` only.
+const SETTLE: &str = "WITH t AS (SELECT DISTINCT x AS id FROM unnest($3::int8[]) AS x), \
+     u AS (UPDATE eventbus_event_deliveries d SET state = $4::text, \
+       due_at = CASE $5::int4 \
+         WHEN 1 THEN now() + $6::int8 * interval '1 millisecond' \
+         WHEN 2 THEN now() + (CASE WHEN cardinality($8::int8[]) > 0 \
+           THEN GREATEST(($8::int8[])[LEAST(GREATEST(d.delivery_count, 1), cardinality($8::int8[]))], 1) \
+           ELSE $7::int8 END) * interval '1 millisecond' \
+         ELSE NULL END \
+       FROM t WHERE d.stream_name = $1 AND d.consumer_name = $2 AND d.event_id = t.id \
+         AND d.state IS NULL \
+       RETURNING d.event_id) \
+     SELECT t.id, (CASE WHEN u.event_id IS NOT NULL THEN 0 \
+       WHEN d.event_id IS NOT NULL THEN 1 \
+       WHEN e.id IS NULL THEN 3 \
+       WHEN t.id <= k.position THEN 1 \
+       ELSE 2 END)::int4 \
+     FROM t LEFT JOIN u ON u.event_id = t.id \
+     LEFT JOIN eventbus_event_deliveries d ON d.stream_name = $1 AND d.consumer_name = $2 \
+       AND d.event_id = t.id \
+     LEFT JOIN eventbus_events e ON e.id = t.id AND e.stream_name = $1 \
+     LEFT JOIN eventbus_consumers k ON k.stream_name = $1 AND k.name = $2";
+
+/// With ack_policy `all`, an ack also settles every held delivery below it (NATS's AckAll).
+const ACK_ALL_BELOW: &str = "UPDATE eventbus_event_deliveries SET state = 'acked', due_at = NULL \
+     WHERE stream_name = $1 AND consumer_name = $2 AND event_id <= $3 AND state IS NULL";
+
+/// Settles `ids` of one consumer; the outcome of each distinct id. Idempotent, so the caller
+/// may retry it after a lost connection.
+async fn settle_group(
+    inner: &Inner,
+    stream: &str,
+    consumer: &str,
+    ids: &[i64],
+    op: AckOp,
+) -> Result<HashMap<i64, Outcome>, PgError> {
+    const OP: &str = "Ack";
+    let db = |e| PgError::db(OP, e);
+    let c = inner.client(OP).await?;
+    let cfg = inner.consumer_cfg(&c, stream, consumer).await?;
+    if cfg.policy == AckPolicy::None {
+        // Settled when delivered: acks change nothing.
+        return Ok(ids
+            .iter()
+            .map(|id| (*id, Outcome::AlreadySettled))
+            .collect());
+    }
+    let (state, kind, nak_ms): (Option<&str>, i32, i64) = match op {
+        AckOp::Ack => (Some("acked"), 0, 0),
+        AckOp::Term => (Some("term"), 0, 0),
+        AckOp::Nak(delay) => (None, 1, delay.map(duration_ms).unwrap_or(0)),
+        AckOp::Progress => (None, 2, 0),
+    };
+    let ack_wait = cfg
+        .ack_wait_ms
+        .filter(|ms| *ms > 0)
+        .unwrap_or(duration_ms(DEFAULT_ACK_WAIT));
+    let stmt = c.prepare_cached(SETTLE).await.map_err(db)?;
+    let params: [&(dyn ToSql + Sync); 8] = [
+        &stream,
+        &consumer,
+        &ids,
+        &state,
+        &kind,
+        &nak_ms,
+        &ack_wait,
+        &cfg.backoff_ms,
+    ];
+    // An ack or term may let the position move: its fence is read in the same round trip
+    // (pipelined on the connection), the move follows in a snapshot after both.
+    let (rows, fence) = if state.is_some() && cfg.filter_params.is_ok() {
+        let (rows, fence) =
+            futures::future::join(c.query(&stmt, &params), publish_fence(&c, stream, false)).await;
+        (rows.map_err(db)?, Some(fence?))
+    } else {
+        (c.query(&stmt, &params).await.map_err(db)?, None)
+    };
+    let out: HashMap<i64, Outcome> = rows
+        .iter()
+        .map(|r| {
+            let code: i32 = r.get(1);
+            let o = match code {
+                0 => Outcome::Applied,
+                1 => Outcome::AlreadySettled,
+                3 => Outcome::NoMessage,
+                _ => Outcome::NotDelivered,
+            };
+            (r.get::<_, i64>(0), o)
+        })
+        .collect();
+    let settled_max = out
+        .iter()
+        .filter(|(_, o)| **o == Outcome::Applied)
+        .map(|(id, _)| *id)
+        .max();
+    let Some(top) = settled_max.filter(|_| state.is_some()) else {
+        return Ok(out);
+    };
+    if cfg.policy == AckPolicy::All && op == AckOp::Ack {
+        let stmt = c.prepare_cached(ACK_ALL_BELOW).await.map_err(db)?;
+        c.execute(&stmt, &[&stream, &consumer, &top])
+            .await
+            .map_err(db)?;
+    }
+    let busy = advance_below(&c, stream, consumer, &cfg, fence.flatten())
+        .await?
+        .unfinished();
+    if busy {
+        inner.mark_lagging(stream, consumer);
+    }
+    Ok(out)
+}
+
+impl PgBus {
+    /// Settles every token (see the module doc) with one statement per consumer; one result
+    /// per token, in order. A failure of the statement (after retries of transient ones) is
+    /// the result of each of its tokens.
+    pub async fn settle_many(&self, tokens: &[AckToken], op: AckOp) -> Vec<Result<(), PgError>> {
+        // Tokens by consumer, in first-seen order.
+        let mut groups: Vec<((&str, &str), Vec<i64>)> = Vec::new();
+        for t in tokens {
+            let key = (t.stream.as_str(), t.consumer.as_str());
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, ids)) => ids.push(t.id),
+                None => groups.push((key, vec![t.id])),
+            }
+        }
+        let mut done: HashMap<(&str, &str), Settled> = HashMap::new();
+        for ((stream, consumer), ids) in &groups {
+            let r = self
+                .retrying(|| settle_group(&self.inner, stream, consumer, ids, op))
+                .await;
+            done.insert((stream, consumer), r);
+        }
+        tokens
+            .iter()
+            .map(|t| {
+                let outcomes = match done.get(&(t.stream.as_str(), t.consumer.as_str())) {
+                    Some(Ok(o)) => o,
+                    Some(Err(e)) => return Err(e.clone()),
+                    None => return Err(PgError::invalid("Ack: token was not settled")),
+                };
+                match outcomes.get(&t.id) {
+                    Some(Outcome::Applied | Outcome::AlreadySettled) => Ok(()),
+                    Some(Outcome::NoMessage) => Err(PgError::NoMessage {
+                        stream: t.stream.clone(),
+                        id: t.id,
+                    }),
+                    Some(Outcome::NotDelivered) | None => Err(PgError::NotDelivered {
+                        stream: t.stream.clone(),
+                        consumer: t.consumer.clone(),
+                        id: t.id,
+                    }),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Tokens one coalesced flush settles at most.
+const COALESCE_MAX: usize = 512;
+
+type Queued = (AckToken, AckOp, oneshot::Sender<Result<(), PgError>>);
+
+/// Coalesces settles from many concurrent callers (a trigger's pipelines) into
+/// [`PgBus::settle_many`] calls: each caller still awaits its own token's result, so nothing
+/// is settled before its caller asked. No timer: a flush starts as soon as the previous one
+/// ended, with whatever queued meanwhile, so one caller alone waits no longer than a plain
+/// ack, and under load a flush carries many tokens in one statement. Cheap to clone; the
+/// flushing task ends when the last clone is dropped or the bus is closed.
+#[derive(Clone)]
+pub struct Settler {
+    tx: mpsc::UnboundedSender<Queued>,
+}
+
+impl std::fmt::Debug for Settler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settler").finish_non_exhaustive()
+    }
+}
+
+impl Settler {
+    /// Settles one token in the next flush; its own outcome, as [`PgBus::ack`] gives it.
+    pub async fn settle(&self, token: &AckToken, op: AckOp) -> Result<(), PgError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send((token.clone(), op, done))
+            .map_err(|_| PgError::Cancelled("Ack"))?;
+        rx.await.unwrap_or(Err(PgError::Cancelled("Ack")))
+    }
+}
+
+impl PgBus {
+    /// A settle coalescer over this bus (see [`Settler`]).
+    pub fn settler(&self) -> Settler {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
+        let bus = self.clone();
+        let cancel = self.inner.cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                let first = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    q = rx.recv() => match q { Some(q) => q, None => return },
+                };
+                let mut queued = vec![first];
+                while queued.len() < COALESCE_MAX {
+                    match rx.try_recv() {
+                        Ok(q) => queued.push(q),
+                        Err(_) => break,
+                    }
+                }
+                // One settle_many per kind of settle, in the order the kinds first came.
+                while !queued.is_empty() {
+                    let op = queued[0].1;
+                    let (same, rest): (Vec<Queued>, Vec<Queued>) =
+                        queued.into_iter().partition(|q| q.1 == op);
+                    queued = rest;
+                    let tokens: Vec<AckToken> = same.iter().map(|q| q.0.clone()).collect();
+                    let results = bus.settle_many(&tokens, op).await;
+                    for ((_, _, done), r) in same.into_iter().zip(results) {
+                        let _ = done.send(r);
+                    }
+                }
+            }
+        });
+        Settler { tx }
+    }
+}
