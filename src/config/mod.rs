@@ -5,4 +5,5 @@
 pub mod broker;
 pub mod decode;
 pub mod error;
+pub mod kafka;
 pub mod pg;
