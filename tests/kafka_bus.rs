@@ -3,7 +3,7 @@
 //! with it on keys, headers and offsets. Producers send one record per request
 //! (`ONE_RECORD_PER_BATCH`): tansu 0.6.0 miscounts batches of more than one record.
 
-use eventbus_plugin::kafka::admin::{RdAdmin, RdOffsets};
+use eventbus_plugin::kafka::admin::{group_lag, RdAdmin, RdOffsets};
 use eventbus_plugin::kafka::group::position_new_group;
 use eventbus_plugin::kafka::topic::{self, TopicAdmin, TopicDefaults};
 use eventbus_plugin::kafka::{
@@ -348,6 +348,23 @@ async fn a_consumer_that_goes_away_mid_delivery_leaves_its_unsettled_messages_fo
         b.offsets("g").committed("work", &[0]).unwrap(),
         vec![Some(4)]
     );
+    let lag = group_lag(&b.offsets("g"), "work").unwrap();
+    assert_eq!(
+        (lag[0].committed, lag[0].high_watermark, lag[0].lag),
+        (Some(4), 4, 0)
+    );
+    // A group with a live member is not deleted; once it left, it is (and again is fine).
+    assert!(b.admin.delete_group("g").await.is_err(), "live member");
+    drop(c2);
+    tokio::time::timeout(OP, async {
+        while b.admin.delete_group("g").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("group deleted once empty");
+    b.admin.delete_group("g").await.expect("missing group: ok");
+    assert_eq!(b.offsets("g").committed("work", &[0]).unwrap(), vec![None]);
 }
 
 #[tokio::test]

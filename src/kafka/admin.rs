@@ -63,6 +63,17 @@ impl RdAdmin {
             .operation_timeout(Some(self.timeout))
     }
 
+    /// Deletes a consumer group (its committed offsets). A missing group succeeds; a group with
+    /// live members is refused by the broker (NonEmptyGroup) and reported.
+    pub async fn delete_group(&self, group: &str) -> Result<(), KafkaError> {
+        let r = self
+            .admin
+            .delete_groups(&[group], &self.opts())
+            .await
+            .map_err(|e| KafkaError::client("DeleteGroups", e))?;
+        result_code("DeleteGroups", r, &[RDKafkaErrorCode::GroupIdNotFound])
+    }
+
     /// Partition count and replication factor from metadata; None when the topic is unknown.
     async fn metadata(&self, topic: &str) -> Result<Option<(i32, i32)>, KafkaError> {
         let (admin, topic, timeout) = (self.admin.clone(), topic.to_string(), self.timeout);
@@ -100,6 +111,36 @@ impl RdAdmin {
         .await
         .map_err(|_| KafkaError::Cancelled("Metadata"))?
     }
+}
+
+/// One partition of a group's position: committed offset, high watermark and the lag between.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub partition: i32,
+    pub committed: Option<i64>,
+    pub high_watermark: i64,
+    /// Records not yet committed by the group (from the low watermark when none is committed).
+    pub lag: i64,
+}
+
+/// A group's offsets and lag on a topic (IaC outputs), through any [`OffsetLookup`].
+pub fn group_lag<L: OffsetLookup + ?Sized>(
+    l: &L,
+    topic: &str,
+) -> Result<Vec<PartitionLag>, KafkaError> {
+    let parts = l.partitions(topic)?;
+    let committed = l.committed(topic, &parts)?;
+    let mut out = Vec::with_capacity(parts.len());
+    for (p, c) in parts.into_iter().zip(committed) {
+        let (low, high) = l.watermarks(topic, p)?;
+        out.push(PartitionLag {
+            partition: p,
+            committed: c,
+            high_watermark: high,
+            lag: (high - c.unwrap_or(low).max(low)).max(0),
+        });
+    }
+    Ok(out)
 }
 
 impl TopicAdmin for RdAdmin {
