@@ -389,16 +389,17 @@ impl KafkaGroupConsumer {
                     timestamp_ms: m.timestamp().to_millis(),
                 },
             };
-            if let Some(d) = self.admit(msg).await {
-                out.push(d);
-            }
+            self.admit(msg).await;
             out.extend(self.take_due(max - out.len()));
         }
         Ok(out)
     }
 
-    /// Decides what one read record is: passed over, held, dead-lettered or handed out.
-    async fn admit(&self, rec: Record) -> Option<Delivery> {
+    /// Decides what one read record is: passed over, held until its time, dead-lettered, or
+    /// ready to hand out. A ready record is only marked handed out by `take_due`, with no await
+    /// between that and returning it, so a fetch dropped at any await loses nothing: what it
+    /// did not return is handed out by the next one.
+    async fn admit(&self, rec: Record) {
         let subject = rec.subject();
         let foreign_retry = rec
             .header(RETRY_GROUP_HEADER)
@@ -409,25 +410,31 @@ impl KafkaGroupConsumer {
             if passed {
                 self.commit_settled();
             }
-            return None;
+            return;
         }
         let count = rec.prior_deliveries().saturating_add(1);
-        let not_before = rec
+        let now = Instant::now();
+        let due = rec
             .header(NOT_BEFORE_HEADER)
             .and_then(|v| v.parse::<i64>().ok())
             .map(|ms| ms - now_ms())
             .filter(|wait| *wait > 0)
-            .map(|wait| Instant::now() + Duration::from_millis(wait as u64));
+            .map_or(now, |wait| now + Duration::from_millis(wait as u64));
         let over = self.spec.max_deliver.is_some_and(|m| count > m);
-        let (epoch, delivery) = {
+        let epoch = {
             let mut st = lock(&self.state);
-            let epoch = st.tracker.track(&rec.tp, rec.offset)?;
-            let key = (rec.tp.clone(), rec.offset);
-            let handed = not_before.is_none() && !over;
-            let due = not_before.unwrap_or_else(|| Instant::now() + self.spec.ack_wait);
-            let delivery = handed.then(|| self.delivery(&rec, epoch, count, subject));
+            let Some(epoch) = st.tracker.track(&rec.tp, rec.offset) else {
+                return; // read just before its partition was revoked: the next owner reads it
+            };
+            // Out of deliveries already (the limit was lowered since this copy was written):
+            // kept as handed out, so a failed dead-letter is retried when ack_wait runs out.
+            let (handed, due) = if over {
+                (true, now + self.spec.ack_wait)
+            } else {
+                (false, due)
+            };
             st.pending.insert(
-                key,
+                (rec.tp.clone(), rec.offset),
                 Pending {
                     epoch,
                     rec: rec.clone(),
@@ -436,17 +443,14 @@ impl KafkaGroupConsumer {
                     handed,
                 },
             );
-            (epoch, delivery)
+            epoch
         };
         if over {
-            // The limit was lowered since this copy was written.
             let token = self.token(&rec, epoch);
             if let Err(e) = self.give_up(&token, "max_deliver exceeded").await {
-                tracing::warn!(group = %self.spec.group, error = %e, "dead-letter failed; the record stays unsettled");
+                tracing::warn!(group = %self.spec.group, error = %e, "dead-letter failed; retried after ack_wait");
             }
-            return None;
         }
-        delivery
     }
 
     fn token(&self, rec: &Record, epoch: u64) -> AckToken {
