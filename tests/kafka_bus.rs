@@ -57,24 +57,11 @@ fn stream(name: &str, partitions: i32) -> TopicSpec {
 }
 
 fn group(name: &str, topic: &str) -> GroupSpec {
-    GroupSpec {
-        group: name.into(),
-        topic: topic.into(),
-        filters: Vec::new(),
-        start: StartPolicy::All,
-        max_deliver: Some(5),
-        ack_wait: Duration::from_secs(30),
-        backoff: Vec::new(),
-        max_ack_pending: None,
-    }
+    GroupSpec::new(name, topic)
 }
 
 fn msg(subject: &str, payload: &str) -> Outgoing {
-    Outgoing {
-        subject: subject.into(),
-        payload: payload.to_string().into(),
-        ..Default::default()
-    }
+    Outgoing::new(subject, payload.to_string())
 }
 
 impl Bus {

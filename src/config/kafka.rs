@@ -212,21 +212,7 @@ pub fn validate(
 
     let tls = c.tls.clone().unwrap_or_default();
     let auth = c.auth.clone().unwrap_or_default();
-    if tls.cert_file.is_empty() != tls.key_file.is_empty() {
-        p.field(
-            "tls",
-            "cert_file and key_file go together; set both or neither",
-        );
-    }
-    for (field, path) in [
-        ("tls.ca_file", &tls.ca_file),
-        ("tls.cert_file", &tls.cert_file),
-        ("tls.key_file", &tls.key_file),
-    ] {
-        if !path.is_empty() && !std::path::Path::new(path).is_file() {
-            p.field(field, format!("{} is not a readable file", quote(path)));
-        }
-    }
+    crate::config::broker::check_tls_files(&mut p, &tls);
     let tls_files = !tls.ca_file.is_empty() || !tls.cert_file.is_empty() || tls.required;
     let has_user = !auth.user.is_empty();
     if has_user == auth.password.is_empty() {

@@ -77,6 +77,21 @@ pub fn check_group_id(name: &str) -> Result<(), String> {
 }
 
 impl GroupSpec {
+    /// A group with the defaults an undeclared consumer gets: from the start, no filter,
+    /// max_deliver 5, ack_wait 30 s, no backoff, no pending cap.
+    pub fn new(group: impl Into<String>, topic: impl Into<String>) -> GroupSpec {
+        GroupSpec {
+            group: group.into(),
+            topic: topic.into(),
+            filters: Vec::new(),
+            start: StartPolicy::All,
+            max_deliver: Some(DEFAULT_MAX_DELIVER),
+            ack_wait: DEFAULT_ACK_WAIT,
+            backoff: Vec::new(),
+            max_ack_pending: None,
+        }
+    }
+
     pub fn validate(
         type_name: &str,
         module: &str,

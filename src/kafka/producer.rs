@@ -47,6 +47,14 @@ pub struct Published {
 }
 
 impl Outgoing {
+    pub fn new(subject: impl Into<String>, payload: impl Into<Bytes>) -> Outgoing {
+        Outgoing {
+            subject: subject.into(),
+            payload: payload.into(),
+            ..Default::default()
+        }
+    }
+
     /// Local checks before anything is sent: a publishable subject, no reserved header names.
     pub fn check(&self) -> Result<(), KafkaError> {
         check_publish_subject(&self.subject)

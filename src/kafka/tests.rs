@@ -4,7 +4,7 @@
 
 use super::admin::RdOffsets;
 use super::consumer::{AckOp, ConsumerOpts, DeadLetter, Delivery, KafkaGroupConsumer};
-use super::group::{GroupSpec, OffsetLookup, StartPolicy};
+use super::group::{GroupSpec, OffsetLookup};
 use super::producer::{KafkaProducer, Outgoing};
 use super::KafkaSettings;
 use rdkafka::mocking::MockCluster;
@@ -13,24 +13,11 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(30);
 
 fn group(name: &str, topic: &str) -> GroupSpec {
-    GroupSpec {
-        group: name.into(),
-        topic: topic.into(),
-        filters: Vec::new(),
-        start: StartPolicy::All,
-        max_deliver: Some(5),
-        ack_wait: Duration::from_secs(30),
-        backoff: Vec::new(),
-        max_ack_pending: None,
-    }
+    GroupSpec::new(name, topic)
 }
 
 fn msg(subject: &str, payload: &str) -> Outgoing {
-    Outgoing {
-        subject: subject.into(),
-        payload: payload.to_string().into(),
-        ..Default::default()
-    }
+    Outgoing::new(subject, payload.to_string())
 }
 
 /// Fetches until `n` messages came or `within` passed.

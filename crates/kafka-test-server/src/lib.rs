@@ -14,11 +14,9 @@
 //! EndTxn. Memory storage does not survive a restart: [`KafkaServer::start_again`] gives an empty
 //! broker on the same port.
 
-use std::collections::BTreeSet;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The tansu release the tests are written against (its bugs are worked around by version).
@@ -69,21 +67,9 @@ pub fn binary() -> PathBuf {
     );
 }
 
-/// A port that was free a moment ago and that this process has not handed out before (the
-/// same rule as nats-test-server's: the kernel may hand one port out twice in a row).
-pub fn free_port() -> u16 {
-    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("bind an ephemeral port");
-        if seen.insert(port) {
-            return port;
-        }
-    }
-}
+/// The nats harness's port allocator: one memory of handed-out ports for every harness in a
+/// test process, so a NATS and a Kafka server started side by side never get the same port.
+pub use nats_test_server::free_port;
 
 pub struct KafkaServer {
     bin: PathBuf,
