@@ -74,7 +74,7 @@ test: deps
 test-nats29:
 	@if [ -n "$(DEBIAN_NATS)" ]; then \
 		echo "nats-server: $(DEBIAN_NATS) ($$($(DEBIAN_NATS) --version))"; \
-		NATS_SERVER_BIN=$(DEBIAN_NATS) cargo test --locked --test runtime_nats --test trigger_nats --test faults --test kubernetes_render; \
+		NATS_SERVER_BIN=$(DEBIAN_NATS) cargo test --locked --test runtime_nats --test trigger_nats --test faults --test kubernetes_render --test jetstream_parity; \
 	else echo "skipping: Debian's nats-server (2.9) is not installed"; fi
 
 # Against the real DigitalOcean Apps API (creates and deletes a billable app):

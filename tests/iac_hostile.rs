@@ -309,3 +309,112 @@ async fn iac_errors_never_echo_secrets_or_long_values_and_status_masks_them() {
     assert!(v["token"].is_string(), "masked, not dropped: {shown}");
     l.close().await;
 }
+
+/// Issue 19 finding 9: provider ids come from wfctl's state unchecked; a 10 KB stream name in
+/// one made Read take 5 s and Delete 29 s and dropped the provider's NATS connection. Now the
+/// id is checked before any call reaches a broker: one short line naming `provider_id`, at
+/// once, and the broker keeps working for the next call.
+#[tokio::test]
+async fn provider_ids_are_checked_before_any_broker_is_asked() {
+    use eventbus_plugin::pb::iac::{ResourceDeleteRequest, ResourceReadRequest, ResourceRef};
+    use std::time::{Duration, Instant};
+    let server = NatsServer::builder().jetstream(true).start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Wfctl::new(dir.path());
+    let bus = Res::new(
+        "bus",
+        BROKER,
+        json!({"iac_provider": "eventbus-iac", "provider": "nats",
+               "deploy_target": "self_hosted", "dsn": server.url()}),
+    );
+    let stream = Res::new(
+        "orders",
+        "infra.eventbus.stream",
+        json!({"iac_provider": "eventbus-iac", "broker_ref": "bus", "name": "ORDERS",
+               "subjects": ["orders.>"]}),
+    );
+    let (_, errors) = w.apply(&[bus, stream]).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let l = w.load().await;
+    let long = "S".repeat(10_000);
+    let cases = [
+        (
+            "infra.eventbus.stream",
+            format!("bus/{long}"),
+            "stream name",
+        ),
+        (
+            "infra.eventbus.stream",
+            "bus/OR.DERS".to_string(),
+            "stream name",
+        ),
+        (
+            "infra.eventbus.consumer",
+            format!("bus/ORDERS/{long}"),
+            "durable name",
+        ),
+        (
+            "infra.eventbus.consumer",
+            format!("bus/{long}/d"),
+            "stream name",
+        ),
+        (
+            "infra.eventbus.stream",
+            format!("{long}/ORDERS"),
+            "broker part",
+        ),
+    ];
+    for (type_name, pid, says) in cases {
+        let r = ResourceRef {
+            name: "orders".into(),
+            r#type: type_name.into(),
+            provider_id: pid.clone(),
+        };
+        let started = Instant::now();
+        let e = l
+            .driver
+            .clone()
+            .read(ResourceReadRequest {
+                resource_type: type_name.into(),
+                r#ref: Some(r.clone()),
+            })
+            .await
+            .expect_err("read");
+        let d = l
+            .driver
+            .clone()
+            .delete(ResourceDeleteRequest {
+                resource_type: type_name.into(),
+                r#ref: Some(r),
+            })
+            .await
+            .expect_err("delete");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        for m in [e.message(), d.message()] {
+            assert!(m.contains("provider_id") && m.contains(says), "{m}");
+            assert!(m.len() < 1000 && m.lines().count() == 1, "{m}");
+        }
+    }
+    // The broker still answers through the same provider.
+    let r = ResourceRef {
+        name: "orders".into(),
+        r#type: "infra.eventbus.stream".into(),
+        provider_id: "bus/ORDERS".into(),
+    };
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        l.driver.clone().read(ResourceReadRequest {
+            resource_type: "infra.eventbus.stream".into(),
+            r#ref: Some(r),
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(out.into_inner().output.is_some());
+    l.close().await;
+}

@@ -150,6 +150,7 @@ async fn three_replica_broker_stream_and_consumer_plan_apply_replan_destroy() {
         ("services", "orders-bus"),
         ("statefulsets", "orders-bus"),
         ("poddisruptionbudgets", "orders-bus"),
+        ("networkpolicies", "orders-bus"),
     ] {
         let obj = fake
             .object(plural, ns, name)

@@ -1063,3 +1063,25 @@ async fn position_crosses_long_runs_in_bounded_steps() {
     })
     .await;
 }
+
+/// Issue 19 finding 2: a generated password with `/`, `?`, `#` or `:` not percent-encoded
+/// connects (tokio-postgres ends the userinfo at the first `@`), and every masking missed it:
+/// the INFO lines, the IaC `dsn` output and plan diffs all show `redacted_dsn`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unencoded_password_with_reserved_characters_connects_and_never_shows() {
+    let frags = ["Kq7", "Zx9", "Wv3", "Pm5", "Ty8"];
+    let pw = "Kq7/Zx9?Wv3#Pm5:Ty8";
+    let pg = PgServer::builder().password(pw).start();
+    assert!(pg.url().contains(pw), "the test dsn is unencoded");
+    let s = PgSettings::new("bus", pg.url());
+    let shown = s.redacted_dsn();
+    assert!(frags.iter().all(|f| !shown.contains(f)), "{shown}");
+    assert!(shown.contains("127.0.0.1"), "{shown}");
+    let b = tokio::time::timeout(Duration::from_secs(30), PgBus::connect(s))
+        .await
+        .expect("connect in time")
+        .expect("the unencoded password logs in");
+    let shown = b.redacted_dsn();
+    assert!(frags.iter().all(|f| !shown.contains(f)), "{shown}");
+    assert!(!format!("{b:?}").contains("Zx9"));
+}

@@ -316,18 +316,14 @@ async fn bad_poll_interval_is_one_clear_line() {
         "{e}"
     );
     assert!(!e.contains("hunter2"), "{e}");
-    // Batch delivery is not built for pgchannel: Start says so instead of misbehaving.
+    // Batch delivery runs on pgchannel through the shared loop (tests/provider_contract.rs
+    // delivers batches on a real PostgreSQL): Start accepts it.
     setup(&p, "").await;
     let t = p
         .create_trigger("orders", &json!({"name": "runner", "deliver": "batch"}))
         .await
         .unwrap();
-    let e = p.lifecycle("start", &t).await.unwrap_err();
-    assert!(
-        e.contains("deliver: batch is not available with provider pgchannel"),
-        "{e}"
-    );
-    assert_eq!(e.lines().count(), 1, "{e}");
+    p.lifecycle("start", &t).await.unwrap();
 }
 
 /// Host pipeline that records each call's sequence and succeeds.
@@ -564,4 +560,30 @@ async fn postgres_restart_is_survived_by_publishers_and_the_trigger() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(failures.load(Ordering::SeqCst) < 50);
+}
+
+#[tokio::test]
+async fn jetstream_only_stream_and_consumer_settings_are_refused_at_start() {
+    let pg = PgServer::start();
+    let p = launch(&pg, None).await;
+    p.module_up(
+        "eventbus.broker",
+        "pgbus",
+        "provider: pgchannel\nbroker_target: in_process\n",
+    )
+    .await;
+    let s = p
+        .create_module(
+            "eventbus.stream",
+            "orders",
+            "name: ORDERS\nsubjects: ['orders.>']\nallow_direct: true\nmetadata: {team: a}\n",
+        )
+        .await
+        .unwrap();
+    p.lifecycle("init", &s).await.unwrap();
+    let e = p.lifecycle("start", &s).await.unwrap_err();
+    for key in ["allow_direct", "metadata"] {
+        let line = format!("stream \"ORDERS\": {key} is a NATS JetStream setting; pgchannel has no equivalent (remove it)");
+        assert!(e.contains(&line), "{line} missing in: {e}");
+    }
 }

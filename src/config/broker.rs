@@ -43,6 +43,29 @@ pub struct BrokerSpec {
     pub pg: Option<PgConfig>,
 }
 
+/// `auth` keys given as blank strings. Decoded, a blank `token` is the same as no token, so
+/// `auth: {token: "${T}"}` with `T` set but empty would provision a broker without client
+/// authentication; the raw config still shows the key was written, and that is refused here,
+/// one line per key, naming it.
+pub fn check_blank_auth(
+    type_name: &str,
+    name: &str,
+    raw: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), ConfigError> {
+    let mut p = Problems::new(type_name, name);
+    if let Some(serde_json::Value::Object(auth)) = raw.get("auth") {
+        for (key, v) in auth {
+            if v.as_str().is_some_and(|s| s.trim().is_empty()) {
+                p.field(
+                    &format!("auth.{key}"),
+                    "is empty (a ${VAR} that is set but empty?); give it a value or remove the key",
+                );
+            }
+        }
+    }
+    p.finish(())
+}
+
 fn opt_path(s: &str) -> Option<PathBuf> {
     (!s.is_empty()).then(|| PathBuf::from(s))
 }

@@ -193,49 +193,6 @@ pub fn check_dsn(dsn: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `postgres://user:pw@host/db` -> `postgres://user:***@host/db`; `password=pw` -> `password=***`.
-/// For logs and outputs: the user and host stay visible, the password never.
-pub fn redact_dsn(dsn: &str) -> String {
-    let d = dsn.trim();
-    if let Some((scheme, rest)) = d.split_once("://") {
-        // userinfo ends at the last '@' before the path.
-        let auth_end = rest.find('/').unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(auth_end);
-        let authority = match authority.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split(':').next().unwrap_or_default();
-                if userinfo.contains(':') {
-                    format!("{user}:***@{host}")
-                } else {
-                    format!("{user}@{host}")
-                }
-            }
-            None => authority.to_string(),
-        };
-        let path = path
-            .split('&')
-            .map(|kv| match kv.split_once("password=") {
-                Some((pre, _)) if pre.is_empty() || pre.ends_with('?') => {
-                    format!("{pre}password=***")
-                }
-                _ => kv.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join("&");
-        return format!("{scheme}://{authority}{path}");
-    }
-    d.split_whitespace()
-        .map(|kv| {
-            if kv.starts_with("password=") {
-                "password=***".to_string()
-            } else {
-                kv.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +248,7 @@ mod tests {
 
     #[test]
     fn redaction() {
+        let redact_dsn = |d: &str| crate::secret::mask(d, crate::secret::Userinfo::User);
         assert_eq!(
             redact_dsn("postgres://app:s3cret@db:5432/ev?sslmode=require"),
             "postgres://app:***@db:5432/ev?sslmode=require"

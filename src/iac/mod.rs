@@ -205,7 +205,7 @@ impl ResourceDriver for IacService {
             .desired
             .ok_or_else(|| Status::invalid_argument("desired is required"))?;
         let current = r.current.map(|c| c.outputs_json).unwrap_or_default();
-        match self.p().diff(&r.resource_type, &desired, &current) {
+        match self.p().diff(&r.resource_type, &desired, &current).await {
             Ok(changes) => ok(ResourceDiffResponse {
                 result: Some(plan::to_result(&changes)),
             }),

@@ -224,25 +224,10 @@ fn walk_strings(m: &Map<String, Json>, f: &mut impl FnMut(&str)) {
     }
 }
 
-/// The `user:password` parts of the urls in `s` (several, comma-separated, where a password
-/// may itself hold a comma): for each `scheme://`, the text up to the last `@` before the next
-/// `scheme://`.
+/// The secret parts (userinfo, password values) of the urls in `s`, as the one masking finds
+/// them ([`crate::secret::secret_parts`]).
 fn userinfo(s: &str) -> Vec<String> {
-    let starts: Vec<usize> = s.match_indices("://").map(|(i, _)| i + 3).collect();
-    let mut out = Vec::new();
-    for (n, start) in starts.iter().enumerate() {
-        let end = starts.get(n + 1).map(|e| e - 3).unwrap_or(s.len());
-        let segment = &s[*start..end];
-        if let Some(at) = segment.rfind('@') {
-            out.push(segment[..at].to_string());
-        }
-    }
-    if starts.is_empty() {
-        if let Some(at) = s.rfind('@') {
-            out.push(s[..at].to_string());
-        }
-    }
-    out
+    crate::secret::secret_parts(s)
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ pub struct ProviderState {
     pub resources: BTreeMap<String, ResourceRecord>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuthRecord {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token: String,
@@ -59,7 +59,7 @@ pub struct AuthRecord {
     pub tls_required: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct BrokerRecord {
     /// Written as the `deploy_target` string (`local`, `self_hosted`), as every release has.
     #[serde(with = "target_name")]
@@ -100,7 +100,7 @@ pub struct BrokerRecord {
 
 /// What a pgchannel broker's streams and consumers need to reach its database in a later
 /// plugin process (wfctl erases `${bus.dsn}` references, docs/iac-host.md §1.3).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PgRecord {
     /// As configured or read from `EVENTBUS_<NAME>_URI`; it may carry a password, so it is
     /// never logged or put in outputs (this file is 0600, as for NATS credentials).
@@ -297,6 +297,63 @@ pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
+// Records hold credentials (tokens, passwords, urls and dsns with userinfo): their Debug
+// shows them masked, so a record in a log line or an error never carries a secret.
+
+impl std::fmt::Debug for AuthRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &str| if s.is_empty() { "" } else { "***" };
+        f.debug_struct("AuthRecord")
+            .field("token", &hidden(&self.token))
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("creds_file", &self.creds_file)
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_required", &self.tls_required)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for PgRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::secret::{mask, Userinfo};
+        f.debug_struct("PgRecord")
+            .field("dsn", &mask(&self.dsn, Userinfo::User))
+            .field("max_conns", &self.max_conns)
+            .field("poll_interval_ms", &self.poll_interval_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for BrokerRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self
+            .urls
+            .iter()
+            .map(|u| crate::secret::redact_url(u))
+            .collect();
+        f.debug_struct("BrokerRecord")
+            .field("target", &self.target)
+            .field("urls", &urls)
+            .field("auth", &self.auth)
+            .field("replicas", &self.replicas)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("local", &self.local)
+            .field("app", &self.app)
+            .field("kubernetes", &self.kubernetes)
+            .field("prevent_destroy", &self.prevent_destroy)
+            .field("bind", &self.bind)
+            .field("outputs", &self.outputs)
+            .field("pg", &self.pg)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,5 +465,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown deploy target \"mainframe\""), "{e}");
+    }
+
+    /// Issue 19, the class of finding 2: a record's Debug never shows its credentials.
+    #[test]
+    fn record_debug_masks_credentials() {
+        let rec = BrokerRecord {
+            target: DeployTarget::SelfHosted,
+            urls: vec!["nats://u:Url/Secret1@h:4222".into()],
+            auth: AuthRecord {
+                token: "TokSecret2".into(),
+                password: "PwSecret3".into(),
+                ..Default::default()
+            },
+            replicas: 0,
+            connect_timeout_ms: 0,
+            request_timeout_ms: 0,
+            local: None,
+            app: None,
+            kubernetes: None,
+            prevent_destroy: false,
+            bind: false,
+            outputs: Json::Null,
+            pg: Some(PgRecord {
+                dsn: "postgres://u:Pg/Secret4@db/x".into(),
+                ..Default::default()
+            }),
+        };
+        let shown = format!("{rec:?}");
+        assert!(!shown.contains("Secret"), "{shown}");
+        assert!(
+            shown.contains("db/x") && shown.contains("h:4222"),
+            "{shown}"
+        );
     }
 }

@@ -5,9 +5,10 @@ use super::stream::{in_place_fields, Change, EnsureOutcome, FieldDiff, FieldDiff
 use crate::config::error::{duration, negative, ConfigError, Problems};
 use crate::nats::error::lift_api;
 use crate::nats::names::{check_filter_subject, check_name};
+use crate::nats::settings::{self, Settings};
 use crate::nats::{NatsConn, NatsError};
-use crate::pb::eventbus::{AckPolicy, ConsumerConfig, DeliverPolicy};
-use async_nats::jetstream::consumer::{self, pull};
+use crate::pb::eventbus::{AckPolicy, ConsumerConfig, DeliverPolicy, PriorityPolicy, ReplayPolicy};
+use async_nats::jetstream::consumer::{self, pull, IntoConsumerConfig};
 use std::time::Duration;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -27,6 +28,8 @@ pub struct ConsumerSpec {
     pub servers: Vec<String>,
     pub prevent_destroy: bool,
     pub bind: bool,
+    /// The JetStream settings beyond the above that the config sets (`settings::CONSUMER`).
+    pub settings: Settings,
 }
 
 impl ConsumerSpec {
@@ -64,6 +67,7 @@ impl ConsumerSpec {
             Ok(DeliverPolicy::Unspecified | DeliverPolicy::All) => consumer::DeliverPolicy::All,
             Ok(DeliverPolicy::Last) => consumer::DeliverPolicy::Last,
             Ok(DeliverPolicy::New) => consumer::DeliverPolicy::New,
+            Ok(DeliverPolicy::LastPerSubject) => consumer::DeliverPolicy::LastPerSubject,
             Ok(DeliverPolicy::ByStartSequence) => {
                 if c.opt_start_seq == 0 {
                     p.field(
@@ -85,7 +89,7 @@ impl ConsumerSpec {
             Err(_) => {
                 p.field(
                     "deliver_policy",
-                    "must be DELIVER_POLICY_ALL, _LAST, _NEW, _BY_START_SEQUENCE or _BY_START_TIME",
+                    "must be DELIVER_POLICY_ALL, _LAST, _NEW, _BY_START_SEQUENCE, _BY_START_TIME or _LAST_PER_SUBJECT",
                 );
                 consumer::DeliverPolicy::All
             }
@@ -153,6 +157,80 @@ impl ConsumerSpec {
                 "is replaced by backoff on the server; set one of them",
             );
         }
+        if ReplayPolicy::try_from(c.replay_policy).is_err() {
+            p.field(
+                "replay_policy",
+                "must be REPLAY_POLICY_INSTANT or REPLAY_POLICY_ORIGINAL",
+            );
+        }
+        let priority = PriorityPolicy::try_from(c.priority_policy);
+        if priority.is_err() {
+            p.field(
+                "priority_policy",
+                "must be PRIORITY_POLICY_NONE, _OVERFLOW or _PINNED_CLIENT",
+            );
+        }
+        let grouped = matches!(
+            priority,
+            Ok(PriorityPolicy::Overflow | PriorityPolicy::PinnedClient)
+        );
+        if grouped && c.priority_groups.is_empty() {
+            p.field(
+                "priority_groups",
+                "must name at least one group with priority_policy overflow or pinned_client",
+            );
+        }
+        if !grouped && !c.priority_groups.is_empty() {
+            p.field(
+                "priority_groups",
+                "only apply with priority_policy PRIORITY_POLICY_OVERFLOW or _PINNED_CLIENT",
+            );
+        }
+        if c.priority_timeout.is_some() && priority != Ok(PriorityPolicy::PinnedClient) {
+            p.field(
+                "priority_timeout",
+                "only applies with priority_policy PRIORITY_POLICY_PINNED_CLIENT",
+            );
+        }
+        if c.sample_freq.is_some_and(|f| !(0..=100).contains(&f)) {
+            p.field("sample_freq", "must be a percentage, 0..=100");
+        }
+        for (field, n) in [
+            ("num_replicas", c.num_replicas as i64),
+            ("max_waiting", c.max_waiting as i64),
+            ("max_batch", c.max_batch as i64),
+            ("max_bytes", c.max_bytes),
+        ] {
+            if n < 0 {
+                p.field(field, "must not be negative (0 leaves the server's value)");
+            }
+        }
+        for (field, d) in [
+            ("inactive_threshold", &c.inactive_threshold),
+            ("max_expires", &c.max_expires),
+            ("priority_timeout", &c.priority_timeout),
+        ] {
+            if negative(d) {
+                p.field(field, "must not be negative");
+            }
+        }
+        let settings = settings::from_config(
+            &format!("{}.ConsumerConfig", crate::pb::EVENTBUS_PACKAGE),
+            c,
+            settings::CONSUMER,
+        )
+        .and_then(|set| {
+            settings::canonical(
+                &set,
+                settings::consumer_from_json,
+                settings::consumer_to_json,
+            )
+        })
+        .unwrap_or_else(|e| {
+            let (field, why) = e.split_once(": ").unwrap_or(("", &e));
+            p.field(field, why.to_string());
+            Settings::new()
+        });
         let spec = ConsumerSpec {
             durable: c.name.clone(),
             stream: c.stream_name.clone(),
@@ -168,11 +246,26 @@ impl ConsumerSpec {
             servers: c.servers.clone(),
             prevent_destroy: c.prevent_destroy,
             bind: c.bind,
+            settings,
         };
         p.finish(spec)
     }
 
-    pub fn to_nats(&self) -> pull::Config {
+    /// The durable's full config: the managed fields and the settings the config sets.
+    pub fn to_nats(&self) -> consumer::Config {
+        let mut c: consumer::Config = (&self.base_config()).into_consumer_config();
+        // Validated at decode; nothing is left to fail.
+        let _ = settings::consumer_from_json(&mut c, &self.settings);
+        c
+    }
+
+    /// What the broker's release (`server`) cannot do for this spec, one line per setting.
+    pub fn check_server(&self, server: &str) -> Result<(), NatsError> {
+        let what = format!("consumer {:?} on stream {:?}", self.durable, self.stream);
+        settings::too_old(settings::CONSUMER, &self.settings, &what, server)
+    }
+
+    fn base_config(&self) -> pull::Config {
         let (filter_subject, filter_subjects) = match self.filter_subjects.as_slice() {
             [] => (String::new(), Vec::new()),
             [one] => (one.clone(), Vec::new()),
@@ -265,6 +358,12 @@ impl ConsumerSpec {
                 Change::InPlace,
             );
         }
+        let have = settings::consumer_to_json(observed);
+        for (field, want, have, in_place) in
+            settings::diff(settings::CONSUMER, &self.settings, &have)
+        {
+            d.compare(field, want, have, Change::of(in_place));
+        }
         d.0
     }
 
@@ -273,6 +372,7 @@ impl ConsumerSpec {
         let what = format!("consumer {:?} on stream {:?}", self.durable, self.stream);
         let stream = get_stream(conn, &self.stream).await?;
         let observed = fetch_consumer_config(&stream, &self.durable).await?;
+        self.check_server(&crate::nats::stream::server_version(conn))?;
         let Some(observed) = observed else {
             stream
                 .create_consumer(self.to_nats())
@@ -286,12 +386,42 @@ impl ConsumerSpec {
         else {
             return Ok(EnsureOutcome::Unchanged);
         };
-        stream
+        let updated = stream
             .update_consumer(overlay(self, observed))
             .await
-            .map_err(|e| NatsError::other("update consumer", format!("{what}: {e}")))?;
+            .map_err(|e| NatsError::other("update consumer", format!("{what}: {e}")))?
+            .cached_info()
+            .config
+            .clone();
+        sync_pause(&stream, self, &updated).await?;
         Ok(EnsureOutcome::Updated(fields))
     }
+}
+
+/// Makes the server's `pause_until` the spec's, through the consumer pause API (an update
+/// carrying a new `pause_until` is accepted and ignored). `true` when it sent a change.
+pub async fn sync_pause(
+    stream: &async_nats::jetstream::stream::Stream,
+    spec: &ConsumerSpec,
+    have: &consumer::Config,
+) -> Result<bool, NatsError> {
+    let Some(want) = spec.settings.get("pause_until") else {
+        return Ok(false);
+    };
+    if settings::consumer_to_json(have).get("pause_until") == Some(want) {
+        return Ok(false);
+    }
+    let sent = match settings::parse_time(want) {
+        Ok(until) => stream.pause_consumer(&spec.durable, until).await,
+        Err(_) => stream.resume_consumer(&spec.durable).await,
+    };
+    sent.map_err(|e| {
+        NatsError::other(
+            "pause consumer",
+            format!("consumer {:?}: {e}", spec.durable),
+        )
+    })?;
+    Ok(true)
 }
 
 pub async fn get_stream(
@@ -362,5 +492,6 @@ pub fn overlay(spec: &ConsumerSpec, mut c: consumer::Config) -> consumer::Config
     if spec.description.is_some() {
         c.description = want.description;
     }
+    let _ = settings::consumer_from_json(&mut c, &spec.settings);
     c
 }

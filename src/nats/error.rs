@@ -24,6 +24,9 @@ pub enum NatsError {
     /// The plugin's own refusal, before anything is sent: the change would need a replace.
     #[error("{op} refused: {detail}")]
     NotInPlace { op: &'static str, detail: String },
+    /// A setting the broker's nats-server release does not know (one line per setting).
+    #[error("{detail}")]
+    ServerTooOld { detail: String },
     #[error("{op} failed: {detail}")]
     Other { op: &'static str, detail: String },
     #[error("invalid connection settings: {0}")]

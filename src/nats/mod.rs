@@ -6,8 +6,11 @@ pub mod conn;
 pub mod consumer;
 pub mod error;
 pub mod guard;
+pub mod loss;
 pub mod names;
+pub mod provider;
 pub mod server_conf;
+pub mod settings;
 pub mod stream;
 
 pub use conn::{ConnSettings, NatsConn};

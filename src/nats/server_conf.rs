@@ -43,6 +43,11 @@ pub struct ClusterConf {
     /// Keep the server from telling clients about peer addresses they cannot reach (pod IPs
     /// behind a Service): clients stay on the url they were given.
     pub no_advertise: bool,
+    /// A file beside nats.conf (relative to it) included inside the block: the routes and
+    /// the cluster's `authorization`, which carry the route credentials and so live in a
+    /// secret store, never in the rendered text ([`routes_conf`] writes it). `routes` is then
+    /// empty.
+    pub include: Option<String>,
 }
 
 /// Lame-duck mode on shutdown: clients are moved off gradually over `duration_secs`, after
@@ -143,10 +148,18 @@ impl ServerConf {
             if cl.no_advertise {
                 c.push_str("  no_advertise: true\n");
             }
-            c.push_str(&format!(
-                "  routes: [\n    {}\n  ]\n}}\n",
-                routes.join("\n    ")
-            ));
+            match &cl.include {
+                // nats-server resolves an include relative to the including file's directory
+                // (2.9 and later alike), inside a block as at the top level.
+                Some(file) => c.push_str(&format!(
+                    "  # routes and their credentials (kept secret)\n  include {}\n}}\n",
+                    quoted(file)
+                )),
+                None => c.push_str(&format!(
+                    "  routes: [\n    {}\n  ]\n}}\n",
+                    routes.join("\n    ")
+                )),
+            }
         }
         if let Some(ws) = &self.websocket {
             // The websocket listener binds the client host (it does not follow `host` itself).
@@ -173,6 +186,27 @@ impl ServerConf {
         }
         c
     }
+}
+
+/// The file a cluster block includes ([`ClusterConf::include`]): the credentials a route must
+/// present (`authorization`) and the routes this server solicits, each carrying them as
+/// userinfo (nats-server sends a route's credentials only from its url). Secret text: it
+/// belongs in a secret store. `user` and `password` go into urls unencoded, so they must be
+/// url-safe (the callers derive them as `[a-z0-9]`).
+pub fn routes_conf(user: &str, password: &str, routes: &[String]) -> String {
+    let urls: Vec<String> = routes
+        .iter()
+        .map(|r| {
+            let (scheme, rest) = r.split_once("://").unwrap_or(("nats", r));
+            quoted(&format!("{scheme}://{user}:{password}@{rest}"))
+        })
+        .collect();
+    format!(
+        "authorization {{\n  user: {}\n  password: {}\n}}\nroutes: [\n  {}\n]\n",
+        quoted(user),
+        quoted(password),
+        urls.join("\n  ")
+    )
 }
 
 /// Whether a secret survives the trip through an environment variable into nats.conf:
@@ -250,6 +284,7 @@ mod tests {
             listen: "0.0.0.0:6222".into(),
             routes: vec!["nats://bus-0.bus-headless:6222".into()],
             no_advertise: true,
+            include: None,
         });
         let c = conf.render();
         assert!(c.contains("server_name: $SERVER_NAME\n"), "{c}");

@@ -5,8 +5,11 @@
 use crate::config::error::{duration, negative, ConfigError, Problems};
 use crate::nats::error::lift_api;
 use crate::nats::names::{check_filter_subject, check_name};
+use crate::nats::settings::{self, Settings};
 use crate::nats::{NatsConn, NatsError};
-use crate::pb::eventbus::{DiscardPolicy, RetentionPolicy, StorageType, StreamConfig};
+use crate::pb::eventbus::{
+    DiscardPolicy, RetentionPolicy, StorageType, StreamCompression, StreamConfig,
+};
 use async_nats::jetstream::stream;
 use std::time::Duration;
 
@@ -29,6 +32,8 @@ pub struct StreamSpec {
     pub servers: Vec<String>,
     pub prevent_destroy: bool,
     pub bind: bool,
+    /// The JetStream settings beyond the above that the config sets (`settings::STREAM`).
+    pub settings: Settings,
 }
 
 /// 0 and negative limits all mean "unlimited"; the server stores -1.
@@ -48,12 +53,51 @@ impl StreamSpec {
     ) -> Result<StreamSpec, ConfigError> {
         let mut p = Problems::new(type_name, module);
         p.check("name", check_name(&c.name));
-        if c.subjects.is_empty() {
+        if c.mirror.is_some() && !c.subjects.is_empty() {
             p.field(
                 "subjects",
-                "must contain at least one subject, e.g. [\"orders.>\"]",
+                "must be empty on a mirror (it stores what its origin stores)",
+            );
+        } else if c.subjects.is_empty() && c.mirror.is_none() && c.sources.is_empty() {
+            p.field(
+                "subjects",
+                "must contain at least one subject, e.g. [\"orders.>\"] (or set mirror or sources)",
             );
         }
+        if c.mirror_direct == Some(true) && c.mirror.is_none() {
+            p.field("mirror_direct", "only applies to a mirror (set mirror)");
+        }
+        if c.discard_new_per_subject == Some(true)
+            && (DiscardPolicy::try_from(c.discard) != Ok(DiscardPolicy::New)
+                || c.max_msgs_per_subject <= 0)
+        {
+            p.field(
+                "discard_new_per_subject",
+                "needs discard DISCARD_POLICY_NEW and max_msgs_per_subject > 0",
+            );
+        }
+        if c.subject_delete_marker_ttl.is_some() && c.allow_msg_ttl != Some(true) {
+            p.field("subject_delete_marker_ttl", "needs allow_msg_ttl: true");
+        }
+        if StreamCompression::try_from(c.compression).is_err() {
+            p.field(
+                "compression",
+                "must be STREAM_COMPRESSION_NONE or STREAM_COMPRESSION_S2",
+            );
+        }
+        let settings = settings::from_config(
+            &format!("{}.StreamConfig", crate::pb::EVENTBUS_PACKAGE),
+            c,
+            settings::STREAM,
+        )
+        .and_then(|set| {
+            settings::canonical(&set, settings::stream_from_json, settings::stream_to_json)
+        })
+        .unwrap_or_else(|e| {
+            let (field, why) = e.split_once(": ").unwrap_or(("", &e));
+            p.field(field, why.to_string());
+            Settings::new()
+        });
         for (i, s) in c.subjects.iter().enumerate() {
             p.check(&format!("subjects[{i}]"), check_filter_subject(s));
         }
@@ -158,11 +202,19 @@ impl StreamSpec {
             servers: c.servers.clone(),
             prevent_destroy: c.prevent_destroy,
             bind: c.bind,
+            settings,
         };
         p.finish(spec)
     }
 
     pub fn to_nats(&self) -> stream::Config {
+        let mut c = self.base_config();
+        // Validated at decode; nothing is left to fail.
+        let _ = settings::stream_from_json(&mut c, &self.settings);
+        c
+    }
+
+    fn base_config(&self) -> stream::Config {
         stream::Config {
             name: self.name.clone(),
             subjects: self.subjects.clone(),
@@ -196,11 +248,18 @@ impl StreamSpec {
             format!("{have_subjects:?}"),
             Change::InPlace,
         );
+        // Limits <-> interest changes in place (nats-server >= 2.10; `check_server` refuses
+        // it on older ones); to or from work queue never does.
+        let workqueue = stream::RetentionPolicy::WorkQueue;
         cmp(
             "retention_policy",
             format!("{:?}", self.retention),
             format!("{:?}", observed.retention),
-            Change::Refused,
+            if self.retention == workqueue || observed.retention == workqueue {
+                Change::Replace
+            } else {
+                Change::InPlace
+            },
         );
         cmp(
             "storage",
@@ -271,13 +330,50 @@ impl StreamSpec {
                 Change::InPlace,
             );
         }
+        let have = settings::stream_to_json(observed);
+        for (field, want, have, in_place) in settings::diff(settings::STREAM, &self.settings, &have)
+        {
+            d.compare(field, want, have, Change::of(in_place));
+        }
         d.0
+    }
+
+    /// What the broker's release (`server`, its reported version) cannot do for this spec: a
+    /// setting newer than it, or (before 2.10) a retention change in place. One line each.
+    pub fn check_server(
+        &self,
+        observed: Option<&stream::Config>,
+        server: &str,
+    ) -> Result<(), NatsError> {
+        let what = format!("stream {:?}", self.name);
+        settings::too_old(settings::STREAM, &self.settings, &what, server)?;
+        let Some(o) = observed else {
+            return Ok(());
+        };
+        let changed: Vec<&str> = self.diff(o).iter().map(|d| d.field).collect();
+        let late = if changed.contains(&"retention_policy") && !retention_in_place(server) {
+            Some(("retention_policy", settings::RETENTION_IN_PLACE_SINCE))
+        } else {
+            settings::needs_newer_to_change(settings::STREAM, &changed, server)
+        };
+        match late {
+            Some((field, (major, minor))) => Err(NatsError::NotInPlace {
+                op: "update stream",
+                detail: format!(
+                    "{what}: {field} changes in place from nats-server {major}.{minor} on; the broker runs {server}; {}",
+                    Change::Replace.remedy()
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Creates the stream or updates it in place; sends nothing when it already matches.
     pub async fn ensure(&self, conn: &NatsConn) -> Result<EnsureOutcome, NatsError> {
         let what = format!("stream {:?}", self.name);
-        let Some(observed) = fetch_stream_config(conn, &self.name).await? else {
+        let observed = fetch_stream_config(conn, &self.name).await?;
+        self.check_server(observed.as_ref(), &server_version(conn))?;
+        let Some(observed) = observed else {
             conn.js
                 .create_stream(self.to_nats())
                 .await
@@ -316,7 +412,27 @@ pub fn overlay(spec: &StreamSpec, mut c: stream::Config) -> stream::Config {
     if spec.description.is_some() {
         c.description = want.description;
     }
+    if matches!(
+        (c.retention, want.retention),
+        (
+            stream::RetentionPolicy::Limits | stream::RetentionPolicy::Interest,
+            stream::RetentionPolicy::Limits | stream::RetentionPolicy::Interest
+        )
+    ) {
+        c.retention = want.retention;
+    }
+    let _ = settings::stream_from_json(&mut c, &spec.settings);
     c
+}
+
+/// The reported release of the server `conn` talks to ("" before the first connect).
+pub fn server_version(conn: &NatsConn) -> String {
+    conn.client.server_info().version
+}
+
+/// Whether a server of this release changes retention limits <-> interest in place.
+pub fn retention_in_place(server: &str) -> bool {
+    settings::parse_version(server).is_none_or(|v| v >= settings::RETENTION_IN_PLACE_SINCE)
 }
 
 /// The server's config of a stream, or `None` when it does not exist.
@@ -367,6 +483,15 @@ pub enum Change {
 }
 
 impl Change {
+    /// In place, or else a replace.
+    pub fn of(in_place: bool) -> Change {
+        if in_place {
+            Change::InPlace
+        } else {
+            Change::Replace
+        }
+    }
+
     pub fn remedy(self) -> &'static str {
         match self {
             Change::InPlace => "",

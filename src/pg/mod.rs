@@ -46,6 +46,7 @@ mod filter;
 mod keys;
 mod lease;
 mod listen;
+pub mod provider;
 mod schema;
 mod settings;
 mod sql;

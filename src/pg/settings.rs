@@ -135,7 +135,7 @@ impl PgSettings {
 
     /// The DSN with the password replaced by `***`, for logs and IaC outputs.
     pub fn redacted_dsn(&self) -> String {
-        redact(&self.dsn)
+        crate::secret::mask(&self.dsn, crate::secret::Userinfo::User)
     }
 
     /// The tokio-postgres config and TLS choice.
@@ -144,8 +144,9 @@ impl PgSettings {
         let split = split_tls(&self.dsn).map_err(|e| PgError::invalid(format!("{b}: dsn: {e}")))?;
         let mut cfg = tokio_postgres::Config::from_str(&split.rest).map_err(|e| {
             PgError::invalid(format!(
-                "{b}: dsn {} is not a valid PostgreSQL connection string: {e}",
-                self.redacted_dsn()
+                "{b}: dsn {} is not a valid PostgreSQL connection string: {}",
+                self.redacted_dsn(),
+                crate::secret::scrub_parser_error(&e.to_string())
             ))
         })?;
         if cfg.get_hosts().is_empty() {
@@ -517,7 +518,7 @@ fn split_tls(dsn: &str) -> Result<SplitDsn, String> {
         }
     } else {
         let mut kept = Vec::new();
-        for (k, v) in parse_kv(dsn)? {
+        for (k, v) in crate::secret::parse_kv(dsn)? {
             if !take(&k, &v)? {
                 kept.push(format!(
                     "{k}='{}'",
@@ -555,120 +556,6 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// libpq key=value syntax: `key = value`, values optionally single-quoted, `\` escapes.
-fn parse_kv(dsn: &str) -> Result<Vec<(String, String)>, String> {
-    let mut out = Vec::new();
-    let mut it = dsn.chars().peekable();
-    loop {
-        while it.peek().is_some_and(|c| c.is_whitespace()) {
-            it.next();
-        }
-        if it.peek().is_none() {
-            return Ok(out);
-        }
-        let mut key = String::new();
-        while let Some(&c) = it.peek() {
-            if c == '=' || c.is_whitespace() {
-                break;
-            }
-            key.push(c);
-            it.next();
-        }
-        while it.peek().is_some_and(|c| c.is_whitespace()) {
-            it.next();
-        }
-        if it.next() != Some('=') {
-            return Err(format!("expected `=` after {key:?} (key=value form)"));
-        }
-        while it.peek().is_some_and(|c| c.is_whitespace()) {
-            it.next();
-        }
-        let mut val = String::new();
-        if it.peek() == Some(&'\'') {
-            it.next();
-            loop {
-                match it.next() {
-                    None => return Err(format!("unterminated quoted value for {key:?}")),
-                    Some('\\') => {
-                        if let Some(c) = it.next() {
-                            val.push(c);
-                        }
-                    }
-                    Some('\'') => break,
-                    Some(c) => val.push(c),
-                }
-            }
-        } else {
-            while let Some(&c) = it.peek() {
-                if c.is_whitespace() {
-                    break;
-                }
-                it.next();
-                if c == '\\' {
-                    if let Some(n) = it.next() {
-                        val.push(n);
-                    }
-                } else {
-                    val.push(c);
-                }
-            }
-        }
-        out.push((key, val));
-    }
-}
-
-/// Replace the password (URL userinfo, `password=` parameter or key) with `***`.
-pub(crate) fn redact(dsn: &str) -> String {
-    if is_url(dsn) {
-        let dsn = dsn.trim();
-        let (scheme, rest) = dsn.split_once("://").unwrap_or(("postgres", dsn));
-        let (auth_end, _) = rest
-            .char_indices()
-            .find(|(_, c)| *c == '/' || *c == '?')
-            .unwrap_or((rest.len(), ' '));
-        let (authority, tail) = rest.split_at(auth_end);
-        let authority = match authority.rsplit_once('@') {
-            Some((user, host)) => match user.split_once(':') {
-                Some((u, _)) => format!("{u}:***@{host}"),
-                None => format!("{user}@{host}"),
-            },
-            None => authority.to_string(),
-        };
-        let tail = match tail.split_once('?') {
-            Some((path, query)) => {
-                let q: Vec<String> = query
-                    .split('&')
-                    .map(|p| match p.split_once('=') {
-                        Some((k, _)) if percent_decode(k) == "password" => format!("{k}=***"),
-                        _ => p.to_string(),
-                    })
-                    .collect();
-                format!("{path}?{}", q.join("&"))
-            }
-            None => tail.to_string(),
-        };
-        format!("{scheme}://{authority}{tail}")
-    } else {
-        match parse_kv(dsn) {
-            Ok(pairs) => pairs
-                .into_iter()
-                .map(|(k, v)| {
-                    if k == "password" {
-                        format!("{k}=***")
-                    } else if v.is_empty() || v.contains(char::is_whitespace) {
-                        format!("{k}='{v}'")
-                    } else {
-                        format!("{k}={v}")
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(" "),
-            // Unparseable: show nothing of it rather than risk the password.
-            Err(_) => "<unparseable dsn>".to_string(),
-        }
-    }
 }
 
 /// Go's `time.ParseDuration` syntax: a sequence of decimal numbers with units
@@ -724,6 +611,7 @@ mod tests {
 
     #[test]
     fn redaction_hides_passwords_in_both_forms() {
+        let redact = |d: &str| PgSettings::new("bus", d).redacted_dsn();
         assert_eq!(
             redact("postgres://u:s3cret@db:5432/x?sslmode=require"),
             "postgres://u:***@db:5432/x?sslmode=require"

@@ -4,7 +4,7 @@
 //! requests into calls on it and renders its errors into the response `error` field.
 
 pub mod modules;
-pub mod pg;
+pub mod provider;
 pub mod schema;
 pub mod steps;
 pub mod trigger;
@@ -12,12 +12,12 @@ pub mod types;
 
 use crate::config::decode::{self, RawConfig};
 use crate::config::error::{self as config_error, ConfigError};
-use crate::nats::NatsError;
 use crate::shutdown::Lifecycle;
-use modules::broker::{BrokerModule, BrokerSpec, BusError};
+use modules::broker::{BrokerModule, BrokerSpec};
 use modules::consumer::ConsumerSpec;
 use modules::stream::StreamSpec;
 use modules::{ConsumerModule, StreamModule};
+use provider::ProviderError;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -42,18 +42,12 @@ pub enum RuntimeError {
     Config(#[from] ConfigError),
     #[error("{component}: {message}")]
     Failed { component: String, message: String },
+    /// The broker failed the operation (its provider's error as the source).
     #[error("{component}")]
-    Nats {
+    Broker {
         component: String,
         #[source]
-        source: NatsError,
-    },
-    /// Provider pgchannel.
-    #[error("{component}")]
-    Bus {
-        component: String,
-        #[source]
-        source: BusError,
+        source: ProviderError,
     },
 }
 
@@ -64,14 +58,8 @@ impl RuntimeError {
             message: message.into(),
         }
     }
-    pub fn nats(component: impl Into<String>, source: NatsError) -> Self {
-        RuntimeError::Nats {
-            component: component.into(),
-            source,
-        }
-    }
-    pub fn bus(component: impl Into<String>, source: impl Into<BusError>) -> Self {
-        RuntimeError::Bus {
+    pub fn broker(component: impl Into<String>, source: impl Into<ProviderError>) -> Self {
+        RuntimeError::Broker {
             component: component.into(),
             source: source.into(),
         }
@@ -125,7 +113,6 @@ pub(crate) struct Inner {
     consumers: RwLock<Vec<Arc<ConsumerModule>>>,
     /// The host callback, once ConfigureCallback has run; triggers wait on it before fetching.
     launcher: tokio::sync::watch::Sender<Option<Arc<dyn Launcher>>>,
-    pulls: steps::consume::PullCache,
     batch_marks: trigger::batch::Marks,
     next_id: AtomicU64,
 }
@@ -148,7 +135,6 @@ impl Runtime {
                 streams: RwLock::default(),
                 consumers: RwLock::default(),
                 launcher: tokio::sync::watch::Sender::new(None),
-                pulls: Default::default(),
                 batch_marks: Default::default(),
                 next_id: AtomicU64::new(1),
             }),
@@ -204,10 +190,6 @@ impl Runtime {
     /// Tokens of messages held by batch trigger runs, and what their pipelines did with them.
     pub(crate) fn batch_marks(&self) -> &trigger::batch::Marks {
         &self.inner.batch_marks
-    }
-
-    pub(crate) fn pulls(&self) -> &steps::consume::PullCache {
-        &self.inner.pulls
     }
 
     // ------------------------------------------------------------------ modules
@@ -286,80 +268,44 @@ impl Runtime {
     }
 
     pub async fn init_module(&self, id: &str) -> Result<(), RuntimeError> {
-        match self.module(id)? {
-            ModuleHandle::Broker(b) => {
-                if b.is_pg() {
-                    if b.spec.resolve_pg_dsn().is_none() {
-                        tracing::warn!(broker = %b.spec.name, "no Postgres dsn (dsn or {}); steps using this broker will fail until one is set", b.spec.pg_env_var());
-                    }
-                    return Ok(());
-                }
-                if b.spec.resolve_urls().is_empty() {
-                    tracing::warn!(broker = %b.spec.name, "no broker url configured; steps using this broker will fail until one is set");
-                }
-                Ok(())
-            }
-            _ => Ok(()),
+        if let ModuleHandle::Broker(b) = self.module(id)? {
+            b.warn_unconfigured();
         }
+        Ok(())
     }
 
     pub async fn start_module(&self, id: &str) -> Result<(), RuntimeError> {
         match self.module(id)? {
             ModuleHandle::Broker(b) => {
                 let component = format!("{} {:?}", b.spec.type_name, b.spec.name);
-                if b.is_pg() {
-                    b.start_pg()
-                        .await
-                        .map_err(|e| RuntimeError::bus(component, e))?;
-                    return Ok(());
-                }
                 b.start()
                     .await
-                    .map_err(|e| RuntimeError::nats(component, e))?;
-                Ok(())
+                    .map_err(|e| RuntimeError::broker(component, e))
             }
             ModuleHandle::Stream(s) => {
                 let component = format!("{} {:?}", s.type_name, s.module);
                 let Some(broker) = self.broker_for_module(&s.spec.broker_ref, &component)? else {
                     return Ok(());
                 };
-                if broker.is_pg() {
-                    return s
-                        .ensure_pg(&broker)
-                        .await
-                        .map_err(|e| RuntimeError::bus(component, e));
-                }
                 s.ensure(&broker)
                     .await
-                    .map_err(|e| RuntimeError::nats(component, e))
+                    .map_err(|e| RuntimeError::broker(component, e))
             }
             ModuleHandle::Consumer(c) => {
                 let component = format!("{} {:?}", c.type_name, c.module);
                 let Some(broker) = self.broker_for_module(&c.spec.broker_ref, &component)? else {
                     return Ok(());
                 };
-                if broker.is_pg() {
-                    if let Some(stream) = self.stream_module(&c.spec.stream) {
-                        stream
-                            .ensure_pg(&broker)
-                            .await
-                            .map_err(|e| RuntimeError::bus(component.clone(), e))?;
-                    }
-                    return c
-                        .ensure_pg(&broker)
-                        .await
-                        .map_err(|e| RuntimeError::bus(component, e));
-                }
                 // The stream module may start after us (no ordering between siblings).
                 if let Some(stream) = self.stream_module(&c.spec.stream) {
                     stream
                         .ensure(&broker)
                         .await
-                        .map_err(|e| RuntimeError::nats(component.clone(), e))?;
+                        .map_err(|e| RuntimeError::broker(component.clone(), e))?;
                 }
                 c.ensure(&broker)
                     .await
-                    .map_err(|e| RuntimeError::nats(component, e))
+                    .map_err(|e| RuntimeError::broker(component, e))
             }
             ModuleHandle::Trigger(t) => t.start(self).await,
         }
@@ -385,7 +331,6 @@ impl Runtime {
                         t.stop().await;
                     }
                 }
-                self.inner.pulls.forget_broker(&b.spec.name).await;
                 b.close().await;
                 Ok(())
             }

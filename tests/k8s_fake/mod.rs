@@ -1,8 +1,10 @@
 //! A stateful stand-in for a Kubernetes API server, enough of it for the `kubernetes` and
 //! `aws.eks` targets: namespaces, Secrets, ConfigMaps, Services, StatefulSets,
-//! PodDisruptionBudgets, PersistentVolumeClaims and Pods, with server-side apply, and the pods'
+//! PodDisruptionBudgets, NetworkPolicies (stored, not enforced: loopback has no pod network),
+//! PersistentVolumeClaims and Pods, with server-side apply, and the pods'
 //! `portforward` websocket. The pods are REAL nats-server processes on loopback, started from the
-//! StatefulSet's pod template and the ConfigMap's nats.conf, so the JetStream cluster the provider
+//! StatefulSet's pod template and the ConfigMap's nats.conf (and the files it includes, projected
+//! from the Secret), so the JetStream cluster the provider
 //! waits for, and the streams and consumers it then creates through the port-forward, are real.
 //!
 //! What a real API server (and cluster) does differently:
@@ -384,6 +386,7 @@ fn kind_of(plural: &str) -> (&'static str, &'static str) {
         "persistentvolumeclaims" => ("v1", "PersistentVolumeClaim"),
         "statefulsets" => ("apps/v1", "StatefulSet"),
         "poddisruptionbudgets" => ("policy/v1", "PodDisruptionBudget"),
+        "networkpolicies" => ("networking.k8s.io/v1", "NetworkPolicy"),
         _ => ("", ""),
     }
 }
@@ -455,7 +458,7 @@ async fn handle(
     // /apis/{group}/{version}/namespaces/{ns}/{plural}[/{name}]
     let rest: &[&str] = match parts.as_slice() {
         ["api", "v1", "namespaces", rest @ ..] => rest,
-        ["apis", "apps" | "policy", "v1", "namespaces", rest @ ..] => rest,
+        ["apis", "apps" | "policy" | "networking.k8s.io", "v1", "namespaces", rest @ ..] => rest,
         _ => {
             return status(
                 404,
@@ -509,6 +512,7 @@ fn not_found(plural: &str, name: &str) -> Response<Full<Bytes>> {
     let group = match kind_of(plural).0 {
         "apps/v1" => ".apps",
         "policy/v1" => ".policy",
+        "networking.k8s.io/v1" => ".networking.k8s.io",
         _ => "",
     };
     status(
@@ -1149,15 +1153,59 @@ fn start_pod(
             let local = dir.join(format!("vol-{vname}"));
             std::fs::create_dir_all(&local).map_err(|e| e.to_string())?;
             if let Some(v) = &vol {
-                if let Some(cm) = v["configMap"]["name"].as_str() {
-                    let data = s
-                        .objects
-                        .get(&("configmaps".into(), ns.into(), cm.into()))
-                        .ok_or(format!("configmap {cm} not found"))?["data"]
-                        .clone();
-                    for (k, text) in data.as_object().into_iter().flatten() {
-                        std::fs::write(local.join(k), text.as_str().unwrap_or(""))
-                            .map_err(|e| e.to_string())?;
+                // A configMap volume, or a projected one of configMaps and Secrets.
+                let mut sources: Vec<Json> = vec![v.clone()];
+                sources.extend(
+                    v["projected"]["sources"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+                for src in &sources {
+                    if let Some(cm) = src["configMap"]["name"].as_str() {
+                        let data = s
+                            .objects
+                            .get(&("configmaps".into(), ns.into(), cm.into()))
+                            .ok_or(format!("configmap {cm} not found"))?["data"]
+                            .clone();
+                        for (k, text) in data.as_object().into_iter().flatten() {
+                            std::fs::write(local.join(k), text.as_str().unwrap_or(""))
+                                .map_err(|e| e.to_string())?;
+                        }
+                    }
+                    if let Some(sn) = src["secret"]["name"].as_str() {
+                        let data = s
+                            .objects
+                            .get(&("secrets".into(), ns.into(), sn.into()))
+                            .ok_or(format!("secret {sn} not found"))?["data"]
+                            .clone();
+                        let items: Vec<(String, String)> = match src["secret"]["items"].as_array() {
+                            Some(items) => items
+                                .iter()
+                                .map(|i| {
+                                    (
+                                        i["key"].as_str().unwrap_or("").to_string(),
+                                        i["path"].as_str().unwrap_or("").to_string(),
+                                    )
+                                })
+                                .collect(),
+                            None => data
+                                .as_object()
+                                .into_iter()
+                                .flatten()
+                                .map(|(k, _)| (k.clone(), k.clone()))
+                                .collect(),
+                        };
+                        for (key, path) in items {
+                            let b64 = data[&key]
+                                .as_str()
+                                .ok_or(format!("secret {sn} has no key {key}"))?;
+                            let bytes = base64::engine::general_purpose::STANDARD
+                                .decode(b64)
+                                .map_err(|e| e.to_string())?;
+                            std::fs::write(local.join(path), bytes).map_err(|e| e.to_string())?;
+                        }
                     }
                 }
             } else {
@@ -1238,44 +1286,58 @@ fn start_pod(
             .iter()
             .find(|(m, _)| conf_path.starts_with(m.as_str()))
             .ok_or("the config file is not on a mounted volume")?;
-        let conf =
-            std::fs::read_to_string(local.join(conf_path[mnt.len()..].trim_start_matches('/')))
-                .map_err(|e| format!("{conf_path}: {e}"))?;
+        let conf_local = local.join(conf_path[mnt.len()..].trim_start_matches('/'));
+        let conf = std::fs::read_to_string(&conf_local).map_err(|e| format!("{conf_path}: {e}"))?;
+        // Files nats.conf includes (relative to it): rewritten the same way, written beside
+        // the rewritten nats.conf.
+        let mut files = vec![("nats.conf".to_string(), conf)];
+        for line in files[0].1.clone().lines() {
+            if let Some(inc) = line.trim().strip_prefix("include ") {
+                let inc = inc.trim().trim_matches('"').to_string();
+                let base = conf_local.parent().unwrap_or(std::path::Path::new("."));
+                let text = std::fs::read_to_string(base.join(&inc))
+                    .map_err(|e| format!("include {inc}: {e}"))?;
+                files.push((inc, text));
+            }
+        }
         let route_std = 6222u16;
-        let mut text = String::new();
-        for line in conf.lines() {
-            let mut l = line.to_string();
-            if l.contains("://") {
-                // Routes: every pod's headless DNS name -> its loopback cluster port.
-                for i in 0..16u32 {
-                    let peer = format!("{name}-{i}");
-                    let pport = cluster_port(s, ns, &peer);
-                    for host in [
-                        format!("{peer}.{headless}.{ns}.svc.cluster.local"),
-                        format!("{peer}.{headless}.{ns}.svc"),
-                        format!("{peer}.{headless}.{ns}"),
-                        format!("{peer}.{headless}"),
-                    ] {
-                        l = l.replace(
-                            &format!("{host}:{route_std}"),
-                            &format!("127.0.0.1:{pport}"),
-                        );
+        for (file, conf) in files {
+            let mut text = String::new();
+            for line in conf.lines() {
+                let mut l = line.to_string();
+                if l.contains("://") {
+                    // Routes: every pod's headless DNS name -> its loopback cluster port.
+                    for i in 0..16u32 {
+                        let peer = format!("{name}-{i}");
+                        let pport = cluster_port(s, ns, &peer);
+                        for host in [
+                            format!("{peer}.{headless}.{ns}.svc.cluster.local"),
+                            format!("{peer}.{headless}.{ns}.svc"),
+                            format!("{peer}.{headless}.{ns}"),
+                            format!("{peer}.{headless}"),
+                        ] {
+                            l = l.replace(
+                                &format!("{host}:{route_std}"),
+                                &format!("127.0.0.1:{pport}"),
+                            );
+                        }
+                    }
+                } else if !l.trim_start().starts_with("password:") {
+                    // (a password's digits are not a port)
+                    for (std_port, local) in &ports {
+                        l = replace_number(&l, *std_port, *local);
+                    }
+                    l = l.replace("0.0.0.0", "127.0.0.1");
+                    for (m, dirp) in &mounts {
+                        l = l.replace(m.as_str(), &dirp.display().to_string());
                     }
                 }
-            } else {
-                for (std_port, local) in &ports {
-                    l = replace_number(&l, *std_port, *local);
-                }
-                l = l.replace("0.0.0.0", "127.0.0.1");
-                for (m, dirp) in &mounts {
-                    l = l.replace(m.as_str(), &dirp.display().to_string());
-                }
+                text.push_str(&l);
+                text.push('\n');
             }
-            text.push_str(&l);
-            text.push('\n');
+            std::fs::write(dir.join(&file), &text).map_err(|e| e.to_string())?;
         }
         let conf_file = dir.join("nats.conf");
-        std::fs::write(&conf_file, &text).map_err(|e| e.to_string())?;
         let logf = std::fs::File::create(&log).map_err(|e| e.to_string())?;
         let child = Command::new(nats_test_server::binary())
             .arg("-c")

@@ -10,9 +10,10 @@ use super::{
 use crate::iac::error::DriverError;
 use crate::iac::plan::{resource_changes, Change as PlanChange};
 use crate::iac::state::ResourceRecord;
-use crate::nats::consumer::{fetch_consumer_config, overlay, ConsumerSpec};
+use crate::nats::consumer::{fetch_consumer_config, overlay, sync_pause, ConsumerSpec};
 use crate::nats::error::lift_api;
-use crate::nats::stream::Change;
+use crate::nats::settings;
+use crate::nats::stream::{server_version, Change};
 use crate::nats::{NatsConn, NatsError};
 use crate::pb::eventbus::ConsumerConfig;
 use crate::pb::iac::ResourceRef;
@@ -92,6 +93,9 @@ struct ConsumerOutputs<'a> {
     description: &'a str,
     prevent_destroy: bool,
     bind: bool,
+    /// metadata, replay_policy, pull limits, priority groups, ... (`settings::CONSUMER`).
+    #[serde(flatten)]
+    settings: settings::Settings,
 }
 
 /// Server config → outputs.
@@ -122,6 +126,7 @@ pub fn to_outputs(c: &consumer::Config, stream: &str, f: &Flags) -> Json {
         description: c.description.as_deref().unwrap_or_default(),
         prevent_destroy: f.prevent_destroy,
         bind: f.bind,
+        settings: settings::consumer_to_json(c),
     })
     .unwrap_or_default()
 }
@@ -149,7 +154,7 @@ pub fn observed_from_outputs(o: &Json) -> consumer::Config {
     };
     let desc = str_field(o, "description");
     let name = str_field(o, "name").to_string();
-    consumer::Config {
+    let mut c = consumer::Config {
         durable_name: Some(name.clone()),
         name: Some(name),
         deliver_policy: deliver,
@@ -170,13 +175,15 @@ pub fn observed_from_outputs(o: &Json) -> consumer::Config {
         filter_subjects,
         description: (!desc.is_empty()).then(|| desc.to_string()),
         ..Default::default()
-    }
+    };
+    // Outputs written before a setting existed lack its key: left at the server's default.
+    let _ = settings::consumer_from_json(&mut c, &settings::from_outputs(settings::CONSUMER, o));
+    c
 }
 
 pub fn desired_outputs(spec: &ConsumerSpec, broker: &str) -> Json {
-    use async_nats::jetstream::consumer::IntoConsumerConfig;
     to_outputs(
-        &(&spec.to_nats()).into_consumer_config(),
+        &spec.to_nats(),
         &spec.stream,
         &Flags {
             broker: broker.to_string(),
@@ -251,6 +258,8 @@ pub async fn apply(ctx: &Ctx, resource: &str, spec: &ConsumerSpec) -> Result<Out
     let observed = fetch_consumer_config(&stream, &spec.durable)
         .await
         .map_err(|e| DriverError::nats(&what, e))?;
+    spec.check_server(&server_version(&conn))
+        .map_err(|e| DriverError::refused(&what, e.to_string()))?;
     let cfg = match observed {
         None if spec.bind => {
             return Err(DriverError::refused(
@@ -304,6 +313,17 @@ pub async fn apply(ctx: &Ctx, resource: &str, spec: &ConsumerSpec) -> Result<Out
                     .clone()
             }
         }
+    };
+    let cfg = if sync_pause(&stream, spec, &cfg)
+        .await
+        .map_err(|e| DriverError::nats(&what, e))?
+    {
+        fetch_consumer_config(&stream, &spec.durable)
+            .await
+            .map_err(|e| DriverError::nats(&what, e))?
+            .unwrap_or(cfg)
+    } else {
+        cfg
     };
     let flags = Flags {
         broker: b.name.clone(),

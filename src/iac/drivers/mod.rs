@@ -115,6 +115,17 @@ pub(crate) trait Driver {
         state: &ProviderState,
         current: &Json,
     ) -> Result<Vec<super::plan::Change>, DriverError>;
+    /// Plan-time facts only the live broker knows, added to `changes` (Diff): a change its
+    /// release cannot make in place becomes a replace, and a replace says what it destroys.
+    /// Never fails: an unreachable broker is said in the plan.
+    fn plan_report(
+        _ctx: &Ctx,
+        _spec: &Self::Spec,
+        _state: &ProviderState,
+        changes: Vec<super::plan::Change>,
+    ) -> impl Future<Output = Vec<super::plan::Change>> + Send {
+        std::future::ready(changes)
+    }
     fn apply(
         ctx: &Ctx,
         name: &str,
@@ -166,6 +177,14 @@ pub(crate) trait Resource: Sync {
         spec: &ResourceSpec,
         current: &Json,
     ) -> Result<Vec<super::plan::Change>, DriverError>;
+    /// Decodes `spec`, diffs it against `current` and adds what only the live broker knows.
+    async fn diff_live(
+        &self,
+        ctx: &Ctx,
+        state: &ProviderState,
+        spec: &ResourceSpec,
+        current: &Json,
+    ) -> Result<Vec<super::plan::Change>, DriverError>;
     /// Decodes `spec` and applies it.
     async fn apply(&self, ctx: &Ctx, spec: &ResourceSpec) -> Result<Output, DriverError>;
     async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError>;
@@ -211,6 +230,17 @@ impl<D: Driver + Sync> Resource for D {
             state,
             current,
         )
+    }
+    async fn diff_live(
+        &self,
+        ctx: &Ctx,
+        state: &ProviderState,
+        spec: &ResourceSpec,
+        current: &Json,
+    ) -> Result<Vec<super::plan::Change>, DriverError> {
+        let desired = D::decode(&spec.name, &spec.config_json)?;
+        let changes = D::diff(&spec.name, &desired, state, current)?;
+        Ok(D::plan_report(ctx, &desired, state, changes).await)
     }
     async fn apply(&self, ctx: &Ctx, spec: &ResourceSpec) -> Result<Output, DriverError> {
         let desired = D::decode(&spec.name, &spec.config_json)?;

@@ -173,6 +173,23 @@ impl Driver for StreamDriver {
         "discard",
         "duplicate_window",
         "description",
+        "mirror",
+        "sources",
+        "subject_transform",
+        "republish",
+        "compression",
+        "placement",
+        "metadata",
+        "deny_delete",
+        "deny_purge",
+        "allow_rollup_hdrs",
+        "allow_direct",
+        "mirror_direct",
+        "discard_new_per_subject",
+        "max_consumers",
+        "consumer_limits",
+        "allow_msg_ttl",
+        "subject_delete_marker_ttl",
     ];
     fn decode(name: &str, config_json: &[u8]) -> Result<StreamSpec, DriverError> {
         stream::decode(name, config_json)
@@ -192,6 +209,21 @@ impl Driver for StreamDriver {
             }
             On::Nats => Ok(stream::diff(spec, b.as_deref(), current)),
         }
+    }
+    async fn plan_report(
+        ctx: &Ctx,
+        spec: &StreamSpec,
+        state: &ProviderState,
+        changes: Vec<Change>,
+    ) -> Vec<Change> {
+        let live = matches!(on_spec(state, &spec.broker_ref, &spec.servers), On::Nats).then_some(
+            stream::Live {
+                broker_ref: &spec.broker_ref,
+                servers: &spec.servers,
+                target: stream::LiveTarget::Stream(&spec.name),
+            },
+        );
+        stream::live_report(ctx, state, live, changes).await
     }
     async fn apply(ctx: &Ctx, name: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
         let state = ctx.state.load()?;
@@ -252,6 +284,21 @@ impl Driver for ConsumerDriver {
         "max_ack_pending",
         "backoff",
         "description",
+        "metadata",
+        "replay_policy",
+        "sample_freq",
+        "headers_only",
+        "inactive_threshold",
+        "num_replicas",
+        "mem_storage",
+        "max_waiting",
+        "max_batch",
+        "max_expires",
+        "max_bytes",
+        "pause_until",
+        "priority_policy",
+        "priority_groups",
+        "priority_timeout",
     ];
     fn decode(name: &str, config_json: &[u8]) -> Result<ConsumerSpec, DriverError> {
         consumer::decode(name, config_json)
@@ -270,6 +317,25 @@ impl Driver for ConsumerDriver {
             }
             On::Nats => Ok(consumer::diff(spec, b.as_deref(), current)),
         }
+    }
+    async fn plan_report(
+        ctx: &Ctx,
+        spec: &ConsumerSpec,
+        state: &ProviderState,
+        changes: Vec<Change>,
+    ) -> Vec<Change> {
+        let target = stream::LiveTarget::Consumer {
+            stream: &spec.stream,
+            durable: &spec.durable,
+        };
+        let live = matches!(on_spec(state, &spec.broker_ref, &spec.servers), On::Nats).then_some(
+            stream::Live {
+                broker_ref: &spec.broker_ref,
+                servers: &spec.servers,
+                target,
+            },
+        );
+        stream::live_report(ctx, state, live, changes).await
     }
     async fn apply(ctx: &Ctx, name: &str, spec: &ConsumerSpec) -> Result<Output, DriverError> {
         let state = ctx.state.load()?;

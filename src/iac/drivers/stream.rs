@@ -16,7 +16,8 @@ use crate::iac::error::DriverError;
 use crate::iac::plan::{resource_changes, Change as PlanChange};
 use crate::iac::state::{ProviderState, ResourceRecord};
 use crate::nats::error::lift_api;
-use crate::nats::stream::{fetch_stream_config, overlay, Change, StreamSpec};
+use crate::nats::settings;
+use crate::nats::stream::{fetch_stream_config, overlay, server_version, Change, StreamSpec};
 use crate::nats::NatsError;
 use crate::pb::eventbus::StreamConfig;
 use crate::pb::iac::ResourceRef;
@@ -111,6 +112,9 @@ struct StreamOutputs<'a> {
     description: &'a str,
     prevent_destroy: bool,
     bind: bool,
+    /// mirror, sources, republish, metadata, ... (`settings::STREAM`), in config vocabulary.
+    #[serde(flatten)]
+    settings: settings::Settings,
 }
 
 /// Server config → outputs.
@@ -133,6 +137,7 @@ pub fn to_outputs(c: &stream::Config, f: &Flags) -> Json {
         description: c.description.as_deref().unwrap_or_default(),
         prevent_destroy: f.prevent_destroy,
         bind: f.bind,
+        settings: settings::stream_to_json(c),
     })
     .unwrap_or_default()
 }
@@ -140,7 +145,7 @@ pub fn to_outputs(c: &stream::Config, f: &Flags) -> Json {
 /// Outputs → the server config they describe (managed fields only; the rest default).
 pub fn observed_from_outputs(o: &Json) -> stream::Config {
     let desc = str_field(o, "description");
-    stream::Config {
+    let mut c = stream::Config {
         name: str_field(o, "name").to_string(),
         subjects: strings_field(o, "subjects"),
         retention: retention_from(str_field(o, "retention_policy")),
@@ -163,7 +168,10 @@ pub fn observed_from_outputs(o: &Json) -> stream::Config {
         duplicate_window: duration_from_json(o.get("duplicate_window")),
         description: (!desc.is_empty()).then(|| desc.to_string()),
         ..Default::default()
-    }
+    };
+    // Outputs written before a setting existed lack its key: left at the server's default.
+    let _ = settings::stream_from_json(&mut c, &settings::from_outputs(settings::STREAM, o));
+    c
 }
 
 #[cfg(test)]
@@ -227,6 +235,8 @@ pub async fn apply(ctx: &Ctx, resource: &str, spec: &StreamSpec) -> Result<Outpu
     let observed = fetch_stream_config(&conn, &spec.name)
         .await
         .map_err(|e| DriverError::nats(&what, e))?;
+    spec.check_server(observed.as_ref(), &server_version(&conn))
+        .map_err(|e| DriverError::refused(&what, e.to_string()))?;
     let cfg = match observed {
         None if spec.bind => {
             return Err(DriverError::refused(
@@ -621,6 +631,129 @@ pub async fn list(ctx: &Ctx, broker: &str) -> Result<Vec<(String, stream::Config
         .into_iter()
         .map(|i| (provider_id(broker, &i.config.name), i.config))
         .collect())
+}
+
+/// What a plan-time read of the live broker is about.
+pub enum LiveTarget<'a> {
+    Stream(&'a str),
+    Consumer { stream: &'a str, durable: &'a str },
+}
+
+/// Where the resource a plan-time read is about lives (`None`: not on a NATS broker).
+pub struct Live<'a> {
+    pub broker_ref: &'a str,
+    pub servers: &'a [String],
+    pub target: LiveTarget<'a>,
+}
+
+/// How long Diff waits for the live broker before saying it could not ask.
+const PLAN_READ_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Diff's read of the live broker, for streams and consumers: a change the broker's release
+/// cannot make in place is forced to a replace (nats-server versions from `table`, and the
+/// stream retention rule), and every replace gets a `destroys` entry naming what it deletes
+/// (messages, bytes, consumers and their positions). Nothing to replace: no I/O at all.
+pub async fn live_report(
+    ctx: &Ctx,
+    state: &ProviderState,
+    live: Option<Live<'_>>,
+    mut changes: Vec<PlanChange>,
+) -> Vec<PlanChange> {
+    let Some(Live {
+        broker_ref,
+        servers,
+        target,
+    }) = live
+    else {
+        return changes;
+    };
+    let (what, table) = match &target {
+        LiveTarget::Stream(name) => (label(name, name), settings::STREAM),
+        LiveTarget::Consumer { stream, durable } => (
+            format!(
+                "{} consumer {durable:?} on stream {stream:?}",
+                super::CONSUMER_TYPE
+            ),
+            settings::CONSUMER,
+        ),
+    };
+    let what = what.as_str();
+    let is_stream = matches!(target, LiveTarget::Stream(_));
+    let sensitive = |path: &str| {
+        (is_stream && path == "retention_policy")
+            || table
+                .iter()
+                .any(|s| s.key == path && s.in_place_since.is_some())
+    };
+    if !changes.iter().any(|c| c.force_new || sensitive(&c.path)) {
+        return changes;
+    }
+    let read = async {
+        let b = resolve_broker(what, broker_ref, servers, state, &ctx.state.path())?;
+        let conn = ctx.connect(what, &b).await?;
+        let loss = match target {
+            LiveTarget::Stream(name) => crate::nats::loss::stream_loss(&conn, name).await,
+            LiveTarget::Consumer { stream, durable } => {
+                crate::nats::loss::consumer_loss(&conn, stream, durable).await
+            }
+        }
+        .map_err(|e| DriverError::nats(what, e))?;
+        Ok::<_, DriverError>((server_version(&conn), loss, conn))
+    };
+    let mut notes = Vec::new();
+    match tokio::time::timeout(PLAN_READ_BOUND, read).await {
+        Ok(Ok((version, loss, conn))) => {
+            for c in changes
+                .iter_mut()
+                .filter(|c| !c.force_new && sensitive(&c.path))
+            {
+                let late = if is_stream && c.path == "retention_policy" {
+                    (!crate::nats::stream::retention_in_place(&version))
+                        .then_some(settings::RETENTION_IN_PLACE_SINCE)
+                } else {
+                    settings::needs_newer_to_change(table, &[c.path.as_str()], &version)
+                        .map(|(_, v)| v)
+                };
+                if let Some((major, minor)) = late {
+                    c.force_new = true;
+                    notes.push(format!(
+                        "{} changes in place only from nats-server {major}.{minor} on and the broker runs {version}: a replace",
+                        c.path
+                    ));
+                }
+            }
+            if changes.iter().any(|c| c.force_new) {
+                notes.extend(loss);
+            } else if let LiveTarget::Stream(name) = target {
+                // In place, but the switch to interest removes what no consumer still needs.
+                let to_interest = changes
+                    .iter()
+                    .any(|c| c.path == "retention_policy" && c.new == "RETENTION_POLICY_INTEREST");
+                let read = crate::nats::loss::interest_loss(&conn, name);
+                if to_interest {
+                    if let Ok(Ok(Some(n))) = tokio::time::timeout(PLAN_READ_BOUND, read).await {
+                        notes.push(n);
+                    }
+                }
+            }
+        }
+        Ok(Err(e)) if changes.iter().any(|c| c.force_new) => notes.push(format!(
+            "unknown: the broker could not be read to count what the replace deletes ({e})"
+        )),
+        Err(_) if changes.iter().any(|c| c.force_new) => notes.push(format!(
+            "unknown: the broker did not answer within {PLAN_READ_BOUND:?} to count what the replace deletes"
+        )),
+        _ => {}
+    }
+    if !notes.is_empty() {
+        changes.push(PlanChange {
+            path: "destroys".into(),
+            old: Json::String(notes.join("; ")),
+            new: Json::Null,
+            force_new: false,
+        });
+    }
+    changes
 }
 
 /// `desired_broker`: the broker the spec resolves to, when that can be decided.

@@ -65,8 +65,10 @@ impl Provider {
                     let keys = kind.driver().drift_keys();
                     let fields: Vec<String> = keys
                         .iter()
+                        // A key the recorded outputs lack was written before the setting
+                        // existed: not drift until an apply records it.
                         .filter(|k| {
-                            !recorded.is_null()
+                            recorded.get(**k).is_some()
                                 && normalise(&recorded[**k]) != normalise(&live[**k])
                         })
                         .map(|k| k.to_string())

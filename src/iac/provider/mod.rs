@@ -184,9 +184,10 @@ impl Provider {
     pub async fn update(
         &self,
         type_name: &str,
-        _r: &ResourceRef,
+        r: &ResourceRef,
         spec: &ResourceSpec,
     ) -> Result<ResourceOutput, DriverError> {
+        check_ref(Kind::parse(or(type_name, &r.r#type))?, r)?;
         self.create(type_name, spec).await
     }
 
@@ -196,24 +197,30 @@ impl Provider {
         r: &ResourceRef,
     ) -> Result<ResourceOutput, DriverError> {
         let kind = Kind::parse(or(type_name, &r.r#type))?;
+        check_ref(kind, r)?;
         let out = kind.driver().read(&self.ctx, r).await?;
         Ok(wire(&r.name, kind.type_name(), out))
     }
 
     pub async fn delete(&self, type_name: &str, r: &ResourceRef) -> Result<(), DriverError> {
         let kind = Kind::parse(or(type_name, &r.r#type))?;
+        check_ref(kind, r)?;
         kind.driver().delete(&self.ctx, r).await
     }
 
-    /// Pure apart from reading the provider state (to resolve a stream's broker).
-    pub fn diff(
+    /// The pure diff (the provider state resolves a stream's broker), then, for a planned replace
+    /// or a change older releases cannot make in place, what the live broker says.
+    pub async fn diff(
         &self,
         type_name: &str,
         desired: &ResourceSpec,
         current_outputs: &[u8],
     ) -> Result<Vec<Change>, DriverError> {
         let state = self.ctx.state.load()?;
-        diff_with(&state, type_name, desired, &outputs_of(current_outputs))
+        Kind::parse(or(type_name, &desired.r#type))?
+            .driver()
+            .diff_live(&self.ctx, &state, desired, &outputs_of(current_outputs))
+            .await
     }
 
     pub async fn scale(
@@ -223,6 +230,7 @@ impl Provider {
         replicas: i32,
     ) -> Result<ResourceOutput, DriverError> {
         let kind = Kind::parse(type_name)?;
+        check_ref(kind, r)?;
         let out = kind.driver().scale(&self.ctx, r, replicas).await?;
         Ok(wire(&r.name, type_name, out))
     }
@@ -232,7 +240,9 @@ impl Provider {
         type_name: &str,
         r: &ResourceRef,
     ) -> Result<(bool, String), DriverError> {
-        Kind::parse(type_name)?.driver().health(&self.ctx, r).await
+        let kind = Kind::parse(type_name)?;
+        check_ref(kind, r)?;
+        kind.driver().health(&self.ctx, r).await
     }
 
     pub fn sensitive_keys(type_name: &str) -> Result<Vec<String>, DriverError> {
@@ -245,7 +255,9 @@ impl Provider {
         type_name: &str,
         r: &ResourceRef,
     ) -> Result<Vec<(String, String)>, DriverError> {
-        Kind::parse(type_name)?.driver().troubleshoot(&self.ctx, r)
+        let kind = Kind::parse(type_name)?;
+        check_ref(kind, r)?;
+        kind.driver().troubleshoot(&self.ctx, r)
     }
 
     /// The host's own algorithm, for engine steps that call Plan (wfctl computes its own).
@@ -274,6 +286,79 @@ pub fn diff_with(
 }
 
 /// The request's resource type, else the one the spec or ref carries.
+/// The longest resource name, and broker part of a provider id, accepted (a module name).
+const MAX_REF_NAME: usize = 255;
+
+/// A resource reference from wfctl's state, checked before any call that could reach a
+/// broker: the name, and a provider id `<broker>/<STREAM>` or `<broker>/<STREAM>/<durable>`
+/// whose stream and durable follow NATS' name rules and lengths (a 10 KB stream name made Read
+/// take 5 s and Delete 29 s, and dropped the provider's connection). One line naming the field.
+fn check_ref(kind: Kind, r: &ResourceRef) -> Result<(), DriverError> {
+    use crate::nats::names::check_name;
+    use crate::secret::quote;
+    let what = format!("{} {}", kind.type_name(), quote(&r.name));
+    let bad =
+        |field: &str, msg: String| DriverError::invalid(what.clone(), format!("{field} {msg}"));
+    let plain = |s: &str| s.len() <= MAX_REF_NAME && !s.chars().any(char::is_control);
+    if !plain(&r.name) {
+        return Err(bad(
+            "name",
+            format!(
+                "{}: a resource name has at most {MAX_REF_NAME} bytes and no control characters",
+                quote(&r.name)
+            ),
+        ));
+    }
+    let pid = r.provider_id.as_str();
+    if pid.is_empty() {
+        return Ok(());
+    }
+    let shape = match kind {
+        Kind::Broker => "<broker>",
+        Kind::Stream => "<broker>/<STREAM>",
+        Kind::Consumer => "<broker>/<STREAM>/<durable>",
+    };
+    let wrong = |msg: String| {
+        bad(
+            "provider_id",
+            format!("{}: {msg} (it is {shape})", quote(pid)),
+        )
+    };
+    let parts: Vec<&str> = match kind {
+        Kind::Broker => vec![pid],
+        Kind::Stream => pid.rsplitn(2, '/').collect(),
+        Kind::Consumer => pid.rsplitn(3, '/').collect(),
+    };
+    let Some(broker) = parts
+        .last()
+        .filter(|_| parts.len() == shape.matches('<').count())
+    else {
+        // Not of this shape: found in the state by name, or not at all (no broker is asked).
+        return if pid.len() <= 3 * MAX_REF_NAME + 2 && !pid.chars().any(char::is_control) {
+            Ok(())
+        } else {
+            Err(wrong("is not a provider id of this plugin".into()))
+        };
+    };
+    if !plain(broker) {
+        return Err(wrong(format!(
+            "the broker part has more than {MAX_REF_NAME} bytes or a control character"
+        )));
+    }
+    let names = [
+        ("stream", parts.len().checked_sub(2)),
+        ("durable", (parts.len() == 3).then_some(0)),
+    ];
+    for (label, at) in names {
+        if let Some(i) = at {
+            if let Err(e) = check_name(parts[i]) {
+                return Err(wrong(format!("the {label} name {e}")));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn or<'a>(type_name: &'a str, fallback: &'a str) -> &'a str {
     if type_name.is_empty() {
         fallback

@@ -26,6 +26,7 @@ impl BrokerDesired {
     pub fn decode(name: &str, config_json: &[u8]) -> Result<BrokerDesired, DriverError> {
         let what = label(name);
         let m = config_object(&what, config_json)?;
+        crate::config::broker::check_blank_auth(BROKER_TYPE, name, &m)?;
         decode_config(BROKER_TYPE, name, "ClusterConfig", m, |c: ClusterConfig| {
             let spec = BrokerSpec::validate(BROKER_TYPE, name, &c)?;
             let js = c.jetstream.unwrap_or_default();
@@ -169,17 +170,8 @@ pub async fn block<T: Send + 'static>(
     }
 }
 
-/// `nats://user:pass@host:4222` → `nats://host:4222`.
+/// `nats://user:pass@host:4222` → `nats://host:4222` (through the one masking,
+/// [`crate::secret::mask`]).
 pub fn strip_userinfo(url: &str) -> String {
-    let url = url.trim();
-    let (scheme, rest) = match url.split_once("://") {
-        Some((s, r)) => (format!("{s}://"), r),
-        None => (String::new(), url),
-    };
-    let host = match rest.split_once('/') {
-        Some((auth, _)) => auth,
-        None => rest,
-    };
-    let host = host.rsplit_once('@').map(|(_, h)| h).unwrap_or(host);
-    format!("{scheme}{host}")
+    crate::secret::mask(url, crate::secret::Userinfo::Dropped)
 }

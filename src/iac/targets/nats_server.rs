@@ -285,6 +285,7 @@ pub fn render_config(rec: &LocalRecord, broker: &str, i: usize) -> String {
                 .map(|p| format!("nats-route://127.0.0.1:{}", p.cluster_port))
                 .collect(),
             no_advertise: false,
+            include: None,
         }),
         websocket: None,
         auth: None,
@@ -298,7 +299,11 @@ pub fn start_node(rec: &mut LocalRecord, broker: &str, i: usize) -> Result<(), L
     let text = render_config(rec, broker, i);
     let n = &mut rec.nodes[i];
     let dir = PathBuf::from(&n.dir);
-    std::fs::create_dir_all(n.store_dir()).map_err(io("create", &dir))?;
+    // The node's directory, store and log are names this plugin gives: never symbolic links
+    // (nats-server would write its log and store through them).
+    crate::iac::files::create_private_dir(&dir).map_err(io("create", &dir))?;
+    crate::iac::files::create_private_dir(&n.store_dir()).map_err(io("create", &n.store_dir()))?;
+    crate::iac::files::refuse_link(&n.log_path()).map_err(io("open", &n.log_path()))?;
     let conf = n.config_path();
     crate::iac::files::write_atomic(&conf, text.as_bytes()).map_err(io("write", &conf))?;
     let mut cmd = Command::new(&rec.binary);
@@ -582,6 +587,32 @@ mod tests {
                 "{c}"
             );
         }
+    }
+
+    /// Issue 19, the class of finding 5: a symbolic link planted as a node's directory or its
+    /// log file is refused before nats.conf is written or nats-server (which would append its
+    /// log through the link) starts.
+    #[test]
+    fn a_node_never_starts_through_a_symbolic_link() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().unwrap();
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let mut rec = record(1);
+        rec.binary = "/nonexistent/nats-server".into();
+        let node = d.path().join("bus-0");
+        rec.nodes[0].dir = node.display().to_string();
+        symlink(&elsewhere, &node).unwrap();
+        let e = crate::error_chain::render(&start_node(&mut rec, "bus", 0).unwrap_err());
+        assert!(e.contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        std::fs::remove_file(&node).unwrap();
+        std::fs::create_dir(&node).unwrap();
+        symlink(elsewhere.join("victim.log"), node.join("nats.log")).unwrap();
+        let e = crate::error_chain::render(&start_node(&mut rec, "bus", 0).unwrap_err());
+        assert!(e.contains("nats.log") && e.contains("symbolic link"), "{e}");
+        assert!(!node.join("nats.conf").exists());
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
     }
 
     /// Issue 14 finding 10: look-alike names shared one data directory.

@@ -1,34 +1,42 @@
 //! `infra.eventbus` / `eventbus.broker`: the running broker that owns the one connection every
 //! stream, consumer, step and trigger shares. Its config is `config::broker::BrokerSpec`.
 //!
-//! The backend is fixed by the provider at Create: a NATS connection, or (provider pgchannel) a
-//! `PgBus` pool. Each has its own slot rather than one enum slot, so the NATS hot path (publish,
-//! ack) reads its connection exactly as before and its step futures keep their size; every
-//! caller that can meet both asks `is_pg()` first and takes the pgchannel path in
-//! `runtime::pg`.
+//! This is the one place that chooses a provider. The provider is fixed by the config at
+//! Create; `BrokerModule::dispatch` runs a job (a step's work, a trigger's worker) with the
+//! provider's concrete type, so the steps and the trigger are written once, generic over
+//! `runtime::provider::Provider`, and stay statically dispatched. The NATS arm runs inline so
+//! its futures (publish, ack) keep their measured size; every other arm is boxed.
 
 pub use crate::config::broker::{BrokerSpec, LocalSpec};
 use crate::nats::names::env_key;
-use crate::nats::{NatsConn, NatsError};
-use crate::pg::{PgBus, PgError, PgSettings};
+use crate::nats::provider::NatsProvider;
+use crate::nats::NatsConn;
+use crate::pg::provider::PgProvider;
+use crate::pg::{PgBus, PgSettings};
+use crate::runtime::provider::{Provider, ProviderError};
+use futures::future::Either;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 use tokio::sync::Mutex;
 
-/// A failure on the pgchannel side of the runtime: the domain's error, or ours around it.
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("broker {broker:?} is not connected ({detail})")]
-    Unavailable { broker: String, detail: String },
-    #[error("{op} timed out after {after:?}")]
-    TimedOut {
-        op: &'static str,
-        after: std::time::Duration,
-    },
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Pg(#[from] PgError),
+/// A provider the broker module can open: how it is reached from its broker module.
+pub trait Open: Provider {
+    /// The opened provider (opened on first use), or why the broker cannot be used now.
+    fn open(broker: &BrokerModule) -> impl Future<Output = Result<Self, ProviderError>> + Send;
+}
+
+/// A job that runs against whichever provider the broker uses.
+pub trait ForProvider: Send {
+    type Out;
+    fn run<P: Open>(self, broker: &BrokerModule) -> impl Future<Output = Self::Out> + Send;
+}
+
+/// Which provider a broker module uses (from its config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Nats,
+    Pg,
 }
 
 /// A broker module instance: spec plus its (lazily opened) connection.
@@ -38,68 +46,143 @@ pub enum BusError {
 /// publish fail.
 pub struct BrokerModule {
     pub spec: BrokerSpec,
-    /// `None`: not opened yet (or closed by Stop). `Some(None)`: degraded, no url configured.
-    conn: RwLock<Option<Option<NatsConn>>>,
+    /// NATS: `None` not opened yet (or closed by Stop); `Some(None)` degraded, no url configured.
+    nats: RwLock<Option<Option<NatsProvider>>>,
+    /// pgchannel: the pool, once opened.
+    pg: RwLock<Option<PgProvider>>,
     /// Set by StopModule, cleared by StartModule: between the two, steps are told the broker
     /// module is stopped instead of silently reopening it.
     stopped: AtomicBool,
     open_lock: Mutex<()>,
-    /// Provider pgchannel: the pool, once opened.
-    pg: RwLock<Option<PgBus>>,
+}
+
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    l.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 impl BrokerModule {
     pub fn new(spec: BrokerSpec) -> Self {
         BrokerModule {
             spec,
-            conn: RwLock::new(None),
+            nats: RwLock::new(None),
+            pg: RwLock::new(None),
             stopped: AtomicBool::new(false),
             open_lock: Mutex::new(()),
-            pg: RwLock::new(None),
         }
     }
 
-    /// Provider pgchannel: steps, trigger and modules take the `runtime::pg` paths.
-    pub fn is_pg(&self) -> bool {
-        self.spec.pg.is_some()
+    fn kind(&self) -> Kind {
+        if self.spec.pg.is_some() {
+            Kind::Pg
+        } else {
+            Kind::Nats
+        }
     }
 
-    /// StartModule of a pgchannel broker: clears a previous Stop and opens the pool, so a bad
-    /// dsn or an unreachable database fails Start with its reason.
-    pub async fn start_pg(&self) -> Result<(), BusError> {
+    /// Runs `job` with this broker's provider type: the single provider dispatch. Not an
+    /// `async fn`, so the job is not kept a second time beside the future that owns it.
+    pub fn dispatch<'a, J: ForProvider + 'a>(
+        &'a self,
+        job: J,
+    ) -> impl Future<Output = J::Out> + Send + 'a {
+        match self.kind() {
+            Kind::Nats => Either::Left(job.run::<NatsProvider>(self)),
+            Kind::Pg => Either::Right(Box::pin(job.run::<PgProvider>(self))),
+        }
+    }
+
+    /// InitModule: a warning when nothing says where the broker is (steps fail until it is set).
+    pub fn warn_unconfigured(&self) {
+        match self.kind() {
+            Kind::Nats if self.spec.resolve_urls().is_empty() => {
+                tracing::warn!(broker = %self.spec.name, "no broker url configured; steps using this broker will fail until one is set");
+            }
+            Kind::Pg if self.spec.resolve_pg_dsn().is_none() => {
+                tracing::warn!(broker = %self.spec.name, "no Postgres dsn (dsn or {}); steps using this broker will fail until one is set", self.spec.pg_env_var());
+            }
+            _ => {}
+        }
+    }
+
+    /// StartModule: clears a previous Stop and opens the connection, so a bad address or an
+    /// unreachable database fails Start with its reason.
+    pub async fn start(&self) -> Result<(), ProviderError> {
         self.stopped.store(false, Ordering::SeqCst);
-        self.require_pg().await.map(|_| ())
+        match self.kind() {
+            // Degraded (no url) is not a Start failure: steps say how to configure one.
+            Kind::Nats => self.nats_connection().await.map(|_| ()),
+            Kind::Pg => self.pg_pool().await.map(|_| ()),
+        }
     }
 
-    /// The pgchannel pool, opened (and the schema ensured) on first use.
-    pub async fn require_pg(&self) -> Result<PgBus, BusError> {
+    fn check_running(&self) -> Result<(), ProviderError> {
         if self.stopped.load(Ordering::SeqCst) {
-            return Err(BusError::Unavailable {
+            return Err(ProviderError::Unavailable {
                 broker: self.spec.name.clone(),
                 detail: "the broker module was stopped (StopModule); StartModule connects it again"
                     .into(),
             });
         }
-        if let Some(b) = self.pg.read().unwrap_or_else(|p| p.into_inner()).clone() {
+        Ok(())
+    }
+
+    /// Opens the NATS connection once. `Ok(None)` is degraded mode: no URL configured anywhere.
+    /// Steps on modules that were created but never started (wfctl pipeline run) come here too.
+    async fn nats_connection(&self) -> Result<Option<NatsProvider>, ProviderError> {
+        self.check_running()?;
+        if let Some(c) = read(&self.nats) {
+            return Ok(c);
+        }
+        // Boxed: async-nats' connect future is ~10 KB, and inline it made every step's future
+        // that size, copied into a fresh box on each ExecuteStep (callgrind: a fifth of the
+        // plugin's instructions per publish were that memcpy).
+        Box::pin(self.open_nats()).await
+    }
+
+    async fn open_nats(&self) -> Result<Option<NatsProvider>, ProviderError> {
+        let _guard = self.open_lock.lock().await;
+        if let Some(c) = read(&self.nats) {
+            return Ok(c);
+        }
+        let urls = self.spec.resolve_urls();
+        let conn = if urls.is_empty() {
+            tracing::warn!(broker = %self.spec.name, "no broker url (dsn, EVENTBUS_{}_URI or NATS_URL); running degraded", env_key(&self.spec.name));
+            None
+        } else {
+            let mut settings = self.spec.conn.clone();
+            settings.urls = urls;
+            tracing::info!(broker = %self.spec.name, servers = %settings.redacted_urls(), "connecting");
+            Some(NatsProvider::new(
+                NatsConn::open(&self.spec.name, &settings).await?,
+            ))
+        };
+        *self.nats.write().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// The pgchannel pool, opened (and the schema ensured) on first use.
+    async fn pg_pool(&self) -> Result<PgProvider, ProviderError> {
+        self.check_running()?;
+        if let Some(b) = read(&self.pg) {
             return Ok(b);
         }
         // Boxed for the same reason as the NATS connect: only the first call pays for it.
         Box::pin(self.open_pg()).await
     }
 
-    async fn open_pg(&self) -> Result<PgBus, BusError> {
+    async fn open_pg(&self) -> Result<PgProvider, ProviderError> {
         let _guard = self.open_lock.lock().await;
-        if let Some(b) = self.pg.read().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(b) = read(&self.pg) {
             return Ok(b);
         }
         let Some(cfg) = &self.spec.pg else {
-            return Err(BusError::Unavailable {
+            return Err(ProviderError::Unavailable {
                 broker: self.spec.name.clone(),
                 detail: "not a pgchannel broker".into(),
             });
         };
         let Some(dsn) = self.spec.resolve_pg_dsn() else {
-            return Err(BusError::Unavailable {
+            return Err(ProviderError::Unavailable {
                 broker: self.spec.name.clone(),
                 detail: format!(
                     "no Postgres dsn: set dsn on the module or {} in the environment",
@@ -115,85 +198,18 @@ impl BrokerModule {
             connect_timeout: cfg.connect_timeout,
         };
         tracing::info!(broker = %self.spec.name, dsn = %settings.redacted_dsn(), "connecting to PostgreSQL");
-        let bus = PgBus::connect(settings).await?;
-        *self.pg.write().unwrap_or_else(|p| p.into_inner()) = Some(bus.clone());
-        Ok(bus)
-    }
-
-    fn current(&self) -> Option<Option<NatsConn>> {
-        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// StartModule: clears a previous Stop and opens the connection.
-    pub async fn start(&self) -> Result<Option<NatsConn>, NatsError> {
-        self.stopped.store(false, Ordering::SeqCst);
-        self.connection().await
-    }
-
-    /// Opens the connection once. `Ok(None)` is degraded mode: no URL configured anywhere.
-    /// Steps on modules that were created but never started (wfctl pipeline run) come here too.
-    pub async fn connection(&self) -> Result<Option<NatsConn>, NatsError> {
-        if self.is_pg() {
-            return Err(NatsError::Unavailable {
-                broker: self.spec.name.clone(),
-                detail: "this broker uses provider pgchannel; this operation needs a nats broker"
-                    .into(),
-            });
-        }
-        if self.stopped.load(Ordering::SeqCst) {
-            return Err(NatsError::Unavailable {
-                broker: self.spec.name.clone(),
-                detail: "the broker module was stopped (StopModule); StartModule connects it again"
-                    .into(),
-            });
-        }
-        if let Some(c) = self.current() {
-            return Ok(c);
-        }
-        // Boxed: async-nats' connect future is ~10 KB, and inline it made every step's future
-        // that size, copied into a fresh box on each ExecuteStep (callgrind: a fifth of the
-        // plugin's instructions per publish were that memcpy).
-        Box::pin(self.open()).await
-    }
-
-    async fn open(&self) -> Result<Option<NatsConn>, NatsError> {
-        let _guard = self.open_lock.lock().await;
-        if let Some(c) = self.current() {
-            return Ok(c);
-        }
-        let urls = self.spec.resolve_urls();
-        let conn = if urls.is_empty() {
-            tracing::warn!(broker = %self.spec.name, "no broker url (dsn, EVENTBUS_{}_URI or NATS_URL); running degraded", env_key(&self.spec.name));
-            None
-        } else {
-            let mut settings = self.spec.conn.clone();
-            settings.urls = urls;
-            tracing::info!(broker = %self.spec.name, servers = %settings.redacted_urls(), "connecting");
-            Some(NatsConn::open(&self.spec.name, &settings).await?)
+        let p = PgProvider {
+            bus: PgBus::connect(settings).await?,
         };
-        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
-        Ok(conn)
-    }
-
-    /// The connection or a clear error that says how to configure one.
-    pub async fn require(&self) -> Result<NatsConn, NatsError> {
-        match self.connection().await? {
-            Some(c) => Ok(c),
-            None => Err(NatsError::Unavailable {
-                broker: self.spec.name.clone(),
-                detail: format!(
-                    "no broker url configured; set dsn on the module, EVENTBUS_{}_URI or NATS_URL",
-                    env_key(&self.spec.name)
-                ),
-            }),
-        }
+        *self.pg.write().unwrap_or_else(|p| p.into_inner()) = Some(p.clone());
+        Ok(p)
     }
 
     /// StopModule and shutdown: drains and forgets the connection.
     pub async fn close(&self) {
         let _guard = self.open_lock.lock().await;
         self.stopped.store(true, Ordering::SeqCst);
-        let taken = self.conn.write().unwrap_or_else(|p| p.into_inner()).take();
+        let taken = self.nats.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(Some(c)) = taken {
             c.close().await;
         }
@@ -202,4 +218,35 @@ impl BrokerModule {
             b.close().await;
         }
     }
+}
+
+impl Open for NatsProvider {
+    async fn open(broker: &BrokerModule) -> Result<Self, ProviderError> {
+        match broker.nats_connection().await? {
+            Some(c) => Ok(c),
+            None => Err(ProviderError::Unavailable {
+                broker: broker.spec.name.clone(),
+                detail: format!(
+                    "no broker url configured; set dsn on the module, EVENTBUS_{}_URI or NATS_URL",
+                    env_key(&broker.spec.name)
+                ),
+            }),
+        }
+    }
+}
+
+impl Open for PgProvider {
+    async fn open(broker: &BrokerModule) -> Result<Self, ProviderError> {
+        broker.pg_pool().await
+    }
+}
+
+/// Whether `token` has any provider's ack token shape: Create checks a literal token before
+/// it knows the broker.
+pub fn check_any_token(token: &str) -> Result<(), String> {
+    if PgProvider::check_token(token).is_ok() {
+        return Ok(());
+    }
+    NatsProvider::check_token(token)
+        .map_err(|e| format!("{e}; a pgchannel token is \"<stream>:<consumer>:<id>\""))
 }

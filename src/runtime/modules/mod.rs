@@ -3,12 +3,10 @@
 
 pub mod broker;
 
-use crate::nats::NatsError;
-use crate::pg::{Ensured, PgBus, PgError};
-use broker::BusError;
+use crate::runtime::provider::{Declaration, Provider, ProviderError};
 // The specs live in the NATS layer, shared with the IaC drivers; runtime code names them here.
 pub use crate::nats::{consumer, stream};
-use broker::BrokerModule;
+use broker::{BrokerModule, ForProvider, Open};
 use consumer::ConsumerSpec;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,35 +16,15 @@ use tokio::sync::Mutex;
 /// How long a stream or consumer Start waits for its broker to be reachable.
 pub const BROKER_WAIT: Duration = Duration::from_secs(10);
 
-/// Something the server must hold as declared: a stream or a consumer spec.
+/// Something the broker must hold as declared: a stream or a consumer spec.
 pub trait Ensure: Send + Sync {
-    fn ensure<'a>(
-        &'a self,
-        conn: &'a crate::nats::NatsConn,
-    ) -> futures::future::BoxFuture<'a, Result<stream::EnsureOutcome, NatsError>>;
-    /// Provider pgchannel: the same declaration as rows in the bus's tables.
-    fn ensure_pg<'a>(
-        &'a self,
-        bus: &'a PgBus,
-    ) -> futures::future::BoxFuture<'a, Result<Ensured, PgError>>;
+    fn declaration(&self) -> Declaration<'_>;
     fn label(&self) -> String;
 }
 
 impl Ensure for StreamSpec {
-    fn ensure<'a>(
-        &'a self,
-        conn: &'a crate::nats::NatsConn,
-    ) -> futures::future::BoxFuture<'a, Result<stream::EnsureOutcome, NatsError>> {
-        Box::pin(StreamSpec::ensure(self, conn))
-    }
-    fn ensure_pg<'a>(
-        &'a self,
-        bus: &'a PgBus,
-    ) -> futures::future::BoxFuture<'a, Result<Ensured, PgError>> {
-        Box::pin(async move {
-            bus.ensure_stream(&crate::runtime::pg::stream_def(self))
-                .await
-        })
+    fn declaration(&self) -> Declaration<'_> {
+        Declaration::Stream(self)
     }
     fn label(&self) -> String {
         format!("stream {:?}", self.name)
@@ -54,20 +32,8 @@ impl Ensure for StreamSpec {
 }
 
 impl Ensure for ConsumerSpec {
-    fn ensure<'a>(
-        &'a self,
-        conn: &'a crate::nats::NatsConn,
-    ) -> futures::future::BoxFuture<'a, Result<stream::EnsureOutcome, NatsError>> {
-        Box::pin(ConsumerSpec::ensure(self, conn))
-    }
-    fn ensure_pg<'a>(
-        &'a self,
-        bus: &'a PgBus,
-    ) -> futures::future::BoxFuture<'a, Result<Ensured, PgError>> {
-        Box::pin(async move {
-            bus.ensure_consumer(&crate::runtime::pg::consumer_def(self))
-                .await
-        })
+    fn declaration(&self) -> Declaration<'_> {
+        Declaration::Consumer(self)
     }
     fn label(&self) -> String {
         format!("consumer {:?} on stream {:?}", self.durable, self.stream)
@@ -96,28 +62,28 @@ impl<S: Ensure> Declared<S> {
         }
     }
 
-    pub async fn ensure(&self, broker: &BrokerModule) -> Result<(), NatsError> {
-        let mut done = self.ensured.lock().await;
-        if *done {
-            return Ok(());
+    /// Ensures on the broker's provider (opened if needed).
+    pub async fn ensure(&self, broker: &BrokerModule) -> Result<(), ProviderError> {
+        struct Job<'a, S>(&'a Declared<S>);
+        impl<S: Ensure> ForProvider for Job<'_, S> {
+            type Out = Result<(), ProviderError>;
+            async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
+                let p = P::open(broker).await?;
+                self.0.ensure_on(&p).await
+            }
         }
-        let conn = broker.require().await?;
-        conn.wait_connected(BROKER_WAIT).await?;
-        let outcome = self.spec.ensure(&conn).await?;
-        tracing::info!(resource = %self.spec.label(), ?outcome, "ensured");
-        *done = true;
-        Ok(())
+        broker.dispatch(Job(self)).await
     }
 
-    /// `ensure` on a pgchannel broker.
-    pub async fn ensure_pg(&self, broker: &BrokerModule) -> Result<(), BusError> {
+    /// Ensures on an opened provider.
+    pub async fn ensure_on<P: Provider>(&self, p: &P) -> Result<(), ProviderError> {
         let mut done = self.ensured.lock().await;
         if *done {
             return Ok(());
         }
-        let bus = broker.require_pg().await?;
-        let outcome = self.spec.ensure_pg(&bus).await?;
-        tracing::info!(resource = %self.spec.label(), ?outcome, "ensured (pgchannel)");
+        p.ready(BROKER_WAIT).await?;
+        let outcome = p.ensure(self.spec.declaration()).await?;
+        tracing::info!(resource = %self.spec.label(), %outcome, "ensured");
         *done = true;
         Ok(())
     }

@@ -4,10 +4,10 @@ use super::bulk::FailOn;
 use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
 use crate::config::decode::{self, RawConfig};
 use crate::config::error::Problems;
-use crate::nats::ack::AckKind;
-use crate::nats::guard::{check_ack_token, check_duration, MAX_DURATION};
+use crate::nats::guard::{check_duration, MAX_DURATION};
 use crate::pb::eventbus::{AckAction, AckRequest, AckResponse, AckStepConfig};
-use crate::runtime::pg::steps::check_any_token;
+use crate::runtime::modules::broker::{check_any_token, BrokerModule, ForProvider, Open};
+use crate::runtime::provider::AckKind;
 use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
 
@@ -122,36 +122,54 @@ impl AckStep {
         }
         let kind = kind_of(&cfg).map_err(|e| RuntimeError::failed(component, e))?;
         let token = pick(&cfg.ack_token, &inp.ack_token);
-        let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component);
-        if let Ok(b) = &broker {
-            if b.is_pg() {
-                if token.is_empty() {
-                    return Err(RuntimeError::failed(
-                        component,
-                        "ack_token is required (the ack_token of a consumed or triggered message)",
-                    ));
-                }
-                return Box::pin(crate::runtime::pg::steps::ack_one(
-                    component, b, &token, kind,
-                ))
-                .await;
-            }
+        if token.is_empty() {
+            return Err(RuntimeError::failed(
+                component,
+                "ack_token is required (the ack_token of a consumed or triggered message)",
+            ));
         }
-        check_ack_token(&token)
+        let broker = match rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component) {
+            Ok(b) => b,
+            Err(e) => {
+                // A token no provider would take is the first thing to fix.
+                check_any_token(&token)
+                    .map_err(|t| RuntimeError::failed(component, format!("ack_token {t}")))?;
+                return Err(e);
+            }
+        };
+        broker
+            .dispatch(AckOne {
+                component,
+                rt,
+                token: &token,
+                kind,
+            })
+            .await
+    }
+}
+
+/// One token settled on the broker's provider.
+struct AckOne<'a> {
+    component: &'a str,
+    rt: &'a Runtime,
+    token: &'a str,
+    kind: AckKind,
+}
+
+impl ForProvider for AckOne<'_> {
+    type Out = Result<StepOutput, RuntimeError>;
+    async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
+        let component = self.component;
+        P::check_token(self.token)
             .map_err(|e| RuntimeError::failed(component, format!("ack_token {e}")))?;
-        let broker = broker?;
-        let conn = broker
-            .require()
+        let failed = |e| RuntimeError::broker(component, e);
+        let p = P::open(broker).await.map_err(failed)?;
+        p.ready(p.request_timeout()).await.map_err(failed)?;
+        super::ack_bulk::settle(self.rt, &p, self.token, self.kind)
             .await
-            .map_err(|e| RuntimeError::nats(component, e))?;
-        conn.wait_connected(conn.request_timeout)
-            .await
-            .map_err(|e| RuntimeError::nats(component, e))?;
-        super::ack_bulk::settle(rt, &conn, &token, kind)
-            .await
-            .map_err(|e| RuntimeError::nats(component, e))?;
+            .map_err(failed)?;
         let out = AckResponse {
-            action: kind.name().to_string(),
+            action: self.kind.name().to_string(),
             ..Default::default()
         };
         Ok(StepOutput {

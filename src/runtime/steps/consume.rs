@@ -7,17 +7,14 @@ use crate::config::decode::{self, RawConfig};
 use crate::config::error::Problems;
 use crate::nats::guard::{check_duration, MAX_DURATION};
 use crate::nats::names::check_name;
-use crate::nats::{NatsConn, NatsError};
-use crate::pb::eventbus::{ConsumeRequest, ConsumeResponse, ConsumeStepConfig, Message};
-use crate::runtime::modules::consumer::get_stream;
-use crate::runtime::steps::publish::rfc3339;
+use crate::pb::eventbus::{ConsumeRequest, ConsumeResponse, ConsumeStepConfig};
+use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
+use crate::runtime::modules::ConsumerModule;
+use crate::runtime::provider::FetchAsk;
 use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
-use async_nats::jetstream::consumer::PullConsumer;
-use futures::StreamExt;
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Mutex;
 
 pub const MAX_BATCH: i32 = 1000;
 /// The default and the largest `max_bytes`: 64 MiB is the largest `max_payload` a server
@@ -25,7 +22,7 @@ pub const MAX_BATCH: i32 = 1000;
 pub const DEFAULT_MAX_BYTES: i64 = 64 * 1024 * 1024;
 pub const MAX_MAX_BYTES: i64 = 1024 * 1024 * 1024;
 
-pub use super::message::Include;
+pub use crate::runtime::provider::Include;
 
 fn check_max_bytes(n: i64) -> Result<(), String> {
     if !(0..=MAX_MAX_BYTES).contains(&n) {
@@ -36,56 +33,6 @@ fn check_max_bytes(n: i64) -> Result<(), String> {
     Ok(())
 }
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(5);
-
-type PullKey = (String, String, String);
-
-/// Long-lived pull consumer handles, keyed by (broker module, stream, durable).
-#[derive(Default)]
-pub struct PullCache {
-    map: Mutex<HashMap<PullKey, PullConsumer>>,
-}
-
-impl PullCache {
-    pub async fn get(
-        &self,
-        broker: &str,
-        conn: &NatsConn,
-        stream: &str,
-        durable: &str,
-    ) -> Result<PullConsumer, NatsError> {
-        let key = (broker.to_string(), stream.to_string(), durable.to_string());
-        if let Some(c) = self.map.lock().await.get(&key) {
-            return Ok(c.clone());
-        }
-        let s = get_stream(conn, stream).await?;
-        if crate::runtime::modules::consumer::fetch_consumer_config(&s, durable)
-            .await?
-            .is_none()
-        {
-            return Err(NatsError::NotFound {
-                what: format!("consumer {durable:?} on stream {stream:?}"),
-            });
-        }
-        let consumer: PullConsumer = s
-            .get_consumer(durable)
-            .await
-            .map_err(|e| NatsError::other("bind consumer", e))?;
-        self.map.lock().await.insert(key, consumer.clone());
-        Ok(consumer)
-    }
-
-    pub async fn forget(&self, broker: &str, stream: &str, durable: &str) {
-        self.map.lock().await.remove(&(
-            broker.to_string(),
-            stream.to_string(),
-            durable.to_string(),
-        ));
-    }
-
-    pub async fn forget_broker(&self, broker: &str) {
-        self.map.lock().await.retain(|k, _| k.0 != broker);
-    }
-}
 
 pub struct ConsumeStep {
     /// `<type> "<name>"`, the prefix of every error this step reports.
@@ -215,84 +162,22 @@ impl ConsumeStep {
             ));
         }
         let broker = rt.broker(&broker_ref, component)?;
-        if broker.is_pg() {
-            let ask = crate::runtime::pg::steps::ConsumeAsk {
-                stream: &stream,
-                durable: &durable,
-                batch: limits.batch,
-                max_bytes: limits.max_bytes,
-                include: limits.include,
-                max_wait,
-            };
-            return crate::runtime::pg::steps::consume(
+        let ask = FetchAsk {
+            stream: &stream,
+            durable: &durable,
+            batch: limits.batch,
+            max_bytes: limits.max_bytes,
+            include: limits.include,
+            max_wait,
+        };
+        broker
+            .dispatch(Consume {
                 component,
                 rt,
-                &broker,
-                declared.first(),
+                declared: declared.first(),
                 ask,
-            )
-            .await;
-        }
-        if let Some(c) = declared.first() {
-            if let Some(s) = rt.stream_module(&c.spec.stream) {
-                s.ensure(&broker)
-                    .await
-                    .map_err(|e| RuntimeError::nats(component, e))?;
-            }
-            c.ensure(&broker)
-                .await
-                .map_err(|e| RuntimeError::nats(component, e))?;
-        }
-        let conn = broker
-            .require()
+            })
             .await
-            .map_err(|e| RuntimeError::nats(component, e))?;
-        conn.wait_connected(conn.request_timeout)
-            .await
-            .map_err(|e| RuntimeError::nats(component, e))?;
-        let messages = match fetch(
-            rt,
-            &broker.spec.name,
-            &conn,
-            &stream,
-            &durable,
-            limits,
-            max_wait,
-        )
-        .await
-        {
-            Err(e) if e.is_not_found() => {
-                // Deleted behind our back: forget the handle, recreate a declared consumer once.
-                rt.pulls()
-                    .forget(&broker.spec.name, &stream, &durable)
-                    .await;
-                if let Some(c) = declared.first() {
-                    c.invalidate().await;
-                    c.ensure(&broker)
-                        .await
-                        .map_err(|e| RuntimeError::nats(component, e))?;
-                }
-                fetch(
-                    rt,
-                    &broker.spec.name,
-                    &conn,
-                    &stream,
-                    &durable,
-                    limits,
-                    max_wait,
-                )
-                .await
-            }
-            other => other,
-        }
-        .map_err(|e| RuntimeError::nats(component, e))?;
-        let out = ConsumeResponse {
-            count: messages.len() as i32,
-            messages,
-        };
-        Ok(StepOutput {
-            typed: StepKind::Consume.pack_output(&out),
-        })
     }
 }
 
@@ -304,109 +189,44 @@ struct Limits {
     include: Include,
 }
 
-async fn fetch(
-    rt: &Runtime,
-    broker: &str,
-    conn: &NatsConn,
-    stream: &str,
-    durable: &str,
-    limits: Limits,
-    max_wait: Duration,
-) -> Result<Vec<Message>, NatsError> {
-    let consumer = rt.pulls().get(broker, conn, stream, durable).await?;
-    let batch = limits.batch;
-    let mut batch_stream = consumer
-        .fetch()
-        .max_messages(batch)
-        .max_bytes(limits.max_bytes)
-        .expires(max_wait)
-        .messages()
-        .await
-        .map_err(|e| NatsError::other("fetch", e))?;
-    let mut out = Vec::with_capacity(batch);
-    // The fetch ends by itself at `max_wait`; the outer bound only guards against a server
-    // that never answers.
-    let bound = max_wait + conn.request_timeout;
-    let collect = async {
-        while let Some(m) = batch_stream.next().await {
-            match m {
-                Ok(m) => out.push(to_message(&m, durable, limits.include)),
-                Err(e) => {
-                    let text = e.to_string();
-                    if text.contains("consumer deleted") || text.contains("not found") {
-                        return Err(NatsError::NotFound {
-                            what: format!("consumer {durable:?} on stream {stream:?}"),
-                        });
-                    }
-                    tracing::debug!(error = %text, "fetch ended");
-                    break;
-                }
-            }
-        }
-        Ok(())
-    };
-    match tokio::time::timeout(bound, collect).await {
-        Ok(r) => r?,
-        Err(_) => tracing::debug!("fetch outer bound reached"),
-    }
-    Ok(out)
+/// One bounded batch on the broker's provider: the declared stream and consumer ensured first;
+/// a consumer deleted behind our back is forgotten and, when declared, recreated once.
+struct Consume<'a> {
+    component: &'a str,
+    rt: &'a Runtime,
+    declared: Option<&'a Arc<ConsumerModule>>,
+    ask: FetchAsk<'a>,
 }
 
-/// One delivered message in our wire shape (also the base of the trigger payload), with the
-/// payload forms `include` asks for.
-pub fn to_message(m: &async_nats::jetstream::Message, durable: &str, include: Include) -> Message {
-    let mut headers = HashMap::new();
-    if let Some(h) = &m.headers {
-        for (k, vals) in h.iter() {
-            // Multi-valued headers are joined, so the map stays string -> string.
-            let joined = vals
-                .iter()
-                .map(|v| v.as_str())
-                .collect::<Vec<_>>()
-                .join(",");
-            headers.insert(k.to_string(), joined);
+impl ForProvider for Consume<'_> {
+    type Out = Result<StepOutput, RuntimeError>;
+    async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
+        let failed = |e| RuntimeError::broker(self.component, e);
+        let p = P::open(broker).await.map_err(failed)?;
+        if let Some(c) = self.declared {
+            if let Some(s) = self.rt.stream_module(&c.spec.stream) {
+                s.ensure_on(&p).await.map_err(failed)?;
+            }
+            c.ensure_on(&p).await.map_err(failed)?;
         }
-    }
-    let (seq, published, stream, delivered) = match m.info() {
-        Ok(i) => (
-            i.stream_sequence.to_string(),
-            rfc3339(i.published),
-            i.stream.to_string(),
-            i.delivered as i32,
-        ),
-        Err(_) => (String::new(), String::new(), String::new(), 0),
-    };
-    let text = if include.text {
-        std::str::from_utf8(&m.payload)
-            .ok()
-            .map(str::to_string)
-            .unwrap_or_default()
-    } else {
-        String::new()
-    };
-    let json = if include.json {
-        serde_json::from_slice::<serde_json::Value>(&m.payload)
-            .ok()
-            .map(|j| decode::json_to_value(&j))
-    } else {
-        None
-    };
-    Message {
-        subject: m.subject.to_string(),
-        payload: if include.payload {
-            m.payload.to_vec()
-        } else {
-            Vec::new()
-        },
-        headers,
-        sequence: seq,
-        published_at: published,
-        ack_token: m.reply.as_ref().map(|r| r.to_string()).unwrap_or_default(),
-        stream,
-        consumer: durable.to_string(),
-        delivery_count: delivered,
-        text,
-        json,
-        ..Default::default()
+        let messages = match p.fetch(self.ask).await {
+            Err(e) if e.is_not_found() => {
+                p.forget(self.ask.stream, self.ask.durable).await;
+                if let Some(c) = self.declared {
+                    c.invalidate().await;
+                    c.ensure_on(&p).await.map_err(failed)?;
+                }
+                p.fetch(self.ask).await
+            }
+            other => other,
+        }
+        .map_err(failed)?;
+        let out = ConsumeResponse {
+            count: messages.len() as i32,
+            messages,
+        };
+        Ok(StepOutput {
+            typed: StepKind::Consume.pack_output(&out),
+        })
     }
 }

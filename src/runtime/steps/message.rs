@@ -1,12 +1,13 @@
-//! One outgoing message, shared by the single and the bulk publish: its checks, its headers and
-//! its payload, so a rule added here applies to both.
+//! One outgoing message, shared by the single and the bulk publish: its checks and its
+//! provider-neutral form, built once and handed to the provider, so a rule added here applies
+//! to both and to every provider.
 
 use crate::config::decode;
 use crate::nats::guard::{check_header_name, check_header_value, check_publish_target};
-use async_nats::HeaderMap;
+use crate::runtime::provider::OutMessage;
+use std::collections::BTreeMap;
 
-pub const CORRELATION_HEADER: &str = "Nats-Correlation-Id";
-pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+pub use crate::runtime::provider::{now_rfc3339, rfc3339, Include};
 
 /// Why one message cannot be sent: the field at fault and the problem, one line.
 #[derive(Debug)]
@@ -21,33 +22,38 @@ impl std::fmt::Display for MessageError {
     }
 }
 
-/// Checks one outgoing message and builds its headers (step or message headers in order, the
-/// later winning, then correlation and de-duplication ids). The single and the bulk publish
-/// build every message here, so a rule added here guards both.
+/// Checks one outgoing message and builds it (step or message headers in order, the later
+/// winning, then correlation and de-duplication ids). The single and the bulk publish build
+/// every message here, so a rule added here guards both.
 pub(crate) fn build_message<'a>(
-    subject: &str,
+    subject: String,
     headers: impl IntoIterator<Item = (&'a String, &'a String)>,
-    correlation_id: &str,
-    message_id: &str,
-) -> Result<HeaderMap, MessageError> {
+    correlation_id: String,
+    message_id: String,
+    payload: Vec<u8>,
+) -> Result<OutMessage, MessageError> {
     let err = |field, problem| MessageError { field, problem };
-    check_publish_target(subject).map_err(|p| err("subject", p))?;
-    // Every name and value is checked before it reaches async-nats, which panics on a bad one.
-    let mut out = HeaderMap::new();
+    check_publish_target(&subject).map_err(|p| err("subject", p))?;
+    // Every name and value is checked before it reaches a client (async-nats panics on a bad one).
+    let mut out = BTreeMap::new();
     for (k, v) in headers {
         check_header_name(k).map_err(|p| err("headers:", p))?;
         check_header_value(v).map_err(|p| err("headers:", format!("{k:?} value {p}")))?;
-        out.insert(k.as_str(), v.as_str());
+        out.insert(k.clone(), v.clone());
     }
     if !correlation_id.is_empty() {
-        check_header_value(correlation_id).map_err(|p| err("correlation_id", p))?;
-        out.insert(CORRELATION_HEADER, correlation_id);
+        check_header_value(&correlation_id).map_err(|p| err("correlation_id", p))?;
     }
     if !message_id.is_empty() {
-        check_header_value(message_id).map_err(|p| err("message_id", p))?;
-        out.insert(MSG_ID_HEADER, message_id);
+        check_header_value(&message_id).map_err(|p| err("message_id", p))?;
     }
-    Ok(out)
+    Ok(OutMessage {
+        subject,
+        payload,
+        headers: out,
+        correlation_id,
+        message_id,
+    })
 }
 
 /// A configured payload as bytes: a string as its UTF-8, any other JSON value as compact JSON;
@@ -59,57 +65,5 @@ pub(crate) fn payload_of(v: Option<&prost_types::Value>) -> Result<Option<Vec<u8
         Some((v, _)) => serde_json::to_vec(&decode::value_to_json(v))
             .map(Some)
             .map_err(|e| format!("payload: {e}")),
-    }
-}
-
-pub fn now_rfc3339() -> String {
-    rfc3339(time::OffsetDateTime::now_utc())
-}
-
-pub fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-/// Which forms of each payload a delivered message carries. Each costs memory and output:
-/// bytes (base64 in the host's JSON, 1.34x), text (1x, UTF-8 only), parsed JSON (up to ~6x for
-/// arrays of numbers).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Include {
-    pub payload: bool,
-    pub text: bool,
-    pub json: bool,
-}
-
-impl Include {
-    pub const ALL: Include = Include {
-        payload: true,
-        text: true,
-        json: true,
-    };
-
-    pub fn parse(list: &[String]) -> Result<Include, String> {
-        if list.is_empty() {
-            return Ok(Include::ALL);
-        }
-        let mut inc = Include {
-            payload: false,
-            text: false,
-            json: false,
-        };
-        for item in list {
-            match item.as_str() {
-                "payload" => inc.payload = true,
-                "text" => inc.text = true,
-                "json" => inc.json = true,
-                other => {
-                    return Err(format!(
-                        "{} is not one of payload, text, json",
-                        crate::secret::quote(other)
-                    ))
-                }
-            }
-        }
-        Ok(inc)
     }
 }

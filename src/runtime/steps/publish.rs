@@ -7,17 +7,16 @@ use crate::config::error::Problems;
 use crate::nats::guard::{
     check_duration, check_header_name, check_header_value, check_publish_target, MAX_DURATION,
 };
-use crate::nats::NatsError;
 use crate::pb::eventbus::{PublishRequest, PublishResponse, PublishStepConfig};
-use crate::runtime::modules::broker::BrokerModule;
+use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
+use crate::runtime::provider::OutMessage;
 use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
-use async_nats::HeaderMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::message::{build_message, payload_of};
-pub use super::message::{now_rfc3339, rfc3339, CORRELATION_HEADER, MSG_ID_HEADER};
 
 pub struct PublishStep {
     /// `<type> "<name>"`, the prefix of every error this step reports.
@@ -74,11 +73,12 @@ impl PublishStep {
             .unwrap_or(inp.payload);
         let correlation = pick(&cfg.correlation_id, &inp.correlation_id);
         let msg_id = pick(&cfg.message_id, &inp.message_id);
-        let headers = build_message(
-            &subject,
+        let msg = build_message(
+            subject,
             inp.headers.iter().chain(cfg.headers.iter()),
-            &correlation,
-            &msg_id,
+            correlation,
+            msg_id,
+            payload,
         )
         .map_err(|e| {
             let hint = if e.field == "subject" {
@@ -92,9 +92,7 @@ impl PublishStep {
             .map_err(|e| RuntimeError::failed(&self.component, format!("timeout {e}")))?;
         let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), &self.component)?;
         Ok(Outgoing {
-            subject,
-            headers,
-            payload,
+            msg,
             broker,
             timeout,
         })
@@ -111,49 +109,51 @@ impl PublishStep {
             // Boxed: the bulk future holds the window and would size every single publish.
             return Box::pin(super::publish_bulk::execute(&self.component, rt, cfg, inp)).await;
         }
-        let out = self.prepare(rt, cfg, inp)?;
-        if out.broker.is_pg() {
-            // Boxed: the NATS publish future below stays the size every publish pays.
-            let msg = crate::runtime::pg::steps::outgoing(out.subject, &out.headers, out.payload);
-            return Box::pin(crate::runtime::pg::steps::publish_one(
-                &self.component,
-                &out.broker,
-                msg,
-                out.timeout,
-            ))
-            .await;
-        }
-        let failed = |e| RuntimeError::nats(&self.component, e);
-        let conn = out.broker.require().await.map_err(failed)?;
-        let timeout = out.timeout.unwrap_or(conn.request_timeout);
-        let deadline = tokio::time::Instant::now() + timeout;
-        conn.wait_connected(timeout).await.map_err(failed)?;
-        let ack = tokio::time::timeout_at(deadline, async {
-            let fut = conn
-                .js
-                .publish_with_headers(out.subject, out.headers, out.payload.into())
-                .await
-                .map_err(|e| NatsError::other("publish", e))?;
-            fut.await.map_err(|e| NatsError::other("publish ack", e))
-        })
-        .await
-        .map_err(|_| {
-            failed(NatsError::TimedOut {
-                op: "publish",
-                after: timeout,
-            })
-        })?
-        .map_err(failed)?;
-        let resp = PublishResponse {
-            sequence: ack.sequence.to_string(),
-            acked_at: now_rfc3339(),
-            stream: ack.stream,
-            duplicate: ack.duplicate,
-            ..Default::default()
+        let Outgoing {
+            msg,
+            broker,
+            timeout,
+        } = self.prepare(rt, cfg, inp)?;
+        let job = PublishOne {
+            component: &self.component,
+            msg,
+            timeout,
         };
-        Ok(StepOutput {
-            typed: StepKind::Publish.pack_output(&resp),
-        })
+        broker.dispatch(job).await
+    }
+}
+
+/// A single publish on the broker's provider.
+struct PublishOne<'a> {
+    component: &'a str,
+    msg: OutMessage,
+    timeout: Option<Duration>,
+}
+
+impl ForProvider for PublishOne<'_> {
+    type Out = Result<StepOutput, RuntimeError>;
+    /// A plain fn returning the future: only the fields live in it, not the job beside them.
+    fn run<P: Open>(self, broker: &BrokerModule) -> impl Future<Output = Self::Out> + Send {
+        let PublishOne {
+            component,
+            msg,
+            timeout,
+        } = self;
+        async move {
+            let failed = |e| RuntimeError::broker(component, e);
+            let p = P::open(broker).await.map_err(failed)?;
+            let ack = p.publish(msg, timeout).await.map_err(failed)?;
+            let resp = PublishResponse {
+                sequence: ack.sequence,
+                acked_at: ack.acked_at,
+                stream: ack.stream,
+                duplicate: ack.duplicate,
+                ..Default::default()
+            };
+            Ok(StepOutput {
+                typed: StepKind::Publish.pack_output(&resp),
+            })
+        }
     }
 }
 
@@ -167,9 +167,7 @@ fn check_timeout(d: &Option<prost_types::Duration>) -> Result<Option<Duration>, 
 
 /// A validated publish, ready to send.
 struct Outgoing {
-    subject: String,
-    headers: HeaderMap,
-    payload: Vec<u8>,
+    msg: OutMessage,
     broker: Arc<BrokerModule>,
     timeout: Option<Duration>,
 }

@@ -7,16 +7,15 @@ use super::bulk::{failure_summary, window, FailOn, MAX_ITEMS};
 use super::message::{build_message, now_rfc3339, payload_of};
 use super::{pick, StepOutput};
 use crate::config::error::{duration, Problems};
-use crate::nats::NatsError;
 use crate::pb::eventbus::{
     BulkPublishMessage, BulkPublishResult, PublishRequest, PublishResponse, PublishStepConfig,
 };
+use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
+use crate::runtime::provider::OutMessage;
 use crate::runtime::types::StepKind;
-use crate::runtime::{render, Runtime, RuntimeError};
-use async_nats::HeaderMap;
-use futures::stream::FuturesOrdered;
-use futures::{FutureExt, StreamExt};
+use crate::runtime::{Runtime, RuntimeError};
 use std::collections::HashMap;
+use std::time::Duration;
 
 /// Unacknowledged publishes at once when `max_in_flight` is unset: enough to keep one
 /// connection busy on a LAN, far below the JetStream context's own ack limit.
@@ -63,7 +62,7 @@ pub(super) fn check_config(p: &mut Problems, c: &PublishStepConfig) {
 }
 
 /// One message after defaults, checked and ready, or why it cannot be sent.
-type Prepared = Result<(String, HeaderMap, Vec<u8>), String>;
+type Prepared = Result<OutMessage, String>;
 
 /// Fills a message's unset fields from the step and checks it through the same per-message
 /// builder the single publish uses.
@@ -77,19 +76,21 @@ fn prepare(
     let subject = pick(&m.subject, subject);
     let message_id = m.message_id;
     let correlation = pick(&m.correlation_id, correlation);
-    let built = build_message(
-        &subject,
-        headers.iter().chain(m.headers.iter()),
-        &correlation,
-        &message_id,
-    )
-    .map_err(|e| e.to_string());
     let body = if !m.payload_bytes.is_empty() {
         Ok(m.payload_bytes)
     } else {
         payload_of(m.payload.as_ref()).map(|p| p.or_else(|| payload.clone()).unwrap_or_default())
     };
-    let prepared = built.and_then(|h| body.map(|b| (subject.clone(), h, b)));
+    let prepared = body.and_then(|b| {
+        build_message(
+            subject.clone(),
+            headers.iter().chain(m.headers.iter()),
+            correlation,
+            message_id.clone(),
+            b,
+        )
+        .map_err(|e| e.to_string())
+    });
     (subject, message_id, prepared)
 }
 
@@ -132,25 +133,13 @@ pub(super) async fn execute(
         .map(|m| prepare(m, &subject, &headers, &correlation, &payload))
         .collect();
     let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component)?;
-    if broker.is_pg() {
-        let timeout = duration(&cfg.timeout).filter(|d| !d.is_zero());
-        return Box::pin(crate::runtime::pg::steps::publish_bulk(
-            component, &broker, prepared, fail_on, timeout,
-        ))
-        .await;
-    }
-    let conn = broker
-        .require()
-        .await
-        .map_err(|e| RuntimeError::nats(component, e))?;
-    let timeout = duration(&cfg.timeout)
-        .filter(|d| !d.is_zero())
-        .unwrap_or(conn.request_timeout);
-    conn.wait_connected(timeout)
-        .await
-        .map_err(|e| RuntimeError::nats(component, e))?;
-    let window = window(cfg.max_in_flight, DEFAULT_WINDOW, MAX_WINDOW);
-    let results = send_all(&conn.js, prepared, window, timeout).await;
+    let job = PublishList {
+        component,
+        prepared,
+        window: window(cfg.max_in_flight, DEFAULT_WINDOW, MAX_WINDOW),
+        timeout: duration(&cfg.timeout).filter(|d| !d.is_zero()),
+    };
+    let results = broker.dispatch(job).await?;
     let failed = results.iter().filter(|r| !r.error.is_empty()).count();
     if fail_on.fails(failed, total) {
         return Err(RuntimeError::failed(
@@ -179,72 +168,65 @@ pub(super) async fn execute(
     })
 }
 
-/// Sends in list order from this one task (so the stream stores the list in order) while at
-/// most `window` acks are awaited; results come back in list order. Each message is bounded
-/// from its own send, so a stalled broker fails messages rather than hanging the call.
-async fn send_all(
-    js: &async_nats::jetstream::Context,
+/// The valid messages of a bulk publish, sent in list order through the provider's window;
+/// one result per message in list order, the invalid ones with their reason.
+struct PublishList<'a> {
+    component: &'a str,
     prepared: Vec<(String, String, Prepared)>,
     window: usize,
-    timeout: std::time::Duration,
-) -> Vec<BulkPublishResult> {
-    let timed_out = || NatsError::TimedOut {
-        op: "publish",
-        after: timeout,
-    };
-    let mut results = Vec::with_capacity(prepared.len());
-    let mut pending = FuturesOrdered::new();
-    for (i, (subject, message_id, prepared)) in prepared.into_iter().enumerate() {
-        while pending.len() >= window {
-            if let Some(r) = pending.next().await {
-                results.push(r);
-            }
-        }
-        let mut r = BulkPublishResult {
-            index: i as i32,
-            subject,
-            message_id,
-            ..Default::default()
-        };
-        let sent = match prepared {
-            Err(e) => Err(e),
-            Ok((subj, headers, body)) => {
-                match tokio::time::timeout(
-                    timeout,
-                    js.publish_with_headers(subj, headers, body.into()),
-                )
-                .await
-                {
-                    Ok(Ok(ack)) => Ok(ack),
-                    Ok(Err(e)) => Err(render(&NatsError::other("publish", e))),
-                    Err(_) => Err(render(&timed_out())),
+    timeout: Option<Duration>,
+}
+
+impl ForProvider for PublishList<'_> {
+    type Out = Result<Vec<BulkPublishResult>, RuntimeError>;
+    async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
+        let failed = |e| RuntimeError::broker(self.component, e);
+        let p = P::open(broker).await.map_err(failed)?;
+        p.ready(self.timeout.unwrap_or(p.request_timeout()))
+            .await
+            .map_err(failed)?;
+        let mut results = Vec::with_capacity(self.prepared.len());
+        let mut sendable = Vec::with_capacity(self.prepared.len());
+        let mut sent_at = Vec::with_capacity(self.prepared.len());
+        for (i, (subject, message_id, prepared)) in self.prepared.into_iter().enumerate() {
+            let mut r = BulkPublishResult {
+                index: i as i32,
+                subject,
+                message_id,
+                ..Default::default()
+            };
+            match prepared {
+                Err(e) => r.error = e,
+                Ok(m) => {
+                    sendable.push(m);
+                    sent_at.push(i);
                 }
             }
-        };
-        match sent {
-            Err(e) => {
-                r.error = e;
-                pending.push_back(futures::future::ready(r).left_future());
-            }
-            Ok(ack) => pending.push_back(
-                async move {
-                    match tokio::time::timeout(timeout, ack).await {
-                        Ok(Ok(ack)) => {
-                            r.sequence = ack.sequence.to_string();
-                            r.stream = ack.stream;
-                            r.duplicate = ack.duplicate;
-                        }
-                        Ok(Err(e)) => r.error = render(&NatsError::other("publish ack", e)),
-                        Err(_) => r.error = render(&timed_out()),
-                    }
-                    r
-                }
-                .right_future(),
-            ),
+            results.push(r);
         }
+        let done = p.publish_list(sendable, self.window, self.timeout).await;
+        if done.len() != sent_at.len() {
+            let e = format!(
+                "publish returned {} results for {} messages",
+                done.len(),
+                sent_at.len()
+            );
+            for i in sent_at {
+                results[i].error = e.clone();
+            }
+            return Ok(results);
+        }
+        for (i, d) in sent_at.into_iter().zip(done) {
+            let r = &mut results[i];
+            match d {
+                Ok(ack) => {
+                    r.sequence = ack.sequence;
+                    r.stream = ack.stream;
+                    r.duplicate = ack.duplicate;
+                }
+                Err(e) => r.error = e,
+            }
+        }
+        Ok(results)
     }
-    while let Some(r) = pending.next().await {
-        results.push(r);
-    }
-    results
 }

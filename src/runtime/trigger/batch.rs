@@ -1,14 +1,13 @@
-//! `deliver: batch` (the run itself is in batch_run.rs): up to `batch_size` messages per pipeline run (`messages: [...]`), each
+//! `deliver: batch` (the run itself is in batch_run.rs, for every provider): up to `batch_size`
+//! messages per pipeline run (`messages: [...]`), each
 //! message still settled on its own. A run that fails fails every message it did not settle;
 //! a pipeline marks one message failed by naking its token with `step.eventbus.ack` (the
 //! trigger then applies its nak delay and dead-letter rules to that message alone) and may ack
 //! or term others itself, which the trigger then leaves alone.
 
 use super::TriggerSpec;
-use async_nats::jetstream::consumer::pull::{MessagesError, Stream};
-use async_nats::jetstream::Message as JsMessage;
-use futures::StreamExt;
-use std::collections::HashMap;
+use crate::runtime::provider::{Delivered, Next, Subscription};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -112,49 +111,66 @@ impl Marks {
     }
 }
 
-/// What the pull stream yielded after the batch closed, for the worker's loop to handle next.
-pub(super) type Leftover = Option<Result<JsMessage, MessagesError>>;
-
-/// The next item of the pull stream: the one a closed batch left over first. It takes the
-/// leftover only when polled, so a select that picks another branch keeps it for next time.
-pub(super) async fn next(leftover: &mut Option<Leftover>, messages: &mut Stream) -> Leftover {
-    match leftover.take() {
-        Some(l) => l,
-        None => messages.next().await,
-    }
+/// Why collecting stopped short of the subscription's normal flow.
+pub(super) enum Interrupt {
+    /// Worth a log line; the subscription goes on.
+    Failed(String),
+    /// The subscription is gone: bind again.
+    Rebind(String),
 }
 
-/// Collects a batch from `first`: up to `batch_size` messages, waiting at most
-/// `max_batch_wait` after the first, closing early at the payload cap or when stopped.
-/// Returns the batch and, when the stream yielded something that does not belong in it (an
-/// error, its end, or a message past the cap), that item.
-pub(super) async fn collect(
-    first: JsMessage,
-    messages: &mut Stream,
+/// Collects a batch: what `pending` holds first, then from the subscription, up to
+/// `batch_size` deliveries, waiting at most `max_batch_wait` once the batch has its first one,
+/// closing early at the payload cap or when stopped. Deliveries past the cap stay in `pending`
+/// and open the next batch. Empty only when stopped or interrupted before the first delivery.
+pub(super) async fn collect<S: Subscription>(
+    pending: &mut VecDeque<S::Delivery>,
+    sub: &mut S,
     spec: &TriggerSpec,
     stop: &CancellationToken,
-) -> (Vec<JsMessage>, Option<Leftover>) {
-    let deadline = tokio::time::Instant::now() + spec.max_batch_wait;
-    let mut bytes = first.payload.len();
+) -> (Vec<S::Delivery>, Option<Interrupt>) {
     let mut batch = Vec::with_capacity(spec.batch_size);
-    batch.push(first);
-    while batch.len() < spec.batch_size {
-        let next = tokio::select! {
-            _ = stop.cancelled() => break,
-            n = tokio::time::timeout_at(deadline, messages.next()) => match n {
-                Err(_) => break,
-                Ok(n) => n,
-            },
+    let mut bytes = 0;
+    let mut deadline = None;
+    loop {
+        while batch.len() < spec.batch_size {
+            let Some(len) = pending.front().map(Delivered::payload_len) else {
+                break;
+            };
+            if !batch.is_empty() && bytes + len > MAX_BATCH_PAYLOAD {
+                return (batch, None);
+            }
+            if let Some(d) = pending.pop_front() {
+                bytes += len;
+                batch.push(d);
+            }
+        }
+        if batch.len() >= spec.batch_size {
+            return (batch, None);
+        }
+        let want = spec.batch_size - batch.len();
+        let next = if batch.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => return (batch, None),
+                n = sub.next(want) => n,
+            }
+        } else {
+            let until =
+                *deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.max_batch_wait);
+            tokio::select! {
+                _ = stop.cancelled() => return (batch, None),
+                n = tokio::time::timeout_at(until, sub.next(want)) => match n {
+                    Err(_) => return (batch, None),
+                    Ok(n) => n,
+                },
+            }
         };
         match next {
-            Some(Ok(m)) if bytes + m.payload.len() <= MAX_BATCH_PAYLOAD => {
-                bytes += m.payload.len();
-                batch.push(m);
-            }
-            other => return (batch, Some(other)),
+            Next::Items(v) => pending.extend(v),
+            Next::Failed(e) => return (batch, Some(Interrupt::Failed(e))),
+            Next::Rebind(e) => return (batch, Some(Interrupt::Rebind(e))),
         }
     }
-    (batch, None)
 }
 
 #[cfg(test)]

@@ -2,22 +2,12 @@
 //! while it runs, then each message settled on its own by what the run and the pipeline did.
 
 use super::batch::Mark;
-use super::run::{Handler, Origin};
+use super::run::Handler;
 use super::{payload, AckMode, TriggerCall};
-use crate::nats::ack::AckKind;
-use crate::runtime::steps::consume::{to_message, Include};
-use async_nats::jetstream::Message as JsMessage;
+use crate::runtime::provider::{AckKind, Delivered, Include, Origin, Provider};
 use prost_types::value::Kind;
 use prost_types::{ListValue, Struct, Value};
 use std::time::Duration;
-
-/// One message of a running batch: what its settlement needs.
-struct Item {
-    msg: JsMessage,
-    origin: Origin,
-    token: String,
-    delivered: i64,
-}
 
 fn list(values: Vec<Value>) -> Value {
     Value {
@@ -25,32 +15,21 @@ fn list(values: Vec<Value>) -> Value {
     }
 }
 
-impl Handler {
-    pub(super) async fn handle_batch(&self, msgs: Vec<JsMessage>) {
+impl<P: Provider> Handler<P> {
+    pub(super) async fn handle_batch(&self, msgs: Vec<P::Delivery>) {
         let mut values = Vec::with_capacity(msgs.len());
         let mut items = Vec::with_capacity(msgs.len());
-        for msg in msgs {
-            let m = to_message(&msg, &self.spec.durable, Include::ALL);
-            let origin = Origin {
-                subject: m.subject.clone(),
-                stream: m.stream.clone(),
-                sequence: m.sequence.clone(),
-                delivery_count: m.delivery_count,
-            };
-            let token = m.ack_token.clone();
-            items.push(Item {
-                msg,
-                origin,
-                token,
-                delivered: m.delivery_count as i64,
-            });
+        for d in msgs {
+            let m = d.to_message(&self.spec.durable, Include::ALL);
+            let origin = Origin::of(&m);
+            items.push((d, origin));
             // No per-message broker_ref: each entry must decode as a Message (the ack step's
             // `messages` input); the batch carries it once at the top.
             values.push(Value {
                 kind: Some(Kind::StructValue(payload::build(m, ""))),
             });
         }
-        let tokens: Vec<String> = items.iter().map(|i| i.token.clone()).collect();
+        let tokens: Vec<String> = items.iter().map(|(_, o)| o.token.clone()).collect();
         let launcher = self.launcher.clone();
         let mut data = Struct::default();
         data.fields.insert(
@@ -97,23 +76,23 @@ impl Handler {
         }
         let marked = "marked failed by the pipeline (step.eventbus.ack nak)";
         let result = &result;
-        futures::future::join_all(items.iter().zip(fates).map(|(item, fate)| async move {
-            match (fate, result) {
-                (Mark::Settled, _) => {}
-                (Mark::Failed, _) => self.fail(item, marked).await,
-                (Mark::Held, Err(err)) => self.fail(item, err).await,
-                (Mark::Held, Ok(())) => {
-                    if self.spec.ack_mode == AckMode::Auto {
-                        self.settle(&item.token, AckKind::Ack).await;
+        futures::future::join_all(
+            items
+                .iter()
+                .zip(fates)
+                .map(|((d, origin), fate)| async move {
+                    match (fate, result) {
+                        (Mark::Settled, _) => {}
+                        (Mark::Failed, _) => self.fail_message(d, origin, marked).await,
+                        (Mark::Held, Err(err)) => self.fail_message(d, origin, err).await,
+                        (Mark::Held, Ok(())) => {
+                            if self.spec.ack_mode == AckMode::Auto {
+                                self.settle(&origin.token, AckKind::Ack).await;
+                            }
+                        }
                     }
-                }
-            }
-        }))
+                }),
+        )
         .await;
-    }
-
-    async fn fail(&self, item: &Item, err: &str) {
-        self.fail_message(&item.msg, &item.origin, &item.token, item.delivered, err)
-            .await;
     }
 }

@@ -5,7 +5,6 @@
 pub mod batch;
 mod batch_run;
 pub mod payload;
-mod pg_run;
 pub mod run;
 
 use super::types::TRIGGER_TYPE;
@@ -397,71 +396,21 @@ impl TriggerModule {
         let broker = rt.broker(&self.spec.broker_ref, &component)?;
         let token = self.parent.child_token();
         let tracker = TaskTracker::new();
-        if broker.is_pg() {
-            return self.start_pg(rt, broker, token, tracker).await;
-        }
-        let worker = run::Worker::new(
-            rt.clone(),
-            self.spec.clone(),
-            broker,
-            token.clone(),
-            tracker.clone(),
-        );
-        match worker.bind_once().await {
-            Ok(()) => {}
-            // The broker is down right now: start anyway, the worker binds when it is back,
-            // so a broker restart during a deploy does not fail the engine's Start.
-            Err(
-                e @ (crate::nats::NatsError::Unavailable { .. }
-                | crate::nats::NatsError::TimedOut { .. }),
-            ) => {
-                tracing::warn!(trigger = %self.spec.workflow_type, error = %crate::runtime::render(&e), "broker unavailable at start; the trigger binds when it returns");
-            }
-            // Anything else is a configuration problem the user must see now.
-            Err(e) => return Err(RuntimeError::nats(&component, e)),
-        }
-        tracker.spawn(worker.run());
+        let start = run::Start {
+            rt: rt.clone(),
+            spec: self.spec.clone(),
+            broker: broker.clone(),
+            stop: token.clone(),
+            tasks: tracker.clone(),
+        };
+        broker
+            .dispatch(start)
+            .await
+            .map_err(|e| RuntimeError::broker(&component, e))?;
         if let Ok(mut r) = self.running.lock() {
             *r = Some((token, tracker));
         }
         tracing::info!(trigger = %self.spec.workflow_type, consumer = %self.spec.durable, stream = %self.spec.stream, "trigger started");
-        Ok(())
-    }
-
-    async fn start_pg(
-        &self,
-        rt: &Runtime,
-        broker: std::sync::Arc<super::modules::broker::BrokerModule>,
-        token: CancellationToken,
-        tracker: TaskTracker,
-    ) -> Result<(), RuntimeError> {
-        let component = self.component();
-        if self.spec.deliver == batch::Deliver::Batch {
-            return Err(RuntimeError::failed(
-                component,
-                "config.deliver: batch is not available with provider pgchannel yet; use deliver: message (max_in_flight runs pipelines in parallel)",
-            ));
-        }
-        let worker = pg_run::PgWorker::new(
-            rt.clone(),
-            self.spec.clone(),
-            broker,
-            token.clone(),
-            tracker.clone(),
-        );
-        match worker.bind_once().await {
-            Ok(()) => {}
-            // The database is down right now: start anyway, the worker binds when it is back.
-            Err(e) if pg_transient(&e) => {
-                tracing::warn!(trigger = %self.spec.workflow_type, error = %crate::runtime::render(&e), "database unavailable at start; the trigger binds when it returns");
-            }
-            Err(e) => return Err(RuntimeError::bus(&component, e)),
-        }
-        tracker.spawn(worker.run());
-        if let Ok(mut r) = self.running.lock() {
-            *r = Some((token, tracker));
-        }
-        tracing::info!(trigger = %self.spec.workflow_type, consumer = %self.spec.durable, stream = %self.spec.stream, "trigger started (pgchannel)");
         Ok(())
     }
 
@@ -478,16 +427,5 @@ impl TriggerModule {
                 tracing::warn!(trigger = %self.spec.workflow_type, "in-flight messages did not finish in {STOP_DRAIN:?}; they will be redelivered");
             }
         }
-    }
-}
-
-/// A pgchannel failure that a later attempt may not meet (database down, timed out), as
-/// opposed to a configuration problem the user must see at Start.
-fn pg_transient(e: &super::modules::broker::BusError) -> bool {
-    use super::modules::broker::BusError;
-    match e {
-        BusError::Unavailable { .. } | BusError::TimedOut { .. } => true,
-        BusError::Invalid(_) => false,
-        BusError::Pg(p) => p.is_transient(),
     }
 }

@@ -103,6 +103,9 @@ pub fn stream_def(type_name: &str, module: &str, s: &StreamSpec) -> Result<Strea
             "pgchannel has no column for it (remove it, or put it in a YAML comment)",
         );
     }
+    for key in s.settings.keys() {
+        p.field(key, format!("{NATS_ONLY} has no equivalent (remove it)"));
+    }
     if s.servers.iter().any(|u| !u.trim().is_empty()) {
         p.field(
             "servers",
@@ -184,6 +187,9 @@ pub fn consumer_def(
             "description",
             "pgchannel has no column for it (remove it, or put it in a YAML comment)",
         );
+    }
+    for key in c.settings.keys() {
+        p.field(key, format!("{NATS_ONLY} has no equivalent (remove it)"));
     }
     if c.servers.iter().any(|u| !u.trim().is_empty()) {
         p.field(
@@ -332,6 +338,58 @@ mod tests {
 
     fn s(cfg: Json) -> StreamSpec {
         stream::decode("orders", cfg.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn every_jetstream_setting_is_refused_one_line_each() {
+        use crate::nats::settings::{CONSUMER as CONSUMER_SETTINGS, STREAM as STREAM_SETTINGS};
+        let spec = s(json!({
+            "name": "ORDERS", "subjects": ["orders.>"], "sources": [{"name": "UP"}],
+            "subject_transform": {"src": "orders.>", "dest": "o.>"},
+            "republish": {"src": "orders.>", "dest": "r.>"}, "compression": "STREAM_COMPRESSION_S2",
+            "placement": {"tags": ["ssd"]}, "metadata": {"a": "b"}, "deny_delete": true,
+            "deny_purge": true, "allow_rollup_hdrs": true, "allow_direct": true,
+            "discard_new_per_subject": false, "max_consumers": 3,
+            "consumer_limits": {"max_ack_pending": 5}, "allow_msg_ttl": true,
+            "subject_delete_marker_ttl": "60s", "mirror_direct": false
+        }));
+        let e = stream_def(STREAM_TYPE, "orders", &spec)
+            .unwrap_err()
+            .to_string();
+        // Every setting but mirror (a mirror has no subjects, tested by the stream's own checks).
+        assert_eq!(e.lines().count(), STREAM_SETTINGS.len() - 1, "{e}");
+        for st in STREAM_SETTINGS.iter().filter(|st| st.key != "mirror") {
+            let line = format!(
+                "config.{}: {NATS_ONLY} has no equivalent (remove it)",
+                st.key
+            );
+            assert!(e.contains(&line), "{line} missing in: {e}");
+        }
+        let c = consumer::decode(
+            "w",
+            json!({
+                "name": "w", "stream_name": "ORDERS", "metadata": {"a": "b"},
+                "replay_policy": "REPLAY_POLICY_ORIGINAL", "sample_freq": 10, "headers_only": true,
+                "inactive_threshold": "60s", "num_replicas": 1, "mem_storage": true,
+                "max_waiting": 5, "max_batch": 5, "max_expires": "5s", "max_bytes": 100,
+                "pause_until": "2030-01-01T00:00:00Z", "priority_policy": "PRIORITY_POLICY_PINNED_CLIENT",
+                "priority_groups": ["g"], "priority_timeout": "60s"
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let e = consumer_def(CONSUMER_TYPE, "w", &c)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e.lines().count(), CONSUMER_SETTINGS.len(), "{e}");
+        for st in CONSUMER_SETTINGS {
+            assert!(
+                e.contains(&format!("config.{}: ", st.key)),
+                "{} missing in: {e}",
+                st.key
+            );
+        }
     }
 
     #[test]

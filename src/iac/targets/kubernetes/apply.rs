@@ -54,8 +54,9 @@ fn api(client: &Client, ns: &str, r: &ObjRef) -> Api<DynamicObject> {
         None => ("", r.api_version.as_str()),
     };
     let gvk = GroupVersionKind::gvk(group, version, &r.kind);
-    // The plural of every kind we emit is the regular one (secrets, configmaps, services,
-    // statefulsets, poddisruptionbudgets), so no discovery round trip is needed.
+    // The plural of every kind we emit follows kube's regular rules (secrets, configmaps,
+    // services, statefulsets, poddisruptionbudgets, networkpolicies), so no discovery round
+    // trip is needed.
     Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk))
 }
 

@@ -99,6 +99,12 @@ impl KubeAuth {
     /// Changes when a credential changes, without revealing it.
     pub fn fingerprint(&self) -> String {
         let mut h = Sha256::new();
+        self.hash_into(&mut h);
+        hex(&h.finalize()[..8])
+    }
+
+    /// Feeds the credentials (kind, user, secret) into `h`.
+    pub fn hash_into(&self, h: &mut Sha256) {
         match self {
             KubeAuth::Token(t) => {
                 h.update(b"token\0");
@@ -111,7 +117,6 @@ impl KubeAuth {
                 h.update(password.expose().as_bytes());
             }
         }
-        hex(&h.finalize()[..8])
     }
 }
 
@@ -166,6 +171,7 @@ pub struct Names {
     pub client: String,
     pub stateful_set: String,
     pub pdb: String,
+    pub network_policy: String,
     /// The claim template's name; PVCs are `<pvc_prefix><ordinal>`.
     pub claim: String,
     pub pvc_prefix: String,
@@ -181,6 +187,7 @@ impl Names {
             client: base.clone(),
             stateful_set: base.clone(),
             pdb: base.clone(),
+            network_policy: base.clone(),
             claim: "js".into(),
             pvc_prefix: format!("js-{base}-"),
             base,

@@ -3,7 +3,8 @@
 //!
 //! `config` validates the broker config's `kubernetes:` section and derives the object names,
 //! `render` turns it into the objects server-side apply sends (and the `render` subcommand
-//! writes). Both are pure; talking to a cluster lives beside them.
+//! writes), `yaml` writes those as YAML every reader takes the same way. All three are pure;
+//! talking to a cluster lives beside them.
 
 pub mod apply;
 pub mod client;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod forward;
 pub mod render;
 mod target;
+pub mod yaml;
 
 pub use config::{
     name_base, quantity_bytes, settings, Flavor, KubeAuth, KubeSettings, Names, ServiceType,

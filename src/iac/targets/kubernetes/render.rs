@@ -13,17 +13,24 @@ use super::config::{
 };
 use crate::iac::error::DriverError;
 use crate::iac::targets::api::BrokerDesired;
-use crate::nats::server_conf::{ClusterConf, EnvAuth, LameDuck, Listen, ServerConf, ServerName};
+use crate::nats::server_conf::{
+    routes_conf, ClusterConf, EnvAuth, LameDuck, Listen, ServerConf, ServerName,
+};
 use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
     StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec,
-    TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
+    ConfigMap, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, HTTPGetAction, KeyToPath, Lifecycle,
+    LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, Secret,
+    SecretKeySelector, SecretProjection, Service, ServicePort, ServiceSpec,
+    TopologySpreadConstraint, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -52,6 +59,11 @@ pub const ENV_PASSWORD: &str = "NATS_PASSWORD";
 pub const SECRET_TOKEN: &str = "token";
 pub const SECRET_USER: &str = "user";
 pub const SECRET_PASSWORD: &str = "password";
+/// The Secret's key (and file name beside nats.conf) holding the routes with their
+/// credentials and the cluster's `authorization` (3 or 5 replicas with `auth`).
+pub const SECRET_ROUTES: &str = "routes.conf";
+/// The user every route of a broker presents.
+pub const ROUTE_USER: &str = "route";
 /// Lame duck: clients move off over 30 s after a 10 s grace; the pod gets 60 s to stop.
 pub const LAME_DUCK: LameDuck = LameDuck {
     duration_secs: 30,
@@ -90,8 +102,8 @@ pub struct Rendered {
     pub settings: KubeSettings,
     pub names: Names,
     pub replicas: u32,
-    /// In apply (dependency) order: Secret (with auth), ConfigMap, headless Service, client
-    /// Service, StatefulSet, PodDisruptionBudget. Delete walks it in reverse.
+    /// In apply (dependency) order: Secret (with auth), ConfigMap, NetworkPolicy, headless
+    /// Service, client Service, StatefulSet, PodDisruptionBudget. Delete walks it in reverse.
     pub objects: Vec<RenderedObject>,
     /// `nats://<client>.<ns>.svc.<cluster domain>:4222`.
     pub in_cluster_url: String,
@@ -123,7 +135,6 @@ fn object<T: Resource + serde::Serialize>(
 
 /// The nats.conf of a broker's pods, through the renderer every target shares.
 pub fn nats_conf(broker: &str, s: &KubeSettings, n: &Names) -> String {
-    let domain = format!("{}.svc.{}", s.namespace, s.cluster_domain);
     ServerConf {
         header: format!(
             "Written by workflow-plugin-eventbus for infra.eventbus {broker:?} ({}); every pod of StatefulSet {} reads it.",
@@ -142,10 +153,14 @@ pub fn nats_conf(broker: &str, s: &KubeSettings, n: &Names) -> String {
         cluster: (s.replicas > 1).then(|| ClusterConf {
             name: n.stateful_set.clone(),
             listen: format!("0.0.0.0:{CLUSTER_PORT}"),
-            routes: (0..s.replicas)
-                .map(|i| format!("nats://{}.{}.{domain}:{CLUSTER_PORT}", n.pod(i), n.headless))
-                .collect(),
+            // With auth, the routes carry credentials: they come from the Secret.
+            routes: if s.auth.is_some() {
+                Vec::new()
+            } else {
+                route_urls(s, n)
+            },
             no_advertise: true,
+            include: s.auth.is_some().then(|| SECRET_ROUTES.to_string()),
         }),
         websocket: None,
         auth: s.auth.as_ref().map(|a| match a {
@@ -159,6 +174,29 @@ pub fn nats_conf(broker: &str, s: &KubeSettings, n: &Names) -> String {
         }),
     }
     .render()
+}
+
+/// The route url of every pod: `nats://<pod>.<headless>.<ns>.svc.<domain>:6222`.
+fn route_urls(s: &KubeSettings, n: &Names) -> Vec<String> {
+    let domain = format!("{}.svc.{}", s.namespace, s.cluster_domain);
+    (0..s.replicas)
+        .map(|i| format!("nats://{}.{}.{domain}:{CLUSTER_PORT}", n.pod(i), n.headless))
+        .collect()
+}
+
+/// The password every route of a clustered broker with `auth` presents, derived from the
+/// client credentials (so it changes with them and is the same on every render: plans and
+/// `kubectl diff` stay quiet) under a label of its own and the broker's name: 64 hex digits
+/// nobody computes without the client secret. Without `auth` there is nothing secret to
+/// derive it from, and the client port is open anyway; the NetworkPolicy then alone keeps
+/// the route port to the broker's pods.
+fn route_password(auth: &KubeAuth, base: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"workflow-plugin-eventbus route password\0");
+    h.update(base.as_bytes());
+    h.update(b"\0");
+    auth.hash_into(&mut h);
+    hex(&h.finalize())
 }
 
 /// GOMEMLIMIT: 80 % of the memory limit, so the Go runtime collects before the kernel kills.
@@ -260,11 +298,24 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
     };
 
     let conf = nats_conf(name, &s, &n);
+    // The included routes file (its urls carry the route credentials).
+    let routes_file = match (&s.auth, s.replicas > 1) {
+        (Some(a), true) => Some(routes_conf(
+            ROUTE_USER,
+            &route_password(a, &n.base),
+            &route_urls(&s, &n),
+        )),
+        _ => None,
+    };
     let mut h = Sha256::new();
     h.update(conf.as_bytes());
     h.update(b"\0");
     if let Some(a) = &s.auth {
         h.update(a.fingerprint().as_bytes());
+    }
+    if let Some(r) = &routes_file {
+        h.update(b"\0");
+        h.update(r.as_bytes());
     }
     let checksum = hex(&h.finalize());
 
@@ -292,6 +343,12 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
                 auth_env.push(secret_env(ENV_PASSWORD, &n.secret, SECRET_PASSWORD));
             }
         }
+        if let Some(r) = &routes_file {
+            data.insert(
+                SECRET_ROUTES.to_string(),
+                ByteString(r.clone().into_bytes()),
+            );
+        }
         let secret = Secret {
             metadata: meta(&n.secret),
             type_: Some("Opaque".into()),
@@ -309,7 +366,42 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
     };
     objects.push(object(&cm, &n.config_map, &ns)?);
 
-    // 3. Peer discovery: every pod gets a DNS name at once, Ready or not.
+    // 3. Before any pod runs: the route port takes connections from the broker's own pods
+    //    only; the client port stays open to all, and so does monitoring (the kubelet's
+    //    probes and metrics scrapers use it; it serves no message data).
+    let tcp = |p: u16| NetworkPolicyPort {
+        port: Some(IntOrString::Int(p as i32)),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    let own_pods = LabelSelector {
+        match_labels: Some(selector.clone()),
+        ..Default::default()
+    };
+    let policy = NetworkPolicy {
+        metadata: meta(&n.network_policy),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(own_pods.clone()),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: None,
+                    ports: Some(vec![tcp(CLIENT_PORT), tcp(MONITOR_PORT)]),
+                },
+                NetworkPolicyIngressRule {
+                    from: Some(vec![NetworkPolicyPeer {
+                        pod_selector: Some(own_pods),
+                        ..Default::default()
+                    }]),
+                    ports: Some(vec![tcp(CLUSTER_PORT)]),
+                },
+            ]),
+            ..Default::default()
+        }),
+    };
+    objects.push(object(&policy, &n.network_policy, &ns)?);
+
+    // 4. Peer discovery: every pod gets a DNS name at once, Ready or not.
     let headless = Service {
         metadata: meta(&n.headless),
         spec: Some(ServiceSpec {
@@ -327,7 +419,7 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
     };
     objects.push(object(&headless, &n.headless, &ns)?);
 
-    // 4. Clients: the client port only (routes and monitoring stay on the headless Service).
+    // 5. Clients: the client port only (routes and monitoring stay on the headless Service).
     let mut client_meta = meta(&n.client);
     let mut svc_annotations = annotations.clone();
     if s.internal_load_balancer && s.flavor == Flavor::Eks {
@@ -349,7 +441,7 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
     };
     objects.push(object(&client, &n.client, &ns)?);
 
-    // 5. The servers.
+    // 6. The servers.
     let resources: BTreeMap<String, Quantity> = [
         ("cpu".to_string(), Quantity(s.cpu.clone())),
         ("memory".to_string(), Quantity(s.memory.clone())),
@@ -438,6 +530,45 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
         }),
         ..Default::default()
     };
+    // nats.conf, and beside it (projected from the Secret) the routes file it includes.
+    let config_volume = match &routes_file {
+        None => Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: n.config_map.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Some(_) => Volume {
+            name: "config".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![
+                    VolumeProjection {
+                        config_map: Some(ConfigMapProjection {
+                            name: n.config_map.clone(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                    VolumeProjection {
+                        secret: Some(SecretProjection {
+                            name: n.secret.clone(),
+                            items: Some(vec![KeyToPath {
+                                key: SECRET_ROUTES.into(),
+                                path: SECRET_ROUTES.into(),
+                                ..Default::default()
+                            }]),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                ]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    };
     let mut spreads = vec![spread("kubernetes.io/hostname", &selector)];
     if s.zone_spread {
         spreads.push(spread("topology.kubernetes.io/zone", &selector));
@@ -480,14 +611,7 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
                     termination_grace_period_seconds: Some(TERMINATION_GRACE_SECS),
                     topology_spread_constraints: Some(spreads),
                     volumes: Some(vec![
-                        Volume {
-                            name: "config".into(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: n.config_map.clone(),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
+                        config_volume,
                         Volume {
                             name: "pid".into(),
                             empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -521,7 +645,7 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
     };
     objects.push(object(&sts, &n.stateful_set, &ns)?);
 
-    // 6. Voluntary disruptions (node drains) take one pod at a time.
+    // 7. Voluntary disruptions (node drains) take one pod at a time.
     let pdb = PodDisruptionBudget {
         metadata: meta(&n.pdb),
         spec: Some(PodDisruptionBudgetSpec {
@@ -550,14 +674,10 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
     })
 }
 
-/// One YAML document: the same Value apply sends, so the bytes are what a review sees.
+/// One YAML document: the same Value apply sends, so the bytes are what a review sees; every
+/// string a YAML 1.1 reader would take for a bool, number or null quoted ([`super::yaml`]).
 pub fn to_yaml(o: &RenderedObject) -> Result<String, DriverError> {
-    serde_yaml::to_string(&o.body).map_err(|e| {
-        DriverError::invalid(
-            format!("{} {}", o.kind, o.name),
-            format!("cannot write YAML: {e}"),
-        )
-    })
+    Ok(super::yaml::to_yaml(&o.body))
 }
 
 /// Whether the service type exposes the broker outside the cluster.
@@ -593,6 +713,7 @@ mod tests {
             [
                 "Secret",
                 "ConfigMap",
+                "NetworkPolicy",
                 "Service",
                 "Service",
                 "StatefulSet",
@@ -630,9 +751,8 @@ mod tests {
             checksum(&a),
             checksum(&rendered("bus", json!({"auth": {"token": "tokA"}})))
         );
-        assert!(!serde_json::to_string(&a.objects[4].body)
-            .unwrap()
-            .contains("tokA"));
+        let sts = a.objects.iter().find(|o| o.kind == "StatefulSet").unwrap();
+        assert!(!serde_json::to_string(&sts.body).unwrap().contains("tokA"));
     }
 
     #[test]
@@ -663,5 +783,84 @@ mod tests {
                 .count(),
             5
         );
+    }
+
+    /// Issue 19 finding 3: with auth, routes authenticate, and their credentials are only in
+    /// the Secret (the ConfigMap includes the file the pods get projected beside nats.conf);
+    /// a NetworkPolicy keeps the route port to the broker's own pods.
+    #[test]
+    fn routes_authenticate_with_credentials_kept_in_the_secret() {
+        let r = rendered("bus", json!({"auth": {"token": "tokA"}}));
+        let secret = &r.objects[0];
+        assert_eq!(secret.kind, "Secret");
+        let routes = secret.body["data"][SECRET_ROUTES].as_str().unwrap();
+        let routes = String::from_utf8(
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, routes).unwrap(),
+        )
+        .unwrap();
+        let pw = route_password(&r.settings.auth.clone().unwrap(), "bus");
+        assert_eq!(pw.len(), 64);
+        assert!(routes.contains(&format!("password: \"{pw}\"")), "{routes}");
+        assert_eq!(
+            routes.matches(&format!("\"nats://route:{pw}@bus-")).count(),
+            3,
+            "{routes}"
+        );
+        for o in &r.objects[1..] {
+            let text = o.body.to_string();
+            assert!(!text.contains(&pw) && !text.contains("tokA"), "{}", o.kind);
+        }
+        assert!(
+            r.nats_conf.contains("include \"routes.conf\""),
+            "{}",
+            r.nats_conf
+        );
+        assert!(
+            !r.nats_conf.contains("nats://") && !r.nats_conf.contains("routes:"),
+            "no route url in the ConfigMap"
+        );
+        let sts = r.objects.iter().find(|o| o.kind == "StatefulSet").unwrap();
+        let sources = &sts.body["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"];
+        assert_eq!(sources[0]["configMap"]["name"], json!("bus-config"));
+        assert_eq!(sources[1]["secret"]["name"], json!("bus-auth"));
+        assert_eq!(
+            sources[1]["secret"]["items"][0]["path"],
+            json!(SECRET_ROUTES)
+        );
+        // Another token, another route password; the same token, the same one.
+        let other = rendered("bus", json!({"auth": {"token": "tokB"}}));
+        assert_ne!(route_password(&other.settings.auth.unwrap(), "bus"), pw);
+        assert_eq!(
+            rendered("bus", json!({"auth": {"token": "tokA"}})).objects,
+            r.objects
+        );
+
+        let np = r
+            .objects
+            .iter()
+            .find(|o| o.kind == "NetworkPolicy")
+            .unwrap();
+        assert_eq!(np.body["apiVersion"], json!("networking.k8s.io/v1"));
+        let spec = &np.body["spec"];
+        let own = json!({"app.kubernetes.io/name": "nats", "app.kubernetes.io/instance": "bus"});
+        assert_eq!(spec["podSelector"]["matchLabels"], own);
+        assert_eq!(spec["policyTypes"], json!(["Ingress"]));
+        let rules = spec["ingress"].as_array().unwrap();
+        assert_eq!(rules.len(), 2);
+        assert!(rules[0].get("from").is_none(), "clients from anywhere");
+        assert_eq!(rules[0]["ports"][0]["port"], json!(4222));
+        assert_eq!(rules[1]["from"][0]["podSelector"]["matchLabels"], own);
+        assert_eq!(
+            rules[1]["ports"],
+            json!([{"port": 6222, "protocol": "TCP"}])
+        );
+
+        // One server: no routes, no routes file; without auth, routes listed (nothing secret
+        // to derive credentials from), still behind the NetworkPolicy.
+        let single = rendered("bus", json!({"auth": {"token": "tokA"}, "replicas": 1}));
+        assert!(single.objects[0].body["data"].get(SECRET_ROUTES).is_none());
+        let open = rendered("bus", json!({}));
+        assert!(open.nats_conf.contains("routes: ["), "{}", open.nats_conf);
+        assert!(open.objects.iter().any(|o| o.kind == "NetworkPolicy"));
     }
 }

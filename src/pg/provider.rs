@@ -1,0 +1,464 @@
+//! pgchannel (PostgreSQL tables + LISTEN/NOTIFY) as a runtime provider
+//! (`crate::runtime::provider::Provider`), over the `PgBus` API: a message's correlation and
+//! message ids go straight to their columns, deliveries come back with the correlation id
+//! under both header names, tokens are `<stream>:<consumer>:<id>`.
+//!
+//! `subscribe` holds the consumer's advisory lock on its own connection: one active subscriber
+//! per consumer across processes; the others wait for the lock and take over when the holder
+//! dies (its session ends, the lock goes with it, and its leased rows come back when their
+//! lease runs out). With `max_in_flight: 1` each batch is one row, the lowest deliverable id,
+//! so pipelines see a consumer's events in id order.
+
+use super::{
+    AckOp, AckPolicy, AckToken, ConsumerDef, DeliverFrom, Delivery, FetchOpts, Outgoing, PgBus,
+    StreamDef, SubOpts, DEFAULT_ACK_WAIT, DEFAULT_DUPLICATE_WINDOW, DEFAULT_MAX_DELIVER,
+};
+use crate::nats::settings::refused_on_pg;
+use crate::config::broker::DEFAULT_REQUEST_TIMEOUT;
+use crate::error_chain::render;
+use crate::nats::consumer::ConsumerSpec;
+use crate::nats::provider::{CORRELATION_HEADER, MSG_ID_HEADER};
+use crate::nats::stream::StreamSpec;
+use crate::pb::eventbus::Message;
+use crate::runtime::provider::{
+    bounded, rfc3339, AckKind, BindAsk, Bound, Declaration, Delivered, FetchAsk, Include, Next,
+    OutMessage, Provider, ProviderError, Published, Subscription,
+};
+use async_nats::jetstream::consumer::{self as js_consumer};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The Go pgchannel provider's header for the correlation id. Delivered messages carry it next
+/// to our NATS provider's `Nats-Correlation-Id`, so pipelines written for either keep working.
+pub const GO_CORRELATION_HEADER: &str = "X-Correlation-Id";
+
+/// Messages per publish transaction in a bulk publish: one round trip each, and a bounded
+/// transaction (a 10 000-message list is 20 of them, not one huge lock holder).
+const PUBLISH_CHUNK: usize = 500;
+
+pub fn stream_def(s: &StreamSpec) -> StreamDef {
+    StreamDef {
+        name: s.name.clone(),
+        subjects: s.subjects.clone(),
+        max_age: (!s.max_age.is_zero()).then_some(s.max_age),
+        max_msgs: (s.max_msgs > 0).then_some(s.max_msgs),
+        max_bytes: (s.max_bytes > 0).then_some(s.max_bytes),
+        duplicate_window: s.duplicate_window.unwrap_or(DEFAULT_DUPLICATE_WINDOW),
+    }
+}
+
+pub fn consumer_def(c: &ConsumerSpec) -> ConsumerDef {
+    let deliver = match &c.deliver {
+        js_consumer::DeliverPolicy::New => DeliverFrom::New,
+        js_consumer::DeliverPolicy::Last | js_consumer::DeliverPolicy::LastPerSubject => {
+            DeliverFrom::Last
+        }
+        js_consumer::DeliverPolicy::ByStartSequence { start_sequence } => {
+            DeliverFrom::BySeq(i64::try_from(*start_sequence).unwrap_or(i64::MAX))
+        }
+        js_consumer::DeliverPolicy::ByStartTime { start_time } => DeliverFrom::ByTime(*start_time),
+        js_consumer::DeliverPolicy::All => DeliverFrom::All,
+    };
+    let ack_policy = match c.ack {
+        js_consumer::AckPolicy::None => AckPolicy::None,
+        js_consumer::AckPolicy::All => AckPolicy::All,
+        // FlowControl is a server-internal mode our config never produces.
+        _ => AckPolicy::Explicit,
+    };
+    ConsumerDef {
+        stream: c.stream.clone(),
+        name: c.durable.clone(),
+        filter_subjects: c.filter_subjects.clone(),
+        deliver,
+        ack_policy,
+        // <= 0 (unlimited for NATS) becomes the Go provider's 5 in the domain.
+        max_deliver: i32::try_from(c.max_deliver).unwrap_or(i32::MAX),
+        ack_wait: c.ack_wait.unwrap_or(DEFAULT_ACK_WAIT),
+        backoff: c.backoff.clone(),
+    }
+}
+
+/// Whether `t` has the pgchannel token shape `<stream>:<consumer>:<id>`.
+pub fn check_token(t: &str) -> Result<(), String> {
+    t.parse::<AckToken>().map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// The message split the way the pgchannel tables keep it: the correlation id in its own
+/// column, the message id as the de-duplication key, the rest as the headers JSON. A header
+/// spelled like either id stands for it when the field is unset.
+fn outgoing(msg: OutMessage) -> Outgoing {
+    let mut headers = BTreeMap::new();
+    let mut correlation_id = None;
+    let mut msg_id = None;
+    for (name, value) in msg.headers {
+        if name.eq_ignore_ascii_case(CORRELATION_HEADER) {
+            correlation_id = Some(value);
+        } else if name.eq_ignore_ascii_case(MSG_ID_HEADER) {
+            msg_id = Some(value);
+        } else {
+            headers.insert(name, value);
+        }
+    }
+    if !msg.correlation_id.is_empty() {
+        correlation_id = Some(msg.correlation_id);
+    }
+    if !msg.message_id.is_empty() {
+        msg_id = Some(msg.message_id);
+    }
+    Outgoing {
+        subject: msg.subject,
+        payload: msg.payload.into(),
+        headers,
+        correlation_id,
+        msg_id,
+    }
+}
+
+fn published(p: super::Published) -> Published {
+    Published {
+        sequence: p.id.to_string(),
+        // The database's timestamp of the row, as the Go provider reported it.
+        acked_at: rfc3339(p.ts),
+        stream: p.stream,
+        duplicate: p.duplicate,
+    }
+}
+
+fn ack_op(kind: AckKind) -> AckOp {
+    match kind {
+        AckKind::Ack => AckOp::Ack,
+        AckKind::Nak(d) => AckOp::Nak(d),
+        AckKind::Term => AckOp::Term,
+        AckKind::Progress => AckOp::Progress,
+    }
+}
+
+/// One broker's pool.
+#[derive(Clone)]
+pub struct PgProvider {
+    pub bus: PgBus,
+}
+
+impl Provider for PgProvider {
+    type Delivery = Delivery;
+    type Binding = ();
+    type Subscription = super::Subscription;
+
+    /// Each takes a pooled connection.
+    const ACK_WINDOW: usize = 16;
+
+    fn request_timeout(&self) -> Duration {
+        DEFAULT_REQUEST_TIMEOUT
+    }
+
+    fn check_token(token: &str) -> Result<(), String> {
+        check_token(token)
+    }
+
+    async fn ready(&self, _bound: Duration) -> Result<(), ProviderError> {
+        // The pool was opened (and the schema ensured) when the provider was.
+        Ok(())
+    }
+
+    /// One transaction (insert + notify), bounded by the step's timeout.
+    async fn publish(
+        &self,
+        msg: OutMessage,
+        timeout: Option<Duration>,
+    ) -> Result<Published, ProviderError> {
+        let timeout = timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+        let msg = outgoing(msg);
+        let done = bounded(
+            "publish",
+            timeout,
+            self.bus.publish(std::slice::from_ref(&msg)),
+        )
+        .await?;
+        done.into_iter().next().map(published).ok_or_else(|| {
+            ProviderError::Invalid("publish returned no result for the message".into())
+        })
+    }
+
+    /// The list in order, `PUBLISH_CHUNK` per transaction (the window of the database); a
+    /// chunk that fails fails each of its messages (nothing of it was stored).
+    async fn publish_list(
+        &self,
+        msgs: Vec<OutMessage>,
+        _window: usize,
+        timeout: Option<Duration>,
+    ) -> Vec<Result<Published, String>> {
+        let timeout = timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+        let msgs: Vec<Outgoing> = msgs.into_iter().map(outgoing).collect();
+        let mut out = Vec::with_capacity(msgs.len());
+        for chunk in msgs.chunks(PUBLISH_CHUNK) {
+            match bounded("publish", timeout, self.bus.publish(chunk)).await {
+                Ok(done) if done.len() == chunk.len() => {
+                    out.extend(done.into_iter().map(|p| Ok(published(p))))
+                }
+                Ok(other) => {
+                    let e = format!(
+                        "publish returned {} results for {} messages",
+                        other.len(),
+                        chunk.len()
+                    );
+                    out.extend(chunk.iter().map(|_| Err(e.clone())));
+                }
+                Err(e) => {
+                    let e = render(&e);
+                    out.extend(chunk.iter().map(|_| Err(e.clone())));
+                }
+            }
+        }
+        out
+    }
+
+    /// Rows leased to this caller inside a transaction, so concurrent consumers never share one.
+    async fn fetch(&self, ask: FetchAsk<'_>) -> Result<Vec<Message>, ProviderError> {
+        let opts = FetchOpts {
+            batch: ask.batch,
+            max_wait: ask.max_wait,
+            max_bytes: Some(ask.max_bytes),
+            dead_letter_subject: None,
+        };
+        // The fetch ends by itself at max_wait; the outer bound only guards against a database
+        // that stops answering mid-call.
+        let bound = ask.max_wait + DEFAULT_REQUEST_TIMEOUT;
+        let rows = bounded(
+            "fetch",
+            bound,
+            self.bus.fetch(ask.stream, ask.durable, opts),
+        )
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|d| d.to_message(ask.durable, ask.include))
+            .collect())
+    }
+
+    async fn forget(&self, _stream: &str, _durable: &str) {}
+
+    async fn settle(&self, token: &str, kind: AckKind) -> Result<(), ProviderError> {
+        let tok = token.parse::<AckToken>()?;
+        bounded(
+            "ack",
+            DEFAULT_REQUEST_TIMEOUT,
+            self.bus.ack(&tok, ack_op(kind)),
+        )
+        .await
+    }
+
+    async fn ensure(&self, d: Declaration<'_>) -> Result<String, ProviderError> {
+        let outcome = match d {
+            Declaration::Stream(s) => {
+                refused_on_pg(&s.settings, &format!("stream {:?}", s.name))?;
+                self.bus.ensure_stream(&stream_def(s)).await?
+            }
+            Declaration::Consumer(c) => {
+                let what = format!("consumer {:?} on stream {:?}", c.durable, c.stream);
+                refused_on_pg(&c.settings, &what)?;
+                self.bus.ensure_consumer(&consumer_def(c)).await?
+            }
+        };
+        Ok(format!("{outcome:?}"))
+    }
+
+    async fn gone(&self, stream: &str, durable: Option<&str>) -> bool {
+        match self.bus.stream(stream).await {
+            Ok(None) => true,
+            Err(_) => false,
+            Ok(Some(_)) => match durable {
+                None => false,
+                Some(d) => matches!(self.bus.consumer(stream, d).await, Ok(None)),
+            },
+        }
+    }
+
+    /// An undeclared consumer is created with the trigger's own filter; then the consumer's
+    /// limits are read back.
+    async fn bind(&self, ask: BindAsk<'_>) -> Result<((), Bound), ProviderError> {
+        let def = match self.bus.consumer(ask.stream, ask.durable).await? {
+            Some(d) => d,
+            None if !ask.declared => {
+                let d = ConsumerDef {
+                    stream: ask.stream.to_string(),
+                    name: ask.durable.to_string(),
+                    filter_subjects: if ask.filter_subject.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![ask.filter_subject.to_string()]
+                    },
+                    deliver: DeliverFrom::All,
+                    ack_policy: AckPolicy::Explicit,
+                    max_deliver: i32::try_from(ask.max_deliver).unwrap_or(i32::MAX),
+                    ack_wait: DEFAULT_ACK_WAIT,
+                    backoff: Vec::new(),
+                };
+                self.bus.ensure_consumer(&d).await?;
+                d
+            }
+            None => {
+                return Err(ProviderError::Invalid(format!(
+                    "consumer {:?} on stream {:?} does not exist",
+                    ask.durable, ask.stream
+                )))
+            }
+        };
+        if !ask.filter_subject.is_empty()
+            && !def.filter_subjects.is_empty()
+            && def.filter_subjects != [ask.filter_subject.to_string()]
+        {
+            return Err(ProviderError::Invalid(format!(
+                "consumer {:?} filters {:?}, the trigger asks for {:?}; align the consumer or drop filter_subject",
+                ask.durable,
+                def.filter_subjects.join(","),
+                ask.filter_subject
+            )));
+        }
+        let consumer_max = if def.max_deliver > 0 {
+            def.max_deliver as i64
+        } else {
+            DEFAULT_MAX_DELIVER as i64
+        };
+        // The smaller positive limit wins, as with NATS: past the consumer's limit the bus
+        // stops delivering, so a larger trigger value would never reach its last attempt.
+        let max_deliver = if ask.max_deliver > 0 {
+            ask.max_deliver.min(consumer_max)
+        } else {
+            consumer_max
+        };
+        let ack_wait = if def.ack_wait.is_zero() {
+            DEFAULT_ACK_WAIT
+        } else {
+            def.ack_wait
+        };
+        Ok((
+            (),
+            Bound {
+                ack_wait,
+                max_deliver,
+            },
+        ))
+    }
+
+    /// Waits while another process holds this consumer.
+    async fn subscribe(
+        &self,
+        _binding: (),
+        ask: BindAsk<'_>,
+        _batch: usize,
+        stop: &CancellationToken,
+    ) -> Result<super::Subscription, ProviderError> {
+        let opts = SubOpts {
+            dead_letter_subject: ask.dead_letter_subject.map(str::to_string),
+            cancel: stop.clone(),
+        };
+        let sub = self.bus.subscribe(ask.stream, ask.durable, opts).await?;
+        tracing::info!(stream = %ask.stream, consumer = %ask.durable, "subscribed (pgchannel)");
+        Ok(sub)
+    }
+
+    async fn close(&self) {
+        self.bus.close().await
+    }
+
+    async fn dead_letter(
+        &self,
+        subject: &str,
+        d: &Delivery,
+        extra: &[(&'static str, String)],
+    ) -> Result<(), ProviderError> {
+        let mut headers = d.headers.clone();
+        for (k, v) in extra {
+            headers.insert(k.to_string(), v.clone());
+        }
+        let msg = Outgoing {
+            subject: subject.to_string(),
+            payload: d.payload.clone(),
+            headers,
+            correlation_id: d.correlation_id.clone(),
+            msg_id: None,
+        };
+        bounded(
+            "dead-letter publish",
+            DEFAULT_REQUEST_TIMEOUT,
+            self.bus.publish(std::slice::from_ref(&msg)),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+impl Subscription for super::Subscription {
+    type Delivery = Delivery;
+
+    async fn next(&mut self, max: usize) -> Next<Delivery> {
+        match self.next_batch(max).await {
+            Ok(rows) => Next::Items(rows),
+            Err(e) => Next::Rebind(render(&ProviderError::from(e))),
+        }
+    }
+}
+
+impl Delivered for Delivery {
+    /// Our wire shape (as the NATS one), with the correlation id under both header names.
+    fn to_message(&self, _consumer: &str, include: Include) -> Message {
+        let mut headers: HashMap<String, String> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some(c) = self.correlation_id.as_deref().filter(|c| !c.is_empty()) {
+            headers.insert(CORRELATION_HEADER.to_string(), c.to_string());
+            headers.insert(GO_CORRELATION_HEADER.to_string(), c.to_string());
+        }
+        let (payload, text, json) = include.forms(&self.payload);
+        Message {
+            subject: self.subject.clone(),
+            payload,
+            headers,
+            sequence: self.token.id.to_string(),
+            published_at: rfc3339(self.published_at),
+            ack_token: self.token.to_string(),
+            stream: self.token.stream.clone(),
+            consumer: self.token.consumer.clone(),
+            delivery_count: self.delivery_count,
+            text,
+            json,
+            ..Default::default()
+        }
+    }
+
+    fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_shape() {
+        assert!(check_token("ORDERS:worker:42").is_ok());
+        assert!(check_token("$JS.ACK.ORDERS.worker.1.2.3.4.5").is_err());
+        assert!(check_token("ORDERS:worker").is_err());
+        assert!(check_token("ORDERS::42").is_err());
+        assert!(check_token("ORDERS:worker:x").is_err());
+    }
+
+    #[test]
+    fn ids_go_to_their_columns() {
+        let mut m = OutMessage {
+            subject: "jobs.a".into(),
+            correlation_id: "c-1".into(),
+            ..Default::default()
+        };
+        m.headers.insert("x-k".into(), "v".into());
+        m.headers.insert("nats-msg-id".into(), "m-1".into());
+        let o = outgoing(m);
+        assert_eq!(o.correlation_id.as_deref(), Some("c-1"));
+        assert_eq!(o.msg_id.as_deref(), Some("m-1"));
+        assert_eq!(o.headers.len(), 1);
+    }
+}

@@ -1,0 +1,379 @@
+//! The runtime's provider contract: what a broker backend (NATS JetStream, pgchannel, ...)
+//! implements so that the steps and the trigger are written once over it.
+//!
+//! A provider is an opened, cheaply cloned handle on one broker (a connection, a pool). The
+//! loops around it (bulk windows and their results, the trigger's in-flight limit, backoff,
+//! re-bind, progress, dead-letter and batch delivery) live in `runtime::steps` and
+//! `runtime::trigger` and only see this contract; the single place that chooses a provider
+//! is `runtime::modules::broker` (`Backend`). Implementations live with their domain code:
+//! `crate::nats::provider`, `crate::pg::provider`. `docs/adding-a-provider.md` walks a new one
+//! through.
+//!
+//! The shape fits an offset-log provider too: tokens are opaque strings the provider parses
+//! (a partition and offset, say), `settle` may record an ack and commit cumulatively, a nak
+//! with a delay may schedule the redelivery inside the plugin, and `Subscription::next` yields
+//! what is ready without promising more than one item.
+
+use crate::config::decode;
+use crate::nats::consumer::ConsumerSpec;
+use crate::nats::stream::StreamSpec;
+use crate::nats::NatsError;
+use crate::pb::eventbus::Message;
+use crate::pg::PgError;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::nats::ack::AckKind;
+
+/// One message to publish, built once from the step's config and input (its checks done) and
+/// handed to the provider, which maps it onto its wire: NATS headers, or pgchannel columns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutMessage {
+    pub subject: String,
+    pub payload: Vec<u8>,
+    /// Step headers then message headers, the later winning.
+    pub headers: BTreeMap<String, String>,
+    /// Empty when unset.
+    pub correlation_id: String,
+    /// De-duplication id within the stream's duplicate window; empty when unset.
+    pub message_id: String,
+}
+
+/// What the broker said about one stored message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    pub stream: String,
+    pub sequence: String,
+    /// The message id was seen within the duplicate window: nothing new was stored.
+    pub duplicate: bool,
+    /// RFC 3339; the broker's own timestamp where it gives one, else the time of the ack.
+    pub acked_at: String,
+}
+
+/// A failure of a provider operation, typed by what callers branch on; a provider's own error
+/// travels as its source.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("broker {broker:?} is not connected ({detail})")]
+    Unavailable { broker: String, detail: String },
+    #[error("{op} timed out after {after:?}")]
+    TimedOut { op: &'static str, after: Duration },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error(transparent)]
+    Pg(#[from] PgError),
+}
+
+impl ProviderError {
+    /// The stream or consumer does not exist (deleted behind our back, or never created).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            ProviderError::Nats(e) => e.is_not_found(),
+            ProviderError::Pg(PgError::ConsumerNotFound { .. }) => true,
+            _ => false,
+        }
+    }
+
+    /// A failure that a later attempt may not meet (broker down, timed out), as opposed to a
+    /// configuration problem the user must see at Start.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ProviderError::Unavailable { .. } | ProviderError::TimedOut { .. } => true,
+            ProviderError::Invalid(_) => false,
+            ProviderError::Nats(e) => {
+                matches!(
+                    e,
+                    NatsError::Unavailable { .. } | NatsError::TimedOut { .. }
+                )
+            }
+            ProviderError::Pg(e) => e.is_transient(),
+        }
+    }
+}
+
+/// A declared stream or consumer, for `Provider::ensure`.
+#[derive(Clone, Copy)]
+pub enum Declaration<'a> {
+    Stream(&'a StreamSpec),
+    Consumer(&'a ConsumerSpec),
+}
+
+/// One consume execution, already checked by the step.
+#[derive(Clone, Copy)]
+pub struct FetchAsk<'a> {
+    pub stream: &'a str,
+    pub durable: &'a str,
+    pub batch: usize,
+    pub max_bytes: usize,
+    pub include: Include,
+    pub max_wait: Duration,
+}
+
+/// What a trigger binds to.
+#[derive(Clone, Copy)]
+pub struct BindAsk<'a> {
+    pub stream: &'a str,
+    pub durable: &'a str,
+    /// Empty: none asked. An undeclared consumer is created with it.
+    pub filter_subject: &'a str,
+    /// 0: the consumer's.
+    pub max_deliver: i64,
+    /// A declared consumer module owns the consumer; otherwise the provider creates it.
+    pub declared: bool,
+    pub dead_letter_subject: Option<&'a str>,
+}
+
+/// What the bound consumer says, needed per delivery.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    /// How long a delivery stays ours without an ack or an in-progress ack.
+    pub ack_wait: Duration,
+    /// The delivery that is the last (the smaller positive of trigger and consumer limit);
+    /// 0 for unlimited.
+    pub max_deliver: i64,
+}
+
+/// Where a delivery came from: its token and the facts the trigger logs and dead-letters with.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub token: String,
+    pub subject: String,
+    pub stream: String,
+    pub sequence: String,
+    pub delivery_count: i32,
+}
+
+impl Origin {
+    pub fn of(m: &Message) -> Origin {
+        Origin {
+            token: m.ack_token.clone(),
+            subject: m.subject.clone(),
+            stream: m.stream.clone(),
+            sequence: m.sequence.clone(),
+            delivery_count: m.delivery_count,
+        }
+    }
+
+    /// The headers a dead-lettered copy carries besides the original's own.
+    pub fn dead_letter_headers(&self, reason: &str) -> [(&'static str, String); 5] {
+        let reason: String = reason
+            .chars()
+            .take(512)
+            .filter(|c| !c.is_control())
+            .collect();
+        [
+            ("Eventbus-Original-Subject", self.subject.clone()),
+            ("Eventbus-Original-Stream", self.stream.clone()),
+            ("Eventbus-Original-Sequence", self.sequence.clone()),
+            ("Eventbus-Delivery-Count", self.delivery_count.to_string()),
+            ("Eventbus-Error", reason),
+        ]
+    }
+}
+
+/// One delivered message as the provider holds it until it is settled.
+pub trait Delivered: Send + Sync + 'static {
+    /// The message in our wire shape, with the payload forms `include` asks for.
+    fn to_message(&self, consumer: &str, include: Include) -> Message;
+    fn payload_len(&self) -> usize;
+}
+
+/// What `Subscription::next` yields.
+pub enum Next<D> {
+    /// At least one delivery (never more than asked for).
+    Items(Vec<D>),
+    /// A failure worth a log line; the subscription goes on.
+    Failed(String),
+    /// The subscription is gone (lost lock, deleted consumer, broker restarted): bind again.
+    Rebind(String),
+}
+
+/// A bound consumer's stream of deliveries for the trigger.
+pub trait Subscription: Send + 'static {
+    type Delivery: Delivered;
+    /// Waits for the first delivery, then returns up to `max` that are ready. Dropping the
+    /// future (stop, batch deadline) loses nothing: what is not returned stays deliverable.
+    fn next(&mut self, max: usize) -> impl Future<Output = Next<Self::Delivery>> + Send;
+}
+
+/// A broker backend, opened. See the module docs.
+pub trait Provider: Clone + Send + Sync + 'static {
+    type Delivery: Delivered;
+    type Binding: Send + 'static;
+    type Subscription: Subscription<Delivery = Self::Delivery>;
+
+    /// Settles awaited at once by a bulk ack.
+    const ACK_WINDOW: usize;
+
+    /// The bound of one request to the broker (an ack, a dead-letter publish).
+    fn request_timeout(&self) -> Duration;
+
+    /// Whether `token` has this provider's ack token shape (no I/O).
+    fn check_token(token: &str) -> Result<(), String>;
+
+    /// Waits (bounded) until the broker is reachable; the error names what is down.
+    fn ready(&self, bound: Duration) -> impl Future<Output = Result<(), ProviderError>> + Send;
+
+    /// Stores one message; `None` timeout means the broker's request timeout.
+    fn publish(
+        &self,
+        msg: OutMessage,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<Published, ProviderError>> + Send;
+
+    /// Stores a list in order, at most `window` unconfirmed at once; one result per message in
+    /// list order (a failed one carries its rendered error).
+    fn publish_list(
+        &self,
+        msgs: Vec<OutMessage>,
+        window: usize,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Vec<Result<Published, String>>> + Send;
+
+    /// One bounded batch from a durable consumer, each message leased to this caller.
+    fn fetch(
+        &self,
+        ask: FetchAsk<'_>,
+    ) -> impl Future<Output = Result<Vec<Message>, ProviderError>> + Send;
+
+    /// Forgets what `fetch` cached for this consumer (it was deleted behind our back).
+    fn forget(&self, stream: &str, durable: &str) -> impl Future<Output = ()> + Send;
+
+    /// Ack, nak (with delay), term or progress by token, confirmed where the broker confirms.
+    fn settle(
+        &self,
+        token: &str,
+        kind: AckKind,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+
+    /// Makes the broker hold the declaration as declared; the outcome, for the log.
+    fn ensure(
+        &self,
+        d: Declaration<'_>,
+    ) -> impl Future<Output = Result<String, ProviderError>> + Send;
+
+    /// Whether the stream (and, when given, the consumer) no longer exists; a failed check is
+    /// not "gone".
+    fn gone(&self, stream: &str, durable: Option<&str>) -> impl Future<Output = bool> + Send;
+
+    /// Binds the trigger's consumer (creating an undeclared one), checks its filter and reads
+    /// its limits.
+    fn bind(
+        &self,
+        ask: BindAsk<'_>,
+    ) -> impl Future<Output = Result<(Self::Binding, Bound), ProviderError>> + Send;
+
+    /// Starts delivering from a binding; may wait while another process holds the consumer.
+    fn subscribe(
+        &self,
+        binding: Self::Binding,
+        ask: BindAsk<'_>,
+        batch: usize,
+        stop: &CancellationToken,
+    ) -> impl Future<Output = Result<Self::Subscription, ProviderError>> + Send;
+
+    /// StopModule and shutdown: drains and closes the connection (or pool); the handle is not
+    /// used again.
+    fn close(&self) -> impl Future<Output = ()> + Send;
+
+    /// Publishes a copy of `d` to `subject` with the original's headers plus `extra`.
+    fn dead_letter(
+        &self,
+        subject: &str,
+        d: &Self::Delivery,
+        extra: &[(&'static str, String)],
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+}
+
+/// Which forms of each payload a delivered message carries. Each costs memory and output:
+/// bytes (base64 in the host's JSON, 1.34x), text (1x, UTF-8 only), parsed JSON (up to ~6x for
+/// arrays of numbers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Include {
+    pub payload: bool,
+    pub text: bool,
+    pub json: bool,
+}
+
+impl Include {
+    pub const ALL: Include = Include {
+        payload: true,
+        text: true,
+        json: true,
+    };
+
+    pub fn parse(list: &[String]) -> Result<Include, String> {
+        if list.is_empty() {
+            return Ok(Include::ALL);
+        }
+        let mut inc = Include {
+            payload: false,
+            text: false,
+            json: false,
+        };
+        for item in list {
+            match item.as_str() {
+                "payload" => inc.payload = true,
+                "text" => inc.text = true,
+                "json" => inc.json = true,
+                other => {
+                    return Err(format!(
+                        "{} is not one of payload, text, json",
+                        crate::secret::quote(other)
+                    ))
+                }
+            }
+        }
+        Ok(inc)
+    }
+
+    /// The payload forms of a delivered message: (bytes, text, parsed JSON), each empty when
+    /// not asked for; text is empty when the payload is not UTF-8, JSON absent when not JSON.
+    pub fn forms(self, payload: &[u8]) -> (Vec<u8>, String, Option<prost_types::Value>) {
+        let text = if self.text {
+            std::str::from_utf8(payload)
+                .map(str::to_string)
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let json = if self.json {
+            serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .map(|j| decode::json_to_value(&j))
+        } else {
+            None
+        };
+        let bytes = if self.payload {
+            payload.to_vec()
+        } else {
+            Vec::new()
+        };
+        (bytes, text, json)
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Runs `f` bounded by `after`; a timeout becomes `ProviderError::TimedOut`.
+pub async fn bounded<T, E: Into<ProviderError>>(
+    op: &'static str,
+    after: Duration,
+    f: impl Future<Output = Result<T, E>>,
+) -> Result<T, ProviderError> {
+    match tokio::time::timeout(after, f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(ProviderError::TimedOut { op, after }),
+    }
+}
