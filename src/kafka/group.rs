@@ -125,8 +125,8 @@ impl GroupSpec {
                     StartPolicy::All
                 }
             },
-            Ok(DeliverPolicy::Last) => {
-                p.field("deliver_policy", "DELIVER_POLICY_LAST has no kafka equivalent (offsets are per partition); use _ALL, _NEW or _BY_START_TIME");
+            Ok(DeliverPolicy::Last | DeliverPolicy::LastPerSubject) => {
+                p.field("deliver_policy", "DELIVER_POLICY_LAST and _LAST_PER_SUBJECT have no kafka equivalent (offsets are per partition); use _ALL, _NEW or _BY_START_TIME");
                 StartPolicy::All
             }
             Ok(DeliverPolicy::ByStartSequence) => {
@@ -341,7 +341,7 @@ mod tests {
         assert_eq!(e.problems.len(), 4, "{e}");
         assert!(
             e.problems[0]
-                .starts_with("config.deliver_policy: DELIVER_POLICY_LAST has no kafka equivalent"),
+                .starts_with("config.deliver_policy: DELIVER_POLICY_LAST and _LAST_PER_SUBJECT have no kafka equivalent"),
             "{e}"
         );
         let e = consumer(|c| c.deliver_policy = DeliverPolicy::ByStartTime as i32).unwrap_err();

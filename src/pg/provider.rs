@@ -13,11 +13,11 @@ use super::{
     AckOp, AckPolicy, AckToken, ConsumerDef, DeliverFrom, Delivery, FetchOpts, Outgoing, PgBus,
     StreamDef, SubOpts, DEFAULT_ACK_WAIT, DEFAULT_DUPLICATE_WINDOW, DEFAULT_MAX_DELIVER,
 };
-use crate::nats::settings::refused_on_pg;
 use crate::config::broker::DEFAULT_REQUEST_TIMEOUT;
 use crate::error_chain::render;
 use crate::nats::consumer::ConsumerSpec;
 use crate::nats::provider::{CORRELATION_HEADER, MSG_ID_HEADER};
+use crate::nats::settings::refused_on_pg;
 use crate::nats::stream::StreamSpec;
 use crate::pb::eventbus::Message;
 use crate::runtime::provider::{
