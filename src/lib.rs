@@ -8,6 +8,7 @@ pub mod config;
 pub mod error_chain;
 pub mod host;
 pub mod iac;
+pub mod kafka;
 pub mod logging;
 pub mod nats;
 pub mod pb;

@@ -200,21 +200,7 @@ impl BrokerSpec {
                 p.field(field, format!("{} is not a readable file", quote(path)));
             }
         }
-        if tls.cert_file.is_empty() != tls.key_file.is_empty() {
-            p.field(
-                "tls",
-                "cert_file and key_file go together; set both or neither",
-            );
-        }
-        for (field, path) in [
-            ("tls.ca_file", &tls.ca_file),
-            ("tls.cert_file", &tls.cert_file),
-            ("tls.key_file", &tls.key_file),
-        ] {
-            if !path.is_empty() && !std::path::Path::new(path).is_file() {
-                p.field(field, format!("{} is not a readable file", quote(path)));
-            }
-        }
+        check_tls_files(&mut p, &tls);
         let mut timeouts = [None, None];
         for (slot, (field, d)) in timeouts.iter_mut().zip([
             ("connect_timeout", &c.connect_timeout),
@@ -336,6 +322,25 @@ impl BrokerSpec {
         from_env
             .map(|v| v.split(',').map(|s| Secret::new(s.trim())).collect())
             .unwrap_or_default()
+    }
+}
+
+/// The `tls` block both NATS and kafka read: cert and key together, every file readable.
+pub(crate) fn check_tls_files(p: &mut Problems, tls: &crate::pb::eventbus::NatsTls) {
+    if tls.cert_file.is_empty() != tls.key_file.is_empty() {
+        p.field(
+            "tls",
+            "cert_file and key_file go together; set both or neither",
+        );
+    }
+    for (field, path) in [
+        ("tls.ca_file", &tls.ca_file),
+        ("tls.cert_file", &tls.cert_file),
+        ("tls.key_file", &tls.key_file),
+    ] {
+        if !path.is_empty() && !std::path::Path::new(path).is_file() {
+            p.field(field, format!("{} is not a readable file", quote(path)));
+        }
     }
 }
 

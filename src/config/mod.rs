@@ -5,5 +5,6 @@
 pub mod broker;
 pub mod decode;
 pub mod error;
+pub mod kafka;
 pub mod nats;
 pub mod pg;

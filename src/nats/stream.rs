@@ -168,6 +168,12 @@ impl StreamSpec {
         if c.max_msg_size < -1 {
             p.field("max_msg_size", "must be -1 (unlimited) or a byte count");
         }
+        if c.partitions != 0 {
+            p.field(
+                "partitions",
+                "applies to provider kafka only (a topic's partition count)",
+            );
+        }
         if !c.broker_ref.is_empty() {
             p.check(
                 "broker_ref",
@@ -556,4 +562,24 @@ pub enum EnsureOutcome {
     Created,
     Updated(Vec<&'static str>),
     Unchanged,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_partitions_are_refused_for_nats_and_pgchannel_streams() {
+        let c = StreamConfig {
+            name: "orders".into(),
+            subjects: vec!["orders.>".into()],
+            partitions: 3,
+            ..Default::default()
+        };
+        let e = StreamSpec::validate("eventbus.stream", "orders", &c).unwrap_err();
+        assert_eq!(
+            e.problems,
+            vec!["config.partitions: applies to provider kafka only (a topic's partition count)"]
+        );
+    }
 }

@@ -56,6 +56,7 @@ pub fn field_doc(message: &str, field: &str) -> Option<(&'static str, bool, &'st
         ("StreamConfig", "max_msg_size") => d("Largest accepted message in bytes; 0 = server limit", false, "0"),
         ("StreamConfig", "discard") => d("What to drop when full", false, "DISCARD_POLICY_OLD"),
         ("StreamConfig", "duplicate_window") => d("De-duplication window for Nats-Msg-Id", false, "120s"),
+        ("StreamConfig", "partitions") => d("Provider kafka: the topic's partition count (raised in place, never lowered); refused by nats and pgchannel", false, "1"),
         (_, "description") => d("Free text stored on the server", false, ""),
         ("StreamConfig", "mirror") => d("Copy another stream (name, opt_start_seq, opt_start_time, filter_subject, external {api, deliver}, subject_transforms, domain); subjects must be empty; fixed at creation", false, ""),
         ("StreamConfig", "sources") => d("Streams to copy from (same keys as mirror); changes in place", false, ""),
