@@ -16,3 +16,4 @@ pub mod providers;
 pub mod runtime;
 pub mod secret;
 pub mod shutdown;
+pub mod telemetry;

@@ -41,6 +41,8 @@ pub struct BrokerSpec {
     pub protected: bool,
     /// Provider pgchannel only: the Postgres side (the NATS fields above are then unused).
     pub pg: Option<PgConfig>,
+    /// The plugin process's Prometheus endpoint, when this module asks for one.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 fn opt_path(s: &str) -> Option<PathBuf> {
@@ -197,6 +199,17 @@ impl BrokerSpec {
             }
             None
         };
+        let metrics_address = if c.metrics_address.trim().is_empty() {
+            None
+        } else {
+            match crate::telemetry::parse_metrics_addr(&c.metrics_address) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    p.field("metrics_address", e);
+                    None
+                }
+            }
+        };
         let spec = BrokerSpec {
             name: name.to_string(),
             type_name: type_name.to_string(),
@@ -234,6 +247,7 @@ impl BrokerSpec {
             bind: c.bind,
             protected: c.protected,
             pg,
+            metrics_address,
         };
         p.finish(spec)
     }

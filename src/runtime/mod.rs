@@ -307,6 +307,8 @@ impl Runtime {
         match self.module(id)? {
             ModuleHandle::Broker(b) => {
                 let component = format!("{} {:?}", b.spec.type_name, b.spec.name);
+                crate::telemetry::serve_for_broker(&b.spec.name, b.spec.metrics_address)
+                    .map_err(|e| RuntimeError::failed(&component, e.to_string()))?;
                 if b.is_pg() {
                     b.start_pg()
                         .await
@@ -386,6 +388,7 @@ impl Runtime {
                     }
                 }
                 self.inner.pulls.forget_broker(&b.spec.name).await;
+                crate::telemetry::lag::forget_broker(&b.spec.name);
                 b.close().await;
                 Ok(())
             }
