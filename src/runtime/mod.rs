@@ -347,10 +347,12 @@ impl Runtime {
                             .await
                             .map_err(|e| RuntimeError::bus(component.clone(), e))?;
                     }
-                    return c
-                        .ensure_pg(&broker)
+                    c.ensure_pg(&broker)
                         .await
-                        .map_err(|e| RuntimeError::bus(component, e));
+                        .map_err(|e| RuntimeError::bus(component, e))?;
+                    crate::telemetry::lag::watch_declared(&broker, &c.spec.stream, &c.spec.durable)
+                        .await;
+                    return Ok(());
                 }
                 // The stream module may start after us (no ordering between siblings).
                 if let Some(stream) = self.stream_module(&c.spec.stream) {
@@ -361,7 +363,10 @@ impl Runtime {
                 }
                 c.ensure(&broker)
                     .await
-                    .map_err(|e| RuntimeError::nats(component, e))
+                    .map_err(|e| RuntimeError::nats(component, e))?;
+                crate::telemetry::lag::watch_declared(&broker, &c.spec.stream, &c.spec.durable)
+                    .await;
+                Ok(())
             }
             ModuleHandle::Trigger(t) => t.start(self).await,
         }

@@ -291,6 +291,20 @@ impl TriggerTelemetry {
         }
     }
 
+    /// The handles of a trigger on `broker`.
+    pub fn for_trigger(
+        broker: &crate::config::broker::BrokerSpec,
+        t: &crate::runtime::trigger::TriggerSpec,
+    ) -> Self {
+        Self::new(
+            &broker.name,
+            broker.provider.as_str(),
+            &t.stream,
+            &t.durable,
+            &t.workflow_type,
+        )
+    }
+
     fn h(&self) -> Option<&TriggerHandles> {
         if let Some(h) = self.cell.get() {
             return Some(h);
@@ -464,6 +478,51 @@ pub fn reconnected(broker: &str, provider: &str) {
         m.reconnects
             .get_or_create(&broker_labels(broker, provider))
             .inc();
+    }
+}
+
+/// Settlements by step.eventbus.ack (empty stream, consumer and trigger labels: the token
+/// names them, but the token comes from pipeline state).
+pub(crate) fn step_settled(broker: &str, provider: &str, kind: Settle, ok: u64, failed: u64) {
+    if let Some(m) = get() {
+        let l = TriggerLabels {
+            broker: broker.into(),
+            provider: provider.into(),
+            stream: String::new(),
+            consumer: String::new(),
+            trigger: String::new(),
+        }
+        .with(SETTLE_NAMES[kind.index()]);
+        if ok > 0 {
+            m.settlements.get_or_create(&l).inc_by(ok);
+        }
+        if failed > 0 {
+            m.settle_failures.get_or_create(&l).inc_by(failed);
+        }
+    }
+}
+
+/// Messages returned by step.eventbus.consume.
+pub(crate) fn consumed(
+    broker: &str,
+    provider: &str,
+    stream: &str,
+    consumer: &str,
+    n: u64,
+    redelivered: u64,
+) {
+    if let Some(m) = get() {
+        let l = TriggerLabels {
+            broker: broker.into(),
+            provider: provider.into(),
+            stream: stream.into(),
+            consumer: consumer.into(),
+            trigger: String::new(),
+        };
+        m.deliveries.get_or_create(&l).inc_by(n);
+        if redelivered > 0 {
+            m.redeliveries.get_or_create(&l).inc_by(redelivered);
+        }
     }
 }
 

@@ -15,6 +15,91 @@ pub use metrics::{
     bulk_published, connection, published, reconnected, Published, Settle, TriggerTelemetry,
 };
 
+/// A single publish finished: `Ok(duplicate)` or an error.
+pub fn publish_done<E>(broker: &crate::config::broker::BrokerSpec, r: Result<bool, E>) {
+    let outcome = match r {
+        Ok(false) => Published::Ok,
+        Ok(true) => Published::Duplicate,
+        Err(_) => Published::Error,
+    };
+    published(&broker.name, broker.provider.as_str(), outcome);
+}
+
+/// A bulk publish finished: its per-message results.
+pub fn bulk_done(
+    broker: &crate::config::broker::BrokerSpec,
+    results: &[crate::pb::eventbus::BulkPublishResult],
+) {
+    if metrics::get().is_none() {
+        return;
+    }
+    let (mut ok, mut dup, mut err) = (0, 0, 0);
+    for r in results {
+        match (r.error.is_empty(), r.duplicate) {
+            (false, _) => err += 1,
+            (true, true) => dup += 1,
+            (true, false) => ok += 1,
+        }
+    }
+    bulk_published(&broker.name, broker.provider.as_str(), ok, dup, err);
+}
+
+/// A step.eventbus.ack settlement (labels: broker and outcome; no trigger, stream or consumer).
+pub fn step_settled(
+    broker: &crate::config::broker::BrokerSpec,
+    kind: crate::nats::ack::AckKind,
+    ok: bool,
+) {
+    metrics::step_settled(
+        &broker.name,
+        broker.provider.as_str(),
+        kind.into(),
+        u64::from(ok),
+        u64::from(!ok),
+    );
+}
+
+/// A bulk step.eventbus.ack: its per-token results.
+pub fn step_acks(
+    broker: &crate::config::broker::BrokerSpec,
+    kind: crate::nats::ack::AckKind,
+    results: &[crate::pb::eventbus::BulkAckResult],
+) {
+    if metrics::get().is_none() {
+        return;
+    }
+    let failed = results.iter().filter(|r| !r.error.is_empty()).count() as u64;
+    let ok = results.len() as u64 - failed;
+    metrics::step_settled(
+        &broker.name,
+        broker.provider.as_str(),
+        kind.into(),
+        ok,
+        failed,
+    );
+}
+
+/// Messages a step.eventbus.consume returned: deliveries (empty trigger label).
+pub fn consumed(
+    broker: &crate::config::broker::BrokerSpec,
+    stream: &str,
+    consumer: &str,
+    messages: &mut [crate::pb::eventbus::Message],
+) {
+    if messages.is_empty() || metrics::get().is_none() {
+        return;
+    }
+    let redelivered = messages.iter().filter(|m| m.delivery_count > 1).count() as u64;
+    metrics::consumed(
+        &broker.name,
+        broker.provider.as_str(),
+        stream,
+        consumer,
+        messages.len() as u64,
+        redelivered,
+    );
+}
+
 /// Process start: the metrics endpoint from `EVENTBUS_METRICS_ADDR`, if set. The error is one
 /// line naming the variable, the address and why it cannot be used.
 pub fn start_from_env() -> Result<(), endpoint::EndpointError> {

@@ -116,6 +116,7 @@ impl BrokerModule {
         };
         tracing::info!(broker = %self.spec.name, dsn = %settings.redacted_dsn(), "connecting to PostgreSQL");
         let bus = PgBus::connect(settings).await?;
+        crate::telemetry::connection(&self.spec.name, "pgchannel", true);
         *self.pg.write().unwrap_or_else(|p| p.into_inner()) = Some(bus.clone());
         Ok(bus)
     }
@@ -199,6 +200,7 @@ impl BrokerModule {
         }
         let pg = self.pg.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(b) = pg {
+            crate::telemetry::connection(&self.spec.name, "pgchannel", false);
             b.close().await;
         }
     }

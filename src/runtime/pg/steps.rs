@@ -80,12 +80,19 @@ pub(crate) async fn publish_one(
     timeout: Option<Duration>,
 ) -> Result<StepOutput, RuntimeError> {
     let failed = |e: BusError| RuntimeError::bus(component, e);
-    let bus = broker.require_pg().await.map_err(failed)?;
     let timeout = timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
-    let published = bounded("publish", timeout, bus.publish(std::slice::from_ref(&msg)))
-        .await
-        .map_err(failed)?;
-    let Some(p) = published.into_iter().next() else {
+    let published = match broker.require_pg().await {
+        Ok(bus) => bounded("publish", timeout, bus.publish(std::slice::from_ref(&msg))).await,
+        Err(e) => Err(e),
+    };
+    let first = published.map(|p| p.into_iter().next());
+    crate::telemetry::publish_done(
+        &broker.spec,
+        first
+            .as_ref()
+            .map(|p| p.as_ref().is_some_and(|p| p.duplicate)),
+    );
+    let Some(p) = first.map_err(failed)? else {
         return Err(RuntimeError::failed(
             component,
             "publish returned no result for the message",
@@ -167,6 +174,7 @@ pub(crate) async fn publish_bulk(
             }
         }
     }
+    crate::telemetry::bulk_done(&broker.spec, &results);
     let failed = results.iter().filter(|r| !r.error.is_empty()).count();
     if fail_on.fails(failed, total) {
         return Err(RuntimeError::failed(
@@ -234,10 +242,11 @@ pub(crate) async fn consume(
     let rows = bounded("fetch", bound, bus.fetch(ask.stream, ask.durable, opts))
         .await
         .map_err(failed)?;
-    let messages: Vec<_> = rows
+    let mut messages: Vec<_> = rows
         .into_iter()
         .map(|d| to_message(d, ask.include))
         .collect();
+    crate::telemetry::consumed(&broker.spec, ask.stream, ask.durable, &mut messages);
     let out = ConsumeResponse {
         count: messages.len() as i32,
         messages,
@@ -284,7 +293,9 @@ pub(crate) async fn ack_one(
 ) -> Result<StepOutput, RuntimeError> {
     let failed = |e: BusError| RuntimeError::bus(component, e);
     let bus = broker.require_pg().await.map_err(failed)?;
-    settle(&bus, t, kind).await.map_err(failed)?;
+    let settled = settle(&bus, t, kind).await;
+    crate::telemetry::step_settled(&broker.spec, kind, settled.is_ok());
+    settled.map_err(failed)?;
     let out = AckResponse {
         action: kind.name().to_string(),
         ..Default::default()
@@ -322,5 +333,6 @@ pub(crate) async fn ack_bulk(
         .buffered(ACK_WINDOW)
         .collect()
         .await;
+    crate::telemetry::step_acks(&broker.spec, kind, &results);
     crate::runtime::steps::bulk::ack_output(component, kind, fail_on, results)
 }

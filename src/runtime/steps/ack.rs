@@ -147,9 +147,9 @@ impl AckStep {
         conn.wait_connected(conn.request_timeout)
             .await
             .map_err(|e| RuntimeError::nats(component, e))?;
-        super::ack_bulk::settle(rt, &conn, &token, kind)
-            .await
-            .map_err(|e| RuntimeError::nats(component, e))?;
+        let settled = super::ack_bulk::settle(rt, &conn, &token, kind).await;
+        crate::telemetry::step_settled(&broker.spec, kind, settled.is_ok());
+        settled.map_err(|e| RuntimeError::nats(component, e))?;
         let out = AckResponse {
             action: kind.name().to_string(),
             ..Default::default()

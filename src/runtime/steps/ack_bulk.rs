@@ -85,5 +85,6 @@ pub(super) async fn execute(
         .buffered(WINDOW)
         .collect()
         .await;
+    crate::telemetry::step_acks(&broker.spec, kind, &results);
     super::bulk::ack_output(component, kind, fail_on, results)
 }

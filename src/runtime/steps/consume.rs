@@ -286,6 +286,8 @@ impl ConsumeStep {
             other => other,
         }
         .map_err(|e| RuntimeError::nats(component, e))?;
+        let mut messages = messages;
+        crate::telemetry::consumed(&broker.spec, &stream, &durable, &mut messages);
         let out = ConsumeResponse {
             count: messages.len() as i32,
             messages,

@@ -124,26 +124,29 @@ impl PublishStep {
             .await;
         }
         let failed = |e| RuntimeError::nats(&self.component, e);
-        let conn = out.broker.require().await.map_err(failed)?;
-        let timeout = out.timeout.unwrap_or(conn.request_timeout);
-        let deadline = tokio::time::Instant::now() + timeout;
-        conn.wait_connected(timeout).await.map_err(failed)?;
-        let ack = tokio::time::timeout_at(deadline, async {
-            let fut = conn
-                .js
-                .publish_with_headers(out.subject, out.headers, out.payload.into())
-                .await
-                .map_err(|e| NatsError::other("publish", e))?;
-            fut.await.map_err(|e| NatsError::other("publish ack", e))
-        })
-        .await
-        .map_err(|_| {
-            failed(NatsError::TimedOut {
+        let broker = out.broker.clone();
+        let ack = async {
+            let conn = out.broker.require().await?;
+            let timeout = out.timeout.unwrap_or(conn.request_timeout);
+            let deadline = tokio::time::Instant::now() + timeout;
+            conn.wait_connected(timeout).await?;
+            tokio::time::timeout_at(deadline, async {
+                let fut = conn
+                    .js
+                    .publish_with_headers(out.subject, out.headers, out.payload.into())
+                    .await
+                    .map_err(|e| NatsError::other("publish", e))?;
+                fut.await.map_err(|e| NatsError::other("publish ack", e))
+            })
+            .await
+            .map_err(|_| NatsError::TimedOut {
                 op: "publish",
                 after: timeout,
-            })
-        })?
-        .map_err(failed)?;
+            })?
+        }
+        .await;
+        crate::telemetry::publish_done(&broker.spec, ack.as_ref().map(|a| a.duplicate));
+        let ack = ack.map_err(failed)?;
         let resp = PublishResponse {
             sequence: ack.sequence.to_string(),
             acked_at: now_rfc3339(),

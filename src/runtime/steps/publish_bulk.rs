@@ -151,6 +151,7 @@ pub(super) async fn execute(
         .map_err(|e| RuntimeError::nats(component, e))?;
     let window = window(cfg.max_in_flight, DEFAULT_WINDOW, MAX_WINDOW);
     let results = send_all(&conn.js, prepared, window, timeout).await;
+    crate::telemetry::bulk_done(&broker.spec, &results);
     let failed = results.iter().filter(|r| !r.error.is_empty()).count();
     if fail_on.fails(failed, total) {
         return Err(RuntimeError::failed(

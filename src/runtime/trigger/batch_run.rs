@@ -38,6 +38,7 @@ impl Handler {
                 delivery_count: m.delivery_count,
             };
             let token = m.ack_token.clone();
+            self.tm.delivered(m.delivery_count as i64);
             items.push(Item {
                 msg,
                 origin,
@@ -78,6 +79,7 @@ impl Handler {
         // Keep the messages ours while the run lasts (in-progress acks at ack_wait/2), except
         // those the pipeline already acked or terminated.
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
+        let run = self.tm.run();
         let pipeline = launcher.launch(call);
         tokio::pin!(pipeline);
         let mut ticker =
@@ -91,6 +93,7 @@ impl Handler {
                 }
             }
         };
+        run.finish(result.is_ok());
         let fates = marks.release(&tokens);
         if let Err(err) = &result {
             tracing::warn!(trigger = %self.spec.workflow_type, messages = items.len(), error = %err, "batch pipeline failed");

@@ -22,6 +22,7 @@ use crate::runtime::pg::steps::ack_op;
 use crate::runtime::pg::to_message;
 use crate::runtime::steps::message::Include;
 use crate::runtime::{render, Runtime};
+use crate::telemetry::TriggerTelemetry;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -46,6 +47,7 @@ pub struct PgWorker {
     broker: Arc<BrokerModule>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    tm: Arc<TriggerTelemetry>,
 }
 
 impl PgWorker {
@@ -56,12 +58,14 @@ impl PgWorker {
         stop: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
+        let tm = Arc::new(TriggerTelemetry::for_trigger(&broker.spec, &spec));
         PgWorker {
             rt,
             spec,
             broker,
             stop,
             tasks,
+            tm,
         }
     }
 
@@ -142,6 +146,12 @@ impl PgWorker {
         } else {
             def.ack_wait
         };
+        crate::telemetry::lag::watch_pg(
+            &self.broker.spec.name,
+            &bus,
+            &self.spec.stream,
+            &self.spec.durable,
+        );
         Ok((
             bus,
             Bound {
@@ -233,6 +243,7 @@ impl PgWorker {
                                 bus: bus.clone(),
                                 bound,
                                 stop: self.stop.clone(),
+                                tm: self.tm.clone(),
                             };
                             self.tasks.spawn(async move {
                                 h.handle(row).await;
@@ -289,6 +300,7 @@ struct PgHandler {
     bus: PgBus,
     bound: Bound,
     stop: CancellationToken,
+    tm: Arc<TriggerTelemetry>,
 }
 
 impl PgHandler {
@@ -301,6 +313,7 @@ impl PgHandler {
             correlation_id: d.correlation_id.clone(),
             delivered: d.delivery_count as i64,
         };
+        self.tm.delivered(orig.delivered);
         let call = TriggerCall {
             trigger_type: self.spec.workflow_type.clone(),
             action: "message".into(),
@@ -324,6 +337,7 @@ impl PgHandler {
         }
         // Keep the lease while a long pipeline runs (in-progress at ack_wait/2).
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
+        let run = self.tm.run();
         let pipeline = self.launcher.launch(call);
         tokio::pin!(pipeline);
         let mut ticker =
@@ -334,6 +348,7 @@ impl PgHandler {
                 _ = ticker.tick() => self.progress(&orig.token).await,
             }
         };
+        run.finish(result.is_ok());
         match result {
             Ok(()) => {
                 if self.spec.ack_mode == AckMode::Auto {
@@ -370,7 +385,9 @@ impl PgHandler {
     async fn park(&self, dlq: &str, orig: &Original, err: &str) -> bool {
         let cap = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
         for attempt in 1i64.. {
-            let e = match self.dead_letter(dlq, orig, err).await {
+            let sent = self.dead_letter(dlq, orig, err).await;
+            self.tm.dead_lettered(sent.is_ok());
+            let e = match sent {
                 Ok(()) => return true,
                 Err(e) => e,
             };
@@ -421,7 +438,9 @@ impl PgHandler {
     }
 
     async fn progress(&self, token: &AckToken) {
-        if let Err(e) = self.bus.ack(token, ack_op(AckKind::Progress)).await {
+        let r = self.bus.ack(token, ack_op(AckKind::Progress)).await;
+        self.tm.settled(AckKind::Progress, r.is_ok());
+        if let Err(e) = r {
             tracing::debug!(error = %e, "progress ack failed");
         }
     }
@@ -433,6 +452,9 @@ impl PgHandler {
             let r =
                 tokio::time::timeout(DEFAULT_REQUEST_TIMEOUT, self.bus.ack(token, ack_op(kind)))
                     .await;
+            if attempt == 2 || matches!(r, Ok(Ok(()))) {
+                self.tm.settled(kind, matches!(r, Ok(Ok(()))));
+            }
             match r {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) if attempt == 2 => {

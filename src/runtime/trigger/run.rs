@@ -12,6 +12,7 @@ use crate::runtime::modules::broker::BrokerModule;
 use crate::runtime::modules::consumer::{fetch_consumer_config, get_stream};
 use crate::runtime::steps::consume::{to_message, Include};
 use crate::runtime::{render, Runtime};
+use crate::telemetry::TriggerTelemetry;
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,6 +72,7 @@ pub struct Worker {
     broker: Arc<BrokerModule>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    tm: Arc<TriggerTelemetry>,
 }
 
 /// What the server says about the bound consumer, needed per message.
@@ -88,12 +90,14 @@ impl Worker {
         stop: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
+        let tm = Arc::new(TriggerTelemetry::for_trigger(&broker.spec, &spec));
         Worker {
             rt,
             spec,
             broker,
             stop,
             tasks,
+            tm,
         }
     }
 
@@ -176,6 +180,7 @@ impl Worker {
         } else {
             cfg.ack_wait
         };
+        crate::telemetry::lag::watch_nats(&conn, &self.spec.stream, &self.spec.durable);
         Ok((
             conn,
             consumer,
@@ -265,6 +270,7 @@ impl Worker {
                             conn: conn.clone(),
                             bound,
                             stop: self.stop.clone(),
+                            tm: self.tm.clone(),
                         };
                         if self.spec.deliver == Deliver::Batch {
                             let (msgs, rest) =
@@ -384,6 +390,7 @@ pub(super) struct Handler {
     conn: NatsConn,
     pub bound: Bound,
     stop: CancellationToken,
+    pub tm: Arc<TriggerTelemetry>,
 }
 
 impl Handler {
@@ -396,6 +403,7 @@ impl Handler {
             delivery_count: m.delivery_count,
         };
         let delivered = m.delivery_count as i64;
+        self.tm.delivered(delivered);
         let token = m.ack_token.clone();
         let call = TriggerCall {
             trigger_type: self.spec.workflow_type.clone(),
@@ -422,6 +430,7 @@ impl Handler {
         }
         // Keep the message ours while a long pipeline runs (in-progress acks at ack_wait/2).
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
+        let run = self.tm.run();
         let pipeline = self.launcher.launch(call);
         tokio::pin!(pipeline);
         let mut ticker =
@@ -432,6 +441,7 @@ impl Handler {
                 _ = ticker.tick() => self.progress(&token).await,
             }
         };
+        run.finish(result.is_ok());
         match result {
             Ok(()) => {
                 if self.spec.ack_mode == AckMode::Auto {
@@ -490,7 +500,9 @@ impl Handler {
     ) -> bool {
         let cap = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
         for attempt in 1i64.. {
-            let e = match self.dead_letter(dlq, msg, m, err).await {
+            let sent = self.dead_letter(dlq, msg, m, err).await;
+            self.tm.dead_lettered(sent.is_ok());
+            let e = match sent {
                 Ok(()) => return true,
                 Err(e) => e,
             };
@@ -546,7 +558,9 @@ impl Handler {
     /// one at worst lets the server redeliver.
     pub(super) async fn progress(&self, token: &str) {
         let timeout = self.conn.request_timeout;
-        if let Err(e) = ack_token(&self.conn.client, token, AckKind::Progress, timeout).await {
+        let r = ack_token(&self.conn.client, token, AckKind::Progress, timeout).await;
+        self.tm.settled(AckKind::Progress, r.is_ok());
+        if let Err(e) = r {
             tracing::debug!(error = %e, "progress ack failed");
         }
     }
@@ -555,8 +569,9 @@ impl Handler {
     pub(super) async fn settle(&self, token: &str, kind: AckKind) {
         for attempt in 0..3u32 {
             match ack_token(&self.conn.client, token, kind, self.conn.request_timeout).await {
-                Ok(()) => return,
+                Ok(()) => return self.tm.settled(kind, true),
                 Err(e) if attempt == 2 => {
+                    self.tm.settled(kind, false);
                     tracing::warn!(trigger = %self.spec.workflow_type, action = kind.name(), error = %e, "could not settle message; it will be redelivered");
                 }
                 Err(_) => {
