@@ -593,6 +593,8 @@ mod future_size {
             config: None,
             typed_input: None,
             current: None,
+            trigger_data: None,
+            step_outputs: None,
         }
     }
 

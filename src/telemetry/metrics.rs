@@ -329,14 +329,18 @@ impl TriggerTelemetry {
         }))
     }
 
-    /// A message handed to a pipeline (or returned by a consume step).
-    pub fn delivered(&self, delivery_count: i64) {
+    /// A message is handed to a pipeline: counted, its `deliver` span started and its trace
+    /// context put in `m.trace_headers`. End the returned delivery when the pipeline returns
+    /// (dropping it ends the span too).
+    pub fn deliver(&self, m: &mut crate::pb::eventbus::Message) -> super::trace::Delivery {
         if let Some(h) = self.h() {
             h.deliveries.inc();
-            if delivery_count > 1 {
+            if m.delivery_count > 1 {
                 h.redeliveries.inc();
             }
         }
+        let l = &self.labels;
+        super::trace::deliver(m, &l.broker, &l.provider, &l.trigger)
     }
 
     pub fn settled(&self, kind: impl Into<Settle>, confirmed: bool) {

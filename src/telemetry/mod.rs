@@ -9,6 +9,7 @@
 pub mod endpoint;
 pub mod lag;
 pub mod metrics;
+pub mod trace;
 
 pub use endpoint::{parse_addr as parse_metrics_addr, serving as metrics_address};
 pub use metrics::{
@@ -79,13 +80,23 @@ pub fn step_acks(
     );
 }
 
-/// Messages a step.eventbus.consume returned: deliveries (empty trigger label).
+/// Messages a step.eventbus.consume returned: deliveries (empty trigger label), and each
+/// message's trace context in its `trace_headers`.
 pub fn consumed(
     broker: &crate::config::broker::BrokerSpec,
     stream: &str,
     consumer: &str,
     messages: &mut [crate::pb::eventbus::Message],
 ) {
+    for m in messages.iter_mut() {
+        // Spans of consumed messages end at once: the pipeline's use of them is not ours to see.
+        drop(trace::deliver(
+            m,
+            &broker.name,
+            broker.provider.as_str(),
+            "",
+        ));
+    }
     if messages.is_empty() || metrics::get().is_none() {
         return;
     }

@@ -12,6 +12,7 @@ use crate::pb::eventbus::{PublishRequest, PublishResponse, PublishStepConfig};
 use crate::runtime::modules::broker::BrokerModule;
 use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
+use crate::telemetry::trace;
 use async_nats::HeaderMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +52,9 @@ impl PublishStep {
                     }
                 }
                 p.check("timeout", check_timeout(&c.timeout).map(|_| ()));
+                if !templated(&c.traceparent) {
+                    p.check("traceparent", trace::check_traceparent(&c.traceparent));
+                }
                 super::publish_bulk::check_config(&mut p, &c);
             }
         }
@@ -67,14 +71,16 @@ impl PublishStep {
         rt: &Runtime,
         cfg: PublishStepConfig,
         inp: PublishRequest,
+        input: &ExecuteInput<'_>,
     ) -> Result<Outgoing, RuntimeError> {
+        let parent = trace::publish_parent_of(&cfg, &inp, input);
         let subject = pick(&cfg.subject, &inp.subject);
         let payload = payload_of(cfg.payload.as_ref())
             .map_err(|e| RuntimeError::failed(&self.component, e))?
             .unwrap_or(inp.payload);
         let correlation = pick(&cfg.correlation_id, &inp.correlation_id);
         let msg_id = pick(&cfg.message_id, &inp.message_id);
-        let headers = build_message(
+        let mut headers = build_message(
             &subject,
             inp.headers.iter().chain(cfg.headers.iter()),
             &correlation,
@@ -91,12 +97,19 @@ impl PublishStep {
         let timeout = check_timeout(&cfg.timeout)
             .map_err(|e| RuntimeError::failed(&self.component, format!("timeout {e}")))?;
         let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), &self.component)?;
+        let trace = Box::new(trace::start_publish(
+            parent.as_ref(),
+            &broker.spec,
+            &subject,
+        ));
+        trace.inject(&mut headers);
         Ok(Outgoing {
             subject,
             headers,
             payload,
             broker,
             timeout,
+            trace,
         })
     }
 
@@ -109,22 +122,33 @@ impl PublishStep {
             decode_execute(StepKind::Publish, &self.component, &input)?;
         if !cfg.messages.is_empty() || !inp.publish_messages.is_empty() {
             // Boxed: the bulk future holds the window and would size every single publish.
-            return Box::pin(super::publish_bulk::execute(&self.component, rt, cfg, inp)).await;
+            let parent = trace::publish_parent_of(&cfg, &inp, &input);
+            return Box::pin(super::publish_bulk::execute(
+                &self.component,
+                rt,
+                cfg,
+                inp,
+                parent,
+            ))
+            .await;
         }
-        let out = self.prepare(rt, cfg, inp)?;
+        let out = self.prepare(rt, cfg, inp, &input)?;
         if out.broker.is_pg() {
             // Boxed: the NATS publish future below stays the size every publish pays.
             let msg = crate::runtime::pg::steps::outgoing(out.subject, &out.headers, out.payload);
-            return Box::pin(crate::runtime::pg::steps::publish_one(
+            let r = Box::pin(crate::runtime::pg::steps::publish_one(
                 &self.component,
                 &out.broker,
                 msg,
                 out.timeout,
             ))
             .await;
+            out.trace.end(r.as_ref().map(|_| ()));
+            return r;
         }
         let failed = |e| RuntimeError::nats(&self.component, e);
         let broker = out.broker.clone();
+        let trace = out.trace;
         let ack = async {
             let conn = out.broker.require().await?;
             let timeout = out.timeout.unwrap_or(conn.request_timeout);
@@ -146,6 +170,7 @@ impl PublishStep {
         }
         .await;
         crate::telemetry::publish_done(&broker.spec, ack.as_ref().map(|a| a.duplicate));
+        trace.end(ack.as_ref().map(|_| ()));
         let ack = ack.map_err(failed)?;
         let resp = PublishResponse {
             sequence: ack.sequence.to_string(),
@@ -175,4 +200,5 @@ struct Outgoing {
     payload: Vec<u8>,
     broker: Arc<BrokerModule>,
     timeout: Option<Duration>,
+    trace: Box<trace::PublishTrace>,
 }

@@ -16,6 +16,7 @@ use crate::runtime::{render, Runtime, RuntimeError};
 use async_nats::HeaderMap;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
+use opentelemetry::trace::SpanContext;
 use std::collections::HashMap;
 
 /// Unacknowledged publishes at once when `max_in_flight` is unset: enough to keep one
@@ -73,8 +74,13 @@ fn prepare(
     headers: &HashMap<String, String>,
     correlation: &str,
     payload: &Option<Vec<u8>>,
+    trace: (&crate::config::broker::BrokerSpec, Option<&SpanContext>),
 ) -> (String, String, Prepared) {
     let subject = pick(&m.subject, subject);
+    // One context per message: its own traceparent header, else the step's.
+    let parent = crate::telemetry::trace::headers_parent(&m.headers);
+    let started =
+        crate::telemetry::trace::start_publish(parent.as_ref().or(trace.1), trace.0, &subject);
     let message_id = m.message_id;
     let correlation = pick(&m.correlation_id, correlation);
     let built = build_message(
@@ -89,6 +95,12 @@ fn prepare(
     } else {
         payload_of(m.payload.as_ref()).map(|p| p.or_else(|| payload.clone()).unwrap_or_default())
     };
+    let built = built.map(|mut h| {
+        started.inject(&mut h);
+        h
+    });
+    // Bulk spans end when the message is handed to the provider (the acks come back in bulk).
+    started.end(built.as_ref().map(|_| ()));
     let prepared = built.and_then(|h| body.map(|b| (subject.clone(), h, b)));
     (subject, message_id, prepared)
 }
@@ -98,6 +110,7 @@ pub(super) async fn execute(
     rt: &Runtime,
     cfg: PublishStepConfig,
     inp: PublishRequest,
+    parent: Option<SpanContext>,
 ) -> Result<StepOutput, RuntimeError> {
     let fail_on = FailOn::parse(&cfg.fail_on)
         .map_err(|e| RuntimeError::failed(component, format!("fail_on {e}")))?;
@@ -127,11 +140,14 @@ pub(super) async fn execute(
             None => None,
         };
     let total = list.len();
+    let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component)?;
     let prepared: Vec<_> = list
         .into_iter()
-        .map(|m| prepare(m, &subject, &headers, &correlation, &payload))
+        .map(|m| {
+            let trace = (&broker.spec, parent.as_ref());
+            prepare(m, &subject, &headers, &correlation, &payload, trace)
+        })
         .collect();
-    let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component)?;
     if broker.is_pg() {
         let timeout = duration(&cfg.timeout).filter(|d| !d.is_zero());
         return Box::pin(crate::runtime::pg::steps::publish_bulk(

@@ -30,7 +30,8 @@ impl Handler {
         let mut values = Vec::with_capacity(msgs.len());
         let mut items = Vec::with_capacity(msgs.len());
         for msg in msgs {
-            let m = to_message(&msg, &self.spec.durable, Include::ALL);
+            let mut m = to_message(&msg, &self.spec.durable, Include::ALL);
+            drop(self.tm.deliver(&mut m));
             let origin = Origin {
                 subject: m.subject.clone(),
                 stream: m.stream.clone(),
@@ -38,7 +39,6 @@ impl Handler {
                 delivery_count: m.delivery_count,
             };
             let token = m.ack_token.clone();
-            self.tm.delivered(m.delivery_count as i64);
             items.push(Item {
                 msg,
                 origin,

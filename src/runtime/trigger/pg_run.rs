@@ -244,6 +244,7 @@ impl PgWorker {
                                 bound,
                                 stop: self.stop.clone(),
                                 tm: self.tm.clone(),
+                                trace: Default::default(),
                             };
                             self.tasks.spawn(async move {
                                 h.handle(row).await;
@@ -301,6 +302,7 @@ struct PgHandler {
     bound: Bound,
     stop: CancellationToken,
     tm: Arc<TriggerTelemetry>,
+    trace: crate::telemetry::trace::Slot,
 }
 
 impl PgHandler {
@@ -313,11 +315,13 @@ impl PgHandler {
             correlation_id: d.correlation_id.clone(),
             delivered: d.delivery_count as i64,
         };
-        self.tm.delivered(orig.delivered);
+        let mut m = to_message(d, Include::ALL);
+        let mut delivery = self.tm.deliver(&mut m);
+        self.trace.set(&delivery);
         let call = TriggerCall {
             trigger_type: self.spec.workflow_type.clone(),
             action: "message".into(),
-            data: payload::build(to_message(d, Include::ALL), &self.spec.broker_ref),
+            data: payload::build(m, &self.spec.broker_ref),
         };
         if let Some(limit) = self.launcher.max_call_bytes() {
             let size = call_size(&call);
@@ -349,6 +353,7 @@ impl PgHandler {
             }
         };
         run.finish(result.is_ok());
+        delivery.end(&result);
         match result {
             Ok(()) => {
                 if self.spec.ack_mode == AckMode::Auto {
@@ -448,6 +453,7 @@ impl PgHandler {
     /// One terminal decision per row; retried briefly across a database blip (a lost one at
     /// worst lets the lease run out and the row come back).
     async fn settle(&self, token: &AckToken, kind: AckKind) {
+        let _span = self.trace.settle(kind.name());
         for attempt in 0..3u32 {
             let r =
                 tokio::time::timeout(DEFAULT_REQUEST_TIMEOUT, self.bus.ack(token, ack_op(kind)))

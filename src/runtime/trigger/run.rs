@@ -271,6 +271,7 @@ impl Worker {
                             bound,
                             stop: self.stop.clone(),
                             tm: self.tm.clone(),
+                            trace: Default::default(),
                         };
                         if self.spec.deliver == Deliver::Batch {
                             let (msgs, rest) =
@@ -391,11 +392,14 @@ pub(super) struct Handler {
     pub bound: Bound,
     stop: CancellationToken,
     pub tm: Arc<TriggerTelemetry>,
+    trace: crate::telemetry::trace::Slot,
 }
 
 impl Handler {
     async fn handle(&self, msg: async_nats::jetstream::Message) {
-        let m = to_message(&msg, &self.spec.durable, Include::ALL);
+        let mut m = to_message(&msg, &self.spec.durable, Include::ALL);
+        let mut delivery = self.tm.deliver(&mut m);
+        self.trace.set(&delivery);
         let origin = Origin {
             subject: m.subject.clone(),
             stream: m.stream.clone(),
@@ -403,7 +407,6 @@ impl Handler {
             delivery_count: m.delivery_count,
         };
         let delivered = m.delivery_count as i64;
-        self.tm.delivered(delivered);
         let token = m.ack_token.clone();
         let call = TriggerCall {
             trigger_type: self.spec.workflow_type.clone(),
@@ -442,6 +445,7 @@ impl Handler {
             }
         };
         run.finish(result.is_ok());
+        delivery.end(&result);
         match result {
             Ok(()) => {
                 if self.spec.ack_mode == AckMode::Auto {
@@ -567,6 +571,7 @@ impl Handler {
 
     /// One terminal decision per message, confirmed; retried briefly across a reconnect.
     pub(super) async fn settle(&self, token: &str, kind: AckKind) {
+        let _span = self.trace.settle(kind.name());
         for attempt in 0..3u32 {
             match ack_token(&self.conn.client, token, kind, self.conn.request_timeout).await {
                 Ok(()) => return self.tm.settled(kind, true),
