@@ -320,7 +320,11 @@ impl PublishTrace {
     /// Writes `traceparent` (and `tracestate`) into the outgoing headers, replacing any.
     pub fn inject(&self, headers: &mut async_nats::HeaderMap) {
         for (k, v) in carrier(&self.sc) {
-            headers.insert(k.as_str(), v.as_str());
+            // The propagator validated both; the header check is what keeps async-nats from
+            // panicking on a value, so it stays the last word.
+            if crate::nats::guard::check_header_value(&v).is_ok() {
+                headers.insert(k.as_str(), v.as_str());
+            }
         }
     }
 
