@@ -285,6 +285,14 @@ fn promtool_check(exposition: &str) {
 
 // ---------------------------------------------------------------- scripted run
 
+const NATS_BROKER: &str = "provider: nats\ndeploy_target: self_hosted\n";
+
+/// NATS broker `bus` and one stream module.
+async fn nats_bus_with_stream(p: &Plugin, stream_yaml: &str) {
+    p.module_up("eventbus.broker", "bus", NATS_BROKER).await;
+    p.module_up("eventbus.stream", "stream", stream_yaml).await;
+}
+
 async fn launch(env: Vec<(String, String)>, callback: Option<PipelineFn>) -> Plugin {
     let mut env = env;
     env.push(("EVENTBUS_METRICS_ADDR".into(), "127.0.0.1:0".into()));
@@ -417,7 +425,7 @@ async fn scripted_run(p: &Plugin, broker_yaml: &str) {
 async fn prometheus_reads_lag_deliveries_and_dead_letters_on_nats() {
     let server = NatsServer::start();
     let p = launch(vec![("NATS_URL".into(), server.url())], Some(failing_bad())).await;
-    scripted_run(&p, "provider: nats\ndeploy_target: self_hosted\n").await;
+    scripted_run(&p, NATS_BROKER).await;
 }
 
 #[tokio::test]
@@ -443,12 +451,7 @@ async fn metrics_are_off_by_default_and_a_taken_address_is_refused_in_one_line()
         ..Default::default()
     })
     .await;
-    p.module_up(
-        "eventbus.broker",
-        "bus",
-        "provider: nats\ndeploy_target: self_hosted\n",
-    )
-    .await;
+    p.module_up("eventbus.broker", "bus", NATS_BROKER).await;
     assert!(!p.stderr().contains("serving Prometheus metrics"));
     // A broker module asking for a busy address fails its Start with the reason.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -509,15 +512,8 @@ async fn ten_thousand_distinct_subjects_do_not_grow_the_series_count() {
     let server = NatsServer::start();
     let p = launch(vec![("NATS_URL".into(), server.url())], None).await;
     let addr = metrics_addr(&p).await;
-    p.module_up(
-        "eventbus.broker",
-        "bus",
-        "provider: nats\ndeploy_target: self_hosted\n",
-    )
-    .await;
-    p.module_up(
-        "eventbus.stream",
-        "many",
+    nats_bus_with_stream(
+        &p,
         "name: MANY\nsubjects: ['many.>']\nstorage: STORAGE_TYPE_MEMORY\n",
     )
     .await;
@@ -566,19 +562,12 @@ async fn ten_thousand_distinct_subjects_do_not_grow_the_series_count() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_endpoint_answers_while_the_trigger_runs_hot_and_never_blocks_it() {
-    const N: usize = 20_000;
+    const N: usize = 10_000;
     let server = NatsServer::start();
     let p = launch(vec![("NATS_URL".into(), server.url())], Some(ok_pipeline())).await;
     let addr = metrics_addr(&p).await;
-    p.module_up(
-        "eventbus.broker",
-        "bus",
-        "provider: nats\ndeploy_target: self_hosted\n",
-    )
-    .await;
-    p.module_up(
-        "eventbus.stream",
-        "hot",
+    nats_bus_with_stream(
+        &p,
         "name: HOT\nsubjects: ['hot.>']\nstorage: STORAGE_TYPE_MEMORY\n",
     )
     .await;
@@ -739,18 +728,7 @@ async fn otlp_sees_publish_and_deliver_spans_of_one_trace_across_a_publish_step_
         ..Default::default()
     })
     .await;
-    p.module_up(
-        "eventbus.broker",
-        "bus",
-        "provider: nats\ndeploy_target: self_hosted\n",
-    )
-    .await;
-    p.module_up(
-        "eventbus.stream",
-        "jobs",
-        "name: JOBS\nsubjects: ['jobs.>']\n",
-    )
-    .await;
+    nats_bus_with_stream(&p, "name: JOBS\nsubjects: ['jobs.>']\n").await;
     let t = p
         .create_trigger("orders", &json!({"name": "runner", "stream_name": "JOBS"}))
         .await

@@ -49,6 +49,15 @@ fn opt_path(s: &str) -> Option<PathBuf> {
     (!s.is_empty()).then(|| PathBuf::from(s))
 }
 
+impl crate::telemetry::BrokerId for BrokerSpec {
+    fn broker_name(&self) -> &str {
+        &self.name
+    }
+    fn provider_name(&self) -> &'static str {
+        self.provider.as_str()
+    }
+}
+
 impl BrokerSpec {
     pub fn validate(
         type_name: &str,

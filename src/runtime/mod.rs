@@ -350,8 +350,14 @@ impl Runtime {
                     c.ensure_pg(&broker)
                         .await
                         .map_err(|e| RuntimeError::bus(component, e))?;
-                    crate::telemetry::lag::watch_declared(&broker, &c.spec.stream, &c.spec.durable)
-                        .await;
+                    if let Ok(bus) = broker.require_pg().await {
+                        crate::telemetry::lag::watch_pg(
+                            &broker.spec.name,
+                            &bus,
+                            &c.spec.stream,
+                            &c.spec.durable,
+                        );
+                    }
                     return Ok(());
                 }
                 // The stream module may start after us (no ordering between siblings).
@@ -364,8 +370,9 @@ impl Runtime {
                 c.ensure(&broker)
                     .await
                     .map_err(|e| RuntimeError::nats(component, e))?;
-                crate::telemetry::lag::watch_declared(&broker, &c.spec.stream, &c.spec.durable)
-                    .await;
+                if let Ok(conn) = broker.require().await {
+                    crate::telemetry::lag::watch_nats(&conn, &c.spec.stream, &c.spec.durable);
+                }
                 Ok(())
             }
             ModuleHandle::Trigger(t) => t.start(self).await,

@@ -98,21 +98,6 @@ pub fn watch_pg(broker: &str, bus: &crate::pg::PgBus, stream: &str, consumer: &s
     );
 }
 
-/// A declared consumer module was ensured on `broker`: its lag is read from now on.
-pub async fn watch_declared(
-    broker: &crate::runtime::modules::broker::BrokerModule,
-    stream: &str,
-    consumer: &str,
-) {
-    if broker.is_pg() {
-        if let Ok(bus) = broker.require_pg().await {
-            watch_pg(&broker.spec.name, &bus, stream, consumer);
-        }
-    } else if let Ok(conn) = broker.require().await {
-        watch_nats(&conn, stream, consumer);
-    }
-}
-
 /// A broker module stopped: its consumers are no longer read.
 pub fn forget_broker(broker: &str) {
     sources()

@@ -293,15 +293,17 @@ impl TriggerTelemetry {
 
     /// The handles of a trigger on `broker`.
     pub fn for_trigger(
-        broker: &crate::config::broker::BrokerSpec,
-        t: &crate::runtime::trigger::TriggerSpec,
+        broker: &impl super::BrokerId,
+        stream: &str,
+        consumer: &str,
+        trigger: &str,
     ) -> Self {
         Self::new(
-            &broker.name,
-            broker.provider.as_str(),
-            &t.stream,
-            &t.durable,
-            &t.workflow_type,
+            broker.broker_name(),
+            broker.provider_name(),
+            stream,
+            consumer,
+            trigger,
         )
     }
 

@@ -16,21 +16,25 @@ pub use metrics::{
     bulk_published, connection, published, reconnected, Published, Settle, TriggerTelemetry,
 };
 
+/// What names a broker in metrics and spans; the broker spec implements it, so this module
+/// needs nothing from the config or runtime layers (they call in here, never the reverse).
+pub trait BrokerId {
+    fn broker_name(&self) -> &str;
+    fn provider_name(&self) -> &'static str;
+}
+
 /// A single publish finished: `Ok(duplicate)` or an error.
-pub fn publish_done<E>(broker: &crate::config::broker::BrokerSpec, r: Result<bool, E>) {
+pub fn publish_done<E>(broker: &impl BrokerId, r: Result<bool, E>) {
     let outcome = match r {
         Ok(false) => Published::Ok,
         Ok(true) => Published::Duplicate,
         Err(_) => Published::Error,
     };
-    published(&broker.name, broker.provider.as_str(), outcome);
+    published(broker.broker_name(), broker.provider_name(), outcome);
 }
 
 /// A bulk publish finished: its per-message results.
-pub fn bulk_done(
-    broker: &crate::config::broker::BrokerSpec,
-    results: &[crate::pb::eventbus::BulkPublishResult],
-) {
+pub fn bulk_done(broker: &impl BrokerId, results: &[crate::pb::eventbus::BulkPublishResult]) {
     if metrics::get().is_none() {
         return;
     }
@@ -42,18 +46,14 @@ pub fn bulk_done(
             (true, false) => ok += 1,
         }
     }
-    bulk_published(&broker.name, broker.provider.as_str(), ok, dup, err);
+    bulk_published(broker.broker_name(), broker.provider_name(), ok, dup, err);
 }
 
 /// A step.eventbus.ack settlement (labels: broker and outcome; no trigger, stream or consumer).
-pub fn step_settled(
-    broker: &crate::config::broker::BrokerSpec,
-    kind: crate::nats::ack::AckKind,
-    ok: bool,
-) {
+pub fn step_settled(broker: &impl BrokerId, kind: crate::nats::ack::AckKind, ok: bool) {
     metrics::step_settled(
-        &broker.name,
-        broker.provider.as_str(),
+        broker.broker_name(),
+        broker.provider_name(),
         kind.into(),
         u64::from(ok),
         u64::from(!ok),
@@ -62,7 +62,7 @@ pub fn step_settled(
 
 /// A bulk step.eventbus.ack: its per-token results.
 pub fn step_acks(
-    broker: &crate::config::broker::BrokerSpec,
+    broker: &impl BrokerId,
     kind: crate::nats::ack::AckKind,
     results: &[crate::pb::eventbus::BulkAckResult],
 ) {
@@ -72,8 +72,8 @@ pub fn step_acks(
     let failed = results.iter().filter(|r| !r.error.is_empty()).count() as u64;
     let ok = results.len() as u64 - failed;
     metrics::step_settled(
-        &broker.name,
-        broker.provider.as_str(),
+        broker.broker_name(),
+        broker.provider_name(),
         kind.into(),
         ok,
         failed,
@@ -83,7 +83,7 @@ pub fn step_acks(
 /// Messages a step.eventbus.consume returned: deliveries (empty trigger label), and each
 /// message's trace context in its `trace_headers`.
 pub fn consumed(
-    broker: &crate::config::broker::BrokerSpec,
+    broker: &impl BrokerId,
     stream: &str,
     consumer: &str,
     messages: &mut [crate::pb::eventbus::Message],
@@ -92,8 +92,8 @@ pub fn consumed(
         // Spans of consumed messages end at once: the pipeline's use of them is not ours to see.
         drop(trace::deliver(
             m,
-            &broker.name,
-            broker.provider.as_str(),
+            broker.broker_name(),
+            broker.provider_name(),
             "",
         ));
     }
@@ -102,8 +102,8 @@ pub fn consumed(
     }
     let redelivered = messages.iter().filter(|m| m.delivery_count > 1).count() as u64;
     metrics::consumed(
-        &broker.name,
-        broker.provider.as_str(),
+        broker.broker_name(),
+        broker.provider_name(),
         stream,
         consumer,
         messages.len() as u64,

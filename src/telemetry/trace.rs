@@ -238,24 +238,6 @@ pub fn publish_parent(s: &PublishSources<'_>) -> Option<SpanContext> {
         .or_else(|| s.headers.iter().find_map(|h| from_map(|k| header(h, k))))
 }
 
-/// [`publish_parent`] of a publish step's execution.
-pub fn publish_parent_of(
-    cfg: &crate::pb::eventbus::PublishStepConfig,
-    inp: &crate::pb::eventbus::PublishRequest,
-    input: &crate::runtime::ExecuteInput<'_>,
-) -> Option<SpanContext> {
-    publish_parent(&PublishSources {
-        carrier_key: &cfg.trace_carrier,
-        input_carrier: &inp.trace_headers,
-        current: input.current,
-        trigger_data: input.trigger_data,
-        step_outputs: input.step_outputs,
-        config: (&cfg.traceparent, &cfg.tracestate),
-        state: (&inp.traceparent, &inp.tracestate),
-        headers: [&cfg.headers, &inp.headers],
-    })
-}
-
 /// A message's parent context from its own headers (bulk: one context per message).
 pub fn headers_parent(h: &HashMap<String, String>) -> Option<SpanContext> {
     from_map(|k| header(h, k))
@@ -283,7 +265,7 @@ pub struct PublishTrace {
 /// Starts the publish of one message under `parent` (a fresh trace when `None`).
 pub fn start_publish(
     parent: Option<&SpanContext>,
-    broker: &crate::config::broker::BrokerSpec,
+    broker: &dyn super::BrokerId,
     subject: &str,
 ) -> PublishTrace {
     let Some(t) = tracer() else {
@@ -296,13 +278,13 @@ pub fn start_publish(
         Context::new().with_remote_span_context(p.clone())
     });
     let span = t
-        .span_builder(format!("publish {}", broker.name))
+        .span_builder(format!("publish {}", broker.broker_name()))
         .with_kind(SpanKind::Producer)
         .with_attributes([
-            KeyValue::new("messaging.system", system(broker)),
+            KeyValue::new("messaging.system", broker.provider_name()),
             KeyValue::new("messaging.operation.type", "send"),
             KeyValue::new("messaging.destination.name", subject.to_string()),
-            KeyValue::new("eventbus.broker", broker.name.clone()),
+            KeyValue::new("eventbus.broker", broker.broker_name().to_string()),
         ])
         .start_with_context(t, &cx);
     let sc = span.span_context().clone();
@@ -310,10 +292,6 @@ pub fn start_publish(
         span: Some(span),
         sc,
     }
-}
-
-fn system(broker: &crate::config::broker::BrokerSpec) -> &'static str {
-    broker.provider.as_str()
 }
 
 impl PublishTrace {

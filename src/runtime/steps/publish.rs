@@ -73,7 +73,7 @@ impl PublishStep {
         inp: PublishRequest,
         input: &ExecuteInput<'_>,
     ) -> Result<Outgoing, RuntimeError> {
-        let parent = trace::publish_parent_of(&cfg, &inp, input);
+        let parent = trace_parent(&cfg, &inp, input);
         let subject = pick(&cfg.subject, &inp.subject);
         let payload = payload_of(cfg.payload.as_ref())
             .map_err(|e| RuntimeError::failed(&self.component, e))?
@@ -122,7 +122,7 @@ impl PublishStep {
             decode_execute(StepKind::Publish, &self.component, &input)?;
         if !cfg.messages.is_empty() || !inp.publish_messages.is_empty() {
             // Boxed: the bulk future holds the window and would size every single publish.
-            let parent = trace::publish_parent_of(&cfg, &inp, &input);
+            let parent = trace_parent(&cfg, &inp, &input);
             return Box::pin(super::publish_bulk::execute(
                 &self.component,
                 rt,
@@ -183,6 +183,24 @@ impl PublishStep {
             typed: StepKind::Publish.pack_output(&resp),
         })
     }
+}
+
+/// The parent trace context of this execution's publish (see `telemetry::trace`).
+fn trace_parent(
+    cfg: &PublishStepConfig,
+    inp: &PublishRequest,
+    input: &ExecuteInput<'_>,
+) -> Option<opentelemetry::trace::SpanContext> {
+    trace::publish_parent(&trace::PublishSources {
+        carrier_key: &cfg.trace_carrier,
+        input_carrier: &inp.trace_headers,
+        current: input.current,
+        trigger_data: input.trigger_data,
+        step_outputs: input.step_outputs,
+        config: (&cfg.traceparent, &cfg.tracestate),
+        state: (&inp.traceparent, &inp.tracestate),
+        headers: [&cfg.headers, &inp.headers],
+    })
 }
 
 /// A positive timeout within the bound, or `None` for the broker's request timeout.

@@ -58,7 +58,12 @@ impl PgWorker {
         stop: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
-        let tm = Arc::new(TriggerTelemetry::for_trigger(&broker.spec, &spec));
+        let tm = Arc::new(TriggerTelemetry::for_trigger(
+            &broker.spec,
+            &spec.stream,
+            &spec.durable,
+            &spec.workflow_type,
+        ));
         PgWorker {
             rt,
             spec,

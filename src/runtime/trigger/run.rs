@@ -90,7 +90,12 @@ impl Worker {
         stop: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
-        let tm = Arc::new(TriggerTelemetry::for_trigger(&broker.spec, &spec));
+        let tm = Arc::new(TriggerTelemetry::for_trigger(
+            &broker.spec,
+            &spec.stream,
+            &spec.durable,
+            &spec.workflow_type,
+        ));
         Worker {
             rt,
             spec,
