@@ -423,6 +423,14 @@ impl Delivered for Delivery {
     }
 }
 
+/// A declaration pgchannel refuses, in the plan's words (`crate::pg::spec`, shared with wfctl's
+/// plan); the component is left to the caller's error, which names the module already.
+fn refused(e: crate::config::error::ConfigError) -> ProviderError {
+    let text = e.to_string();
+    let prefix = format!("{}: ", e.component);
+    ProviderError::Invalid(text.strip_prefix(&prefix).unwrap_or(&text).to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,12 +458,4 @@ mod tests {
         assert_eq!(o.msg_id.as_deref(), Some("m-1"));
         assert_eq!(o.headers.len(), 1);
     }
-}
-
-/// A declaration pgchannel refuses, in the plan's words (`crate::pg::spec`, shared with wfctl's
-/// plan); the component is left to the caller's error, which names the module already.
-fn refused(e: crate::config::error::ConfigError) -> ProviderError {
-    let text = e.to_string();
-    let prefix = format!("{}: ", e.component);
-    ProviderError::Invalid(text.strip_prefix(&prefix).unwrap_or(&text).to_string())
 }

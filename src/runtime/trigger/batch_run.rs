@@ -20,7 +20,8 @@ impl<P: Provider> Handler<P> {
         let mut values = Vec::with_capacity(msgs.len());
         let mut items = Vec::with_capacity(msgs.len());
         for d in msgs {
-            let m = d.to_message(&self.spec.durable, Include::ALL);
+            let mut m = d.to_message(&self.spec.durable, Include::ALL);
+            drop(self.tm.deliver(&mut m));
             let origin = Origin::of(&m);
             items.push((d, origin));
             // No per-message broker_ref: each entry must decode as a Message (the ack step's
@@ -57,6 +58,7 @@ impl<P: Provider> Handler<P> {
         // Keep the messages ours while the run lasts (in-progress acks at ack_wait/2), except
         // those the pipeline already acked or terminated.
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
+        let run = self.tm.run();
         let pipeline = launcher.launch(call);
         tokio::pin!(pipeline);
         let mut ticker =
@@ -70,6 +72,7 @@ impl<P: Provider> Handler<P> {
                 }
             }
         };
+        run.finish(result.is_ok());
         let fates = marks.release(&tokens);
         if let Err(err) = &result {
             tracing::warn!(trigger = %self.spec.workflow_type, messages = items.len(), error = %err, "batch pipeline failed");
