@@ -62,7 +62,7 @@ fn main() {
     if let Ok(v) = std::env::var("TOKIO_WORKER_THREADS") {
         if !v.trim().parse::<usize>().is_ok_and(|n| n > 0) {
             tracing::error!(value = %v, "TOKIO_WORKER_THREADS must be a positive whole number");
-            std::process::exit(1);
+            exit(1);
         }
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -72,7 +72,7 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
-            std::process::exit(1);
+            exit(1);
         }
     };
     let code = rt.block_on(async {
@@ -97,6 +97,12 @@ fn main() {
     // Spans still in the exporter's batch go out before the runtime stops.
     eventbus_plugin::telemetry::trace::shutdown();
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    exit(code);
+}
+
+/// Exits once the queued log lines are written (bounded: the host may not be reading).
+fn exit(code: i32) -> ! {
+    eventbus_plugin::logging::flush(std::time::Duration::from_millis(100));
     std::process::exit(code);
 }
 

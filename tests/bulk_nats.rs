@@ -433,22 +433,7 @@ payload: one
 // ---------------------------------------------------------------- trigger batch delivery
 
 fn list_of(call: &Call) -> Vec<prost_types::Struct> {
-    match call
-        .data
-        .as_ref()
-        .and_then(|d| d.fields.get("messages"))
-        .and_then(|v| v.kind.clone())
-    {
-        Some(Kind::ListValue(l)) => l
-            .values
-            .into_iter()
-            .filter_map(|v| match v.kind {
-                Some(Kind::StructValue(s)) => Some(s),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
+    batch_entries(call)
 }
 
 fn field(s: &prost_types::Struct, key: &str) -> String {

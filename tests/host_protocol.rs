@@ -3,7 +3,8 @@
 mod common;
 
 use common::*;
-use eventbus_plugin::pb::go_plugin::ConnInfo;
+use eventbus_plugin::pb::go_plugin::grpc_controller_client::GrpcControllerClient;
+use eventbus_plugin::pb::go_plugin::{ConnInfo, Empty};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -627,18 +628,23 @@ async fn exits_when_the_host_process_dies() {
     assert!(!socket.exists(), "plugin kept running after its host died");
 }
 
+/// The plugin with the cookie at log level `level`, stdout and stderr piped and left to the test.
+fn spawn_logging(bin: &std::path::Path, level: &str) -> std::process::Child {
+    spawn_retrying(
+        std::process::Command::new(bin)
+            .current_dir(bin.parent().unwrap())
+            .env(COOKIE.0, COOKIE.1)
+            .env("RUST_LOG", level)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    )
+}
+
 #[tokio::test]
 async fn a_closed_stderr_never_crashes_the_plugin() {
     let dir = tempfile::tempdir().unwrap();
     let bin = install(dir.path());
-    let mut child = spawn_retrying(
-        std::process::Command::new(&bin)
-            .current_dir(bin.parent().unwrap())
-            .env(COOKIE.0, COOKIE.1)
-            .env("RUST_LOG", "debug")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped()),
-    );
+    let mut child = spawn_logging(&bin, "debug");
     drop(child.stderr.take()); // the host stopped reading: every log write now fails (EPIPE)
     let line = read_first_line(&mut child);
     let socket = std::path::PathBuf::from(line.split('|').nth(3).unwrap());
@@ -671,6 +677,50 @@ async fn a_closed_stderr_never_crashes_the_plugin() {
         eventbus_plugin::pb::go_plugin::grpc_controller_client::GrpcControllerClient::new(channel)
             .shutdown(eventbus_plugin::pb::go_plugin::Empty {})
             .await;
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(3)), Some(0));
+}
+
+/// Issue 19 finding 11: a host that does not drain stderr, at RUST_LOG=trace. Every log write
+/// blocked once the pipe was full, and with it every RPC. Logging never blocks a request now:
+/// lines beyond what the queue holds are dropped (and counted).
+#[tokio::test]
+async fn an_undrained_stderr_at_trace_never_blocks_rpcs() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install(dir.path());
+    let mut child = spawn_logging(&bin, "trace");
+    // Kept open and never read: the pipe (64 KiB) fills after a few hundred lines.
+    let _stderr = child.stderr.take();
+    let line = read_first_line(&mut child);
+    let socket = std::path::PathBuf::from(line.split('|').nth(3).unwrap());
+    let channel = dial_unix(&socket).await;
+    let mut c = eventbus_plugin::pb::plugin::plugin_service_client::PluginServiceClient::new(
+        channel.clone(),
+    );
+    let started = Instant::now();
+    for i in 0..300 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.create_module(eventbus_plugin::pb::plugin::CreateModuleRequest {
+                r#type: "eventbus.broker".into(),
+                name: format!("b{i}"),
+                config: Some(common::typed::json_to_struct(
+                    &json!({"provider": "nats", "deploy_target": "self_hosted"}),
+                )),
+                typed_config: None,
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("CreateModule {i} blocked (stderr full)"))
+        .unwrap()
+        .into_inner();
+        assert_eq!(r.error, "");
+    }
+    eprintln!(
+        "300 CreateModule with stderr never read: {:?}",
+        started.elapsed()
+    );
+    let mut controller = GrpcControllerClient::new(channel);
+    let _ = tokio::time::timeout(Duration::from_secs(5), controller.shutdown(Empty {})).await;
     assert_eq!(wait_exit(&mut child, Duration::from_secs(3)), Some(0));
 }
 

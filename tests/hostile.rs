@@ -7,7 +7,7 @@ mod common;
 
 use async_nats::jetstream;
 use common::*;
-use eventbus_plugin::pb::eventbus::{AckStepConfig, PublishStepConfig};
+use eventbus_plugin::pb::eventbus::{AckStepConfig, ConsumeResponse, PublishStepConfig};
 use eventbus_plugin::pb::plugin::{CreateStepRequest, ExecuteStepRequest};
 use nats_test_server::NatsServer;
 use prost::Message;
@@ -514,11 +514,201 @@ include: [payload, xml]
     no_panic(&p);
 }
 
+/// Issue 19 finding 11 (runtime parts): bulk `messages` with `$JS.API` subjects in static config
+/// passed CreateStep and failed only at Execute; a 10 KB module name and a 1 MiB dsn were
+/// accepted (the broker never worked and the dsn was echoed to stderr). Each is now refused at
+/// Create in one short line, and values quoted in errors are capped.
+#[tokio::test]
+async fn i19_f11_reserved_and_oversized_static_config_is_refused_at_create() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    let short = |e: &str| {
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.len() < 1000, "{} bytes: {}...", e.len(), &e[..300]);
+    };
+    let e = p
+        .create_step(
+            PUBLISH,
+            "fanout",
+            "messages: [{subject: orders.ok}, {subject: '$JS.API.STREAM.DELETE.ORDERS'}, {subject: '$JS.API.STREAM.PURGE.ORDERS'}]\n",
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("config.messages[1].subject:")
+            && e.contains("reserved")
+            && e.contains("(and 1 more messages with problems)"),
+        "{e}"
+    );
+    short(&e);
+    let e = p
+        .create_step(
+            PUBLISH,
+            "fanout",
+            "messages: [{subject: orders.ok, headers: {'a b': x}}]\n",
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("config.messages[0].headers:"), "{e}");
+    let long = "m".repeat(10_000);
+    let broker = "provider: nats\ndeploy_target: self_hosted\n";
+    let e = p
+        .create_module("eventbus.broker", &long, broker)
+        .await
+        .unwrap_err();
+    assert!(e.contains("config.name: is 10000 bytes long"), "{e}");
+    short(&e);
+    let e = p.create_step(PUBLISH, &long, "").await.unwrap_err();
+    assert!(e.contains("config.name: is 10000 bytes long"), "{e}");
+    short(&e);
+    let e = p
+        .create_trigger(&long, &json!({"name": "worker", "stream_name": "ORDERS"}))
+        .await
+        .unwrap_err();
+    assert!(e.contains("config.name: is 10000 bytes long"), "{e}");
+    short(&e);
+    let host = "h".repeat(1 << 20);
+    for (provider, dsn) in [
+        ("nats", format!("nats://{host}:4222")),
+        ("pgchannel", format!("postgres://u:secret@{host}/db")),
+    ] {
+        let e = p
+            .create_module(
+                "eventbus.broker",
+                &format!("big-{provider}"),
+                &format!("provider: {provider}\ndeploy_target: self_hosted\ndsn: '{dsn}'\n"),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("config.dsn: is ") && e.contains("bytes long"),
+            "{e}"
+        );
+        assert!(!e.contains("secret"));
+        short(&e);
+    }
+    // A value quoted in an error is capped (200 characters).
+    let e = p
+        .create_trigger(
+            "pipeline:x",
+            &json!({"name": "worker", "stream_name": "ORDERS", "deliver": "b".repeat(10_000)}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("config.deliver:"), "{e}");
+    short(&e);
+    assert!(
+        p.stderr().len() < 100_000,
+        "{} bytes of stderr",
+        p.stderr().len()
+    );
+    no_panic(&p);
+}
+
+/// One consume execution as the host sends it; the typed output's bytes and its decoding.
+async fn consume_raw(p: &Plugin, handle: &str, config_yaml: &str) -> (usize, ConsumeResponse) {
+    let (cfg, input, _) = p.codec.step_messages("step.eventbus.consume");
+    let r = p
+        .client
+        .clone()
+        .execute_step(ExecuteStepRequest {
+            handle_id: handle.into(),
+            typed_config: Some(p.codec.typed_from_yaml(&cfg, config_yaml).unwrap()),
+            typed_input: Some(p.codec.typed_input(&input, &json!({})).unwrap()),
+            current: Some(typed::json_to_struct(&json!({}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.error, "");
+    let any = r.typed_output.unwrap();
+    let out = ConsumeResponse::decode(&any.value[..]).unwrap();
+    (any.value.len(), out)
+}
+
+/// Issue 19 finding 8: `step.eventbus.consume`'s budget bounded the payload the server sent,
+/// not the output: with the defaults, JSON arrays came back 7.5x larger (503 MB from 64 MiB of
+/// payload, 1.7 GB of RSS). Now the encoded output stays within `max_bytes` (default 64 MiB):
+/// messages that do not fit whole lose their parsed form (then their text), named in
+/// `omitted`; one that does not fit even so goes back to the server at once (a nak), so the
+/// next call gets it without waiting for ack_wait.
+#[tokio::test]
+async fn i19_f8_consume_budget_bounds_the_encoded_output_not_the_payload() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p).await;
+    p.module_up(
+        "eventbus.consumer",
+        "small",
+        "name: small\nstream_name: ORDERS\nbroker_ref: bus\nack_policy: ACK_POLICY_EXPLICIT\n",
+    )
+    .await;
+    let js = js(&server).await;
+    // 100 JSON arrays of 100 KB: 10 MB of payload, ~75 MB with the text and parsed forms.
+    let body = format!("[{}1]", "1,".repeat(50_000));
+    for _ in 0..100 {
+        js.publish("orders.json", body.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let h = p
+        .create_step("step.eventbus.consume", "get", "consumer: worker\n")
+        .await
+        .unwrap();
+    // The defaults: every form, 64 MiB.
+    let (bytes, out) =
+        consume_raw(&p, &h, "consumer: worker\nbatch_size: 100\nmax_wait: 2s\n").await;
+    eprintln!(
+        "default budget: {} messages, {bytes} bytes of output",
+        out.count
+    );
+    assert!(bytes <= 64 << 20, "{bytes} bytes of output");
+    assert!(out.count > 0 && out.messages.iter().all(|m| m.payload == body.as_bytes()));
+    assert!(out.messages[0].json.is_some() && out.messages[0].omitted.is_empty());
+    assert!(
+        out.messages
+            .iter()
+            .any(|m| m.json.is_none() && m.omitted == ["json"]),
+        "the forms that did not fit were left out and named"
+    );
+    // A tight budget: the messages that do not fit even as payload come back at once.
+    let h = p
+        .create_step("step.eventbus.consume", "few", "consumer: small\n")
+        .await
+        .unwrap();
+    let cfg = "consumer: small\nbatch_size: 100\nmax_wait: 2s\nmax_bytes: 1048576\n";
+    let (bytes, first) = consume_raw(&p, &h, cfg).await;
+    assert!(bytes <= 1 << 20, "{bytes} bytes of output");
+    assert!(first.count >= 2, "{}", first.count);
+    assert!(first.messages.iter().all(|m| m.delivery_count == 1));
+    let started = std::time::Instant::now();
+    let (bytes, next) = consume_raw(&p, &h, cfg).await;
+    assert!(bytes <= 1 << 20, "{bytes} bytes of output");
+    let seq = |m: &eventbus_plugin::pb::eventbus::Message| m.sequence.parse::<u64>().unwrap();
+    let after = seq(first.messages.last().unwrap());
+    assert_eq!(
+        seq(&next.messages[0]),
+        after + 1,
+        "the next message, given back at once"
+    );
+    assert_eq!(next.messages[0].delivery_count, 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not after ack_wait (30 s)"
+    );
+    no_panic(&p);
+}
+
 /// Finding 6 (trigger side): a message whose pipeline data exceeds the host's callback limit
-/// can never be delivered; it goes straight to the dead-letter subject with the reason.
+/// even without its derived forms (text, json; issue 19 finding 1 leaves those out first) can
+/// never be delivered; it goes straight to the dead-letter subject with the reason. Such a
+/// message needs a server whose max_payload is above its 1 MB default.
 #[tokio::test]
 async fn f6_a_message_too_big_for_the_callback_is_dead_lettered_at_once() {
-    let server = NatsServer::start();
+    let server = NatsServer::builder().config("max_payload: 8MB\n").start();
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = calls.clone();
     let pipeline: PipelineFn = Arc::new(move |_| {
@@ -535,8 +725,8 @@ async fn f6_a_message_too_big_for_the_callback_is_dead_lettered_at_once() {
         .await
         .unwrap();
     p.lifecycle("start", &t).await.unwrap();
-    // ~600 KB of JSON array: as base64 + text + parsed JSON it is well over 4 MiB.
-    let body = format!("[{}1]", "1,".repeat(300_000));
+    // 5 MB: as base64 alone it is well over 4 MiB.
+    let body = "x".repeat(5_000_000);
     let js = js(&server).await;
     js.publish("orders.big", body.clone().into())
         .await

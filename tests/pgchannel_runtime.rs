@@ -198,6 +198,15 @@ async fn publish_consume_ack_through_steps() {
     assert!(e.contains("step.eventbus.ack \"ack\""), "{e}");
     assert!(e.contains("malformed ackToken"), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");
+    // Issue 19 finding 11: a 100 KB token was echoed whole; what is quoted is capped.
+    let huge = format!("JOBS:runner:{}x", "9".repeat(100_000));
+    let e = p
+        .execute("step.eventbus.ack", &ack, "", &json!({ "ack_token": huge }))
+        .await
+        .unwrap_err();
+    assert!(e.contains("malformed ackToken \"JOBS:runner:999"), "{e}");
+    assert!(e.len() < 1000, "{} bytes of error", e.len());
+    assert_eq!(e.lines().count(), 1);
     // Bulk publish: one result per message, in order.
     let out = p
         .execute(

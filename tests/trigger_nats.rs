@@ -908,6 +908,253 @@ async fn shutdown_exits_promptly_with_a_trigger_running() {
     assert!(took < Duration::from_millis(1600), "Shutdown took {took:?}");
 }
 
+/// Issue 19 finding 10: Shutdown stops all triggers together. Stopped one after another, each
+/// trigger's drain (its pipeline in flight) delayed the next one's stop, so the later triggers
+/// kept starting pipelines during Shutdown and had them cut at the host's budget. Four triggers,
+/// each with a pipeline in flight and another message waiting: the in-flight ones finish and
+/// are acked, no new pipeline starts, and the plugin exits within the budget.
+// Multi-threaded: the host's pipelines must finish while the test waits for the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_every_trigger_together_within_the_budget() {
+    const N: usize = 4;
+    const PIPELINE: Duration = Duration::from_millis(500);
+    let server = NatsServer::start();
+    // Pipelines are held until Shutdown is sent, then take PIPELINE: each trigger's drain
+    // starts at Shutdown, so stopping them in turn takes N x PIPELINE.
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let pipeline: PipelineFn = Arc::new(move |_| {
+        let mut open = open.clone();
+        Box::pin(async move {
+            let _ = tokio::time::timeout(T, open.wait_for(|o| *o)).await;
+            tokio::time::sleep(PIPELINE).await;
+            Ok(())
+        })
+    });
+    let mut p = launch(&server, pipeline).await;
+    broker_and_stream(&p).await;
+    let js = js(&server).await;
+    for i in 0..N {
+        start_trigger(
+            &p,
+            &format!("pipeline:t{i}"),
+            json!({"name": format!("t{i}"), "stream_name": "JOBS",
+                   "filter_subject": format!("jobs.t{i}"), "max_in_flight": 1}),
+        )
+        .await;
+        js_publish(&js, &format!("jobs.t{i}"), "first").await;
+        js_publish(&js, &format!("jobs.t{i}"), "second").await;
+    }
+    let mut in_flight = BTreeSet::new();
+    for _ in 0..N {
+        let call = p.next_call(T).await;
+        assert_eq!(text_of(&call, "text"), "first", "{}", call.trigger_type);
+        in_flight.insert(call.trigger_type);
+    }
+    assert_eq!(in_flight.len(), N, "one pipeline in flight per trigger");
+    gate.send_replace(true);
+    let (code, took) = p.shutdown().await;
+    assert_eq!(code, Some(0), "stderr:\n{}", p.stderr());
+    eprintln!("shutdown with {N} triggers draining a {PIPELINE:?} pipeline each: {took:?}");
+    let rx = p.calls.as_mut().unwrap();
+    let mut late = Vec::new();
+    while let Ok(call) = rx.try_recv() {
+        late.push((call.trigger_type.clone(), text_of(&call, "text")));
+    }
+    assert!(
+        late.is_empty(),
+        "pipelines started after Shutdown: {late:?}"
+    );
+    for i in 0..N {
+        let info = consumer_info(&js, "JOBS", &format!("t{i}")).await;
+        assert_eq!(
+            info.ack_floor.stream_sequence,
+            (2 * i + 1) as u64,
+            "t{i}: the pipeline in flight at Shutdown was acked: {info:?}"
+        );
+    }
+    // The host SIGKILLs at 2 s; keep a margin for a loaded machine.
+    assert!(took < Duration::from_millis(1600), "Shutdown took {took:?}");
+}
+
+// ---------------------------------------------------------------- 9b. the host's callback limit
+
+/// What one message's data says it left out (`omitted`), as strings.
+fn omitted(data: &prost_types::Struct) -> Vec<String> {
+    match data.fields.get("omitted").and_then(|v| v.kind.clone()) {
+        Some(Kind::ListValue(l)) => l
+            .values
+            .into_iter()
+            .filter_map(|v| match v.kind {
+                Some(Kind::StringValue(s)) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A JSON array of `len` bytes starting with `id`: parsed, it is ~6x larger in the host's Struct.
+fn json_array(id: usize, len: usize) -> String {
+    let head = format!("[{id}");
+    let n = (len - head.len() - 1) / 2;
+    format!("{head}{}]", ",1".repeat(n))
+}
+
+fn encoded_len(call: &Call) -> usize {
+    use prost::Message as _;
+    call.encoded_len()
+}
+
+/// Issue 19 finding 1: a `deliver: batch` run of 20 messages of 100 KB (2 MB, under the batch's
+/// 2 MiB payload cap) built ~4.7 MB of pipeline data, over the host's 4 MiB callback limit:
+/// every run failed and the messages were dead-lettered or dropped. The batch is now split into
+/// runs that fit, and a 600 KB JSON message that does not fit with its parsed form arrives
+/// without it (named in `omitted`); every message reaches a pipeline once, and the entries
+/// still decode as the ack step's `messages` (the pipeline acks them all through it).
+#[tokio::test]
+async fn f1_batch_over_the_callback_limit_is_split_and_every_message_reaches_a_pipeline() {
+    let server = NatsServer::start();
+    let ack_with: Arc<OnceLock<(StepClient, String)>> = Arc::new(OnceLock::new());
+    let cell = ack_with.clone();
+    let pipeline: PipelineFn = Arc::new(move |req| {
+        let cell = cell.clone();
+        Box::pin(async move {
+            let (steps, handle) = cell.get().expect("ack step ready").clone();
+            let data = eventbus_plugin::config::decode::struct_to_json(req.data.as_ref().unwrap());
+            let out = steps
+                .execute(
+                    "step.eventbus.ack",
+                    &handle,
+                    "",
+                    &json!({"messages": data["messages"].clone()}),
+                )
+                .await?;
+            match out["failed"].as_i64().unwrap_or(0) {
+                0 => Ok(()),
+                n => Err(format!("{n} acks failed: {out}")),
+            }
+        })
+    });
+    let mut p = launch(&server, pipeline).await;
+    setup(&p, "").await;
+    let handle = p
+        .create_step("step.eventbus.ack", "done", "")
+        .await
+        .unwrap();
+    let _ = ack_with.set((p.step_client().await, handle));
+    let js = js(&server).await;
+    const SMALL: usize = 20;
+    for i in 0..SMALL {
+        js_publish(&js, "jobs.batch", &json_array(i, 100_000)).await;
+    }
+    js_publish(&js, "jobs.batch", &json_array(SMALL, 600_000)).await;
+    start_trigger(
+        &p,
+        "pipeline:batch",
+        json!({"name": "runner", "deliver": "batch", "batch_size": 100,
+               "max_batch_wait": "1s", "ack_mode": "manual"}),
+    )
+    .await;
+    let mut seen = BTreeMap::<usize, Vec<String>>::new();
+    let mut runs = 0;
+    while seen.len() < SMALL + 1 {
+        let call = p.next_call(T).await;
+        runs += 1;
+        assert!(
+            encoded_len(&call) <= 4 * 1024 * 1024,
+            "{}",
+            encoded_len(&call)
+        );
+        for e in batch_entries(&call) {
+            let text = match e.fields.get("text").and_then(|v| v.kind.clone()) {
+                Some(Kind::StringValue(t)) => t,
+                _ => panic!("text was left out of {:?}", e.fields.keys()),
+            };
+            let id: usize = text[1..text.find(',').unwrap()].parse().unwrap();
+            assert!(
+                seen.insert(id, omitted(&e)).is_none(),
+                "message {id} ran twice"
+            );
+            assert_eq!(
+                e.fields.contains_key("json"),
+                omitted(&e).is_empty(),
+                "{id}: json present exactly when not omitted"
+            );
+        }
+    }
+    assert!(runs >= 3, "the 2 MB batch was split ({runs} runs)");
+    for (id, left_out) in &seen {
+        let want: &[&str] = if *id == SMALL { &["json"] } else { &[] };
+        assert_eq!(left_out, want, "message {id}");
+    }
+    let info = wait_consumer(&js, "JOBS", "runner", |i| {
+        settled(i) && i.ack_floor.stream_sequence == (SMALL + 1) as u64
+    })
+    .await;
+    assert_eq!(info.num_redelivered, 0, "no run failed: {info:?}");
+}
+
+/// Issue 19 finding 1: a message that fits NATS's default max_payload (1 MB) always reaches a
+/// pipeline. A 1,000,000-byte JSON array (~7.5 MB of pipeline data with its parsed form) used
+/// to be dead-lettered at once; it now arrives with its exact bytes and text, the parsed form
+/// left out and named.
+#[tokio::test]
+async fn f1_a_message_of_the_default_max_payload_reaches_a_pipeline() {
+    let server = NatsServer::start();
+    let mut p = launch(&server, ok_pipeline()).await;
+    setup(&p, "").await;
+    start_trigger(&p, "pipeline:big", json!({"name": "runner"})).await;
+    let js = js(&server).await;
+    let body = json_array(7, 1_000_000);
+    js_publish(&js, "jobs.big", &body).await;
+    let call = p.next_call(T).await;
+    assert!(encoded_len(&call) <= 4 * 1024 * 1024);
+    let data = call.data.as_ref().unwrap();
+    use base64::Engine;
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(text_of(&call, "payload"))
+        .unwrap();
+    assert_eq!(payload, body.as_bytes(), "the exact bytes");
+    assert_eq!(text_of(&call, "text"), body);
+    assert!(!data.fields.contains_key("json"));
+    assert_eq!(omitted(data), ["json"]);
+    wait_consumer(&js, "JOBS", "runner", |i| {
+        settled(i) && i.ack_floor.stream_sequence == 1
+    })
+    .await;
+    // `include` leaves forms out by choice: nothing is then reported omitted.
+    start_trigger(
+        &p,
+        "pipeline:lean",
+        json!({"name": "lean", "stream_name": "JOBS", "filter_subject": "jobs.lean",
+               "include": ["payload"]}),
+    )
+    .await;
+    js_publish(&js, "jobs.lean", "[1,2]").await;
+    // `runner` (all of jobs.>) sees it too.
+    let call = loop {
+        let call = p.next_call(T).await;
+        if call.trigger_type == "pipeline:lean" {
+            break call;
+        }
+    };
+    let data = call.data.as_ref().unwrap();
+    assert!(data.fields.contains_key("payload"));
+    assert!(!data.fields.contains_key("text") && !data.fields.contains_key("json"));
+    assert!(omitted(data).is_empty());
+    let e = p
+        .create_trigger(
+            "pipeline:bad",
+            &json!({"name": "runner", "include": ["xml"]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("config.include:") && e.contains("payload, text, json"),
+        "{e}"
+    );
+}
+
 // ---------------------------------------------------------------- 10. outage
 
 fn rss_kib(pid: u32) -> u64 {

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest `dsn` (a comma-separated server list for NATS) or `servers` entry accepted.
+pub const MAX_DSN_LEN: usize = 8 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct LocalSpec {
@@ -121,7 +123,29 @@ impl BrokerSpec {
         if !c.dsn.is_empty() && !c.servers.is_empty() {
             p.field("dsn", "set either dsn or servers, not both");
         }
-        let explicit: Vec<Secret> = if is_pg {
+        // Bounded before anything parses or quotes them: a 1 MiB dsn was accepted, then never
+        // connected and was echoed to stderr.
+        let long = |v: &str| v.len() > MAX_DSN_LEN;
+        let too_long = long(&c.dsn) || c.servers.iter().any(|s| long(s));
+        if long(&c.dsn) {
+            p.field(
+                "dsn",
+                format!(
+                    "is {} bytes long; a dsn is limited to {MAX_DSN_LEN} bytes",
+                    c.dsn.len()
+                ),
+            );
+        }
+        if let Some(i) = c.servers.iter().position(|s| long(s)) {
+            p.field(
+                &format!("servers[{i}]"),
+                format!(
+                    "is {} bytes long; a server url is limited to {MAX_DSN_LEN} bytes",
+                    c.servers[i].len()
+                ),
+            );
+        }
+        let explicit: Vec<Secret> = if is_pg || too_long {
             Vec::new()
         } else if c.dsn.is_empty() {
             c.servers.iter().map(Secret::new).collect()
@@ -222,10 +246,12 @@ impl BrokerSpec {
                 format!("{} is not a port number", local.client_port),
             );
         }
-        let pg = if is_pg {
+        let pg = if is_pg && !too_long {
             Some(pg_config(&mut p, name, c, timeouts[0]))
         } else {
-            if !c.broker_target.is_empty() || !c.poll_interval.is_empty() || c.max_conns != 0 {
+            let pg_only =
+                !c.broker_target.is_empty() || !c.poll_interval.is_empty() || c.max_conns != 0;
+            if !is_pg && pg_only {
                 tracing::warn!(broker = name, "broker_target, poll_interval and max_conns apply to provider pgchannel only; ignored");
             }
             None

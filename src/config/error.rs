@@ -31,8 +31,9 @@ pub struct Problems {
 
 impl Problems {
     pub fn new(type_name: &str, name: &str) -> Self {
+        // Quoted like any value (at most 200 characters), so an oversized name is not echoed.
         Problems {
-            component: format!("{type_name} {name:?}"),
+            component: format!("{type_name} {}", crate::secret::quote(name)),
             lines: Vec::new(),
         }
     }

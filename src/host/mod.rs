@@ -28,6 +28,9 @@ pub const MAX_MESSAGE: usize = i32::MAX as usize;
 /// to finish and be acked; what is cut short is redelivered. With the server's own stop
 /// (SERVER_STOP) and process exit, a busy shutdown measured 1.81 s at 1.5 s here, too close.
 pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(1000);
+/// The end of the shutdown budget kept for closing the broker connections once the triggers
+/// have drained (or were abandoned).
+const BROKER_CLOSE: Duration = Duration::from_millis(100);
 /// How long the gRPC server gets to close its connections after the runtime has stopped.
 const SERVER_STOP: Duration = Duration::from_millis(200);
 
@@ -171,7 +174,7 @@ pub async fn serve(stop: CancellationToken) -> Result<(), HostError> {
         .set_service_status("plugin", tonic_health::ServingStatus::NotServing)
         .await;
     let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET;
-    let _ = tokio::time::timeout_at(deadline, runtime.stop_all()).await;
+    let _ = tokio::time::timeout_at(deadline, runtime.stop_all(deadline - BROKER_CLOSE)).await;
     if !lifecycle
         .shutdown(deadline.saturating_duration_since(tokio::time::Instant::now()))
         .await

@@ -14,6 +14,7 @@ use crate::runtime::provider::{
     now_rfc3339, rfc3339, BindAsk, Bound, Declaration, Declares, Delivered, FetchAsk, Include,
     Next, OutMessage, Provider, ProviderError, Published, Subscription,
 };
+use crate::runtime::steps::output::{self, Output};
 use async_nats::jetstream::consumer::pull::{self, MessagesError, Stream as PullStream};
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
 use async_nats::jetstream::Message as JsMessage;
@@ -210,22 +211,30 @@ impl Provider for NatsProvider {
         conn.wait_connected(conn.request_timeout).await?;
         let (stream, durable) = (ask.stream, ask.durable);
         let consumer = self.pull(stream, durable).await?;
+        let max_deliver = consumer.cached_info().config.max_deliver;
         let mut batch_stream = consumer
             .fetch()
             .max_messages(ask.batch)
-            .max_bytes(ask.max_bytes)
+            .max_bytes(output::fetch_bytes(ask.max_bytes, ask.batch))
             .expires(ask.max_wait)
             .messages()
             .await
             .map_err(|e| NatsError::other("fetch", e))?;
-        let mut out = Vec::with_capacity(ask.batch);
+        let mut out = Output::new(ask.max_bytes, ask.batch);
         // The fetch ends by itself at `max_wait`; the outer bound only guards against a server
         // that never answers.
         let bound = ask.max_wait + conn.request_timeout;
         let collect = async {
             while let Some(m) = batch_stream.next().await {
                 match m {
-                    Ok(m) => out.push(m.to_message(durable, ask.include)),
+                    Ok(m) => {
+                        let msg = m.to_message(durable, ask.include);
+                        // A nak on the last delivery would end it: that one stays, over budget.
+                        let last = max_deliver > 0 && msg.delivery_count as i64 >= max_deliver;
+                        if let Some(msg) = out.push(msg, last) {
+                            output::give_back(self, &msg).await;
+                        }
+                    }
                     Err(e) => {
                         let text = e.to_string();
                         if text.contains("consumer deleted") || text.contains("not found") {
@@ -244,7 +253,7 @@ impl Provider for NatsProvider {
             Ok(r) => r?,
             Err(_) => tracing::debug!("fetch outer bound reached"),
         }
-        Ok(out)
+        Ok(out.into_messages())
     }
 
     async fn forget(&self, stream: &str, durable: &str) {

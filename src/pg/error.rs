@@ -12,7 +12,8 @@ pub enum PgError {
     StreamNotFound(String),
     #[error("pgchannel: consumer \"{consumer}\" on stream \"{stream}\" not found")]
     ConsumerNotFound { stream: String, consumer: String },
-    #[error("pgchannel: Ack: malformed ackToken \"{0}\" (want \"<stream>:<consumer>:<id>\")")]
+    /// Quoted at most [`crate::secret::QUOTE_MAX`] characters: a 100 KB token was echoed whole.
+    #[error("pgchannel: Ack: malformed ackToken {} (want \"<stream>:<consumer>:<id>\")", crate::secret::quote(.0))]
     MalformedToken(String),
     /// An ack token naming a message the consumer was never handed (another consumer's
     /// delivery, or a forged id): nothing is settled.

@@ -21,6 +21,7 @@ use crate::runtime::provider::{
     bounded, rfc3339, AckKind, BindAsk, Bound, Declaration, Declares, Delivered, FetchAsk, Include,
     Next, OutMessage, Provider, ProviderError, Published, Subscription,
 };
+use crate::runtime::steps::output::{self, Output};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -172,7 +173,7 @@ impl Provider for PgProvider {
         let opts = FetchOpts {
             batch: ask.batch,
             max_wait: ask.max_wait,
-            max_bytes: Some(ask.max_bytes),
+            max_bytes: Some(output::fetch_bytes(ask.max_bytes, ask.batch)),
             dead_letter_subject: None,
         };
         // The fetch ends by itself at max_wait; the outer bound only guards against a database
@@ -184,10 +185,14 @@ impl Provider for PgProvider {
             self.bus.fetch(ask.stream, ask.durable, opts),
         )
         .await?;
-        Ok(rows
-            .iter()
-            .map(|d| d.to_message(ask.durable, ask.include))
-            .collect())
+        let mut out = Output::new(ask.max_bytes, rows.len());
+        for d in &rows {
+            // Past max_deliver the database dead-letters a row, so one given back is not lost.
+            if let Some(m) = out.push(d.to_message(ask.durable, ask.include), false) {
+                output::give_back(self, &m).await;
+            }
+        }
+        Ok(out.into_messages())
     }
 
     async fn forget(&self, _stream: &str, _durable: &str) {}

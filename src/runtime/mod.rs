@@ -32,7 +32,7 @@ pub use trigger::{Launcher, TriggerCall};
 pub enum RuntimeError {
     #[error("unknown {kind} handle: {id}")]
     UnknownHandle { kind: &'static str, id: String },
-    #[error("workflow-plugin-eventbus: unknown {kind} type {type_name:?} (known: {known})")]
+    #[error("workflow-plugin-eventbus: unknown {kind} type {} (known: {known})", crate::secret::quote(.type_name))]
     UnknownType {
         kind: &'static str,
         type_name: String,
@@ -124,6 +124,26 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The longest module, step or trigger name accepted. Names are quoted in every error and log
+/// line of their component and key the module table; a 10 KB name was accepted and echoed.
+pub const MAX_COMPONENT_NAME: usize = 256;
+
+/// Create-time bound on a component's name, one line.
+fn check_component_name(type_name: &str, name: &str) -> Result<(), RuntimeError> {
+    if name.len() <= MAX_COMPONENT_NAME {
+        return Ok(());
+    }
+    let mut p = config_error::Problems::new(type_name, name);
+    p.field(
+        "name",
+        format!(
+            "is {} bytes long; names are limited to {MAX_COMPONENT_NAME} bytes",
+            name.len()
+        ),
+    );
+    Err(RuntimeError::Config(p.into_error()))
+}
+
 impl Runtime {
     pub fn new(lifecycle: Lifecycle) -> Self {
         Runtime {
@@ -207,6 +227,7 @@ impl Runtime {
                 known: types::module_type_names().join(", "),
             });
         };
+        check_component_name(type_name, name)?;
         let problems = |lines: Vec<String>| {
             let mut p = config_error::Problems::new(type_name, name);
             p.raw(lines);
@@ -330,11 +351,12 @@ impl Runtime {
                         _ => None,
                     })
                     .collect();
-                for t in triggers {
-                    if t.uses_broker(&b.spec.name) {
-                        t.stop().await;
-                    }
-                }
+                let triggers: Vec<_> = triggers
+                    .into_iter()
+                    .filter(|t| t.uses_broker(&b.spec.name))
+                    .collect();
+                let deadline = tokio::time::Instant::now() + trigger::STOP_DRAIN;
+                trigger::stop_together(&triggers, deadline).await;
                 crate::telemetry::lag::forget_broker(&b.spec.name);
                 b.close().await;
                 Ok(())
@@ -446,6 +468,7 @@ impl Runtime {
                 known: types::step_type_names().join(", "),
             });
         };
+        check_component_name(type_name, name)?;
         let step = Step::create(kind, name, raw)?;
         let id = self.new_handle("step");
         write(&self.inner.steps).insert(id.clone(), Arc::new(step));
@@ -495,6 +518,7 @@ impl Runtime {
                 known: types::TRIGGER_TYPE.into(),
             });
         }
+        check_component_name(type_name, name)?;
         let spec = trigger::TriggerSpec::from_struct(self, name, config)?;
         let t = Arc::new(TriggerModule::new(spec, self.inner.lifecycle.child_token()));
         let id = self.new_handle("trg");
@@ -502,14 +526,18 @@ impl Runtime {
         Ok(id)
     }
 
-    /// Stops every trigger (used by shutdown before connections close).
-    pub async fn stop_all(&self) {
+    /// Stops every trigger together (used by shutdown before connections close): all stop
+    /// fetching at once and drain until `deadline`; then the broker connections close.
+    pub async fn stop_all(&self, deadline: tokio::time::Instant) {
         let handles: Vec<ModuleHandle> = read(&self.inner.modules).values().cloned().collect();
-        for h in &handles {
-            if let ModuleHandle::Trigger(t) = h {
-                t.stop().await;
-            }
-        }
+        let triggers: Vec<Arc<TriggerModule>> = handles
+            .iter()
+            .filter_map(|h| match h {
+                ModuleHandle::Trigger(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        trigger::stop_together(&triggers, deadline).await;
         for h in &handles {
             if let ModuleHandle::Broker(b) = h {
                 b.close().await;

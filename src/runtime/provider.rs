@@ -117,6 +117,8 @@ pub struct FetchAsk<'a> {
     pub stream: &'a str,
     pub durable: &'a str,
     pub batch: usize,
+    /// The budget of the encoded output (`steps::output`): the broker is asked for less payload
+    /// so the fields fit; a message over it loses its derived forms, then is given back.
     pub max_bytes: usize,
     pub include: Include,
     pub max_wait: Duration,
@@ -243,7 +245,8 @@ pub trait Provider: Clone + Send + Sync + 'static {
         timeout: Option<Duration>,
     ) -> impl Future<Output = Vec<Result<Published, String>>> + Send;
 
-    /// One bounded batch from a durable consumer, each message leased to this caller.
+    /// One bounded batch from a durable consumer, each message leased to this caller, held to
+    /// `ask.max_bytes` of encoded output by `steps::output::Output`.
     fn fetch(
         &self,
         ask: FetchAsk<'_>,

@@ -84,6 +84,9 @@ pub fn plugin_bin() -> &'static Path {
     })
 }
 
+/// grpc-go's default largest inbound message, which the host's callback server keeps.
+pub const HOST_CALLBACK_LIMIT: usize = 4 * 1024 * 1024;
+
 pub const COOKIE: (&str, &str) = ("WORKFLOW_PLUGIN", "workflow-external-plugin-v1");
 
 /// What the host's pipeline does when TriggerWorkflow arrives: `Ok(())` or a pipeline error.
@@ -350,10 +353,12 @@ impl Plugin {
         let path = self.dir.path().join("host-callback.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
+        // The host's callback server is a default grpc-go server: 4 MiB inbound at most.
         let svc = EngineCallbackServiceServer::new(CallbackSvc {
             calls: tx,
             pipeline,
-        });
+        })
+        .max_decoding_message_size(HOST_CALLBACK_LIMIT);
         self._callback_server = Some(tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
@@ -674,6 +679,27 @@ impl Drop for Plugin {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The entries of a batch call's `messages` (`deliver: batch`).
+pub fn batch_entries(call: &TriggerWorkflowRequest) -> Vec<prost_types::Struct> {
+    use prost_types::value::Kind;
+    match call
+        .data
+        .as_ref()
+        .and_then(|d| d.fields.get("messages"))
+        .and_then(|v| v.kind.clone())
+    {
+        Some(Kind::ListValue(l)) => l
+            .values
+            .into_iter()
+            .filter_map(|v| match v.kind {
+                Some(Kind::StructValue(s)) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
     }
 }
 

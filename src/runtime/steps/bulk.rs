@@ -31,7 +31,8 @@ impl FailOn {
             "all" => Ok(FailOn::All),
             "none" => Ok(FailOn::None),
             other => Err(format!(
-                "{other:?} is not valid; use any (fail when one item failed), all (fail when every item failed) or none (never; read the results)"
+                "{} is not valid; use any (fail when one item failed), all (fail when every item failed) or none (never; read the results)",
+                crate::secret::quote(other)
             )),
         }
     }

@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub const MAX_BATCH: i32 = 1000;
-/// The default and the largest `max_bytes`: 64 MiB is the largest `max_payload` a server
-/// accepts, so one message always fits; a batch never holds more payload than this.
+/// The default `max_bytes`: the encoded output (every form of every message) one execution
+/// returns at most, so also about what it holds in memory. A single message larger than that
+/// (a server accepts up to 64 MiB) still comes, alone, without its derived forms.
 pub const DEFAULT_MAX_BYTES: i64 = 64 * 1024 * 1024;
 pub const MAX_MAX_BYTES: i64 = 1024 * 1024 * 1024;
 
@@ -181,7 +182,7 @@ impl ConsumeStep {
     }
 }
 
-/// How much one execution takes: messages, payload bytes (bounded by the server), forms.
+/// How much one execution takes: messages, output bytes (all forms, as encoded), forms.
 #[derive(Clone, Copy)]
 struct Limits {
     batch: usize,

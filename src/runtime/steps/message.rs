@@ -67,3 +67,23 @@ pub(crate) fn payload_of(v: Option<&prost_types::Value>) -> Result<Option<Vec<u8
             .map_err(|e| format!("payload: {e}")),
     }
 }
+
+/// The forms derived from a payload, in the order they are left out when a message does not
+/// fit its output (the consume budget, the host's callback limit): the parsed JSON (up to ~6
+/// bytes per payload byte), then the text (a copy). The payload itself is never left out.
+pub const DERIVED_FORMS: [&str; 2] = ["json", "text"];
+
+/// A delivered JSON array of about 2n bytes with every form (tests of the size budgets).
+#[cfg(test)]
+pub(crate) fn json_message(n: usize) -> crate::pb::eventbus::Message {
+    let body = format!("[{}1]", "1,".repeat(n));
+    let json = serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default();
+    crate::pb::eventbus::Message {
+        subject: "orders.big".into(),
+        text: body.clone(),
+        json: Some(decode::json_to_value(&json)),
+        payload: body.into_bytes(),
+        ack_token: "$JS.ACK.ORDERS.w.1.1.1.1.0".into(),
+        ..Default::default()
+    }
+}

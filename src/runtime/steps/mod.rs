@@ -7,6 +7,7 @@ pub mod ack_bulk;
 pub mod bulk;
 pub mod consume;
 pub mod message;
+pub mod output;
 pub mod publish;
 pub mod publish_bulk;
 

@@ -52,14 +52,59 @@ pub(super) fn check_config(p: &mut Problems, c: &PublishStepConfig) {
             "does not apply with messages (one id would de-duplicate them all into one); set message_id on each message",
         );
     }
-    for (i, m) in c.messages.iter().enumerate() {
-        if !m.subject.is_empty() && !super::templated(&m.subject) {
-            p.check(
-                &format!("messages[{i}].subject"),
-                crate::nats::names::check_publish_subject(&m.subject),
-            );
+    // Each static message gets the checks Execute would give it (reserved subjects, header
+    // names and values, ids), so a bad list fails at CreateStep, not on every run. One line
+    // names the first bad message and how many more there are.
+    let mut bad =
+        c.messages.iter().enumerate().filter_map(|(i, m)| {
+            static_message_problem(m).map(|(field, problem)| (i, field, problem))
+        });
+    if let Some((i, field, problem)) = bad.next() {
+        let more = bad.count();
+        let more = if more > 0 {
+            format!(" (and {more} more messages with problems)")
+        } else {
+            String::new()
+        };
+        p.field(
+            &format!("messages[{i}].{field}"),
+            format!("{problem}{more}"),
+        );
+    }
+}
+
+/// What Execute would refuse in one configured message, where no template is involved.
+fn static_message_problem(m: &BulkPublishMessage) -> Option<(String, String)> {
+    use super::templated;
+    use crate::nats::guard::{check_header_name, check_header_value, check_publish_target};
+    if !m.subject.is_empty() && !templated(&m.subject) {
+        if let Err(e) = check_publish_target(&m.subject) {
+            return Some(("subject".into(), e));
         }
     }
+    for (k, v) in &m.headers {
+        if !templated(k) {
+            if let Err(e) = check_header_name(k) {
+                return Some(("headers".into(), e));
+            }
+        }
+        if !templated(v) && !templated(k) {
+            if let Err(e) = check_header_value(v) {
+                return Some((format!("headers.{k}"), e));
+            }
+        }
+    }
+    for (field, v) in [
+        ("correlation_id", &m.correlation_id),
+        ("message_id", &m.message_id),
+    ] {
+        if !templated(v) {
+            if let Err(e) = check_header_value(v) {
+                return Some((field.into(), e));
+            }
+        }
+    }
+    None
 }
 
 /// One message after defaults, checked and ready, or why it cannot be sent.

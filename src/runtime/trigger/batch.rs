@@ -18,9 +18,9 @@ pub const DEFAULT_MAX_BATCH_WAIT: Duration = Duration::from_millis(500);
 /// Concurrent batch runs when max_in_flight is unset: a few runs overlap the next batch's
 /// fetch with the current pipeline without holding thousands of messages.
 pub const DEFAULT_BATCH_IN_FLIGHT: usize = 4;
-/// Payload bytes per run, below the host callback's 4 MiB limit with room for the base64
-/// growth (4/3) and the other fields; a fuller batch goes out early and the message that did
-/// not fit opens the next one.
+/// Payload bytes a collected batch holds at most (memory; a fuller batch goes out early and the
+/// message that did not fit opens the next one). What a run sends is sized on its encoded call
+/// in payload.rs, which splits a batch whose call exceeds the host's limit into several runs.
 const MAX_BATCH_PAYLOAD: usize = 2 * 1024 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

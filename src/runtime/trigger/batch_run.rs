@@ -1,65 +1,77 @@
-//! One batch run: the pipeline's data (`messages`, `count`, `broker_ref`), in-progress acks
-//! while it runs, then each message settled on its own by what the run and the pipeline did.
+//! One batch: the pipeline's data (`messages`, `count`, `broker_ref`) fitted to the host's
+//! callback limit (split into several runs when it does not fit one), in-progress acks while a
+//! run lasts, then each message settled on its own by what its run and the pipeline did.
 
 use super::batch::Mark;
 use super::run::Handler;
 use super::{payload, AckMode, TriggerCall};
-use crate::runtime::provider::{AckKind, Delivered, Include, Origin, Provider};
-use prost_types::value::Kind;
-use prost_types::{ListValue, Struct, Value};
+use crate::runtime::provider::{AckKind, Delivered, Origin, Provider};
 use std::time::Duration;
 
-fn list(values: Vec<Value>) -> Value {
-    Value {
-        kind: Some(Kind::ListValue(ListValue { values })),
-    }
-}
-
 impl<P: Provider> Handler<P> {
+    /// Runs a collected batch: each message fitted to the host's callback limit (one that
+    /// cannot fit even alone is refused as in one-message delivery), then one run, or several
+    /// in turn when the batch's call would exceed the limit.
     pub(super) async fn handle_batch(&self, msgs: Vec<P::Delivery>) {
-        let mut values = Vec::with_capacity(msgs.len());
+        let sizer = payload::BatchSizer::new(
+            &self.spec.workflow_type,
+            &self.spec.broker_ref,
+            self.launcher.max_call_bytes(),
+        );
+        let mut entries = Vec::with_capacity(msgs.len());
         let mut items = Vec::with_capacity(msgs.len());
         for d in msgs {
-            let mut m = d.to_message(&self.spec.durable, Include::ALL);
+            let mut m = d.to_message(&self.spec.durable, self.spec.include);
             drop(self.tm.deliver(&mut m));
             let origin = Origin::of(&m);
-            items.push((d, origin));
             // No per-message broker_ref: each entry must decode as a Message (the ack step's
             // `messages` input); the batch carries it once at the top.
-            values.push(Value {
-                kind: Some(Kind::StructValue(payload::build(m, ""))),
-            });
+            let mut entry = payload::build(m, "");
+            if let Err(too_large) = sizer.fit_entry(&mut entry) {
+                self.refuse_too_large(&d, &origin, too_large).await;
+                continue;
+            }
+            entries.push(entry);
+            items.push((d, origin));
         }
+        let runs = sizer.runs(&self.spec.workflow_type, &self.spec.broker_ref, entries);
         let tokens: Vec<String> = items.iter().map(|(_, o)| o.token.clone()).collect();
-        let launcher = self.launcher.clone();
-        let mut data = Struct::default();
-        data.fields.insert(
-            "count".into(),
-            Value {
-                kind: Some(Kind::NumberValue(items.len() as f64)),
-            },
-        );
-        data.fields.insert("messages".into(), list(values));
-        if !self.spec.broker_ref.is_empty() {
-            data.fields.insert(
-                "broker_ref".into(),
-                Value {
-                    kind: Some(Kind::StringValue(self.spec.broker_ref.clone())),
-                },
-            );
-        }
         let marks = self.rt.batch_marks();
         marks.hold(tokens.iter().map(String::as_str));
-        let call = TriggerCall {
-            trigger_type: self.spec.workflow_type.clone(),
-            action: "batch".into(),
-            data,
-        };
+        if runs.len() > 1 {
+            tracing::debug!(trigger = %self.spec.workflow_type, messages = items.len(), runs = runs.len(), "batch split to fit the host's callback limit");
+        }
+        let mut first = 0;
+        for (n, call) in runs {
+            if first > 0 && self.stop.is_cancelled() {
+                // Stopping: no new run starts; the rest are redelivered after ack_wait.
+                marks.release(&tokens[first..]);
+                tracing::debug!(trigger = %self.spec.workflow_type, left = tokens.len() - first, "trigger stopping; the rest of the split batch is left for redelivery");
+                break;
+            }
+            let own = first..first + n;
+            // The later runs' messages wait in our hands: keep them too.
+            self.run_batch(call, &items[own.clone()], &tokens[own], &tokens[first..])
+                .await;
+            first += n;
+        }
+    }
+
+    /// One run: in-progress acks for `open` while it lasts, then each of `items` settled by
+    /// what the run and the pipeline did.
+    async fn run_batch(
+        &self,
+        call: TriggerCall,
+        items: &[(P::Delivery, Origin)],
+        own: &[String],
+        open: &[String],
+    ) {
+        let marks = self.rt.batch_marks();
         // Keep the messages ours while the run lasts (in-progress acks at ack_wait/2), except
         // those the pipeline already acked or terminated.
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
         let run = self.tm.run();
-        let pipeline = launcher.launch(call);
+        let pipeline = self.launcher.launch(call);
         tokio::pin!(pipeline);
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
@@ -67,13 +79,13 @@ impl<P: Provider> Handler<P> {
             tokio::select! {
                 r = &mut pipeline => break r,
                 _ = ticker.tick() => {
-                    let open = marks.unsettled(&tokens);
+                    let open = marks.unsettled(open);
                     futures::future::join_all(open.iter().map(|t| self.progress(t))).await;
                 }
             }
         };
         run.finish(result.is_ok());
-        let fates = marks.release(&tokens);
+        let fates = marks.release(own);
         if let Err(err) = &result {
             tracing::warn!(trigger = %self.spec.workflow_type, messages = items.len(), error = %err, "batch pipeline failed");
         }

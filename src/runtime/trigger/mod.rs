@@ -13,6 +13,8 @@ use crate::config::decode;
 use crate::config::error::Problems;
 use crate::nats::guard::{check_publish_target, MAX_DURATION};
 use crate::nats::names::{check_filter_subject, check_name};
+use crate::runtime::steps::message::Include;
+use crate::secret::quote;
 use futures::future::BoxFuture;
 use serde_json::Value as Json;
 use std::sync::Mutex;
@@ -64,6 +66,8 @@ pub struct TriggerSpec {
     pub max_batch_wait: Duration,
     /// A declared consumer module exists for this durable (it owns the consumer's settings).
     pub declared: bool,
+    /// The payload forms each message's data carries (as the consume step's `include`).
+    pub include: Include,
 }
 
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
@@ -87,6 +91,7 @@ const KNOWN_KEYS: &[&str] = &[
     "workflow_type",
     "deliver",
     "max_batch_wait",
+    "include",
 ];
 
 fn type_name(v: &Json) -> &'static str {
@@ -148,7 +153,7 @@ impl TriggerSpec {
             "" | "message" => batch::Deliver::Message,
             "batch" => batch::Deliver::Batch,
             other => {
-                p.field("deliver", format!("{other:?} is not valid; use message (one message per pipeline run, the default) or batch (up to batch_size messages per run)"));
+                p.field("deliver", format!("{} is not valid; use message (one message per pipeline run, the default) or batch (up to batch_size messages per run)", quote(other)));
                 batch::Deliver::Message
             }
         };
@@ -179,6 +184,36 @@ impl TriggerSpec {
         );
         let batch_size = int("batch_size", 0);
         let max_deliver = int("max_deliver", 0);
+        let include = match map.get("include") {
+            None | Some(Json::Null) => Include::ALL,
+            Some(Json::Array(items)) => {
+                let names: Option<Vec<String>> = items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect();
+                match names.map(|n| Include::parse(&n)) {
+                    Some(Ok(inc)) => inc,
+                    Some(Err(e)) => {
+                        p.field("include", e);
+                        Include::ALL
+                    }
+                    None => {
+                        p.field("include", "must be a list of payload, text, json");
+                        Include::ALL
+                    }
+                }
+            }
+            Some(other) => {
+                p.field(
+                    "include",
+                    format!(
+                        "must be a list of payload, text, json, got {}",
+                        type_name(other)
+                    ),
+                );
+                Include::ALL
+            }
+        };
         for key in map.keys() {
             if !KNOWN_KEYS.contains(&key.as_str()) && !key.starts_with('_') {
                 p.field(
@@ -209,7 +244,7 @@ impl TriggerSpec {
             "" | "auto" => AckMode::Auto,
             "manual" => AckMode::Manual,
             other => {
-                p.field("ack_mode", format!("{other:?} is not valid; use auto (ack after the pipeline succeeds) or manual (step.eventbus.ack)"));
+                p.field("ack_mode", format!("{} is not valid; use auto (ack after the pipeline succeeds) or manual (step.eventbus.ack)", quote(other)));
                 AckMode::Auto
             }
         };
@@ -221,7 +256,10 @@ impl TriggerSpec {
                 _ => {
                     p.field(
                         "max_batch_wait",
-                        format!("{batch_wait_s:?} is not a duration of at most 1m such as \"200ms\" or \"1s\""),
+                        format!(
+                            "{} is not a duration of at most 1m such as \"200ms\" or \"1s\"",
+                            quote(&batch_wait_s)
+                        ),
                     );
                     batch::DEFAULT_MAX_BATCH_WAIT
                 }
@@ -240,7 +278,7 @@ impl TriggerSpec {
                         "nak_delay",
                         format!(
                             "{} is not a duration of at most 24h such as \"500ms\", \"2s\" or \"1m\"",
-                            crate::secret::quote(&nak_delay_s)
+                            quote(&nak_delay_s)
                         ),
                     );
                     DEFAULT_NAK_DELAY
@@ -305,7 +343,13 @@ impl TriggerSpec {
             }
         }
         if stream.is_empty() && !durable.is_empty() {
-            p.field("stream_name", format!("is required: no eventbus.consumer module declares {durable:?}, so name its stream"));
+            p.field(
+                "stream_name",
+                format!(
+                    "is required: no eventbus.consumer module declares {}, so name its stream",
+                    quote(&durable)
+                ),
+            );
         } else if !stream.is_empty() {
             p.check("stream_name", check_name(&stream));
         }
@@ -331,6 +375,7 @@ impl TriggerSpec {
             deliver,
             max_batch_wait,
             declared: declared.len() == 1,
+            include,
         };
         p.finish(spec).map_err(Into::into)
     }
@@ -416,16 +461,47 @@ impl TriggerModule {
 
     /// Stops fetching, then waits (bounded) for in-flight pipelines to finish their ack or nak.
     pub async fn stop(&self) {
-        let running = self.running.lock().ok().and_then(|mut r| r.take());
-        if let Some((token, tracker)) = running {
-            token.cancel();
-            tracker.close();
-            if tokio::time::timeout(STOP_DRAIN, tracker.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!(trigger = %self.spec.workflow_type, "in-flight messages did not finish in {STOP_DRAIN:?}; they will be redelivered");
-            }
-        }
+        stop_together(
+            std::slice::from_ref(self),
+            tokio::time::Instant::now() + STOP_DRAIN,
+        )
+        .await;
     }
+
+    /// Stops fetching and hands back the work still in flight (None when not running).
+    fn halt(&self) -> Option<TaskTracker> {
+        let (token, tracker) = self.running.lock().ok().and_then(|mut r| r.take())?;
+        token.cancel();
+        tracker.close();
+        Some(tracker)
+    }
+}
+
+/// Stops several triggers together: every one stops fetching first, then all drain their
+/// in-flight pipelines against one deadline. One after another, each drain (seconds with a slow
+/// pipeline) delayed the next trigger's stop past the host's shutdown budget, and the triggers
+/// not yet stopped kept starting pipelines meanwhile. Returns true when all drained in time.
+pub async fn stop_together<T: std::borrow::Borrow<TriggerModule>>(
+    triggers: &[T],
+    deadline: tokio::time::Instant,
+) -> bool {
+    let halted: Vec<(&TriggerModule, TaskTracker)> = triggers
+        .iter()
+        .filter_map(|t| t.borrow().halt().map(|tr| (t.borrow(), tr)))
+        .collect();
+    let late: Vec<String> =
+        futures::future::join_all(halted.iter().map(|(t, tracker)| async move {
+            match tokio::time::timeout_at(deadline, tracker.wait()).await {
+                Ok(()) => None,
+                Err(_) => Some(t.spec.workflow_type.clone()),
+            }
+        }))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    if !late.is_empty() {
+        tracing::warn!(triggers = ?late, "in-flight messages did not finish before the stop deadline; they will be redelivered");
+    }
+    late.is_empty()
 }

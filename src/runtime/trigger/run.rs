@@ -5,11 +5,10 @@
 //! a deleted consumer heal by themselves.
 
 use super::batch::{self, Deliver, Interrupt};
-use super::{payload, AckMode, TriggerCall, TriggerSpec};
+use super::{payload, AckMode, TriggerSpec};
 use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
 use crate::runtime::provider::{
-    AckKind, BindAsk, Bound, Delivered, Include, Next, Origin, Provider, ProviderError,
-    Subscription,
+    AckKind, BindAsk, Bound, Delivered, Next, Origin, Provider, ProviderError, Subscription,
 };
 use crate::runtime::{render, Runtime};
 use crate::telemetry::TriggerTelemetry;
@@ -290,12 +289,6 @@ impl<P: Open> Worker<P> {
     }
 }
 
-/// The encoded size of the TriggerWorkflow request carrying `call`, plus framing.
-fn call_size(call: &TriggerCall) -> usize {
-    use prost::Message as _;
-    call.data.encoded_len() + call.trigger_type.len() + call.action.len() + 64
-}
-
 pub(super) struct Handler<P> {
     pub rt: Runtime,
     /// The host callback, configured before the worker fetched anything.
@@ -303,40 +296,29 @@ pub(super) struct Handler<P> {
     pub spec: TriggerSpec,
     pub provider: P,
     pub bound: Bound,
-    stop: CancellationToken,
+    pub stop: CancellationToken,
     pub tm: Arc<TriggerTelemetry>,
     trace: crate::telemetry::trace::Slot,
 }
 
 impl<P: Provider> Handler<P> {
     async fn handle(&self, d: P::Delivery) {
-        let mut m = d.to_message(&self.spec.durable, Include::ALL);
+        let mut m = d.to_message(&self.spec.durable, self.spec.include);
         let mut delivery = self.tm.deliver(&mut m);
         self.trace.set(&delivery);
         let origin = Origin::of(&m);
-        let call = TriggerCall {
-            trigger_type: self.spec.workflow_type.clone(),
-            action: "message".into(),
-            data: payload::build(m, &self.spec.broker_ref),
-        };
-        // A call the host would refuse for its size fails the same way on every delivery:
-        // straight to the dead-letter subject (or terminated) with the reason, no retries.
-        if let Some(limit) = self.launcher.max_call_bytes() {
-            let size = call_size(&call);
-            if size > limit {
-                let err = format!(
-                    "message too large for the engine callback: the pipeline data is {size} bytes, the host accepts {limit}; consume it with step.eventbus.consume instead"
-                );
-                tracing::error!(trigger = %self.spec.workflow_type, seq = %origin.sequence, size, limit, "{err}");
-                if let Some(dlq) = &self.spec.dead_letter_subject {
-                    if !self.park(dlq, &d, &origin, &err).await {
-                        return;
-                    }
-                }
-                self.settle(&origin.token, AckKind::Term).await;
+        let data = payload::build(m, &self.spec.broker_ref);
+        // Derived forms are left out first; a call the host would still refuse for its size
+        // fails the same way on every delivery: straight to the dead-letter subject (or
+        // terminated) with the reason, no retries.
+        let limit = self.launcher.max_call_bytes();
+        let call = match payload::message_call(&self.spec.workflow_type, data, limit) {
+            Ok(call) => call,
+            Err(too_large) => {
+                self.refuse_too_large(&d, &origin, too_large).await;
                 return;
             }
-        }
+        };
         // Keep the message ours while a long pipeline runs (in-progress acks at ack_wait/2).
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
         let run = self.tm.run();
@@ -360,6 +342,24 @@ impl<P: Provider> Handler<P> {
             }
             Err(err) => self.fail_message(&d, &origin, &err).await,
         }
+    }
+
+    /// A message that cannot reach a pipeline at any delivery: dead-lettered (when configured)
+    /// with the reason, and terminated.
+    pub(super) async fn refuse_too_large(
+        &self,
+        d: &P::Delivery,
+        origin: &Origin,
+        too_large: payload::TooLarge,
+    ) {
+        let err = too_large.to_string();
+        tracing::error!(trigger = %self.spec.workflow_type, seq = %origin.sequence, size = too_large.size, limit = too_large.limit, "{err}");
+        if let Some(dlq) = &self.spec.dead_letter_subject {
+            if !self.park(dlq, d, origin, &err).await {
+                return;
+            }
+        }
+        self.settle(&origin.token, AckKind::Term).await;
     }
 
     /// A failed delivery: nak with a growing delay, or on its last delivery dead-letter (when
