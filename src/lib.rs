@@ -17,3 +17,4 @@ pub mod providers;
 pub mod runtime;
 pub mod secret;
 pub mod shutdown;
+pub mod telemetry;

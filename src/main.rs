@@ -22,6 +22,9 @@ Environment:
   NATS_URL, EVENTBUS_<BROKER>_URI   broker urls when a broker module sets no dsn
   RUST_LOG                          log filter for stderr (default: info)
   EVENTBUS_LOG_FORMAT=json          hclog-style JSON log lines instead of text
+  EVENTBUS_METRICS_ADDR=host:port   serve Prometheus metrics on http://host:port/metrics
+  EVENTBUS_METRICS_LAG_INTERVAL     how often consumer lag is read (default 15s)
+  OTEL_EXPORTER_OTLP_ENDPOINT       export publish/deliver/settle spans over OTLP/gRPC
 ";
 
 fn main() {
@@ -73,6 +76,14 @@ fn main() {
         }
     };
     let code = rt.block_on(async {
+        if let Err(e) = eventbus_plugin::telemetry::start_from_env() {
+            tracing::error!("{e}");
+            return 1;
+        }
+        if let Err(e) = eventbus_plugin::telemetry::trace::init_from_env() {
+            tracing::error!("{e}");
+            return 1;
+        }
         let stop = CancellationToken::new();
         watch_signals(stop.clone());
         match host::serve(stop).await {
@@ -83,6 +94,8 @@ fn main() {
             }
         }
     });
+    // Spans still in the exporter's batch go out before the runtime stops.
+    eventbus_plugin::telemetry::trace::shutdown();
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     exit(code);
 }

@@ -348,18 +348,24 @@ async fn fuzz_config_and_execute_step_decoders_never_panic() {
                 config: None,
                 typed_input: Some(&typed_input),
                 current: Some(&current),
+                trigger_data: None,
+                step_outputs: None,
             },
             1 => ExecuteInput {
                 typed_config: None,
                 config: Some(&config),
                 typed_input: None,
                 current: Some(&current),
+                trigger_data: None,
+                step_outputs: None,
             },
             _ => ExecuteInput {
                 typed_config: Some(&typed_config),
                 config: Some(&config),
                 typed_input: None,
                 current: None,
+                trigger_data: None,
+                step_outputs: None,
             },
         };
         let r = tokio::time::timeout(Duration::from_secs(5), rt.execute_step(&handle, input))

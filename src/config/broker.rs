@@ -42,6 +42,8 @@ pub struct BrokerSpec {
     pub protected: bool,
     /// Provider pgchannel only: the Postgres side (the NATS fields above are then unused).
     pub pg: Option<PgConfig>,
+    /// The plugin process's Prometheus endpoint, when this module asks for one.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// `auth` keys given as blank strings. Decoded, a blank `token` is the same as no token, so
@@ -83,6 +85,15 @@ pub fn env_key(name: &str) -> String {
 
 fn opt_path(s: &str) -> Option<PathBuf> {
     (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+impl crate::telemetry::BrokerId for BrokerSpec {
+    fn broker_name(&self) -> &str {
+        &self.name
+    }
+    fn provider_name(&self) -> &'static str {
+        self.provider.as_str()
+    }
 }
 
 impl BrokerSpec {
@@ -245,6 +256,17 @@ impl BrokerSpec {
             }
             None
         };
+        let metrics_address = if c.metrics_address.trim().is_empty() {
+            None
+        } else {
+            match crate::telemetry::parse_metrics_addr(&c.metrics_address) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    p.field("metrics_address", e);
+                    None
+                }
+            }
+        };
         let spec = BrokerSpec {
             name: name.to_string(),
             type_name: type_name.to_string(),
@@ -282,6 +304,7 @@ impl BrokerSpec {
             bind: c.bind,
             protected: c.protected,
             pg,
+            metrics_address,
         };
         p.finish(spec)
     }

@@ -158,6 +158,8 @@ impl PluginService for PluginSvc {
             config: r.config.as_ref(),
             typed_input: r.typed_input.as_ref(),
             current: r.current.as_ref(),
+            trigger_data: r.trigger_data.as_ref(),
+            step_outputs: Some(&r.step_outputs),
         };
         Ok(Response::new(
             match self.runtime.execute_step(&r.handle_id, input).await {

@@ -45,6 +45,7 @@ impl ConnSettings {
 
     async fn options(
         &self,
+        broker: &str,
         state: watch::Sender<ConnState>,
         url_auth: UrlAuth,
     ) -> Result<ConnectOptions, NatsError> {
@@ -85,6 +86,7 @@ impl ConnSettings {
             o = o.name(self.connection_name.clone());
         }
         let name = self.connection_name.clone();
+        let broker = broker.to_string();
         Ok(o.retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(self.connect_timeout)
@@ -93,7 +95,8 @@ impl ConnSettings {
             .event_callback(move |event| {
                 let state = state.clone();
                 let name = name.clone();
-                async move { on_event(&name, &state, event) }
+                let broker = broker.clone();
+                async move { on_event(&name, &broker, &state, event) }
             }))
     }
 }
@@ -129,18 +132,21 @@ pub enum ConnState {
     Closed,
 }
 
-fn on_event(name: &str, state: &watch::Sender<ConnState>, event: Event) {
+fn on_event(name: &str, broker: &str, state: &watch::Sender<ConnState>, event: Event) {
     match event {
         Event::Connected => {
             tracing::info!(broker = name, "nats connected");
-            state.send_replace(ConnState::Connected);
+            let before = state.send_replace(ConnState::Connected);
+            crate::telemetry::nats_connection(broker, true, before == ConnState::Disconnected);
         }
         Event::Disconnected => {
             tracing::warn!(broker = name, "nats disconnected; reconnecting");
             state.send_replace(ConnState::Disconnected);
+            crate::telemetry::nats_connection(broker, false, false);
         }
         Event::Closed => {
             state.send_replace(ConnState::Closed);
+            crate::telemetry::nats_connection(broker, false, false);
         }
         Event::LameDuckMode => tracing::warn!(broker = name, "nats server entered lame duck mode"),
         other => tracing::debug!(broker = name, event = %other, "nats event"),
@@ -164,7 +170,7 @@ impl NatsConn {
             return Err(NatsError::Settings("no server url".into()));
         }
         let (tx, rx) = watch::channel(ConnState::Connecting);
-        let opts = settings.options(tx, url_auth).await?;
+        let opts = settings.options(broker, tx, url_auth).await?;
         let client = opts
             .connect(addrs)
             .await

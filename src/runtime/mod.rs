@@ -299,6 +299,8 @@ impl Runtime {
         match self.module(id)? {
             ModuleHandle::Broker(b) => {
                 let component = format!("{} {:?}", b.spec.type_name, b.spec.name);
+                crate::telemetry::serve_for_broker(&b.spec.name, b.spec.metrics_address)
+                    .map_err(|e| RuntimeError::failed(&component, e.to_string()))?;
                 b.start()
                     .await
                     .map_err(|e| RuntimeError::broker(component, e))
@@ -326,7 +328,9 @@ impl Runtime {
                 }
                 c.ensure(&broker)
                     .await
-                    .map_err(|e| RuntimeError::broker(component, e))
+                    .map_err(|e| RuntimeError::broker(component, e))?;
+                broker.watch_lag(&c.spec.stream, &c.spec.durable).await;
+                Ok(())
             }
             ModuleHandle::Trigger(t) => t.start(self).await,
         }
@@ -353,6 +357,7 @@ impl Runtime {
                     .collect();
                 let deadline = tokio::time::Instant::now() + trigger::STOP_DRAIN;
                 trigger::stop_together(&triggers, deadline).await;
+                crate::telemetry::lag::forget_broker(&b.spec.name);
                 b.close().await;
                 Ok(())
             }
@@ -558,6 +563,8 @@ mod future_size {
             config: None,
             typed_input: None,
             current: None,
+            trigger_data: None,
+            step_outputs: None,
         }
     }
 

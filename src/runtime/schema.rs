@@ -36,6 +36,7 @@ pub fn field_doc(message: &str, field: &str) -> Option<(&'static str, bool, &'st
         ("ClusterConfig", "tls") => d("TLS: ca_file, cert_file + key_file, required", false, ""),
         ("ClusterConfig", "connection_name") => d("Client connection name shown by the server", false, "workflow-plugin-eventbus:<module>"),
         ("ClusterConfig", "connect_timeout") => d("Timeout of one connection attempt (reconnects continue forever)", false, "5s"),
+        ("ClusterConfig", "metrics_address") => d("Prometheus endpoint of the plugin process (host:port or :port), off when unset; one per process (EVENTBUS_METRICS_ADDR sets it too)", false, ""),
         ("ClusterConfig", "request_timeout") => d("Bound on publish, ack and JetStream API calls", false, "5s"),
         ("ClusterConfig", "local") => d("deploy_target local: binary, state_dir, client_port, remove_data_on_delete", false, ""),
         ("ClusterConfig", "kubernetes") => d("deploy_target kubernetes or aws.eks: namespace, storage_size, storage_class, resources (cpu, memory; requests = limits), service_type, image, labels, annotations, service_annotations, delete_pvcs_on_delete, zone_spread, internal_load_balancer (aws.eks), cluster_domain, context, ready_timeout", false, ""),

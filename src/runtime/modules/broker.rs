@@ -24,6 +24,8 @@ use tokio::sync::Mutex;
 pub trait Open: Provider {
     /// The opened provider (opened on first use), or why the broker cannot be used now.
     fn open(broker: &BrokerModule) -> impl Future<Output = Result<Self, ProviderError>> + Send;
+    /// Registers `stream`/`consumer` with the consumer-lag refresher (idempotent).
+    fn watch_lag(&self, broker: &str, stream: &str, consumer: &str);
 }
 
 /// A job that runs against whichever provider the broker uses.
@@ -89,6 +91,21 @@ impl BrokerModule {
             Kind::Nats => Either::Left(job.run::<NatsProvider>(self)),
             Kind::Pg => Either::Right(Box::pin(job.run::<PgProvider>(self))),
         }
+    }
+
+    /// Registers a consumer with the lag refresher on this broker's provider; best effort (an
+    /// unreachable broker is reported by the caller's own start).
+    pub async fn watch_lag(&self, stream: &str, consumer: &str) {
+        struct Job<'a>(&'a str, &'a str);
+        impl ForProvider for Job<'_> {
+            type Out = ();
+            async fn run<P: Open>(self, broker: &BrokerModule) {
+                if let Ok(p) = P::open(broker).await {
+                    p.watch_lag(&broker.spec.name, self.0, self.1);
+                }
+            }
+        }
+        self.dispatch(Job(stream, consumer)).await
     }
 
     /// InitModule: a warning when nothing says where the broker is (steps fail until it is set).
@@ -201,6 +218,7 @@ impl BrokerModule {
         let p = PgProvider {
             bus: PgBus::connect(settings).await?,
         };
+        crate::telemetry::connection(&self.spec.name, "pgchannel", true);
         *self.pg.write().unwrap_or_else(|p| p.into_inner()) = Some(p.clone());
         Ok(p)
     }
@@ -215,6 +233,7 @@ impl BrokerModule {
         }
         let pg = self.pg.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(b) = pg {
+            crate::telemetry::connection(&self.spec.name, "pgchannel", false);
             b.close().await;
         }
     }
@@ -233,11 +252,19 @@ impl Open for NatsProvider {
             }),
         }
     }
+
+    fn watch_lag(&self, broker: &str, stream: &str, consumer: &str) {
+        crate::telemetry::lag::watch_nats(broker, &self.conn.js, stream, consumer);
+    }
 }
 
 impl Open for PgProvider {
     async fn open(broker: &BrokerModule) -> Result<Self, ProviderError> {
         broker.pg_pool().await
+    }
+
+    fn watch_lag(&self, broker: &str, stream: &str, consumer: &str) {
+        crate::telemetry::lag::watch_pg(broker, &self.bus, stream, consumer);
     }
 }
 

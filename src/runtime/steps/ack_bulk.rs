@@ -57,6 +57,7 @@ pub(super) async fn execute(
             kind,
         })
         .await?;
+    crate::telemetry::step_acks(&broker.spec, kind, &results);
     super::bulk::ack_output(component, kind, fail_on, results)
 }
 

@@ -222,6 +222,13 @@ impl ForProvider for Consume<'_> {
             other => other,
         }
         .map_err(failed)?;
+        let mut messages = messages;
+        crate::telemetry::consumed(
+            &broker.spec,
+            self.ask.stream,
+            self.ask.durable,
+            &mut messages,
+        );
         let out = ConsumeResponse {
             count: messages.len() as i32,
             messages,

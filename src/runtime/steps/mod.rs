@@ -20,6 +20,9 @@ pub struct ExecuteInput<'a> {
     pub config: Option<&'a prost_types::Struct>,
     pub typed_input: Option<&'a prost_types::Any>,
     pub current: Option<&'a prost_types::Struct>,
+    /// Always sent by the host; read only for a trace carrier under a custom key.
+    pub trigger_data: Option<&'a prost_types::Struct>,
+    pub step_outputs: Option<&'a std::collections::HashMap<String, prost_types::Struct>>,
 }
 
 pub struct StepOutput {

@@ -12,6 +12,7 @@ use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
 use crate::runtime::provider::OutMessage;
 use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
+use crate::telemetry::trace;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +51,9 @@ impl PublishStep {
                     }
                 }
                 p.check("timeout", check_timeout(&c.timeout).map(|_| ()));
+                if !templated(&c.traceparent) {
+                    p.check("traceparent", trace::check_traceparent(&c.traceparent));
+                }
                 super::publish_bulk::check_config(&mut p, &c);
             }
         }
@@ -66,14 +70,16 @@ impl PublishStep {
         rt: &Runtime,
         cfg: PublishStepConfig,
         inp: PublishRequest,
+        input: &ExecuteInput<'_>,
     ) -> Result<Outgoing, RuntimeError> {
+        let parent = trace_parent(&cfg, &inp, input);
         let subject = pick(&cfg.subject, &inp.subject);
         let payload = payload_of(cfg.payload.as_ref())
             .map_err(|e| RuntimeError::failed(&self.component, e))?
             .unwrap_or(inp.payload);
         let correlation = pick(&cfg.correlation_id, &inp.correlation_id);
         let msg_id = pick(&cfg.message_id, &inp.message_id);
-        let msg = build_message(
+        let mut msg = build_message(
             subject,
             inp.headers.iter().chain(cfg.headers.iter()),
             correlation,
@@ -91,10 +97,17 @@ impl PublishStep {
         let timeout = check_timeout(&cfg.timeout)
             .map_err(|e| RuntimeError::failed(&self.component, format!("timeout {e}")))?;
         let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), &self.component)?;
+        let trace = Box::new(trace::start_publish(
+            parent.as_ref(),
+            &broker.spec,
+            &msg.subject,
+        ));
+        trace.inject(&mut msg.headers);
         Ok(Outgoing {
             msg,
             broker,
             timeout,
+            trace,
         })
     }
 
@@ -107,17 +120,27 @@ impl PublishStep {
             decode_execute(StepKind::Publish, &self.component, &input)?;
         if !cfg.messages.is_empty() || !inp.publish_messages.is_empty() {
             // Boxed: the bulk future holds the window and would size every single publish.
-            return Box::pin(super::publish_bulk::execute(&self.component, rt, cfg, inp)).await;
+            let parent = trace_parent(&cfg, &inp, &input);
+            return Box::pin(super::publish_bulk::execute(
+                &self.component,
+                rt,
+                cfg,
+                inp,
+                parent,
+            ))
+            .await;
         }
         let Outgoing {
             msg,
             broker,
             timeout,
-        } = self.prepare(rt, cfg, inp)?;
+            trace,
+        } = self.prepare(rt, cfg, inp, &input)?;
         let job = PublishOne {
             component: &self.component,
             msg,
             timeout,
+            trace,
         };
         broker.dispatch(job).await
     }
@@ -128,6 +151,7 @@ struct PublishOne<'a> {
     component: &'a str,
     msg: OutMessage,
     timeout: Option<Duration>,
+    trace: Box<trace::PublishTrace>,
 }
 
 impl ForProvider for PublishOne<'_> {
@@ -138,11 +162,17 @@ impl ForProvider for PublishOne<'_> {
             component,
             msg,
             timeout,
+            trace,
         } = self;
         async move {
             let failed = |e| RuntimeError::broker(component, e);
-            let p = P::open(broker).await.map_err(failed)?;
-            let ack = p.publish(msg, timeout).await.map_err(failed)?;
+            let sent = match P::open(broker).await {
+                Ok(p) => p.publish(msg, timeout).await,
+                Err(e) => Err(e),
+            };
+            crate::telemetry::publish_done(&broker.spec, sent.as_ref().map(|a| a.duplicate));
+            trace.end(sent.as_ref().map(|_| ()));
+            let ack = sent.map_err(failed)?;
             let resp = PublishResponse {
                 sequence: ack.sequence,
                 acked_at: ack.acked_at,
@@ -155,6 +185,24 @@ impl ForProvider for PublishOne<'_> {
             })
         }
     }
+}
+
+/// The parent trace context of this execution's publish (see `telemetry::trace`).
+fn trace_parent(
+    cfg: &PublishStepConfig,
+    inp: &PublishRequest,
+    input: &ExecuteInput<'_>,
+) -> Option<opentelemetry::trace::SpanContext> {
+    trace::publish_parent(&trace::PublishSources {
+        carrier_key: &cfg.trace_carrier,
+        input_carrier: &inp.trace_headers,
+        current: input.current,
+        trigger_data: input.trigger_data,
+        step_outputs: input.step_outputs,
+        config: (&cfg.traceparent, &cfg.tracestate),
+        state: (&inp.traceparent, &inp.tracestate),
+        headers: [&cfg.headers, &inp.headers],
+    })
 }
 
 /// A positive timeout within the bound, or `None` for the broker's request timeout.
@@ -170,4 +218,5 @@ struct Outgoing {
     msg: OutMessage,
     broker: Arc<BrokerModule>,
     timeout: Option<Duration>,
+    trace: Box<trace::PublishTrace>,
 }

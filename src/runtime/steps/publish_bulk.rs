@@ -14,6 +14,7 @@ use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
 use crate::runtime::provider::OutMessage;
 use crate::runtime::types::StepKind;
 use crate::runtime::{Runtime, RuntimeError};
+use opentelemetry::trace::SpanContext;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -117,8 +118,13 @@ fn prepare(
     headers: &HashMap<String, String>,
     correlation: &str,
     payload: &Option<Vec<u8>>,
+    trace: (&crate::config::broker::BrokerSpec, Option<&SpanContext>),
 ) -> (String, String, Prepared) {
     let subject = pick(&m.subject, subject);
+    // One context per message: its own traceparent header, else the step's.
+    let parent = crate::telemetry::trace::headers_parent(&m.headers);
+    let started =
+        crate::telemetry::trace::start_publish(parent.as_ref().or(trace.1), trace.0, &subject);
     let message_id = m.message_id;
     let correlation = pick(&m.correlation_id, correlation);
     let body = if !m.payload_bytes.is_empty() {
@@ -136,6 +142,12 @@ fn prepare(
         )
         .map_err(|e| e.to_string())
     });
+    let prepared = prepared.map(|mut msg| {
+        started.inject(&mut msg.headers);
+        msg
+    });
+    // Bulk spans end when the message is handed to the provider (the acks come back in bulk).
+    started.end(prepared.as_ref().map(|_| ()));
     (subject, message_id, prepared)
 }
 
@@ -144,6 +156,7 @@ pub(super) async fn execute(
     rt: &Runtime,
     cfg: PublishStepConfig,
     inp: PublishRequest,
+    parent: Option<SpanContext>,
 ) -> Result<StepOutput, RuntimeError> {
     let fail_on = FailOn::parse(&cfg.fail_on)
         .map_err(|e| RuntimeError::failed(component, format!("fail_on {e}")))?;
@@ -173,11 +186,14 @@ pub(super) async fn execute(
             None => None,
         };
     let total = list.len();
+    let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component)?;
     let prepared: Vec<_> = list
         .into_iter()
-        .map(|m| prepare(m, &subject, &headers, &correlation, &payload))
+        .map(|m| {
+            let trace = (&broker.spec, parent.as_ref());
+            prepare(m, &subject, &headers, &correlation, &payload, trace)
+        })
         .collect();
-    let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), component)?;
     let job = PublishList {
         component,
         prepared,
@@ -185,6 +201,7 @@ pub(super) async fn execute(
         timeout: duration(&cfg.timeout).filter(|d| !d.is_zero()),
     };
     let results = broker.dispatch(job).await?;
+    crate::telemetry::bulk_done(&broker.spec, &results);
     let failed = results.iter().filter(|r| !r.error.is_empty()).count();
     if fail_on.fails(failed, total) {
         return Err(RuntimeError::failed(

@@ -21,7 +21,8 @@ impl<P: Provider> Handler<P> {
         let mut entries = Vec::with_capacity(msgs.len());
         let mut items = Vec::with_capacity(msgs.len());
         for d in msgs {
-            let m = d.to_message(&self.spec.durable, self.spec.include);
+            let mut m = d.to_message(&self.spec.durable, self.spec.include);
+            drop(self.tm.deliver(&mut m));
             let origin = Origin::of(&m);
             // No per-message broker_ref: each entry must decode as a Message (the ack step's
             // `messages` input); the batch carries it once at the top.
@@ -69,6 +70,7 @@ impl<P: Provider> Handler<P> {
         // Keep the messages ours while the run lasts (in-progress acks at ack_wait/2), except
         // those the pipeline already acked or terminated.
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
+        let run = self.tm.run();
         let pipeline = self.launcher.launch(call);
         tokio::pin!(pipeline);
         let mut ticker =
@@ -82,6 +84,7 @@ impl<P: Provider> Handler<P> {
                 }
             }
         };
+        run.finish(result.is_ok());
         let fates = marks.release(own);
         if let Err(err) = &result {
             tracing::warn!(trigger = %self.spec.workflow_type, messages = items.len(), error = %err, "batch pipeline failed");

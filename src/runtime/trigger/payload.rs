@@ -45,6 +45,22 @@ pub fn build(m: Message, broker_ref: &str) -> Struct {
             kind: Some(Kind::StructValue(headers)),
         },
     );
+    // The delivery's trace context, where the engine's step.trace_extract looks by default.
+    if !m.trace_headers.is_empty() {
+        let carrier = Struct {
+            fields: m
+                .trace_headers
+                .into_iter()
+                .map(|(k, v)| (k, s(v)))
+                .collect(),
+        };
+        f.insert(
+            "trace_headers".into(),
+            Value {
+                kind: Some(Kind::StructValue(carrier)),
+            },
+        );
+    }
     f.insert("subject".into(), s(m.subject));
     f.insert("sequence".into(), s(m.sequence));
     f.insert("published_at".into(), s(m.published_at));

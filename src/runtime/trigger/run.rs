@@ -11,6 +11,7 @@ use crate::runtime::provider::{
     AckKind, BindAsk, Bound, Delivered, Next, Origin, Provider, ProviderError, Subscription,
 };
 use crate::runtime::{render, Runtime};
+use crate::telemetry::TriggerTelemetry;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,7 +75,14 @@ impl ForProvider for Start {
     type Out = Result<(), ProviderError>;
     async fn run<P: Open>(self, _broker: &BrokerModule) -> Self::Out {
         let name = self.spec.workflow_type.clone();
+        let tm = Arc::new(TriggerTelemetry::for_trigger(
+            &self.broker.spec,
+            &self.spec.stream,
+            &self.spec.durable,
+            &self.spec.workflow_type,
+        ));
         let worker = Worker::<P> {
+            tm,
             rt: self.rt,
             spec: self.spec,
             broker: self.broker,
@@ -103,6 +111,7 @@ pub struct Worker<P> {
     broker: Arc<BrokerModule>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    tm: Arc<TriggerTelemetry>,
     _provider: std::marker::PhantomData<fn() -> P>,
 }
 
@@ -142,6 +151,11 @@ impl<P: Open> Worker<P> {
             }
         }
         let (binding, bound) = p.bind(self.ask()).await?;
+        p.watch_lag(
+            &self.broker.spec.name,
+            &self.spec.stream,
+            &self.spec.durable,
+        );
         Ok((p, binding, bound))
     }
 
@@ -203,6 +217,8 @@ impl<P: Open> Worker<P> {
                     provider: p.clone(),
                     bound,
                     stop: self.stop.clone(),
+                    tm: self.tm.clone(),
+                    trace: Default::default(),
                 };
                 let interrupt = if batched {
                     let (msgs, interrupt) =
@@ -281,11 +297,15 @@ pub(super) struct Handler<P> {
     pub provider: P,
     pub bound: Bound,
     pub stop: CancellationToken,
+    pub tm: Arc<TriggerTelemetry>,
+    trace: crate::telemetry::trace::Slot,
 }
 
 impl<P: Provider> Handler<P> {
     async fn handle(&self, d: P::Delivery) {
-        let m = d.to_message(&self.spec.durable, self.spec.include);
+        let mut m = d.to_message(&self.spec.durable, self.spec.include);
+        let mut delivery = self.tm.deliver(&mut m);
+        self.trace.set(&delivery);
         let origin = Origin::of(&m);
         let data = payload::build(m, &self.spec.broker_ref);
         // Derived forms are left out first; a call the host would still refuse for its size
@@ -301,6 +321,7 @@ impl<P: Provider> Handler<P> {
         };
         // Keep the message ours while a long pipeline runs (in-progress acks at ack_wait/2).
         let progress_every = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
+        let run = self.tm.run();
         let pipeline = self.launcher.launch(call);
         tokio::pin!(pipeline);
         let mut ticker =
@@ -311,6 +332,8 @@ impl<P: Provider> Handler<P> {
                 _ = ticker.tick() => self.progress(&origin.token).await,
             }
         };
+        run.finish(result.is_ok());
+        delivery.end(&result);
         match result {
             Ok(()) => {
                 if self.spec.ack_mode == AckMode::Auto {
@@ -372,7 +395,9 @@ impl<P: Provider> Handler<P> {
         let cap = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
         let extra = m.dead_letter_headers(err);
         for attempt in 1i64.. {
-            let e = match self.provider.dead_letter(dlq, d, &extra).await {
+            let sent = self.provider.dead_letter(dlq, d, &extra).await;
+            self.tm.dead_lettered(sent.is_ok());
+            let e = match sent {
                 Ok(()) => return true,
                 Err(e) => e,
             };
@@ -394,7 +419,9 @@ impl<P: Provider> Handler<P> {
     /// An in-progress ack: the message stays ours for another ack_wait. Best effort; a lost
     /// one at worst lets the broker redeliver.
     pub(super) async fn progress(&self, token: &str) {
-        if let Err(e) = self.provider.settle(token, AckKind::Progress).await {
+        let r = self.provider.settle(token, AckKind::Progress).await;
+        self.tm.settled(AckKind::Progress, r.is_ok());
+        if let Err(e) = r {
             tracing::debug!(error = %e, "progress ack failed");
         }
     }
@@ -402,10 +429,12 @@ impl<P: Provider> Handler<P> {
     /// One terminal decision per message, confirmed; retried briefly across a reconnect (a
     /// lost one at worst lets the broker redeliver).
     pub(super) async fn settle(&self, token: &str, kind: AckKind) {
+        let _span = self.trace.settle(kind.name());
         for attempt in 0..3u32 {
             match self.provider.settle(token, kind).await {
-                Ok(()) => return,
+                Ok(()) => return self.tm.settled(kind, true),
                 Err(e) if attempt == 2 => {
+                    self.tm.settled(kind, false);
                     tracing::warn!(trigger = %self.spec.workflow_type, action = kind.name(), error = %e, "could not settle message; it will be redelivered");
                 }
                 Err(_) => {
