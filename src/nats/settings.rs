@@ -151,23 +151,6 @@ pub fn too_old(
     }
 }
 
-/// On a pgchannel broker every setting of the tables is refused, one line each: the database
-/// has no equivalent, and dropping one silently would leave a config that says what is not so.
-pub fn refused_on_pg(set: &Settings, what: &str) -> Result<(), crate::pg::PgError> {
-    if set.is_empty() {
-        return Ok(());
-    }
-    let lines: Vec<String> = set
-        .keys()
-        .map(|k| {
-            format!(
-                "{what}: {k} is a NATS JetStream setting; pgchannel has no equivalent (remove it)"
-            )
-        })
-        .collect();
-    Err(crate::pg::PgError::Invalid(lines.join("; ")))
-}
-
 /// The first of `changed` (setting keys an update would change) that the server (version
 /// `server`) cannot change in place, with the release that can.
 pub fn needs_newer_to_change(
