@@ -20,15 +20,24 @@ pub(crate) async fn settle<P: Provider>(
     token: &str,
     kind: AckKind,
 ) -> Result<(), ProviderError> {
-    let marks = rt.batch_marks();
-    if matches!(kind, AckKind::Nak(_)) && marks.mark_failed(token) {
+    if left_to_batch(rt, token, kind) {
         return Ok(());
     }
     p.settle(token, kind).await?;
-    if kind != AckKind::Progress {
-        marks.mark_settled(token);
-    }
+    record_settled(rt, token, kind);
     Ok(())
+}
+
+/// A nak of a token a batch trigger run holds: marked failed for that run, and not sent.
+fn left_to_batch(rt: &Runtime, token: &str, kind: AckKind) -> bool {
+    matches!(kind, AckKind::Nak(_)) && rt.batch_marks().mark_failed(token)
+}
+
+/// A sent settle (other than progress), recorded so a batch run leaves the message alone.
+fn record_settled(rt: &Runtime, token: &str, kind: AckKind) {
+    if kind != AckKind::Progress {
+        rt.batch_marks().mark_settled(token);
+    }
 }
 
 pub(super) async fn execute(
@@ -80,13 +89,10 @@ impl ForProvider for AckList<'_> {
         // batch run holds is left to that run (`settle`), everything else goes in one list.
         let mut errors: Vec<Option<String>> = Vec::with_capacity(self.tokens.len());
         let mut send: Vec<&str> = Vec::new();
-        let marks = rt.batch_marks();
         for token in &self.tokens {
             match P::check_token(token) {
                 Err(e) => errors.push(Some(format!("ack_token {e}"))),
-                Ok(()) if matches!(kind, AckKind::Nak(_)) && marks.mark_failed(token) => {
-                    errors.push(Some(String::new()))
-                }
+                Ok(()) if left_to_batch(rt, token, kind) => errors.push(Some(String::new())),
                 Ok(()) => {
                     errors.push(None);
                     send.push(token);
@@ -104,9 +110,7 @@ impl ForProvider for AckList<'_> {
                     Some(e) => e,
                     None => match sent.next() {
                         Some(Ok(())) => {
-                            if kind != AckKind::Progress {
-                                marks.mark_settled(token);
-                            }
+                            record_settled(rt, token, kind);
                             String::new()
                         }
                         Some(Err(e)) => render(&e),
