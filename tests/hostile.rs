@@ -1161,3 +1161,97 @@ async fn f12_deeply_nested_pipeline_state_decodes() {
     assert_eq!(&last.payload[..], b"deep");
     no_panic(&p);
 }
+
+/// Issue 19 (leftover): the dead-letter copy adds `Eventbus-*` headers (origin and reason, up
+/// to ~1 KB), so a message already near the server's max_payload could never be copied: the
+/// trigger retried the publish forever, holding its in-flight slot. The copy is now fitted to
+/// max_payload on what is sent (the origin headers kept, the reason cut, the original's own
+/// headers dropped last-first), and the message is settled.
+#[tokio::test]
+async fn dead_letter_copy_of_a_message_at_max_payload_is_fitted_and_settled() {
+    use futures::StreamExt;
+    const MAX: usize = 8 * 1024;
+    let server = NatsServer::builder().config("max_payload: 8KB\n").start();
+    let pipeline: PipelineFn = Arc::new(|_| Box::pin(async { Err("x".repeat(2000)) }));
+    let p = plugin_with(&server, Some(pipeline)).await;
+    orders(&p).await;
+    let t = p
+        .create_trigger(
+            "pipeline:near-limit",
+            &json!({"name": "worker", "dead_letter_subject": "dead.near", "max_deliver": 1}),
+        )
+        .await
+        .unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    assert_eq!(client.max_payload(), MAX);
+    let mut dead = client.subscribe("dead.>").await.unwrap();
+    client.flush().await.unwrap();
+    p.lifecycle("start", &t).await.unwrap();
+    let js = jetstream::new(client.clone());
+    // 10 bytes under the limit with a header of its own; then exactly the limit, no headers.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("X-Tenant", "t".repeat(200).as_str());
+    let header_block = "NATS/1.0\r\nX-Tenant: \r\n\r\n".len() + 200;
+    let near = vec![b'n'; MAX - header_block - 10];
+    js.publish_with_headers("orders.near", headers, near.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let at = vec![b'a'; MAX];
+    js.publish("orders.at", at.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut copies = Vec::new();
+    while copies.len() < 2 {
+        let m = tokio::time::timeout(T, dead.next())
+            .await
+            .expect("dead-lettered in time (not retried forever)")
+            .unwrap();
+        copies.push(m);
+    }
+    copies.sort_by_key(|m| m.payload.len());
+    let (c_near, c_at) = (&copies[0], &copies[1]);
+    assert_eq!(c_near.payload, near);
+    let h = c_near.headers.as_ref().expect("origin headers kept");
+    let get = |k: &str| h.get(k).map(|v| v.as_str().to_string());
+    assert_eq!(get("Eventbus-Original-Stream").as_deref(), Some("ORDERS"));
+    assert_eq!(get("Eventbus-Original-Sequence").as_deref(), Some("1"));
+    assert_eq!(get("Eventbus-Delivery-Count").as_deref(), Some("1"));
+    assert_eq!(
+        get("Eventbus-Original-Subject").as_deref(),
+        Some("orders.near")
+    );
+    assert!(
+        get("Eventbus-Error").is_some_and(|e| e.contains("xxx")),
+        "{h:?}"
+    );
+    // The bare payload fills the limit: nothing else could travel with it.
+    assert_eq!(c_at.payload, at);
+    assert!(c_at.headers.as_ref().is_none_or(|h| h.is_empty()));
+    // Both settled (terminated after the copy): nothing held, nothing to redeliver.
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    tokio::time::timeout(T, async {
+        loop {
+            let mut c = stream
+                .get_consumer::<jetstream::consumer::pull::Config>("worker")
+                .await
+                .unwrap();
+            let info = c.info().await.unwrap();
+            if info.num_ack_pending == 0 && info.num_pending == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("both messages settled");
+    assert!(
+        p.stderr().contains("dead-letter copy trimmed"),
+        "{}",
+        p.stderr()
+    );
+    no_panic(&p);
+}

@@ -31,6 +31,14 @@ pub enum NatsError {
     Other { op: &'static str, detail: String },
     #[error("invalid connection settings: {0}")]
     Settings(String),
+    /// Refused before it is sent: over the connection's `max_payload` (see `nats::wire`).
+    #[error("{what} is {size} bytes as sent (payload {payload} + headers {}), over the server's max_payload of {limit} bytes", .size - .payload)]
+    TooLarge {
+        what: String,
+        size: usize,
+        payload: usize,
+        limit: usize,
+    },
 }
 
 impl NatsError {
@@ -43,6 +51,11 @@ impl NatsError {
 
     pub fn is_not_found(&self) -> bool {
         matches!(self, NatsError::NotFound { .. })
+    }
+
+    /// Over the server's `max_payload`: no retry can send it.
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, NatsError::TooLarge { .. })
     }
 }
 

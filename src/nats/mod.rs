@@ -12,6 +12,7 @@ pub mod provider;
 pub mod server_conf;
 pub mod settings;
 pub mod stream;
+pub mod wire;
 
 pub use conn::{ConnSettings, NatsConn};
 pub use error::NatsError;

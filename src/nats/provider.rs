@@ -7,6 +7,7 @@ use super::ack::{ack_token, AckKind};
 use super::conn::ConnState;
 use super::consumer::{fetch_consumer_config, get_stream};
 use super::guard::check_ack_token;
+use super::wire;
 use super::{NatsConn, NatsError};
 use crate::error_chain::render;
 use crate::pb::eventbus::Message;
@@ -387,9 +388,11 @@ impl Provider for NatsProvider {
         msg: &JsMessage,
         extra: &[(&'static str, String)],
     ) -> Result<(), ProviderError> {
-        let mut headers = dead_letter_headers(msg.headers.as_ref());
-        for (k, v) in extra {
-            headers.insert(*k, v.as_str());
+        let kept = dead_letter_headers(msg.headers.as_ref());
+        let max = self.conn.client.max_payload();
+        let (headers, trimmed) = wire::fit_dead_letter(kept, extra, msg.payload.len(), max)?;
+        if trimmed.any() {
+            tracing::warn!(subject = %subject, max_payload = max, dropped = trimmed.dropped, truncated = trimmed.truncated, "dead-letter copy trimmed to the server's max_payload: headers left out or shortened");
         }
         let timeout = self.conn.request_timeout;
         let ack = self

@@ -78,6 +78,12 @@ impl ProviderError {
         }
     }
 
+    /// The message can never be sent as it is (over the broker's size limit): retrying is
+    /// pointless.
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, ProviderError::Nats(e) if e.is_too_large())
+    }
+
     /// A failure that a later attempt may not meet (broker down, timed out), as opposed to a
     /// configuration problem the user must see at Start.
     pub fn is_transient(&self) -> bool {

@@ -389,7 +389,9 @@ impl<P: Provider> Handler<P> {
     /// publish followed by a nak lost the message. Retries back off like naks (capped below
     /// ack_wait, with an in-progress ack each time so the message stays ours) and hold this
     /// message's max_in_flight slot, which slows intake while the dead-letter subject is
-    /// unreachable. False when the trigger stopped first: the message is then left unsettled
+    /// unreachable. A copy the broker can never take (its payload alone over the size limit;
+    /// the provider fits the headers to it otherwise) is not retried: the message is then
+    /// terminated, counted as a failed dead letter. False when the trigger stopped first: the message is then left unsettled
     /// (the log names its sequence) rather than terminated.
     async fn park(&self, dlq: &str, d: &P::Delivery, m: &Origin, err: &str) -> bool {
         let cap = (self.bound.ack_wait / 2).max(Duration::from_millis(100));
@@ -399,6 +401,11 @@ impl<P: Provider> Handler<P> {
             self.tm.dead_lettered(sent.is_ok());
             let e = match sent {
                 Ok(()) => return true,
+                Err(e) if e.is_too_large() => {
+                    // No retry can send it: settled (terminated) rather than held forever.
+                    tracing::warn!(trigger = %self.spec.workflow_type, stream = %m.stream, seq = %m.sequence, subject = %dlq, error = %render(&e), "message cannot be dead-lettered: too large for the broker even without headers; terminated without a copy");
+                    return true;
+                }
                 Err(e) => e,
             };
             let wait = nak_delay(self.spec.nak_delay, attempt).min(cap);
