@@ -1255,3 +1255,195 @@ async fn dead_letter_copy_of_a_message_at_max_payload_is_fitted_and_settled() {
     );
     no_panic(&p);
 }
+
+/// Issue 19 sweep (size caps on what is sent): a publish is checked against the server's
+/// max_payload on payload plus headers, the ids and trace context the step adds included,
+/// with one error naming the step and the field; in a bulk list only that message fails.
+/// Before, the client's own refusal surfaced ("Payload size limit ... exceeded") without
+/// saying that headers count or which ones the step had added.
+#[tokio::test]
+async fn publish_over_max_payload_counting_added_headers_names_step_and_field() {
+    const MAX: usize = 8 * 1024;
+    let server = NatsServer::builder().config("max_payload: 8KB\n").start();
+    let p = plugin_with(&server, None).await;
+    orders(&p).await;
+    let step = p
+        .create_step(PUBLISH, "pub", "subject: orders.big\n")
+        .await
+        .unwrap();
+    // Exactly max_payload of payload: only the headers the step adds (message id, trace
+    // context) push it over.
+    let exact = "p".repeat(MAX);
+    let e = p
+        .execute(
+            PUBLISH,
+            &step,
+            &format!("subject: orders.big\nmessage_id: m-1\npayload: {exact}\n"),
+            &json!({}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.starts_with("step.eventbus.publish \"pub\": payload:"),
+        "{e}"
+    );
+    assert!(e.contains(&format!("max_payload of {MAX} bytes")), "{e}");
+    assert!(e.contains("traceparent") && e.contains("+ headers"), "{e}");
+    assert!(e.len() < 600, "{e}");
+    // Room left for the headers: sent.
+    let fits = "p".repeat(MAX - 1024);
+    p.execute(
+        PUBLISH,
+        &step,
+        &format!("subject: orders.big\nmessage_id: m-2\npayload: {fits}\n"),
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    let out = p
+        .execute(
+            PUBLISH,
+            &step,
+            "subject: orders.big\nfail_on: none\n",
+            &json!({"publish_messages": [{"payload": "small"}, {"payload": exact}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["published"], 1, "{out}");
+    let e = out["results"][1]["error"].as_str().unwrap_or_default();
+    assert!(e.contains(&format!("max_payload of {MAX} bytes")), "{out}");
+    no_panic(&p);
+}
+
+/// Issue 19 sweep (every ack path): forged tokens (wildcards, whitespace, `$JS.ACK` prefix
+/// look-alikes, an embedded protocol line, extra or missing tokens, overlong, non-UTF-8) are
+/// refused by the single and the bulk ack for every action, and the plugin's connection
+/// publishes nothing but JetStream API requests and the one real ack sent last (a core
+/// subscriber on `>` sees the connection's traffic in order, so that ack marks the end).
+#[tokio::test]
+async fn forged_ack_tokens_never_publish_outside_a_jetstream_ack_subject() {
+    use futures::StreamExt;
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut all = client.subscribe(">").await.unwrap();
+    client.flush().await.unwrap();
+    let ack = p.create_step(ACK, "ack", "").await.unwrap();
+    let long = format!("$JS.ACK.ORDERS.worker.1.1.1.1.{}", "9".repeat(2000));
+    let forged = [
+        "$JS.ACK.ORDERS.*.1.1.1.1.0",
+        "$JS.ACK.ORDERS.worker.1.1.1.1.>",
+        "$JS.ACK.>",
+        "$JS.ACK.*.*.1.1.1.1.0",
+        "$JS.ACK.ORDERS.wor ker.1.1.1.1.0",
+        "$JS.ACK.ORDERS.worker\t.1.1.1.1.0",
+        "$JS.ACK.ORDERS.wor\u{a0}ker.1.1.1.1.0",
+        " $JS.ACK.ORDERS.worker.1.1.1.1.0",
+        "$JS.ACK.ORDERS.worker.1.1.1.1.0 ",
+        "$JS.ACK.ORDERS.worker.1.1.1.1.0\r\nPUB orders.x 1\r\nx",
+        "$js.ack.ORDERS.worker.1.1.1.1.0",
+        "$JS.ACKX.ORDERS.worker.1.1.1.1.0",
+        "$JS.ACK..ORDERS.worker.1.1.1.1",
+        "$JS.ACK.ORDERS.worker.1.1.1.1",
+        "$JS.ACK.ORDERS.worker.1.1.1.1.0.x.y.z.w.v.u",
+        "$JS.ACK.ORDERS.worker.-1.1.1.1.0",
+        "$JS.ACK.ORDERS.worker.1.1.1.1.0.$JS.API.STREAM.DELETE.ORDERS",
+        "$JS.API.STREAM.DELETE.ORDERS",
+        "orders.created",
+        long.as_str(),
+    ];
+    let actions = [
+        "ACK_ACTION_ACK",
+        "ACK_ACTION_NAK",
+        "ACK_ACTION_TERM",
+        "ACK_ACTION_PROGRESS",
+    ];
+    for action in actions {
+        for token in forged {
+            let e = p
+                .execute(
+                    ACK,
+                    &ack,
+                    &format!("action: {action}\n"),
+                    &json!({"ack_token": token}),
+                )
+                .await
+                .unwrap_err();
+            assert!(e.contains("ack_token"), "{action} {token:?}: {e}");
+            assert!(e.len() < 1024, "{action}: a {} byte error", e.len());
+        }
+        let out = p
+            .execute(
+                ACK,
+                &ack,
+                &format!("action: {action}\nfail_on: none\n"),
+                &json!({"ack_tokens": forged}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["failed"], forged.len(), "{action}: {out}");
+        assert!(out.get("acked").is_none_or(|a| a == 0), "{action}: {out}");
+    }
+    // Not UTF-8: the host could send any bytes in the typed input's string field.
+    let mut raw = vec![0x0a, 12];
+    raw.extend_from_slice(b"$JS.ACK.\xff\xfe\x00\x01");
+    let r = p
+        .client
+        .clone()
+        .execute_step(ExecuteStepRequest {
+            handle_id: ack.clone(),
+            typed_input: Some(prost_types::Any {
+                type_url: "type.googleapis.com/workflow.plugin.eventbus.v1.AckRequest".into(),
+                value: raw,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("ExecuteStep answered")
+        .into_inner();
+    assert!(r.error.contains("step.eventbus.ack"), "{}", r.error);
+    // The one real ack, last: its subject marks the end of the plugin's traffic.
+    let js = js(&server).await;
+    js.publish("orders.real", "r".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let consume = p
+        .create_step("step.eventbus.consume", "get", "consumer: worker\n")
+        .await
+        .unwrap();
+    let out = p
+        .execute(
+            "step.eventbus.consume",
+            &consume,
+            "consumer: worker\nmax_wait: 5s\n",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    let token = out["messages"][0]["ack_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    p.execute(ACK, &ack, "", &json!({"ack_token": token}))
+        .await
+        .unwrap();
+    tokio::time::timeout(T, async {
+        while let Some(m) = all.next().await {
+            let s = m.subject.as_str();
+            if s == token {
+                return;
+            }
+            let allowed = ["$JS.API.", "$JS.EVENT.", "_INBOX.", "orders.real"];
+            assert!(
+                allowed.iter().any(|a| s.starts_with(a)),
+                "the plugin's connection published to {s:?}"
+            );
+        }
+    })
+    .await
+    .expect("the real ack was seen");
+    no_panic(&p);
+}

@@ -89,6 +89,18 @@ fn headers_of(msg: &OutMessage) -> HeaderMap {
     out
 }
 
+/// A publish within the connection's max_payload, counted as sent: the payload and every
+/// header, the ids and trace context the step adds included (the field is the payload, the
+/// one a pipeline can shrink).
+fn fits(conn: &NatsConn, headers: &HeaderMap, payload: usize) -> Result<(), NatsError> {
+    wire::check_fits(
+        "payload: the message (payload plus headers, counting the message_id, correlation_id and traceparent/tracestate headers the step adds)",
+        headers,
+        payload,
+        conn.client.max_payload(),
+    )
+}
+
 fn published(ack: async_nats::jetstream::publish::PublishAck) -> Published {
     Published {
         stream: ack.stream,
@@ -132,6 +144,7 @@ impl Provider for NatsProvider {
         async move {
             let deadline = tokio::time::Instant::now() + timeout;
             conn.wait_connected(timeout).await?;
+            fits(conn, &headers, payload.len())?;
             let ack = tokio::time::timeout_at(deadline, async {
                 let fut = conn
                     .js
@@ -177,6 +190,10 @@ impl Provider for NatsProvider {
                 }
             }
             let headers = headers_of(&msg);
+            if let Err(e) = fits(&self.conn, &headers, msg.payload.len()) {
+                pending.push_back(futures::future::ready(Err(render(&e))).right_future());
+                continue;
+            }
             let sent = tokio::time::timeout(
                 timeout,
                 js.publish_with_headers(msg.subject, headers, msg.payload.into()),
