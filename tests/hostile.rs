@@ -1447,3 +1447,51 @@ async fn forged_ack_tokens_never_publish_outside_a_jetstream_ack_subject() {
     .expect("the real ack was seen");
     no_panic(&p);
 }
+
+/// Issue 21 (leftover): the consume step added each message's `trace_headers` after fitting
+/// its output to `max_bytes` (~80 B per message over). They are counted now: the encoded
+/// output never exceeds the budget, and every message still carries its trace context.
+#[tokio::test]
+async fn consume_output_with_trace_headers_stays_within_max_bytes() {
+    let server = NatsServer::start();
+    let p = plugin_with(&server, None).await;
+    orders(&p).await;
+    let js = js(&server).await;
+    for i in 0..150u64 {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(
+            "traceparent",
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{:016x}-01", i + 1).as_str(),
+        );
+        h.insert("tracestate", "vendor=abcdef");
+        js.publish_with_headers("orders.traced", h, vec![b'p'; 60].into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let h = p
+        .create_step("step.eventbus.consume", "get", "consumer: worker\n")
+        .await
+        .unwrap();
+    let budget = 8_000;
+    let cfg = format!(
+        "consumer: worker\nbatch_size: 100\nmax_wait: 1s\nmax_bytes: {budget}\ninclude: [payload]\n"
+    );
+    let ack = p.create_step(ACK, "ack", "").await.unwrap();
+    let mut seen = 0;
+    while seen < 150 {
+        let (bytes, out) = consume_raw(&p, &h, &cfg).await;
+        assert!(out.count > 0, "no message within the budget");
+        assert!(bytes <= budget, "{bytes} bytes of output, budget {budget}");
+        for m in &out.messages {
+            assert_eq!(m.trace_headers.len(), 2, "{:?}", m.trace_headers);
+        }
+        let tokens: Vec<String> = out.messages.iter().map(|m| m.ack_token.clone()).collect();
+        p.execute(ACK, &ack, "", &json!({"ack_tokens": tokens}))
+            .await
+            .unwrap();
+        seen += out.count as usize;
+    }
+    no_panic(&p);
+}

@@ -154,6 +154,18 @@ pub fn carrier(sc: &SpanContext) -> HashMap<String, String> {
     put.0
 }
 
+/// The `trace_headers` [`deliver`] will give a message with these headers, for sizing before
+/// it runs (the consume step fits its output to `max_bytes` first): the same keys and value
+/// lengths, only the span id differs. Empty when deliver adds none (tracing off and no context
+/// in the headers).
+pub fn carrier_for_sizing(headers: &HashMap<String, String>) -> HashMap<String, String> {
+    match headers_parent(headers) {
+        Some(p) => carrier(&p),
+        None if tracer().is_some() => carrier(&fresh()),
+        None => HashMap::new(),
+    }
+}
+
 fn from_map<'a>(m: impl Fn(&str) -> Option<&'a str>) -> Option<SpanContext> {
     parse(m(TRACEPARENT)?, m(TRACESTATE).unwrap_or(""))
 }

@@ -73,6 +73,11 @@ impl Output {
     /// the budget must not block its consumer), as is one the caller cannot give back (`keep`:
     /// its last delivery).
     pub fn push(&mut self, mut m: Message, keep: bool) -> Option<Message> {
+        // The trace context the step adds after the fetch (`telemetry::consumed`) is counted
+        // too: same size now, its span ids filled in then.
+        if m.trace_headers.is_empty() {
+            m.trace_headers = crate::telemetry::trace::carrier_for_sizing(&m.headers);
+        }
         let n = shrink(&mut m, self.limit.saturating_sub(self.used));
         if self.used + n > self.limit && !self.messages.is_empty() && !keep {
             return Some(m);
@@ -142,6 +147,42 @@ mod tests {
         let resp = out.into_response();
         assert_eq!(resp.count, 2);
         assert_eq!(resp.messages[0].omitted, ["json", "text"]);
+    }
+
+    /// Issue 21: `trace_headers` were added after the output was fitted (~80 B per message
+    /// over `max_bytes`); they are counted now.
+    #[test]
+    fn the_budget_counts_the_trace_headers_added_after_the_fetch() {
+        let limit = 5_000;
+        let mut out = Output::new(limit, 100);
+        for i in 0..100u64 {
+            let mut m = Message {
+                subject: "orders.created".into(),
+                payload: vec![b'p'; 100],
+                ack_token: format!("$JS.ACK.ORDERS.worker.1.{i}.{i}.1700000000000000000.0"),
+                ..Default::default()
+            };
+            m.headers.insert(
+                "traceparent".into(),
+                format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{:016x}-01", i + 1),
+            );
+            m.headers.insert("tracestate".into(), "vendor=abc".into());
+            if out.push(m, false).is_some() {
+                break;
+            }
+        }
+        let mut resp = out.into_response();
+        assert!(resp.count > 5, "{}", resp.count);
+        for m in &mut resp.messages {
+            // What `telemetry::consumed` does once the fetch returns.
+            drop(crate::telemetry::trace::deliver(m, "bus", "nats", ""));
+            assert_eq!(m.trace_headers.len(), 2, "{:?}", m.trace_headers);
+        }
+        assert!(
+            resp.encoded_len() <= limit,
+            "{} > {limit}",
+            resp.encoded_len()
+        );
     }
 
     #[test]
