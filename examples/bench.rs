@@ -26,7 +26,11 @@
 //!     and the trigger at max_in_flight 1 and 64 (burst published through the publish step at
 //!     64 in flight while receiving), same payloads as the NATS figures.
 //!
-//! `BENCH_ONLY=publish,consume,trigger,bulk,pg,launch` picks phases and `BENCH_INFLIGHT=1,16,64` the
+//! (g) metrics and baseline: the proof phases of `proof/mod.rs` (metrics off vs on in
+//!     interleaved pairs, scrapes under a 10k msg/s trigger; with `BENCH_BASELINE_BIN`, this
+//!     binary against an older one).
+//!
+//! `BENCH_ONLY=publish,consume,trigger,bulk,pg,metrics,baseline,launch` picks phases and `BENCH_INFLIGHT=1,16,64` the
 //! publish concurrencies (used by `make profile`, which runs one phase under callgrind).
 //!
 //! The plugin side sends requests the way the host does (typed_config / typed_input Any) but
@@ -34,6 +38,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "proof/mod.rs"]
+mod proof;
 #[path = "support/mod.rs"]
 mod support;
 
@@ -281,39 +287,7 @@ async fn run() -> Res<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
 
-    // The no-op pipeline: records end-to-end latency from the publish stamp in the payload.
-    let (lat_tx, mut lat_rx) = mpsc::unbounded_channel::<(u64, u64)>();
-    // A batch run (`messages: [...]`) records each of its messages.
-    let pipeline: PipelineFn = Arc::new(move |req| {
-        use prost_types::value::Kind;
-        let now = now_ns();
-        let stamp = |s: &prost_types::Struct| {
-            s.fields.get("text").and_then(|v| match &v.kind {
-                Some(Kind::StringValue(s)) => stamp_of(s),
-                _ => None,
-            })
-        };
-        let send = |t: Option<u64>| {
-            let _ = lat_tx.send((t.map_or(u64::MAX, |t| now.saturating_sub(t)), now));
-        };
-        match req
-            .data
-            .as_ref()
-            .and_then(|d| d.fields.get("messages"))
-            .map(|v| &v.kind)
-        {
-            Some(Some(Kind::ListValue(l))) => {
-                for v in &l.values {
-                    match &v.kind {
-                        Some(Kind::StructValue(m)) => send(stamp(m)),
-                        _ => send(None),
-                    }
-                }
-            }
-            _ => send(req.data.as_ref().and_then(stamp)),
-        }
-        Box::pin(async { Ok(()) })
-    });
+    let (pipeline, mut lat_rx) = latency_pipeline();
     let pg_pipeline = pipeline.clone();
     let mut plugin = Plugin::launch(LaunchOptions {
         env: vec![("NATS_URL".into(), server.url())],
@@ -394,6 +368,12 @@ async fn run() -> Res<()> {
         ));
     }
     drop(plugin);
+    if phase("metrics") {
+        proof::metrics_bench(&server, &js).await?;
+    }
+    if phase("baseline") {
+        proof::baseline_bench(&server, &js).await?;
+    }
     if !phase("launch") {
         return Ok(());
     }
@@ -420,6 +400,44 @@ async fn run() -> Res<()> {
     fig("rss_peak", mib(peak_rss), "MiB");
     drop(server);
     Ok(())
+}
+
+/// The no-op pipeline: records each delivery's end-to-end latency (from the publish stamp in
+/// the payload) and arrival time on the returned channel.
+fn latency_pipeline() -> (PipelineFn, mpsc::UnboundedReceiver<(u64, u64)>) {
+    let (lat_tx, lat_rx) = mpsc::unbounded_channel::<(u64, u64)>();
+    // A batch run (`messages: [...]`) records each of its messages.
+    let pipeline: PipelineFn = Arc::new(move |req| {
+        use prost_types::value::Kind;
+        let now = now_ns();
+        let stamp = |s: &prost_types::Struct| {
+            s.fields.get("text").and_then(|v| match &v.kind {
+                Some(Kind::StringValue(s)) => stamp_of(s),
+                _ => None,
+            })
+        };
+        let send = |t: Option<u64>| {
+            let _ = lat_tx.send((t.map_or(u64::MAX, |t| now.saturating_sub(t)), now));
+        };
+        match req
+            .data
+            .as_ref()
+            .and_then(|d| d.fields.get("messages"))
+            .map(|v| &v.kind)
+        {
+            Some(Some(Kind::ListValue(l))) => {
+                for v in &l.values {
+                    match &v.kind {
+                        Some(Kind::StructValue(m)) => send(stamp(m)),
+                        _ => send(None),
+                    }
+                }
+            }
+            _ => send(req.data.as_ref().and_then(stamp)),
+        }
+        Box::pin(async { Ok(()) })
+    });
+    (pipeline, lat_rx)
 }
 
 /// (a) ExecuteStep(publish) through the plugin vs raw JetStream publish, same stream.

@@ -98,6 +98,8 @@ pub struct LaunchOptions {
     pub callback: Option<PipelineFn>,
     /// Delay before the host sends the callback ConnInfo (late arrival, as go-plugin allows).
     pub conninfo_delay: Duration,
+    /// Another plugin binary than [`plugin_bin`] (the bench compares against an older build).
+    pub bin: Option<PathBuf>,
 }
 
 impl Default for LaunchOptions {
@@ -106,6 +108,7 @@ impl Default for LaunchOptions {
             env: Vec::new(),
             callback: None,
             conninfo_delay: Duration::ZERO,
+            bin: None,
         }
     }
 }
@@ -127,14 +130,19 @@ pub struct Plugin {
 
 /// `<dir>/plugins/eventbus/eventbus` + both manifests, as `wfctl plugin install` lays it out.
 pub fn install(root: &Path) -> PathBuf {
+    install_bin(root, plugin_bin())
+}
+
+/// [`install`] of a given plugin binary.
+pub fn install_bin(root: &Path, plugin: &Path) -> PathBuf {
     let dir = root.join("plugins").join("eventbus");
     std::fs::create_dir_all(&dir).unwrap();
     let bin = dir.join("eventbus");
     // A hard link opens no file for writing, so no thread of this process can fork while
     // holding a write handle to a binary another test is about to exec ("text file busy").
     // Copied when the temp dir is on another file system.
-    if std::fs::hard_link(plugin_bin(), &bin).is_err() {
-        std::fs::copy(BIN, &bin).unwrap();
+    if std::fs::hard_link(plugin, &bin).is_err() {
+        std::fs::copy(plugin, &bin).unwrap();
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::copy(repo.join("plugin.json"), dir.join("plugin.json")).unwrap();
@@ -292,7 +300,7 @@ impl EngineCallbackService for CallbackSvc {
 impl Plugin {
     pub async fn launch(opts: LaunchOptions) -> Plugin {
         let dir = tempfile::tempdir().unwrap();
-        let bin = install(dir.path());
+        let bin = install_bin(dir.path(), opts.bin.as_deref().unwrap_or(plugin_bin()));
         let started = Instant::now();
         let mut child = spawn_raw(&bin, &opts.env, true);
         let stderr = collect_stderr(&mut child);
