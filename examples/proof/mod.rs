@@ -66,6 +66,9 @@ impl Rig {
         })
         .await;
         plugin.calls = None;
+        if let Some(a) = metrics {
+            scrape(a).await?; // the endpoint is on
+        }
         let p = &plugin;
         p.module_up(
             "eventbus.broker",
@@ -192,9 +195,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// A figure of a run: its name, how to read it, whether the runs took it.
+type Figure = (&'static str, fn(&Run) -> f64, bool);
+
 /// Prints the medians of both sides and their ratio (`b` over `a`) for each figure taken.
 fn compare(prefix: &str, (a_name, a): (&str, &[Run]), (b_name, b): (&str, &[Run]), take: Take) {
-    let figures: [(&str, fn(&Run) -> f64, bool); 3] = [
+    let figures: [Figure; 3] = [
         ("publish_c1", |r| r.publish_c1, take.c1),
         ("publish_c64", |r| r.publish_c64, true),
         ("trigger_mif64", |r| r.trigger_mif64, true),
@@ -280,7 +286,6 @@ async fn scrape_under_load(server: &NatsServer, js: &async_nats::jetstream::Cont
     let addr = free_loopback()?;
     let mut rig = Rig::launch(server, None, Some(addr)).await?;
     let handle = rig.trigger().await?;
-    scrape(addr).await?; // the endpoint answers before the load starts
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let scraper = {
         let stop = stop.clone();
