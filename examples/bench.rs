@@ -301,18 +301,7 @@ async fn run() -> Res<()> {
     let idle_rss = support::proc_status_kb(pid, "VmRSS").unwrap_or(0);
 
     let p = &plugin;
-    p.module_up(
-        "eventbus.broker",
-        "bus",
-        "provider: nats\ndeploy_target: local\n",
-    )
-    .await;
-    p.module_up(
-        "eventbus.stream",
-        "bench",
-        "name: BENCH\nsubjects: ['bench.>']\n",
-    )
-    .await;
+    bench_modules(p).await;
     for (name, filter) in [
         ("cons_steps", "bench.cons"),
         ("cons_raw", "bench.cons"),
@@ -400,6 +389,22 @@ async fn run() -> Res<()> {
     fig("rss_peak", mib(peak_rss), "MiB");
     drop(server);
     Ok(())
+}
+
+/// The broker `bus` and the stream BENCH (`bench.>`) every bench plugin declares.
+async fn bench_modules(p: &Plugin) {
+    p.module_up(
+        "eventbus.broker",
+        "bus",
+        "provider: nats\ndeploy_target: local\n",
+    )
+    .await;
+    p.module_up(
+        "eventbus.stream",
+        "bench",
+        "name: BENCH\nsubjects: ['bench.>']\n",
+    )
+    .await;
 }
 
 /// The no-op pipeline: records each delivery's end-to-end latency (from the publish stamp in

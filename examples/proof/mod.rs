@@ -70,18 +70,7 @@ impl Rig {
             scrape(a).await?; // the endpoint is on
         }
         let p = &plugin;
-        p.module_up(
-            "eventbus.broker",
-            "bus",
-            "provider: nats\ndeploy_target: local\n",
-        )
-        .await;
-        p.module_up(
-            "eventbus.stream",
-            "bench",
-            "name: BENCH\nsubjects: ['bench.>']\n",
-        )
-        .await;
+        bench_modules(p).await;
         p.module_up(
             "eventbus.consumer",
             TRIG_DURABLE,
