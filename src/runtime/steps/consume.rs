@@ -11,8 +11,9 @@ use crate::pb::eventbus::{ConsumeRequest, ConsumeResponse, ConsumeStepConfig};
 use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
 use crate::runtime::modules::ConsumerModule;
 use crate::runtime::provider::FetchAsk;
+use crate::runtime::registry::Registry;
 use crate::runtime::types::StepKind;
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::RuntimeError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,7 +78,7 @@ impl ConsumeStep {
 
     pub async fn execute(
         &self,
-        rt: &Runtime,
+        rt: &Registry,
         input: ExecuteInput<'_>,
     ) -> Result<StepOutput, RuntimeError> {
         let component = &self.component;
@@ -194,7 +195,7 @@ struct Limits {
 /// a consumer deleted behind our back is forgotten and, when declared, recreated once.
 struct Consume<'a> {
     component: &'a str,
-    rt: &'a Runtime,
+    rt: &'a Registry,
     declared: Option<&'a Arc<ConsumerModule>>,
     ask: FetchAsk<'a>,
 }
