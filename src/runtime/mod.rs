@@ -198,7 +198,7 @@ impl Runtime {
 
     pub async fn init_module(&self, id: &str) -> Result<(), RuntimeError> {
         if let ModuleHandle::Broker(b) = self.module(id)? {
-            b.warn_unconfigured();
+            b.warn_unconfigured().await;
         }
         Ok(())
     }
