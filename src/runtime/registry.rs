@@ -185,4 +185,24 @@ impl Registry {
             .cloned()
             .collect()
     }
+
+    /// The declared consumer modules a step or trigger naming this durable reads through: on
+    /// `stream` and `broker_ref` where those are given (a module without a broker_ref matches
+    /// any broker).
+    pub(crate) fn declared_consumers(
+        &self,
+        durable: &str,
+        stream: &str,
+        broker_ref: &str,
+    ) -> Vec<Arc<ConsumerModule>> {
+        self.consumer_modules(durable)
+            .into_iter()
+            .filter(|c| stream.is_empty() || c.spec.stream == stream)
+            .filter(|c| {
+                broker_ref.is_empty()
+                    || c.spec.broker_ref.is_empty()
+                    || c.spec.broker_ref == broker_ref
+            })
+            .collect()
+    }
 }

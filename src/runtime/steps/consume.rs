@@ -123,16 +123,7 @@ impl ConsumeStep {
         let mut stream = pick(&cfg.stream_name, &inp.stream_name);
         // A declared consumer module supplies stream and broker; several on different
         // streams are ambiguous rather than picked at random (Go defect B14).
-        let declared: Vec<_> = rt
-            .consumer_modules(&durable)
-            .into_iter()
-            .filter(|c| stream.is_empty() || c.spec.stream == stream)
-            .filter(|c| {
-                broker_ref.is_empty()
-                    || c.spec.broker_ref.is_empty()
-                    || c.spec.broker_ref == broker_ref
-            })
-            .collect();
+        let declared = rt.declared_consumers(&durable, &stream, &broker_ref);
         if declared.len() > 1 {
             let streams: Vec<String> = declared
                 .iter()

@@ -277,16 +277,7 @@ impl TriggerSpec {
             p.check("filter_subject", check_filter_subject(&filter_subject));
         }
         // Inherit stream (and broker) from a declared consumer module with this durable name.
-        let declared: Vec<_> = registry
-            .consumer_modules(&durable)
-            .into_iter()
-            .filter(|c| stream.is_empty() || c.spec.stream == stream)
-            .filter(|c| {
-                broker_ref.is_empty()
-                    || c.spec.broker_ref.is_empty()
-                    || c.spec.broker_ref == broker_ref
-            })
-            .collect();
+        let declared = registry.declared_consumers(&durable, &stream, &broker_ref);
         if durable.is_empty() {
             p.field(
                 "name",
