@@ -447,51 +447,12 @@ fn rings(g: &BTreeMap<Vec<String>, BTreeSet<Vec<String>>>) -> Vec<Vec<String>> {
     t.out
 }
 
-/// Rings being removed elsewhere, each as (the branch that removes it, files every file of
-/// the ring starts with, files the ring contains). The list may only shrink: a listed ring
-/// that is gone fails too (delete it here).
-const KNOWN_RINGS: &[(&str, &str, &[&str])] = &[
-    // Older than the provider seam, found once the checker followed `mod.rs` child paths: the
-    // runtime's root (`Runtime`, its handle table, `RuntimeError`) dispatches to the steps and
-    // the trigger, and they look brokers and modules up through `Runtime`. Breaking it means a
-    // leaf registry the steps take instead of `Runtime`; left for a follow-up (issue 18).
-    (
-        "issue-18",
-        "crate::runtime",
-        &[
-            "crate::runtime",
-            "crate::runtime::steps",
-            "crate::runtime::trigger",
-        ],
-    ),
-];
-
-fn known_ring(r: &[String]) -> Option<&'static str> {
-    KNOWN_RINGS
-        .iter()
-        .find(|(_, under, has)| {
-            r.iter().all(|f| f.starts_with(under)) && has.iter().all(|h| r.iter().any(|f| f == h))
-        })
-        .map(|(branch, _, _)| *branch)
-}
-
 #[test]
 fn no_two_files_import_each_other() {
     let g = graph();
     assert!(g.len() > 20, "the scan found the source files");
     let found = rings(&g);
-    let new: Vec<_> = found.iter().filter(|r| known_ring(r).is_none()).collect();
-    assert!(new.is_empty(), "import rings in src/: {new:#?}");
-    let seen: BTreeSet<_> = found.iter().filter_map(|r| known_ring(r)).collect();
-    let gone: Vec<_> = KNOWN_RINGS
-        .iter()
-        .map(|(branch, _, _)| *branch)
-        .filter(|b| !seen.contains(b))
-        .collect();
-    assert!(
-        gone.is_empty(),
-        "a known ring is gone, remove it from KNOWN_RINGS: {gone:?}"
-    );
+    assert!(found.is_empty(), "import rings in src/: {found:#?}");
 }
 
 /// The provider modules: what a provider-neutral layer (`config/`) must not import.

@@ -14,6 +14,8 @@
 
 use super::error::{DriverError, StateCause};
 use super::files::{write_atomic, FileLock};
+use super::targets::app_platform::record::AppRecord;
+use super::targets::kubernetes::record::KubeRecord;
 use super::targets::nats_server::LocalRecord;
 use crate::providers::DeployTarget;
 use serde::{Deserialize, Serialize};
@@ -76,14 +78,10 @@ pub struct BrokerRecord {
     pub connect_timeout_ms: u64,
     #[serde(default)]
     pub request_timeout_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub local: Option<LocalRecord>,
-    /// `digitalocean.app_platform`: the app that runs the broker.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app: Option<AppRecord>,
-    /// `kubernetes` / `aws.eks`: the cluster and the objects applied there.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kubernetes: Option<KubeRecord>,
+    /// What the deploy target started or applied for this broker (none for `self_hosted`),
+    /// written under the target's own key as every release has (`"local": {...}`).
+    #[serde(flatten, with = "target_record")]
+    pub deployed: Option<TargetRecord>,
     #[serde(default)]
     pub prevent_destroy: bool,
     #[serde(default)]
@@ -109,6 +107,101 @@ impl BrokerRecord {
     }
 }
 
+/// The record of one deploy target, each defined in its target's folder. In the file it is the
+/// target's key beside the broker's common fields (`"local": {...}`, `"app": {...}`,
+/// `"kubernetes": {...}`), the shape of every release: a new target adds a variant here.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum TargetRecord {
+    /// `local`: the nats-server processes started on this machine.
+    #[serde(rename = "local")]
+    Local(LocalRecord),
+    /// `digitalocean.app_platform`: the app that runs the broker.
+    #[serde(rename = "app")]
+    AppPlatform(AppRecord),
+    /// `kubernetes` / `aws.eks`: the cluster and the objects applied there.
+    #[serde(rename = "kubernetes")]
+    Kubernetes(KubeRecord),
+}
+
+/// [`TargetRecord`] flattened into the broker record: at most one target key, and a target
+/// record that does not parse is an error (serde's flattened `Option` would drop it silently,
+/// and with it the processes or objects the record tracks).
+mod target_record {
+    use crate::iac::state::TargetRecord;
+    use serde::de::{self, Deserializer, Visitor};
+    use serde::{Deserialize, Serialize, Serializer};
+    use serde_json::{Map, Value as Json};
+
+    pub fn serialize<S: Serializer>(t: &Option<TargetRecord>, s: S) -> Result<S::Ok, S::Error> {
+        t.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TargetRecord>, D::Error> {
+        let keys = variant_keys();
+        let rest = Map::<String, Json>::deserialize(d)?;
+        let mut found: Map<String, Json> = rest
+            .into_iter()
+            .filter(|(k, _)| keys.contains(&k.as_str()))
+            .collect();
+        if found.len() > 1 {
+            return Err(de::Error::custom(format!(
+                "a broker record holds one deploy target record, found {}",
+                found.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        match found.keys().next().cloned() {
+            None => Ok(None),
+            Some(k) => {
+                let one = Json::Object(std::mem::take(&mut found));
+                TargetRecord::deserialize(one)
+                    .map(Some)
+                    .map_err(|e| de::Error::custom(format!("{k}: {e}")))
+            }
+        }
+    }
+
+    /// The keys `TargetRecord` is written under, as its derived `Deserialize` names them.
+    fn variant_keys() -> &'static [&'static str] {
+        struct Probe;
+        #[derive(Debug)]
+        struct Keys(&'static [&'static str]);
+        impl std::fmt::Display for Keys {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("variant probe")
+            }
+        }
+        impl std::error::Error for Keys {}
+        impl de::Error for Keys {
+            fn custom<T: std::fmt::Display>(_: T) -> Self {
+                Keys(&[])
+            }
+        }
+        impl<'de> Deserializer<'de> for Probe {
+            type Error = Keys;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Keys> {
+                Err(Keys(&[]))
+            }
+            fn deserialize_enum<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                variants: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Keys> {
+                Err(Keys(variants))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+                struct identifier ignored_any
+            }
+        }
+        match TargetRecord::deserialize(Probe) {
+            Err(Keys(k)) => k,
+            Ok(_) => &[],
+        }
+    }
+}
+
 /// What a pgchannel broker's streams and consumers need to reach its database in a later
 /// plugin process (wfctl erases `${bus.dsn}` references, docs/iac-host.md §1.3).
 #[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -122,48 +215,6 @@ pub struct PgRecord {
     pub poll_interval_ms: u64,
     #[serde(default)]
     pub connect_timeout_ms: u64,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct AppRecord {
-    pub app_id: String,
-    pub app_name: String,
-}
-
-/// A broker applied to a Kubernetes cluster: enough to find, reach and delete it later, even
-/// from a destroy wfctl runs without the provider's config.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct KubeRecord {
-    /// The kubeconfig file and context used ("" = the defaults: KUBECONFIG, current context,
-    /// else in-cluster).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub kubeconfig: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub context: String,
-    pub namespace: String,
-    pub stateful_set: String,
-    pub client_service: String,
-    /// The claim template (PVCs are `<claim>-<stateful_set>-<ordinal>`).
-    pub claim: String,
-    /// The pods' label selector (port-forwards go to its Ready pods).
-    #[serde(default)]
-    pub selector: BTreeMap<String, String>,
-    /// Applied objects in apply order; delete walks them backwards.
-    #[serde(default)]
-    pub objects: Vec<KubeObject>,
-    #[serde(default)]
-    pub delete_pvcs: bool,
-    /// The client Service's external address (`nats://<lb>:4222`), "" without one.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub external_url: String,
-}
-
-/// One applied object.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KubeObject {
-    pub api_version: String,
-    pub kind: String,
-    pub name: String,
 }
 
 mod target_name {
@@ -354,9 +405,7 @@ impl std::fmt::Debug for BrokerRecord {
             .field("replicas", &self.replicas)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("request_timeout_ms", &self.request_timeout_ms)
-            .field("local", &self.local)
-            .field("app", &self.app)
-            .field("kubernetes", &self.kubernetes)
+            .field("deployed", &self.deployed)
             .field("prevent_destroy", &self.prevent_destroy)
             .field("bind", &self.bind)
             .field("outputs", &self.outputs)
@@ -385,9 +434,7 @@ mod tests {
                         replicas: 0,
                         connect_timeout_ms: 0,
                         request_timeout_ms: 0,
-                        local: None,
-                        app: None,
-                        kubernetes: None,
+                        deployed: None,
                         prevent_destroy: false,
                         bind: false,
                         outputs: Json::Null,
@@ -449,7 +496,10 @@ mod tests {
         let text = include_str!("../../tests/fixtures/state-v1.json");
         let s: ProviderState = serde_json::from_str(text).unwrap();
         assert_eq!(s.brokers["bus"].target, DeployTarget::Local);
-        assert_eq!(s.brokers["bus"].local.as_ref().unwrap().nodes.len(), 3);
+        let Some(TargetRecord::Local(local)) = &s.brokers["bus"].deployed else {
+            panic!("the local broker's record: {:?}", s.brokers["bus"]);
+        };
+        assert_eq!(local.nodes.len(), 3);
         assert_eq!(s.brokers["edge"].target, DeployTarget::SelfHosted);
         assert!(s.brokers["edge"].prevent_destroy);
         let again: Json = serde_json::to_value(&s).unwrap();
@@ -478,6 +528,82 @@ mod tests {
         assert!(e.contains("unknown deploy target \"mainframe\""), "{e}");
     }
 
+    /// Every state file an earlier release wrote (per-target fields beside the common ones)
+    /// loads into the typed target record and writes back byte for byte the same document.
+    #[test]
+    fn older_state_files_round_trip_through_the_typed_target_record() {
+        let fixtures = [
+            include_str!("../../tests/fixtures/state-v1.json"),
+            include_str!("../../tests/fixtures/state-v1-targets.json"),
+        ];
+        let mut seen = Vec::new();
+        for text in fixtures {
+            let s: ProviderState = serde_json::from_str(text).unwrap();
+            for (name, b) in &s.brokers {
+                let variant = match &b.deployed {
+                    None => "none",
+                    Some(TargetRecord::Local(l)) => {
+                        assert_eq!(l.nodes.len(), 3, "{name}");
+                        "local"
+                    }
+                    Some(TargetRecord::AppPlatform(a)) => {
+                        assert_eq!(a.app_name, "cloud-bus");
+                        "app"
+                    }
+                    Some(TargetRecord::Kubernetes(k)) => {
+                        assert!(!k.stateful_set.is_empty(), "{name}");
+                        "kubernetes"
+                    }
+                };
+                seen.push((b.target.as_str(), variant));
+            }
+            let written = serde_json::to_value(&s).unwrap();
+            let original: Json = serde_json::from_str(text).unwrap();
+            assert_eq!(written, original, "the new shape writes what was read");
+            let again: ProviderState = serde_json::from_value(written).unwrap();
+            assert_eq!(again, s);
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("aws.eks", "kubernetes"),
+                ("digitalocean.app_platform", "app"),
+                ("kubernetes", "kubernetes"),
+                ("local", "local"),
+                ("self_hosted", "none"),
+                ("self_hosted", "none"),
+            ]
+        );
+    }
+
+    /// A damaged target record is an error naming it, never a record silently dropped (the
+    /// processes or objects it tracks would be orphaned); two target records are refused.
+    #[test]
+    fn a_bad_or_doubled_target_record_is_refused() {
+        let text = include_str!("../../tests/fixtures/state-v1.json");
+        let mut v: Json = serde_json::from_str(text).unwrap();
+        v["brokers"]["bus"]["local"]["nodes"] = Json::from("three");
+        let e = serde_json::from_value::<ProviderState>(v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("local"), "{e}");
+        let mut v: Json = serde_json::from_str(text).unwrap();
+        v["brokers"]["bus"]["app"] = serde_json::json!({"app_id": "x", "app_name": "y"});
+        let e = serde_json::from_value::<ProviderState>(v)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("one deploy target record") && e.contains("app, local"),
+            "{e}"
+        );
+        // Keys that are not a target's (a later release's field) are ignored, as before.
+        let mut v: Json = serde_json::from_str(text).unwrap();
+        v["brokers"]["edge"]["future_field"] = Json::from(1);
+        let s: ProviderState = serde_json::from_value(v).unwrap();
+        assert_eq!(s.brokers["edge"].deployed, None);
+    }
+
     /// Issue 19, the class of finding 2: a record's Debug never shows its credentials.
     #[test]
     fn record_debug_masks_credentials() {
@@ -492,9 +618,7 @@ mod tests {
             replicas: 0,
             connect_timeout_ms: 0,
             request_timeout_ms: 0,
-            local: None,
-            app: None,
-            kubernetes: None,
+            deployed: None,
             prevent_destroy: false,
             bind: false,
             outputs: Json::Null,

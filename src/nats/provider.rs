@@ -9,11 +9,12 @@ use super::consumer::{fetch_consumer_config, get_stream};
 use super::guard::check_ack_token;
 use super::wire;
 use super::{NatsConn, NatsError};
+use crate::config::broker::BrokerSpec;
 use crate::error_chain::render;
 use crate::pb::eventbus::Message;
 use crate::runtime::provider::{
-    now_rfc3339, rfc3339, BindAsk, Bound, Declaration, Declares, Delivered, FetchAsk, Include,
-    Next, OutMessage, Provider, ProviderError, Published, Subscription,
+    now_rfc3339, rfc3339, BindAsk, Bound, Connect, Declaration, Declares, Delivered, FetchAsk,
+    Include, Next, OutMessage, Provider, ProviderError, Published, Subscription,
 };
 use crate::runtime::steps::output::{self, Output};
 use async_nats::jetstream::consumer::pull::{self, MessagesError, Stream as PullStream};
@@ -107,6 +108,33 @@ fn published(ack: async_nats::jetstream::publish::PublishAck) -> Published {
         sequence: ack.sequence.to_string(),
         duplicate: ack.duplicate,
         acked_at: now_rfc3339(),
+    }
+}
+
+impl Connect for NatsProvider {
+    // Degraded (no url) is not a Start failure: steps say how to configure one.
+    const STARTS_UNCONFIGURED: bool = true;
+
+    fn unconfigured(spec: &BrokerSpec) -> Option<String> {
+        spec.resolve_urls().is_empty().then(|| {
+            format!(
+                "no broker url configured; set dsn on the module, EVENTBUS_{}_URI or NATS_URL",
+                super::names::env_key(&spec.name)
+            )
+        })
+    }
+
+    async fn connect(spec: &BrokerSpec) -> Result<Self, ProviderError> {
+        let mut settings = spec.conn.clone();
+        settings.urls = spec.resolve_urls();
+        tracing::info!(broker = %spec.name, servers = %settings.redacted_urls(), "connecting");
+        Ok(NatsProvider::new(
+            NatsConn::open(&spec.name, &settings).await?,
+        ))
+    }
+
+    fn watch_lag(&self, broker: &str, stream: &str, consumer: &str) {
+        crate::telemetry::lag::watch_nats(broker, &self.conn.js, stream, consumer);
     }
 }
 

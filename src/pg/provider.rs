@@ -11,15 +11,15 @@
 
 use super::{
     AckOp, AckPolicy, AckToken, ConsumerDef, DeliverFrom, Delivery, FetchOpts, Outgoing, PgBus,
-    SubOpts, DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER,
+    PgSettings, SubOpts, DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER,
 };
-use crate::config::broker::DEFAULT_REQUEST_TIMEOUT;
+use crate::config::broker::{BrokerSpec, DEFAULT_REQUEST_TIMEOUT};
 use crate::error_chain::render;
 use crate::nats::provider::{CORRELATION_HEADER, MSG_ID_HEADER};
 use crate::pb::eventbus::Message;
 use crate::runtime::provider::{
-    bounded, rfc3339, AckKind, BindAsk, Bound, Declaration, Declares, Delivered, FetchAsk, Include,
-    Next, OutMessage, Provider, ProviderError, Published, Subscription,
+    bounded, rfc3339, AckKind, BindAsk, Bound, Connect, Declaration, Declares, Delivered, FetchAsk,
+    Include, Next, OutMessage, Provider, ProviderError, Published, Subscription,
 };
 use crate::runtime::steps::output::{self, Output};
 use std::collections::{BTreeMap, HashMap};
@@ -93,6 +93,47 @@ fn ack_op(kind: AckKind) -> AckOp {
 #[derive(Clone)]
 pub struct PgProvider {
     pub bus: PgBus,
+}
+
+impl Connect for PgProvider {
+    fn unconfigured(spec: &BrokerSpec) -> Option<String> {
+        spec.resolve_pg_dsn().is_none().then(|| {
+            format!(
+                "no Postgres dsn: set dsn on the module or {} in the environment",
+                spec.pg_env_var()
+            )
+        })
+    }
+
+    async fn connect(spec: &BrokerSpec) -> Result<Self, ProviderError> {
+        let unavailable = |detail: String| ProviderError::Unavailable {
+            broker: spec.name.clone(),
+            detail,
+        };
+        let Some(cfg) = &spec.pg else {
+            return Err(unavailable("not a pgchannel broker".into()));
+        };
+        let dsn = spec.resolve_pg_dsn().ok_or_else(|| {
+            unavailable(Self::unconfigured(spec).unwrap_or_else(|| "no Postgres dsn".into()))
+        })?;
+        let settings = PgSettings {
+            broker: spec.name.clone(),
+            dsn: dsn.expose().to_string(),
+            max_conns: cfg.max_conns,
+            poll_interval: cfg.poll_interval,
+            connect_timeout: cfg.connect_timeout,
+        };
+        tracing::info!(broker = %spec.name, dsn = %settings.redacted_dsn(), "connecting to PostgreSQL");
+        let p = PgProvider {
+            bus: PgBus::connect(settings).await?,
+        };
+        crate::telemetry::connection(&spec.name, "pgchannel", true);
+        Ok(p)
+    }
+
+    fn watch_lag(&self, broker: &str, stream: &str, consumer: &str) {
+        crate::telemetry::lag::watch_pg(broker, &self.bus, stream, consumer);
+    }
 }
 
 impl Provider for PgProvider {
@@ -353,6 +394,7 @@ impl Provider for PgProvider {
     }
 
     async fn close(&self) {
+        crate::telemetry::connection(&self.bus.settings().broker, "pgchannel", false);
         self.bus.close().await
     }
 

@@ -3,68 +3,33 @@
 //! `Runtime` is a cheap cloneable handle over the handle tables; the gRPC layer converts wire
 //! requests into calls on it and renders its errors into the response `error` field.
 
+pub mod error;
 pub mod modules;
 pub mod provider;
+pub mod registry;
 pub mod schema;
 pub mod steps;
 pub mod trigger;
 pub mod types;
 
 use crate::config::decode::{self, RawConfig};
-use crate::config::error::{self as config_error, ConfigError};
+use crate::config::error as config_error;
 use crate::shutdown::Lifecycle;
 use modules::broker::{BrokerModule, BrokerSpec};
 use modules::consumer::ConsumerSpec;
 use modules::stream::StreamSpec;
 use modules::{ConsumerModule, StreamModule};
-use provider::ProviderError;
-use std::collections::{BTreeMap, HashMap};
+use registry::{read, write, Registry};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use steps::Step;
 use trigger::TriggerModule;
 use types::{ModuleKind, StepKind};
 
+pub use error::RuntimeError;
 pub use steps::{ExecuteInput, StepOutput};
 pub use trigger::{Launcher, TriggerCall};
-
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    #[error("unknown {kind} handle: {id}")]
-    UnknownHandle { kind: &'static str, id: String },
-    #[error("workflow-plugin-eventbus: unknown {kind} type {} (known: {known})", crate::secret::quote(.type_name))]
-    UnknownType {
-        kind: &'static str,
-        type_name: String,
-        known: String,
-    },
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("{component}: {message}")]
-    Failed { component: String, message: String },
-    /// The broker failed the operation (its provider's error as the source).
-    #[error("{component}")]
-    Broker {
-        component: String,
-        #[source]
-        source: ProviderError,
-    },
-}
-
-impl RuntimeError {
-    pub fn failed(component: impl Into<String>, message: impl Into<String>) -> Self {
-        RuntimeError::Failed {
-            component: component.into(),
-            message: message.into(),
-        }
-    }
-    pub fn broker(component: impl Into<String>, source: impl Into<ProviderError>) -> Self {
-        RuntimeError::Broker {
-            component: component.into(),
-            source: source.into(),
-        }
-    }
-}
 
 // Shared with the IaC face, which must not depend on the runtime.
 pub use crate::error_chain::render;
@@ -107,21 +72,9 @@ pub(crate) struct Inner {
     lifecycle: Lifecycle,
     modules: RwLock<HashMap<String, ModuleHandle>>,
     steps: RwLock<HashMap<String, Arc<Step>>>,
-    /// Broker modules by module name, for `broker_ref` resolution.
-    brokers: RwLock<BTreeMap<String, Arc<BrokerModule>>>,
-    streams: RwLock<Vec<Arc<StreamModule>>>,
-    consumers: RwLock<Vec<Arc<ConsumerModule>>>,
-    /// The host callback, once ConfigureCallback has run; triggers wait on it before fetching.
-    launcher: tokio::sync::watch::Sender<Option<Arc<dyn Launcher>>>,
-    batch_marks: trigger::batch::Marks,
+    /// What the steps and triggers look up (brokers, streams, consumers, the host callback).
+    registry: Registry,
     next_id: AtomicU64,
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The longest module, step or trigger name accepted. Names are quoted in every error and log
@@ -151,65 +104,20 @@ impl Runtime {
                 lifecycle,
                 modules: RwLock::default(),
                 steps: RwLock::default(),
-                brokers: RwLock::default(),
-                streams: RwLock::default(),
-                consumers: RwLock::default(),
-                launcher: tokio::sync::watch::Sender::new(None),
-                batch_marks: Default::default(),
+                registry: Registry::default(),
                 next_id: AtomicU64::new(1),
             }),
         }
     }
 
+    /// Hands the host callback to the triggers.
+    pub fn set_launcher(&self, launcher: Arc<dyn Launcher>) {
+        self.inner.registry.set_launcher(launcher);
+    }
+
     fn new_handle(&self, prefix: &str) -> String {
         let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{n}-{:08x}", std::process::id())
-    }
-
-    pub fn set_launcher(&self, launcher: Arc<dyn Launcher>) {
-        self.inner.launcher.send_replace(Some(launcher));
-    }
-
-    pub(crate) fn launcher(&self) -> Option<Arc<dyn Launcher>> {
-        self.inner.launcher.borrow().clone()
-    }
-
-    /// For a trigger about to take messages: the host callback, waiting (logged once) until
-    /// ConfigureCallback has configured one; `None` when `stop` fires first. Nothing is taken
-    /// before the host can run a pipeline: a message taken now could only be nak'ed, and every
-    /// nak spends one of its max_deliver attempts.
-    pub(crate) async fn launcher_or_stop(
-        &self,
-        stop: &tokio_util::sync::CancellationToken,
-        trigger: &str,
-    ) -> Option<Arc<dyn Launcher>> {
-        if let Some(l) = self.launcher() {
-            return Some(l);
-        }
-        tracing::info!(trigger = %trigger, "waiting for the engine callback (ConfigureCallback) before taking messages");
-        tokio::select! {
-            _ = stop.cancelled() => None,
-            l = self.wait_launcher() => Some(l),
-        }
-    }
-
-    /// The host callback, waiting until ConfigureCallback has configured one.
-    pub(crate) async fn wait_launcher(&self) -> Arc<dyn Launcher> {
-        let mut rx = self.inner.launcher.subscribe();
-        loop {
-            if let Some(l) = rx.borrow_and_update().clone() {
-                return l;
-            }
-            // The sender lives in `self`, so the channel cannot close while we wait.
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-
-    /// Tokens of messages held by batch trigger runs, and what their pipelines did with them.
-    pub(crate) fn batch_marks(&self) -> &trigger::batch::Marks {
-        &self.inner.batch_marks
     }
 
     // ------------------------------------------------------------------ modules
@@ -253,21 +161,21 @@ impl Runtime {
                 let cfg = decode::decode(&full, raw).map_err(problems)?;
                 let spec = BrokerSpec::validate(type_name, name, &cfg)?;
                 let broker = Arc::new(BrokerModule::new(spec));
-                write(&self.inner.brokers).insert(name.to_string(), broker.clone());
+                self.inner.registry.add_broker(name, broker.clone());
                 ModuleHandle::Broker(broker)
             }
             ModuleKind::Stream => {
                 let cfg = decode::decode(&full, raw).map_err(problems)?;
                 let spec = StreamSpec::validate(type_name, name, &cfg)?;
                 let m = Arc::new(StreamModule::new(type_name, name, spec));
-                write(&self.inner.streams).push(m.clone());
+                self.inner.registry.add_stream(m.clone());
                 ModuleHandle::Stream(m)
             }
             ModuleKind::Consumer => {
                 let cfg = decode::decode(&full, raw).map_err(problems)?;
                 let spec = ConsumerSpec::validate(type_name, name, &cfg)?;
                 let m = Arc::new(ConsumerModule::new(type_name, name, spec));
-                write(&self.inner.consumers).push(m.clone());
+                self.inner.registry.add_consumer(m.clone());
                 ModuleHandle::Consumer(m)
             }
         };
@@ -290,7 +198,7 @@ impl Runtime {
 
     pub async fn init_module(&self, id: &str) -> Result<(), RuntimeError> {
         if let ModuleHandle::Broker(b) = self.module(id)? {
-            b.warn_unconfigured();
+            b.warn_unconfigured().await;
         }
         Ok(())
     }
@@ -307,7 +215,11 @@ impl Runtime {
             }
             ModuleHandle::Stream(s) => {
                 let component = format!("{} {:?}", s.type_name, s.module);
-                let Some(broker) = self.broker_for_module(&s.spec.broker_ref, &component)? else {
+                let Some(broker) = self
+                    .inner
+                    .registry
+                    .broker_for_module(&s.spec.broker_ref, &component)?
+                else {
                     return Ok(());
                 };
                 s.ensure(&broker)
@@ -316,11 +228,15 @@ impl Runtime {
             }
             ModuleHandle::Consumer(c) => {
                 let component = format!("{} {:?}", c.type_name, c.module);
-                let Some(broker) = self.broker_for_module(&c.spec.broker_ref, &component)? else {
+                let Some(broker) = self
+                    .inner
+                    .registry
+                    .broker_for_module(&c.spec.broker_ref, &component)?
+                else {
                     return Ok(());
                 };
                 // The stream module may start after us (no ordering between siblings).
-                if let Some(stream) = self.stream_module(&c.spec.stream) {
+                if let Some(stream) = self.inner.registry.stream_module(&c.spec.stream) {
                     stream
                         .ensure(&broker)
                         .await
@@ -332,7 +248,7 @@ impl Runtime {
                 broker.watch_lag(&c.spec.stream, &c.spec.durable).await;
                 Ok(())
             }
-            ModuleHandle::Trigger(t) => t.start(self).await,
+            ModuleHandle::Trigger(t) => t.start(&self.inner.registry).await,
         }
     }
 
@@ -369,89 +285,15 @@ impl Runtime {
         self.stop_module(id).await?;
         let removed = write(&self.inner.modules).remove(id);
         match removed {
-            Some(ModuleHandle::Broker(b)) => {
-                write(&self.inner.brokers).retain(|_, v| !Arc::ptr_eq(v, &b));
-            }
-            Some(ModuleHandle::Stream(s)) => {
-                write(&self.inner.streams).retain(|v| !Arc::ptr_eq(v, &s))
-            }
-            Some(ModuleHandle::Consumer(c)) => {
-                write(&self.inner.consumers).retain(|v| !Arc::ptr_eq(v, &c))
-            }
+            Some(ModuleHandle::Broker(b)) => self.inner.registry.remove_broker(&b),
+            Some(ModuleHandle::Stream(s)) => self.inner.registry.remove_stream(&s),
+            Some(ModuleHandle::Consumer(c)) => self.inner.registry.remove_consumer(&c),
             _ => {}
         }
         Ok(())
     }
 
     // ------------------------------------------------------------------ lookups
-
-    /// `broker_ref` resolution with the Go plugin's single-broker fallback and ambiguity error.
-    pub(crate) fn broker(
-        &self,
-        broker_ref: &str,
-        component: &str,
-    ) -> Result<Arc<BrokerModule>, RuntimeError> {
-        let brokers = read(&self.inner.brokers);
-        if !broker_ref.is_empty() {
-            return brokers.get(broker_ref).cloned().ok_or_else(|| {
-                RuntimeError::failed(
-                    component,
-                    format!(
-                        "broker_ref {} names no declared eventbus.broker module (declared: [{}])",
-                        crate::secret::quote(broker_ref),
-                        brokers.keys().cloned().collect::<Vec<_>>().join(", ")
-                    ),
-                )
-            });
-        }
-        match brokers.len() {
-            0 => Err(RuntimeError::failed(
-                component,
-                "no broker_ref given and no eventbus.broker module is declared; add an eventbus.broker module or set broker_ref",
-            )),
-            1 => Ok(brokers.values().next().cloned().ok_or_else(|| RuntimeError::failed(component, "broker table changed"))?),
-            _ => Err(RuntimeError::failed(
-                component,
-                format!(
-                    "no broker_ref given and several brokers are declared ([{}]); set broker_ref to choose one",
-                    brokers.keys().cloned().collect::<Vec<_>>().join(", ")
-                ),
-            )),
-        }
-    }
-
-    /// For stream/consumer modules: with no broker declared at all they stay registry-only
-    /// (the Go plugin's legacy behaviour) instead of failing Start.
-    fn broker_for_module(
-        &self,
-        broker_ref: &str,
-        component: &str,
-    ) -> Result<Option<Arc<BrokerModule>>, RuntimeError> {
-        if broker_ref.is_empty() && read(&self.inner.brokers).is_empty() {
-            tracing::warn!(
-                component,
-                "no eventbus.broker declared; nothing is ensured on a server"
-            );
-            return Ok(None);
-        }
-        self.broker(broker_ref, component).map(Some)
-    }
-
-    pub(crate) fn stream_module(&self, name: &str) -> Option<Arc<StreamModule>> {
-        read(&self.inner.streams)
-            .iter()
-            .find(|s| s.spec.name == name)
-            .cloned()
-    }
-
-    /// Declared consumer modules with this durable name (optionally on one stream/broker).
-    pub(crate) fn consumer_modules(&self, durable: &str) -> Vec<Arc<ConsumerModule>> {
-        read(&self.inner.consumers)
-            .iter()
-            .filter(|c| c.spec.durable == durable)
-            .cloned()
-            .collect()
-    }
 
     // ------------------------------------------------------------------ steps
 
@@ -486,7 +328,7 @@ impl Runtime {
                 id: id.into(),
             }
         })?;
-        step.execute(self, input).await
+        step.execute(&self.inner.registry, input).await
     }
 
     pub fn destroy_step(&self, id: &str) -> Result<(), RuntimeError> {
@@ -519,7 +361,7 @@ impl Runtime {
             });
         }
         check_component_name(type_name, name)?;
-        let spec = trigger::TriggerSpec::from_struct(self, name, config)?;
+        let spec = trigger::TriggerSpec::from_struct(&self.inner.registry, name, config)?;
         let t = Arc::new(TriggerModule::new(spec, self.inner.lifecycle.child_token()));
         let id = self.new_handle("trg");
         write(&self.inner.modules).insert(id.clone(), ModuleHandle::Trigger(t));
@@ -579,9 +421,12 @@ mod future_size {
         for (what, size) in [
             (
                 "publish",
-                std::mem::size_of_val(&publish.execute(&rt, input())),
+                std::mem::size_of_val(&publish.execute(&rt.inner.registry, input())),
             ),
-            ("ack", std::mem::size_of_val(&ack.execute(&rt, input()))),
+            (
+                "ack",
+                std::mem::size_of_val(&ack.execute(&rt.inner.registry, input())),
+            ),
             (
                 "execute_step",
                 std::mem::size_of_val(&rt.execute_step("x", input())),

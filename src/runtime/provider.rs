@@ -5,7 +5,7 @@
 //! loops around it (bulk windows and their results, the trigger's in-flight limit, backoff,
 //! re-bind, progress, dead-letter and batch delivery) live in `runtime::steps` and
 //! `runtime::trigger` and only see this contract; the single place that chooses a provider
-//! is `runtime::modules::broker` (`Backend`). Implementations live with their domain code:
+//! is `runtime::modules::broker` (`BrokerModule::dispatch`). Implementations live with their domain code:
 //! `crate::nats::provider`, `crate::pg::provider`. `docs/adding-a-provider.md` walks a new one
 //! through.
 //!
@@ -14,6 +14,7 @@
 //! with a delay may schedule the redelivery inside the plugin, and `Subscription::next` yields
 //! what is ready without promising more than one item.
 
+use crate::config::broker::BrokerSpec;
 use crate::config::decode;
 use crate::nats::consumer::ConsumerSpec;
 use crate::nats::stream::StreamSpec;
@@ -215,6 +216,24 @@ pub trait Subscription: Send + 'static {
     /// Waits for the first delivery, then returns up to `max` that are ready. Dropping the
     /// future (stop, batch deadline) loses nothing: what is not returned stays deliverable.
     fn next(&mut self, max: usize) -> impl Future<Output = Next<Self::Delivery>> + Send;
+}
+
+/// How a provider is reached from its broker module's config: what the broker module needs of
+/// a provider besides its dispatch arm (it keeps the opened handle, type-erased, in one slot).
+pub trait Connect: Provider {
+    /// Whether StartModule succeeds with no address configured (steps then fail with the
+    /// [`Connect::unconfigured`] line until one is set) rather than failing Start.
+    const STARTS_UNCONFIGURED: bool = false;
+
+    /// Why the broker cannot be reached as configured (no address anywhere, naming where one
+    /// may be set), or None.
+    fn unconfigured(spec: &BrokerSpec) -> Option<String>;
+
+    /// Opens the connection (or pool); called once per start, under the broker's open lock.
+    fn connect(spec: &BrokerSpec) -> impl Future<Output = Result<Self, ProviderError>> + Send;
+
+    /// Registers `stream`/`consumer` with the consumer-lag refresher (idempotent).
+    fn watch_lag(&self, broker: &str, stream: &str, consumer: &str);
 }
 
 /// A broker backend, opened. See the module docs.

@@ -67,6 +67,24 @@ impl Ops<BrokerDesired> for Brokers {
     }
 }
 
+/// Plan's live check of a stream or consumer on its broker (the stream's and the consumer's
+/// `plan_report`).
+async fn live_report(
+    ctx: &Ctx,
+    state: &ProviderState,
+    broker_ref: &str,
+    servers: &[String],
+    target: stream::LiveTarget<'_>,
+    changes: Vec<Change>,
+) -> Vec<Change> {
+    let live = stream::Live {
+        broker_ref,
+        servers,
+        target,
+    };
+    stream::live_report(ctx, state, Some(live), changes).await
+}
+
 #[tonic::async_trait]
 impl Ops<StreamSpec> for Streams {
     fn diff(
@@ -86,12 +104,8 @@ impl Ops<StreamSpec> for Streams {
         state: &ProviderState,
         changes: Vec<Change>,
     ) -> Vec<Change> {
-        let live = stream::Live {
-            broker_ref: &spec.broker_ref,
-            servers: &spec.servers,
-            target: stream::LiveTarget::Stream(&spec.name),
-        };
-        stream::live_report(ctx, state, Some(live), changes).await
+        let target = stream::LiveTarget::Stream(&spec.name);
+        live_report(ctx, state, &spec.broker_ref, &spec.servers, target, changes).await
     }
     async fn apply(&self, ctx: &Ctx, name: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
         stream::apply(ctx, name, spec).await
@@ -141,15 +155,11 @@ impl Ops<ConsumerSpec> for Consumers {
         state: &ProviderState,
         changes: Vec<Change>,
     ) -> Vec<Change> {
-        let live = stream::Live {
-            broker_ref: &spec.broker_ref,
-            servers: &spec.servers,
-            target: stream::LiveTarget::Consumer {
-                stream: &spec.stream,
-                durable: &spec.durable,
-            },
+        let target = stream::LiveTarget::Consumer {
+            stream: &spec.stream,
+            durable: &spec.durable,
         };
-        stream::live_report(ctx, state, Some(live), changes).await
+        live_report(ctx, state, &spec.broker_ref, &spec.servers, target, changes).await
     }
     async fn apply(
         &self,

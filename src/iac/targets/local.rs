@@ -7,7 +7,7 @@ use super::nats_server::{self, LocalRecord};
 use crate::iac::ctx::Ctx;
 use crate::iac::error::DriverError;
 use crate::iac::files::FileLock;
-use crate::iac::state::{create_private_dir, AuthRecord, BrokerRecord};
+use crate::iac::state::{create_private_dir, AuthRecord, BrokerRecord, TargetRecord};
 use crate::providers::DeployTarget;
 use serde::Serialize;
 use serde_json::{json, Map, Value as Json};
@@ -71,13 +71,13 @@ impl BrokerTarget for Local {
     }
 
     fn probe(&self, rec: &BrokerRecord) -> Option<Vec<bool>> {
-        rec.local.as_ref().map(nats_server::probe)
+        local(rec).map(nats_server::probe)
     }
 
     /// Stops the processes (unless the broker was bound, i.e. adopted) and, when asked,
     /// removes their data.
     async fn delete(&self, _: &Ctx, what: &str, rec: &BrokerRecord) -> Result<(), DriverError> {
-        if let (Some(l), false) = (rec.local.clone(), rec.bind) {
+        if let (Some(l), false) = (local(rec).cloned(), rec.bind) {
             block(what.to_string(), move || {
                 nats_server::stop_all(&l);
                 if l.remove_data_on_delete {
@@ -91,7 +91,7 @@ impl BrokerTarget for Local {
     }
 
     fn troubleshoot(&self, rec: &BrokerRecord) -> Option<Vec<(String, String)>> {
-        rec.local.as_ref().map(|l| {
+        local(rec).map(|l| {
             l.nodes
                 .iter()
                 .map(|n| (n.server_name.clone(), nats_server::log_tail(n, 40)))
@@ -189,7 +189,7 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
         .brokers
         .get(name)
         .filter(|r| r.target == DeployTarget::Local)
-        .and_then(|r| r.local.clone());
+        .and_then(|r| local(r).cloned());
     if existing.is_none() && d.spec.bind {
         return Err(DriverError::refused(
             &what,
@@ -221,10 +221,7 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
         _ => data_dir(ctx, name, d),
     };
     let sharer = state.brokers.iter().find(|(n, r)| {
-        n.as_str() != name
-            && r.local
-                .as_ref()
-                .is_some_and(|l| Path::new(&l.data_dir) == dir)
+        n.as_str() != name && local(r).is_some_and(|l| Path::new(&l.data_dir) == dir)
     });
     if let Some((other, _)) = sharer {
         return Err(DriverError::refused(
@@ -317,9 +314,7 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
         replicas,
         connect_timeout_ms: 5000,
         request_timeout_ms: d.spec.conn.request_timeout.as_millis() as u64,
-        local: Some(rec),
-        app: None,
-        kubernetes: None,
+        deployed: Some(TargetRecord::Local(rec)),
         prevent_destroy: d.spec.prevent_destroy,
         bind: d.spec.bind,
         outputs: Json::Null,
@@ -330,4 +325,12 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
         s.brokers.insert(name.to_string(), record.clone());
     })?;
     Ok(Applied { record, outputs })
+}
+
+/// The processes this target recorded for a broker (none on another target).
+fn local(rec: &BrokerRecord) -> Option<&LocalRecord> {
+    match &rec.deployed {
+        Some(TargetRecord::Local(l)) => Some(l),
+        _ => None,
+    }
 }

@@ -5,27 +5,35 @@
 //! Create; `BrokerModule::dispatch` runs a job (a step's work, a trigger's worker) with the
 //! provider's concrete type, so the steps and the trigger are written once, generic over
 //! `runtime::provider::Provider`, and stay statically dispatched. The NATS arm runs inline so
-//! its futures (publish, ack) keep their measured size; every other arm is boxed.
+//! its futures (publish, ack) keep their measured size; every other arm is boxed. Opening,
+//! starting, closing and the Init warning go through the same dispatch: the opened provider
+//! sits type-erased in one slot, so a provider adds its arm here and nothing else.
 
 pub use crate::config::broker::{BrokerSpec, LocalSpec};
-use crate::nats::names::env_key;
 use crate::nats::provider::NatsProvider;
-use crate::nats::NatsConn;
 use crate::pg::provider::PgProvider;
-use crate::pg::{PgBus, PgSettings};
-use crate::runtime::provider::{Provider, ProviderError};
-use futures::future::Either;
+use crate::providers::Provider as Kind;
+use crate::runtime::provider::{Connect, Provider, ProviderError};
+use futures::future::{Either, FutureExt};
+use std::any::Any;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use tokio::sync::Mutex;
 
 /// A provider the broker module can open: how it is reached from its broker module.
-pub trait Open: Provider {
+pub trait Open: Connect {
     /// The opened provider (opened on first use), or why the broker cannot be used now.
     fn open(broker: &BrokerModule) -> impl Future<Output = Result<Self, ProviderError>> + Send;
-    /// Registers `stream`/`consumer` with the consumer-lag refresher (idempotent).
-    fn watch_lag(&self, broker: &str, stream: &str, consumer: &str);
+}
+
+impl<P: Connect> Open for P {
+    async fn open(broker: &BrokerModule) -> Result<Self, ProviderError> {
+        broker
+            .opened::<P>()
+            .await?
+            .map_err(|detail| broker.unavailable(detail))
+    }
 }
 
 /// A job that runs against whichever provider the broker uses.
@@ -34,11 +42,11 @@ pub trait ForProvider: Send {
     fn run<P: Open>(self, broker: &BrokerModule) -> impl Future<Output = Self::Out> + Send;
 }
 
-/// Which provider a broker module uses (from its config).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Nats,
-    Pg,
+/// What the slot holds once opened: the provider, or (degraded) why there is none.
+#[derive(Clone)]
+enum Slot {
+    Open(Arc<dyn Any + Send + Sync>),
+    Unconfigured(String),
 }
 
 /// A broker module instance: spec plus its (lazily opened) connection.
@@ -48,36 +56,21 @@ enum Kind {
 /// publish fail.
 pub struct BrokerModule {
     pub spec: BrokerSpec,
-    /// NATS: `None` not opened yet (or closed by Stop); `Some(None)` degraded, no url configured.
-    nats: RwLock<Option<Option<NatsProvider>>>,
-    /// pgchannel: the pool, once opened.
-    pg: RwLock<Option<PgProvider>>,
+    /// `None` not opened yet (or closed by Stop); else the provider this broker's config names.
+    slot: RwLock<Option<Slot>>,
     /// Set by StopModule, cleared by StartModule: between the two, steps are told the broker
     /// module is stopped instead of silently reopening it.
     stopped: AtomicBool,
     open_lock: Mutex<()>,
 }
 
-fn read<T: Clone>(l: &RwLock<T>) -> T {
-    l.read().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
 impl BrokerModule {
     pub fn new(spec: BrokerSpec) -> Self {
         BrokerModule {
             spec,
-            nats: RwLock::new(None),
-            pg: RwLock::new(None),
+            slot: RwLock::new(None),
             stopped: AtomicBool::new(false),
             open_lock: Mutex::new(()),
-        }
-    }
-
-    fn kind(&self) -> Kind {
-        if self.spec.pg.is_some() {
-            Kind::Pg
-        } else {
-            Kind::Nats
         }
     }
 
@@ -87,9 +80,11 @@ impl BrokerModule {
         &'a self,
         job: J,
     ) -> impl Future<Output = J::Out> + Send + 'a {
-        match self.kind() {
-            Kind::Nats => Either::Left(job.run::<NatsProvider>(self)),
-            Kind::Pg => Either::Right(Box::pin(job.run::<PgProvider>(self))),
+        match self.spec.provider {
+            // Kafka and Kinesis are refused by the config's validation: no broker module is
+            // created for them.
+            Kind::Nats | Kind::Kafka | Kind::Kinesis => Either::Left(job.run::<NatsProvider>(self)),
+            Kind::Pgchannel => Either::Right(job.run::<PgProvider>(self).boxed()),
         }
     }
 
@@ -109,162 +104,111 @@ impl BrokerModule {
     }
 
     /// InitModule: a warning when nothing says where the broker is (steps fail until it is set).
-    pub fn warn_unconfigured(&self) {
-        match self.kind() {
-            Kind::Nats if self.spec.resolve_urls().is_empty() => {
-                tracing::warn!(broker = %self.spec.name, "no broker url configured; steps using this broker will fail until one is set");
+    pub async fn warn_unconfigured(&self) {
+        struct Job;
+        impl ForProvider for Job {
+            type Out = Option<String>;
+            async fn run<P: Open>(self, broker: &BrokerModule) -> Option<String> {
+                P::unconfigured(&broker.spec)
             }
-            Kind::Pg if self.spec.resolve_pg_dsn().is_none() => {
-                tracing::warn!(broker = %self.spec.name, "no Postgres dsn (dsn or {}); steps using this broker will fail until one is set", self.spec.pg_env_var());
-            }
-            _ => {}
+        }
+        if let Some(detail) = self.dispatch(Job).await {
+            tracing::warn!(broker = %self.spec.name, "{detail}; steps using this broker will fail until one is set");
         }
     }
 
     /// StartModule: clears a previous Stop and opens the connection, so a bad address or an
     /// unreachable database fails Start with its reason.
     pub async fn start(&self) -> Result<(), ProviderError> {
+        struct Job;
+        impl ForProvider for Job {
+            type Out = Result<(), ProviderError>;
+            async fn run<P: Open>(self, broker: &BrokerModule) -> Result<(), ProviderError> {
+                match broker.opened::<P>().await? {
+                    Err(detail) if !P::STARTS_UNCONFIGURED => Err(broker.unavailable(detail)),
+                    _ => Ok(()),
+                }
+            }
+        }
         self.stopped.store(false, Ordering::SeqCst);
-        match self.kind() {
-            // Degraded (no url) is not a Start failure: steps say how to configure one.
-            Kind::Nats => self.nats_connection().await.map(|_| ()),
-            Kind::Pg => self.pg_pool().await.map(|_| ()),
+        self.dispatch(Job).await
+    }
+
+    fn unavailable(&self, detail: String) -> ProviderError {
+        ProviderError::Unavailable {
+            broker: self.spec.name.clone(),
+            detail,
         }
     }
 
     fn check_running(&self) -> Result<(), ProviderError> {
         if self.stopped.load(Ordering::SeqCst) {
-            return Err(ProviderError::Unavailable {
-                broker: self.spec.name.clone(),
-                detail: "the broker module was stopped (StopModule); StartModule connects it again"
-                    .into(),
-            });
+            return Err(self.unavailable(
+                "the broker module was stopped (StopModule); StartModule connects it again".into(),
+            ));
         }
         Ok(())
     }
 
-    /// Opens the NATS connection once. `Ok(None)` is degraded mode: no URL configured anywhere.
+    fn slot(&self) -> Option<Slot> {
+        self.slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The provider, opened once; `Ok(Err(detail))` is degraded: no address configured.
     /// Steps on modules that were created but never started (wfctl pipeline run) come here too.
-    async fn nats_connection(&self) -> Result<Option<NatsProvider>, ProviderError> {
+    async fn opened<P: Connect>(&self) -> Result<Result<P, String>, ProviderError> {
         self.check_running()?;
-        if let Some(c) = read(&self.nats) {
-            return Ok(c);
+        if let Some(s) = self.slot() {
+            return Ok(taken::<P>(s));
         }
         // Boxed: async-nats' connect future is ~10 KB, and inline it made every step's future
         // that size, copied into a fresh box on each ExecuteStep (callgrind: a fifth of the
         // plugin's instructions per publish were that memcpy).
-        Box::pin(self.open_nats()).await
+        Box::pin(self.open_slot::<P>()).await
     }
 
-    async fn open_nats(&self) -> Result<Option<NatsProvider>, ProviderError> {
+    async fn open_slot<P: Connect>(&self) -> Result<Result<P, String>, ProviderError> {
         let _guard = self.open_lock.lock().await;
-        if let Some(c) = read(&self.nats) {
-            return Ok(c);
+        if let Some(s) = self.slot() {
+            return Ok(taken::<P>(s));
         }
-        let urls = self.spec.resolve_urls();
-        let conn = if urls.is_empty() {
-            tracing::warn!(broker = %self.spec.name, "no broker url (dsn, EVENTBUS_{}_URI or NATS_URL); running degraded", env_key(&self.spec.name));
-            None
-        } else {
-            let mut settings = self.spec.conn.clone();
-            settings.urls = urls;
-            tracing::info!(broker = %self.spec.name, servers = %settings.redacted_urls(), "connecting");
-            Some(NatsProvider::new(
-                NatsConn::open(&self.spec.name, &settings).await?,
-            ))
+        let slot = match P::unconfigured(&self.spec) {
+            Some(detail) => {
+                tracing::warn!(broker = %self.spec.name, "{detail}; running degraded");
+                Slot::Unconfigured(detail)
+            }
+            None => Slot::Open(Arc::new(P::connect(&self.spec).await?)),
         };
-        *self.nats.write().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
-        Ok(conn)
-    }
-
-    /// The pgchannel pool, opened (and the schema ensured) on first use.
-    async fn pg_pool(&self) -> Result<PgProvider, ProviderError> {
-        self.check_running()?;
-        if let Some(b) = read(&self.pg) {
-            return Ok(b);
-        }
-        // Boxed for the same reason as the NATS connect: only the first call pays for it.
-        Box::pin(self.open_pg()).await
-    }
-
-    async fn open_pg(&self) -> Result<PgProvider, ProviderError> {
-        let _guard = self.open_lock.lock().await;
-        if let Some(b) = read(&self.pg) {
-            return Ok(b);
-        }
-        let Some(cfg) = &self.spec.pg else {
-            return Err(ProviderError::Unavailable {
-                broker: self.spec.name.clone(),
-                detail: "not a pgchannel broker".into(),
-            });
-        };
-        let Some(dsn) = self.spec.resolve_pg_dsn() else {
-            return Err(ProviderError::Unavailable {
-                broker: self.spec.name.clone(),
-                detail: format!(
-                    "no Postgres dsn: set dsn on the module or {} in the environment",
-                    self.spec.pg_env_var()
-                ),
-            });
-        };
-        let settings = PgSettings {
-            broker: self.spec.name.clone(),
-            dsn: dsn.expose().to_string(),
-            max_conns: cfg.max_conns,
-            poll_interval: cfg.poll_interval,
-            connect_timeout: cfg.connect_timeout,
-        };
-        tracing::info!(broker = %self.spec.name, dsn = %settings.redacted_dsn(), "connecting to PostgreSQL");
-        let p = PgProvider {
-            bus: PgBus::connect(settings).await?,
-        };
-        crate::telemetry::connection(&self.spec.name, "pgchannel", true);
-        *self.pg.write().unwrap_or_else(|p| p.into_inner()) = Some(p.clone());
-        Ok(p)
+        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = Some(slot.clone());
+        Ok(taken::<P>(slot))
     }
 
     /// StopModule and shutdown: drains and forgets the connection.
     pub async fn close(&self) {
+        struct Job(Option<Slot>);
+        impl ForProvider for Job {
+            type Out = ();
+            async fn run<P: Open>(self, _: &BrokerModule) {
+                if let Some(Ok(p)) = self.0.map(taken::<P>) {
+                    p.close().await;
+                }
+            }
+        }
         let _guard = self.open_lock.lock().await;
         self.stopped.store(true, Ordering::SeqCst);
-        let taken = self.nats.write().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(Some(c)) = taken {
-            c.close().await;
-        }
-        let pg = self.pg.write().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(b) = pg {
-            crate::telemetry::connection(&self.spec.name, "pgchannel", false);
-            b.close().await;
-        }
+        let taken = self.slot.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.dispatch(Job(taken)).await
     }
 }
 
-impl Open for NatsProvider {
-    async fn open(broker: &BrokerModule) -> Result<Self, ProviderError> {
-        match broker.nats_connection().await? {
-            Some(c) => Ok(c),
-            None => Err(ProviderError::Unavailable {
-                broker: broker.spec.name.clone(),
-                detail: format!(
-                    "no broker url configured; set dsn on the module, EVENTBUS_{}_URI or NATS_URL",
-                    env_key(&broker.spec.name)
-                ),
-            }),
-        }
-    }
-
-    fn watch_lag(&self, broker: &str, stream: &str, consumer: &str) {
-        crate::telemetry::lag::watch_nats(broker, &self.conn.js, stream, consumer);
-    }
-}
-
-impl Open for PgProvider {
-    async fn open(broker: &BrokerModule) -> Result<Self, ProviderError> {
-        broker.pg_pool().await
-    }
-
-    fn watch_lag(&self, broker: &str, stream: &str, consumer: &str) {
-        crate::telemetry::lag::watch_pg(broker, &self.bus, stream, consumer);
+/// The slot's provider as `P` (the broker's provider never changes, so the cast holds).
+fn taken<P: Connect>(slot: Slot) -> Result<P, String> {
+    match slot {
+        Slot::Open(p) => p
+            .downcast_ref::<P>()
+            .cloned()
+            .ok_or_else(|| "the broker's provider changed while it ran".into()),
+        Slot::Unconfigured(detail) => Err(detail),
     }
 }
 

@@ -8,8 +8,9 @@ use crate::nats::guard::{check_duration, MAX_DURATION};
 use crate::pb::eventbus::{AckAction, AckRequest, AckResponse, AckStepConfig};
 use crate::runtime::modules::broker::{check_any_token, BrokerModule, ForProvider, Open};
 use crate::runtime::provider::AckKind;
+use crate::runtime::registry::Registry;
 use crate::runtime::types::StepKind;
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::RuntimeError;
 
 pub struct AckStep {
     /// `<type> "<name>"`, the prefix of every error this step reports.
@@ -98,7 +99,7 @@ impl AckStep {
 
     pub async fn execute(
         &self,
-        rt: &Runtime,
+        rt: &Registry,
         input: ExecuteInput<'_>,
     ) -> Result<StepOutput, RuntimeError> {
         let component = &self.component;
@@ -151,7 +152,7 @@ impl AckStep {
 /// One token settled on the broker's provider.
 struct AckOne<'a> {
     component: &'a str,
-    rt: &'a Runtime,
+    rt: &'a Registry,
     token: &'a str,
     kind: AckKind,
 }

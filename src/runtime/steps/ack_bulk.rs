@@ -7,7 +7,8 @@ use super::StepOutput;
 use crate::pb::eventbus::BulkAckResult;
 use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
 use crate::runtime::provider::{AckKind, Provider, ProviderError};
-use crate::runtime::{render, Runtime, RuntimeError};
+use crate::runtime::registry::Registry;
+use crate::runtime::{render, RuntimeError};
 
 /// Settles one token, the single and the bulk ack alike. A nak of a message that a batch
 /// trigger run is holding is not sent: the trigger applies its own failure rules to it when the
@@ -15,7 +16,7 @@ use crate::runtime::{render, Runtime, RuntimeError};
 /// message failed cannot drop it on its last delivery. Any other action is sent and recorded,
 /// so the trigger leaves that message alone.
 pub(crate) async fn settle<P: Provider>(
-    rt: &Runtime,
+    rt: &Registry,
     p: &P,
     token: &str,
     kind: AckKind,
@@ -29,12 +30,12 @@ pub(crate) async fn settle<P: Provider>(
 }
 
 /// A nak of a token a batch trigger run holds: marked failed for that run, and not sent.
-fn left_to_batch(rt: &Runtime, token: &str, kind: AckKind) -> bool {
+fn left_to_batch(rt: &Registry, token: &str, kind: AckKind) -> bool {
     matches!(kind, AckKind::Nak(_)) && rt.batch_marks().mark_failed(token)
 }
 
 /// A sent settle (other than progress), recorded so a batch run leaves the message alone.
-fn record_settled(rt: &Runtime, token: &str, kind: AckKind) {
+fn record_settled(rt: &Registry, token: &str, kind: AckKind) {
     if kind != AckKind::Progress {
         rt.batch_marks().mark_settled(token);
     }
@@ -42,7 +43,7 @@ fn record_settled(rt: &Runtime, token: &str, kind: AckKind) {
 
 pub(super) async fn execute(
     component: &str,
-    rt: &Runtime,
+    rt: &Registry,
     broker_ref: &str,
     tokens: Vec<String>,
     kind: AckKind,
@@ -73,7 +74,7 @@ pub(super) async fn execute(
 /// The tokens of a bulk ack, settled on the broker's provider.
 struct AckList<'a> {
     component: &'a str,
-    rt: &'a Runtime,
+    rt: &'a Registry,
     tokens: Vec<String>,
     kind: AckKind,
 }

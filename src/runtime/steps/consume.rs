@@ -11,8 +11,9 @@ use crate::pb::eventbus::{ConsumeRequest, ConsumeResponse, ConsumeStepConfig};
 use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
 use crate::runtime::modules::ConsumerModule;
 use crate::runtime::provider::FetchAsk;
+use crate::runtime::registry::Registry;
 use crate::runtime::types::StepKind;
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::RuntimeError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,7 +78,7 @@ impl ConsumeStep {
 
     pub async fn execute(
         &self,
-        rt: &Runtime,
+        rt: &Registry,
         input: ExecuteInput<'_>,
     ) -> Result<StepOutput, RuntimeError> {
         let component = &self.component;
@@ -122,16 +123,7 @@ impl ConsumeStep {
         let mut stream = pick(&cfg.stream_name, &inp.stream_name);
         // A declared consumer module supplies stream and broker; several on different
         // streams are ambiguous rather than picked at random (Go defect B14).
-        let declared: Vec<_> = rt
-            .consumer_modules(&durable)
-            .into_iter()
-            .filter(|c| stream.is_empty() || c.spec.stream == stream)
-            .filter(|c| {
-                broker_ref.is_empty()
-                    || c.spec.broker_ref.is_empty()
-                    || c.spec.broker_ref == broker_ref
-            })
-            .collect();
+        let declared = rt.declared_consumers(&durable, &stream, &broker_ref);
         if declared.len() > 1 {
             let streams: Vec<String> = declared
                 .iter()
@@ -194,7 +186,7 @@ struct Limits {
 /// a consumer deleted behind our back is forgotten and, when declared, recreated once.
 struct Consume<'a> {
     component: &'a str,
-    rt: &'a Runtime,
+    rt: &'a Registry,
     declared: Option<&'a Arc<ConsumerModule>>,
     ask: FetchAsk<'a>,
 }

@@ -10,8 +10,9 @@ use crate::nats::guard::{
 use crate::pb::eventbus::{PublishRequest, PublishResponse, PublishStepConfig};
 use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
 use crate::runtime::provider::OutMessage;
+use crate::runtime::registry::Registry;
 use crate::runtime::types::StepKind;
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::RuntimeError;
 use crate::telemetry::trace;
 use std::future::Future;
 use std::sync::Arc;
@@ -67,7 +68,7 @@ impl PublishStep {
     /// lives across an await (the future stays small; it is moved into a box per call).
     fn prepare(
         &self,
-        rt: &Runtime,
+        rt: &Registry,
         cfg: PublishStepConfig,
         inp: PublishRequest,
         input: &ExecuteInput<'_>,
@@ -113,7 +114,7 @@ impl PublishStep {
 
     pub async fn execute(
         &self,
-        rt: &Runtime,
+        rt: &Registry,
         input: ExecuteInput<'_>,
     ) -> Result<StepOutput, RuntimeError> {
         let (cfg, inp): (PublishStepConfig, PublishRequest) =

@@ -12,8 +12,9 @@ use crate::pb::eventbus::{
 };
 use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
 use crate::runtime::provider::OutMessage;
+use crate::runtime::registry::Registry;
 use crate::runtime::types::StepKind;
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::RuntimeError;
 use opentelemetry::trace::SpanContext;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -153,7 +154,7 @@ fn prepare(
 
 pub(super) async fn execute(
     component: &str,
-    rt: &Runtime,
+    rt: &Registry,
     cfg: PublishStepConfig,
     inp: PublishRequest,
     parent: Option<SpanContext>,

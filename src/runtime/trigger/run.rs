@@ -10,7 +10,8 @@ use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
 use crate::runtime::provider::{
     AckKind, BindAsk, Bound, Delivered, Next, Origin, Provider, ProviderError, Subscription,
 };
-use crate::runtime::{render, Runtime};
+use crate::runtime::registry::Registry;
+use crate::runtime::render;
 use crate::telemetry::TriggerTelemetry;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -64,7 +65,7 @@ pub fn nak_delay(base: Duration, delivered: i64) -> Duration {
 
 /// StartModule of a trigger: binds once (bounded) and leaves the worker running on `tasks`.
 pub(super) struct Start {
-    pub rt: Runtime,
+    pub rt: Registry,
     pub spec: TriggerSpec,
     pub broker: Arc<BrokerModule>,
     pub stop: CancellationToken,
@@ -106,7 +107,7 @@ impl ForProvider for Start {
 }
 
 pub struct Worker<P> {
-    rt: Runtime,
+    rt: Registry,
     spec: TriggerSpec,
     broker: Arc<BrokerModule>,
     stop: CancellationToken,
@@ -290,7 +291,7 @@ impl<P: Open> Worker<P> {
 }
 
 pub(super) struct Handler<P> {
-    pub rt: Runtime,
+    pub rt: Registry,
     /// The host callback, configured before the worker fetched anything.
     pub launcher: Arc<dyn super::Launcher>,
     pub spec: TriggerSpec,

@@ -18,6 +18,7 @@
 pub mod api;
 mod desired;
 pub mod ops;
+pub mod record;
 pub mod spec;
 mod target;
 

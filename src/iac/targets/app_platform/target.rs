@@ -3,11 +3,12 @@
 
 use super::api::{ApiConfig, ApiError, AppsApi};
 use super::ops::{self, OpsError};
+use super::record::AppRecord;
 use super::{desired_view, outputs, validate, AppAuth, AppDesired, COMPARED_KEYS};
 use crate::iac::ctx::Ctx;
 use crate::iac::error::{DriverError, PlatformClass};
 use crate::iac::kind::BROKER_TYPE;
-use crate::iac::state::{AppRecord, AuthRecord, BrokerRecord};
+use crate::iac::state::{AuthRecord, BrokerRecord, TargetRecord};
 use crate::iac::targets::api::{label, Applied, BrokerDesired, BrokerTarget, Platform};
 use crate::iac::values::{config_problems, str_field};
 use crate::providers::DeployTarget;
@@ -61,8 +62,7 @@ impl BrokerTarget for AppPlatform {
     }
 
     fn provider_id(&self, name: &str, rec: &BrokerRecord) -> String {
-        rec.app
-            .as_ref()
+        app(rec)
             .map(|a| a.app_id.clone())
             .unwrap_or_else(|| name.to_string())
     }
@@ -117,7 +117,7 @@ impl BrokerTarget for AppPlatform {
         let api = client(ctx, &what)?;
         let state = ctx.state.load()?;
         let old = state.brokers.get(name);
-        let recorded_id = old.and_then(|r| r.app.as_ref()).map(|r| r.app_id.clone());
+        let recorded_id = old.and_then(app).map(|r| r.app_id.clone());
         // SECRET values read back encrypted, so a changed credential is only visible here.
         let force = old
             .map(|r| str_field(&r.outputs, "auth_fingerprint"))
@@ -152,12 +152,10 @@ impl BrokerTarget for AppPlatform {
             replicas: 1,
             connect_timeout_ms: d.spec.conn.connect_timeout.as_millis() as u64,
             request_timeout_ms: d.spec.conn.request_timeout.as_millis() as u64,
-            local: None,
-            app: Some(AppRecord {
+            deployed: Some(TargetRecord::AppPlatform(AppRecord {
                 app_id: app.id.clone(),
                 app_name: a.app_name.clone(),
-            }),
-            kubernetes: None,
+            })),
             prevent_destroy: d.spec.prevent_destroy,
             bind: d.spec.bind,
             outputs: Json::Null,
@@ -175,7 +173,7 @@ impl BrokerTarget for AppPlatform {
         what: &str,
         rec: &BrokerRecord,
     ) -> Result<Platform, DriverError> {
-        let Some(a) = &rec.app else {
+        let Some(a) = app(rec) else {
             return Ok(Platform::Untracked);
         };
         let api = client(ctx, what)?;
@@ -189,7 +187,7 @@ impl BrokerTarget for AppPlatform {
     }
 
     async fn delete(&self, ctx: &Ctx, what: &str, rec: &BrokerRecord) -> Result<(), DriverError> {
-        let (Some(a), false) = (&rec.app, rec.bind) else {
+        let (Some(a), false) = (app(rec), rec.bind) else {
             return Ok(());
         };
         let api = client(ctx, what)?;
@@ -198,6 +196,14 @@ impl BrokerTarget for AppPlatform {
             .map_err(|e| platform_error(what, e))?;
         tracing::info!(app = %a.app_name, app_id = %a.app_id, "App Platform app deleted");
         Ok(())
+    }
+}
+
+/// The app this target recorded for a broker (none on another target).
+fn app(rec: &BrokerRecord) -> Option<&AppRecord> {
+    match &rec.deployed {
+        Some(TargetRecord::AppPlatform(a)) => Some(a),
+        _ => None,
     }
 }
 

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// One object this provider applied, as the state file records it (delete walks these).
-pub use crate::iac::state::KubeObject as ObjRef;
+pub use super::record::KubeObject as ObjRef;
 
 pub fn obj_ref(body: &Json) -> Result<ObjRef, KubeError> {
     let s = |p: &str| {

@@ -10,6 +10,7 @@ pub mod apply;
 pub mod client;
 pub mod config;
 pub mod forward;
+pub mod record;
 pub mod render;
 mod target;
 pub mod yaml;

@@ -7,10 +7,11 @@ use super::apply::{self as k8s, Wait};
 use super::client::{self, Access, KubeError};
 use super::config::{Flavor, KubeAuth, ServiceType, ANNOTATION_CONFIG};
 use super::forward::Tunnel;
+use super::record::KubeRecord;
 use super::render::{render, Rendered, CLIENT_PORT, MONITOR_PORT};
 use crate::iac::ctx::Ctx;
 use crate::iac::error::DriverError;
-use crate::iac::state::{AuthRecord, BrokerRecord, KubeRecord};
+use crate::iac::state::{AuthRecord, BrokerRecord, TargetRecord};
 use crate::iac::targets::api::{label, Applied, BrokerDesired, BrokerTarget, Platform, Reach};
 use crate::iac::values::str_field;
 use crate::providers::DeployTarget;
@@ -188,7 +189,7 @@ impl KubernetesTarget {
             .load()
             .ok()
             .and_then(|st| st.brokers.get(name).cloned())
-            .and_then(|b| b.kubernetes);
+            .and_then(|b| kube(&b).cloned());
         k8s::ensure_namespace(&c, &ns).await?;
         let bodies: Vec<Json> = r.objects.iter().map(|o| o.body.clone()).collect();
         let applied = k8s::apply_all(&c, &ns, &bodies).await?;
@@ -287,9 +288,7 @@ impl KubernetesTarget {
                 replicas: r.replicas,
                 connect_timeout_ms: d.spec.conn.connect_timeout.as_millis() as u64,
                 request_timeout_ms: d.spec.conn.request_timeout.as_millis() as u64,
-                local: None,
-                app: None,
-                kubernetes: Some(kube),
+                deployed: Some(TargetRecord::Kubernetes(kube)),
                 pg: None,
                 prevent_destroy: d.spec.prevent_destroy,
                 bind: d.spec.bind,
@@ -355,8 +354,7 @@ impl BrokerTarget for KubernetesTarget {
     }
 
     fn provider_id(&self, name: &str, rec: &BrokerRecord) -> String {
-        rec.kubernetes
-            .as_ref()
+        kube(rec)
             .map(|k| format!("{}/{}", k.namespace, k.stateful_set))
             .unwrap_or_else(|| name.to_string())
     }
@@ -406,7 +404,7 @@ impl BrokerTarget for KubernetesTarget {
         what: &str,
         rec: &BrokerRecord,
     ) -> Result<Option<Reach>, DriverError> {
-        let Some(k) = &rec.kubernetes else {
+        let Some(k) = kube(rec) else {
             return Ok(None);
         };
         if !k.external_url.is_empty() || ctx.provider_str("kube_reach") == Some("direct") {
@@ -430,7 +428,7 @@ impl BrokerTarget for KubernetesTarget {
         what: &str,
         rec: &BrokerRecord,
     ) -> Result<Platform, DriverError> {
-        let Some(k) = &rec.kubernetes else {
+        let Some(k) = kube(rec) else {
             return Ok(Platform::Untracked);
         };
         let c = client::connect(&recorded_access(k))
@@ -446,7 +444,7 @@ impl BrokerTarget for KubernetesTarget {
     }
 
     async fn delete(&self, _ctx: &Ctx, what: &str, rec: &BrokerRecord) -> Result<(), DriverError> {
-        let (Some(k), false) = (&rec.kubernetes, rec.bind) else {
+        let (Some(k), false) = (kube(rec), rec.bind) else {
             return Ok(());
         };
         let c = client::connect(&recorded_access(k))
@@ -470,6 +468,14 @@ impl BrokerTarget for KubernetesTarget {
                 "broker deleted; its volume claims are kept (kubernetes.delete_pvcs: true removes them)");
         }
         Ok(())
+    }
+}
+
+/// What this target applied for a broker (none on another target).
+fn kube(rec: &BrokerRecord) -> Option<&KubeRecord> {
+    match &rec.deployed {
+        Some(TargetRecord::Kubernetes(k)) => Some(k),
+        _ => None,
     }
 }
 
