@@ -1223,7 +1223,7 @@ async fn pg_bench(
     );
     let mut plugin = Plugin::launch(LaunchOptions {
         env: vec![("EVENTBUS_PGBUS_URI".into(), pg.url())],
-        callback: Some(pipeline),
+        callback: Some(pipeline.clone()),
         ..Default::default()
     })
     .await;
@@ -1243,6 +1243,7 @@ async fn pg_bench(
         ("pcons_c4", "pgb.cons"),
         ("ptrig_mif1", "pgb.trig.mif1"),
         ("ptrig_mif64", "pgb.trig.mif64"),
+        ("ptrig_2p", "pgb.trig.2p"),
     ] {
         p.module_up(
             "eventbus.consumer",
@@ -1450,12 +1451,60 @@ async fn pg_bench(
             );
         }
     }
-    let (code, _) = plugin.shutdown().await;
-    if code != Some(0) {
-        return Err(format!(
-            "pg plugin exited with {code:?}; stderr:\n{}",
-            plugin.stderr()
-        ));
+    // Two plugin processes triggering on one consumer (64 in flight each: competing
+    // subscribers), the burst published through the first.
+    let mut second = Plugin::launch(LaunchOptions {
+        env: vec![("EVENTBUS_PGBUS_URI".into(), pg.url())],
+        callback: Some(pipeline),
+        ..Default::default()
+    })
+    .await;
+    second.calls = None;
+    second
+        .module_up("eventbus.broker", "pgbus", "provider: pgchannel\n")
+        .await;
+    let mut triggers = Vec::new();
+    for q in [p, &second] {
+        let t = q
+            .create_trigger(
+                "pipeline:pgbench-2p",
+                &json!({"name": "ptrig_2p", "max_in_flight": 64}),
+            )
+            .await?;
+        q.lifecycle("start", &t).await?;
+        triggers.push(t);
+    }
+    let publisher = futures::stream::iter(0..PG_TRIGGER_N)
+        .map(|_| {
+            let req = publish_req("pgb.trig.2p", now_ns());
+            async move { execute(&p.client, req?).await.map(|_| ()) }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<()>>();
+    let (published, r) = tokio::join!(publisher, receive(calls, PG_TRIGGER_N, TRIGGER_CAP));
+    published?;
+    let r = r?;
+    for (q, t) in [p, &second].into_iter().zip(&triggers) {
+        q.lifecycle("stop", t).await?;
+    }
+    while calls.try_recv().is_ok() {}
+    fig("pg_trigger_2proc_mif64_burst_rate", r.rate, "msg/s");
+    fig("pg_trigger_2proc_mif64_burst_p99_e2e", r.p99_us, "us");
+    if r.received < PG_TRIGGER_N {
+        fig(
+            "pg_trigger_2proc_mif64_burst_received",
+            r.received as f64,
+            "msg",
+        );
+    }
+    for (what, mut q) in [("pg plugin", plugin), ("second pg plugin", second)] {
+        let (code, _) = q.shutdown().await;
+        if code != Some(0) {
+            return Err(format!(
+                "{what} exited with {code:?}; stderr:\n{}",
+                q.stderr()
+            ));
+        }
     }
     Ok(())
 }
