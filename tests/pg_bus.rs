@@ -1408,3 +1408,62 @@ async fn ack_and_claim_work_does_not_grow_with_the_delivery_rows() {
     assert!(settle < 200.0, "settle read {settle} buffers per ack");
     assert!(claim < 4_000.0, "claim of 100 read {claim} buffers");
 }
+
+/// A competing subscriber leasing ahead hands out what was asked, keeps the rest in hand, and
+/// gives the rest back when dropped: deliverable at once (not after ack_wait), the lease not
+/// counted as a delivery; what it handed out stays leased to its caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_leased_ahead_come_back_uncounted_when_the_subscriber_goes() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    let published = publish_n(&b, 50).await;
+    let cancel = CancellationToken::new();
+    let mut sub = tokio::time::timeout(
+        Duration::from_secs(10),
+        b.subscribe_competing(
+            "ORDERS",
+            "worker",
+            SubOpts {
+                dead_letter_subject: None,
+                cancel: cancel.clone(),
+            },
+        ),
+    )
+    .await
+    .expect("no lock to wait for")
+    .unwrap()
+    .lease_ahead(40);
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.next_batch(5))
+        .await
+        .expect("rows are ready")
+        .unwrap();
+    assert_eq!(ids(&first), published[..5]);
+    let second = tokio::time::timeout(Duration::from_secs(10), sub.next_batch(5))
+        .await
+        .expect("rows in hand")
+        .unwrap();
+    assert_eq!(ids(&second), published[5..10]);
+    drop(sub);
+    // The 30 s lease of the rows in hand is cut short; the 10 handed out stay leased.
+    let mut all: Vec<Delivery> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while all.len() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "rows in hand not given back: {:?}",
+            ids(&all)
+        );
+        let got = b.fetch("ORDERS", "worker", opts(100)).await.unwrap();
+        if got.is_empty() {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        all.extend(got);
+    }
+    all.sort_by_key(|d| d.token.id);
+    assert_eq!(ids(&all), published[10..]);
+    assert!(
+        all.iter().all(|d| d.delivery_count == 1),
+        "a row leased ahead and given back is not a delivery"
+    );
+    cancel.cancel();
+}
