@@ -1243,7 +1243,7 @@ async fn pg_bench(
         ("pcons_c4", "pgb.cons"),
         ("ptrig_mif1", "pgb.trig.mif1"),
         ("ptrig_mif64", "pgb.trig.mif64"),
-        ("ptrig_2p", "pgb.trig.2p"),
+        ("ptrig_2proc_mif64", "pgb.trig.2proc_mif64"),
     ] {
         p.module_up(
             "eventbus.consumer",
@@ -1419,40 +1419,8 @@ async fn pg_bench(
     // The limit: raw SQL on the same server and schema, no plugin.
     pg_raw_bench(&pg).await?;
 
-    // Trigger: burst published through the step (64 in flight) while receiving.
-    for (mif, label) in [(1usize, "mif1"), (64, "mif64")] {
-        let subject = format!("pgb.trig.{label}");
-        let t = p
-            .create_trigger(
-                &format!("pipeline:pgbench-{label}"),
-                &json!({"name": format!("ptrig_{label}"), "max_in_flight": mif}),
-            )
-            .await?;
-        p.lifecycle("start", &t).await?;
-        let publisher = futures::stream::iter(0..PG_TRIGGER_N)
-            .map(|_| {
-                let req = publish_req(&subject, now_ns());
-                async move { execute(&p.client, req?).await.map(|_| ()) }
-            })
-            .buffer_unordered(64)
-            .try_collect::<Vec<()>>();
-        let (published, r) = tokio::join!(publisher, receive(calls, PG_TRIGGER_N, TRIGGER_CAP));
-        published?;
-        let r = r?;
-        p.lifecycle("stop", &t).await?;
-        while calls.try_recv().is_ok() {}
-        fig(&format!("pg_trigger_{label}_burst_rate"), r.rate, "msg/s");
-        fig(&format!("pg_trigger_{label}_burst_p99_e2e"), r.p99_us, "us");
-        if r.received < PG_TRIGGER_N {
-            fig(
-                &format!("pg_trigger_{label}_burst_received"),
-                r.received as f64,
-                "msg",
-            );
-        }
-    }
-    // Two plugin processes triggering on one consumer (64 in flight each: competing
-    // subscribers), the burst published through the first.
+    // Trigger: burst published through the step (64 in flight) while receiving; last, two
+    // plugin processes triggering on one consumer (64 in flight each: competing subscribers).
     let mut second = Plugin::launch(LaunchOptions {
         env: vec![("EVENTBUS_PGBUS_URI".into(), pg.url())],
         callback: Some(pipeline),
@@ -1463,39 +1431,46 @@ async fn pg_bench(
     second
         .module_up("eventbus.broker", "pgbus", "provider: pgchannel\n")
         .await;
-    let mut triggers = Vec::new();
-    for q in [p, &second] {
-        let t = q
-            .create_trigger(
-                "pipeline:pgbench-2p",
-                &json!({"name": "ptrig_2p", "max_in_flight": 64}),
-            )
-            .await?;
-        q.lifecycle("start", &t).await?;
-        triggers.push(t);
-    }
-    let publisher = futures::stream::iter(0..PG_TRIGGER_N)
-        .map(|_| {
-            let req = publish_req("pgb.trig.2p", now_ns());
-            async move { execute(&p.client, req?).await.map(|_| ()) }
-        })
-        .buffer_unordered(64)
-        .try_collect::<Vec<()>>();
-    let (published, r) = tokio::join!(publisher, receive(calls, PG_TRIGGER_N, TRIGGER_CAP));
-    published?;
-    let r = r?;
-    for (q, t) in [p, &second].into_iter().zip(&triggers) {
-        q.lifecycle("stop", t).await?;
-    }
-    while calls.try_recv().is_ok() {}
-    fig("pg_trigger_2proc_mif64_burst_rate", r.rate, "msg/s");
-    fig("pg_trigger_2proc_mif64_burst_p99_e2e", r.p99_us, "us");
-    if r.received < PG_TRIGGER_N {
-        fig(
-            "pg_trigger_2proc_mif64_burst_received",
-            r.received as f64,
-            "msg",
-        );
+    for (mif, label, procs) in [
+        (1usize, "mif1", vec![p]),
+        (64, "mif64", vec![p]),
+        (64, "2proc_mif64", vec![p, &second]),
+    ] {
+        let subject = format!("pgb.trig.{label}");
+        let mut triggers = Vec::new();
+        for q in &procs {
+            let t = q
+                .create_trigger(
+                    &format!("pipeline:pgbench-{label}"),
+                    &json!({"name": format!("ptrig_{label}"), "max_in_flight": mif}),
+                )
+                .await?;
+            q.lifecycle("start", &t).await?;
+            triggers.push(t);
+        }
+        let publisher = futures::stream::iter(0..PG_TRIGGER_N)
+            .map(|_| {
+                let req = publish_req(&subject, now_ns());
+                async move { execute(&p.client, req?).await.map(|_| ()) }
+            })
+            .buffer_unordered(64)
+            .try_collect::<Vec<()>>();
+        let (published, r) = tokio::join!(publisher, receive(calls, PG_TRIGGER_N, TRIGGER_CAP));
+        published?;
+        let r = r?;
+        for (q, t) in procs.iter().zip(&triggers) {
+            q.lifecycle("stop", t).await?;
+        }
+        while calls.try_recv().is_ok() {}
+        fig(&format!("pg_trigger_{label}_burst_rate"), r.rate, "msg/s");
+        fig(&format!("pg_trigger_{label}_burst_p99_e2e"), r.p99_us, "us");
+        if r.received < PG_TRIGGER_N {
+            fig(
+                &format!("pg_trigger_{label}_burst_received"),
+                r.received as f64,
+                "msg",
+            );
+        }
     }
     for (what, mut q) in [("pg plugin", plugin), ("second pg plugin", second)] {
         let (code, _) = q.shutdown().await;
