@@ -1407,6 +1407,14 @@ async fn ack_and_claim_work_does_not_grow_with_the_delivery_rows() {
     );
     assert!(settle < 200.0, "settle read {settle} buffers per ack");
     assert!(claim < 4_000.0, "claim of 100 read {claim} buffers");
+    // A bulk ack of 100: one statement, about as many pages per token as a single ack.
+    pg.psql("SELECT pg_stat_statements_reset()");
+    let tokens: Vec<AckToken> = held[200..300].iter().map(|d| d.token.clone()).collect();
+    for r in b.settle_many(&tokens, AckOp::Ack).await {
+        r.unwrap();
+    }
+    let bulk = per_call("%UPDATE eventbus_event_deliveries d SET state%");
+    assert!(bulk < 3_000.0, "bulk settle of 100 read {bulk} buffers");
 }
 
 /// A competing subscriber leasing ahead hands out what was asked, keeps the rest in hand, and
