@@ -1431,6 +1431,13 @@ async fn pg_bench(
     second
         .module_up("eventbus.broker", "pgbus", "provider: pgchannel\n")
         .await;
+    second
+        .module_up(
+            "eventbus.consumer",
+            "ptrig_2proc_mif64",
+            "name: ptrig_2proc_mif64\nstream_name: PGBENCH\nfilter_subject: pgb.trig.2proc_mif64\n",
+        )
+        .await;
     for (mif, label, procs) in [
         (1usize, "mif1", vec![p]),
         (64, "mif64", vec![p]),

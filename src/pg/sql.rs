@@ -70,7 +70,8 @@ pub(crate) const ADVANCE_WINDOW: i64 = 2_000;
 /// What [`advance_position`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Advance {
-    /// Publishes were in flight (only when not waiting): nothing checked.
+    /// Publishes were in flight (only when not waiting), or another advance of the consumer
+    /// was under way: nothing checked.
     Busy,
     /// The position moved forward, to its first unsettled matching event or the fence.
     Moved,
@@ -111,7 +112,7 @@ const FENCE_WAIT: &str = "SELECT CASE WHEN pg_advisory_xact_lock($1, $2)::text I
 /// side, in id order, and stops at the first hit; the `OFFSET 0` keeps the NOT EXISTS a
 /// per-row probe of the delivery row's primary key.
 const ADVANCE: &str = "WITH k AS (SELECT position FROM eventbus_consumers \
-       WHERE stream_name = $1 AND name = $2 FOR UPDATE), \
+       WHERE stream_name = $1 AND name = $2 FOR UPDATE SKIP LOCKED), \
      r AS (SELECT position AS lo, LEAST(position + $6, $7) AS hi FROM k), \
      f AS (SELECT e.id FROM eventbus_events e WHERE e.stream_name = $1 \
        AND e.id > (SELECT lo FROM r) AND e.id <= (SELECT hi FROM r) AND __FILTER__ \
@@ -200,7 +201,10 @@ pub(crate) async fn advance_below(
         match row.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1))) {
             Some((true, true)) => Advance::MovedWindow,
             Some((true, false)) => Advance::Moved,
-            _ => Advance::Stayed,
+            Some((false, _)) => Advance::Stayed,
+            // The consumer row is locked by another advance (concurrent acks of one consumer
+            // queued on it one by one): skipped, left to the background advancer.
+            None => Advance::Busy,
         },
     )
 }
