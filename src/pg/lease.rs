@@ -223,6 +223,32 @@ pub(crate) async fn lease(
     Ok(out)
 }
 
+/// Rows leased and never handed to anyone given back: deliverable at once, and the lease not
+/// counted as a delivery. Only rows still held (unsettled) are touched.
+const RELEASE: &str = "UPDATE eventbus_event_deliveries SET due_at = now(), \
+     delivery_count = GREATEST(delivery_count - 1, 0) \
+     WHERE stream_name = $1 AND consumer_name = $2 AND event_id = ANY($3::int8[]) \
+     AND state IS NULL";
+
+/// Gives back rows a subscriber leased ahead and never handed out (see `RELEASE`).
+pub(crate) async fn release(
+    inner: &Inner,
+    stream: &str,
+    consumer: &str,
+    ids: &[i64],
+) -> Result<(), PgError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let db = |e| PgError::db("release", e);
+    let c = inner.client("release").await?;
+    let stmt = c.prepare_cached(RELEASE).await.map_err(db)?;
+    c.execute(&stmt, &[&stream, &consumer, &ids])
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
 /// Publishes a copy of the event to the dead-letter subject's stream inside the lease
 /// transaction. False when no stream owns the subject (the row is then left unsettled).
 async fn copy_to_dead_letter(

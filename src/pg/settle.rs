@@ -196,32 +196,6 @@ impl PgBus {
     }
 }
 
-/// Rows leased and never handed to anyone given back: deliverable at once, and the lease not
-/// counted as a delivery. Only rows still held (unsettled) are touched.
-const RELEASE: &str = "UPDATE eventbus_event_deliveries SET due_at = now(), \
-     delivery_count = GREATEST(delivery_count - 1, 0) \
-     WHERE stream_name = $1 AND consumer_name = $2 AND event_id = ANY($3::int8[]) \
-     AND state IS NULL";
-
-/// Gives back rows a subscriber leased ahead and never handed out (see `RELEASE`).
-pub(crate) async fn release(
-    inner: &Inner,
-    stream: &str,
-    consumer: &str,
-    ids: &[i64],
-) -> Result<(), PgError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let db = |e| PgError::db("release", e);
-    let c = inner.client("release").await?;
-    let stmt = c.prepare_cached(RELEASE).await.map_err(db)?;
-    c.execute(&stmt, &[&stream, &consumer, &ids])
-        .await
-        .map_err(db)?;
-    Ok(())
-}
-
 /// Tokens one coalesced flush settles at most.
 const COALESCE_MAX: usize = 512;
 

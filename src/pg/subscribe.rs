@@ -256,7 +256,7 @@ impl Drop for Subscription {
                     ids.extend(rows.iter().map(|d| d.token.id));
                 }
             }
-            if let Err(e) = super::settle::release(&bus, &stream, &consumer, &ids).await {
+            if let Err(e) = super::lease::release(&bus, &stream, &consumer, &ids).await {
                 tracing::debug!(error = %e, stream, consumer, "pgchannel: rows leased ahead not given back; they return when their lease ends");
             }
         });
