@@ -1246,7 +1246,7 @@ async fn pg_bench(
     );
     let mut plugin = Plugin::launch(LaunchOptions {
         env: vec![("EVENTBUS_PGBUS_URI".into(), pg.url())],
-        callback: Some(pipeline),
+        callback: Some(pipeline.clone()),
         ..Default::default()
     })
     .await;
@@ -1266,6 +1266,7 @@ async fn pg_bench(
         ("pcons_c4", "pgb.cons"),
         ("ptrig_mif1", "pgb.trig.mif1"),
         ("ptrig_mif64", "pgb.trig.mif64"),
+        ("ptrig_2proc_mif64", "pgb.trig.2proc_mif64"),
     ] {
         p.module_up(
             "eventbus.consumer",
@@ -1441,16 +1442,42 @@ async fn pg_bench(
     // The limit: raw SQL on the same server and schema, no plugin.
     pg_raw_bench(&pg).await?;
 
-    // Trigger: burst published through the step (64 in flight) while receiving.
-    for (mif, label) in [(1usize, "mif1"), (64, "mif64")] {
+    // Trigger: burst published through the step (64 in flight) while receiving; last, two
+    // plugin processes triggering on one consumer (64 in flight each: competing subscribers).
+    let mut second = Plugin::launch(LaunchOptions {
+        env: vec![("EVENTBUS_PGBUS_URI".into(), pg.url())],
+        callback: Some(pipeline),
+        ..Default::default()
+    })
+    .await;
+    second.calls = None;
+    second
+        .module_up("eventbus.broker", "pgbus", "provider: pgchannel\n")
+        .await;
+    second
+        .module_up(
+            "eventbus.consumer",
+            "ptrig_2proc_mif64",
+            "name: ptrig_2proc_mif64\nstream_name: PGBENCH\nfilter_subject: pgb.trig.2proc_mif64\n",
+        )
+        .await;
+    for (mif, label, procs) in [
+        (1usize, "mif1", vec![p]),
+        (64, "mif64", vec![p]),
+        (64, "2proc_mif64", vec![p, &second]),
+    ] {
         let subject = format!("pgb.trig.{label}");
-        let t = p
-            .create_trigger(
-                &format!("pipeline:pgbench-{label}"),
-                &json!({"name": format!("ptrig_{label}"), "max_in_flight": mif}),
-            )
-            .await?;
-        p.lifecycle("start", &t).await?;
+        let mut triggers = Vec::new();
+        for q in &procs {
+            let t = q
+                .create_trigger(
+                    &format!("pipeline:pgbench-{label}"),
+                    &json!({"name": format!("ptrig_{label}"), "max_in_flight": mif}),
+                )
+                .await?;
+            q.lifecycle("start", &t).await?;
+            triggers.push(t);
+        }
         let publisher = futures::stream::iter(0..PG_TRIGGER_N)
             .map(|_| {
                 let req = publish_req(&subject, now_ns());
@@ -1461,7 +1488,9 @@ async fn pg_bench(
         let (published, r) = tokio::join!(publisher, receive(calls, PG_TRIGGER_N, TRIGGER_CAP));
         published?;
         let r = r?;
-        p.lifecycle("stop", &t).await?;
+        for (q, t) in procs.iter().zip(&triggers) {
+            q.lifecycle("stop", t).await?;
+        }
         while calls.try_recv().is_ok() {}
         fig(&format!("pg_trigger_{label}_burst_rate"), r.rate, "msg/s");
         fig(&format!("pg_trigger_{label}_burst_p99_e2e"), r.p99_us, "us");
@@ -1473,12 +1502,14 @@ async fn pg_bench(
             );
         }
     }
-    let (code, _) = plugin.shutdown().await;
-    if code != Some(0) {
-        return Err(format!(
-            "pg plugin exited with {code:?}; stderr:\n{}",
-            plugin.stderr()
-        ));
+    for (what, mut q) in [("pg plugin", plugin), ("second pg plugin", second)] {
+        let (code, _) = q.shutdown().await;
+        if code != Some(0) {
+            return Err(format!(
+                "{what} exited with {code:?}; stderr:\n{}",
+                q.stderr()
+            ));
+        }
     }
     Ok(())
 }

@@ -1360,3 +1360,118 @@ async fn a_settler_coalesces_concurrent_acks_with_exact_results() {
         .unwrap()
         .is_empty());
 }
+
+/// The fixed per-ack wait: on a fresh schema (no statistics, as every new deployment and `make
+/// bench` start) the position move and the claim were planned as a join over every delivery
+/// row of the consumer, so each ack read O(window x delivery rows) buffers. Buffers, unlike
+/// time, do not depend on the machine's load: each ack's statements must read about as many
+/// pages with 2,000 delivery rows as the claim of a batch does per row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_and_claim_work_does_not_grow_with_the_delivery_rows() {
+    let pg = PgServer::builder()
+        .setting("shared_preload_libraries", "pg_stat_statements")
+        .setting("pg_stat_statements.track", "all")
+        .start();
+    pg.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
+    let b = setup(&pg).await;
+    publish_n(&b, 2_100).await;
+    let mut held = Vec::new();
+    while held.len() < 2_000 {
+        let got = b.fetch("ORDERS", "worker", opts(100)).await.unwrap();
+        assert!(!got.is_empty(), "ran dry at {}", held.len());
+        held.extend(got);
+    }
+    pg.psql("SELECT pg_stat_statements_reset()");
+    for d in &held[..200] {
+        b.ack(&d.token, AckOp::Ack).await.unwrap();
+    }
+    let got = b.fetch("ORDERS", "worker", opts(100)).await.unwrap();
+    assert_eq!(got.len(), 100);
+    let per_call = |pattern: &str| -> f64 {
+        pg.psql(&format!(
+            "SELECT COALESCE(max(shared_blks_hit::float8 / calls), 0) FROM pg_stat_statements \
+             WHERE query LIKE '{pattern}'"
+        ))
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    let advance = per_call("%UPDATE eventbus_consumers c SET position%");
+    let settle = per_call("%UPDATE eventbus_event_deliveries d SET state%");
+    let claim = per_call("%INSERT INTO eventbus_event_deliveries%ON CONFLICT%");
+    // Before: the position move read ~28,000 pages per ack here (17 after), growing with the
+    // consumer's delivery rows. The claim walks the 1,800 leased rows above the position once.
+    assert!(
+        advance < 100.0,
+        "position move read {advance} buffers per ack"
+    );
+    assert!(settle < 200.0, "settle read {settle} buffers per ack");
+    assert!(claim < 4_000.0, "claim of 100 read {claim} buffers");
+    // A bulk ack of 100: one statement, about as many pages per token as a single ack.
+    pg.psql("SELECT pg_stat_statements_reset()");
+    let tokens: Vec<AckToken> = held[200..300].iter().map(|d| d.token.clone()).collect();
+    for r in b.settle_many(&tokens, AckOp::Ack).await {
+        r.unwrap();
+    }
+    let bulk = per_call("%UPDATE eventbus_event_deliveries d SET state%");
+    assert!(bulk < 3_000.0, "bulk settle of 100 read {bulk} buffers");
+}
+
+/// A competing subscriber leasing ahead hands out what was asked, keeps the rest in hand, and
+/// gives the rest back when dropped: deliverable at once (not after ack_wait), the lease not
+/// counted as a delivery; what it handed out stays leased to its caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_leased_ahead_come_back_uncounted_when_the_subscriber_goes() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    let published = publish_n(&b, 50).await;
+    let cancel = CancellationToken::new();
+    let mut sub = tokio::time::timeout(
+        Duration::from_secs(10),
+        b.subscribe_competing(
+            "ORDERS",
+            "worker",
+            SubOpts {
+                dead_letter_subject: None,
+                cancel: cancel.clone(),
+            },
+        ),
+    )
+    .await
+    .expect("no lock to wait for")
+    .unwrap()
+    .lease_ahead(40);
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.next_batch(5))
+        .await
+        .expect("rows are ready")
+        .unwrap();
+    assert_eq!(ids(&first), published[..5]);
+    let second = tokio::time::timeout(Duration::from_secs(10), sub.next_batch(5))
+        .await
+        .expect("rows in hand")
+        .unwrap();
+    assert_eq!(ids(&second), published[5..10]);
+    drop(sub);
+    // The 30 s lease of the rows in hand is cut short; the 10 handed out stay leased.
+    let mut all: Vec<Delivery> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while all.len() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "rows in hand not given back: {:?}",
+            ids(&all)
+        );
+        let got = b.fetch("ORDERS", "worker", opts(100)).await.unwrap();
+        if got.is_empty() {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        all.extend(got);
+    }
+    all.sort_by_key(|d| d.token.id);
+    assert_eq!(ids(&all), published[10..]);
+    assert!(
+        all.iter().all(|d| d.delivery_count == 1),
+        "a row leased ahead and given back is not a delivery"
+    );
+    cancel.cancel();
+}

@@ -42,7 +42,10 @@ const SPREAD: i64 = 4;
 /// One statement: the consumer's next deliverable rows, cut to the byte budget, claimed.
 ///
 /// `c0` reads only ids, at most `SPREAD` x the batch, in id order above the position (an
-/// index range; the plan stops at the limit). `c1` keeps those no concurrent fetcher of the
+/// index range; the plan stops at the limit, and its shape does not depend on statistics:
+/// see the `sql` module doc). The rows to skip (settled or leased above the position) are
+/// read once into a hashed NOT IN, not probed per event: the leased rows of a busy consumer
+/// sit between its position and its next deliverable row, and a probe each cost ~4 pages. `c1` keeps those no concurrent fetcher of the
 /// same consumer is claiming right now: a transaction-scoped advisory try-lock per (consumer,
 /// event), held until this statement ends, so fetchers spread over the window instead of
 /// queueing on each other's uncommitted rows; the claim below stays the arbiter. `c1` reads
@@ -51,11 +54,12 @@ const SPREAD: i64 = 4;
 /// the rows' content and `sized` applies the byte budget (`$7`, always at least one row).
 const CLAIM: &str = "WITH k AS (SELECT position FROM eventbus_consumers \
        WHERE stream_name = $1 AND name = $2), \
-     c0 AS MATERIALIZED (SELECT e.id FROM eventbus_events e, k \
-       WHERE e.stream_name = $1 AND e.id > k.position AND __FILTER__ \
-       AND NOT EXISTS (SELECT 1 FROM eventbus_event_deliveries d \
-         WHERE d.stream_name = $1 AND d.consumer_name = $2 AND d.event_id = e.id \
-         AND d.event_id > k.position AND (d.state IS NOT NULL OR d.due_at > now())) \
+     c0 AS MATERIALIZED (SELECT e.id FROM eventbus_events e \
+       WHERE e.stream_name = $1 AND e.id > (SELECT position FROM k) AND __FILTER__ \
+       AND e.id NOT IN (SELECT d.event_id FROM eventbus_event_deliveries d \
+         WHERE d.stream_name = $1 AND d.consumer_name = $2 \
+         AND d.event_id > (SELECT position FROM k) \
+         AND (d.state IS NOT NULL OR d.due_at > now())) \
        ORDER BY e.id LIMIT $6::int8 * __SPREAD__), \
      c1 AS MATERIALIZED (SELECT id FROM c0 \
        WHERE pg_try_advisory_xact_lock($11::int4 # (id >> 32)::int4, (id & 2147483647)::int4) \
@@ -217,6 +221,32 @@ pub(crate) async fn lease(
         }
     }
     Ok(out)
+}
+
+/// Rows leased and never handed to anyone given back: deliverable at once, and the lease not
+/// counted as a delivery. Only rows still held (unsettled) are touched.
+const RELEASE: &str = "UPDATE eventbus_event_deliveries SET due_at = now(), \
+     delivery_count = GREATEST(delivery_count - 1, 0) \
+     WHERE stream_name = $1 AND consumer_name = $2 AND event_id = ANY($3::int8[]) \
+     AND state IS NULL";
+
+/// Gives back rows a subscriber leased ahead and never handed out (see `RELEASE`).
+pub(crate) async fn release(
+    inner: &Inner,
+    stream: &str,
+    consumer: &str,
+    ids: &[i64],
+) -> Result<(), PgError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let db = |e| PgError::db("release", e);
+    let c = inner.client("release").await?;
+    let stmt = c.prepare_cached(RELEASE).await.map_err(db)?;
+    c.execute(&stmt, &[&stream, &consumer, &ids])
+        .await
+        .map_err(db)?;
+    Ok(())
 }
 
 /// Publishes a copy of the event to the dead-letter subject's stream inside the lease

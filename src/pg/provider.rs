@@ -3,11 +3,13 @@
 //! message ids go straight to their columns, deliveries come back with the correlation id
 //! under both header names, tokens are `<stream>:<consumer>:<id>`.
 //!
-//! `subscribe` holds the consumer's advisory lock on its own connection: one active subscriber
-//! per consumer across processes; the others wait for the lock and take over when the holder
-//! dies (its session ends, the lock goes with it, and its leased rows come back when their
-//! lease runs out). With `max_in_flight: 1` each batch is one row, the lowest deliverable id,
-//! so pipelines see a consumer's events in id order.
+//! A trigger with `max_in_flight: 1` holds the consumer's advisory lock on its own connection:
+//! one active subscriber per consumer across processes; the others wait for the lock and take
+//! over when the holder dies (its session ends, the lock goes with it, and its leased rows come
+//! back when their lease runs out). Each batch is one row, the lowest deliverable id, so
+//! pipelines see a consumer's events in id order. With `max_in_flight` > 1 no order is promised
+//! and triggers compete: any number of processes share the consumer, each leasing a batch
+//! ahead (see `Subscription::lease_ahead`).
 
 use super::{
     AckOp, AckPolicy, AckToken, ConsumerDef, DeliverFrom, Delivery, FetchOpts, Outgoing, PgBus,
@@ -376,20 +378,30 @@ impl Provider for PgProvider {
         ))
     }
 
-    /// Waits while another process holds this consumer.
+    /// Ordered (`max_in_flight: 1`): waits while another process holds this consumer, and
+    /// leases one row at a time, the lowest deliverable id. Otherwise a competing subscriber
+    /// that leases `batch` rows ahead: subscribers in any number of processes share the
+    /// consumer's work.
     async fn subscribe(
         &self,
         _binding: (),
         ask: BindAsk<'_>,
-        _batch: usize,
+        batch: usize,
         stop: &CancellationToken,
     ) -> Result<super::Subscription, ProviderError> {
         let opts = SubOpts {
             dead_letter_subject: ask.dead_letter_subject.map(str::to_string),
             cancel: stop.clone(),
         };
-        let sub = self.bus.subscribe(ask.stream, ask.durable, opts).await?;
-        tracing::info!(stream = %ask.stream, consumer = %ask.durable, "subscribed (pgchannel)");
+        let sub = if ask.ordered {
+            self.bus.subscribe(ask.stream, ask.durable, opts).await?
+        } else {
+            self.bus
+                .subscribe_competing(ask.stream, ask.durable, opts)
+                .await?
+                .lease_ahead(batch)
+        };
+        tracing::info!(stream = %ask.stream, consumer = %ask.durable, ordered = ask.ordered, "subscribed (pgchannel)");
         Ok(sub)
     }
 

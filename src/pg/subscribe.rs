@@ -9,8 +9,11 @@
 //! A competing subscriber (`PgBus::subscribe_competing`) skips the lock: any number share the
 //! consumer's work, for triggers that promise no order.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::task::JoinHandle;
 
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +30,11 @@ pub struct Subscription {
     dead_letter: Option<String>,
     cancel: CancellationToken,
     conn: Dedicated,
+    /// Lease-ahead (competing subscribers only, see [`Subscription::lease_ahead`]): rows
+    /// leased but not yet handed out, in id order, and the refill under way.
+    ahead: VecDeque<Delivery>,
+    refill: Option<JoinHandle<Result<Vec<Delivery>, PgError>>>,
+    target: usize,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -95,6 +103,9 @@ pub(crate) async fn subscribe(
         dead_letter: o.dead_letter_subject,
         cancel: o.cancel,
         conn,
+        ahead: VecDeque::new(),
+        refill: None,
+        target: 0,
     })
 }
 
@@ -107,10 +118,67 @@ impl Subscription {
         }
     }
 
+    /// Leases up to `target` rows at a time and starts the next lease, on a pooled connection
+    /// of its own, when fewer than half are left in hand: the caller's pipelines never wait for
+    /// a claim round trip while the stream has rows. Rows in hand run their lease (ack_wait)
+    /// like rows in a pipeline; dropping the subscription gives them back at once. Only for
+    /// subscribers that promise no order: a row given back (nak) is redelivered after rows
+    /// leased ahead of it.
+    pub fn lease_ahead(mut self, target: usize) -> Self {
+        self.target = target;
+        self
+    }
+
     /// Up to `max` deliverable events (new, or redeliveries whose lease/nak delay expired), in
     /// id order; waits for NOTIFY or the poll tick; Err when the lock/connection is lost (the
     /// caller re-subscribes with backoff). Never returns an empty Vec except on cancel.
+    /// Cancel-safe: what it has not returned stays with the subscription.
     pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, PgError> {
+        let max = max.max(1);
+        if self.target <= 1 {
+            return self.wait_batch(max).await;
+        }
+        loop {
+            if self.cancel.is_cancelled() {
+                return Ok(Vec::new());
+            }
+            if !self.ahead.is_empty() {
+                let n = max.min(self.ahead.len());
+                let out: Vec<Delivery> = self.ahead.drain(..n).collect();
+                if self.ahead.len() * 2 < self.target && self.refill.is_none() {
+                    let (bus, stream, consumer) =
+                        (self.bus.clone(), self.stream.clone(), self.consumer.clone());
+                    let (want, dead) = (self.target - self.ahead.len(), self.dead_letter.clone());
+                    self.refill = Some(tokio::spawn(async move {
+                        super::lease::lease(&bus, &stream, &consumer, want, None, dead.as_deref())
+                            .await
+                    }));
+                }
+                return Ok(out);
+            }
+            if let Some(h) = self.refill.as_mut() {
+                let r = h.await;
+                self.refill = None;
+                match r {
+                    Ok(Ok(rows)) if !rows.is_empty() => {
+                        self.ahead.extend(rows);
+                        continue;
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(e) => return Err(self.lost(format!("lease-ahead task failed: {e}"))),
+                }
+            }
+            // Nothing in hand: wait for rows, then keep what the caller cannot take yet.
+            let mut rows = self.wait_batch(self.target.max(max)).await?;
+            if rows.len() > max {
+                self.ahead.extend(rows.drain(max..));
+            }
+            return Ok(rows);
+        }
+    }
+
+    async fn wait_batch(&mut self, max: usize) -> Result<Vec<Delivery>, PgError> {
         let poll: Duration = self.bus.settings.poll_interval;
         loop {
             if self.cancel.is_cancelled() {
@@ -164,5 +232,33 @@ impl Subscription {
 
     pub fn consumer(&self) -> &str {
         &self.consumer
+    }
+}
+
+impl Drop for Subscription {
+    /// Rows leased ahead and never handed out go back at once (not after their lease), with
+    /// their delivery not counted.
+    fn drop(&mut self) {
+        let ahead: Vec<i64> = self.ahead.drain(..).map(|d| d.token.id).collect();
+        let refill = self.refill.take();
+        if ahead.is_empty() && refill.is_none() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (bus, stream, consumer) =
+            (self.bus.clone(), self.stream.clone(), self.consumer.clone());
+        rt.spawn(async move {
+            let mut ids = ahead;
+            if let Some(h) = refill {
+                if let Ok(Ok(rows)) = h.await {
+                    ids.extend(rows.iter().map(|d| d.token.id));
+                }
+            }
+            if let Err(e) = super::lease::release(&bus, &stream, &consumer, &ids).await {
+                tracing::debug!(error = %e, stream, consumer, "pgchannel: rows leased ahead not given back; they return when their lease ends");
+            }
+        });
     }
 }

@@ -125,6 +125,7 @@ impl<P: Open> Worker<P> {
             max_deliver: self.spec.max_deliver,
             declared: self.spec.declared,
             dead_letter_subject: self.spec.dead_letter_subject.as_deref(),
+            ordered: self.spec.max_in_flight == 1,
         }
     }
 
