@@ -35,7 +35,10 @@ pub fn decode<T: prost::Message + Default>(
 ) -> Result<T, Vec<String>> {
     if let Some(any) = raw.typed {
         let url = any.type_url.as_str();
-        let matches = url == full_name || url.rsplit_once('/').is_some_and(|(_, n)| n == full_name);
+        // `<prefix>/<full name>` or the bare name; compared from the end (no scan for '/').
+        let matches = url
+            .strip_suffix(full_name)
+            .is_some_and(|prefix| prefix.is_empty() || prefix.ends_with('/'));
         if !matches {
             return Err(vec![format!(
                 "typed_config holds {}, expected type.googleapis.com/{full_name}",

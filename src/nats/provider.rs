@@ -20,7 +20,7 @@ use crate::runtime::steps::output::{self, Output};
 use async_nats::jetstream::consumer::pull::{self, MessagesError, Stream as PullStream};
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
 use async_nats::jetstream::Message as JsMessage;
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, HeaderName};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
@@ -75,20 +75,24 @@ impl NatsProvider {
 }
 
 /// The message's headers as NATS carries them: its own, then correlation and de-duplication
-/// ids. Names and values were checked when the message was built (async-nats panics on bad ones).
-fn headers_of(msg: &OutMessage) -> HeaderMap {
+/// ids; the message keeps its subject and payload. Names and values were checked when the
+/// message was built (async-nats panics on bad ones); the strings move, none is copied.
+fn headers_of(msg: &mut OutMessage) -> HeaderMap {
     let mut out = HeaderMap::new();
-    for (k, v) in &msg.headers {
-        out.insert(k.as_str(), v.as_str());
+    for (k, v) in std::mem::take(&mut msg.headers) {
+        out.insert(k, v);
     }
     if !msg.correlation_id.is_empty() {
-        out.insert(CORRELATION_HEADER, msg.correlation_id.as_str());
+        out.insert(CORRELATION, std::mem::take(&mut msg.correlation_id));
     }
     if !msg.message_id.is_empty() {
-        out.insert(MSG_ID_HEADER, msg.message_id.as_str());
+        out.insert(MSG_ID, std::mem::take(&mut msg.message_id));
     }
     out
 }
+
+const CORRELATION: HeaderName = HeaderName::from_static(CORRELATION_HEADER);
+const MSG_ID: HeaderName = HeaderName::from_static(MSG_ID_HEADER);
 
 /// A publish within the connection's max_payload, counted as sent: the payload and every
 /// header, the ids and trace context the step adds included (the field is the payload, the
@@ -167,7 +171,8 @@ impl Provider for NatsProvider {
     ) -> impl Future<Output = Result<Published, ProviderError>> + Send {
         let conn = &self.conn;
         let timeout = timeout.unwrap_or(conn.request_timeout);
-        let headers = headers_of(&msg);
+        let mut msg = msg;
+        let headers = headers_of(&mut msg);
         let (subject, payload) = (msg.subject, bytes::Bytes::from(msg.payload));
         async move {
             let deadline = tokio::time::Instant::now() + timeout;
@@ -211,13 +216,13 @@ impl Provider for NatsProvider {
         };
         let mut results = Vec::with_capacity(msgs.len());
         let mut pending = FuturesOrdered::new();
-        for msg in msgs {
+        for mut msg in msgs {
             while pending.len() >= window.max(1) {
                 if let Some(r) = pending.next().await {
                     results.push(r);
                 }
             }
-            let headers = headers_of(&msg);
+            let headers = headers_of(&mut msg);
             if let Err(e) = fits(&self.conn, &headers, msg.payload.len()) {
                 pending.push_back(futures::future::ready(Err(render(&e))).right_future());
                 continue;
@@ -644,7 +649,7 @@ mod tests {
         };
         m.headers
             .insert(CORRELATION_HEADER.into(), "overridden".into());
-        let h = headers_of(&m);
+        let h = headers_of(&mut m);
         assert_eq!(h.get(CORRELATION_HEADER).unwrap().as_str(), "c-1");
         assert_eq!(h.get(MSG_ID_HEADER).unwrap().as_str(), "m-1");
     }

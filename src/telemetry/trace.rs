@@ -152,22 +152,21 @@ fn put_carrier(sc: &SpanContext, mut put: impl FnMut(&'static str, String)) {
         return;
     }
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut tp = String::with_capacity(55);
-    tp.push_str("00-");
-    let hex = |tp: &mut String, bytes: &[u8]| {
-        for b in bytes {
-            tp.push(char::from(HEX[usize::from(b >> 4)]));
-            tp.push(char::from(HEX[usize::from(b & 0xf)]));
+    // 00-<32 hex>-<16 hex>-<2 hex>, filled as bytes (a `char` push per digit cost ~10x more).
+    let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    let hex = |out: &mut [u8], bytes: &[u8]| {
+        for (o, b) in out.chunks_exact_mut(2).zip(bytes) {
+            o[0] = HEX[usize::from(b >> 4)];
+            o[1] = HEX[usize::from(b & 0xf)];
         }
     };
-    hex(&mut tp, &sc.trace_id().to_bytes());
-    tp.push('-');
-    hex(&mut tp, &sc.span_id().to_bytes());
-    tp.push_str(if sc.trace_flags().is_sampled() {
-        "-01"
-    } else {
-        "-00"
-    });
+    hex(&mut tp[3..35], &sc.trace_id().to_bytes());
+    hex(&mut tp[36..52], &sc.span_id().to_bytes());
+    if sc.trace_flags().is_sampled() {
+        tp[54] = b'1';
+    }
+    // Only ASCII digits, letters and dashes were written, so this never falls back.
+    let tp = String::from_utf8(tp.to_vec()).unwrap_or_default();
     put(TRACEPARENT, tp);
     let state = sc.trace_state().header();
     if !state.is_empty() {
@@ -298,7 +297,8 @@ pub trait BrokerId {
 
 /// One outgoing message's trace: its span (when exporting) and the context its headers carry.
 pub struct PublishTrace {
-    span: Option<opentelemetry_sdk::trace::Span>,
+    /// Boxed: only an exporting process has one, and every publish future holds this.
+    span: Option<Box<opentelemetry_sdk::trace::Span>>,
     sc: SpanContext,
 }
 
@@ -329,7 +329,7 @@ pub fn start_publish(
         .start_with_context(t, &cx);
     let sc = span.span_context().clone();
     PublishTrace {
-        span: Some(span),
+        span: Some(Box::new(span)),
         sc,
     }
 }
@@ -338,9 +338,9 @@ impl PublishTrace {
     /// Writes `traceparent` (and `tracestate`) into the outgoing headers, replacing any.
     pub fn inject(&self, headers: &mut std::collections::BTreeMap<String, String>) {
         put_carrier(&self.sc, |k, v| {
-            // A tracestate comes from the parent; the header check is what keeps async-nats
-            // from panicking on a value, so it stays the last word.
-            if crate::nats::guard::check_header_value(&v).is_ok() {
+            // The traceparent is written here (hex and dashes); a tracestate comes from the
+            // parent, and the header check is what keeps async-nats from panicking on it.
+            if k == TRACEPARENT || crate::nats::guard::check_header_value(&v).is_ok() {
                 headers.insert(k.to_string(), v);
             }
         });

@@ -23,12 +23,14 @@ use tokio::sync::Mutex;
 
 /// A provider the broker module can open: how it is reached from its broker module.
 pub trait Open: Connect {
-    /// The opened provider (opened on first use), or why the broker cannot be used now.
-    fn open(broker: &BrokerModule) -> impl Future<Output = Result<Self, ProviderError>> + Send;
+    /// The opened provider (opened on first use), or why the broker cannot be used now. A
+    /// shared handle: taking it is one reference count, not a copy of the client.
+    fn open(broker: &BrokerModule)
+        -> impl Future<Output = Result<Arc<Self>, ProviderError>> + Send;
 }
 
 impl<P: Connect> Open for P {
-    async fn open(broker: &BrokerModule) -> Result<Self, ProviderError> {
+    async fn open(broker: &BrokerModule) -> Result<Arc<Self>, ProviderError> {
         broker
             .opened::<P>()
             .await?
@@ -156,7 +158,7 @@ impl BrokerModule {
 
     /// The provider, opened once; `Ok(Err(detail))` is degraded: no address configured.
     /// Steps on modules that were created but never started (wfctl pipeline run) come here too.
-    async fn opened<P: Connect>(&self) -> Result<Result<P, String>, ProviderError> {
+    async fn opened<P: Connect>(&self) -> Result<Result<Arc<P>, String>, ProviderError> {
         self.check_running()?;
         if let Some(s) = self.slot() {
             return Ok(taken::<P>(s));
@@ -167,7 +169,7 @@ impl BrokerModule {
         Box::pin(self.open_slot::<P>()).await
     }
 
-    async fn open_slot<P: Connect>(&self) -> Result<Result<P, String>, ProviderError> {
+    async fn open_slot<P: Connect>(&self) -> Result<Result<Arc<P>, String>, ProviderError> {
         let _guard = self.open_lock.lock().await;
         if let Some(s) = self.slot() {
             return Ok(taken::<P>(s));
@@ -202,12 +204,11 @@ impl BrokerModule {
 }
 
 /// The slot's provider as `P` (the broker's provider never changes, so the cast holds).
-fn taken<P: Connect>(slot: Slot) -> Result<P, String> {
+fn taken<P: Connect>(slot: Slot) -> Result<Arc<P>, String> {
     match slot {
         Slot::Open(p) => p
-            .downcast_ref::<P>()
-            .cloned()
-            .ok_or_else(|| "the broker's provider changed while it ran".into()),
+            .downcast::<P>()
+            .map_err(|_| "the broker's provider changed while it ran".into()),
         Slot::Unconfigured(detail) => Err(detail),
     }
 }

@@ -69,7 +69,7 @@ impl<S: Ensure> Declared<S> {
             type Out = Result<(), ProviderError>;
             async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
                 let p = P::open(broker).await?;
-                self.0.ensure_on(&p).await
+                self.0.ensure_on(&*p).await
             }
         }
         broker.dispatch(Job(self)).await

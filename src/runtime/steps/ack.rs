@@ -166,7 +166,7 @@ impl ForProvider for AckOne<'_> {
         let failed = |e| RuntimeError::broker(component, e);
         let p = P::open(broker).await.map_err(failed)?;
         p.ready(p.request_timeout()).await.map_err(failed)?;
-        let settled = super::ack_bulk::settle(self.rt, &p, self.token, self.kind).await;
+        let settled = super::ack_bulk::settle(self.rt, &*p, self.token, self.kind).await;
         crate::telemetry::step_settled(&broker.spec, self.kind, settled.is_ok());
         settled.map_err(failed)?;
         let out = AckResponse {

@@ -196,18 +196,19 @@ impl ForProvider for Consume<'_> {
     async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
         let failed = |e| RuntimeError::broker(self.component, e);
         let p = P::open(broker).await.map_err(failed)?;
+        let p = &*p;
         if let Some(c) = self.declared {
             if let Some(s) = self.rt.stream_module(&c.spec.stream) {
-                s.ensure_on(&p).await.map_err(failed)?;
+                s.ensure_on(p).await.map_err(failed)?;
             }
-            c.ensure_on(&p).await.map_err(failed)?;
+            c.ensure_on(p).await.map_err(failed)?;
         }
         let messages = match p.fetch(self.ask).await {
             Err(e) if e.is_not_found() => {
                 p.forget(self.ask.stream, self.ask.durable).await;
                 if let Some(c) = self.declared {
                     c.invalidate().await;
-                    c.ensure_on(&p).await.map_err(failed)?;
+                    c.ensure_on(p).await.map_err(failed)?;
                 }
                 p.fetch(self.ask).await
             }

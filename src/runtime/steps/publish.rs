@@ -98,11 +98,7 @@ impl PublishStep {
         let timeout = check_timeout(&cfg.timeout)
             .map_err(|e| RuntimeError::failed(&self.component, format!("timeout {e}")))?;
         let broker = rt.broker(&pick(&cfg.broker_ref, &inp.broker_ref), &self.component)?;
-        let trace = Box::new(trace::start_publish(
-            parent.as_ref(),
-            &broker.spec,
-            &msg.subject,
-        ));
+        let trace = trace::start_publish(parent.as_ref(), &broker.spec, &msg.subject);
         trace.inject(&mut msg.headers);
         Ok(Outgoing {
             msg,
@@ -152,7 +148,7 @@ struct PublishOne<'a> {
     component: &'a str,
     msg: OutMessage,
     timeout: Option<Duration>,
-    trace: Box<trace::PublishTrace>,
+    trace: trace::PublishTrace,
 }
 
 impl ForProvider for PublishOne<'_> {
@@ -219,5 +215,5 @@ struct Outgoing {
     msg: OutMessage,
     broker: Arc<BrokerModule>,
     timeout: Option<Duration>,
-    trace: Box<trace::PublishTrace>,
+    trace: trace::PublishTrace,
 }

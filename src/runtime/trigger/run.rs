@@ -133,7 +133,7 @@ impl<P: Open> Worker<P> {
     /// deleted behind our back, or lost with a restarted broker's memory storage), then the
     /// consumer bound.
     async fn bind(&self) -> Result<(P, P::Binding, Bound), ProviderError> {
-        let p = P::open(&self.broker).await?;
+        let p = P::clone(&*P::open(&self.broker).await?);
         p.ready(p.request_timeout().max(Duration::from_secs(2)))
             .await?;
         if let Some(s) = self.rt.stream_module(&self.spec.stream) {
