@@ -145,7 +145,8 @@ impl BrokerSpec {
                 ),
             );
         }
-        let explicit: Vec<Secret> = if is_pg || too_long {
+        // Kafka's dsn and brokers are checked by `config::kafka` (they are not NATS urls).
+        let explicit: Vec<Secret> = if is_pg || provider == Provider::Kafka || too_long {
             Vec::new()
         } else if c.dsn.is_empty() {
             c.servers.iter().map(Secret::new).collect()

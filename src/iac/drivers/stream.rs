@@ -30,14 +30,61 @@ use serde_json::Value as Json;
 /// routing already happened through `iac_provider`, so it is dropped before the strict decode.
 pub const WFCTL_INJECTED: &[&str] = &["provider"];
 
+/// The shared spec alone (partitions refused, as every provider but kafka does).
+#[cfg(test)]
 pub fn decode(name: &str, config_json: &[u8]) -> Result<StreamSpec, DriverError> {
+    let d = decode_desired(name, config_json)?;
+    d.refuse_partitions()?;
+    Ok(d.spec)
+}
+
+/// A stream as the IaC face decodes it: the spec every provider shares, and the config it was
+/// validated from, for a provider whose settings the shared spec does not carry (kafka's
+/// `partitions`, replication left to the broker's default). `partitions` is validated by the
+/// provider that has it; the others refuse it with the shared spec's own line.
+#[derive(Clone, Debug)]
+pub struct StreamDesired {
+    pub spec: StreamSpec,
+    pub config: StreamConfig,
+    /// The resource name, for errors.
+    pub resource: String,
+}
+
+impl std::ops::Deref for StreamDesired {
+    type Target = StreamSpec;
+    fn deref(&self) -> &StreamSpec {
+        &self.spec
+    }
+}
+
+impl StreamDesired {
+    /// For providers without partitions: the shared spec's refusal of `partitions`.
+    pub fn refuse_partitions(&self) -> Result<(), DriverError> {
+        if self.config.partitions == 0 {
+            return Ok(());
+        }
+        StreamSpec::validate(STREAM_TYPE, &self.resource, &self.config)?;
+        Ok(())
+    }
+}
+
+/// `decode`, keeping the config (see [`StreamDesired`]).
+pub fn decode_desired(name: &str, config_json: &[u8]) -> Result<StreamDesired, DriverError> {
     let what = format!("{STREAM_TYPE} {name:?}");
     let mut m = config_object(&what, config_json)?;
     for k in WFCTL_INJECTED {
         m.remove(*k);
     }
     decode_config(STREAM_TYPE, name, "StreamConfig", m, |c: StreamConfig| {
-        Ok(StreamSpec::validate(STREAM_TYPE, name, &c)?)
+        let shared = StreamConfig {
+            partitions: 0,
+            ..c.clone()
+        };
+        Ok(StreamDesired {
+            spec: StreamSpec::validate(STREAM_TYPE, name, &shared)?,
+            config: c,
+            resource: name.to_string(),
+        })
     })
 }
 

@@ -14,8 +14,8 @@ use super::drivers::{
 use super::error::DriverError;
 use super::plan::{self, Change};
 use super::state::ProviderState;
-use crate::nats::consumer::ConsumerSpec;
-use crate::nats::stream::StreamSpec;
+use crate::iac::drivers::consumer::ConsumerDesired;
+use crate::iac::drivers::stream::StreamDesired;
 use crate::pb::iac::{
     IaCCapabilityDeclaration, IaCPlan, ResourceOutput, ResourceRef, ResourceSpec, ResourceState,
 };
@@ -47,8 +47,8 @@ pub struct Provider {
 /// A decoded, validated desired config.
 pub enum Desired {
     Broker(Box<broker::BrokerDesired>),
-    Stream(StreamSpec),
-    Consumer(ConsumerSpec),
+    Stream(StreamDesired),
+    Consumer(ConsumerDesired),
 }
 
 impl Desired {
