@@ -107,7 +107,9 @@ impl BrokerSpec {
             Ok(pt) => pt,
             Err((field, msg)) => {
                 p.field(field, msg);
-                (Provider::Nats, DeployTarget::SelfHosted)
+                // The named provider's checks still apply (a kafka dsn is no NATS url).
+                let named = Provider::parse(&c.provider).unwrap_or(Provider::Nats);
+                (named, DeployTarget::SelfHosted)
             }
         };
         if let Err((field, msg)) = providers::check_version(&c.version) {

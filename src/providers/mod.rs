@@ -184,7 +184,7 @@ pub fn check(provider: &str, target: &str) -> Result<(Provider, DeployTarget), F
         Provider::Nats | Provider::Pgchannel => Ok((p, t)),
         // Adopted only: a cluster the operator runs, named by its bootstrap servers.
         Provider::Kafka if t == DeployTarget::SelfHosted => Ok((p, t)),
-        Provider::Kafka => Err(("provider", kafka::NOT_YET.to_string())),
+        Provider::Kafka => Err(("provider", kafka::not_yet(t.as_str()))),
         Provider::Kinesis => Err(("provider", kinesis::NOT_YET.to_string())),
     }
 }

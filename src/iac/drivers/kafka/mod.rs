@@ -25,6 +25,16 @@ use crate::iac::targets::BrokerDesired;
 use crate::pb::iac::ResourceRef;
 use serde_json::Value as Json;
 
+/// ValidatePlan's check of a stream on a kafka broker: what the topic conversion refuses.
+pub(crate) fn stream_refused(name: &str, d: &StreamDesired) -> Option<DriverError> {
+    stream::topic_spec(name, d, &KafkaRecord::default()).err()
+}
+
+/// ValidatePlan's check of a consumer on a kafka broker: what the group conversion refuses.
+pub(crate) fn consumer_refused(name: &str, d: &ConsumerDesired) -> Option<DriverError> {
+    consumer::group_spec(name, d).err()
+}
+
 pub(crate) struct Kafka;
 pub(crate) static KAFKA: Kafka = Kafka;
 struct Brokers;

@@ -406,7 +406,8 @@ pub async fn apply(
 }
 
 /// The topic as it is now; none is "not found" (drift reports GHOST). The entries compared
-/// are those the recorded outputs say the user set, and any set on the topic.
+/// are those the recorded outputs say the user set, and any set on the topic (all managed
+/// entries when nothing is recorded).
 pub async fn read(
     ctx: &Ctx,
     r: &ResourceRef,
@@ -422,7 +423,13 @@ pub async fn read(
             broker_key(&l.broker)
         )));
     };
-    let mut set = Vec::new();
+    // Without a record (an import), the managed entries the topic keeps by, whatever their
+    // source: the adopted config is the topic as it behaves.
+    let mut set = if recorded.is_object() {
+        Vec::new()
+    } else {
+        MANAGED.to_vec()
+    };
     if !duration_from_json(recorded.get("max_age")).is_zero() {
         set.push(RETENTION_MS);
     }
