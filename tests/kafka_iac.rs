@@ -129,9 +129,8 @@ async fn kafka_plan_apply_replan_drift_import_destroy() {
     let server = KafkaServer::start();
     let dir = tempfile::tempdir().unwrap();
     let mut w = Wfctl::new(dir.path());
-    let dsn = format!("kafka://{}", server.bootstrap());
     let mut desired = vec![
-        kafka_broker("bus", json!({"dsn": dsn})),
+        kafka_broker("bus", json!({"kafka": {"brokers": [server.bootstrap()]}})),
         stream_res(
             "orders-stream",
             "orders",
@@ -375,9 +374,8 @@ async fn kafka_refuses_what_it_cannot_do_at_plan_one_line_each() {
     let server = KafkaServer::start();
     let dir = tempfile::tempdir().unwrap();
     let mut w = Wfctl::new(dir.path());
-    let dsn = format!("kafka://{}", server.bootstrap());
     let desired = vec![
-        kafka_broker("bus", json!({"dsn": dsn})),
+        kafka_broker("bus", json!({"kafka": {"brokers": [server.bootstrap()]}})),
         stream_res("orders-stream", "orders", "bus", json!({})),
     ];
     let (_, errors) = w.apply(&desired).await;
@@ -415,8 +413,12 @@ async fn kafka_refuses_what_it_cannot_do_at_plan_one_line_each() {
         "bus",
         json!({"deliver_policy": "DELIVER_POLICY_LAST"}),
     );
+    let msk = kafka_broker(
+        "msk",
+        json!({"deploy_target": "aws.msk", "kafka": {"brokers": ["b-1.example:9092"]}}),
+    );
     let plan = IaCPlan {
-        actions: [&new_stream, &new_consumer]
+        actions: [&new_stream, &new_consumer, &msk]
             .iter()
             .map(|r| PlanAction {
                 action: "create".into(),
@@ -448,9 +450,11 @@ async fn kafka_refuses_what_it_cannot_do_at_plan_one_line_each() {
 
     // A deploy target other than self_hosted: refused at plan (ValidatePlan and Create), one
     // line naming what works.
-    let msk = kafka_broker(
-        "msk",
-        json!({"deploy_target": "aws.msk", "dsn": "kafka://b-1.example:9092"}),
+    assert!(
+        diags.iter().any(|d| d.resource == "msk"
+            && d.message.contains("use deploy_target self_hosted")
+            && d.severity == PlanDiagnosticSeverity::PlanDiagnosticError as i32),
+        "{diags:?}"
     );
     let e = l
         .driver
@@ -461,7 +465,7 @@ async fn kafka_refuses_what_it_cannot_do_at_plan_one_line_each() {
         .await
         .unwrap_err();
     assert!(
-        e.message().contains("config.provider")
+        e.message().contains("\"aws.msk\"")
             && e.message().contains("use deploy_target self_hosted")
             && e.message().lines().count() == 1,
         "{}",
@@ -497,7 +501,7 @@ async fn kafka_refuses_what_it_cannot_do_at_plan_one_line_each() {
     // the password either.)
     let mut sasl = desired.clone();
     sasl[0].config["auth"] = json!({"user": "app", "password": PASSWORD});
-    sasl[0].config["kafka"] = json!({"sasl_mechanism": "KAFKA_SASL_MECHANISM_SCRAM_SHA_256"});
+    sasl[0].config["kafka"]["sasl_mechanism"] = json!("KAFKA_SASL_MECHANISM_SCRAM_SHA_256");
     sasl[0].config["connect_timeout"] = json!("2s");
     let plan = w.plan(&sasl).await;
     assert_eq!(actions(&plan), [pair("update", "bus")]);

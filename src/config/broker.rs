@@ -107,9 +107,7 @@ impl BrokerSpec {
             Ok(pt) => pt,
             Err((field, msg)) => {
                 p.field(field, msg);
-                // The named provider's checks still apply (a kafka dsn is no NATS url).
-                let named = Provider::parse(&c.provider).unwrap_or(Provider::Nats);
-                (named, DeployTarget::SelfHosted)
+                (Provider::Nats, DeployTarget::SelfHosted)
             }
         };
         if let Err((field, msg)) = providers::check_version(&c.version) {
@@ -147,8 +145,7 @@ impl BrokerSpec {
                 ),
             );
         }
-        // Kafka's dsn and brokers are checked by `config::kafka` (they are not NATS urls).
-        let explicit: Vec<Secret> = if is_pg || provider == Provider::Kafka || too_long {
+        let explicit: Vec<Secret> = if is_pg || too_long {
             Vec::new()
         } else if c.dsn.is_empty() {
             c.servers.iter().map(Secret::new).collect()

@@ -77,7 +77,24 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
                         on_pg.insert(spec.name.clone(), true);
                     }
                     Desired::Broker(b) if b.spec.provider == crate::providers::Provider::Kafka => {
-                        // Adopted: its deploy target was checked at decode.
+                        // Adopted: the target must be self_hosted.
+                        if let Some(e) = drivers::kafka::broker_refused(&spec.name, b) {
+                            let lines: Vec<String> = match e {
+                                DriverError::Config(c) => c.problems,
+                                other => vec![other.to_string()],
+                            };
+                            for line in lines {
+                                let field = if line.contains("config.deploy_target") {
+                                    "deploy_target".to_string()
+                                } else {
+                                    line.strip_prefix("config.")
+                                        .and_then(|l| l.split(':').next())
+                                        .unwrap_or_default()
+                                        .to_string()
+                                };
+                                out.push(diag(Error, &spec.name, &field, line));
+                            }
+                        }
                         brokers.insert(spec.name.clone(), 0);
                         on_pg.insert(spec.name.clone(), false);
                         on_kafka.insert(spec.name.clone(), true);

@@ -58,6 +58,13 @@ fn check_target(name: &str, d: &BrokerDesired) -> Result<(), DriverError> {
     ))
 }
 
+/// The pure checks of a kafka broker config (no env, no I/O).
+pub fn check(name: &str, d: &BrokerDesired) -> Result<(), DriverError> {
+    check_target(name, d)?;
+    crate::config::kafka::validate(BROKER_TYPE, name, &d.config)?;
+    Ok(())
+}
+
 /// What the record keeps: the kafka part of the config, validated as the runtime validates it,
 /// with the servers resolved (config, else `EVENTBUS_<NAME>_URI`).
 pub fn record_of(name: &str, d: &BrokerDesired) -> Result<KafkaRecord, DriverError> {

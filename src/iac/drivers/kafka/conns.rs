@@ -68,36 +68,31 @@ pub fn record_from(k: &KafkaClientConfig, brokers: Vec<String>) -> KafkaRecord {
     }
 }
 
-/// The client settings a recorded cluster connects with.
+/// The client settings a recorded cluster connects with (built on the domain's plaintext
+/// defaults, then the record's security, so fields the domain adds keep their defaults).
 pub fn settings(r: &KafkaRecord) -> KafkaSettings {
     let opt = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
-    let config = KafkaClientConfig {
-        brokers: r.brokers.clone(),
-        env_var: String::new(),
-        client_id: r.client_id.clone(),
-        protocol: protocol(&r.security_protocol),
-        ca_file: opt(&r.ca_file),
-        cert_file: opt(&r.cert_file),
-        key_file: opt(&r.key_file),
-        sasl: (!r.sasl_user.is_empty()).then(|| SaslCredentials {
-            mechanism: mechanism(&r.sasl_mechanism),
-            username: r.sasl_user.clone(),
-            password: Secret::new(&r.sasl_password),
-        }),
-        default_replication_factor: (r.default_replication_factor > 0)
-            .then_some(r.default_replication_factor),
-        min_insync_replicas: (r.min_insync_replicas > 0).then_some(r.min_insync_replicas),
-        connect_timeout: if r.connect_timeout_ms == 0 {
-            crate::config::broker::DEFAULT_CONNECT_TIMEOUT
-        } else {
-            Duration::from_millis(r.connect_timeout_ms)
-        },
-    };
-    KafkaSettings {
-        brokers: r.brokers.clone(),
-        config,
-        extra: Vec::new(),
+    let mut s = KafkaSettings::plaintext(&r.brokers.join(","));
+    s.brokers = r.brokers.clone();
+    let c = &mut s.config;
+    c.brokers = r.brokers.clone();
+    c.client_id = r.client_id.clone();
+    c.protocol = protocol(&r.security_protocol);
+    c.ca_file = opt(&r.ca_file);
+    c.cert_file = opt(&r.cert_file);
+    c.key_file = opt(&r.key_file);
+    c.sasl = (!r.sasl_user.is_empty()).then(|| SaslCredentials {
+        mechanism: mechanism(&r.sasl_mechanism),
+        username: r.sasl_user.clone(),
+        password: Secret::new(&r.sasl_password),
+    });
+    c.default_replication_factor =
+        (r.default_replication_factor > 0).then_some(r.default_replication_factor);
+    c.min_insync_replicas = (r.min_insync_replicas > 0).then_some(r.min_insync_replicas);
+    if r.connect_timeout_ms > 0 {
+        c.connect_timeout = Duration::from_millis(r.connect_timeout_ms);
     }
+    s
 }
 
 impl crate::iac::ctx::Ctx {

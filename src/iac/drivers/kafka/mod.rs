@@ -25,6 +25,11 @@ use crate::iac::targets::BrokerDesired;
 use crate::pb::iac::ResourceRef;
 use serde_json::Value as Json;
 
+/// ValidatePlan's check of a kafka broker: its deploy target and its kafka section.
+pub(crate) fn broker_refused(name: &str, d: &BrokerDesired) -> Option<DriverError> {
+    broker::check(name, d).err()
+}
+
 /// ValidatePlan's check of a stream on a kafka broker: what the topic conversion refuses.
 pub(crate) fn stream_refused(name: &str, d: &StreamDesired) -> Option<DriverError> {
     stream::topic_spec(name, d, &KafkaRecord::default()).err()
