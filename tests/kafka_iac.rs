@@ -302,6 +302,11 @@ async fn kafka_plan_apply_replan_drift_import_destroy() {
     let plan = w.plan(&start).await;
     assert_eq!(actions(&plan), [pair("replace", "audit")]);
     assert_eq!(plan[0].forced(), ["deliver_policy"]);
+    assert!(
+        destroys(&plan[0]).contains("loses its committed offsets"),
+        "{:?}",
+        plan[0]
+    );
 
     // Changed behind wfctl's back: CONFIG drift naming the field.
     admin(&[

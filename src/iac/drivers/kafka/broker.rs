@@ -76,7 +76,7 @@ pub fn record_of(name: &str, d: &BrokerDesired) -> Result<KafkaRecord, DriverErr
     Ok(conns::record_from(&k, brokers))
 }
 
-fn view_of(r: &KafkaRecord, prevent_destroy: bool, bind: bool) -> Json {
+pub(super) fn view_of(r: &KafkaRecord, prevent_destroy: bool, bind: bool) -> Json {
     json!({
         "provider": PROVIDER,
         "deploy_target": DeployTarget::SelfHosted.as_str(),
@@ -119,7 +119,7 @@ pub fn diff(name: &str, d: &BrokerDesired, current: &Json) -> Result<Vec<Change>
         .collect())
 }
 
-fn outputs(name: &str, view: &Json, cluster_brokers: usize) -> Json {
+pub(super) fn outputs(name: &str, view: &Json, cluster_brokers: usize) -> Json {
     let mut m: Map<String, Json> = view.as_object().cloned().unwrap_or_default();
     m.insert("name".into(), json!(name));
     m.insert("cluster_brokers".into(), json!(cluster_brokers));

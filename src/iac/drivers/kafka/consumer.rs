@@ -192,6 +192,55 @@ pub fn position<L: OffsetLookup + ?Sized>(l: &L, g: &GroupSpec) -> Result<bool, 
     Ok(position_new_group(l, g)?.is_some())
 }
 
+/// What a replace destroys, read from the live cluster ("destroys", as for NATS): the group's
+/// committed offsets, so the new group starts over at its deliver policy.
+pub async fn plan_report(
+    group: &str,
+    topic: &str,
+    broker: Option<(String, KafkaRecord)>,
+    mut changes: Vec<PlanChange>,
+) -> Vec<PlanChange> {
+    if !changes.iter().any(|c| c.force_new) {
+        return changes;
+    }
+    let Some((_, k)) = broker else {
+        return changes;
+    };
+    let what = label(group, topic, group);
+    let t = topic.to_string();
+    let read = conns::with_offsets(&what, &k, group, move |o| group_lag(o, &t));
+    let bound = conns::REQUEST_TIMEOUT * 2;
+    let note = match tokio::time::timeout(bound, read).await {
+        Ok(Ok(lag)) => {
+            let shown: Vec<String> = lag
+                .iter()
+                .filter_map(|l| l.committed.map(|c| format!("{}:{c}", l.partition)))
+                .collect();
+            if shown.is_empty() {
+                return changes;
+            }
+            format!(
+                "consumer group {group:?} loses its committed offsets on topic {topic:?} ({}; {} record(s) not yet consumed) and starts over at its new deliver_policy",
+                shown.join(", "),
+                lag.iter().map(|l| l.lag).sum::<i64>()
+            )
+        }
+        Ok(Err(e)) => format!(
+            "unknown: the cluster could not be read for the offsets the replace deletes ({e})"
+        ),
+        Err(_) => format!(
+            "unknown: the cluster did not answer within {bound:?} for the offsets the replace deletes"
+        ),
+    };
+    changes.push(PlanChange {
+        path: "destroys".into(),
+        old: Json::String(note),
+        new: Json::Null,
+        force_new: false,
+    });
+    changes
+}
+
 pub async fn apply(
     ctx: &Ctx,
     resource: &str,

@@ -242,6 +242,16 @@ impl Ops<ConsumerDesired> for Consumers {
         let b = desired_broker(&spec.broker_ref, &spec.servers, state);
         consumer::diff(name, spec, b.as_deref(), current)
     }
+    async fn plan_report(
+        &self,
+        _: &Ctx,
+        spec: &ConsumerDesired,
+        state: &ProviderState,
+        changes: Vec<Change>,
+    ) -> Vec<Change> {
+        let b = cluster(state, &spec.broker_ref);
+        consumer::plan_report(&spec.durable, &spec.stream, b, changes).await
+    }
     async fn apply(
         &self,
         ctx: &Ctx,
@@ -271,3 +281,6 @@ impl Ops<ConsumerDesired> for Consumers {
         enumerate_recorded(ctx, broker, CONSUMER_TYPE, self).await
     }
 }
+
+#[cfg(test)]
+mod tests;
