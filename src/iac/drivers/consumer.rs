@@ -4,8 +4,8 @@
 
 use super::stream::{broker_key, connect_target, locate, Flags, Located};
 use super::{
-    config_object, decode_config, duration_from_json, duration_json, i64_field, resolve_broker,
-    str_field, strings_field, BrokerConn, Ctx, Output, CONSUMER_TYPE,
+    decode_config, duration_from_json, duration_json, i64_field, resolve_broker, str_field,
+    strings_field, BrokerConn, Ctx, Output, CONSUMER_TYPE,
 };
 use crate::iac::drivers::{record_placed, Placed};
 use crate::iac::error::DriverError;
@@ -44,11 +44,7 @@ impl std::ops::Deref for ConsumerDesired {
 
 /// `decode`, keeping the config (see [`ConsumerDesired`]).
 pub fn decode_desired(name: &str, config_json: &[u8]) -> Result<ConsumerDesired, DriverError> {
-    let what = format!("{CONSUMER_TYPE} {name:?}");
-    let mut m = config_object(&what, config_json)?;
-    for k in super::stream::WFCTL_INJECTED {
-        m.remove(*k);
-    }
+    let m = super::stream::own_config(CONSUMER_TYPE, name, config_json)?;
     decode_config(
         CONSUMER_TYPE,
         name,

@@ -68,13 +68,22 @@ impl StreamDesired {
     }
 }
 
-/// `decode`, keeping the config (see [`StreamDesired`]).
-pub fn decode_desired(name: &str, config_json: &[u8]) -> Result<StreamDesired, DriverError> {
-    let what = format!("{STREAM_TYPE} {name:?}");
-    let mut m = config_object(&what, config_json)?;
+/// A stream's or consumer's config object without the keys wfctl injects.
+pub fn own_config(
+    type_name: &str,
+    name: &str,
+    config_json: &[u8],
+) -> Result<serde_json::Map<String, Json>, DriverError> {
+    let mut m = config_object(&format!("{type_name} {name:?}"), config_json)?;
     for k in WFCTL_INJECTED {
         m.remove(*k);
     }
+    Ok(m)
+}
+
+/// `decode`, keeping the config (see [`StreamDesired`]).
+pub fn decode_desired(name: &str, config_json: &[u8]) -> Result<StreamDesired, DriverError> {
+    let m = own_config(STREAM_TYPE, name, config_json)?;
     decode_config(STREAM_TYPE, name, "StreamConfig", m, |c: StreamConfig| {
         let shared = StreamConfig {
             partitions: 0,
@@ -542,6 +551,46 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
     forget(ctx)
 }
 
+/// The start of every provider's Delete of a recorded stream or consumer: refused while
+/// `prevent_destroy` is set, nothing left to do once released, a bound one only released
+/// (`kept` is the log line saying what stays). `Ok(true)`: delete it on the broker.
+pub fn delete_gate(
+    ctx: &Ctx,
+    r: &ResourceRef,
+    l: &Located,
+    what: &str,
+    kept: &str,
+) -> Result<bool, DriverError> {
+    if l.flags.prevent_destroy {
+        return Err(DriverError::refused(
+            what,
+            "prevent_destroy is set; set prevent_destroy: false and apply before deleting",
+        ));
+    }
+    if l.released {
+        return Ok(false);
+    }
+    if l.flags.bind {
+        tracing::info!(resource = %r.name, "{kept}");
+        release(ctx, &r.name)?;
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Adds the plan's `destroys` entry (not forced: it annotates the forced fields) when a
+/// replace deletes something.
+pub fn push_destroys(changes: &mut Vec<PlanChange>, notes: &[String]) {
+    if !notes.is_empty() {
+        changes.push(PlanChange {
+            path: "destroys".into(),
+            old: Json::String(notes.join("; ")),
+            new: Json::Null,
+            force_new: false,
+        });
+    }
+}
+
 /// Marks a bound resource as released: it stays on the server and later Deletes (wfctl
 /// retries a whole group when any delete failed) do nothing.
 pub fn release(ctx: &Ctx, name: &str) -> Result<(), DriverError> {
@@ -769,14 +818,7 @@ pub async fn live_report(
         )),
         _ => {}
     }
-    if !notes.is_empty() {
-        changes.push(PlanChange {
-            path: "destroys".into(),
-            old: Json::String(notes.join("; ")),
-            new: Json::Null,
-            force_new: false,
-        });
-    }
+    push_destroys(&mut changes, &notes);
     changes
 }
 

@@ -13,7 +13,7 @@
 use super::conns;
 use crate::config::error::ConfigError;
 use crate::iac::drivers::consumer::{provider_id, ConsumerDesired};
-use crate::iac::drivers::stream::{broker_key, release, Flags, Located};
+use crate::iac::drivers::stream::{broker_key, delete_gate, push_destroys, Flags, Located};
 use crate::iac::drivers::CONSUMER_TYPE;
 use crate::iac::drivers::{duration_json, record_placed, str_field, Ctx, Output, Placed};
 use crate::iac::error::DriverError;
@@ -232,12 +232,7 @@ pub async fn plan_report(
             "unknown: the cluster did not answer within {bound:?} for the offsets the replace deletes"
         ),
     };
-    changes.push(PlanChange {
-        path: "destroys".into(),
-        old: Json::String(note),
-        new: Json::Null,
-        force_new: false,
-    });
+    push_destroys(&mut changes, &[note]);
     changes
 }
 
@@ -339,18 +334,14 @@ pub async fn delete(
     k: &KafkaRecord,
 ) -> Result<(), DriverError> {
     let what = label(&r.name, &l.stream, &l.durable);
-    if l.flags.prevent_destroy {
-        return Err(DriverError::refused(
-            &what,
-            "prevent_destroy is set; set prevent_destroy: false and apply before deleting",
-        ));
-    }
-    if l.released {
+    if !delete_gate(
+        ctx,
+        r,
+        l,
+        &what,
+        "bound kafka consumer group released; its offsets stay",
+    )? {
         return Ok(());
-    }
-    if l.flags.bind {
-        tracing::info!(resource = %r.name, "bound kafka consumer group released; its offsets stay");
-        return release(ctx, &r.name);
     }
     let admin = ctx.kafka().admin(&what, &l.broker, k)?;
     admin

@@ -17,7 +17,7 @@
 use super::conns::{self, REQUEST_TIMEOUT};
 use crate::config::error::ConfigError;
 use crate::iac::drivers::stream::{
-    broker_key, provider_id, release, Flags, Located, StreamDesired,
+    broker_key, delete_gate, provider_id, push_destroys, Flags, Located, StreamDesired,
 };
 use crate::iac::drivers::{
     duration_from_json, duration_json, i64_field, record_placed, strings_field, Ctx, Output,
@@ -330,14 +330,7 @@ pub async fn plan_report(
             "unknown: the cluster did not answer within {bound:?} to count what the replace deletes"
         )],
     };
-    if !notes.is_empty() {
-        changes.push(PlanChange {
-            path: "destroys".into(),
-            old: Json::String(notes.join("; ")),
-            new: Json::Null,
-            force_new: false,
-        });
-    }
+    push_destroys(&mut changes, &notes);
     changes
 }
 
@@ -462,18 +455,14 @@ pub async fn delete(
     k: &KafkaRecord,
 ) -> Result<(), DriverError> {
     let what = label(&r.name, &l.stream);
-    if l.flags.prevent_destroy {
-        return Err(DriverError::refused(
-            &what,
-            "prevent_destroy is set; set prevent_destroy: false and apply before deleting",
-        ));
-    }
-    if l.released {
+    if !delete_gate(
+        ctx,
+        r,
+        l,
+        &what,
+        "bound kafka topic released; it and its records stay",
+    )? {
         return Ok(());
-    }
-    if l.flags.bind {
-        tracing::info!(resource = %r.name, "bound kafka topic released; it and its records stay");
-        return release(ctx, &r.name);
     }
     let admin = ctx.kafka().admin(&what, &l.broker, k)?;
     admin
