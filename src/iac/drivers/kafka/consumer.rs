@@ -11,7 +11,6 @@
 //! no committed offset left was deleted behind wfctl's back (drift: GHOST).
 
 use super::conns;
-use crate::config::error::ConfigError;
 use crate::iac::drivers::consumer::{provider_id, ConsumerDesired};
 use crate::iac::drivers::stream::{broker_key, delete_gate, push_destroys, Flags, Located};
 use crate::iac::drivers::CONSUMER_TYPE;
@@ -34,26 +33,13 @@ fn label(resource: &str, topic: &str, group: &str) -> String {
 /// plus the JetStream-only settings the shared spec parsed, each refused by name.
 pub fn group_spec(resource: &str, d: &ConsumerDesired) -> Result<GroupSpec, DriverError> {
     let converted = GroupSpec::validate(CONSUMER_TYPE, resource, &d.config);
-    let settings: Vec<String> = d
-        .spec
-        .settings
-        .keys()
-        .map(|key| {
-            format!("config.{key}: is a NATS JetStream setting; kafka consumer groups have no equivalent (remove it)")
-        })
-        .collect();
-    match converted {
-        Ok(g) if settings.is_empty() => Ok(g),
-        Ok(_) => Err(ConfigError {
-            component: format!("{CONSUMER_TYPE} {}", crate::secret::quote(resource)),
-            problems: settings,
-        }
-        .into()),
-        Err(mut e) => {
-            e.problems.extend(settings);
-            Err(e.into())
-        }
-    }
+    super::stream::refuse_settings(
+        converted,
+        CONSUMER_TYPE,
+        resource,
+        &d.spec.settings,
+        "consumer groups",
+    )
 }
 
 fn rfc3339_ms(ms: i64) -> String {

@@ -65,23 +65,33 @@ pub fn topic_spec(
         min_insync_replicas: (k.min_insync_replicas > 0).then_some(k.min_insync_replicas),
     };
     let converted = TopicSpec::validate(STREAM_TYPE, resource, &d.config, defaults);
-    let settings: Vec<String> = d
-        .spec
-        .settings
+    refuse_settings(converted, STREAM_TYPE, resource, &d.spec.settings, "topics")
+}
+
+/// A conversion's result with the JetStream-only settings the shared spec parsed added to
+/// its problems, one line each (`what`: kafka's kind of thing, for the message).
+pub fn refuse_settings<T>(
+    converted: Result<T, ConfigError>,
+    type_name: &str,
+    resource: &str,
+    settings: &crate::nats::settings::Settings,
+    what: &str,
+) -> Result<T, DriverError> {
+    let lines: Vec<String> = settings
         .keys()
         .map(|key| {
-            format!("config.{key}: is a NATS JetStream setting; kafka topics have no equivalent (remove it)")
+            format!("config.{key}: is a NATS JetStream setting; kafka {what} have no equivalent (remove it)")
         })
         .collect();
     match converted {
-        Ok(t) if settings.is_empty() => Ok(t),
+        Ok(t) if lines.is_empty() => Ok(t),
         Ok(_) => Err(ConfigError {
-            component: format!("{STREAM_TYPE} {}", crate::secret::quote(resource)),
-            problems: settings,
+            component: format!("{type_name} {}", crate::secret::quote(resource)),
+            problems: lines,
         }
         .into()),
         Err(mut e) => {
-            e.problems.extend(settings);
+            e.problems.extend(lines);
             Err(e.into())
         }
     }
