@@ -63,6 +63,13 @@ pub enum DriverError {
         #[source]
         source: crate::pg::PgError,
     },
+    /// A kafka cluster refused or failed (`crate::kafka` errors never carry a password).
+    #[error("{what}")]
+    Kafka {
+        what: String,
+        #[source]
+        source: crate::kafka::KafkaError,
+    },
     #[error("{what}")]
     Local {
         what: String,
@@ -131,6 +138,15 @@ impl DriverError {
         }
     }
 
+    /// A kafka failure about `what`; an unknown topic becomes our `NotFound`.
+    pub fn kafka(what: impl Into<String>, source: crate::kafka::KafkaError) -> Self {
+        let what = what.into();
+        if matches!(source, crate::kafka::KafkaError::TopicNotFound(_)) {
+            return DriverError::NotFound { what };
+        }
+        DriverError::Kafka { what, source }
+    }
+
     pub fn is_not_found(&self) -> bool {
         matches!(self, DriverError::NotFound { .. })
     }
@@ -196,6 +212,11 @@ impl From<DriverError> for tonic::Status {
                     tonic::Status::failed_precondition(msg)
                 }
             }
+            DriverError::Kafka { source, .. } => match source {
+                s if s.is_transient() => tonic::Status::unavailable(msg),
+                crate::kafka::KafkaError::Invalid(_) => tonic::Status::invalid_argument(msg),
+                _ => tonic::Status::failed_precondition(msg),
+            },
             DriverError::Local { .. } | DriverError::State { .. } | DriverError::Worker { .. } => {
                 tonic::Status::internal(msg)
             }

@@ -94,17 +94,54 @@ pub struct BrokerRecord {
     /// consumer drivers tell the two providers apart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pg: Option<PgRecord>,
+    /// Set for a `provider: kafka` broker: the cluster it adopted (bootstrap servers and client
+    /// security). Absent for NATS and pgchannel brokers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaRecord>,
 }
 
 impl BrokerRecord {
     /// The event-bus provider this broker is on: the record of a pgchannel broker holds its
-    /// database (`pg`), every other one is NATS.
+    /// database (`pg`), that of a kafka broker its cluster (`kafka`), every other one is NATS.
     pub fn provider(&self) -> crate::providers::Provider {
-        match self.pg {
-            Some(_) => crate::providers::Provider::Pgchannel,
-            None => crate::providers::Provider::Nats,
+        match (&self.pg, &self.kafka) {
+            (Some(_), _) => crate::providers::Provider::Pgchannel,
+            (None, Some(_)) => crate::providers::Provider::Kafka,
+            (None, None) => crate::providers::Provider::Nats,
         }
     }
+}
+
+/// What a kafka broker's topics and consumer groups need to reach its cluster in a later
+/// plugin process: the resolved bootstrap servers and the client's security settings.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KafkaRecord {
+    pub brokers: Vec<String>,
+    #[serde(default)]
+    pub client_id: String,
+    /// librdkafka's `security.protocol` value (`plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl`).
+    #[serde(default)]
+    pub security_protocol: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ca_file: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cert_file: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_file: String,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; empty without SASL.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sasl_mechanism: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sasl_user: String,
+    /// As NATS passwords are: only in this 0600 file, never in outputs or logs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sasl_password: String,
+    #[serde(default)]
+    pub default_replication_factor: i32,
+    #[serde(default)]
+    pub min_insync_replicas: i32,
+    #[serde(default)]
+    pub connect_timeout_ms: u64,
 }
 
 /// The record of one deploy target, each defined in its target's folder. In the file it is the
@@ -391,6 +428,29 @@ impl std::fmt::Debug for PgRecord {
     }
 }
 
+impl std::fmt::Debug for KafkaRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &str| if s.is_empty() { "" } else { "***" };
+        f.debug_struct("KafkaRecord")
+            .field("brokers", &self.brokers)
+            .field("client_id", &self.client_id)
+            .field("security_protocol", &self.security_protocol)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_user", &self.sasl_user)
+            .field("sasl_password", &hidden(&self.sasl_password))
+            .field(
+                "default_replication_factor",
+                &self.default_replication_factor,
+            )
+            .field("min_insync_replicas", &self.min_insync_replicas)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for BrokerRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let urls: Vec<String> = self
@@ -410,6 +470,7 @@ impl std::fmt::Debug for BrokerRecord {
             .field("bind", &self.bind)
             .field("outputs", &self.outputs)
             .field("pg", &self.pg)
+            .field("kafka", &self.kafka)
             .finish()
     }
 }
@@ -439,6 +500,7 @@ mod tests {
                         bind: false,
                         outputs: Json::Null,
                         pg: None,
+                        kafka: None,
                     },
                 );
             })
@@ -626,6 +688,7 @@ mod tests {
                 dsn: "postgres://u:Pg/Secret4@db/x".into(),
                 ..Default::default()
             }),
+            kafka: None,
         };
         let shown = format!("{rec:?}");
         assert!(!shown.contains("Secret"), "{shown}");

@@ -113,6 +113,91 @@ impl RdAdmin {
     }
 }
 
+/// A topic as metadata and DescribeConfigs show it, for the IaC face: every config entry with
+/// a value, flagged `true` when it is set on the topic (a dynamic topic entry) rather than a
+/// broker or static default. (tansu 0.6.0 reports the entries given at create as defaults.)
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopicEntries {
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub entries: BTreeMap<String, (String, bool)>,
+}
+
+impl RdAdmin {
+    /// The topic's partitions, replication factor and config entries; None when unknown.
+    pub async fn describe_entries(&self, topic: &str) -> Result<Option<TopicEntries>, KafkaError> {
+        let Some((partitions, replication_factor)) = self.metadata(topic).await? else {
+            return Ok(None);
+        };
+        let spec = ResourceSpecifier::Topic(topic);
+        let res = self
+            .admin
+            .describe_configs([&spec], &self.opts())
+            .await
+            .map_err(|e| KafkaError::client("DescribeConfigs", e))?;
+        let mut entries = BTreeMap::new();
+        for r in res.into_iter().flatten() {
+            for e in r.entries {
+                let set = !e.is_default && matches!(e.source, ConfigSource::DynamicTopic);
+                if let Some(v) = e.value {
+                    entries.insert(e.name, (v, set));
+                }
+            }
+        }
+        Ok(Some(TopicEntries {
+            partitions,
+            replication_factor,
+            entries,
+        }))
+    }
+
+    /// How many brokers the cluster's metadata lists (proves the cluster answers).
+    pub async fn cluster_brokers(&self) -> Result<usize, KafkaError> {
+        let (admin, timeout) = (self.admin.clone(), self.timeout);
+        tokio::task::spawn_blocking(move || {
+            admin
+                .inner()
+                .fetch_metadata(None, timeout)
+                .map(|md| md.brokers().len())
+                .map_err(|e| KafkaError::client("Metadata", e))
+        })
+        .await
+        .map_err(|_| KafkaError::Cancelled("Metadata"))?
+    }
+
+    /// (partition, low, high) per partition; None when the topic is unknown.
+    pub async fn watermarks(
+        &self,
+        topic: &str,
+    ) -> Result<Option<Vec<(i32, i64, i64)>>, KafkaError> {
+        let (admin, topic, timeout) = (self.admin.clone(), topic.to_string(), self.timeout);
+        tokio::task::spawn_blocking(move || {
+            let md = admin
+                .inner()
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(|e| KafkaError::client("Metadata", e))?;
+            let Some(t) = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            else {
+                return Ok(None);
+            };
+            let mut out = Vec::with_capacity(t.partitions().len());
+            for p in t.partitions() {
+                let (low, high) = admin
+                    .inner()
+                    .fetch_watermarks(&topic, p.id(), timeout)
+                    .map_err(|e| KafkaError::client("ListOffsets", e))?;
+                out.push((p.id(), low, high));
+            }
+            Ok(Some(out))
+        })
+        .await
+        .map_err(|_| KafkaError::Cancelled("ListOffsets"))?
+    }
+}
+
 /// One partition of a group's position: committed offset, high watermark and the lag between.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PartitionLag {

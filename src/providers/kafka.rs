@@ -1,5 +1,13 @@
-//! Kafka is declared in the schema (KafkaConfig) but not implemented: configs fail at load.
+//! Kafka brokers are adopted (`deploy_target: self_hosted`, a cluster the operator runs); the
+//! other targets declared for kafka fail at load, naming what works.
 
-pub const NOT_YET: &str =
-    "provider \"kafka\" is not available yet in this plugin; use provider: nats \
-(deploy_target local, self_hosted, kubernetes, digitalocean.app_platform, aws.ecs or aws.eks)";
+/// The refusal of kafka on `target`, one line naming what works.
+pub fn not_yet(target: &str) -> String {
+    format!(
+        "provider \"kafka\" is not available yet on deploy target {:?} in this plugin; use \
+         deploy_target self_hosted (adopt a Kafka cluster you run: dsn kafka://host:9092 or \
+         kafka.brokers), or use provider: nats (deploy_target local, self_hosted, kubernetes, \
+         digitalocean.app_platform, aws.ecs or aws.eks)",
+        target
+    )
+}

@@ -182,7 +182,9 @@ pub fn check(provider: &str, target: &str) -> Result<(Provider, DeployTarget), F
     let t = t.unwrap_or(DeployTarget::SelfHosted);
     match p {
         Provider::Nats | Provider::Pgchannel => Ok((p, t)),
-        Provider::Kafka => Err(("provider", kafka::NOT_YET.to_string())),
+        // Adopted only: a cluster the operator runs, named by its bootstrap servers.
+        Provider::Kafka if t == DeployTarget::SelfHosted => Ok((p, t)),
+        Provider::Kafka => Err(("provider", kafka::not_yet(t.as_str()))),
         Provider::Kinesis => Err(("provider", kinesis::NOT_YET.to_string())),
     }
 }
@@ -230,6 +232,9 @@ mod tests {
                 match check(p.as_str(), t.as_str()) {
                     Ok((Provider::Pgchannel, tt)) => {
                         assert_eq!(tt, DeployTarget::SelfHosted, "deploy_target ignored");
+                    }
+                    Ok((Provider::Kafka, tt)) => {
+                        assert_eq!(tt, DeployTarget::SelfHosted, "kafka clusters are adopted");
                     }
                     Ok((pp, tt)) => {
                         assert_eq!(pp, Provider::Nats);

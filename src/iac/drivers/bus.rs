@@ -3,12 +3,12 @@
 //! per call.
 
 use super::{Ctx, Output};
+use crate::iac::drivers::consumer::ConsumerDesired;
+use crate::iac::drivers::stream::StreamDesired;
 use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
 use crate::iac::state::ProviderState;
 use crate::iac::targets::BrokerDesired;
-use crate::nats::consumer::ConsumerSpec;
-use crate::nats::stream::StreamSpec;
 use crate::pb::iac::ResourceRef;
 use serde_json::Value as Json;
 
@@ -71,6 +71,6 @@ pub(crate) trait Ops<S: Sync>: Sync {
 /// A provider's IaC face: its drivers for brokers, streams and consumers.
 pub(crate) trait BusProvider: Sync {
     fn brokers(&self) -> &dyn Ops<BrokerDesired>;
-    fn streams(&self) -> &dyn Ops<StreamSpec>;
-    fn consumers(&self) -> &dyn Ops<ConsumerSpec>;
+    fn streams(&self) -> &dyn Ops<StreamDesired>;
+    fn consumers(&self) -> &dyn Ops<ConsumerDesired>;
 }

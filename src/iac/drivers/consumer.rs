@@ -4,8 +4,8 @@
 
 use super::stream::{broker_key, connect_target, locate, Flags, Located};
 use super::{
-    config_object, decode_config, duration_from_json, duration_json, i64_field, resolve_broker,
-    str_field, strings_field, BrokerConn, Ctx, Output, CONSUMER_TYPE,
+    decode_config, duration_from_json, duration_json, i64_field, resolve_broker, str_field,
+    strings_field, BrokerConn, Ctx, Output, CONSUMER_TYPE,
 };
 use crate::iac::drivers::{record_placed, Placed};
 use crate::iac::error::DriverError;
@@ -21,18 +21,41 @@ use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy};
 use serde::Serialize;
 use serde_json::Value as Json;
 
+/// The shared spec alone.
+#[cfg(test)]
 pub fn decode(name: &str, config_json: &[u8]) -> Result<ConsumerSpec, DriverError> {
-    let what = format!("{CONSUMER_TYPE} {name:?}");
-    let mut m = config_object(&what, config_json)?;
-    for k in super::stream::WFCTL_INJECTED {
-        m.remove(*k);
+    Ok(decode_desired(name, config_json)?.spec)
+}
+
+/// A consumer as the IaC face decodes it: the shared spec and the config it was validated
+/// from (a provider with settings of its own converts from the config, as its runtime does).
+#[derive(Clone, Debug)]
+pub struct ConsumerDesired {
+    pub spec: ConsumerSpec,
+    pub config: ConsumerConfig,
+}
+
+impl std::ops::Deref for ConsumerDesired {
+    type Target = ConsumerSpec;
+    fn deref(&self) -> &ConsumerSpec {
+        &self.spec
     }
+}
+
+/// `decode`, keeping the config (see [`ConsumerDesired`]).
+pub fn decode_desired(name: &str, config_json: &[u8]) -> Result<ConsumerDesired, DriverError> {
+    let m = super::stream::own_config(CONSUMER_TYPE, name, config_json)?;
     decode_config(
         CONSUMER_TYPE,
         name,
         "ConsumerConfig",
         m,
-        |c: ConsumerConfig| Ok(ConsumerSpec::validate(CONSUMER_TYPE, name, &c)?),
+        |c: ConsumerConfig| {
+            Ok(ConsumerDesired {
+                spec: ConsumerSpec::validate(CONSUMER_TYPE, name, &c)?,
+                config: c,
+            })
+        },
     )
 }
 

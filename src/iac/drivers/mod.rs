@@ -7,6 +7,7 @@
 pub mod broker;
 mod bus;
 pub mod consumer;
+pub(crate) mod kafka;
 mod nats;
 pub mod pg;
 mod route;

@@ -3,12 +3,12 @@
 
 use super::bus::{BusProvider, Ops};
 use super::{broker, consumer, desired_broker, stream, Ctx, Output};
+use crate::iac::drivers::consumer::ConsumerDesired;
+use crate::iac::drivers::stream::StreamDesired;
 use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
 use crate::iac::state::ProviderState;
 use crate::iac::targets::BrokerDesired;
-use crate::nats::consumer::ConsumerSpec;
-use crate::nats::stream::StreamSpec;
 use crate::pb::iac::ResourceRef;
 use serde_json::Value as Json;
 
@@ -22,10 +22,10 @@ impl BusProvider for Nats {
     fn brokers(&self) -> &dyn Ops<BrokerDesired> {
         &Brokers
     }
-    fn streams(&self) -> &dyn Ops<StreamSpec> {
+    fn streams(&self) -> &dyn Ops<StreamDesired> {
         &Streams
     }
-    fn consumers(&self) -> &dyn Ops<ConsumerSpec> {
+    fn consumers(&self) -> &dyn Ops<ConsumerDesired> {
         &Consumers
     }
 }
@@ -86,28 +86,35 @@ async fn live_report(
 }
 
 #[tonic::async_trait]
-impl Ops<StreamSpec> for Streams {
+impl Ops<StreamDesired> for Streams {
     fn diff(
         &self,
         _: &str,
-        spec: &StreamSpec,
+        spec: &StreamDesired,
         state: &ProviderState,
         current: &Json,
     ) -> Result<Vec<Change>, DriverError> {
+        spec.refuse_partitions()?;
         let b = desired_broker(&spec.broker_ref, &spec.servers, state);
         Ok(stream::diff(spec, b.as_deref(), current))
     }
     async fn plan_report(
         &self,
         ctx: &Ctx,
-        spec: &StreamSpec,
+        spec: &StreamDesired,
         state: &ProviderState,
         changes: Vec<Change>,
     ) -> Vec<Change> {
         let target = stream::LiveTarget::Stream(&spec.name);
         live_report(ctx, state, &spec.broker_ref, &spec.servers, target, changes).await
     }
-    async fn apply(&self, ctx: &Ctx, name: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
+    async fn apply(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        spec: &StreamDesired,
+    ) -> Result<Output, DriverError> {
+        spec.refuse_partitions()?;
         stream::apply(ctx, name, spec).await
     }
     async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
@@ -137,11 +144,11 @@ impl Ops<StreamSpec> for Streams {
 }
 
 #[tonic::async_trait]
-impl Ops<ConsumerSpec> for Consumers {
+impl Ops<ConsumerDesired> for Consumers {
     fn diff(
         &self,
         _: &str,
-        spec: &ConsumerSpec,
+        spec: &ConsumerDesired,
         state: &ProviderState,
         current: &Json,
     ) -> Result<Vec<Change>, DriverError> {
@@ -151,7 +158,7 @@ impl Ops<ConsumerSpec> for Consumers {
     async fn plan_report(
         &self,
         ctx: &Ctx,
-        spec: &ConsumerSpec,
+        spec: &ConsumerDesired,
         state: &ProviderState,
         changes: Vec<Change>,
     ) -> Vec<Change> {
@@ -165,7 +172,7 @@ impl Ops<ConsumerSpec> for Consumers {
         &self,
         ctx: &Ctx,
         name: &str,
-        spec: &ConsumerSpec,
+        spec: &ConsumerDesired,
     ) -> Result<Output, DriverError> {
         consumer::apply(ctx, name, spec).await
     }

@@ -13,12 +13,12 @@
 use super::bus::BusProvider;
 use super::{broker, Ctx, Driver, Kind, Output};
 use super::{BrokerDriver, ConsumerDriver, StreamDriver, CONSUMER_TYPE, STREAM_TYPE};
+use crate::iac::drivers::consumer::ConsumerDesired;
+use crate::iac::drivers::stream::StreamDesired;
 use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
 use crate::iac::state::ProviderState;
 use crate::iac::targets::BrokerDesired;
-use crate::nats::consumer::ConsumerSpec;
-use crate::nats::stream::StreamSpec;
 use crate::pb::iac::ResourceRef;
 use crate::providers::Provider;
 use serde_json::Value as Json;
@@ -29,7 +29,8 @@ use serde_json::Value as Json;
 fn on(p: Provider) -> &'static dyn BusProvider {
     match p {
         Provider::Pgchannel => &super::pg::PGCHANNEL,
-        Provider::Nats | Provider::Kafka | Provider::Kinesis => &super::nats::NATS,
+        Provider::Kafka => &super::kafka::KAFKA,
+        Provider::Nats | Provider::Kinesis => &super::nats::NATS,
     }
 }
 
@@ -97,6 +98,7 @@ impl Driver for BrokerDriver {
         "config_sha256",
         "dsn",
         "schema_version",
+        "brokers",
     ];
     fn decode(name: &str, config_json: &[u8]) -> Result<Self::Spec, DriverError> {
         broker::decode(name, config_json)
@@ -147,7 +149,7 @@ impl Driver for BrokerDriver {
 }
 
 impl Driver for StreamDriver {
-    type Spec = StreamSpec;
+    type Spec = StreamDesired;
     const KIND: Kind = Kind::Stream;
     const TIER: i32 = 2;
     const OPERATIONS: &'static [&'static str] = &["create", "read", "update", "delete", "scale"];
@@ -181,14 +183,15 @@ impl Driver for StreamDriver {
         "consumer_limits",
         "allow_msg_ttl",
         "subject_delete_marker_ttl",
+        "partitions",
     ];
-    fn decode(name: &str, config_json: &[u8]) -> Result<StreamSpec, DriverError> {
-        super::stream::decode(name, config_json)
+    fn decode(name: &str, config_json: &[u8]) -> Result<StreamDesired, DriverError> {
+        super::stream::decode_desired(name, config_json)
     }
     /// On a pgchannel broker, NATS-only settings are refused here, at plan time.
     fn diff(
         name: &str,
-        spec: &StreamSpec,
+        spec: &StreamDesired,
         state: &ProviderState,
         current: &Json,
     ) -> Result<Vec<Change>, DriverError> {
@@ -198,7 +201,7 @@ impl Driver for StreamDriver {
     }
     async fn plan_report(
         ctx: &Ctx,
-        spec: &StreamSpec,
+        spec: &StreamDesired,
         state: &ProviderState,
         changes: Vec<Change>,
     ) -> Vec<Change> {
@@ -207,7 +210,7 @@ impl Driver for StreamDriver {
             .plan_report(ctx, spec, state, changes)
             .await
     }
-    async fn apply(ctx: &Ctx, name: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
+    async fn apply(ctx: &Ctx, name: &str, spec: &StreamDesired) -> Result<Output, DriverError> {
         let state = ctx.state.load()?;
         on(by_spec(
             &state,
@@ -249,7 +252,7 @@ impl Driver for StreamDriver {
 }
 
 impl Driver for ConsumerDriver {
-    type Spec = ConsumerSpec;
+    type Spec = ConsumerDesired;
     const KIND: Kind = Kind::Consumer;
     const TIER: i32 = 2;
     const DRIFT_KEYS: &'static [&'static str] = &[
@@ -277,12 +280,12 @@ impl Driver for ConsumerDriver {
         "priority_groups",
         "priority_timeout",
     ];
-    fn decode(name: &str, config_json: &[u8]) -> Result<ConsumerSpec, DriverError> {
-        super::consumer::decode(name, config_json)
+    fn decode(name: &str, config_json: &[u8]) -> Result<ConsumerDesired, DriverError> {
+        super::consumer::decode_desired(name, config_json)
     }
     fn diff(
         name: &str,
-        spec: &ConsumerSpec,
+        spec: &ConsumerDesired,
         state: &ProviderState,
         current: &Json,
     ) -> Result<Vec<Change>, DriverError> {
@@ -292,7 +295,7 @@ impl Driver for ConsumerDriver {
     }
     async fn plan_report(
         ctx: &Ctx,
-        spec: &ConsumerSpec,
+        spec: &ConsumerDesired,
         state: &ProviderState,
         changes: Vec<Change>,
     ) -> Vec<Change> {
@@ -301,7 +304,7 @@ impl Driver for ConsumerDriver {
             .plan_report(ctx, spec, state, changes)
             .await
     }
-    async fn apply(ctx: &Ctx, name: &str, spec: &ConsumerSpec) -> Result<Output, DriverError> {
+    async fn apply(ctx: &Ctx, name: &str, spec: &ConsumerDesired) -> Result<Output, DriverError> {
         let state = ctx.state.load()?;
         on(by_spec(
             &state,

@@ -30,14 +30,70 @@ use serde_json::Value as Json;
 /// routing already happened through `iac_provider`, so it is dropped before the strict decode.
 pub const WFCTL_INJECTED: &[&str] = &["provider"];
 
+/// The shared spec alone (partitions refused, as every provider but kafka does).
+#[cfg(test)]
 pub fn decode(name: &str, config_json: &[u8]) -> Result<StreamSpec, DriverError> {
-    let what = format!("{STREAM_TYPE} {name:?}");
-    let mut m = config_object(&what, config_json)?;
+    let d = decode_desired(name, config_json)?;
+    d.refuse_partitions()?;
+    Ok(d.spec)
+}
+
+/// A stream as the IaC face decodes it: the spec every provider shares, and the config it was
+/// validated from, for a provider whose settings the shared spec does not carry (kafka's
+/// `partitions`, replication left to the broker's default). `partitions` is validated by the
+/// provider that has it; the others refuse it with the shared spec's own line.
+#[derive(Clone, Debug)]
+pub struct StreamDesired {
+    pub spec: StreamSpec,
+    pub config: StreamConfig,
+    /// The resource name, for errors.
+    pub resource: String,
+}
+
+impl std::ops::Deref for StreamDesired {
+    type Target = StreamSpec;
+    fn deref(&self) -> &StreamSpec {
+        &self.spec
+    }
+}
+
+impl StreamDesired {
+    /// For providers without partitions: the shared spec's refusal of `partitions`.
+    pub fn refuse_partitions(&self) -> Result<(), DriverError> {
+        if self.config.partitions == 0 {
+            return Ok(());
+        }
+        StreamSpec::validate(STREAM_TYPE, &self.resource, &self.config)?;
+        Ok(())
+    }
+}
+
+/// A stream's or consumer's config object without the keys wfctl injects.
+pub fn own_config(
+    type_name: &str,
+    name: &str,
+    config_json: &[u8],
+) -> Result<serde_json::Map<String, Json>, DriverError> {
+    let mut m = config_object(&format!("{type_name} {name:?}"), config_json)?;
     for k in WFCTL_INJECTED {
         m.remove(*k);
     }
+    Ok(m)
+}
+
+/// `decode`, keeping the config (see [`StreamDesired`]).
+pub fn decode_desired(name: &str, config_json: &[u8]) -> Result<StreamDesired, DriverError> {
+    let m = own_config(STREAM_TYPE, name, config_json)?;
     decode_config(STREAM_TYPE, name, "StreamConfig", m, |c: StreamConfig| {
-        Ok(StreamSpec::validate(STREAM_TYPE, name, &c)?)
+        let shared = StreamConfig {
+            partitions: 0,
+            ..c.clone()
+        };
+        Ok(StreamDesired {
+            spec: StreamSpec::validate(STREAM_TYPE, name, &shared)?,
+            config: c,
+            resource: name.to_string(),
+        })
     })
 }
 
@@ -495,6 +551,46 @@ pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
     forget(ctx)
 }
 
+/// The start of every provider's Delete of a recorded stream or consumer: refused while
+/// `prevent_destroy` is set, nothing left to do once released, a bound one only released
+/// (`kept` is the log line saying what stays). `Ok(true)`: delete it on the broker.
+pub fn delete_gate(
+    ctx: &Ctx,
+    r: &ResourceRef,
+    l: &Located,
+    what: &str,
+    kept: &str,
+) -> Result<bool, DriverError> {
+    if l.flags.prevent_destroy {
+        return Err(DriverError::refused(
+            what,
+            "prevent_destroy is set; set prevent_destroy: false and apply before deleting",
+        ));
+    }
+    if l.released {
+        return Ok(false);
+    }
+    if l.flags.bind {
+        tracing::info!(resource = %r.name, "{kept}");
+        release(ctx, &r.name)?;
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Adds the plan's `destroys` entry (not forced: it annotates the forced fields) when a
+/// replace deletes something.
+pub fn push_destroys(changes: &mut Vec<PlanChange>, notes: &[String]) {
+    if !notes.is_empty() {
+        changes.push(PlanChange {
+            path: "destroys".into(),
+            old: Json::String(notes.join("; ")),
+            new: Json::Null,
+            force_new: false,
+        });
+    }
+}
+
 /// Marks a bound resource as released: it stays on the server and later Deletes (wfctl
 /// retries a whole group when any delete failed) do nothing.
 pub fn release(ctx: &Ctx, name: &str) -> Result<(), DriverError> {
@@ -722,14 +818,7 @@ pub async fn live_report(
         )),
         _ => {}
     }
-    if !notes.is_empty() {
-        changes.push(PlanChange {
-            path: "destroys".into(),
-            old: Json::String(notes.join("; ")),
-            new: Json::Null,
-            force_new: false,
-        });
-    }
+    push_destroys(&mut changes, &notes);
     changes
 }
 

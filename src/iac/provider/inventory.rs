@@ -106,6 +106,11 @@ impl Provider {
                 "dsn_env",
                 "tables",
                 "schema_version",
+                // kafka: the cluster as seen and a group's position are no config either.
+                "brokers_env",
+                "cluster_brokers",
+                "committed_offsets",
+                "lag",
             ] {
                 m.remove(k);
             }

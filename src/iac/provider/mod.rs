@@ -14,8 +14,8 @@ use super::drivers::{
 use super::error::DriverError;
 use super::plan::{self, Change};
 use super::state::ProviderState;
-use crate::nats::consumer::ConsumerSpec;
-use crate::nats::stream::StreamSpec;
+use crate::iac::drivers::consumer::ConsumerDesired;
+use crate::iac::drivers::stream::StreamDesired;
 use crate::pb::iac::{
     IaCCapabilityDeclaration, IaCPlan, ResourceOutput, ResourceRef, ResourceSpec, ResourceState,
 };
@@ -47,16 +47,18 @@ pub struct Provider {
 /// A decoded, validated desired config.
 pub enum Desired {
     Broker(Box<broker::BrokerDesired>),
-    Stream(StreamSpec),
-    Consumer(ConsumerSpec),
+    Stream(Box<StreamDesired>),
+    Consumer(Box<ConsumerDesired>),
 }
 
 impl Desired {
     pub fn decode(kind: Kind, name: &str, config_json: &[u8]) -> Result<Desired, DriverError> {
         Ok(match kind {
             Kind::Broker => Desired::Broker(Box::new(BrokerDriver::decode(name, config_json)?)),
-            Kind::Stream => Desired::Stream(StreamDriver::decode(name, config_json)?),
-            Kind::Consumer => Desired::Consumer(ConsumerDriver::decode(name, config_json)?),
+            Kind::Stream => Desired::Stream(Box::new(StreamDriver::decode(name, config_json)?)),
+            Kind::Consumer => {
+                Desired::Consumer(Box::new(ConsumerDriver::decode(name, config_json)?))
+            }
         })
     }
 }

@@ -46,6 +46,12 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
         .iter()
         .map(|(n, r)| (n.clone(), r.pg.is_some()))
         .collect();
+    // And which are kafka brokers (their streams and consumers are topics and groups).
+    let mut on_kafka: BTreeMap<String, bool> = state
+        .brokers
+        .iter()
+        .map(|(n, r)| (n.clone(), r.kafka.is_some()))
+        .collect();
     let mut deleted: BTreeSet<String> = BTreeSet::new();
     let mut streams: BTreeSet<String> = state
         .resources
@@ -70,8 +76,32 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
                         brokers.insert(spec.name.clone(), 1);
                         on_pg.insert(spec.name.clone(), true);
                     }
+                    Desired::Broker(b) if b.spec.provider == crate::providers::Provider::Kafka => {
+                        // Adopted: the target must be self_hosted.
+                        if let Some(e) = drivers::kafka::broker_refused(&spec.name, b) {
+                            let lines: Vec<String> = match e {
+                                DriverError::Config(c) => c.problems,
+                                other => vec![other.to_string()],
+                            };
+                            for line in lines {
+                                let field = if line.contains("config.deploy_target") {
+                                    "deploy_target".to_string()
+                                } else {
+                                    line.strip_prefix("config.")
+                                        .and_then(|l| l.split(':').next())
+                                        .unwrap_or_default()
+                                        .to_string()
+                                };
+                                out.push(diag(Error, &spec.name, &field, line));
+                            }
+                        }
+                        brokers.insert(spec.name.clone(), 0);
+                        on_pg.insert(spec.name.clone(), false);
+                        on_kafka.insert(spec.name.clone(), true);
+                    }
                     Desired::Broker(b) => {
                         on_pg.insert(spec.name.clone(), false);
+                        on_kafka.insert(spec.name.clone(), false);
                         let replicas = match broker::check_target(b) {
                             Ok(t) => t.replicas(b),
                             Err(e) => {
@@ -109,6 +139,7 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
     for b in &deleted {
         brokers.remove(b);
         on_pg.remove(b);
+        on_kafka.remove(b);
     }
     for (name, d) in &decoded {
         let (broker_ref, servers, replicas, stream_name) = match d {
@@ -116,27 +147,41 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
             Desired::Stream(s) => (&s.broker_ref, &s.servers, Some(s.replicas as u32), None),
             Desired::Consumer(c) => (&c.broker_ref, &c.servers, None, Some(&c.stream)),
         };
-        if spec_on_pg(&on_pg, broker_ref, servers) {
-            // The NATS-only settings, one diagnostic per field.
-            let refused = match d {
+        // Partitions are kafka's: every other provider refuses them with the shared line.
+        let partitions = match d {
+            Desired::Stream(s) => s.refuse_partitions().err(),
+            _ => None,
+        };
+        let refused = if spec_on(&on_kafka, broker_ref, servers) {
+            match d {
+                Desired::Stream(s) => drivers::kafka::stream_refused(name, s),
+                Desired::Consumer(c) => drivers::kafka::consumer_refused(name, c),
+                Desired::Broker(_) => None,
+            }
+        } else if spec_on(&on_pg, broker_ref, servers) {
+            match d {
                 Desired::Stream(s) => drivers::pg::stream::def(name, s).err(),
                 Desired::Consumer(c) => drivers::pg::consumer::def(name, c).err(),
                 Desired::Broker(_) => None,
-            };
-            if let Some(DriverError::Config(c)) = refused {
-                for line in c.problems {
-                    let field = line
-                        .strip_prefix("config.")
-                        .and_then(|l| l.split(':').next())
-                        .unwrap_or_default()
-                        .to_string();
-                    out.push(diag(
-                        Error,
-                        name,
-                        &field,
-                        format!("{}: {line}", c.component),
-                    ));
-                }
+            }
+            .or(partitions)
+        } else {
+            partitions
+        };
+        // The settings the broker's provider does not have, one diagnostic per field.
+        if let Some(DriverError::Config(c)) = refused {
+            for line in c.problems {
+                let field = line
+                    .strip_prefix("config.")
+                    .and_then(|l| l.split(':').next())
+                    .unwrap_or_default()
+                    .to_string();
+                out.push(diag(
+                    Error,
+                    name,
+                    &field,
+                    format!("{}: {line}", c.component),
+                ));
             }
         }
         let explicit = servers.iter().any(|s| !s.trim().is_empty());
@@ -201,7 +246,7 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
 
 /// Whether a stream or consumer spec is on a pgchannel broker that `brokers` (the plan's and
 /// the provider state's, by name → is pgchannel) names; for plan validation.
-fn spec_on_pg(brokers: &BTreeMap<String, bool>, broker_ref: &str, servers: &[String]) -> bool {
+fn spec_on(brokers: &BTreeMap<String, bool>, broker_ref: &str, servers: &[String]) -> bool {
     if servers.iter().any(|s| !s.trim().is_empty()) {
         return false;
     }

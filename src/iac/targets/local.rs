@@ -319,6 +319,7 @@ async fn apply_local(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Applied
         bind: d.spec.bind,
         outputs: Json::Null,
         pg: None,
+        kafka: None,
     };
     // Recorded before the lock is released: see `lock_local`.
     ctx.state.update(|s| {

@@ -113,6 +113,7 @@ impl BrokerTarget for SelfHosted {
             bind: d.spec.bind,
             outputs: Json::Null,
             pg: None,
+            kafka: None,
         };
         Ok(Applied {
             record,

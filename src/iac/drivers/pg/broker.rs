@@ -152,6 +152,7 @@ pub async fn apply(ctx: &Ctx, name: &str, d: &BrokerDesired) -> Result<Output, D
         bind: d.spec.bind,
         outputs: outputs.clone(),
         pg: Some(pg),
+        kafka: None,
     };
     record_and_output(
         ctx,

@@ -8,7 +8,7 @@
 use super::spec::{consumer_def, consumer_outputs, Flags, CONSUMER_KEYS, CONSUMER_REPLACE};
 use super::stream::field_diffs;
 use crate::iac::drivers::consumer::provider_id;
-use crate::iac::drivers::stream::{broker_key, locate, release, Located};
+use crate::iac::drivers::stream::{broker_key, delete_gate, locate, Located};
 use crate::iac::drivers::{record_placed, Placed};
 use crate::iac::drivers::{Ctx, Output, CONSUMER_TYPE};
 use crate::iac::error::DriverError;
@@ -154,18 +154,14 @@ pub async fn delete(
     pg: &PgRecord,
 ) -> Result<(), DriverError> {
     let what = label(&r.name, &l.stream, &l.durable);
-    if l.flags.prevent_destroy {
-        return Err(DriverError::refused(
-            &what,
-            "prevent_destroy is set; set prevent_destroy: false and apply before deleting",
-        ));
-    }
-    if l.released {
+    if !delete_gate(
+        ctx,
+        r,
+        l,
+        &what,
+        "bound pgchannel consumer released; its row stays",
+    )? {
         return Ok(());
-    }
-    if l.flags.bind {
-        tracing::info!(resource = %r.name, "bound pgchannel consumer released; its row stays");
-        return release(ctx, &r.name);
     }
     let bus = ctx.pg().connect(&what, &l.broker, pg).await?;
     let deleted = bus

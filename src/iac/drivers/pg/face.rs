@@ -3,6 +3,8 @@
 
 use super::{broker, consumer, stream};
 use crate::iac::drivers::bus::{BusProvider, Ops};
+use crate::iac::drivers::consumer::ConsumerDesired;
+use crate::iac::drivers::stream::StreamDesired;
 use crate::iac::drivers::stream::{locate, Located};
 use crate::iac::drivers::{broker::record_for, desired_broker, Ctx, Output};
 use crate::iac::drivers::{CONSUMER_TYPE, STREAM_TYPE};
@@ -10,8 +12,6 @@ use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
 use crate::iac::state::{BrokerRecord, PgRecord, ProviderState};
 use crate::iac::targets::BrokerDesired;
-use crate::nats::consumer::ConsumerSpec;
-use crate::nats::stream::StreamSpec;
 use crate::pb::iac::ResourceRef;
 use serde_json::Value as Json;
 
@@ -25,10 +25,10 @@ impl BusProvider for Pgchannel {
     fn brokers(&self) -> &dyn Ops<BrokerDesired> {
         &Brokers
     }
-    fn streams(&self) -> &dyn Ops<StreamSpec> {
+    fn streams(&self) -> &dyn Ops<StreamDesired> {
         &Streams
     }
-    fn consumers(&self) -> &dyn Ops<ConsumerSpec> {
+    fn consumers(&self) -> &dyn Ops<ConsumerDesired> {
         &Consumers
     }
 }
@@ -129,18 +129,25 @@ impl Ops<BrokerDesired> for Brokers {
 }
 
 #[tonic::async_trait]
-impl Ops<StreamSpec> for Streams {
+impl Ops<StreamDesired> for Streams {
     fn diff(
         &self,
         name: &str,
-        spec: &StreamSpec,
+        spec: &StreamDesired,
         state: &ProviderState,
         current: &Json,
     ) -> Result<Vec<Change>, DriverError> {
+        spec.refuse_partitions()?;
         let b = desired_broker(&spec.broker_ref, &spec.servers, state);
         stream::diff(name, spec, b.as_deref(), current)
     }
-    async fn apply(&self, ctx: &Ctx, name: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
+    async fn apply(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        spec: &StreamDesired,
+    ) -> Result<Output, DriverError> {
+        spec.refuse_partitions()?;
         let (broker, pg) = database(ctx, &spec.broker_ref)?;
         stream::apply(ctx, name, spec, &broker, &pg).await
     }
@@ -171,11 +178,11 @@ impl Ops<StreamSpec> for Streams {
 }
 
 #[tonic::async_trait]
-impl Ops<ConsumerSpec> for Consumers {
+impl Ops<ConsumerDesired> for Consumers {
     fn diff(
         &self,
         name: &str,
-        spec: &ConsumerSpec,
+        spec: &ConsumerDesired,
         state: &ProviderState,
         current: &Json,
     ) -> Result<Vec<Change>, DriverError> {
@@ -186,7 +193,7 @@ impl Ops<ConsumerSpec> for Consumers {
         &self,
         ctx: &Ctx,
         name: &str,
-        spec: &ConsumerSpec,
+        spec: &ConsumerDesired,
     ) -> Result<Output, DriverError> {
         let (broker, pg) = database(ctx, &spec.broker_ref)?;
         consumer::apply(ctx, name, spec, &broker, &pg).await

@@ -6,7 +6,7 @@
 //! messages and consumers.
 
 use super::spec::{stream_def, stream_outputs, Flags, STREAM_KEYS};
-use crate::iac::drivers::stream::{broker_key, provider_id, release, Located};
+use crate::iac::drivers::stream::{broker_key, delete_gate, provider_id, Located};
 use crate::iac::drivers::{record_placed, Placed};
 use crate::iac::drivers::{Ctx, Output, CONSUMER_TYPE, STREAM_TYPE};
 use crate::iac::error::DriverError;
@@ -163,18 +163,14 @@ pub async fn delete(
     pg: &PgRecord,
 ) -> Result<(), DriverError> {
     let what = label(&r.name, &l.stream);
-    if l.flags.prevent_destroy {
-        return Err(DriverError::refused(
-            &what,
-            "prevent_destroy is set; set prevent_destroy: false and apply before deleting",
-        ));
-    }
-    if l.released {
+    if !delete_gate(
+        ctx,
+        r,
+        l,
+        &what,
+        "bound pgchannel stream released; its row and events stay",
+    )? {
         return Ok(());
-    }
-    if l.flags.bind {
-        tracing::info!(resource = %r.name, "bound pgchannel stream released; its row and events stay");
-        return release(ctx, &r.name);
     }
     let bus = ctx.pg().connect(&what, &l.broker, pg).await?;
     let deleted = bus

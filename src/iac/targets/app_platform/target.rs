@@ -160,6 +160,7 @@ impl BrokerTarget for AppPlatform {
             bind: d.spec.bind,
             outputs: Json::Null,
             pg: None,
+            kafka: None,
         };
         Ok(Applied {
             record,

@@ -290,6 +290,7 @@ impl KubernetesTarget {
                 request_timeout_ms: d.spec.conn.request_timeout.as_millis() as u64,
                 deployed: Some(TargetRecord::Kubernetes(kube)),
                 pg: None,
+                kafka: None,
                 prevent_destroy: d.spec.prevent_destroy,
                 bind: d.spec.bind,
                 outputs: Json::Null,
