@@ -3,6 +3,7 @@
 
 use crate::config::error::{check_duration, MAX_DURATION};
 use crate::config::error::{ConfigError, Problems};
+use crate::config::kafka::KafkaClientConfig;
 use crate::config::nats::ConnSettings;
 use crate::config::pg::{self as pgcfg, PgConfig};
 use crate::pb::eventbus::ClusterConfig;
@@ -42,6 +43,9 @@ pub struct BrokerSpec {
     pub protected: bool,
     /// Provider pgchannel only: the Postgres side (the NATS fields above are then unused).
     pub pg: Option<PgConfig>,
+    /// Provider kafka only: brokers, TLS and SASL (the NATS fields above are then unused but
+    /// for `conn.request_timeout`, the bound of a publish and an admin call).
+    pub kafka: Option<KafkaClientConfig>,
     /// The plugin process's Prometheus endpoint, when this module asks for one.
     pub metrics_address: Option<std::net::SocketAddr>,
 }
@@ -110,8 +114,12 @@ impl BrokerSpec {
                 (Provider::Nats, DeployTarget::SelfHosted)
             }
         };
+        let is_kafka = provider == Provider::Kafka;
+        // Kafka's section refuses `version` and the other NATS-only settings itself.
         if let Err((field, msg)) = providers::check_version(&c.version) {
-            p.field(field, msg);
+            if !is_kafka {
+                p.field(field, msg);
+            }
         }
         if c.replicas < 0 || c.replicas > 9 {
             p.field(
@@ -120,7 +128,7 @@ impl BrokerSpec {
             );
         }
         let is_pg = provider == Provider::Pgchannel;
-        if !c.dsn.is_empty() && !c.servers.is_empty() {
+        if !c.dsn.is_empty() && !c.servers.is_empty() && !is_kafka {
             p.field("dsn", "set either dsn or servers, not both");
         }
         // Bounded before anything parses or quotes them: a 1 MiB dsn was accepted, then never
@@ -145,7 +153,7 @@ impl BrokerSpec {
                 ),
             );
         }
-        let explicit: Vec<Secret> = if is_pg || too_long {
+        let explicit: Vec<Secret> = if is_pg || is_kafka || too_long {
             Vec::new()
         } else if c.dsn.is_empty() {
             c.servers.iter().map(Secret::new).collect()
@@ -185,7 +193,8 @@ impl BrokerSpec {
         let token = (!auth.token.is_empty()).then(|| Secret::new(&auth.token));
         let user = (!auth.user.is_empty()).then(|| auth.user.clone());
         let password = (!auth.password.is_empty()).then(|| Secret::new(&auth.password));
-        if user.is_some() != password.is_some() {
+        // Kafka checks its auth and tls blocks in its own section.
+        if user.is_some() != password.is_some() && !is_kafka {
             p.field("auth", "user and password go together; set both or neither");
         }
         let methods = [
@@ -197,7 +206,7 @@ impl BrokerSpec {
         .iter()
         .filter(|b| **b)
         .count();
-        if methods > 1 {
+        if methods > 1 && !is_kafka {
             p.field(
                 "auth",
                 "choose one of token, user/password, creds_file or nkey_seed_file",
@@ -207,11 +216,13 @@ impl BrokerSpec {
             ("auth.creds_file", &auth.creds_file),
             ("auth.nkey_seed_file", &auth.nkey_seed_file),
         ] {
-            if !path.is_empty() && !std::path::Path::new(path).is_file() {
+            if !path.is_empty() && !std::path::Path::new(path).is_file() && !is_kafka {
                 p.field(field, format!("{} is not a readable file", quote(path)));
             }
         }
-        check_tls_files(&mut p, &tls);
+        if !is_kafka {
+            check_tls_files(&mut p, &tls);
+        }
         let mut timeouts = [None, None];
         for (slot, (field, d)) in timeouts.iter_mut().zip([
             ("connect_timeout", &c.connect_timeout),
@@ -226,7 +237,7 @@ impl BrokerSpec {
             }
         }
         let local = c.local.clone().unwrap_or_default();
-        if c.local.is_some() && target != DeployTarget::Local {
+        if c.local.is_some() && target != DeployTarget::Local && !is_kafka {
             p.field(
                 "local",
                 format!("only applies to deploy_target local (this broker uses {target})"),
@@ -251,9 +262,20 @@ impl BrokerSpec {
         } else {
             let pg_only =
                 !c.broker_target.is_empty() || !c.poll_interval.is_empty() || c.max_conns != 0;
-            if !is_pg && pg_only {
+            if !is_pg && !is_kafka && pg_only {
                 tracing::warn!(broker = name, "broker_target, poll_interval and max_conns apply to provider pgchannel only; ignored");
             }
+            None
+        };
+        let kafka = if is_kafka && !too_long {
+            match crate::config::kafka::validate(type_name, name, c) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    p.absorb(e);
+                    None
+                }
+            }
+        } else {
             None
         };
         let metrics_address = if c.metrics_address.trim().is_empty() {
@@ -304,6 +326,7 @@ impl BrokerSpec {
             bind: c.bind,
             protected: c.protected,
             pg,
+            kafka,
             metrics_address,
         };
         p.finish(spec)

@@ -6,7 +6,7 @@
 //! re-bind, progress, dead-letter and batch delivery) live in `runtime::steps` and
 //! `runtime::trigger` and only see this contract; the single place that chooses a provider
 //! is `runtime::modules::broker` (`BrokerModule::dispatch`). Implementations live with their domain code:
-//! `crate::nats::provider`, `crate::pg::provider`. `docs/adding-a-provider.md` walks a new one
+//! `crate::nats::provider`, `crate::pg::provider`, `crate::kafka::provider`. `docs/adding-a-provider.md` walks a new one
 //! through.
 //!
 //! The shape fits an offset-log provider too: tokens are opaque strings the provider parses
@@ -16,6 +16,7 @@
 
 use crate::config::broker::BrokerSpec;
 use crate::config::decode;
+use crate::kafka::KafkaError;
 use crate::nats::consumer::ConsumerSpec;
 use crate::nats::stream::StreamSpec;
 use crate::nats::NatsError;
@@ -67,6 +68,8 @@ pub enum ProviderError {
     Nats(#[from] NatsError),
     #[error(transparent)]
     Pg(#[from] PgError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
 }
 
 impl ProviderError {
@@ -75,6 +78,7 @@ impl ProviderError {
         match self {
             ProviderError::Nats(e) => e.is_not_found(),
             ProviderError::Pg(PgError::ConsumerNotFound { .. }) => true,
+            ProviderError::Kafka(KafkaError::TopicNotFound(_)) => true,
             _ => false,
         }
     }
@@ -98,6 +102,7 @@ impl ProviderError {
                 )
             }
             ProviderError::Pg(e) => e.is_transient(),
+            ProviderError::Kafka(e) => e.is_transient(),
         }
     }
 }

@@ -1,5 +1,0 @@
-//! Kafka is declared in the schema (KafkaConfig) but not implemented: configs fail at load.
-
-pub const NOT_YET: &str =
-    "provider \"kafka\" is not available yet in this plugin; use provider: nats \
-(deploy_target local, self_hosted, kubernetes, digitalocean.app_platform, aws.ecs or aws.eks)";
