@@ -112,6 +112,8 @@ pub struct Delivery {
     pub timestamp_ms: Option<i64>,
     /// 1 on first delivery.
     pub delivery_count: u32,
+    /// Partition and offset of the record this one is a retry copy of (None: the original).
+    pub origin: Option<(i32, i64)>,
 }
 
 /// Where a message goes once it has used up max_deliver.
@@ -153,6 +155,12 @@ impl Record {
                     .map(str::to_string)
             })
             .unwrap_or_default()
+    }
+
+    /// The first record of this one's retry chain, when it is a copy.
+    fn origin(&self) -> Option<(i32, i64)> {
+        let (p, o) = self.header(ORIGIN_HEADER)?.split_once(':')?;
+        Some((p.parse().ok()?, o.parse().ok()?))
     }
 
     fn prior_deliveries(&self) -> u32 {
@@ -480,6 +488,7 @@ impl KafkaGroupConsumer {
             key: rec.key.clone(),
             timestamp_ms: rec.timestamp_ms,
             delivery_count: count,
+            origin: rec.origin(),
         }
     }
 
@@ -576,7 +585,7 @@ impl KafkaGroupConsumer {
             return self.give_up(token, "max_deliver reached").await;
         }
         let wait = self.spec.redelivery_delay(count, delay);
-        let mut h = OwnedHeaders::new_with_capacity(rec.headers.len() + 3);
+        let mut h = OwnedHeaders::new_with_capacity(rec.headers.len() + 4);
         for (k, v) in &rec.headers {
             if k != DELIVERY_COUNT_HEADER && k != NOT_BEFORE_HEADER && k != RETRY_GROUP_HEADER {
                 h = h.insert(Header {
@@ -584,6 +593,13 @@ impl KafkaGroupConsumer {
                     value: Some(v.as_ref()),
                 });
             }
+        }
+        let origin = format!("{}:{}", rec.tp.partition, rec.offset);
+        if rec.origin().is_none() {
+            h = h.insert(Header {
+                key: ORIGIN_HEADER,
+                value: Some(origin.as_bytes()),
+            });
         }
         let count_s = count.to_string();
         let nb = (now_ms() + wait.as_millis() as i64).to_string();
@@ -627,7 +643,11 @@ impl KafkaGroupConsumer {
             Some(dl) => {
                 let mut h = OwnedHeaders::new_with_capacity(rec.headers.len() + 6);
                 for (k, v) in &rec.headers {
-                    if k != SUBJECT_HEADER && k != NOT_BEFORE_HEADER && k != RETRY_GROUP_HEADER {
+                    if k != SUBJECT_HEADER
+                        && k != NOT_BEFORE_HEADER
+                        && k != RETRY_GROUP_HEADER
+                        && k != ORIGIN_HEADER
+                    {
                         h = h.insert(Header {
                             key: k,
                             value: Some(v.as_ref()),

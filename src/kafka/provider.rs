@@ -7,7 +7,8 @@
 //!   beside the publishing pipeline). The subject travels in the `eventbus.subject` header and
 //!   is the record key.
 //! * **Sequence** is the record's offset on partition 0 and `<partition>:<offset>` on the
-//!   others (offsets are per partition); tokens are `<topic>:<partition>:<offset>:<epoch>:<group>`.
+//!   others (offsets are per partition); a redelivery (a retry copy) reports its original's.
+//!   Tokens are `<topic>:<partition>:<offset>:<epoch>:<group>`.
 //! * **Settling** is local to the group member that handed the message out (its offsets are
 //!   committed up to the lowest unsettled one): a token settled in another process is refused
 //!   with a line saying the message comes again. Nak, `max_deliver`, `ack_wait` and rebalances
@@ -624,7 +625,10 @@ impl Delivered for Delivery {
             subject: self.subject.clone(),
             payload,
             headers,
-            sequence: sequence(self.token.partition, self.token.offset),
+            sequence: match self.origin {
+                Some((p, o)) => sequence(p, o),
+                None => sequence(self.token.partition, self.token.offset),
+            },
             published_at: ms_rfc3339(self.timestamp_ms),
             ack_token: self.token.to_string(),
             stream: self.token.topic.clone(),
