@@ -17,8 +17,8 @@
 //!   dropped with a warning (as `term`).
 //! * **ack_wait**: a message handed out and neither settled nor progressed within ack_wait is
 //!   treated as a nak without delay at the next fetch. **Progress** extends that deadline.
-//! * **Rebalance**: before partitions are revoked, what is settled is committed (synchronously)
-//!   and everything unsettled of those partitions is dropped; the next owner reads it again from
+//! * **Rebalance**: before partitions are revoked, what is settled is committed (sent before
+//!   the unassignment, without blocking the poll) and everything unsettled of those partitions is dropped; the next owner reads it again from
 //!   the committed offset. A settle of a dropped message fails with a clear line (the message
 //!   will come again), never acks something else.
 //!
@@ -219,8 +219,12 @@ impl ConsumerContext for GroupContext {
                 dropped += before - st.pending.len();
             }
         }
+        // Asynchronous: this runs inside the member's poll (a tokio worker, or the only thread
+        // of a current-thread runtime), and a synchronous commit there blocked it for as long
+        // as the broker took during a rebalance. librdkafka completes commits sent before the
+        // unassignment before the member rejoins.
         if commit.count() > 0 {
-            if let Err(e) = c.commit(&commit, CommitMode::Sync) {
+            if let Err(e) = c.commit(&commit, CommitMode::Async) {
                 tracing::warn!(group = %self.group, error = %e, "commit before revoke failed; settled messages of the revoked partitions may be delivered again");
             }
         }
