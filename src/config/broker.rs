@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub use crate::config::shared::{check_tls_files, env_key, DEFAULT_CONNECT_TIMEOUT};
 /// The longest `dsn` (a comma-separated server list for NATS) or `servers` entry accepted.
 pub const MAX_DSN_LEN: usize = 8 * 1024;
 
@@ -71,20 +71,6 @@ pub fn check_blank_auth(
         }
     }
     p.finish(())
-}
-
-/// Converts a broker module name into the env-var key part: upper case, every character outside
-/// A-Z and 0-9 becomes `_` (so `orders.bus-1` reads `EVENTBUS_ORDERS_BUS_1_URI`).
-pub fn env_key(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 fn opt_path(s: &str) -> Option<PathBuf> {
@@ -368,25 +354,6 @@ impl BrokerSpec {
         from_env
             .map(|v| v.split(',').map(|s| Secret::new(s.trim())).collect())
             .unwrap_or_default()
-    }
-}
-
-/// The `tls` block both NATS and kafka read: cert and key together, every file readable.
-pub(crate) fn check_tls_files(p: &mut Problems, tls: &crate::pb::eventbus::NatsTls) {
-    if tls.cert_file.is_empty() != tls.key_file.is_empty() {
-        p.field(
-            "tls",
-            "cert_file and key_file go together; set both or neither",
-        );
-    }
-    for (field, path) in [
-        ("tls.ca_file", &tls.ca_file),
-        ("tls.cert_file", &tls.cert_file),
-        ("tls.key_file", &tls.key_file),
-    ] {
-        if !path.is_empty() && !std::path::Path::new(path).is_file() {
-            p.field(field, format!("{} is not a readable file", quote(path)));
-        }
     }
 }
 

@@ -9,7 +9,7 @@
 //! The password is a [`Secret`]: never in a log line, an error or a `Debug` print.
 
 use crate::config::error::{ConfigError, Problems};
-use crate::nats::names::env_key;
+use crate::config::shared::env_key;
 use crate::pb::eventbus::{ClusterConfig, KafkaSaslMechanism, KafkaSecurityProtocol};
 use crate::secret::{quote, Secret};
 use std::path::PathBuf;
@@ -262,7 +262,7 @@ pub fn validate(
 
     let tls = c.tls.clone().unwrap_or_default();
     let auth = c.auth.clone().unwrap_or_default();
-    crate::config::broker::check_tls_files(&mut p, &tls);
+    crate::config::shared::check_tls_files(&mut p, &tls);
     let tls_files = !tls.ca_file.is_empty() || !tls.cert_file.is_empty() || tls.required;
     let has_user = !auth.user.is_empty();
     if has_user == auth.password.is_empty() {
@@ -409,10 +409,10 @@ pub fn validate(
         crate::nats::guard::MAX_DURATION,
     ) {
         Ok(Some(d)) if !d.is_zero() => d,
-        Ok(_) => crate::config::broker::DEFAULT_CONNECT_TIMEOUT,
+        Ok(_) => crate::config::shared::DEFAULT_CONNECT_TIMEOUT,
         Err(e) => {
             p.field("connect_timeout", e);
-            crate::config::broker::DEFAULT_CONNECT_TIMEOUT
+            crate::config::shared::DEFAULT_CONNECT_TIMEOUT
         }
     };
     let mut options: Vec<(String, String)> = Vec::new();
