@@ -444,6 +444,62 @@ mod tests {
         BrokerSpec::validate("eventbus.broker", "pgbus", &c)
     }
 
+    fn kafka(f: impl FnOnce(&mut ClusterConfig)) -> Result<BrokerSpec, ConfigError> {
+        let mut c = ClusterConfig {
+            provider: "kafka".into(),
+            deploy_target: "self_hosted".into(),
+            dsn: "kafka://k1:9092,k2:9092".into(),
+            ..Default::default()
+        };
+        f(&mut c);
+        BrokerSpec::validate("eventbus.broker", "kbus", &c)
+    }
+
+    #[test]
+    fn kafka_is_accepted_and_other_providers_settings_are_one_line_each() {
+        let s = kafka(|c| {
+            c.request_timeout = Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 0,
+            })
+        })
+        .unwrap();
+        assert_eq!(s.provider, Provider::Kafka);
+        assert_eq!(
+            s.kafka.as_ref().unwrap().brokers,
+            vec!["k1:9092", "k2:9092"]
+        );
+        assert_eq!(s.conn.request_timeout, Duration::from_secs(2));
+        assert!(s.resolve_urls().is_empty() && s.pg.is_none());
+        let e = kafka(|c| {
+            c.servers = vec!["nats://x:4222".into()];
+            c.version = "2.10".into();
+            c.auth = Some(crate::pb::eventbus::NatsAuth {
+                token: "t0ken".into(),
+                ..Default::default()
+            });
+            c.poll_interval = "1s".into();
+            c.max_conns = 4;
+        })
+        .unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.problems.len(), 5, "{text}");
+        for field in [
+            "servers",
+            "version",
+            "auth.token",
+            "poll_interval",
+            "max_conns",
+        ] {
+            assert!(
+                text.contains(&format!("config.{field}: ")),
+                "{field}: {text}"
+            );
+        }
+        assert!(!text.contains("t0ken"), "{text}");
+        assert!(text.starts_with("eventbus.broker \"kbus\": "), "{text}");
+    }
+
     #[test]
     fn pgchannel_go_config_is_accepted() {
         let s = pg(|c| {
