@@ -24,15 +24,15 @@ use super::topic::{TopicAdmin, TopicDefaults};
 use super::{KafkaError, KafkaSettings};
 use crate::config::broker::BrokerSpec;
 use crate::error_chain::render;
-use crate::nats::provider::{CORRELATION_HEADER, MSG_ID_HEADER};
+use crate::nats::provider::MSG_ID_HEADER;
 use crate::pb::eventbus::Message;
-use crate::pg::provider::GO_CORRELATION_HEADER;
 use crate::runtime::provider::{
-    bounded, now_rfc3339, AckKind, BindAsk, Bound, Connect, Declaration, Declares, Delivered,
-    FetchAsk, Include, Next, OutMessage, Provider, ProviderError, Published, Subscription,
+    bounded, delivered_headers, now_rfc3339, AckKind, BindAsk, Bound, Connect, Declaration,
+    Declares, Delivered, FetchAsk, Include, Next, OutMessage, Provider, ProviderError, Published,
+    Subscription,
 };
 use crate::runtime::steps::output::{self, Output};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -85,31 +85,14 @@ fn ms_rfc3339(ms: Option<i64>) -> String {
 
 /// The message as the kafka producer takes it; a header spelled like the NATS correlation or
 /// message id stands for it when the field is unset.
-fn outgoing(msg: OutMessage) -> Outgoing {
-    let mut headers = BTreeMap::new();
-    let mut correlation_id = None;
-    let mut msg_id = None;
-    for (name, value) in msg.headers {
-        if name.eq_ignore_ascii_case(CORRELATION_HEADER) {
-            correlation_id = Some(value);
-        } else if name.eq_ignore_ascii_case(MSG_ID_HEADER) {
-            msg_id = Some(value);
-        } else {
-            headers.insert(name, value);
-        }
-    }
-    if !msg.correlation_id.is_empty() {
-        correlation_id = Some(msg.correlation_id);
-    }
-    if !msg.message_id.is_empty() {
-        msg_id = Some(msg.message_id);
-    }
+fn outgoing(mut msg: OutMessage) -> Outgoing {
+    let ids = msg.take_ids();
     Outgoing {
         subject: msg.subject,
         payload: msg.payload.into(),
-        headers,
-        correlation_id,
-        msg_id,
+        headers: ids.headers,
+        correlation_id: ids.correlation_id,
+        msg_id: ids.message_id,
         key: None,
     }
 }
@@ -135,14 +118,6 @@ fn op(kind: AckKind) -> AckOp {
 /// Whether `t` has the kafka token shape.
 pub fn check_token(t: &str) -> Result<(), String> {
     t.parse::<AckToken>().map(|_| ()).map_err(|e| e.to_string())
-}
-
-/// A declaration kafka refuses, in the plan's words; the component is left to the caller's
-/// error, which names the module already.
-fn refused(e: crate::config::error::ConfigError) -> ProviderError {
-    let text = e.to_string();
-    let prefix = format!("{}: ", e.component);
-    ProviderError::Invalid(text.strip_prefix(&prefix).unwrap_or(&text).to_string())
 }
 
 impl KafkaProvider {
@@ -391,7 +366,7 @@ impl Provider for KafkaProvider {
             Declares::Stream(s) => {
                 let mut spec =
                     super::spec::topic_spec(d.type_name, d.module, s, self.inner.defaults)
-                        .map_err(refused)?;
+                        .map_err(ProviderError::refused)?;
                 // An existing topic keeps its partition count (raised only through wfctl).
                 if let Some(seen) = bounded(
                     "describe topic",
@@ -414,7 +389,8 @@ impl Provider for KafkaProvider {
                 Ok(format!("{outcome:?}"))
             }
             Declares::Consumer(c) => {
-                let spec = super::spec::group_spec(d.type_name, d.module, c).map_err(refused)?;
+                let spec = super::spec::group_spec(d.type_name, d.module, c)
+                    .map_err(ProviderError::refused)?;
                 if !self.topic_exists(&spec.topic).await? {
                     return Err(ProviderError::Invalid(format!(
                         "stream {:?} does not exist (declare it, or create the topic)",
@@ -608,15 +584,7 @@ impl Delivered for Delivery {
     /// Our wire shape, the correlation id under the NATS and the Go names, the message id
     /// under the NATS one.
     fn to_message(&self, consumer: &str, include: Include) -> Message {
-        let mut headers: HashMap<String, String> = self
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        if let Some(c) = self.correlation_id.as_deref().filter(|c| !c.is_empty()) {
-            headers.insert(CORRELATION_HEADER.to_string(), c.to_string());
-            headers.insert(GO_CORRELATION_HEADER.to_string(), c.to_string());
-        }
+        let mut headers = delivered_headers(&self.headers, self.correlation_id.as_deref());
         if let Some(m) = self.msg_id.as_deref().filter(|m| !m.is_empty()) {
             headers.insert(MSG_ID_HEADER.to_string(), m.to_string());
         }
