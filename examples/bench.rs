@@ -26,11 +26,15 @@
 //!     and the trigger at max_in_flight 1 and 64 (burst published through the publish step at
 //!     64 in flight while receiving), same payloads as the NATS figures.
 //!
+//! (h) kafka: provider kafka against tansu started here: the publish step at 1 and 64 in flight
+//!     and in lists of 100, and the trigger at max_in_flight 1 and 64, against raw rdkafka on the
+//!     same broker (the limit), ratios printed. See `kafka_bench` for what the test broker forces.
+//!
 //! (g) metrics and baseline: the proof phases of `proof/mod.rs` (metrics off vs on in
 //!     interleaved pairs, scrapes under a 10k msg/s trigger; with `BENCH_BASELINE_BIN`, this
 //!     binary against an older one).
 //!
-//! `BENCH_ONLY=publish,consume,trigger,bulk,pg,metrics,baseline,launch` picks phases and `BENCH_INFLIGHT=1,16,64` the
+//! `BENCH_ONLY=publish,consume,trigger,bulk,pg,kafka,metrics,baseline,launch` picks phases and `BENCH_INFLIGHT=1,16,64` the
 //! publish concurrencies (used by `make profile`, which runs one phase under callgrind).
 //!
 //! The plugin side sends requests the way the host does (typed_config / typed_input Any) but
@@ -344,7 +348,10 @@ async fn run() -> Res<()> {
     }
 
     if phase("pg") {
-        pg_bench(pg_pipeline, &mut lat_rx).await?;
+        pg_bench(pg_pipeline.clone(), &mut lat_rx).await?;
+    }
+    if phase("kafka") {
+        kafka_bench(pg_pipeline, &mut lat_rx).await?;
     }
 
     let loaded_rss = support::proc_status_kb(pid, "VmRSS").unwrap_or(0);
@@ -1510,6 +1517,246 @@ async fn pg_bench(
                 q.stderr()
             ));
         }
+    }
+    Ok(())
+}
+
+/// Kafka phase sizes: tansu answers one record per produce request (see below), so fewer
+/// messages keep the phase within a minute.
+const KAFKA_N: usize = 2_000;
+
+/// A raw rdkafka producer with the plugin's settings (idempotent, one record per request).
+fn kafka_raw_producer(bootstrap: &str) -> Res<rdkafka::producer::FutureProducer> {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("broker.address.family", "any")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "5000")
+        .set("linger.ms", "0")
+        .set("batch.num.messages", "1")
+        .set("log_level", "3")
+        .create()
+        .map_err(|e| e.to_string())
+}
+
+/// One record as the plugin writes it: the subject as key and header.
+async fn kafka_raw_send(
+    p: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    subject: &str,
+    body: &str,
+) -> Res<()> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "eventbus.subject",
+        value: Some(subject.as_bytes()),
+    });
+    let rec = rdkafka::producer::FutureRecord::to(topic)
+        .key(subject)
+        .payload(body)
+        .headers(headers);
+    p.send(rec, Duration::from_secs(5))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e.to_string())
+}
+
+/// (h) kafka: provider kafka against tansu (a Kafka-protocol broker, memory storage) started
+/// here: the publish step at 1 and 64 in flight and in lists of 100, against raw rdkafka with the
+/// same settings on the same broker (the limit), and the trigger at max_in_flight 1 and 64
+/// against a raw rdkafka group consumer committing each message. tansu 0.6.0 miscounts produce
+/// requests of more than one record, so plugin and raw producers both send one record per
+/// request (`linger.ms=0`, `batch.num.messages=1`): Kafka's batching is off in these figures.
+async fn kafka_bench(
+    pipeline: PipelineFn,
+    calls: &mut mpsc::UnboundedReceiver<(u64, u64)>,
+) -> Res<()> {
+    use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+    let server = kafka_test_server::KafkaServer::start();
+    println!(
+        "# kafka: tansu {} (memory storage) over loopback | payload {PAYLOAD_LEN} B | one record per produce request",
+        kafka_test_server::TANSU_VERSION
+    );
+    for t in ["KRAW", "KRAWT"] {
+        server.create_topic(t, 1);
+    }
+    let mut plugin = Plugin::launch(LaunchOptions {
+        env: vec![("EVENTBUS_KBUS_URI".into(), server.bootstrap())],
+        callback: Some(pipeline),
+        ..Default::default()
+    })
+    .await;
+    plugin.calls = None;
+    let p = &plugin;
+    p.module_up(
+        "eventbus.broker",
+        "kbus",
+        "provider: kafka\ndeploy_target: self_hosted\nkafka:\n  librdkafka_options: {linger.ms: '0', batch.num.messages: '1'}\n",
+    )
+    .await;
+    for (module, name, subjects) in [
+        ("kbench", "KBENCH", "kb.>"),
+        ("kt1", "KT1", "kt1.>"),
+        ("kt64", "KT64", "kt64.>"),
+    ] {
+        p.module_up(
+            "eventbus.stream",
+            module,
+            &format!("name: {name}\nsubjects: ['{subjects}']\n"),
+        )
+        .await;
+    }
+    for (name, stream) in [("ktrig_mif1", "KT1"), ("ktrig_mif64", "KT64")] {
+        p.module_up(
+            "eventbus.consumer",
+            name,
+            &format!("name: {name}\nstream_name: {stream}\n"),
+        )
+        .await;
+    }
+    let handle = p.create_step("step.eventbus.publish", "kpub", "").await?;
+    let req = request(
+        p,
+        "step.eventbus.publish",
+        &handle,
+        json!({"subject": "kb.pub", "payload": payload(0)}),
+        json!({}),
+    )?;
+    let op = |_| {
+        let req = req.clone();
+        async move { execute(&p.client, req).await.map(|_| ()) }
+    };
+    closed_loop(200, 16, op).await?;
+    let raw = kafka_raw_producer(&server.bootstrap())?;
+    let body = payload(0);
+    let raw_op = |_| kafka_raw_send(&raw, "KRAW", "kb.raw", &body);
+    closed_loop(200, 16, raw_op).await?;
+    for inflight in [1usize, 64] {
+        let s = closed_loop(KAFKA_N, inflight, op).await?;
+        s.print(&format!("kafka_publish_plugin_c{inflight}"));
+        let r = closed_loop(KAFKA_N, inflight, raw_op).await?;
+        r.print(&format!("kafka_publish_raw_c{inflight}"));
+        fig(
+            &format!("kafka_publish_c{inflight}_plugin_over_raw"),
+            s.rate / r.rate,
+            "x",
+        );
+    }
+
+    // Lists of 100 through the step, one call at a time, against raw rdkafka sending the same
+    // 100 in order with 100 unacknowledged.
+    let bulk = p
+        .create_step("step.eventbus.publish", "kbulk", "subject: kb.bulk\n")
+        .await?;
+    let bulk_req = bulk_publish_req(p, &bulk, "kb.bulk", None)?;
+    let bulk_op = |_| bulk_publish(p, bulk_req.clone());
+    let s = closed_loop(KAFKA_N / BULK_LIST, 1, bulk_op).await?;
+    let raw_list = |_| async {
+        futures::stream::iter(0..BULK_LIST)
+            .map(|_| kafka_raw_send(&raw, "KRAW", "kb.raw", &body))
+            .buffered(BULK_LIST)
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
+    };
+    let r = closed_loop(KAFKA_N / BULK_LIST, 1, raw_list).await?;
+    fig(
+        "kafka_bulk_publish_plugin_l100_rate",
+        s.rate * BULK_LIST as f64,
+        "msg/s",
+    );
+    fig(
+        "kafka_bulk_publish_raw_w100_rate",
+        r.rate * BULK_LIST as f64,
+        "msg/s",
+    );
+    fig("kafka_bulk_publish_plugin_over_raw", s.rate / r.rate, "x");
+
+    // Trigger: a burst published raw (64 in flight) while the trigger receives.
+    for (mif, stream, topic) in [(1usize, "ktrig_mif1", "KT1"), (64, "ktrig_mif64", "KT64")] {
+        let t = p
+            .create_trigger(
+                &format!("pipeline:kbench-{mif}"),
+                &json!({"name": stream, "max_in_flight": mif}),
+            )
+            .await?;
+        p.lifecycle("start", &t).await?;
+        let subject = format!("{}.x", topic.to_ascii_lowercase());
+        let publisher = futures::stream::iter(0..KAFKA_N)
+            .map(|_| {
+                let body = payload(now_ns());
+                let (raw, subject) = (&raw, &subject);
+                async move { kafka_raw_send(raw, topic, subject, &body).await }
+            })
+            .buffer_unordered(64)
+            .try_collect::<Vec<()>>();
+        let (published, r) = tokio::join!(publisher, receive(calls, KAFKA_N, TRIGGER_CAP));
+        published?;
+        let r = r?;
+        p.lifecycle("stop", &t).await?;
+        while calls.try_recv().is_ok() {}
+        fig(
+            &format!("kafka_trigger_mif{mif}_burst_rate"),
+            r.rate,
+            "msg/s",
+        );
+        fig(
+            &format!("kafka_trigger_mif{mif}_burst_p99_e2e"),
+            r.p99_us,
+            "us",
+        );
+        if r.received < KAFKA_N {
+            fig(
+                &format!("kafka_trigger_mif{mif}_burst_received"),
+                r.received as f64,
+                "msg",
+            );
+        }
+    }
+
+    // The limit for the trigger: a raw group consumer reading the same number of records and
+    // committing each (asynchronously), as the plugin's member does.
+    futures::stream::iter(0..KAFKA_N)
+        .map(|_| kafka_raw_send(&raw, "KRAWT", "kb.rawt", &body))
+        .buffer_unordered(64)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", server.bootstrap())
+        .set("broker.address.family", "any")
+        .set("group.id", "kraw")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("log_level", "3")
+        .create()
+        .map_err(|e| e.to_string())?;
+    // From the subscribe (the group join included, as for the trigger): librdkafka prefetches,
+    // so the time from the first record would measure its local queue.
+    let start = Instant::now();
+    consumer.subscribe(&["KRAWT"]).map_err(|e| e.to_string())?;
+    let mut got = 0;
+    while got < KAFKA_N {
+        let m = tokio::time::timeout(WAIT, consumer.recv())
+            .await
+            .map_err(|_| format!("raw consumer stalled at {got}"))?
+            .map_err(|e| e.to_string())?;
+        consumer
+            .commit_message(&m, CommitMode::Async)
+            .map_err(|e| e.to_string())?;
+        got += 1;
+    }
+    fig(
+        "kafka_consume_raw_commit_each_rate",
+        got as f64 / start.elapsed().as_secs_f64(),
+        "msg/s",
+    );
+
+    let (code, _) = plugin.shutdown().await;
+    if code != Some(0) {
+        return Err(format!(
+            "kafka plugin exited with {code:?}; stderr:\n{}",
+            plugin.stderr()
+        ));
     }
     Ok(())
 }

@@ -361,7 +361,7 @@ async fn validation_errors_name_module_field_and_remedy() {
         ("eventbus.broker", "provider: rabbitmq\ndeploy_target: self_hosted\n", &["unknown provider \"rabbitmq\"", "supported providers are: nats, pgchannel, kafka, kinesis"]),
         ("eventbus.broker", "provider: NATS\ndeploy_target: self_hosted\n", &["lowercase"]),
         ("eventbus.broker", "provider: nats\ndeploy_target: aws.msk\n", &["config.deploy_target: provider \"nats\" does not support deploy target \"aws.msk\"", "local, self_hosted"]),
-        ("eventbus.broker", "provider: kafka\ndeploy_target: aws.msk\n", &["config.provider: provider \"kafka\" is not available yet", "use provider: nats"]),
+        ("eventbus.broker", "provider: kafka\ndeploy_target: self_hosted\nservers: ['nats://x:4222']\npoll_interval: 1s\n", &["config.servers: is a NATS setting; kafka brokers go in dsn", "config.poll_interval: applies to provider pgchannel only"]),
         ("eventbus.broker", "provider: kinesis\ndeploy_target: aws.kinesis\n", &["provider \"kinesis\" is not available yet"]),
         ("eventbus.broker", "provider: kafka\ndeploy_target: local\n", &["does not support deploy target \"local\""]),
         ("eventbus.broker", "provider: nats\ndeploy_target: kubernetes\nversion: latest\n", &["config.version: \"latest\" is not allowed"]),

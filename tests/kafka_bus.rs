@@ -12,10 +12,10 @@ use eventbus_plugin::kafka::{
 };
 use eventbus_plugin::pb::eventbus::StreamConfig;
 use kafka_test_server::{KafkaServer, ONE_RECORD_PER_BATCH};
-use serde_json::Value as Json;
+#[path = "common/crosscheck.rs"]
+mod crosscheck;
+use crosscheck::{crosscheck, header};
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(40);
@@ -93,47 +93,6 @@ async fn fetch_n(c: &KafkaGroupConsumer, n: usize, within: Duration) -> Vec<Deli
         );
     }
     out
-}
-
-/// Runs the confluent-kafka script; fails loudly (never skips) when the client is missing.
-fn crosscheck(args: &[&str], stdin: &str) -> Vec<Json> {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/kafka_crosscheck.py"
-    );
-    let mut child = Command::new("python3")
-        .arg(script)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 on PATH");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("python3 ran");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !err.contains("No module named 'confluent_kafka'"),
-        "confluent-kafka is missing: `make deps` (pip install confluent-kafka)"
-    );
-    assert!(out.status.success(), "crosscheck {args:?} failed: {err}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
-}
-
-fn header<'a>(rec: &'a Json, name: &str) -> Option<&'a str> {
-    rec["headers"]
-        .as_array()?
-        .iter()
-        .find(|h| h[0] == name)
-        .and_then(|h| h[1].as_str())
 }
 
 #[tokio::test]
@@ -354,11 +313,9 @@ async fn a_consumer_that_goes_away_mid_delivery_leaves_its_unsettled_messages_fo
     assert_eq!(b.offsets("g").committed("work", &[0]).unwrap(), vec![None]);
 }
 
-// Hung once (over 3 min in a settle during the rebalance) in a full `make test` with both cores
-// busy, after passing in the run before; its awaits are not bounded. Ignored until the kafka
-// provider is wired and the settle-during-rebalance path is bounded (issue 23).
+/// Every await is bounded. It hung once under load: the revoke callback committed synchronously
+/// inside the member's poll, on the test's only thread; the commit is asynchronous now.
 #[tokio::test]
-#[ignore = "hung once under load during a rebalance; run with --ignored (issue 23)"]
 async fn rebalance_between_two_members_loses_nothing_and_stale_acks_fail_cleanly() {
     let b = bus();
     b.topic("split", 2).await;
@@ -377,7 +334,10 @@ async fn rebalance_between_two_members_loses_nothing_and_stale_acks_fail_cleanly
     let mut done: BTreeSet<String> = BTreeSet::new();
     // Ack half of what A holds; the rest is in flight when B joins.
     for d in first.iter().step_by(2) {
-        a.settle(&d.token, AckOp::Ack).await.unwrap();
+        tokio::time::timeout(OP, a.settle(&d.token, AckOp::Ack))
+            .await
+            .expect("ack within 10 s")
+            .unwrap();
         done.insert(String::from_utf8_lossy(&d.payload).into_owned());
     }
     let bm = b.consumer(group("pair", "split"), ConsumerOpts::default());
@@ -385,9 +345,14 @@ async fn rebalance_between_two_members_loses_nothing_and_stale_acks_fail_cleanly
     let mut stale_refused = 0;
     while done.len() < total && Instant::now() < deadline {
         for c in [&a, &bm] {
-            for d in c.fetch(8, Duration::from_millis(300)).await.expect("fetch") {
-                c.settle(&d.token, AckOp::Ack)
+            let got = tokio::time::timeout(OP, c.fetch(8, Duration::from_millis(300)))
+                .await
+                .expect("fetch within 10 s")
+                .expect("fetch");
+            for d in got {
+                tokio::time::timeout(OP, c.settle(&d.token, AckOp::Ack))
                     .await
+                    .expect("ack within 10 s")
                     .expect("ack of a fresh delivery");
                 done.insert(String::from_utf8_lossy(&d.payload).into_owned());
             }
@@ -395,7 +360,10 @@ async fn rebalance_between_two_members_loses_nothing_and_stale_acks_fail_cleanly
         // A's unacked messages from before the rebalance: either still valid (A kept the
         // partition) or refused with a line saying they come again; never an error of another kind.
         for d in first.iter().skip(1).step_by(2) {
-            match a.settle(&d.token, AckOp::Ack).await {
+            match tokio::time::timeout(OP, a.settle(&d.token, AckOp::Ack))
+                .await
+                .expect("ack within 10 s")
+            {
                 Ok(()) => {
                     done.insert(String::from_utf8_lossy(&d.payload).into_owned());
                 }

@@ -3,6 +3,7 @@
 
 use crate::config::error::{check_duration, MAX_DURATION};
 use crate::config::error::{ConfigError, Problems};
+use crate::config::kafka::KafkaClientConfig;
 use crate::config::nats::ConnSettings;
 use crate::config::pg::{self as pgcfg, PgConfig};
 use crate::pb::eventbus::ClusterConfig;
@@ -13,7 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub use crate::config::shared::{check_tls_files, env_key, DEFAULT_CONNECT_TIMEOUT};
 /// The longest `dsn` (a comma-separated server list for NATS) or `servers` entry accepted.
 pub const MAX_DSN_LEN: usize = 8 * 1024;
 
@@ -42,6 +43,9 @@ pub struct BrokerSpec {
     pub protected: bool,
     /// Provider pgchannel only: the Postgres side (the NATS fields above are then unused).
     pub pg: Option<PgConfig>,
+    /// Provider kafka only: brokers, TLS and SASL (the NATS fields above are then unused but
+    /// for `conn.request_timeout`, the bound of a publish and an admin call).
+    pub kafka: Option<KafkaClientConfig>,
     /// The plugin process's Prometheus endpoint, when this module asks for one.
     pub metrics_address: Option<std::net::SocketAddr>,
 }
@@ -67,20 +71,6 @@ pub fn check_blank_auth(
         }
     }
     p.finish(())
-}
-
-/// Converts a broker module name into the env-var key part: upper case, every character outside
-/// A-Z and 0-9 becomes `_` (so `orders.bus-1` reads `EVENTBUS_ORDERS_BUS_1_URI`).
-pub fn env_key(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 fn opt_path(s: &str) -> Option<PathBuf> {
@@ -110,8 +100,12 @@ impl BrokerSpec {
                 (Provider::Nats, DeployTarget::SelfHosted)
             }
         };
+        let is_kafka = provider == Provider::Kafka;
+        // Kafka's section refuses `version` and the other NATS-only settings itself.
         if let Err((field, msg)) = providers::check_version(&c.version) {
-            p.field(field, msg);
+            if !is_kafka {
+                p.field(field, msg);
+            }
         }
         if c.replicas < 0 || c.replicas > 9 {
             p.field(
@@ -120,7 +114,7 @@ impl BrokerSpec {
             );
         }
         let is_pg = provider == Provider::Pgchannel;
-        if !c.dsn.is_empty() && !c.servers.is_empty() {
+        if !c.dsn.is_empty() && !c.servers.is_empty() && !is_kafka {
             p.field("dsn", "set either dsn or servers, not both");
         }
         // Bounded before anything parses or quotes them: a 1 MiB dsn was accepted, then never
@@ -145,7 +139,7 @@ impl BrokerSpec {
                 ),
             );
         }
-        let explicit: Vec<Secret> = if is_pg || too_long {
+        let explicit: Vec<Secret> = if is_pg || is_kafka || too_long {
             Vec::new()
         } else if c.dsn.is_empty() {
             c.servers.iter().map(Secret::new).collect()
@@ -185,7 +179,8 @@ impl BrokerSpec {
         let token = (!auth.token.is_empty()).then(|| Secret::new(&auth.token));
         let user = (!auth.user.is_empty()).then(|| auth.user.clone());
         let password = (!auth.password.is_empty()).then(|| Secret::new(&auth.password));
-        if user.is_some() != password.is_some() {
+        // Kafka checks its auth and tls blocks in its own section.
+        if user.is_some() != password.is_some() && !is_kafka {
             p.field("auth", "user and password go together; set both or neither");
         }
         let methods = [
@@ -197,7 +192,7 @@ impl BrokerSpec {
         .iter()
         .filter(|b| **b)
         .count();
-        if methods > 1 {
+        if methods > 1 && !is_kafka {
             p.field(
                 "auth",
                 "choose one of token, user/password, creds_file or nkey_seed_file",
@@ -207,11 +202,13 @@ impl BrokerSpec {
             ("auth.creds_file", &auth.creds_file),
             ("auth.nkey_seed_file", &auth.nkey_seed_file),
         ] {
-            if !path.is_empty() && !std::path::Path::new(path).is_file() {
+            if !path.is_empty() && !std::path::Path::new(path).is_file() && !is_kafka {
                 p.field(field, format!("{} is not a readable file", quote(path)));
             }
         }
-        check_tls_files(&mut p, &tls);
+        if !is_kafka {
+            check_tls_files(&mut p, &tls);
+        }
         let mut timeouts = [None, None];
         for (slot, (field, d)) in timeouts.iter_mut().zip([
             ("connect_timeout", &c.connect_timeout),
@@ -226,7 +223,7 @@ impl BrokerSpec {
             }
         }
         let local = c.local.clone().unwrap_or_default();
-        if c.local.is_some() && target != DeployTarget::Local {
+        if c.local.is_some() && target != DeployTarget::Local && !is_kafka {
             p.field(
                 "local",
                 format!("only applies to deploy_target local (this broker uses {target})"),
@@ -251,9 +248,20 @@ impl BrokerSpec {
         } else {
             let pg_only =
                 !c.broker_target.is_empty() || !c.poll_interval.is_empty() || c.max_conns != 0;
-            if !is_pg && pg_only {
+            if !is_pg && !is_kafka && pg_only {
                 tracing::warn!(broker = name, "broker_target, poll_interval and max_conns apply to provider pgchannel only; ignored");
             }
+            None
+        };
+        let kafka = if is_kafka && !too_long {
+            match crate::config::kafka::validate(type_name, name, c) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    p.absorb(e);
+                    None
+                }
+            }
+        } else {
             None
         };
         let metrics_address = if c.metrics_address.trim().is_empty() {
@@ -304,6 +312,7 @@ impl BrokerSpec {
             bind: c.bind,
             protected: c.protected,
             pg,
+            kafka,
             metrics_address,
         };
         p.finish(spec)
@@ -345,25 +354,6 @@ impl BrokerSpec {
         from_env
             .map(|v| v.split(',').map(|s| Secret::new(s.trim())).collect())
             .unwrap_or_default()
-    }
-}
-
-/// The `tls` block both NATS and kafka read: cert and key together, every file readable.
-pub(crate) fn check_tls_files(p: &mut Problems, tls: &crate::pb::eventbus::NatsTls) {
-    if tls.cert_file.is_empty() != tls.key_file.is_empty() {
-        p.field(
-            "tls",
-            "cert_file and key_file go together; set both or neither",
-        );
-    }
-    for (field, path) in [
-        ("tls.ca_file", &tls.ca_file),
-        ("tls.cert_file", &tls.cert_file),
-        ("tls.key_file", &tls.key_file),
-    ] {
-        if !path.is_empty() && !std::path::Path::new(path).is_file() {
-            p.field(field, format!("{} is not a readable file", quote(path)));
-        }
     }
 }
 
@@ -452,6 +442,62 @@ mod tests {
         };
         f(&mut c);
         BrokerSpec::validate("eventbus.broker", "pgbus", &c)
+    }
+
+    fn kafka(f: impl FnOnce(&mut ClusterConfig)) -> Result<BrokerSpec, ConfigError> {
+        let mut c = ClusterConfig {
+            provider: "kafka".into(),
+            deploy_target: "self_hosted".into(),
+            dsn: "kafka://k1:9092,k2:9092".into(),
+            ..Default::default()
+        };
+        f(&mut c);
+        BrokerSpec::validate("eventbus.broker", "kbus", &c)
+    }
+
+    #[test]
+    fn kafka_is_accepted_and_other_providers_settings_are_one_line_each() {
+        let s = kafka(|c| {
+            c.request_timeout = Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 0,
+            })
+        })
+        .unwrap();
+        assert_eq!(s.provider, Provider::Kafka);
+        assert_eq!(
+            s.kafka.as_ref().unwrap().brokers,
+            vec!["k1:9092", "k2:9092"]
+        );
+        assert_eq!(s.conn.request_timeout, Duration::from_secs(2));
+        assert!(s.resolve_urls().is_empty() && s.pg.is_none());
+        let e = kafka(|c| {
+            c.servers = vec!["nats://x:4222".into()];
+            c.version = "2.10".into();
+            c.auth = Some(crate::pb::eventbus::NatsAuth {
+                token: "t0ken".into(),
+                ..Default::default()
+            });
+            c.poll_interval = "1s".into();
+            c.max_conns = 4;
+        })
+        .unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.problems.len(), 5, "{text}");
+        for field in [
+            "servers",
+            "version",
+            "auth.token",
+            "poll_interval",
+            "max_conns",
+        ] {
+            assert!(
+                text.contains(&format!("config.{field}: ")),
+                "{field}: {text}"
+            );
+        }
+        assert!(!text.contains("t0ken"), "{text}");
+        assert!(text.starts_with("eventbus.broker \"kbus\": "), "{text}");
     }
 
     #[test]

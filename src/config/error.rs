@@ -48,6 +48,11 @@ impl Problems {
             .extend(lines.into_iter().map(|l| format!("config.{l}")));
     }
 
+    /// Takes over the lines of a check of the same component (a provider's own section).
+    pub fn absorb(&mut self, e: ConfigError) {
+        self.lines.extend(e.problems);
+    }
+
     pub fn check(&mut self, field: &str, r: Result<(), String>) {
         if let Err(m) = r {
             self.field(field, m);

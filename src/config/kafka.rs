@@ -9,7 +9,7 @@
 //! The password is a [`Secret`]: never in a log line, an error or a `Debug` print.
 
 use crate::config::error::{ConfigError, Problems};
-use crate::nats::names::env_key;
+use crate::config::shared::env_key;
 use crate::pb::eventbus::{ClusterConfig, KafkaSaslMechanism, KafkaSecurityProtocol};
 use crate::secret::{quote, Secret};
 use std::path::PathBuf;
@@ -94,6 +94,8 @@ pub struct KafkaClientConfig {
     pub default_replication_factor: Option<i32>,
     pub min_insync_replicas: Option<i32>,
     pub connect_timeout: Duration,
+    /// `kafka.librdkafka_options`, checked by [`check_option`].
+    pub options: Vec<(String, String)>,
 }
 
 impl KafkaClientConfig {
@@ -158,6 +160,54 @@ fn check_broker(entry: &str) -> Result<String, String> {
     }
 }
 
+/// librdkafka properties the plugin sets itself, from the fields or for its delivery guarantees:
+/// `kafka.librdkafka_options` may not override them.
+const OWN_OPTIONS: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "client.id",
+    "security.protocol",
+    "group.id",
+    "group.instance.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "transactional.id",
+    "isolation.level",
+];
+
+/// One `kafka.librdkafka_options` entry: a lowercase dotted property name that is neither one
+/// the plugin sets nor a credential or TLS setting (those go through `auth`, `tls`).
+pub fn check_option(key: &str) -> Result<(), String> {
+    let shaped = !key.is_empty()
+        && key.len() <= 128
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_'));
+    if !shaped {
+        return Err(format!(
+            "{} is not a librdkafka property name (lowercase, dotted: linger.ms)",
+            quote(key)
+        ));
+    }
+    if key.starts_with("sasl.") || key.starts_with("ssl.") || key.starts_with("ssl_") {
+        return Err(format!(
+            "{key:?} is a security setting; use auth (user, password), kafka.sasl_mechanism and tls"
+        ));
+    }
+    if OWN_OPTIONS.contains(&key) {
+        return Err(format!(
+            "{key:?} is set by the plugin (brokers, client_id, security, consumer groups, the idempotent producer and request_timeout decide it)"
+        ));
+    }
+    Ok(())
+}
+
 /// The kafka checks of a broker config. NATS- and pgchannel-only settings are refused rather
 /// than ignored, one line each.
 pub fn validate(
@@ -212,7 +262,7 @@ pub fn validate(
 
     let tls = c.tls.clone().unwrap_or_default();
     let auth = c.auth.clone().unwrap_or_default();
-    crate::config::broker::check_tls_files(&mut p, &tls);
+    crate::config::shared::check_tls_files(&mut p, &tls);
     let tls_files = !tls.ca_file.is_empty() || !tls.cert_file.is_empty() || tls.required;
     let has_user = !auth.user.is_empty();
     if has_user == auth.password.is_empty() {
@@ -359,12 +409,24 @@ pub fn validate(
         crate::nats::guard::MAX_DURATION,
     ) {
         Ok(Some(d)) if !d.is_zero() => d,
-        Ok(_) => crate::config::broker::DEFAULT_CONNECT_TIMEOUT,
+        Ok(_) => crate::config::shared::DEFAULT_CONNECT_TIMEOUT,
         Err(e) => {
             p.field("connect_timeout", e);
-            crate::config::broker::DEFAULT_CONNECT_TIMEOUT
+            crate::config::shared::DEFAULT_CONNECT_TIMEOUT
         }
     };
+    let mut options: Vec<(String, String)> = Vec::new();
+    for (key, value) in &k.librdkafka_options {
+        match check_option(key) {
+            Ok(()) if value.len() > 1024 || value.chars().any(char::is_control) => p.field(
+                &format!("kafka.librdkafka_options.{key}"),
+                "must be at most 1024 printable characters",
+            ),
+            Ok(()) => options.push((key.clone(), value.clone())),
+            Err(e) => p.field("kafka.librdkafka_options", e),
+        }
+    }
+    options.sort();
     let opt = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
     let spec = KafkaClientConfig {
         brokers,
@@ -383,6 +445,7 @@ pub fn validate(
             .then_some(k.default_replication_factor),
         min_insync_replicas: (k.min_insync_replicas > 0).then_some(k.min_insync_replicas),
         connect_timeout,
+        options,
     };
     p.finish(spec)
 }
@@ -557,6 +620,41 @@ mod tests {
             e.contains("config.tls.cert_file: \"/nonexistent/c.pem\" is not a readable file"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn librdkafka_options_pass_unless_the_plugin_or_security_owns_them() {
+        let opts = |pairs: &[(&str, &str)]| {
+            cfg(|c| {
+                c.kafka = Some(KafkaConfig {
+                    librdkafka_options: pairs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    ..Default::default()
+                })
+            })
+        };
+        let ok = opts(&[("linger.ms", "0"), ("batch.num.messages", "1")]).unwrap();
+        assert_eq!(
+            ok.options,
+            vec![
+                ("batch.num.messages".to_string(), "1".to_string()),
+                ("linger.ms".to_string(), "0".to_string())
+            ]
+        );
+        let e = opts(&[
+            ("sasl.password", "hunter2"),
+            ("enable.idempotence", "false"),
+            ("Bad Key", "x"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.problems.len(), 3, "{e}");
+        let t = e.to_string();
+        assert!(!t.contains("hunter2"), "{t}");
+        assert!(t.contains("is a security setting"), "{t}");
+        assert!(t.contains("is set by the plugin"), "{t}");
+        assert!(t.contains("is not a librdkafka property name"), "{t}");
     }
 
     #[test]

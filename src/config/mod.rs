@@ -8,3 +8,4 @@ pub mod error;
 pub mod kafka;
 pub mod nats;
 pub mod pg;
+pub mod shared;

@@ -63,6 +63,15 @@ impl RdAdmin {
             .operation_timeout(Some(self.timeout))
     }
 
+    /// Whether a broker answers a metadata request within `bound` (blocking).
+    pub fn reachable(&self, bound: Duration) -> Result<(), KafkaError> {
+        self.admin
+            .inner()
+            .fetch_metadata(None, bound)
+            .map(|_| ())
+            .map_err(|e| KafkaError::client("Metadata", e))
+    }
+
     /// Deletes a consumer group (its committed offsets). A missing group succeeds; a group with
     /// live members is refused by the broker (NonEmptyGroup) and reported.
     pub async fn delete_group(&self, group: &str) -> Result<(), KafkaError> {

@@ -19,12 +19,13 @@ pub struct KafkaSettings {
 
 impl KafkaSettings {
     /// Resolves the brokers (the env fallback included) once.
+    /// `kafka.librdkafka_options` become the extra properties.
     pub fn new(config: KafkaClientConfig) -> Result<Self, KafkaError> {
         let brokers = config.resolve_brokers().map_err(KafkaError::Invalid)?;
         Ok(KafkaSettings {
+            extra: config.options.clone(),
             config,
             brokers,
-            extra: Vec::new(),
         })
     }
 
@@ -42,6 +43,7 @@ impl KafkaSettings {
             default_replication_factor: None,
             min_insync_replicas: None,
             connect_timeout: crate::config::broker::DEFAULT_CONNECT_TIMEOUT,
+            options: Vec::new(),
         };
         KafkaSettings {
             brokers: config.brokers.clone(),

@@ -17,8 +17,8 @@
 //!   dropped with a warning (as `term`).
 //! * **ack_wait**: a message handed out and neither settled nor progressed within ack_wait is
 //!   treated as a nak without delay at the next fetch. **Progress** extends that deadline.
-//! * **Rebalance**: before partitions are revoked, what is settled is committed (synchronously)
-//!   and everything unsettled of those partitions is dropped; the next owner reads it again from
+//! * **Rebalance**: before partitions are revoked, what is settled is committed (sent before
+//!   the unassignment, without blocking the poll) and everything unsettled of those partitions is dropped; the next owner reads it again from
 //!   the committed offset. A settle of a dropped message fails with a clear line (the message
 //!   will come again), never acks something else.
 //!
@@ -112,6 +112,8 @@ pub struct Delivery {
     pub timestamp_ms: Option<i64>,
     /// 1 on first delivery.
     pub delivery_count: u32,
+    /// Partition and offset of the record this one is a retry copy of (None: the original).
+    pub origin: Option<(i32, i64)>,
 }
 
 /// Where a message goes once it has used up max_deliver.
@@ -153,6 +155,12 @@ impl Record {
                     .map(str::to_string)
             })
             .unwrap_or_default()
+    }
+
+    /// The first record of this one's retry chain, when it is a copy.
+    fn origin(&self) -> Option<(i32, i64)> {
+        let (p, o) = self.header(ORIGIN_HEADER)?.split_once(':')?;
+        Some((p.parse().ok()?, o.parse().ok()?))
     }
 
     fn prior_deliveries(&self) -> u32 {
@@ -211,8 +219,12 @@ impl ConsumerContext for GroupContext {
                 dropped += before - st.pending.len();
             }
         }
+        // Asynchronous: this runs inside the member's poll (a tokio worker, or the only thread
+        // of a current-thread runtime), and a synchronous commit there blocked it for as long
+        // as the broker took during a rebalance. librdkafka completes commits sent before the
+        // unassignment before the member rejoins.
         if commit.count() > 0 {
-            if let Err(e) = c.commit(&commit, CommitMode::Sync) {
+            if let Err(e) = c.commit(&commit, CommitMode::Async) {
                 tracing::warn!(group = %self.group, error = %e, "commit before revoke failed; settled messages of the revoked partitions may be delivered again");
             }
         }
@@ -480,6 +492,7 @@ impl KafkaGroupConsumer {
             key: rec.key.clone(),
             timestamp_ms: rec.timestamp_ms,
             delivery_count: count,
+            origin: rec.origin(),
         }
     }
 
@@ -576,7 +589,7 @@ impl KafkaGroupConsumer {
             return self.give_up(token, "max_deliver reached").await;
         }
         let wait = self.spec.redelivery_delay(count, delay);
-        let mut h = OwnedHeaders::new_with_capacity(rec.headers.len() + 3);
+        let mut h = OwnedHeaders::new_with_capacity(rec.headers.len() + 4);
         for (k, v) in &rec.headers {
             if k != DELIVERY_COUNT_HEADER && k != NOT_BEFORE_HEADER && k != RETRY_GROUP_HEADER {
                 h = h.insert(Header {
@@ -584,6 +597,13 @@ impl KafkaGroupConsumer {
                     value: Some(v.as_ref()),
                 });
             }
+        }
+        let origin = format!("{}:{}", rec.tp.partition, rec.offset);
+        if rec.origin().is_none() {
+            h = h.insert(Header {
+                key: ORIGIN_HEADER,
+                value: Some(origin.as_bytes()),
+            });
         }
         let count_s = count.to_string();
         let nb = (now_ms() + wait.as_millis() as i64).to_string();
@@ -627,7 +647,11 @@ impl KafkaGroupConsumer {
             Some(dl) => {
                 let mut h = OwnedHeaders::new_with_capacity(rec.headers.len() + 6);
                 for (k, v) in &rec.headers {
-                    if k != SUBJECT_HEADER && k != NOT_BEFORE_HEADER && k != RETRY_GROUP_HEADER {
+                    if k != SUBJECT_HEADER
+                        && k != NOT_BEFORE_HEADER
+                        && k != RETRY_GROUP_HEADER
+                        && k != ORIGIN_HEADER
+                    {
                         h = h.insert(Header {
                             key: k,
                             value: Some(v.as_ref()),

@@ -30,6 +30,8 @@ mod error;
 pub mod group;
 pub mod offsets;
 mod producer;
+pub mod provider;
+pub mod spec;
 pub mod subject;
 pub mod topic;
 

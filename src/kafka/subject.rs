@@ -13,6 +13,9 @@ pub const MSG_ID_HEADER: &str = "eventbus.msg_id";
 pub const DELIVERY_COUNT_HEADER: &str = "eventbus.delivery_count";
 /// Unix milliseconds before which a retry copy is not handed out.
 pub const NOT_BEFORE_HEADER: &str = "eventbus.not_before";
+/// `<partition>:<offset>` of the record a retry copy stands for (the first of its chain), so
+/// every delivery of one message reports the same position.
+pub const ORIGIN_HEADER: &str = "eventbus.origin";
 /// The consumer group a retry copy is for; other groups pass over it.
 pub const RETRY_GROUP_HEADER: &str = "eventbus.retry_group";
 /// Dead-letter copies: where the record came from and why it was given up.

@@ -30,8 +30,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
-pub const CORRELATION_HEADER: &str = "Nats-Correlation-Id";
-pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+pub use crate::runtime::provider::{CORRELATION_HEADER, MSG_ID_HEADER};
 
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const PULL_EXPIRES: Duration = Duration::from_secs(30);

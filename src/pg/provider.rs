@@ -17,20 +17,17 @@ use super::{
 };
 use crate::config::broker::{BrokerSpec, DEFAULT_REQUEST_TIMEOUT};
 use crate::error_chain::render;
-use crate::nats::provider::{CORRELATION_HEADER, MSG_ID_HEADER};
 use crate::pb::eventbus::Message;
 use crate::runtime::provider::{
-    bounded, rfc3339, AckKind, BindAsk, Bound, Connect, Declaration, Declares, Delivered, FetchAsk,
-    Include, Next, OutMessage, Provider, ProviderError, Published, Subscription,
+    bounded, delivered_headers, rfc3339, AckKind, BindAsk, Bound, Connect, Declaration, Declares,
+    Delivered, FetchAsk, Include, Next, OutMessage, Provider, ProviderError, Published,
+    Subscription,
 };
 use crate::runtime::steps::output::{self, Output};
-use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// The Go pgchannel provider's header for the correlation id. Delivered messages carry it next
-/// to our NATS provider's `Nats-Correlation-Id`, so pipelines written for either keep working.
-pub const GO_CORRELATION_HEADER: &str = "X-Correlation-Id";
+pub use crate::runtime::provider::GO_CORRELATION_HEADER;
 
 /// Messages per publish transaction in a bulk publish: one round trip each, and a bounded
 /// transaction (a 10 000-message list is 20 of them, not one huge lock holder).
@@ -44,31 +41,14 @@ pub fn check_token(t: &str) -> Result<(), String> {
 /// The message split the way the pgchannel tables keep it: the correlation id in its own
 /// column, the message id as the de-duplication key, the rest as the headers JSON. A header
 /// spelled like either id stands for it when the field is unset.
-fn outgoing(msg: OutMessage) -> Outgoing {
-    let mut headers = BTreeMap::new();
-    let mut correlation_id = None;
-    let mut msg_id = None;
-    for (name, value) in msg.headers {
-        if name.eq_ignore_ascii_case(CORRELATION_HEADER) {
-            correlation_id = Some(value);
-        } else if name.eq_ignore_ascii_case(MSG_ID_HEADER) {
-            msg_id = Some(value);
-        } else {
-            headers.insert(name, value);
-        }
-    }
-    if !msg.correlation_id.is_empty() {
-        correlation_id = Some(msg.correlation_id);
-    }
-    if !msg.message_id.is_empty() {
-        msg_id = Some(msg.message_id);
-    }
+fn outgoing(mut msg: OutMessage) -> Outgoing {
+    let ids = msg.take_ids();
     Outgoing {
         subject: msg.subject,
         payload: msg.payload.into(),
-        headers,
-        correlation_id,
-        msg_id,
+        headers: ids.headers,
+        correlation_id: ids.correlation_id,
+        msg_id: ids.message_id,
     }
 }
 
@@ -289,11 +269,13 @@ impl Provider for PgProvider {
     async fn ensure(&self, d: Declaration<'_>) -> Result<String, ProviderError> {
         let outcome = match d.what {
             Declares::Stream(s) => {
-                let def = super::spec::stream_def(d.type_name, d.module, s).map_err(refused)?;
+                let def = super::spec::stream_def(d.type_name, d.module, s)
+                    .map_err(ProviderError::refused)?;
                 self.bus.ensure_stream(&def).await?
             }
             Declares::Consumer(c) => {
-                let def = super::spec::consumer_def(d.type_name, d.module, c).map_err(refused)?;
+                let def = super::spec::consumer_def(d.type_name, d.module, c)
+                    .map_err(ProviderError::refused)?;
                 self.bus.ensure_consumer(&def).await?
             }
         };
@@ -451,15 +433,7 @@ impl Subscription for super::Subscription {
 impl Delivered for Delivery {
     /// Our wire shape (as the NATS one), with the correlation id under both header names.
     fn to_message(&self, _consumer: &str, include: Include) -> Message {
-        let mut headers: HashMap<String, String> = self
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        if let Some(c) = self.correlation_id.as_deref().filter(|c| !c.is_empty()) {
-            headers.insert(CORRELATION_HEADER.to_string(), c.to_string());
-            headers.insert(GO_CORRELATION_HEADER.to_string(), c.to_string());
-        }
+        let headers = delivered_headers(&self.headers, self.correlation_id.as_deref());
         let (payload, text, json) = include.forms(&self.payload);
         Message {
             subject: self.subject.clone(),
@@ -480,14 +454,6 @@ impl Delivered for Delivery {
     fn payload_len(&self) -> usize {
         self.payload.len()
     }
-}
-
-/// A declaration pgchannel refuses, in the plan's words (`crate::pg::spec`, shared with wfctl's
-/// plan); the component is left to the caller's error, which names the module already.
-fn refused(e: crate::config::error::ConfigError) -> ProviderError {
-    let text = e.to_string();
-    let prefix = format!("{}: ", e.component);
-    ProviderError::Invalid(text.strip_prefix(&prefix).unwrap_or(&text).to_string())
 }
 
 #[cfg(test)]

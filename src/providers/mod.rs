@@ -5,7 +5,6 @@
 //! Every combination either works or fails at config load with a line that names the provider,
 //! the target and what would work; nothing is left to fail later at Start.
 
-pub mod kafka;
 pub mod kinesis;
 
 use std::fmt;
@@ -181,10 +180,9 @@ pub fn check(provider: &str, target: &str) -> Result<(Provider, DeployTarget), F
     }
     let t = t.unwrap_or(DeployTarget::SelfHosted);
     match p {
-        Provider::Nats | Provider::Pgchannel => Ok((p, t)),
-        // Adopted only: a cluster the operator runs, named by its bootstrap servers.
-        Provider::Kafka if t == DeployTarget::SelfHosted => Ok((p, t)),
-        Provider::Kafka => Err(("provider", kafka::not_yet(t.as_str()))),
+        // Kafka clusters are adopted wherever they run (the runtime only dials brokers);
+        // wfctl's plan serves self_hosted and names it for the other targets.
+        Provider::Nats | Provider::Pgchannel | Provider::Kafka => Ok((p, t)),
         Provider::Kinesis => Err(("provider", kinesis::NOT_YET.to_string())),
     }
 }
@@ -233,11 +231,8 @@ mod tests {
                     Ok((Provider::Pgchannel, tt)) => {
                         assert_eq!(tt, DeployTarget::SelfHosted, "deploy_target ignored");
                     }
-                    Ok((Provider::Kafka, tt)) => {
-                        assert_eq!(tt, DeployTarget::SelfHosted, "kafka clusters are adopted");
-                    }
                     Ok((pp, tt)) => {
-                        assert_eq!(pp, Provider::Nats);
+                        assert!(matches!(pp, Provider::Nats | Provider::Kafka), "{pp}");
                         assert!(p.targets().contains(&tt));
                     }
                     Err((field, msg)) => {
@@ -271,9 +266,16 @@ mod tests {
         );
         let (f, _) = check("nats", "").unwrap_err();
         assert_eq!(f, "deploy_target");
-        let (f, m) = check("kafka", "aws.msk").unwrap_err();
+        let (f, m) = check("kinesis", "aws.kinesis").unwrap_err();
         assert_eq!(f, "provider");
         assert!(m.contains("not available yet"), "{m}");
+        assert_eq!(
+            check("kafka", "self_hosted").unwrap(),
+            (Provider::Kafka, DeployTarget::SelfHosted)
+        );
+        let (f, m) = check("kafka", "local").unwrap_err();
+        assert_eq!(f, "deploy_target");
+        assert!(m.contains("supported targets for kafka"), "{m}");
         // Go configs for pgchannel carry no (or any) deploy_target.
         assert_eq!(
             check("pgchannel", "").unwrap(),

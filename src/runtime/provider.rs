@@ -6,7 +6,7 @@
 //! re-bind, progress, dead-letter and batch delivery) live in `runtime::steps` and
 //! `runtime::trigger` and only see this contract; the single place that chooses a provider
 //! is `runtime::modules::broker` (`BrokerModule::dispatch`). Implementations live with their domain code:
-//! `crate::nats::provider`, `crate::pg::provider`. `docs/adding-a-provider.md` walks a new one
+//! `crate::nats::provider`, `crate::pg::provider`, `crate::kafka::provider`. `docs/adding-a-provider.md` walks a new one
 //! through.
 //!
 //! The shape fits an offset-log provider too: tokens are opaque strings the provider parses
@@ -16,6 +16,7 @@
 
 use crate::config::broker::BrokerSpec;
 use crate::config::decode;
+use crate::kafka::KafkaError;
 use crate::nats::consumer::ConsumerSpec;
 use crate::nats::stream::StreamSpec;
 use crate::nats::NatsError;
@@ -40,6 +41,67 @@ pub struct OutMessage {
     pub correlation_id: String,
     /// De-duplication id within the stream's duplicate window; empty when unset.
     pub message_id: String,
+}
+
+/// The correlation and de-duplication ids as NATS headers (the NATS provider's wire; the other
+/// providers deliver the ids under these names too).
+pub const CORRELATION_HEADER: &str = "Nats-Correlation-Id";
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// The Go pgchannel provider's header for the correlation id. Deliveries of providers that keep
+/// the id apart (pgchannel, kafka) carry it next to the NATS provider's `Nats-Correlation-Id`, so
+/// pipelines written for either keep working.
+pub const GO_CORRELATION_HEADER: &str = "X-Correlation-Id";
+
+/// A message's ids apart from its other headers, for providers that store them apart.
+pub struct Ids {
+    pub headers: BTreeMap<String, String>,
+    pub correlation_id: Option<String>,
+    pub message_id: Option<String>,
+}
+
+impl OutMessage {
+    /// Takes the ids out of the headers: a header spelled like the NATS correlation or message
+    /// id stands for the field when the field is unset.
+    pub fn take_ids(&mut self) -> Ids {
+        let mut ids = Ids {
+            headers: BTreeMap::new(),
+            correlation_id: None,
+            message_id: None,
+        };
+        for (name, value) in std::mem::take(&mut self.headers) {
+            if name.eq_ignore_ascii_case(CORRELATION_HEADER) {
+                ids.correlation_id = Some(value);
+            } else if name.eq_ignore_ascii_case(MSG_ID_HEADER) {
+                ids.message_id = Some(value);
+            } else {
+                ids.headers.insert(name, value);
+            }
+        }
+        if !self.correlation_id.is_empty() {
+            ids.correlation_id = Some(std::mem::take(&mut self.correlation_id));
+        }
+        if !self.message_id.is_empty() {
+            ids.message_id = Some(std::mem::take(&mut self.message_id));
+        }
+        ids
+    }
+}
+
+/// A delivery's headers in our wire shape, the correlation id under the NATS and the Go names.
+pub fn delivered_headers(
+    headers: &BTreeMap<String, String>,
+    correlation_id: Option<&str>,
+) -> std::collections::HashMap<String, String> {
+    let mut out: std::collections::HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some(c) = correlation_id.filter(|c| !c.is_empty()) {
+        out.insert(CORRELATION_HEADER.to_string(), c.to_string());
+        out.insert(GO_CORRELATION_HEADER.to_string(), c.to_string());
+    }
+    out
 }
 
 /// What the broker said about one stored message.
@@ -67,14 +129,25 @@ pub enum ProviderError {
     Nats(#[from] NatsError),
     #[error(transparent)]
     Pg(#[from] PgError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
 }
 
 impl ProviderError {
+    /// A declaration the provider refuses, in the plan's words (its conversion, shared with
+    /// wfctl's plan); the component is left to the caller's error, which names the module.
+    pub fn refused(e: crate::config::error::ConfigError) -> ProviderError {
+        let text = e.to_string();
+        let prefix = format!("{}: ", e.component);
+        ProviderError::Invalid(text.strip_prefix(&prefix).unwrap_or(&text).to_string())
+    }
+
     /// The stream or consumer does not exist (deleted behind our back, or never created).
     pub fn is_not_found(&self) -> bool {
         match self {
             ProviderError::Nats(e) => e.is_not_found(),
             ProviderError::Pg(PgError::ConsumerNotFound { .. }) => true,
+            ProviderError::Kafka(KafkaError::TopicNotFound(_)) => true,
             _ => false,
         }
     }
@@ -98,6 +171,7 @@ impl ProviderError {
                 )
             }
             ProviderError::Pg(e) => e.is_transient(),
+            ProviderError::Kafka(e) => e.is_transient(),
         }
     }
 }

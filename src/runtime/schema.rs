@@ -13,15 +13,15 @@ use prost_reflect::{FieldDescriptor, Kind};
 pub fn field_doc(message: &str, field: &str) -> Option<(&'static str, bool, &'static str)> {
     let d = |s, r, def| Some((s, r, def));
     match (message, field) {
-        ("ClusterConfig", "provider") => d("Broker implementation: nats or pgchannel (PostgreSQL tables + LISTEN/NOTIFY, Go-plugin compatible); kafka and kinesis are declared but not available yet", true, ""),
-        ("ClusterConfig", "deploy_target") => d("Where the broker runs: local, self_hosted, kubernetes, digitalocean.app_platform, aws.ecs or aws.eks (nats); ignored for pgchannel, as in the Go plugin", true, ""),
+        ("ClusterConfig", "provider") => d("Broker implementation: nats, pgchannel (PostgreSQL tables + LISTEN/NOTIFY, Go-plugin compatible) or kafka (topics and consumer groups on a cluster you run); kinesis is declared but not available yet", true, ""),
+        ("ClusterConfig", "deploy_target") => d("Where the broker runs: local, self_hosted, kubernetes, digitalocean.app_platform, aws.ecs or aws.eks (nats); self_hosted for kafka (an existing cluster, adopted); ignored for pgchannel, as in the Go plugin", true, ""),
         ("ClusterConfig", "version") => d("Pinned nats-server release for provisioned brokers, e.g. 2.10 (latest is refused)", false, ""),
         ("ClusterConfig", "replicas") => d("Server count for provisioned brokers; 3 or 5 form a JetStream cluster", false, "1"),
         ("ClusterConfig", "jetstream") => d("JetStream limits for provisioned brokers (enabled, max_storage_bytes, max_memory_bytes)", false, ""),
-        ("ClusterConfig", "kafka") => d("Reserved for the kafka provider (not available yet)", false, ""),
+        ("ClusterConfig", "kafka") => d("Provider kafka: brokers (or bootstrap_servers), client_id, sasl_mechanism and security_protocol (with auth and tls), default_replication_factor, min_insync_replicas, librdkafka_options (extra client properties such as linger.ms)", false, ""),
         ("ClusterConfig", "kinesis") => d("Reserved for the kinesis provider (not available yet)", false, ""),
         ("ClusterConfig", "limits") => d("CPU/memory/storage hints for provisioned brokers", false, ""),
-        ("ClusterConfig", "dsn") => d("nats: url(s), comma-separated; wins over EVENTBUS_<NAME>_URI and NATS_URL. pgchannel: PostgreSQL connection string (postgres://user:pw@host/db?sslmode=verify-full&sslrootcert=ca.pem or key=value form); wins over EVENTBUS_<NAME>_URI; the password is never logged", false, ""),
+        ("ClusterConfig", "dsn") => d("nats: url(s), comma-separated; wins over EVENTBUS_<NAME>_URI and NATS_URL. kafka: kafka://h1:9092,h2:9092; wins over EVENTBUS_<NAME>_URI. pgchannel: PostgreSQL connection string (postgres://user:pw@host/db?sslmode=verify-full&sslrootcert=ca.pem or key=value form); wins over EVENTBUS_<NAME>_URI; the password is never logged", false, ""),
         ("ClusterConfig", "poll_interval") => d("pgchannel: safety-net poll tick under LISTEN/NOTIFY, Go duration text (500ms, 1s); invalid or <= 0 is refused", false, "1s"),
         ("ClusterConfig", "broker_target") => d("pgchannel: in_process or empty (the Go plugin's only value)", false, ""),
         ("ClusterConfig", "max_conns") => d("pgchannel: connection pool size (1..=1000)", false, "16"),

@@ -10,6 +10,7 @@
 //! sits type-erased in one slot, so a provider adds its arm here and nothing else.
 
 pub use crate::config::broker::{BrokerSpec, LocalSpec};
+use crate::kafka::provider::KafkaProvider;
 use crate::nats::provider::NatsProvider;
 use crate::pg::provider::PgProvider;
 use crate::providers::Provider as Kind;
@@ -83,10 +84,10 @@ impl BrokerModule {
         job: J,
     ) -> impl Future<Output = J::Out> + Send + 'a {
         match self.spec.provider {
-            // Kafka and Kinesis are refused by the config's validation: no broker module is
-            // created for them.
-            Kind::Nats | Kind::Kafka | Kind::Kinesis => Either::Left(job.run::<NatsProvider>(self)),
+            // Kinesis is refused by the config's validation: no broker module is created for it.
+            Kind::Nats | Kind::Kinesis => Either::Left(job.run::<NatsProvider>(self)),
             Kind::Pgchannel => Either::Right(job.run::<PgProvider>(self).boxed()),
+            Kind::Kafka => Either::Right(job.run::<KafkaProvider>(self).boxed()),
         }
     }
 
@@ -216,9 +217,10 @@ fn taken<P: Connect>(slot: Slot) -> Result<Arc<P>, String> {
 /// Whether `token` has any provider's ack token shape: Create checks a literal token before
 /// it knows the broker.
 pub fn check_any_token(token: &str) -> Result<(), String> {
-    if PgProvider::check_token(token).is_ok() {
+    if PgProvider::check_token(token).is_ok() || KafkaProvider::check_token(token).is_ok() {
         return Ok(());
     }
-    NatsProvider::check_token(token)
-        .map_err(|e| format!("{e}; a pgchannel token is \"<stream>:<consumer>:<id>\""))
+    NatsProvider::check_token(token).map_err(|e| {
+        format!("{e}; a pgchannel token is \"<stream>:<consumer>:<id>\", a kafka token \"<topic>:<partition>:<offset>:<epoch>:<group>\"")
+    })
 }
