@@ -7,23 +7,26 @@ use crate::iac::error::DriverError;
 pub const BROKER_TYPE: &str = "infra.eventbus";
 pub const STREAM_TYPE: &str = "infra.eventbus.stream";
 pub const CONSUMER_TYPE: &str = "infra.eventbus.consumer";
+pub const KV_TYPE: &str = "infra.eventbus.kv";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Consumer,
+    Kv,
     Stream,
     Broker,
 }
 
 impl Kind {
-    /// In deletion order: consumers, then streams, then brokers.
-    pub const DELETE_ORDER: [Kind; 3] = [Kind::Consumer, Kind::Stream, Kind::Broker];
+    /// In deletion order: consumers, then streams and buckets, then brokers.
+    pub const DELETE_ORDER: [Kind; 4] = [Kind::Consumer, Kind::Kv, Kind::Stream, Kind::Broker];
 
     pub fn parse(type_name: &str) -> Result<Kind, DriverError> {
         match type_name {
             BROKER_TYPE => Ok(Kind::Broker),
             STREAM_TYPE => Ok(Kind::Stream),
             CONSUMER_TYPE => Ok(Kind::Consumer),
+            KV_TYPE => Ok(Kind::Kv),
             "" => Err(DriverError::EmptyType {
                 known: Kind::ALL.map(Kind::type_name).join(", "),
             }),
@@ -35,13 +38,14 @@ impl Kind {
     }
 
     /// Every kind, in the order capabilities list them.
-    pub const ALL: [Kind; 3] = [Kind::Broker, Kind::Stream, Kind::Consumer];
+    pub const ALL: [Kind; 4] = [Kind::Broker, Kind::Stream, Kind::Consumer, Kind::Kv];
 
     pub fn type_name(self) -> &'static str {
         match self {
             Kind::Broker => BROKER_TYPE,
             Kind::Stream => STREAM_TYPE,
             Kind::Consumer => CONSUMER_TYPE,
+            Kind::Kv => KV_TYPE,
         }
     }
 }

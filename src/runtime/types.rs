@@ -97,6 +97,7 @@ pub const IAC_RESOURCE_TYPES: &[&str] = &[
     "infra.eventbus",
     "infra.eventbus.stream",
     "infra.eventbus.consumer",
+    "infra.eventbus.kv",
 ];
 
 pub fn qualified(message: &str) -> String {

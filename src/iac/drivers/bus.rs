@@ -8,6 +8,7 @@ use crate::iac::plan::Change;
 use crate::iac::state::ProviderState;
 use crate::iac::targets::BrokerDesired;
 use crate::nats::consumer::ConsumerSpec;
+use crate::nats::kv::KvSpec;
 use crate::nats::stream::StreamSpec;
 use crate::pb::iac::ResourceRef;
 use serde_json::Value as Json;
@@ -73,4 +74,8 @@ pub(crate) trait BusProvider: Sync {
     fn brokers(&self) -> &dyn Ops<BrokerDesired>;
     fn streams(&self) -> &dyn Ops<StreamSpec>;
     fn consumers(&self) -> &dyn Ops<ConsumerSpec>;
+    /// Key-value buckets; `None` when the provider has none (`route` refuses them, one line).
+    fn buckets(&self) -> Option<&dyn Ops<KvSpec>> {
+        None
+    }
 }

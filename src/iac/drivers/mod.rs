@@ -7,6 +7,7 @@
 pub mod broker;
 mod bus;
 pub mod consumer;
+pub mod kv;
 mod nats;
 pub mod pg;
 mod route;
@@ -34,7 +35,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-pub use crate::iac::kind::{Kind, BROKER_TYPE, CONSUMER_TYPE, STREAM_TYPE};
+pub use crate::iac::kind::{Kind, BROKER_TYPE, CONSUMER_TYPE, KV_TYPE, STREAM_TYPE};
 
 impl Kind {
     /// The driver of this kind: the one place that maps a resource type to its code.
@@ -43,6 +44,7 @@ impl Kind {
             Kind::Broker => &BrokerDriver,
             Kind::Stream => &StreamDriver,
             Kind::Consumer => &ConsumerDriver,
+            Kind::Kv => &KvDriver,
         }
     }
 }
@@ -248,6 +250,7 @@ impl<D: Driver + Sync> Resource for D {
 pub struct BrokerDriver;
 pub struct StreamDriver;
 pub struct ConsumerDriver;
+pub struct KvDriver;
 
 /// The broker a stream or consumer spec resolves to, when that can be decided without I/O.
 pub fn desired_broker(

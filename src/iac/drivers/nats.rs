@@ -2,12 +2,13 @@
 //! `consumer`) behind the provider seam of `route`.
 
 use super::bus::{BusProvider, Ops};
-use super::{broker, consumer, desired_broker, stream, Ctx, Output};
+use super::{broker, consumer, desired_broker, kv, stream, Ctx, Output};
 use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
 use crate::iac::state::ProviderState;
 use crate::iac::targets::BrokerDesired;
 use crate::nats::consumer::ConsumerSpec;
+use crate::nats::kv::KvSpec;
 use crate::nats::stream::StreamSpec;
 use crate::pb::iac::ResourceRef;
 use serde_json::Value as Json;
@@ -17,6 +18,7 @@ pub(crate) static NATS: Nats = Nats;
 struct Brokers;
 struct Streams;
 struct Consumers;
+struct Buckets;
 
 impl BusProvider for Nats {
     fn brokers(&self) -> &dyn Ops<BrokerDesired> {
@@ -27,6 +29,9 @@ impl BusProvider for Nats {
     }
     fn consumers(&self) -> &dyn Ops<ConsumerSpec> {
         &Consumers
+    }
+    fn buckets(&self) -> Option<&dyn Ops<KvSpec>> {
+        Some(&Buckets)
     }
 }
 
@@ -184,5 +189,46 @@ impl Ops<ConsumerSpec> for Consumers {
         broker: &str,
     ) -> Result<Vec<(String, Output)>, DriverError> {
         consumer::enumerate(ctx, broker).await
+    }
+}
+
+#[tonic::async_trait]
+impl Ops<KvSpec> for Buckets {
+    fn diff(
+        &self,
+        _: &str,
+        spec: &KvSpec,
+        state: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<Change>, DriverError> {
+        Ok(kv::diff(spec, state, current))
+    }
+    async fn plan_report(
+        &self,
+        ctx: &Ctx,
+        spec: &KvSpec,
+        state: &ProviderState,
+        changes: Vec<Change>,
+    ) -> Vec<Change> {
+        kv::plan_report(ctx, spec, state, changes).await
+    }
+    async fn apply(&self, ctx: &Ctx, name: &str, spec: &KvSpec) -> Result<Output, DriverError> {
+        kv::apply(ctx, name, spec).await
+    }
+    async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        kv::read(ctx, r).await
+    }
+    async fn delete(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        kv::delete(ctx, r).await
+    }
+    async fn health(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        kv::health(ctx, r).await
+    }
+    async fn enumerate(
+        &self,
+        ctx: &Ctx,
+        broker: &str,
+    ) -> Result<Vec<(String, Output)>, DriverError> {
+        kv::enumerate(ctx, broker).await
     }
 }

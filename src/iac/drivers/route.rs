@@ -11,13 +11,17 @@
 //! in `on`.
 
 use super::bus::BusProvider;
+use super::bus::Ops;
 use super::{broker, Ctx, Driver, Kind, Output};
-use super::{BrokerDriver, ConsumerDriver, StreamDriver, CONSUMER_TYPE, STREAM_TYPE};
+use super::{
+    BrokerDriver, ConsumerDriver, KvDriver, StreamDriver, CONSUMER_TYPE, KV_TYPE, STREAM_TYPE,
+};
 use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
 use crate::iac::state::ProviderState;
 use crate::iac::targets::BrokerDesired;
 use crate::nats::consumer::ConsumerSpec;
+use crate::nats::kv::KvSpec;
 use crate::nats::stream::StreamSpec;
 use crate::pb::iac::ResourceRef;
 use crate::providers::Provider;
@@ -333,5 +337,99 @@ impl Driver for ConsumerDriver {
     }
     async fn enumerate(ctx: &Ctx, b: &str) -> Result<Vec<(String, Output)>, DriverError> {
         on(by_broker(ctx, b)?).consumers().enumerate(ctx, b).await
+    }
+}
+
+/// A provider's key-value buckets, or one line saying it has none.
+fn buckets(p: Provider, what: &str) -> Result<&'static dyn Ops<KvSpec>, DriverError> {
+    on(p).buckets().ok_or_else(|| {
+        DriverError::refused(
+            what,
+            format!(
+                "provider {} has no key-value buckets; {KV_TYPE} needs a NATS broker",
+                p.as_str()
+            ),
+        )
+    })
+}
+
+impl Driver for KvDriver {
+    type Spec = KvSpec;
+    const KIND: Kind = Kind::Kv;
+    const TIER: i32 = 2;
+    const DRIFT_KEYS: &'static [&'static str] = &[
+        "history",
+        "ttl",
+        "max_value_size",
+        "max_bucket_size",
+        "storage",
+        "num_replicas",
+        "description",
+        "compression",
+        "placement",
+        "mirror",
+        "sources",
+        "republish",
+        "limit_marker_ttl",
+    ];
+    fn decode(name: &str, config_json: &[u8]) -> Result<KvSpec, DriverError> {
+        super::kv::decode(name, config_json)
+    }
+    fn diff(
+        name: &str,
+        spec: &KvSpec,
+        state: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<Change>, DriverError> {
+        let s = &spec.stream;
+        let what = format!("{KV_TYPE} {name:?}");
+        buckets(by_spec(state, &s.broker_ref, &s.servers, current), &what)?
+            .diff(name, spec, state, current)
+    }
+    async fn plan_report(
+        ctx: &Ctx,
+        spec: &KvSpec,
+        state: &ProviderState,
+        changes: Vec<Change>,
+    ) -> Vec<Change> {
+        let s = &spec.stream;
+        match on(by_spec(state, &s.broker_ref, &s.servers, &Json::Null)).buckets() {
+            Some(b) => b.plan_report(ctx, spec, state, changes).await,
+            None => changes,
+        }
+    }
+    async fn apply(ctx: &Ctx, name: &str, spec: &KvSpec) -> Result<Output, DriverError> {
+        let state = ctx.state.load()?;
+        let s = &spec.stream;
+        let what = format!("{KV_TYPE} {name:?}");
+        buckets(
+            by_spec(&state, &s.broker_ref, &s.servers, &Json::Null),
+            &what,
+        )?
+        .apply(ctx, name, spec)
+        .await
+    }
+    async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        let what = format!("{KV_TYPE} {:?}", r.name);
+        buckets(by_ref(ctx, r, KV_TYPE)?, &what)?.read(ctx, r).await
+    }
+    async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        let what = format!("{KV_TYPE} {:?}", r.name);
+        buckets(by_ref(ctx, r, KV_TYPE)?, &what)?
+            .delete(ctx, r)
+            .await
+    }
+    async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        let what = format!("{KV_TYPE} {:?}", r.name);
+        buckets(by_ref(ctx, r, KV_TYPE)?, &what)?
+            .health(ctx, r)
+            .await
+    }
+    /// None on a broker whose provider has no buckets.
+    async fn enumerate(ctx: &Ctx, b: &str) -> Result<Vec<(String, Output)>, DriverError> {
+        match on(by_broker(ctx, b)?).buckets() {
+            Some(k) => k.enumerate(ctx, b).await,
+            None => Ok(Vec::new()),
+        }
     }
 }

@@ -15,6 +15,7 @@ use super::error::DriverError;
 use super::plan::{self, Change};
 use super::state::ProviderState;
 use crate::nats::consumer::ConsumerSpec;
+use crate::nats::kv::KvSpec;
 use crate::nats::stream::StreamSpec;
 use crate::pb::iac::{
     IaCCapabilityDeclaration, IaCPlan, ResourceOutput, ResourceRef, ResourceSpec, ResourceState,
@@ -49,6 +50,7 @@ pub enum Desired {
     Broker(Box<broker::BrokerDesired>),
     Stream(StreamSpec),
     Consumer(ConsumerSpec),
+    Kv(KvSpec),
 }
 
 impl Desired {
@@ -57,6 +59,7 @@ impl Desired {
             Kind::Broker => Desired::Broker(Box::new(BrokerDriver::decode(name, config_json)?)),
             Kind::Stream => Desired::Stream(StreamDriver::decode(name, config_json)?),
             Kind::Consumer => Desired::Consumer(ConsumerDriver::decode(name, config_json)?),
+            Kind::Kv => Desired::Kv(drivers::KvDriver::decode(name, config_json)?),
         })
     }
 }
@@ -317,6 +320,7 @@ fn check_ref(kind: Kind, r: &ResourceRef) -> Result<(), DriverError> {
         Kind::Broker => "<broker>",
         Kind::Stream => "<broker>/<STREAM>",
         Kind::Consumer => "<broker>/<STREAM>/<durable>",
+        Kind::Kv => "<broker>/<KV_bucket>",
     };
     let wrong = |msg: String| {
         bad(
@@ -326,7 +330,7 @@ fn check_ref(kind: Kind, r: &ResourceRef) -> Result<(), DriverError> {
     };
     let parts: Vec<&str> = match kind {
         Kind::Broker => vec![pid],
-        Kind::Stream => pid.rsplitn(2, '/').collect(),
+        Kind::Stream | Kind::Kv => pid.rsplitn(2, '/').collect(),
         Kind::Consumer => pid.rsplitn(3, '/').collect(),
     };
     let Some(broker) = parts

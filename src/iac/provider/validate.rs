@@ -84,7 +84,7 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
                     Desired::Stream(s) => {
                         streams.insert(s.name.clone());
                     }
-                    Desired::Consumer(_) => {}
+                    Desired::Consumer(_) | Desired::Kv(_) => {}
                 }
                 decoded.push((spec.name.clone(), d));
             }
@@ -115,12 +115,30 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
             Desired::Broker(_) => continue,
             Desired::Stream(s) => (&s.broker_ref, &s.servers, Some(s.replicas as u32), None),
             Desired::Consumer(c) => (&c.broker_ref, &c.servers, None, Some(&c.stream)),
+            Desired::Kv(k) => (
+                &k.stream.broker_ref,
+                &k.stream.servers,
+                Some(k.stream.replicas as u32),
+                None,
+            ),
         };
         if spec_on_pg(&on_pg, broker_ref, servers) {
             // The NATS-only settings, one diagnostic per field.
             let refused = match d {
                 Desired::Stream(s) => drivers::pg::stream::def(name, s).err(),
                 Desired::Consumer(c) => drivers::pg::consumer::def(name, c).err(),
+                Desired::Kv(_) => {
+                    out.push(diag(
+                        Error,
+                        name,
+                        "broker_ref",
+                        format!(
+                            "{} {name:?}: provider pgchannel has no key-value buckets; they need a NATS broker",
+                            drivers::KV_TYPE
+                        ),
+                    ));
+                    None
+                }
                 Desired::Broker(_) => None,
             };
             if let Some(DriverError::Config(c)) = refused {
