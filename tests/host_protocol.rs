@@ -188,7 +188,8 @@ async fn manifest_and_type_lists() {
         vec![
             "step.eventbus.publish",
             "step.eventbus.consume",
-            "step.eventbus.ack"
+            "step.eventbus.ack",
+            "step.eventbus.kv"
         ]
     );
     let triggers = c.get_trigger_types(()).await.unwrap().into_inner().types;

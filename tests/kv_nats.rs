@@ -172,3 +172,152 @@ async fn bucket_plan_apply_replan_update_replace_drift_destroy() {
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(js.get_key_value("cache").await.is_err());
 }
+
+/// Broker `bus` on `server` through the plugin binary (no host callback needed).
+async fn plugin(server: &NatsServer) -> common::Plugin {
+    let p = common::Plugin::launch(common::LaunchOptions {
+        env: vec![("NATS_URL".into(), server.url())],
+        ..Default::default()
+    })
+    .await;
+    p.module_up(
+        "eventbus.broker",
+        "bus",
+        "provider: nats\ndeploy_target: self_hosted\n",
+    )
+    .await;
+    p
+}
+
+async fn kv_step(p: &common::Plugin, config: &str) -> Result<Json, String> {
+    let h = p.create_step("step.eventbus.kv", "kv", "").await?;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        p.execute("step.eventbus.kv", &h, config, &json!({})),
+    )
+    .await
+    .expect("step.eventbus.kv within 20s")
+}
+
+#[tokio::test]
+async fn kv_step_put_get_conflict_delete_and_keys_through_the_binary() {
+    let server = NatsServer::start();
+    let (js, _, _) = js(&server.url()).await;
+    js.create_key_value(jetstream::kv::Config {
+        bucket: "sessions".into(),
+        history: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut p = plugin(&server).await;
+
+    let put = kv_step(
+        &p,
+        "bucket: sessions\naction: put\nkey: user.1\nvalue: {\"n\": 1}\n",
+    )
+    .await
+    .unwrap();
+    let rev: u64 = put["revision"].as_str().unwrap().parse().unwrap();
+    let got = kv_step(&p, "bucket: sessions\naction: get\nkey: user.1\n")
+        .await
+        .unwrap();
+    assert_eq!(got["found"], true, "{got}");
+    assert_eq!(got["text"], "{\"n\":1}");
+    assert_eq!(got["json"]["n"], 1.0);
+    assert_eq!(got["operation"], "PUT");
+    // What the client library reads is what the step wrote.
+    let store = js.get_key_value("sessions").await.unwrap();
+    assert_eq!(
+        store.get("user.1").await.unwrap().as_deref(),
+        Some(&b"{\"n\":1}"[..])
+    );
+
+    // Expected revision: the current one wins, a stale one is a conflict, said in one line.
+    let h = p
+        .create_step("step.eventbus.kv", "kv-rev", "")
+        .await
+        .unwrap();
+    let ok = p
+        .execute(
+            "step.eventbus.kv",
+            &h,
+            "bucket: sessions\naction: put\nkey: user.1\nvalue: two\n",
+            &json!({"expected_revision": rev}),
+        )
+        .await
+        .unwrap();
+    let rev2: u64 = ok["revision"].as_str().unwrap().parse().unwrap();
+    assert!(rev2 > rev);
+    let stale = p
+        .execute(
+            "step.eventbus.kv",
+            &h,
+            "bucket: sessions\naction: put\nkey: user.1\nvalue: three\n",
+            &json!({"expected_revision": rev}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        stale.contains("no longer at revision") && !stale.contains('\n'),
+        "{stale}"
+    );
+    let dup = kv_step(
+        &p,
+        "bucket: sessions\naction: create\nkey: user.1\nvalue: x\n",
+    )
+    .await
+    .unwrap_err();
+    assert!(dup.contains("already exists"), "{dup}");
+
+    kv_step(&p, "bucket: sessions\naction: put\nkey: user.2\nvalue: b\n")
+        .await
+        .unwrap();
+    kv_step(
+        &p,
+        "bucket: sessions\naction: put\nkey: admin.1\nvalue: c\n",
+    )
+    .await
+    .unwrap();
+    let keys = kv_step(&p, "bucket: sessions\naction: keys\nkeys: user.*\n")
+        .await
+        .unwrap();
+    assert_eq!(keys["keys"], json!(["user.1", "user.2"]), "{keys}");
+    kv_step(&p, "bucket: sessions\naction: delete\nkey: user.1\n")
+        .await
+        .unwrap();
+    let gone = kv_step(&p, "bucket: sessions\naction: get\nkey: user.1\n")
+        .await
+        .unwrap();
+    assert_eq!(gone["operation"], "DEL", "{gone}");
+    assert!(gone.get("found").is_none(), "{gone}");
+    assert!(store.get("user.1").await.unwrap().is_none());
+
+    // Hostile keys never reach the server: wildcards, dot tricks, whitespace, CRLF, the API.
+    for key in [
+        "user.*",
+        ">",
+        "a..b",
+        ".a",
+        "a b",
+        "a\\r\\nPUB $JS.API.STREAM.DELETE.KV_sessions 0",
+        "$JS.API.STREAM.DELETE.KV_sessions",
+    ] {
+        let e = kv_step(
+            &p,
+            &format!("bucket: sessions\naction: put\nkey: \"{key}\"\nvalue: x\n"),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("key") && !e.contains('\n'), "{key}: {e}");
+    }
+    for bucket in ["a.b", "sessions.>", "*"] {
+        let e = kv_step(&p, &format!("bucket: \"{bucket}\"\naction: get\nkey: k\n"))
+            .await
+            .unwrap_err();
+        assert!(e.contains("bucket"), "{bucket}: {e}");
+    }
+    assert!(js.get_stream("KV_sessions").await.is_ok());
+    let (code, _) = p.shutdown().await;
+    assert_eq!(code, Some(0));
+}

@@ -488,3 +488,172 @@ mod tests {
         }
     }
 }
+
+/// One key-value operation of `step.eventbus.kv`, checked (`KvOp::parse`) before it is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvAction {
+    Get,
+    Put,
+    Create,
+    Delete,
+    Purge,
+    Keys,
+}
+
+impl KvAction {
+    pub const NAMES: &'static str = "get, put, create, delete, purge or keys";
+    pub fn parse(s: &str) -> Option<KvAction> {
+        Some(match s {
+            "get" => KvAction::Get,
+            "put" => KvAction::Put,
+            "create" => KvAction::Create,
+            "delete" => KvAction::Delete,
+            "purge" => KvAction::Purge,
+            "keys" => KvAction::Keys,
+            _ => return None,
+        })
+    }
+}
+
+/// What an operation found or did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KvOutcome {
+    pub found: bool,
+    pub value: Vec<u8>,
+    pub revision: u64,
+    pub operation: &'static str,
+    /// RFC 3339 time of the entry (get).
+    pub created: Option<time::OffsetDateTime>,
+    pub keys: Vec<String>,
+}
+
+/// The most keys one `keys` operation returns.
+pub const MAX_KEYS: usize = 10_000;
+
+fn op_name(o: async_nats::jetstream::kv::Operation) -> &'static str {
+    use async_nats::jetstream::kv::Operation as O;
+    match o {
+        O::Put => "PUT",
+        O::Delete => "DEL",
+        O::Purge => "PURGE",
+    }
+}
+
+/// Runs one checked operation (bucket and key already passed `check_bucket`/`check_key`, the
+/// filter `check_key_filter`); `expected` 0 means any revision.
+pub async fn run(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    action: KvAction,
+    key: &str,
+    value: Vec<u8>,
+    expected: u64,
+    filter: &str,
+) -> Result<KvOutcome, NatsError> {
+    use async_nats::jetstream::context::KeyValueErrorKind;
+    use async_nats::jetstream::kv::UpdateErrorKind;
+    use futures::TryStreamExt;
+    let store = js.get_key_value(bucket).await.map_err(|e| match e.kind() {
+        KeyValueErrorKind::GetBucket => NatsError::NotFound {
+            what: format!("bucket {bucket:?}"),
+        },
+        _ => NatsError::other("open bucket", e),
+    })?;
+    let conflict = |op: &'static str| {
+        NatsError::Rejected {
+        op,
+        code: 10071,
+        detail: format!(
+            "key {key:?} of bucket {bucket:?} is no longer at revision {expected} (someone wrote it since); get it again and retry with its current revision"
+        ),
+    }
+    };
+    let mut out = KvOutcome::default();
+    match action {
+        KvAction::Get => {
+            if let Some(e) = store
+                .entry(key)
+                .await
+                .map_err(|e| NatsError::other("get key", e))?
+            {
+                out.operation = op_name(e.operation);
+                out.found = e.operation == async_nats::jetstream::kv::Operation::Put;
+                out.revision = e.revision;
+                out.created = Some(e.created);
+                if out.found {
+                    out.value = e.value.to_vec();
+                }
+            }
+        }
+        KvAction::Put if expected > 0 => {
+            out.revision = store
+                .update(key, value.into(), expected)
+                .await
+                .map_err(|e| match e.kind() {
+                    UpdateErrorKind::WrongLastRevision => conflict("put key"),
+                    _ => NatsError::other("put key", e),
+                })?;
+        }
+        KvAction::Put => {
+            out.revision = store
+                .put(key, value.into())
+                .await
+                .map_err(|e| NatsError::other("put key", e))?;
+        }
+        KvAction::Create => {
+            use async_nats::jetstream::kv::CreateErrorKind;
+            out.revision = store
+                .create(key, value.into())
+                .await
+                .map_err(|e| match e.kind() {
+                    CreateErrorKind::AlreadyExists => NatsError::AlreadyExists {
+                        what: format!("key {key:?} of bucket {bucket:?} (create only writes a key that holds no value; use put)"),
+                    },
+                    _ => NatsError::other("create key", e),
+                })?;
+        }
+        KvAction::Delete | KvAction::Purge => {
+            let rev = (expected > 0).then_some(expected);
+            let (op, r) = if action == KvAction::Delete {
+                ("delete key", store.delete_expect_revision(key, rev).await)
+            } else {
+                ("purge key", store.purge_expect_revision(key, rev).await)
+            };
+            r.map_err(|e| match e.kind() {
+                UpdateErrorKind::WrongLastRevision => conflict(op),
+                _ => NatsError::other(op, e),
+            })?;
+        }
+        KvAction::Keys => {
+            let keys = store
+                .keys()
+                .await
+                .map_err(|e| NatsError::other("list keys", e))?;
+            let mut keys = keys.map_err(|e| NatsError::other("list keys", e));
+            while let Some(k) = keys.try_next().await? {
+                if filter.is_empty() || filter == ">" || matches_filter(filter, &k) {
+                    out.keys.push(k);
+                    if out.keys.len() >= MAX_KEYS {
+                        break;
+                    }
+                }
+            }
+            out.keys.sort();
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `key` matches a key filter (`*` one token, `>` the rest).
+pub fn matches_filter(filter: &str, key: &str) -> bool {
+    let mut k = key.split('.');
+    for f in filter.split('.') {
+        match (f, k.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    k.next().is_none()
+}

@@ -150,6 +150,10 @@ impl Provider for NatsProvider {
         self.conn.request_timeout
     }
 
+    fn key_value(&self) -> Option<async_nats::jetstream::Context> {
+        Some(self.conn.js.clone())
+    }
+
     fn check_token(token: &str) -> Result<(), String> {
         check_ack_token(token)
     }

@@ -335,6 +335,12 @@ pub trait Provider: Clone + Send + Sync + 'static {
     /// used again.
     fn close(&self) -> impl Future<Output = ()> + Send;
 
+    /// The JetStream context key-value steps work through; `None` when the provider has no
+    /// key-value buckets (the step refuses, naming the provider).
+    fn key_value(&self) -> Option<async_nats::jetstream::Context> {
+        None
+    }
+
     /// Publishes a copy of `d` to `subject` with the original's headers plus `extra`.
     fn dead_letter(
         &self,

@@ -43,6 +43,7 @@ pub enum StepKind {
     Publish,
     Consume,
     Ack,
+    Kv,
 }
 
 impl StepKind {
@@ -51,6 +52,7 @@ impl StepKind {
             StepKind::Publish => "step.eventbus.publish",
             StepKind::Consume => "step.eventbus.consume",
             StepKind::Ack => "step.eventbus.ack",
+            StepKind::Kv => "step.eventbus.kv",
         }
     }
     /// (config, input, output) message names, unqualified.
@@ -59,6 +61,7 @@ impl StepKind {
             StepKind::Publish => ("PublishStepConfig", "PublishRequest", "PublishResponse"),
             StepKind::Consume => ("ConsumeStepConfig", "ConsumeRequest", "ConsumeResponse"),
             StepKind::Ack => ("AckStepConfig", "AckRequest", "AckResponse"),
+            StepKind::Kv => ("KvStepConfig", "KvRequest", "KvResponse"),
         }
     }
 
@@ -69,6 +72,7 @@ impl StepKind {
             StepKind::Publish => (eventbus!("PublishStepConfig"), eventbus!("PublishRequest")),
             StepKind::Consume => (eventbus!("ConsumeStepConfig"), eventbus!("ConsumeRequest")),
             StepKind::Ack => (eventbus!("AckStepConfig"), eventbus!("AckRequest")),
+            StepKind::Kv => (eventbus!("KvStepConfig"), eventbus!("KvRequest")),
         }
     }
 
@@ -78,6 +82,7 @@ impl StepKind {
             StepKind::Publish => concat!("type.googleapis.com/", eventbus!("PublishResponse")),
             StepKind::Consume => concat!("type.googleapis.com/", eventbus!("ConsumeResponse")),
             StepKind::Ack => concat!("type.googleapis.com/", eventbus!("AckResponse")),
+            StepKind::Kv => concat!("type.googleapis.com/", eventbus!("KvResponse")),
         };
         prost_types::Any {
             type_url: type_url.to_string(),
@@ -86,7 +91,12 @@ impl StepKind {
     }
 }
 
-pub const STEP_TYPES: &[StepKind] = &[StepKind::Publish, StepKind::Consume, StepKind::Ack];
+pub const STEP_TYPES: &[StepKind] = &[
+    StepKind::Publish,
+    StepKind::Consume,
+    StepKind::Ack,
+    StepKind::Kv,
+];
 
 pub const TRIGGER_TYPE: &str = "trigger.eventbus.subscribe";
 pub const TRIGGER_CONFIG_MESSAGE: &str = "SubscribeTriggerConfig";
