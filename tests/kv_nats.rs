@@ -17,6 +17,7 @@ use serde_json::{json, Value as Json};
 use std::time::Duration;
 
 const KV: &str = "infra.eventbus.kv";
+const T: Duration = Duration::from_secs(20);
 
 async fn js(url: &str) -> (jetstream::Context, (u64, u64), String) {
     let client = async_nats::connect(url).await.unwrap();
@@ -27,6 +28,28 @@ async fn js(url: &str) -> (jetstream::Context, (u64, u64), String) {
         settings::parse_version(&v).unwrap(),
         v,
     )
+}
+
+/// A bucket as the server keeps one, made without async-nats' `create_key_value` (its account
+/// query does not parse nats-server 2.9's answer).
+async fn bucket_stream(
+    js: &jetstream::Context,
+    bucket: &str,
+    history: i64,
+) -> jetstream::kv::Store {
+    js.create_stream(jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: history,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.get_key_value(bucket).await.unwrap()
 }
 
 fn bucket(url: &str, extra: Json) -> Res {
@@ -203,13 +226,7 @@ async fn kv_step(p: &common::Plugin, config: &str) -> Result<Json, String> {
 async fn kv_step_put_get_conflict_delete_and_keys_through_the_binary() {
     let server = NatsServer::start();
     let (js, _, _) = js(&server.url()).await;
-    js.create_key_value(jetstream::kv::Config {
-        bucket: "sessions".into(),
-        history: 3,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    bucket_stream(&js, "sessions", 3).await;
     let mut p = plugin(&server).await;
 
     let put = kv_step(
@@ -318,6 +335,133 @@ async fn kv_step_put_get_conflict_delete_and_keys_through_the_binary() {
         assert!(e.contains("bucket"), "{bucket}: {e}");
     }
     assert!(js.get_stream("KV_sessions").await.is_ok());
+    let (code, _) = p.shutdown().await;
+    assert_eq!(code, Some(0));
+}
+
+fn field(call: &eventbus_plugin::pb::plugin::TriggerWorkflowRequest, key: &str) -> String {
+    match call
+        .data
+        .as_ref()
+        .and_then(|d| d.fields.get(key))
+        .and_then(|v| v.kind.clone())
+    {
+        Some(prost_types::value::Kind::StringValue(s)) => s,
+        _ => String::new(),
+    }
+}
+
+#[tokio::test]
+async fn kv_trigger_fires_on_key_changes_through_the_trigger_worker() {
+    let server = NatsServer::start();
+    let (js, _, _) = js(&server.url()).await;
+    let store = bucket_stream(&js, "sessions", 2).await;
+    store.put("user.1", "a".into()).await.unwrap();
+    store.put("admin.1", "x".into()).await.unwrap();
+    let mut p = common::Plugin::launch(common::LaunchOptions {
+        env: vec![("NATS_URL".into(), server.url())],
+        callback: Some(common::ok_pipeline()),
+        ..Default::default()
+    })
+    .await;
+    p.module_up(
+        "eventbus.broker",
+        "bus",
+        "provider: nats\ndeploy_target: self_hosted\n",
+    )
+    .await;
+
+    // Configs that would reach past the bucket are refused, one line per field.
+    for (cfg, field_name) in [
+        (json!({"name": "w", "kv_bucket": "sessions.>"}), "kv_bucket"),
+        (
+            json!({"name": "w", "kv_bucket": "sessions", "keys": "a..b"}),
+            "keys",
+        ),
+        (
+            json!({"name": "w", "kv_bucket": "sessions", "keys": "$JS.API.>"}),
+            "keys",
+        ),
+        (
+            json!({"name": "w", "kv_bucket": "sessions", "keys": "a b"}),
+            "keys",
+        ),
+        (
+            json!({"name": "w", "kv_bucket": "sessions", "stream_name": "OTHER"}),
+            "stream_name",
+        ),
+        (json!({"name": "w", "keys": "user.*"}), "keys"),
+    ] {
+        let e = p.create_trigger("pipeline:bad", &cfg).await.unwrap_err();
+        assert!(e.contains(field_name), "{cfg}: {e}");
+    }
+
+    let t = p
+        .create_trigger(
+            "pipeline:users",
+            &json!({"name": "users-watch", "kv_bucket": "sessions", "keys": "user.*"}),
+        )
+        .await
+        .unwrap();
+    p.lifecycle("start", &t).await.unwrap();
+    // The current value of each watched key first, then every change, in order.
+    let call = p.next_call(T).await;
+    assert_eq!(
+        (
+            field(&call, "key"),
+            field(&call, "operation"),
+            field(&call, "text")
+        ),
+        ("user.1".into(), "PUT".into(), "a".into())
+    );
+    assert_eq!(field(&call, "bucket"), "sessions");
+    let h = p.create_step("step.eventbus.kv", "kv", "").await.unwrap();
+    for cfg in [
+        "bucket: sessions\naction: put\nkey: admin.2\nvalue: y\n",
+        "bucket: sessions\naction: put\nkey: user.2\nvalue: b\n",
+        "bucket: sessions\naction: delete\nkey: user.1\n",
+    ] {
+        p.execute("step.eventbus.kv", &h, cfg, &json!({}))
+            .await
+            .unwrap();
+    }
+    let call = p.next_call(T).await;
+    assert_eq!(
+        (
+            field(&call, "key"),
+            field(&call, "operation"),
+            field(&call, "text")
+        ),
+        ("user.2".into(), "PUT".into(), "b".into()),
+        "admin.* is not watched"
+    );
+    let revision = field(&call, "revision");
+    assert!(!revision.is_empty());
+    let call = p.next_call(T).await;
+    assert_eq!(
+        (field(&call, "key"), field(&call, "operation")),
+        ("user.1".into(), "DEL".into())
+    );
+    // Every change was acked by the worker: nothing pending on its consumer.
+    let info = tokio::time::timeout(T, async {
+        loop {
+            let i = js
+                .get_stream("KV_sessions")
+                .await
+                .unwrap()
+                .consumer_info("users-watch")
+                .await
+                .unwrap()
+                .clone();
+            if i.num_ack_pending == 0 && i.num_pending == 0 {
+                return i;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the watch consumer settles");
+    assert_eq!(info.delivered.consumer_sequence, 3);
     let (code, _) = p.shutdown().await;
     assert_eq!(code, Some(0));
 }

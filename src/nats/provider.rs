@@ -353,6 +353,11 @@ impl Provider for NatsProvider {
                     pull::Config {
                         durable_name: Some(ask.durable.to_string()),
                         filter_subject: ask.filter_subject.to_string(),
+                        deliver_policy: if ask.last_per_subject {
+                            async_nats::jetstream::consumer::DeliverPolicy::LastPerSubject
+                        } else {
+                            async_nats::jetstream::consumer::DeliverPolicy::All
+                        },
                         ack_policy: AckPolicy::Explicit,
                         max_deliver: if ask.max_deliver > 0 {
                             ask.max_deliver

@@ -143,6 +143,9 @@ pub struct BindAsk<'a> {
     /// A declared consumer module owns the consumer; otherwise the provider creates it.
     pub declared: bool,
     pub dead_letter_subject: Option<&'a str>,
+    /// An undeclared consumer starts at the last message of each subject (a bucket watch: the
+    /// current value of every key, then each change) instead of the first message.
+    pub last_per_subject: bool,
     /// The trigger promises id order (`max_in_flight: 1`): one active subscriber per consumer.
     /// Otherwise a provider may let subscribers in several processes share the consumer.
     pub ordered: bool,
