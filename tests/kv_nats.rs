@@ -226,8 +226,15 @@ async fn kv_step(p: &common::Plugin, config: &str) -> Result<Json, String> {
 async fn kv_step_put_get_conflict_delete_and_keys_through_the_binary() {
     let server = NatsServer::start();
     let (js, _, _) = js(&server.url()).await;
-    bucket_stream(&js, "sessions", 3).await;
     let mut p = plugin(&server).await;
+    // The bucket module creates it at Start, as the server keeps buckets.
+    p.module_up("eventbus.kv", "sessions", "bucket: sessions\nhistory: 3\n")
+        .await;
+    let e = p
+        .create_module("eventbus.kv", "bad", "bucket: a.b\nhistory: 65\n")
+        .await
+        .unwrap_err();
+    assert!(e.contains("bucket") && e.contains("history"), "{e}");
 
     let put = kv_step(
         &p,

@@ -16,6 +16,7 @@ pub enum ModuleKind {
     Broker,
     Stream,
     Consumer,
+    Kv,
 }
 
 impl ModuleKind {
@@ -24,6 +25,7 @@ impl ModuleKind {
             ModuleKind::Broker => "ClusterConfig",
             ModuleKind::Stream => "StreamConfig",
             ModuleKind::Consumer => "ConsumerConfig",
+            ModuleKind::Kv => "KvBucketConfig",
         }
     }
 }
@@ -33,9 +35,11 @@ pub const MODULE_TYPES: &[(&str, ModuleKind)] = &[
     ("infra.eventbus", ModuleKind::Broker),
     ("infra.eventbus.stream", ModuleKind::Stream),
     ("infra.eventbus.consumer", ModuleKind::Consumer),
+    ("infra.eventbus.kv", ModuleKind::Kv),
     ("eventbus.broker", ModuleKind::Broker),
     ("eventbus.stream", ModuleKind::Stream),
     ("eventbus.consumer", ModuleKind::Consumer),
+    ("eventbus.kv", ModuleKind::Kv),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
