@@ -472,3 +472,92 @@ async fn kv_trigger_fires_on_key_changes_through_the_trigger_worker() {
     let (code, _) = p.shutdown().await;
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test]
+async fn kv_entry_plan_apply_update_replace_drift_import_destroy() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let (js, _, _) = js(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Wfctl::new(dir.path());
+    let entry = |key: &str, value: &str| {
+        Res::new(
+            "greeting",
+            "infra.eventbus.kv_entry",
+            json!({"bucket": "cache", "key": key, "value": value, "servers": [url],
+                "depends_on": ["cache"]}),
+        )
+    };
+    // Without its bucket: one line saying to apply the bucket first.
+    let (_, errors) = w.apply(&[entry("hello", "world")]).await;
+    assert!(
+        errors.len() == 1 && errors[0].contains("apply its infra.eventbus.kv first"),
+        "{errors:?}"
+    );
+    let mut desired = vec![bucket(&url, json!({})), entry("hello", "world")];
+    let (_, errors) = w.apply(&desired).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(w.state["greeting"].provider_id, "servers/cache/hello");
+    let store = js.get_key_value("cache").await.unwrap();
+    assert_eq!(
+        store.get("hello").await.unwrap().as_deref(),
+        Some(&b"world"[..])
+    );
+    assert!(w.plan(&desired).await.is_empty());
+    let rev = w.state["greeting"].outputs["revision"].clone();
+
+    // The value changes in place (a new revision); the key only by replace.
+    desired[1] = entry("hello", "there");
+    let plan = w.plan(&desired).await;
+    assert_eq!(actions(&plan), [("update".into(), "greeting".into())]);
+    assert_eq!(plan[0].paths(), ["value"]);
+    let (_, errors) = w.apply(&desired).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_ne!(w.state["greeting"].outputs["revision"], rev);
+    desired[1] = entry("hi/all", "there");
+    let plan = w.plan(&desired).await;
+    assert_eq!(actions(&plan), [("replace".into(), "greeting".into())]);
+    assert_eq!(plan[0].forced(), ["key"]);
+    let (_, errors) = w.apply(&desired).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(
+        store.get("hello").await.unwrap().is_none(),
+        "the old key went"
+    );
+    assert_eq!(
+        store.get("hi/all").await.unwrap().as_deref(),
+        Some(&b"there"[..])
+    );
+
+    // A write behind our back is CONFIG drift on the value; a delete is GHOST.
+    store.put("hi/all", "other".into()).await.unwrap();
+    let drifts = w.drift().await.unwrap();
+    let d = drifts.iter().find(|d| d.name == "greeting").unwrap();
+    assert_eq!(d.class, DriftClass::Config as i32, "{drifts:?}");
+    assert_eq!(d.fields, ["value"]);
+    store.delete("hi/all").await.unwrap();
+    let drifts = w.drift().await.unwrap();
+    assert!(drifts
+        .iter()
+        .any(|d| d.name == "greeting" && d.class == DriftClass::Ghost as i32));
+    store.put("hi/all", "there".into()).await.unwrap();
+
+    // Import by provider_id: the key part may hold '/'.
+    let l = w.load().await;
+    let imported = l
+        .required
+        .clone()
+        .import(eventbus_plugin::pb::iac::ImportRequest {
+            provider_id: "servers/cache/hi/all".into(),
+            resource_type: "infra.eventbus.kv_entry".into(),
+        })
+        .await;
+    l.close().await;
+    // A `servers/...` id names no recorded broker to dial: one line saying how to fix it.
+    let e = imported.unwrap_err().message().to_string();
+    assert!(e.contains("no broker") && !e.contains('\n'), "{e}");
+
+    let r = w.destroy().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(js.get_key_value("cache").await.is_err());
+}

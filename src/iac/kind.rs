@@ -8,18 +8,26 @@ pub const BROKER_TYPE: &str = "infra.eventbus";
 pub const STREAM_TYPE: &str = "infra.eventbus.stream";
 pub const CONSUMER_TYPE: &str = "infra.eventbus.consumer";
 pub const KV_TYPE: &str = "infra.eventbus.kv";
+pub const KV_ENTRY_TYPE: &str = "infra.eventbus.kv_entry";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Consumer,
+    KvEntry,
     Kv,
     Stream,
     Broker,
 }
 
 impl Kind {
-    /// In deletion order: consumers, then streams and buckets, then brokers.
-    pub const DELETE_ORDER: [Kind; 4] = [Kind::Consumer, Kind::Kv, Kind::Stream, Kind::Broker];
+    /// In deletion order: consumers and keys, then streams and buckets, then brokers.
+    pub const DELETE_ORDER: [Kind; 5] = [
+        Kind::Consumer,
+        Kind::KvEntry,
+        Kind::Kv,
+        Kind::Stream,
+        Kind::Broker,
+    ];
 
     pub fn parse(type_name: &str) -> Result<Kind, DriverError> {
         match type_name {
@@ -27,6 +35,7 @@ impl Kind {
             STREAM_TYPE => Ok(Kind::Stream),
             CONSUMER_TYPE => Ok(Kind::Consumer),
             KV_TYPE => Ok(Kind::Kv),
+            KV_ENTRY_TYPE => Ok(Kind::KvEntry),
             "" => Err(DriverError::EmptyType {
                 known: Kind::ALL.map(Kind::type_name).join(", "),
             }),
@@ -38,7 +47,13 @@ impl Kind {
     }
 
     /// Every kind, in the order capabilities list them.
-    pub const ALL: [Kind; 4] = [Kind::Broker, Kind::Stream, Kind::Consumer, Kind::Kv];
+    pub const ALL: [Kind; 5] = [
+        Kind::Broker,
+        Kind::Stream,
+        Kind::Consumer,
+        Kind::Kv,
+        Kind::KvEntry,
+    ];
 
     pub fn type_name(self) -> &'static str {
         match self {
@@ -46,6 +61,7 @@ impl Kind {
             Kind::Stream => STREAM_TYPE,
             Kind::Consumer => CONSUMER_TYPE,
             Kind::Kv => KV_TYPE,
+            Kind::KvEntry => KV_ENTRY_TYPE,
         }
     }
 }

@@ -112,6 +112,7 @@ pub const IAC_RESOURCE_TYPES: &[&str] = &[
     "infra.eventbus.stream",
     "infra.eventbus.consumer",
     "infra.eventbus.kv",
+    "infra.eventbus.kv_entry",
 ];
 
 pub fn qualified(message: &str) -> String {

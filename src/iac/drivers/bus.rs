@@ -2,6 +2,7 @@
 //! (`drivers::nats`) and pgchannel (`drivers::pg`) implement it; `drivers::route` chooses one
 //! per call.
 
+use super::kv_entry::KvEntrySpec;
 use super::{Ctx, Output};
 use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
@@ -76,6 +77,10 @@ pub(crate) trait BusProvider: Sync {
     fn consumers(&self) -> &dyn Ops<ConsumerSpec>;
     /// Key-value buckets; `None` when the provider has none (`route` refuses them, one line).
     fn buckets(&self) -> Option<&dyn Ops<KvSpec>> {
+        None
+    }
+    /// Keys of key-value buckets; `None` with `buckets`.
+    fn entries(&self) -> Option<&dyn Ops<KvEntrySpec>> {
         None
     }
 }

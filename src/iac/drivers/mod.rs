@@ -8,6 +8,7 @@ pub mod broker;
 mod bus;
 pub mod consumer;
 pub mod kv;
+pub mod kv_entry;
 mod nats;
 pub mod pg;
 mod route;
@@ -35,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-pub use crate::iac::kind::{Kind, BROKER_TYPE, CONSUMER_TYPE, KV_TYPE, STREAM_TYPE};
+pub use crate::iac::kind::{Kind, BROKER_TYPE, CONSUMER_TYPE, KV_ENTRY_TYPE, KV_TYPE, STREAM_TYPE};
 
 impl Kind {
     /// The driver of this kind: the one place that maps a resource type to its code.
@@ -45,6 +46,7 @@ impl Kind {
             Kind::Stream => &StreamDriver,
             Kind::Consumer => &ConsumerDriver,
             Kind::Kv => &KvDriver,
+            Kind::KvEntry => &KvEntryDriver,
         }
     }
 }
@@ -251,6 +253,7 @@ pub struct BrokerDriver;
 pub struct StreamDriver;
 pub struct ConsumerDriver;
 pub struct KvDriver;
+pub struct KvEntryDriver;
 
 /// The broker a stream or consumer spec resolves to, when that can be decided without I/O.
 pub fn desired_broker(

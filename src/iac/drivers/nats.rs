@@ -2,6 +2,7 @@
 //! `consumer`) behind the provider seam of `route`.
 
 use super::bus::{BusProvider, Ops};
+use super::kv_entry::{self, KvEntrySpec};
 use super::{broker, consumer, desired_broker, kv, stream, Ctx, Output};
 use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
@@ -19,6 +20,7 @@ struct Brokers;
 struct Streams;
 struct Consumers;
 struct Buckets;
+struct Entries;
 
 impl BusProvider for Nats {
     fn brokers(&self) -> &dyn Ops<BrokerDesired> {
@@ -32,6 +34,9 @@ impl BusProvider for Nats {
     }
     fn buckets(&self) -> Option<&dyn Ops<KvSpec>> {
         Some(&Buckets)
+    }
+    fn entries(&self) -> Option<&dyn Ops<KvEntrySpec>> {
+        Some(&Entries)
     }
 }
 
@@ -230,5 +235,36 @@ impl Ops<KvSpec> for Buckets {
         broker: &str,
     ) -> Result<Vec<(String, Output)>, DriverError> {
         kv::enumerate(ctx, broker).await
+    }
+}
+
+#[tonic::async_trait]
+impl Ops<KvEntrySpec> for Entries {
+    fn diff(
+        &self,
+        _: &str,
+        spec: &KvEntrySpec,
+        state: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<Change>, DriverError> {
+        let b = desired_broker(&spec.broker_ref, &spec.servers, state);
+        Ok(kv_entry::diff(spec, b.as_deref(), current))
+    }
+    async fn apply(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        spec: &KvEntrySpec,
+    ) -> Result<Output, DriverError> {
+        kv_entry::apply(ctx, name, spec).await
+    }
+    async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        kv_entry::read(ctx, r).await
+    }
+    async fn delete(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        kv_entry::delete(ctx, r).await
+    }
+    async fn health(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        kv_entry::health(ctx, r).await
     }
 }

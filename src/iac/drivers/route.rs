@@ -12,10 +12,12 @@
 
 use super::bus::BusProvider;
 use super::bus::Ops;
+use super::kv_entry::KvEntrySpec;
 use super::{broker, Ctx, Driver, Kind, Output};
 use super::{
     BrokerDriver, ConsumerDriver, KvDriver, StreamDriver, CONSUMER_TYPE, KV_TYPE, STREAM_TYPE,
 };
+use super::{KvEntryDriver, KV_ENTRY_TYPE};
 use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
 use crate::iac::state::ProviderState;
@@ -431,5 +433,91 @@ impl Driver for KvDriver {
             Some(k) => k.enumerate(ctx, b).await,
             None => Ok(Vec::new()),
         }
+    }
+}
+
+/// A provider's bucket keys, or one line saying it has none.
+fn entries(p: Provider, what: &str) -> Result<&'static dyn Ops<KvEntrySpec>, DriverError> {
+    on(p).entries().ok_or_else(|| {
+        DriverError::refused(
+            what,
+            format!(
+                "provider {} has no key-value buckets; {KV_ENTRY_TYPE} needs a NATS broker",
+                p.as_str()
+            ),
+        )
+    })
+}
+
+impl Driver for KvEntryDriver {
+    type Spec = KvEntrySpec;
+    const KIND: Kind = Kind::KvEntry;
+    const TIER: i32 = 2;
+    const DRIFT_KEYS: &'static [&'static str] = &["value"];
+    fn decode(name: &str, config_json: &[u8]) -> Result<KvEntrySpec, DriverError> {
+        super::kv_entry::decode(name, config_json)
+    }
+    fn diff(
+        name: &str,
+        spec: &KvEntrySpec,
+        state: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<Change>, DriverError> {
+        let what = format!("{KV_ENTRY_TYPE} {name:?}");
+        entries(
+            by_spec(state, &spec.broker_ref, &spec.servers, current),
+            &what,
+        )?
+        .diff(name, spec, state, current)
+    }
+    async fn apply(ctx: &Ctx, name: &str, spec: &KvEntrySpec) -> Result<Output, DriverError> {
+        let state = ctx.state.load()?;
+        let what = format!("{KV_ENTRY_TYPE} {name:?}");
+        entries(
+            by_spec(&state, &spec.broker_ref, &spec.servers, &Json::Null),
+            &what,
+        )?
+        .apply(ctx, name, spec)
+        .await
+    }
+    async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        let what = format!("{KV_ENTRY_TYPE} {:?}", r.name);
+        entries(by_ref(ctx, r, KV_ENTRY_TYPE)?, &what)?
+            .read(ctx, r)
+            .await
+    }
+    async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        let what = format!("{KV_ENTRY_TYPE} {:?}", r.name);
+        entries(by_ref(ctx, r, KV_ENTRY_TYPE)?, &what)?
+            .delete(ctx, r)
+            .await
+    }
+    async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        let what = format!("{KV_ENTRY_TYPE} {:?}", r.name);
+        entries(by_ref(ctx, r, KV_ENTRY_TYPE)?, &what)?
+            .health(ctx, r)
+            .await
+    }
+    /// Keys are not enumerated: a bucket may hold millions; import them by provider_id.
+    async fn enumerate(_: &Ctx, _: &str) -> Result<Vec<(String, Output)>, DriverError> {
+        Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgchannel_refuses_buckets_in_one_line_through_the_seam() {
+        let e = buckets(Provider::Pgchannel, "infra.eventbus.kv \"cache\"")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("pgchannel") && e.contains("no key-value buckets") && !e.contains('\n'),
+            "{e}"
+        );
+        assert!(buckets(Provider::Nats, "x").is_ok());
     }
 }

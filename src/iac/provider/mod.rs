@@ -51,6 +51,7 @@ pub enum Desired {
     Stream(StreamSpec),
     Consumer(ConsumerSpec),
     Kv(KvSpec),
+    KvEntry(drivers::kv_entry::KvEntrySpec),
 }
 
 impl Desired {
@@ -60,6 +61,7 @@ impl Desired {
             Kind::Stream => Desired::Stream(StreamDriver::decode(name, config_json)?),
             Kind::Consumer => Desired::Consumer(ConsumerDriver::decode(name, config_json)?),
             Kind::Kv => Desired::Kv(drivers::KvDriver::decode(name, config_json)?),
+            Kind::KvEntry => Desired::KvEntry(drivers::KvEntryDriver::decode(name, config_json)?),
         })
     }
 }
@@ -321,6 +323,7 @@ fn check_ref(kind: Kind, r: &ResourceRef) -> Result<(), DriverError> {
         Kind::Stream => "<broker>/<STREAM>",
         Kind::Consumer => "<broker>/<STREAM>/<durable>",
         Kind::Kv => "<broker>/<KV_bucket>",
+        Kind::KvEntry => "<broker>/<bucket>/<key>",
     };
     let wrong = |msg: String| {
         bad(
@@ -331,6 +334,13 @@ fn check_ref(kind: Kind, r: &ResourceRef) -> Result<(), DriverError> {
     let parts: Vec<&str> = match kind {
         Kind::Broker => vec![pid],
         Kind::Stream | Kind::Kv => pid.rsplitn(2, '/').collect(),
+        // A key may hold '/': the broker and bucket come first.
+        Kind::KvEntry => pid
+            .splitn(3, '/')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect(),
         Kind::Consumer => pid.rsplitn(3, '/').collect(),
     };
     let Some(broker) = parts
@@ -348,6 +358,12 @@ fn check_ref(kind: Kind, r: &ResourceRef) -> Result<(), DriverError> {
         return Err(wrong(format!(
             "the broker part has more than {MAX_REF_NAME} bytes or a control character"
         )));
+    }
+    if kind == Kind::KvEntry {
+        return crate::nats::kv::check_bucket(parts[1])
+            .map_err(|e| format!("the bucket name {e}"))
+            .and_then(|_| crate::nats::kv::check_key(parts[0]).map_err(|e| format!("the key {e}")))
+            .map_err(wrong);
     }
     let names = [
         ("stream", parts.len().checked_sub(2)),

@@ -84,7 +84,7 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
                     Desired::Stream(s) => {
                         streams.insert(s.name.clone());
                     }
-                    Desired::Consumer(_) | Desired::Kv(_) => {}
+                    Desired::Consumer(_) | Desired::Kv(_) | Desired::KvEntry(_) => {}
                 }
                 decoded.push((spec.name.clone(), d));
             }
@@ -115,6 +115,7 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
             Desired::Broker(_) => continue,
             Desired::Stream(s) => (&s.broker_ref, &s.servers, Some(s.replicas as u32), None),
             Desired::Consumer(c) => (&c.broker_ref, &c.servers, None, Some(&c.stream)),
+            Desired::KvEntry(e) => (&e.broker_ref, &e.servers, None, None),
             Desired::Kv(k) => (
                 &k.stream.broker_ref,
                 &k.stream.servers,
@@ -127,14 +128,18 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
             let refused = match d {
                 Desired::Stream(s) => drivers::pg::stream::def(name, s).err(),
                 Desired::Consumer(c) => drivers::pg::consumer::def(name, c).err(),
-                Desired::Kv(_) => {
+                Desired::Kv(_) | Desired::KvEntry(_) => {
                     out.push(diag(
                         Error,
                         name,
                         "broker_ref",
                         format!(
                             "{} {name:?}: provider pgchannel has no key-value buckets; they need a NATS broker",
-                            drivers::KV_TYPE
+                            if matches!(d, Desired::Kv(_)) {
+                                drivers::KV_TYPE
+                            } else {
+                                drivers::KV_ENTRY_TYPE
+                            }
                         ),
                     ));
                     None
