@@ -111,6 +111,7 @@ async fn loads_like_wfctl_with_any_config_and_passes_the_capabilities_gate() {
             CONSUMER,
             "infra.eventbus.kv",
             "infra.eventbus.kv_entry",
+            "infra.eventbus.object_store",
             STREAM
         ]
     );

@@ -561,3 +561,76 @@ async fn kv_entry_plan_apply_update_replace_drift_import_destroy() {
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(js.get_key_value("cache").await.is_err());
 }
+
+#[tokio::test]
+async fn object_store_plan_apply_replan_update_replace_drift_destroy() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let (js, _, _) = js(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Wfctl::new(dir.path());
+    let mut desired = vec![Res::new(
+        "files",
+        "infra.eventbus.object_store",
+        json!({"bucket": "files", "servers": [url], "ttl": "3600s", "max_bucket_size": 1048576,
+            "description": "uploads"}),
+    )];
+    let (plan, errors) = w.apply(&desired).await;
+    assert_eq!(actions(&plan), [("create".into(), "files".into())]);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(w.state["files"].provider_id, "servers/OBJ_files");
+    assert_eq!(w.state["files"].outputs["max_bucket_size"], 1048576);
+    // The client library sees an object store and stores into it.
+    let store = js.get_object_store("files").await.unwrap();
+    let mut data: &[u8] = b"hello";
+    store.put("a.txt", &mut data).await.unwrap();
+    let cfg = |js: jetstream::Context| async move {
+        js.get_stream("OBJ_files")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .clone()
+    };
+    let c = cfg(js.clone()).await;
+    assert_eq!(c.subjects, ["$O.files.C.>", "$O.files.M.>"]);
+    assert!(c.allow_rollup && c.allow_direct);
+    assert!(w.plan(&desired).await.is_empty(), "re-plan is a no-op");
+
+    desired[0].config["max_bucket_size"] = json!(2097152);
+    let plan = w.plan(&desired).await;
+    assert_eq!(actions(&plan), [("update".into(), "files".into())]);
+    assert_eq!(plan[0].paths(), ["max_bucket_size"]);
+    let (_, errors) = w.apply(&desired).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(cfg(js.clone()).await.max_bytes, 2097152);
+    assert!(
+        store.get("a.txt").await.is_ok(),
+        "an update keeps the objects"
+    );
+
+    let mut changed = cfg(js.clone()).await;
+    changed.max_age = Duration::from_secs(7200);
+    js.update_stream(changed).await.unwrap();
+    let drifts = w.drift().await.unwrap();
+    let d = drifts.iter().find(|d| d.name == "files").unwrap();
+    assert_eq!(d.class, DriftClass::Config as i32, "{drifts:?}");
+    assert_eq!(d.fields, ["ttl"]);
+
+    desired[0].config["storage"] = json!("STORAGE_TYPE_MEMORY");
+    let plan = w.plan(&desired).await;
+    assert_eq!(actions(&plan), [("replace".into(), "files".into())]);
+    assert_eq!(plan[0].forced(), ["storage"]);
+    let (_, errors) = w.apply(&desired).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        cfg(js.clone()).await.storage,
+        jetstream::stream::StorageType::Memory
+    );
+
+    let r = w.destroy().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(js.get_stream("OBJ_files").await.is_err());
+}

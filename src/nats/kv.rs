@@ -15,7 +15,7 @@ use crate::nats::settings::{self, Setting};
 use crate::nats::stream::StreamSpec;
 use crate::nats::NatsError;
 use crate::pb::eventbus::{
-    DiscardPolicy, KvBucketConfig, StreamCompression, StreamConfig, StreamSource,
+    DiscardPolicy, KvBucketConfig, ObjectStoreConfig, StreamCompression, StreamConfig, StreamSource,
 };
 use crate::secret::quote;
 use async_nats::jetstream::stream;
@@ -26,7 +26,8 @@ pub const MAX_HISTORY: i32 = 64;
 /// The longest key accepted: with `$KV.<bucket>.` in front it stays far below the subject bound.
 pub const MAX_KEY_LEN: usize = 512;
 
-/// (bucket setting, stream setting): the one mapping between the two vocabularies.
+/// (bucket setting, stream setting): the one mapping between a key-value bucket's settings and
+/// its stream's.
 pub const FIELDS: &[(&str, &str)] = &[
     ("bucket", "name"),
     ("description", "description"),
@@ -44,36 +45,91 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("limit_marker_ttl", "subject_delete_marker_ttl"),
 ];
 
-/// The bucket setting a stream setting shows as (`allow_msg_ttl` is `limit_marker_ttl`'s
-/// switch); the stream name when it is no bucket setting.
-pub fn kv_field(stream_field: &str) -> &str {
-    if stream_field == "allow_msg_ttl" {
-        return "limit_marker_ttl";
+/// The same mapping for an object store's settings.
+pub const OBJ_FIELDS: &[(&str, &str)] = &[
+    ("bucket", "name"),
+    ("description", "description"),
+    ("ttl", "max_age"),
+    ("max_bucket_size", "max_bytes"),
+    ("storage", "storage"),
+    ("num_replicas", "num_replicas"),
+    ("compression", "compression"),
+    ("placement", "placement"),
+];
+
+/// How one kind of bucket (key-value or object store) is kept as a stream: the stream name's
+/// prefix, the stream settings its own settings are, and what every such stream has.
+#[derive(Debug)]
+pub struct Vocab {
+    pub prefix: &'static str,
+    pub fields: &'static [(&'static str, &'static str)],
+    /// The stream flags every bucket of this kind has set.
+    pub fixed: &'static [&'static str],
+    pub subjects: fn(&str) -> Vec<String>,
+}
+
+pub static KV: Vocab = Vocab {
+    prefix: "KV_",
+    fields: FIELDS,
+    fixed: &["deny_delete", "allow_rollup_hdrs", "allow_direct"],
+    subjects: |b| vec![format!("$KV.{b}.>")],
+};
+
+pub static OBJ: Vocab = Vocab {
+    prefix: "OBJ_",
+    fields: OBJ_FIELDS,
+    fixed: &["allow_rollup_hdrs", "allow_direct"],
+    subjects: |b| vec![format!("$O.{b}.C.>"), format!("$O.{b}.M.>")],
+};
+
+impl PartialEq for Vocab {
+    fn eq(&self, other: &Vocab) -> bool {
+        self.prefix == other.prefix
     }
-    FIELDS
-        .iter()
-        .find(|(_, s)| *s == stream_field)
-        .map_or(stream_field, |(k, _)| k)
 }
 
-/// The stream setting a bucket setting is.
-pub fn stream_field(kv_field: &str) -> &str {
-    FIELDS
-        .iter()
-        .find(|(k, _)| *k == kv_field)
-        .map_or(kv_field, |(_, s)| s)
+impl Vocab {
+    /// The bucket setting a stream setting shows as (`allow_msg_ttl` is `limit_marker_ttl`'s
+    /// switch); the stream name when it is no bucket setting.
+    pub fn bucket_field<'a>(&self, stream_field: &'a str) -> &'a str {
+        if stream_field == "allow_msg_ttl" {
+            return "limit_marker_ttl";
+        }
+        self.fields
+            .iter()
+            .find(|(_, s)| *s == stream_field)
+            .map_or(stream_field, |(k, _)| k)
+    }
+
+    /// The stream setting a bucket setting is.
+    pub fn stream_field<'a>(&self, bucket_field: &'a str) -> &'a str {
+        self.fields
+            .iter()
+            .find(|(k, _)| *k == bucket_field)
+            .map_or(bucket_field, |(_, s)| s)
+    }
+
+    /// The stream that holds bucket `bucket`.
+    pub fn stream_name(&self, bucket: &str) -> String {
+        format!("{}{bucket}", self.prefix)
+    }
+
+    /// The bucket a stream holds, when it is such a bucket's stream.
+    pub fn bucket_of<'a>(&self, stream: &'a str) -> Option<&'a str> {
+        stream
+            .strip_prefix(self.prefix)
+            .filter(|b| check_bucket(b).is_ok())
+    }
 }
 
-/// The stream that holds bucket `bucket`.
+/// The stream that holds key-value bucket `bucket`.
 pub fn stream_name(bucket: &str) -> String {
-    format!("KV_{bucket}")
+    KV.stream_name(bucket)
 }
 
-/// The bucket a stream holds, when it is a bucket's stream.
+/// The key-value bucket a stream holds, when it is one's.
 pub fn bucket_of(stream: &str) -> Option<&str> {
-    stream
-        .strip_prefix("KV_")
-        .filter(|b| check_bucket(b).is_ok())
+    KV.bucket_of(stream)
 }
 
 /// A bucket name: 1 to 64 of `[A-Za-z0-9_-]` (the stream name is `KV_` + it).
@@ -146,6 +202,7 @@ pub fn check_key_filter(filter: &str) -> Result<(), String> {
 /// A validated bucket: its name, and the stream the server keeps it as.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvSpec {
+    pub vocab: &'static Vocab,
     pub bucket: String,
     pub stream: StreamSpec,
     /// The bucket settings the config sets beyond the limits (`KV_SETTINGS` keys), for the
@@ -282,9 +339,65 @@ impl KvSpec {
         // placement), under their own names; errors name this resource.
         let stream = StreamSpec::validate(type_name, module, &stream_cfg)?;
         p.finish(KvSpec {
+            vocab: &KV,
             bucket: c.bucket.clone(),
             stream,
             settings: kv_settings,
+        })
+    }
+
+    /// An object store: the stream `OBJ_<bucket>` with its chunk and meta subjects.
+    pub fn validate_object_store(
+        type_name: &str,
+        module: &str,
+        c: &ObjectStoreConfig,
+    ) -> Result<KvSpec, ConfigError> {
+        let mut p = Problems::new(type_name, module);
+        p.check("bucket", check_bucket(&c.bucket));
+        if c.max_bucket_size < -1 {
+            p.field(
+                "max_bucket_size",
+                "must be -1 or 0 (unlimited) or a byte count",
+            );
+        }
+        if negative(&c.ttl) {
+            p.field("ttl", "must not be negative");
+        }
+        if !p.is_empty() {
+            return Err(p.into_error());
+        }
+        let stream_cfg = StreamConfig {
+            name: OBJ.stream_name(&c.bucket),
+            subjects: (OBJ.subjects)(&c.bucket),
+            num_replicas: c.num_replicas,
+            max_bytes: c.max_bucket_size,
+            max_age: c.ttl,
+            storage: c.storage,
+            discard: DiscardPolicy::New as i32,
+            description: c.description.clone(),
+            broker_ref: c.broker_ref.clone(),
+            servers: c.servers.clone(),
+            prevent_destroy: c.prevent_destroy,
+            compression: match c.compression {
+                Some(true) => StreamCompression::S2 as i32,
+                Some(false) => StreamCompression::None as i32,
+                None => StreamCompression::Unspecified as i32,
+            },
+            placement: c.placement.clone(),
+            allow_rollup_hdrs: Some(true),
+            allow_direct: Some(true),
+            ..Default::default()
+        };
+        let mut settings = Map::new();
+        if let Some(on) = c.compression {
+            settings.insert("compression".into(), Json::Bool(on));
+        }
+        let stream = StreamSpec::validate(type_name, module, &stream_cfg)?;
+        p.finish(KvSpec {
+            vocab: &OBJ,
+            bucket: c.bucket.clone(),
+            stream,
+            settings,
         })
     }
 
@@ -293,7 +406,7 @@ impl KvSpec {
     pub fn check_server(&self, changed: &[&str], server: &str) -> Result<(), NatsError> {
         let what = format!("bucket {:?}", self.bucket);
         settings::too_old(KV_SETTINGS, &self.settings, &what, server)?;
-        let changed: Vec<&str> = changed.iter().map(|f| kv_field(f)).collect();
+        let changed: Vec<&str> = changed.iter().map(|f| self.vocab.bucket_field(f)).collect();
         if let Some((field, (major, minor))) =
             settings::needs_newer_to_change(KV_SETTINGS, &changed, server)
         {
@@ -308,82 +421,88 @@ impl KvSpec {
     }
 }
 
-/// A stream's outputs (stream vocabulary, `drivers::stream::to_outputs`) as a bucket's.
-pub fn outputs_from_stream(o: &Json) -> Json {
-    let mut out = Map::new();
-    for (kv, st) in FIELDS {
-        let v = o.get(*st).cloned().unwrap_or(Json::Null);
-        let v = match *kv {
-            "bucket" => Json::String(
-                v.as_str()
-                    .map(|s| s.strip_prefix("KV_").unwrap_or(s).to_string())
-                    .unwrap_or_default(),
-            ),
-            "compression" => Json::Bool(v.as_str() == Some("STREAM_COMPRESSION_S2")),
-            "limit_marker_ttl" if o.get("allow_msg_ttl") != Some(&Json::Bool(true)) => Json::Null,
-            _ => v,
-        };
-        out.insert(kv.to_string(), v);
-    }
-    for k in ["broker", "broker_ref", "prevent_destroy", "bind"] {
-        if let Some(v) = o.get(k) {
-            out.insert(k.to_string(), v.clone());
-        }
-    }
-    Json::Object(out)
-}
-
-/// A bucket's outputs back in the stream's vocabulary (what the stream diff reads).
-pub fn outputs_to_stream(o: &Json) -> Json {
-    let mut out = Map::new();
-    for (kv, st) in FIELDS {
-        let Some(v) = o.get(*kv) else { continue };
-        let v = match *kv {
-            "bucket" => Json::String(stream_name(v.as_str().unwrap_or_default())),
-            "compression" => Json::String(
-                if v.as_bool() == Some(true) {
-                    "STREAM_COMPRESSION_S2"
-                } else {
-                    "STREAM_COMPRESSION_NONE"
+impl Vocab {
+    /// A stream's outputs (stream vocabulary, `drivers::stream::to_outputs`) as a bucket's.
+    pub fn outputs_from_stream(&self, o: &Json) -> Json {
+        let mut out = Map::new();
+        for (field, st) in self.fields {
+            let v = o.get(*st).cloned().unwrap_or(Json::Null);
+            let v = match *field {
+                "bucket" => Json::String(
+                    v.as_str()
+                        .map(|s| s.strip_prefix(self.prefix).unwrap_or(s).to_string())
+                        .unwrap_or_default(),
+                ),
+                "compression" => Json::Bool(v.as_str() == Some("STREAM_COMPRESSION_S2")),
+                "limit_marker_ttl" if o.get("allow_msg_ttl") != Some(&Json::Bool(true)) => {
+                    Json::Null
                 }
-                .into(),
-            ),
-            "limit_marker_ttl" => {
-                out.insert("allow_msg_ttl".into(), Json::Bool(!v.is_null()));
-                v.clone()
+                _ => v,
+            };
+            out.insert(field.to_string(), v);
+        }
+        for k in ["broker", "broker_ref", "prevent_destroy", "bind"] {
+            if let Some(v) = o.get(k) {
+                out.insert(k.to_string(), v.clone());
             }
-            _ => v.clone(),
-        };
-        out.insert(st.to_string(), v);
-    }
-    for k in ["broker", "broker_ref", "prevent_destroy", "bind"] {
-        if let Some(v) = o.get(k) {
-            out.insert(k.to_string(), v.clone());
         }
+        Json::Object(out)
     }
-    // What every bucket's stream has, as the stream diff compares it.
-    out.insert("discard".into(), Json::String("DISCARD_POLICY_NEW".into()));
-    for k in ["deny_delete", "allow_rollup_hdrs", "allow_direct"] {
-        out.insert(k.into(), Json::Bool(true));
-    }
-    if let Some(b) = o.get("bucket").and_then(Json::as_str) {
-        let copied = !o.get("mirror").is_none_or(Json::is_null)
-            || o.get("sources")
-                .and_then(Json::as_array)
-                .is_some_and(|s| !s.is_empty());
-        if !copied {
-            out.insert("subjects".into(), serde_json::json!([format!("$KV.{b}.>")]));
-        }
-        if !o.get("mirror").is_none_or(Json::is_null) {
-            out.insert("mirror_direct".into(), Json::Bool(true));
-        }
-    }
-    Json::Object(out)
-}
 
-/// Whether a stream config is a key-value bucket's (as `enumerate` tells buckets from streams).
-pub fn is_bucket_stream(c: &stream::Config) -> bool {
-    bucket_of(&c.name).is_some() && c.max_messages_per_subject >= 1
+    /// A bucket's outputs back in the stream's vocabulary (what the stream diff reads).
+    pub fn outputs_to_stream(&self, o: &Json) -> Json {
+        let mut out = Map::new();
+        for (field, st) in self.fields {
+            let Some(v) = o.get(*field) else { continue };
+            let v = match *field {
+                "bucket" => Json::String(self.stream_name(v.as_str().unwrap_or_default())),
+                "compression" => Json::String(
+                    if v.as_bool() == Some(true) {
+                        "STREAM_COMPRESSION_S2"
+                    } else {
+                        "STREAM_COMPRESSION_NONE"
+                    }
+                    .into(),
+                ),
+                "limit_marker_ttl" => {
+                    out.insert("allow_msg_ttl".into(), Json::Bool(!v.is_null()));
+                    v.clone()
+                }
+                _ => v.clone(),
+            };
+            out.insert(st.to_string(), v);
+        }
+        for k in ["broker", "broker_ref", "prevent_destroy", "bind"] {
+            if let Some(v) = o.get(k) {
+                out.insert(k.to_string(), v.clone());
+            }
+        }
+        // What every such bucket's stream has, as the stream diff compares it.
+        out.insert("discard".into(), Json::String("DISCARD_POLICY_NEW".into()));
+        for k in self.fixed {
+            out.insert(k.to_string(), Json::Bool(true));
+        }
+        if let Some(b) = o.get("bucket").and_then(Json::as_str) {
+            let set = |k: &str| !o.get(k).is_none_or(Json::is_null);
+            let copied = set("mirror")
+                || o.get("sources")
+                    .and_then(Json::as_array)
+                    .is_some_and(|s| !s.is_empty());
+            if !copied {
+                out.insert("subjects".into(), serde_json::json!((self.subjects)(b)));
+            }
+            if set("mirror") {
+                out.insert("mirror_direct".into(), Json::Bool(true));
+            }
+        }
+        Json::Object(out)
+    }
+
+    /// Whether a stream config is this kind of bucket's (as `enumerate` tells them from streams).
+    pub fn is_bucket_stream(&self, c: &stream::Config) -> bool {
+        self.bucket_of(&c.name).is_some()
+            && (self.prefix != "KV_" || c.max_messages_per_subject >= 1)
+    }
 }
 
 #[cfg(test)]
@@ -472,11 +591,11 @@ mod tests {
             "compression": "STREAM_COMPRESSION_S2", "placement": null, "mirror": null, "sources": [],
             "republish": null, "subject_delete_marker_ttl": null, "broker": "bus"
         });
-        let kv = outputs_from_stream(&o);
+        let kv = KV.outputs_from_stream(&o);
         assert_eq!(kv["bucket"], "cache");
         assert_eq!(kv["history"], 5);
         assert_eq!(kv["compression"], true);
-        let back = outputs_to_stream(&kv);
+        let back = KV.outputs_to_stream(&kv);
         for k in [
             "name",
             "max_msgs_per_subject",

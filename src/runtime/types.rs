@@ -113,6 +113,7 @@ pub const IAC_RESOURCE_TYPES: &[&str] = &[
     "infra.eventbus.consumer",
     "infra.eventbus.kv",
     "infra.eventbus.kv_entry",
+    "infra.eventbus.object_store",
 ];
 
 pub fn qualified(message: &str) -> String {

@@ -79,6 +79,10 @@ pub(crate) trait BusProvider: Sync {
     fn buckets(&self) -> Option<&dyn Ops<KvSpec>> {
         None
     }
+    /// Object stores; `None` when the provider has none.
+    fn object_stores(&self) -> Option<&dyn Ops<KvSpec>> {
+        None
+    }
     /// Keys of key-value buckets; `None` with `buckets`.
     fn entries(&self) -> Option<&dyn Ops<KvEntrySpec>> {
         None

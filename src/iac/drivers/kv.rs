@@ -1,4 +1,5 @@
-//! `infra.eventbus.kv`: a JetStream key-value bucket on a NATS broker.
+//! `infra.eventbus.kv` and `infra.eventbus.object_store`: a JetStream key-value bucket or object
+//! store on a NATS broker (one `Vocab` each, `crate::nats::kv`).
 //!
 //! A bucket is the stream `KV_<bucket>` (`crate::nats::kv`), so this driver is the stream
 //! driver in the bucket's vocabulary: apply, read, delete and health are the stream's
@@ -7,12 +8,12 @@
 //! broker's release cannot change in place, what a replace deletes) is the stream's too.
 
 use super::stream::{self, Shape};
-use super::{desired_broker, Ctx, Output, KV_TYPE};
+use super::{desired_broker, Ctx, Output, KV_TYPE, OBJECT_STORE_TYPE};
 use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
 use crate::iac::state::ProviderState;
-use crate::nats::kv::{self, KvSpec};
-use crate::pb::eventbus::KvBucketConfig;
+use crate::nats::kv::{KvSpec, Vocab, KV, OBJ};
+use crate::pb::eventbus::{KvBucketConfig, ObjectStoreConfig};
 use crate::pb::iac::ResourceRef;
 use async_nats::jetstream::stream::Config as StreamConfig;
 use serde_json::Value as Json;
@@ -28,20 +29,53 @@ pub fn decode(name: &str, config_json: &[u8]) -> Result<KvSpec, DriverError> {
     })
 }
 
-fn to_outputs(c: &StreamConfig, f: &stream::Flags) -> Json {
-    kv::outputs_from_stream(&stream::to_outputs(c, f))
+pub fn decode_object_store(name: &str, config_json: &[u8]) -> Result<KvSpec, DriverError> {
+    let what = format!("{OBJECT_STORE_TYPE} {name:?}");
+    let mut m = super::config_object(&what, config_json)?;
+    for k in stream::WFCTL_INJECTED {
+        m.remove(*k);
+    }
+    super::decode_config(
+        OBJECT_STORE_TYPE,
+        name,
+        "ObjectStoreConfig",
+        m,
+        |c: ObjectStoreConfig| Ok(KvSpec::validate_object_store(OBJECT_STORE_TYPE, name, &c)?),
+    )
 }
 
-const SHAPE: Shape = Shape {
+fn kv_outputs(c: &StreamConfig, f: &stream::Flags) -> Json {
+    KV.outputs_from_stream(&stream::to_outputs(c, f))
+}
+
+fn obj_outputs(c: &StreamConfig, f: &stream::Flags) -> Json {
+    OBJ.outputs_from_stream(&stream::to_outputs(c, f))
+}
+
+const KV_SHAPE: Shape = Shape {
     type_name: KV_TYPE,
-    outputs: to_outputs,
+    outputs: kv_outputs,
 };
 
+const OBJ_SHAPE: Shape = Shape {
+    type_name: OBJECT_STORE_TYPE,
+    outputs: obj_outputs,
+};
+
+/// The resource type a kind of bucket is served as.
+fn shape(v: &Vocab) -> &'static Shape {
+    if *v == OBJ {
+        &OBJ_SHAPE
+    } else {
+        &KV_SHAPE
+    }
+}
+
 /// Stream-vocabulary changes renamed into the bucket's, their values as bucket outputs show them.
-fn renamed(changes: Vec<Change>, want: &Json, current: &Json) -> Vec<Change> {
+fn renamed(v: &Vocab, changes: Vec<Change>, want: &Json, current: &Json) -> Vec<Change> {
     let mut out: Vec<Change> = Vec::new();
     for mut c in changes {
-        let path = kv::kv_field(&c.path).to_string();
+        let path = v.bucket_field(&c.path).to_string();
         if path == "destroys" || path == "prevent_destroy" || path == "bind" || path == "broker" {
             out.push(c);
             continue;
@@ -58,24 +92,27 @@ fn renamed(changes: Vec<Change>, want: &Json, current: &Json) -> Vec<Change> {
 }
 
 /// Bucket-vocabulary changes back in the stream's (for the stream's live check).
-fn to_stream_paths(changes: Vec<Change>) -> Vec<Change> {
+fn to_stream_paths(v: &Vocab, changes: Vec<Change>) -> Vec<Change> {
     changes
         .into_iter()
         .map(|mut c| {
-            c.path = kv::stream_field(&c.path).to_string();
+            c.path = v.stream_field(&c.path).to_string();
             c
         })
         .collect()
 }
 
 pub fn desired_outputs(spec: &KvSpec, broker: &str) -> Json {
-    kv::outputs_from_stream(&stream::desired_outputs(&spec.stream, broker))
+    spec.vocab
+        .outputs_from_stream(&stream::desired_outputs(&spec.stream, broker))
 }
 
 pub fn diff(spec: &KvSpec, state: &ProviderState, current: &Json) -> Vec<Change> {
     let b = desired_broker(&spec.stream.broker_ref, &spec.stream.servers, state);
-    let changes = stream::diff(&spec.stream, b.as_deref(), &kv::outputs_to_stream(current));
+    let current_stream = spec.vocab.outputs_to_stream(current);
+    let changes = stream::diff(&spec.stream, b.as_deref(), &current_stream);
     renamed(
+        spec.vocab,
         changes,
         &desired_outputs(spec, b.as_deref().unwrap_or_default()),
         current,
@@ -100,8 +137,9 @@ pub async fn plan_report(
         .iter()
         .map(|c| (c.path.clone(), c.old.clone()))
         .collect();
-    let reported = stream::live_report(ctx, state, Some(live), to_stream_paths(changes)).await;
-    renamed(reported, &want, &Json::Object(current))
+    let changes = to_stream_paths(spec.vocab, changes);
+    let reported = stream::live_report(ctx, state, Some(live), changes).await;
+    renamed(spec.vocab, reported, &want, &Json::Object(current))
 }
 
 pub async fn apply(ctx: &Ctx, resource: &str, spec: &KvSpec) -> Result<Output, DriverError> {
@@ -111,23 +149,27 @@ pub async fn apply(ctx: &Ctx, resource: &str, spec: &KvSpec) -> Result<Output, D
             .unwrap_or_default();
         spec.check_server(&changed, server)
     };
-    stream::apply_as(ctx, resource, &spec.stream, &SHAPE, &check).await
+    stream::apply_as(ctx, resource, &spec.stream, shape(spec.vocab), &check).await
 }
 
-pub async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
-    stream::read_as(ctx, r, &SHAPE, &kv::stream_name(&r.name)).await
+pub async fn read(ctx: &Ctx, r: &ResourceRef, v: &Vocab) -> Result<Output, DriverError> {
+    stream::read_as(ctx, r, shape(v), &v.stream_name(&r.name)).await
 }
 
-pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
-    stream::delete_as(ctx, r, &SHAPE).await
+pub async fn delete(ctx: &Ctx, r: &ResourceRef, v: &Vocab) -> Result<(), DriverError> {
+    stream::delete_as(ctx, r, shape(v)).await
 }
 
-pub async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
-    stream::health_as(ctx, r, &SHAPE).await
+pub async fn health(ctx: &Ctx, r: &ResourceRef, v: &Vocab) -> Result<(bool, String), DriverError> {
+    stream::health_as(ctx, r, shape(v)).await
 }
 
-/// The buckets on `broker`, for import-all.
-pub async fn enumerate(ctx: &Ctx, broker: &str) -> Result<Vec<(String, Output)>, DriverError> {
+/// The buckets of kind `v` on `broker`, for import-all.
+pub async fn enumerate(
+    ctx: &Ctx,
+    broker: &str,
+    v: &Vocab,
+) -> Result<Vec<(String, Output)>, DriverError> {
     let flags = stream::Flags {
         broker: broker.to_string(),
         broker_ref: broker.to_string(),
@@ -136,12 +178,12 @@ pub async fn enumerate(ctx: &Ctx, broker: &str) -> Result<Vec<(String, Output)>,
     Ok(stream::list(ctx, broker)
         .await?
         .into_iter()
-        .filter(|(_, cfg)| kv::is_bucket_stream(cfg))
+        .filter(|(_, cfg)| v.is_bucket_stream(cfg))
         .map(|(provider_id, cfg)| {
-            let name = kv::bucket_of(&cfg.name).unwrap_or_default().to_string();
+            let name = v.bucket_of(&cfg.name).unwrap_or_default().to_string();
             let output = Output {
                 provider_id,
-                outputs: to_outputs(&cfg, &flags),
+                outputs: (shape(v).outputs)(&cfg, &flags),
                 sensitive: Vec::new(),
                 status: "running".into(),
             };

@@ -19,7 +19,10 @@ pub(crate) static NATS: Nats = Nats;
 struct Brokers;
 struct Streams;
 struct Consumers;
-struct Buckets;
+/// Key-value buckets or object stores (each kept as a stream).
+struct Buckets(&'static crate::nats::kv::Vocab);
+static KV_BUCKETS: Buckets = Buckets(&crate::nats::kv::KV);
+static OBJECT_STORES: Buckets = Buckets(&crate::nats::kv::OBJ);
 struct Entries;
 
 impl BusProvider for Nats {
@@ -33,7 +36,10 @@ impl BusProvider for Nats {
         &Consumers
     }
     fn buckets(&self) -> Option<&dyn Ops<KvSpec>> {
-        Some(&Buckets)
+        Some(&KV_BUCKETS)
+    }
+    fn object_stores(&self) -> Option<&dyn Ops<KvSpec>> {
+        Some(&OBJECT_STORES)
     }
     fn entries(&self) -> Option<&dyn Ops<KvEntrySpec>> {
         Some(&Entries)
@@ -221,20 +227,20 @@ impl Ops<KvSpec> for Buckets {
         kv::apply(ctx, name, spec).await
     }
     async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
-        kv::read(ctx, r).await
+        kv::read(ctx, r, self.0).await
     }
     async fn delete(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
-        kv::delete(ctx, r).await
+        kv::delete(ctx, r, self.0).await
     }
     async fn health(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
-        kv::health(ctx, r).await
+        kv::health(ctx, r, self.0).await
     }
     async fn enumerate(
         &self,
         ctx: &Ctx,
         broker: &str,
     ) -> Result<Vec<(String, Output)>, DriverError> {
-        kv::enumerate(ctx, broker).await
+        kv::enumerate(ctx, broker, self.0).await
     }
 }
 

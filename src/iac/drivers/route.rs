@@ -15,7 +15,8 @@ use super::bus::Ops;
 use super::kv_entry::KvEntrySpec;
 use super::{broker, Ctx, Driver, Kind, Output};
 use super::{
-    BrokerDriver, ConsumerDriver, KvDriver, StreamDriver, CONSUMER_TYPE, KV_TYPE, STREAM_TYPE,
+    BrokerDriver, BucketDriver, ConsumerDriver, StreamDriver, CONSUMER_TYPE, KV_TYPE,
+    OBJECT_STORE_TYPE, STREAM_TYPE,
 };
 use super::{KvEntryDriver, KV_ENTRY_TYPE};
 use crate::iac::error::DriverError;
@@ -342,40 +343,78 @@ impl Driver for ConsumerDriver {
     }
 }
 
-/// A provider's key-value buckets, or one line saying it has none.
-fn buckets(p: Provider, what: &str) -> Result<&'static dyn Ops<KvSpec>, DriverError> {
-    on(p).buckets().ok_or_else(|| {
+/// A provider's key-value buckets (`OBJECT` false) or object stores, or one line saying it has
+/// none.
+fn buckets<const OBJECT: bool>(
+    p: Provider,
+    what: &str,
+) -> Result<&'static dyn Ops<KvSpec>, DriverError> {
+    let ops = if OBJECT {
+        on(p).object_stores()
+    } else {
+        on(p).buckets()
+    };
+    ops.ok_or_else(|| {
         DriverError::refused(
             what,
             format!(
-                "provider {} has no key-value buckets; {KV_TYPE} needs a NATS broker",
-                p.as_str()
+                "provider {} has no {}; {} needs a NATS broker",
+                p.as_str(),
+                if OBJECT {
+                    "object stores"
+                } else {
+                    "key-value buckets"
+                },
+                BucketDriver::<OBJECT>::TYPE_NAME
             ),
         )
     })
 }
 
-impl Driver for KvDriver {
+impl<const OBJECT: bool> BucketDriver<OBJECT> {
+    const TYPE_NAME: &'static str = if OBJECT { OBJECT_STORE_TYPE } else { KV_TYPE };
+    fn what(name: &str) -> String {
+        format!("{} {name:?}", Self::TYPE_NAME)
+    }
+}
+
+impl<const OBJECT: bool> Driver for BucketDriver<OBJECT> {
     type Spec = KvSpec;
-    const KIND: Kind = Kind::Kv;
+    const KIND: Kind = if OBJECT { Kind::ObjectStore } else { Kind::Kv };
     const TIER: i32 = 2;
-    const DRIFT_KEYS: &'static [&'static str] = &[
-        "history",
-        "ttl",
-        "max_value_size",
-        "max_bucket_size",
-        "storage",
-        "num_replicas",
-        "description",
-        "compression",
-        "placement",
-        "mirror",
-        "sources",
-        "republish",
-        "limit_marker_ttl",
-    ];
+    const DRIFT_KEYS: &'static [&'static str] = if OBJECT {
+        &[
+            "ttl",
+            "max_bucket_size",
+            "storage",
+            "num_replicas",
+            "description",
+            "compression",
+            "placement",
+        ]
+    } else {
+        &[
+            "history",
+            "ttl",
+            "max_value_size",
+            "max_bucket_size",
+            "storage",
+            "num_replicas",
+            "description",
+            "compression",
+            "placement",
+            "mirror",
+            "sources",
+            "republish",
+            "limit_marker_ttl",
+        ]
+    };
     fn decode(name: &str, config_json: &[u8]) -> Result<KvSpec, DriverError> {
-        super::kv::decode(name, config_json)
+        if OBJECT {
+            super::kv::decode_object_store(name, config_json)
+        } else {
+            super::kv::decode(name, config_json)
+        }
     }
     fn diff(
         name: &str,
@@ -384,9 +423,8 @@ impl Driver for KvDriver {
         current: &Json,
     ) -> Result<Vec<Change>, DriverError> {
         let s = &spec.stream;
-        let what = format!("{KV_TYPE} {name:?}");
-        buckets(by_spec(state, &s.broker_ref, &s.servers, current), &what)?
-            .diff(name, spec, state, current)
+        let p = by_spec(state, &s.broker_ref, &s.servers, current);
+        buckets::<OBJECT>(p, &Self::what(name))?.diff(name, spec, state, current)
     }
     async fn plan_report(
         ctx: &Ctx,
@@ -395,43 +433,43 @@ impl Driver for KvDriver {
         changes: Vec<Change>,
     ) -> Vec<Change> {
         let s = &spec.stream;
-        match on(by_spec(state, &s.broker_ref, &s.servers, &Json::Null)).buckets() {
-            Some(b) => b.plan_report(ctx, spec, state, changes).await,
-            None => changes,
+        let p = by_spec(state, &s.broker_ref, &s.servers, &Json::Null);
+        match buckets::<OBJECT>(p, "") {
+            Ok(b) => b.plan_report(ctx, spec, state, changes).await,
+            Err(_) => changes,
         }
     }
     async fn apply(ctx: &Ctx, name: &str, spec: &KvSpec) -> Result<Output, DriverError> {
         let state = ctx.state.load()?;
         let s = &spec.stream;
-        let what = format!("{KV_TYPE} {name:?}");
-        buckets(
-            by_spec(&state, &s.broker_ref, &s.servers, &Json::Null),
-            &what,
-        )?
-        .apply(ctx, name, spec)
-        .await
+        let p = by_spec(&state, &s.broker_ref, &s.servers, &Json::Null);
+        buckets::<OBJECT>(p, &Self::what(name))?
+            .apply(ctx, name, spec)
+            .await
     }
     async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
-        let what = format!("{KV_TYPE} {:?}", r.name);
-        buckets(by_ref(ctx, r, KV_TYPE)?, &what)?.read(ctx, r).await
+        let p = by_ref(ctx, r, Self::TYPE_NAME)?;
+        buckets::<OBJECT>(p, &Self::what(&r.name))?
+            .read(ctx, r)
+            .await
     }
     async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
-        let what = format!("{KV_TYPE} {:?}", r.name);
-        buckets(by_ref(ctx, r, KV_TYPE)?, &what)?
+        let p = by_ref(ctx, r, Self::TYPE_NAME)?;
+        buckets::<OBJECT>(p, &Self::what(&r.name))?
             .delete(ctx, r)
             .await
     }
     async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
-        let what = format!("{KV_TYPE} {:?}", r.name);
-        buckets(by_ref(ctx, r, KV_TYPE)?, &what)?
+        let p = by_ref(ctx, r, Self::TYPE_NAME)?;
+        buckets::<OBJECT>(p, &Self::what(&r.name))?
             .health(ctx, r)
             .await
     }
-    /// None on a broker whose provider has no buckets.
+    /// None on a broker whose provider has no buckets of this kind.
     async fn enumerate(ctx: &Ctx, b: &str) -> Result<Vec<(String, Output)>, DriverError> {
-        match on(by_broker(ctx, b)?).buckets() {
-            Some(k) => k.enumerate(ctx, b).await,
-            None => Ok(Vec::new()),
+        match buckets::<OBJECT>(by_broker(ctx, b)?, "") {
+            Ok(k) => k.enumerate(ctx, b).await,
+            Err(_) => Ok(Vec::new()),
         }
     }
 }
@@ -510,7 +548,7 @@ mod tests {
 
     #[test]
     fn pgchannel_refuses_buckets_in_one_line_through_the_seam() {
-        let e = buckets(Provider::Pgchannel, "infra.eventbus.kv \"cache\"")
+        let e = buckets::<false>(Provider::Pgchannel, "infra.eventbus.kv \"cache\"")
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -518,6 +556,11 @@ mod tests {
             e.contains("pgchannel") && e.contains("no key-value buckets") && !e.contains('\n'),
             "{e}"
         );
-        assert!(buckets(Provider::Nats, "x").is_ok());
+        assert!(buckets::<false>(Provider::Nats, "x").is_ok());
+        let e = buckets::<true>(Provider::Pgchannel, "o")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("no object stores"), "{e}");
     }
 }

@@ -61,6 +61,9 @@ impl Desired {
             Kind::Stream => Desired::Stream(StreamDriver::decode(name, config_json)?),
             Kind::Consumer => Desired::Consumer(ConsumerDriver::decode(name, config_json)?),
             Kind::Kv => Desired::Kv(drivers::KvDriver::decode(name, config_json)?),
+            Kind::ObjectStore => {
+                Desired::Kv(drivers::ObjectStoreDriver::decode(name, config_json)?)
+            }
             Kind::KvEntry => Desired::KvEntry(drivers::KvEntryDriver::decode(name, config_json)?),
         })
     }
@@ -323,6 +326,7 @@ fn check_ref(kind: Kind, r: &ResourceRef) -> Result<(), DriverError> {
         Kind::Stream => "<broker>/<STREAM>",
         Kind::Consumer => "<broker>/<STREAM>/<durable>",
         Kind::Kv => "<broker>/<KV_bucket>",
+        Kind::ObjectStore => "<broker>/<OBJ_bucket>",
         Kind::KvEntry => "<broker>/<bucket>/<key>",
     };
     let wrong = |msg: String| {
@@ -333,7 +337,7 @@ fn check_ref(kind: Kind, r: &ResourceRef) -> Result<(), DriverError> {
     };
     let parts: Vec<&str> = match kind {
         Kind::Broker => vec![pid],
-        Kind::Stream | Kind::Kv => pid.rsplitn(2, '/').collect(),
+        Kind::Stream | Kind::Kv | Kind::ObjectStore => pid.rsplitn(2, '/').collect(),
         // A key may hold '/': the broker and bucket come first.
         Kind::KvEntry => pid
             .splitn(3, '/')

@@ -134,11 +134,13 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
                         name,
                         "broker_ref",
                         format!(
-                            "{} {name:?}: provider pgchannel has no key-value buckets; they need a NATS broker",
-                            if matches!(d, Desired::Kv(_)) {
-                                drivers::KV_TYPE
-                            } else {
-                                drivers::KV_ENTRY_TYPE
+                            "{} {name:?}: provider pgchannel has no key-value buckets or object stores; they need a NATS broker",
+                            match d {
+                                Desired::Kv(k) if *k.vocab == crate::nats::kv::OBJ => {
+                                    drivers::OBJECT_STORE_TYPE
+                                }
+                                Desired::Kv(_) => drivers::KV_TYPE,
+                                _ => drivers::KV_ENTRY_TYPE,
                             }
                         ),
                     ));
