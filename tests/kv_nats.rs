@@ -196,10 +196,11 @@ async fn bucket_plan_apply_replan_update_replace_drift_destroy() {
     assert!(js.get_key_value("cache").await.is_err());
 }
 
-/// Broker `bus` on `server` through the plugin binary (no host callback needed).
-async fn plugin(server: &NatsServer) -> common::Plugin {
+/// Broker `bus` on `server` through the plugin binary, with the host's pipeline `callback`.
+async fn plugin(server: &NatsServer, callback: Option<common::PipelineFn>) -> common::Plugin {
     let p = common::Plugin::launch(common::LaunchOptions {
         env: vec![("NATS_URL".into(), server.url())],
+        callback,
         ..Default::default()
     })
     .await;
@@ -226,7 +227,7 @@ async fn kv_step(p: &common::Plugin, config: &str) -> Result<Json, String> {
 async fn kv_step_put_get_conflict_delete_and_keys_through_the_binary() {
     let server = NatsServer::start();
     let (js, _, _) = js(&server.url()).await;
-    let mut p = plugin(&server).await;
+    let mut p = plugin(&server, None).await;
     // The bucket module creates it at Start, as the server keeps buckets.
     p.module_up("eventbus.kv", "sessions", "bucket: sessions\nhistory: 3\n")
         .await;
@@ -365,18 +366,7 @@ async fn kv_trigger_fires_on_key_changes_through_the_trigger_worker() {
     let store = bucket_stream(&js, "sessions", 2).await;
     store.put("user.1", "a".into()).await.unwrap();
     store.put("admin.1", "x".into()).await.unwrap();
-    let mut p = common::Plugin::launch(common::LaunchOptions {
-        env: vec![("NATS_URL".into(), server.url())],
-        callback: Some(common::ok_pipeline()),
-        ..Default::default()
-    })
-    .await;
-    p.module_up(
-        "eventbus.broker",
-        "bus",
-        "provider: nats\ndeploy_target: self_hosted\n",
-    )
-    .await;
+    let mut p = plugin(&server, Some(common::ok_pipeline())).await;
 
     // Configs that would reach past the bucket are refused, one line per field.
     for (cfg, field_name) in [

@@ -222,7 +222,10 @@ impl Runtime {
                     .await
                     .map_err(|e| RuntimeError::broker(component, e))
             }
-            ModuleHandle::Stream(s) => {
+            h @ (ModuleHandle::Stream(_) | ModuleHandle::Kv(_)) => {
+                let (ModuleHandle::Stream(s) | ModuleHandle::Kv(s)) = &h else {
+                    return Ok(());
+                };
                 let component = format!("{} {:?}", s.type_name, s.module);
                 let Some(broker) = self
                     .inner
@@ -231,22 +234,12 @@ impl Runtime {
                 else {
                     return Ok(());
                 };
-                s.ensure(&broker)
-                    .await
-                    .map_err(|e| RuntimeError::broker(component, e))
-            }
-            ModuleHandle::Kv(s) => {
-                let component = format!("{} {:?}", s.type_name, s.module);
-                let Some(broker) = self
-                    .inner
-                    .registry
-                    .broker_for_module(&s.spec.broker_ref, &component)?
-                else {
-                    return Ok(());
+                let ensured = if matches!(h, ModuleHandle::Kv(_)) {
+                    modules::ensure_bucket(s, &broker).await
+                } else {
+                    s.ensure(&broker).await
                 };
-                modules::ensure_bucket(&s, &broker)
-                    .await
-                    .map_err(|e| RuntimeError::broker(component, e))
+                ensured.map_err(|e| RuntimeError::broker(component, e))
             }
             ModuleHandle::Consumer(c) => {
                 let component = format!("{} {:?}", c.type_name, c.module);

@@ -21,41 +21,36 @@ pub struct KvStep {
     component: String,
 }
 
-/// The checks of one execution's bucket, action, key and filter (also run at Create on values
-/// that hold no template).
+/// The checks of a step's bucket, action, key and key filter, on the values that hold no
+/// template. At Create (`complete` false) an empty value may still come from pipeline state;
+/// at Execute (`complete` true) the action is required and a key with every action but `keys`.
 fn check(
     p: &mut Problems,
-    bucket: &str,
-    action: &str,
-    key: &str,
-    filter: &str,
+    complete: bool,
+    [bucket, action, key, filter]: [&str; 4],
 ) -> Option<KvAction> {
-    if !templated(bucket) {
+    // At Execute templates are resolved: every value given is checked.
+    let fixed = |v: &str| !v.is_empty() && (complete || !templated(v));
+    if fixed(bucket) || complete {
         p.check("bucket", kv::check_bucket(bucket));
     }
-    let act = if action.is_empty() {
+    let act = KvAction::parse(action);
+    if fixed(action) && act.is_none() {
+        p.field(
+            "action",
+            format!(
+                "{} is not valid; use {}",
+                crate::secret::quote(action),
+                KvAction::NAMES
+            ),
+        );
+    } else if complete && action.is_empty() {
         p.field("action", format!("is required: {}", KvAction::NAMES));
-        None
-    } else if templated(action) {
-        None
-    } else {
-        let a = KvAction::parse(action);
-        if a.is_none() {
-            p.field(
-                "action",
-                format!(
-                    "{} is not valid; use {}",
-                    crate::secret::quote(action),
-                    KvAction::NAMES
-                ),
-            );
-        }
-        a
-    };
-    if act.is_some_and(|a| a != KvAction::Keys) && !templated(key) {
+    }
+    if fixed(key) || (complete && act.is_some_and(|a| a != KvAction::Keys)) {
         p.check("key", kv::check_key(key));
     }
-    if !filter.is_empty() && !templated(filter) {
+    if fixed(filter) {
         p.check("keys", kv::check_key_filter(filter));
     }
     act
@@ -68,29 +63,7 @@ impl KvStep {
         match decode::decode::<KvStepConfig>(kind.full_messages().0, raw) {
             Err(lines) => p.raw(lines),
             Ok(c) => {
-                // Only what the config fixes; the rest may come from pipeline state.
-                if !c.bucket.is_empty() && !templated(&c.bucket) {
-                    p.check("bucket", kv::check_bucket(&c.bucket));
-                }
-                if !c.action.is_empty()
-                    && !templated(&c.action)
-                    && KvAction::parse(&c.action).is_none()
-                {
-                    p.field(
-                        "action",
-                        format!(
-                            "{} is not valid; use {}",
-                            crate::secret::quote(&c.action),
-                            KvAction::NAMES
-                        ),
-                    );
-                }
-                if !c.key.is_empty() && !templated(&c.key) {
-                    p.check("key", kv::check_key(&c.key));
-                }
-                if !c.keys.is_empty() && !templated(&c.keys) {
-                    p.check("keys", kv::check_key_filter(&c.keys));
-                }
+                check(&mut p, false, [&c.bucket, &c.action, &c.key, &c.keys]);
                 p.check(
                     "timeout",
                     check_duration(&c.timeout, MAX_DURATION).map(|_| ()),
@@ -115,7 +88,7 @@ impl KvStep {
         let key = pick(&cfg.key, &inp.key);
         let filter = pick(&cfg.keys, &inp.keys);
         let mut p = Problems::new(StepKind::Kv.type_name(), "");
-        let act = check(&mut p, &bucket, &action, &key, &filter);
+        let act = check(&mut p, true, [&bucket, &action, &key, &filter]);
         let act = match act {
             Some(a) if p.is_empty() => a,
             _ => {
