@@ -104,7 +104,17 @@ async fn loads_like_wfctl_with_any_config_and_passes_the_capabilities_gate() {
         .map(|c| c.resource_type.as_str())
         .collect();
     types.sort();
-    assert_eq!(types, [BROKER, CONSUMER, STREAM]);
+    assert_eq!(
+        types,
+        [
+            BROKER,
+            CONSUMER,
+            "infra.eventbus.kv",
+            "infra.eventbus.kv_entry",
+            "infra.eventbus.object_store",
+            STREAM
+        ]
+    );
     assert_eq!(
         l.required
             .clone()

@@ -6,6 +6,7 @@ pub mod conn;
 pub mod consumer;
 pub mod error;
 pub mod guard;
+pub mod kv;
 pub mod loss;
 pub mod names;
 pub mod provider;

@@ -153,6 +153,10 @@ impl Provider for NatsProvider {
         self.conn.request_timeout
     }
 
+    fn key_value(&self) -> Option<async_nats::jetstream::Context> {
+        Some(self.conn.js.clone())
+    }
+
     fn check_token(token: &str) -> Result<(), String> {
         check_ack_token(token)
     }
@@ -353,6 +357,11 @@ impl Provider for NatsProvider {
                     pull::Config {
                         durable_name: Some(ask.durable.to_string()),
                         filter_subject: ask.filter_subject.to_string(),
+                        deliver_policy: if ask.last_per_subject {
+                            async_nats::jetstream::consumer::DeliverPolicy::LastPerSubject
+                        } else {
+                            async_nats::jetstream::consumer::DeliverPolicy::All
+                        },
                         ack_policy: AckPolicy::Explicit,
                         max_deliver: if ask.max_deliver > 0 {
                             ask.max_deliver

@@ -39,6 +39,8 @@ pub(crate) enum ModuleHandle {
     Broker(Arc<BrokerModule>),
     Stream(Arc<StreamModule>),
     Consumer(Arc<ConsumerModule>),
+    /// A key-value bucket: the stream the server keeps it as, declared like a stream module.
+    Kv(Arc<StreamModule>),
     Trigger(Arc<TriggerModule>),
 }
 
@@ -47,7 +49,7 @@ impl ModuleHandle {
     fn module_name(&self) -> Option<&str> {
         match self {
             ModuleHandle::Broker(b) => Some(&b.spec.name),
-            ModuleHandle::Stream(s) => Some(&s.module),
+            ModuleHandle::Stream(s) | ModuleHandle::Kv(s) => Some(&s.module),
             ModuleHandle::Consumer(c) => Some(&c.module),
             ModuleHandle::Trigger(_) => None,
         }
@@ -56,7 +58,7 @@ impl ModuleHandle {
     fn type_name(&self) -> &str {
         match self {
             ModuleHandle::Broker(b) => &b.spec.type_name,
-            ModuleHandle::Stream(s) => &s.type_name,
+            ModuleHandle::Stream(s) | ModuleHandle::Kv(s) => &s.type_name,
             ModuleHandle::Consumer(c) => &c.type_name,
             ModuleHandle::Trigger(_) => types::TRIGGER_TYPE,
         }
@@ -171,6 +173,13 @@ impl Runtime {
                 self.inner.registry.add_stream(m.clone());
                 ModuleHandle::Stream(m)
             }
+            ModuleKind::Kv => {
+                let cfg = decode::decode(&full, raw).map_err(problems)?;
+                let spec = crate::nats::kv::KvSpec::validate(type_name, name, &cfg)?;
+                let m = Arc::new(StreamModule::new(type_name, name, spec.stream));
+                self.inner.registry.add_stream(m.clone());
+                ModuleHandle::Kv(m)
+            }
             ModuleKind::Consumer => {
                 let cfg = decode::decode(&full, raw).map_err(problems)?;
                 let spec = ConsumerSpec::validate(type_name, name, &cfg)?;
@@ -213,7 +222,10 @@ impl Runtime {
                     .await
                     .map_err(|e| RuntimeError::broker(component, e))
             }
-            ModuleHandle::Stream(s) => {
+            h @ (ModuleHandle::Stream(_) | ModuleHandle::Kv(_)) => {
+                let (ModuleHandle::Stream(s) | ModuleHandle::Kv(s)) = &h else {
+                    return Ok(());
+                };
                 let component = format!("{} {:?}", s.type_name, s.module);
                 let Some(broker) = self
                     .inner
@@ -222,9 +234,12 @@ impl Runtime {
                 else {
                     return Ok(());
                 };
-                s.ensure(&broker)
-                    .await
-                    .map_err(|e| RuntimeError::broker(component, e))
+                let ensured = if matches!(h, ModuleHandle::Kv(_)) {
+                    modules::ensure_bucket(s, &broker).await
+                } else {
+                    s.ensure(&broker).await
+                };
+                ensured.map_err(|e| RuntimeError::broker(component, e))
             }
             ModuleHandle::Consumer(c) => {
                 let component = format!("{} {:?}", c.type_name, c.module);
@@ -286,7 +301,9 @@ impl Runtime {
         let removed = write(&self.inner.modules).remove(id);
         match removed {
             Some(ModuleHandle::Broker(b)) => self.inner.registry.remove_broker(&b),
-            Some(ModuleHandle::Stream(s)) => self.inner.registry.remove_stream(&s),
+            Some(ModuleHandle::Stream(s)) | Some(ModuleHandle::Kv(s)) => {
+                self.inner.registry.remove_stream(&s)
+            }
             Some(ModuleHandle::Consumer(c)) => self.inner.registry.remove_consumer(&c),
             _ => {}
         }

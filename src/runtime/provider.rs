@@ -217,6 +217,9 @@ pub struct BindAsk<'a> {
     /// A declared consumer module owns the consumer; otherwise the provider creates it.
     pub declared: bool,
     pub dead_letter_subject: Option<&'a str>,
+    /// An undeclared consumer starts at the last message of each subject (a bucket watch: the
+    /// current value of every key, then each change) instead of the first message.
+    pub last_per_subject: bool,
     /// The trigger promises id order (`max_in_flight: 1`): one active subscriber per consumer.
     /// Otherwise a provider may let subscribers in several processes share the consumer.
     pub ordered: bool,
@@ -408,6 +411,12 @@ pub trait Provider: Clone + Send + Sync + 'static {
     /// StopModule and shutdown: drains and closes the connection (or pool); the handle is not
     /// used again.
     fn close(&self) -> impl Future<Output = ()> + Send;
+
+    /// The JetStream context key-value steps work through; `None` when the provider has no
+    /// key-value buckets (the step refuses, naming the provider).
+    fn key_value(&self) -> Option<async_nats::jetstream::Context> {
+        None
+    }
 
     /// Publishes a copy of `d` to `subject` with the original's headers plus `extra`.
     fn dead_letter(

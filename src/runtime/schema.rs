@@ -43,6 +43,20 @@ pub fn field_doc(message: &str, field: &str) -> Option<(&'static str, bool, &'st
         ("ClusterConfig", "app_platform") => d("deploy_target digitalocean.app_platform: acknowledge_data_loss (required), instance_size, http_port, deploy_timeout", false, ""),
         (_, "prevent_destroy") => d("IaC: refuse to delete this resource", false, "false"),
         (_, "bind") => d("IaC: adopt only; never create (fails when it does not exist)", false, "false"),
+        ("KvBucketConfig", "bucket") => d("Bucket name: letters, digits, '_' and '-' (the server keeps it as the stream KV_<bucket>)", true, ""),
+        ("KvBucketConfig", "description") => d("Description of the bucket", false, ""),
+        ("KvBucketConfig", "history") => d("Values kept per key (1..=64)", false, "1"),
+        ("KvBucketConfig", "ttl") => d("How long a value lives, e.g. 3600s; unset = forever", false, ""),
+        ("KvBucketConfig", "max_value_size") => d("Largest value in bytes; 0 or -1 = unlimited", false, "-1"),
+        ("KvBucketConfig", "max_bucket_size") => d("Size limit of the whole bucket in bytes; 0 or -1 = unlimited", false, "-1"),
+        ("KvBucketConfig", "storage") => d("File or memory storage (changes by replace)", false, "STORAGE_TYPE_FILE"),
+        ("KvBucketConfig", "num_replicas") => d("Replicas (needs a cluster of at least that many servers)", false, "1"),
+        ("KvBucketConfig", "compression") => d("true: S2, false: none (nats-server 2.10+); unset: left as the server has it", false, ""),
+        ("KvBucketConfig", "placement") => d("Cluster and server tags the bucket is placed on", false, ""),
+        ("KvBucketConfig", "mirror") => d("Copy another bucket (name: its bucket name); fixed at creation", false, ""),
+        ("KvBucketConfig", "sources") => d("Buckets whose keys are copied into this one", false, ""),
+        ("KvBucketConfig", "republish") => d("Republish every change to another subject", false, ""),
+        ("KvBucketConfig", "limit_marker_ttl") => d("Per-key TTLs and limit markers kept this long (nats-server 2.11+)", false, ""),
         ("StreamConfig", "name") => d("Stream name (no spaces, dots or wildcards)", true, ""),
         ("StreamConfig", "subjects") => d("Subjects captured by the stream, e.g. orders.>", true, ""),
         ("StreamConfig", "retention_policy") => d("Message retention", false, "RETENTION_POLICY_LIMITS"),
@@ -177,6 +191,10 @@ pub fn module_schemas() -> Vec<ModuleSchema> {
                     "Event bus consumer",
                     "A durable JetStream pull consumer, created or updated in place at Start",
                 ),
+                ModuleKind::Kv => (
+                    "Event bus key-value bucket",
+                    "A JetStream key-value bucket, created or updated in place at Start",
+                ),
             };
             ModuleSchema {
                 r#type: type_name.to_string(),
@@ -246,7 +264,12 @@ mod tests {
 
     #[test]
     fn every_module_config_field_is_documented() {
-        for kind in [ModuleKind::Broker, ModuleKind::Stream, ModuleKind::Consumer] {
+        for kind in [
+            ModuleKind::Broker,
+            ModuleKind::Stream,
+            ModuleKind::Consumer,
+            ModuleKind::Kv,
+        ] {
             for f in config_fields(kind.config_message()) {
                 assert!(
                     !f.description.is_empty(),

@@ -16,6 +16,7 @@ pub enum ModuleKind {
     Broker,
     Stream,
     Consumer,
+    Kv,
 }
 
 impl ModuleKind {
@@ -24,6 +25,7 @@ impl ModuleKind {
             ModuleKind::Broker => "ClusterConfig",
             ModuleKind::Stream => "StreamConfig",
             ModuleKind::Consumer => "ConsumerConfig",
+            ModuleKind::Kv => "KvBucketConfig",
         }
     }
 }
@@ -33,9 +35,11 @@ pub const MODULE_TYPES: &[(&str, ModuleKind)] = &[
     ("infra.eventbus", ModuleKind::Broker),
     ("infra.eventbus.stream", ModuleKind::Stream),
     ("infra.eventbus.consumer", ModuleKind::Consumer),
+    ("infra.eventbus.kv", ModuleKind::Kv),
     ("eventbus.broker", ModuleKind::Broker),
     ("eventbus.stream", ModuleKind::Stream),
     ("eventbus.consumer", ModuleKind::Consumer),
+    ("eventbus.kv", ModuleKind::Kv),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -43,6 +47,7 @@ pub enum StepKind {
     Publish,
     Consume,
     Ack,
+    Kv,
 }
 
 impl StepKind {
@@ -51,6 +56,7 @@ impl StepKind {
             StepKind::Publish => "step.eventbus.publish",
             StepKind::Consume => "step.eventbus.consume",
             StepKind::Ack => "step.eventbus.ack",
+            StepKind::Kv => "step.eventbus.kv",
         }
     }
     /// (config, input, output) message names, unqualified.
@@ -59,6 +65,7 @@ impl StepKind {
             StepKind::Publish => ("PublishStepConfig", "PublishRequest", "PublishResponse"),
             StepKind::Consume => ("ConsumeStepConfig", "ConsumeRequest", "ConsumeResponse"),
             StepKind::Ack => ("AckStepConfig", "AckRequest", "AckResponse"),
+            StepKind::Kv => ("KvStepConfig", "KvRequest", "KvResponse"),
         }
     }
 
@@ -69,6 +76,7 @@ impl StepKind {
             StepKind::Publish => (eventbus!("PublishStepConfig"), eventbus!("PublishRequest")),
             StepKind::Consume => (eventbus!("ConsumeStepConfig"), eventbus!("ConsumeRequest")),
             StepKind::Ack => (eventbus!("AckStepConfig"), eventbus!("AckRequest")),
+            StepKind::Kv => (eventbus!("KvStepConfig"), eventbus!("KvRequest")),
         }
     }
 
@@ -78,6 +86,7 @@ impl StepKind {
             StepKind::Publish => concat!("type.googleapis.com/", eventbus!("PublishResponse")),
             StepKind::Consume => concat!("type.googleapis.com/", eventbus!("ConsumeResponse")),
             StepKind::Ack => concat!("type.googleapis.com/", eventbus!("AckResponse")),
+            StepKind::Kv => concat!("type.googleapis.com/", eventbus!("KvResponse")),
         };
         prost_types::Any {
             type_url: type_url.to_string(),
@@ -86,7 +95,12 @@ impl StepKind {
     }
 }
 
-pub const STEP_TYPES: &[StepKind] = &[StepKind::Publish, StepKind::Consume, StepKind::Ack];
+pub const STEP_TYPES: &[StepKind] = &[
+    StepKind::Publish,
+    StepKind::Consume,
+    StepKind::Ack,
+    StepKind::Kv,
+];
 
 pub const TRIGGER_TYPE: &str = "trigger.eventbus.subscribe";
 pub const TRIGGER_CONFIG_MESSAGE: &str = "SubscribeTriggerConfig";
@@ -97,6 +111,9 @@ pub const IAC_RESOURCE_TYPES: &[&str] = &[
     "infra.eventbus",
     "infra.eventbus.stream",
     "infra.eventbus.consumer",
+    "infra.eventbus.kv",
+    "infra.eventbus.kv_entry",
+    "infra.eventbus.object_store",
 ];
 
 pub fn qualified(message: &str) -> String {

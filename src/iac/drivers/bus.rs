@@ -2,6 +2,7 @@
 //! (`drivers::nats`) and pgchannel (`drivers::pg`) implement it; `drivers::route` chooses one
 //! per call.
 
+use super::kv_entry::KvEntrySpec;
 use super::{Ctx, Output};
 use crate::iac::drivers::consumer::ConsumerDesired;
 use crate::iac::drivers::stream::StreamDesired;
@@ -9,6 +10,7 @@ use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
 use crate::iac::state::ProviderState;
 use crate::iac::targets::BrokerDesired;
+use crate::nats::kv::KvSpec;
 use crate::pb::iac::ResourceRef;
 use serde_json::Value as Json;
 
@@ -73,4 +75,16 @@ pub(crate) trait BusProvider: Sync {
     fn brokers(&self) -> &dyn Ops<BrokerDesired>;
     fn streams(&self) -> &dyn Ops<StreamDesired>;
     fn consumers(&self) -> &dyn Ops<ConsumerDesired>;
+    /// Key-value buckets; `None` when the provider has none (`route` refuses them, one line).
+    fn buckets(&self) -> Option<&dyn Ops<KvSpec>> {
+        None
+    }
+    /// Object stores; `None` when the provider has none.
+    fn object_stores(&self) -> Option<&dyn Ops<KvSpec>> {
+        None
+    }
+    /// Keys of key-value buckets; `None` with `buckets`.
+    fn entries(&self) -> Option<&dyn Ops<KvEntrySpec>> {
+        None
+    }
 }

@@ -8,6 +8,8 @@ pub mod broker;
 mod bus;
 pub mod consumer;
 pub(crate) mod kafka;
+pub mod kv;
+pub mod kv_entry;
 mod nats;
 pub mod pg;
 mod route;
@@ -35,7 +37,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-pub use crate::iac::kind::{Kind, BROKER_TYPE, CONSUMER_TYPE, STREAM_TYPE};
+pub use crate::iac::kind::{
+    Kind, BROKER_TYPE, CONSUMER_TYPE, KV_ENTRY_TYPE, KV_TYPE, OBJECT_STORE_TYPE, STREAM_TYPE,
+};
 
 impl Kind {
     /// The driver of this kind: the one place that maps a resource type to its code.
@@ -44,6 +48,9 @@ impl Kind {
             Kind::Broker => &BrokerDriver,
             Kind::Stream => &StreamDriver,
             Kind::Consumer => &ConsumerDriver,
+            Kind::Kv => &BucketDriver::<false>,
+            Kind::ObjectStore => &BucketDriver::<true>,
+            Kind::KvEntry => &KvEntryDriver,
         }
     }
 }
@@ -249,6 +256,11 @@ impl<D: Driver + Sync> Resource for D {
 pub struct BrokerDriver;
 pub struct StreamDriver;
 pub struct ConsumerDriver;
+/// A key-value bucket (`OBJECT` false) or an object store (true): one driver, two vocabularies.
+pub struct BucketDriver<const OBJECT: bool>;
+pub type KvDriver = BucketDriver<false>;
+pub type ObjectStoreDriver = BucketDriver<true>;
+pub struct KvEntryDriver;
 
 /// The broker a stream or consumer spec resolves to, when that can be decided without I/O.
 pub fn desired_broker(

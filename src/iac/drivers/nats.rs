@@ -2,13 +2,15 @@
 //! `consumer`) behind the provider seam of `route`.
 
 use super::bus::{BusProvider, Ops};
-use super::{broker, consumer, desired_broker, stream, Ctx, Output};
+use super::kv_entry::{self, KvEntrySpec};
+use super::{broker, consumer, desired_broker, kv, stream, Ctx, Output};
 use crate::iac::drivers::consumer::ConsumerDesired;
 use crate::iac::drivers::stream::StreamDesired;
 use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
 use crate::iac::state::ProviderState;
 use crate::iac::targets::BrokerDesired;
+use crate::nats::kv::KvSpec;
 use crate::pb::iac::ResourceRef;
 use serde_json::Value as Json;
 
@@ -17,6 +19,11 @@ pub(crate) static NATS: Nats = Nats;
 struct Brokers;
 struct Streams;
 struct Consumers;
+/// Key-value buckets or object stores (each kept as a stream).
+struct Buckets(&'static crate::nats::kv::Vocab);
+static KV_BUCKETS: Buckets = Buckets(&crate::nats::kv::KV);
+static OBJECT_STORES: Buckets = Buckets(&crate::nats::kv::OBJ);
+struct Entries;
 
 impl BusProvider for Nats {
     fn brokers(&self) -> &dyn Ops<BrokerDesired> {
@@ -27,6 +34,15 @@ impl BusProvider for Nats {
     }
     fn consumers(&self) -> &dyn Ops<ConsumerDesired> {
         &Consumers
+    }
+    fn buckets(&self) -> Option<&dyn Ops<KvSpec>> {
+        Some(&KV_BUCKETS)
+    }
+    fn object_stores(&self) -> Option<&dyn Ops<KvSpec>> {
+        Some(&OBJECT_STORES)
+    }
+    fn entries(&self) -> Option<&dyn Ops<KvEntrySpec>> {
+        Some(&Entries)
     }
 }
 
@@ -191,5 +207,77 @@ impl Ops<ConsumerDesired> for Consumers {
         broker: &str,
     ) -> Result<Vec<(String, Output)>, DriverError> {
         consumer::enumerate(ctx, broker).await
+    }
+}
+
+#[tonic::async_trait]
+impl Ops<KvSpec> for Buckets {
+    fn diff(
+        &self,
+        _: &str,
+        spec: &KvSpec,
+        state: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<Change>, DriverError> {
+        Ok(kv::diff(spec, state, current))
+    }
+    async fn plan_report(
+        &self,
+        ctx: &Ctx,
+        spec: &KvSpec,
+        state: &ProviderState,
+        changes: Vec<Change>,
+    ) -> Vec<Change> {
+        kv::plan_report(ctx, spec, state, changes).await
+    }
+    async fn apply(&self, ctx: &Ctx, name: &str, spec: &KvSpec) -> Result<Output, DriverError> {
+        kv::apply(ctx, name, spec).await
+    }
+    async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        kv::read(ctx, r, self.0).await
+    }
+    async fn delete(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        kv::delete(ctx, r, self.0).await
+    }
+    async fn health(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        kv::health(ctx, r, self.0).await
+    }
+    async fn enumerate(
+        &self,
+        ctx: &Ctx,
+        broker: &str,
+    ) -> Result<Vec<(String, Output)>, DriverError> {
+        kv::enumerate(ctx, broker, self.0).await
+    }
+}
+
+#[tonic::async_trait]
+impl Ops<KvEntrySpec> for Entries {
+    fn diff(
+        &self,
+        _: &str,
+        spec: &KvEntrySpec,
+        state: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<Change>, DriverError> {
+        let b = desired_broker(&spec.broker_ref, &spec.servers, state);
+        Ok(kv_entry::diff(spec, b.as_deref(), current))
+    }
+    async fn apply(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        spec: &KvEntrySpec,
+    ) -> Result<Output, DriverError> {
+        kv_entry::apply(ctx, name, spec).await
+    }
+    async fn read(&self, ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        kv_entry::read(ctx, r).await
+    }
+    async fn delete(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        kv_entry::delete(ctx, r).await
+    }
+    async fn health(&self, ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        kv_entry::health(ctx, r).await
     }
 }

@@ -11,14 +11,21 @@
 //! in `on`.
 
 use super::bus::BusProvider;
+use super::bus::Ops;
+use super::kv_entry::KvEntrySpec;
 use super::{broker, Ctx, Driver, Kind, Output};
-use super::{BrokerDriver, ConsumerDriver, StreamDriver, CONSUMER_TYPE, STREAM_TYPE};
+use super::{
+    BrokerDriver, BucketDriver, ConsumerDriver, StreamDriver, CONSUMER_TYPE, KV_TYPE,
+    OBJECT_STORE_TYPE, STREAM_TYPE,
+};
+use super::{KvEntryDriver, KV_ENTRY_TYPE};
 use crate::iac::drivers::consumer::ConsumerDesired;
 use crate::iac::drivers::stream::StreamDesired;
 use crate::iac::error::DriverError;
 use crate::iac::plan::Change;
 use crate::iac::state::ProviderState;
 use crate::iac::targets::BrokerDesired;
+use crate::nats::kv::KvSpec;
 use crate::pb::iac::ResourceRef;
 use crate::providers::Provider;
 use serde_json::Value as Json;
@@ -336,5 +343,227 @@ impl Driver for ConsumerDriver {
     }
     async fn enumerate(ctx: &Ctx, b: &str) -> Result<Vec<(String, Output)>, DriverError> {
         on(by_broker(ctx, b)?).consumers().enumerate(ctx, b).await
+    }
+}
+
+/// A provider's key-value buckets (`OBJECT` false) or object stores, or one line saying it has
+/// none.
+fn buckets<const OBJECT: bool>(
+    p: Provider,
+    what: &str,
+) -> Result<&'static dyn Ops<KvSpec>, DriverError> {
+    let ops = if OBJECT {
+        on(p).object_stores()
+    } else {
+        on(p).buckets()
+    };
+    ops.ok_or_else(|| {
+        DriverError::refused(
+            what,
+            format!(
+                "provider {} has no {}; {} needs a NATS broker",
+                p.as_str(),
+                if OBJECT {
+                    "object stores"
+                } else {
+                    "key-value buckets"
+                },
+                BucketDriver::<OBJECT>::TYPE_NAME
+            ),
+        )
+    })
+}
+
+impl<const OBJECT: bool> BucketDriver<OBJECT> {
+    const TYPE_NAME: &'static str = if OBJECT { OBJECT_STORE_TYPE } else { KV_TYPE };
+    fn what(name: &str) -> String {
+        format!("{} {name:?}", Self::TYPE_NAME)
+    }
+}
+
+impl<const OBJECT: bool> Driver for BucketDriver<OBJECT> {
+    type Spec = KvSpec;
+    const KIND: Kind = if OBJECT { Kind::ObjectStore } else { Kind::Kv };
+    const TIER: i32 = 2;
+    const DRIFT_KEYS: &'static [&'static str] = if OBJECT {
+        &[
+            "ttl",
+            "max_bucket_size",
+            "storage",
+            "num_replicas",
+            "description",
+            "compression",
+            "placement",
+        ]
+    } else {
+        &[
+            "history",
+            "ttl",
+            "max_value_size",
+            "max_bucket_size",
+            "storage",
+            "num_replicas",
+            "description",
+            "compression",
+            "placement",
+            "mirror",
+            "sources",
+            "republish",
+            "limit_marker_ttl",
+        ]
+    };
+    fn decode(name: &str, config_json: &[u8]) -> Result<KvSpec, DriverError> {
+        if OBJECT {
+            super::kv::decode_object_store(name, config_json)
+        } else {
+            super::kv::decode(name, config_json)
+        }
+    }
+    fn diff(
+        name: &str,
+        spec: &KvSpec,
+        state: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<Change>, DriverError> {
+        let s = &spec.stream;
+        let p = by_spec(state, &s.broker_ref, &s.servers, current);
+        buckets::<OBJECT>(p, &Self::what(name))?.diff(name, spec, state, current)
+    }
+    async fn plan_report(
+        ctx: &Ctx,
+        spec: &KvSpec,
+        state: &ProviderState,
+        changes: Vec<Change>,
+    ) -> Vec<Change> {
+        let s = &spec.stream;
+        let p = by_spec(state, &s.broker_ref, &s.servers, &Json::Null);
+        match buckets::<OBJECT>(p, "") {
+            Ok(b) => b.plan_report(ctx, spec, state, changes).await,
+            Err(_) => changes,
+        }
+    }
+    async fn apply(ctx: &Ctx, name: &str, spec: &KvSpec) -> Result<Output, DriverError> {
+        let state = ctx.state.load()?;
+        let s = &spec.stream;
+        let p = by_spec(&state, &s.broker_ref, &s.servers, &Json::Null);
+        buckets::<OBJECT>(p, &Self::what(name))?
+            .apply(ctx, name, spec)
+            .await
+    }
+    async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        let p = by_ref(ctx, r, Self::TYPE_NAME)?;
+        buckets::<OBJECT>(p, &Self::what(&r.name))?
+            .read(ctx, r)
+            .await
+    }
+    async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        let p = by_ref(ctx, r, Self::TYPE_NAME)?;
+        buckets::<OBJECT>(p, &Self::what(&r.name))?
+            .delete(ctx, r)
+            .await
+    }
+    async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        let p = by_ref(ctx, r, Self::TYPE_NAME)?;
+        buckets::<OBJECT>(p, &Self::what(&r.name))?
+            .health(ctx, r)
+            .await
+    }
+    /// None on a broker whose provider has no buckets of this kind.
+    async fn enumerate(ctx: &Ctx, b: &str) -> Result<Vec<(String, Output)>, DriverError> {
+        match buckets::<OBJECT>(by_broker(ctx, b)?, "") {
+            Ok(k) => k.enumerate(ctx, b).await,
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+}
+
+/// A provider's bucket keys, or one line saying it has none.
+fn entries(p: Provider, what: &str) -> Result<&'static dyn Ops<KvEntrySpec>, DriverError> {
+    on(p).entries().ok_or_else(|| {
+        DriverError::refused(
+            what,
+            format!(
+                "provider {} has no key-value buckets; {KV_ENTRY_TYPE} needs a NATS broker",
+                p.as_str()
+            ),
+        )
+    })
+}
+
+impl Driver for KvEntryDriver {
+    type Spec = KvEntrySpec;
+    const KIND: Kind = Kind::KvEntry;
+    const TIER: i32 = 2;
+    const DRIFT_KEYS: &'static [&'static str] = &["value"];
+    fn decode(name: &str, config_json: &[u8]) -> Result<KvEntrySpec, DriverError> {
+        super::kv_entry::decode(name, config_json)
+    }
+    fn diff(
+        name: &str,
+        spec: &KvEntrySpec,
+        state: &ProviderState,
+        current: &Json,
+    ) -> Result<Vec<Change>, DriverError> {
+        let what = format!("{KV_ENTRY_TYPE} {name:?}");
+        entries(
+            by_spec(state, &spec.broker_ref, &spec.servers, current),
+            &what,
+        )?
+        .diff(name, spec, state, current)
+    }
+    async fn apply(ctx: &Ctx, name: &str, spec: &KvEntrySpec) -> Result<Output, DriverError> {
+        let state = ctx.state.load()?;
+        let what = format!("{KV_ENTRY_TYPE} {name:?}");
+        entries(
+            by_spec(&state, &spec.broker_ref, &spec.servers, &Json::Null),
+            &what,
+        )?
+        .apply(ctx, name, spec)
+        .await
+    }
+    async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+        let what = format!("{KV_ENTRY_TYPE} {:?}", r.name);
+        entries(by_ref(ctx, r, KV_ENTRY_TYPE)?, &what)?
+            .read(ctx, r)
+            .await
+    }
+    async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+        let what = format!("{KV_ENTRY_TYPE} {:?}", r.name);
+        entries(by_ref(ctx, r, KV_ENTRY_TYPE)?, &what)?
+            .delete(ctx, r)
+            .await
+    }
+    async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+        let what = format!("{KV_ENTRY_TYPE} {:?}", r.name);
+        entries(by_ref(ctx, r, KV_ENTRY_TYPE)?, &what)?
+            .health(ctx, r)
+            .await
+    }
+    /// Keys are not enumerated: a bucket may hold millions; import them by provider_id.
+    async fn enumerate(_: &Ctx, _: &str) -> Result<Vec<(String, Output)>, DriverError> {
+        Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgchannel_refuses_buckets_in_one_line_through_the_seam() {
+        let e = buckets::<false>(Provider::Pgchannel, "infra.eventbus.kv \"cache\"")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("pgchannel") && e.contains("no key-value buckets") && !e.contains('\n'),
+            "{e}"
+        );
+        assert!(buckets::<false>(Provider::Nats, "x").is_ok());
+        let e = buckets::<true>(Provider::Pgchannel, "o")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("no object stores"), "{e}");
     }
 }

@@ -12,7 +12,7 @@ use super::{
     config_object, decode_config, duration_from_json, duration_json, i64_field, resolve_broker,
     str_field, strings_field, BrokerConn, Ctx, Output, STREAM_TYPE,
 };
-use crate::iac::drivers::{record_placed, Placed};
+use crate::iac::drivers::Placed;
 use crate::iac::error::DriverError;
 use crate::iac::plan::{resource_changes, Change as PlanChange};
 use crate::iac::state::ProviderState;
@@ -267,13 +267,46 @@ fn lift_create(
 }
 
 fn label(resource: &str, stream: &str) -> String {
-    format!("{STREAM_TYPE} {resource:?} (stream {stream:?})")
+    shaped_label(&STREAM_SHAPE, resource, stream)
+}
+
+fn shaped_label(shape: &Shape, resource: &str, stream: &str) -> String {
+    format!("{} {resource:?} (stream {stream:?})", shape.type_name)
 }
 
 /// Create-or-adopt, and Update: makes the server hold `spec`, in place. A missing stream is
 /// created (unless `bind`); a change the server cannot make in place is refused by name.
 pub async fn apply(ctx: &Ctx, resource: &str, spec: &StreamSpec) -> Result<Output, DriverError> {
-    let what = label(resource, &spec.name);
+    let check =
+        |observed: Option<&stream::Config>, server: &str| spec.check_server(observed, server);
+    apply_as(ctx, resource, spec, &STREAM_SHAPE, &check).await
+}
+
+/// How a resource type kept as a stream shows itself: a stream, or a key-value bucket (the
+/// stream `KV_<bucket>`): its type name and its outputs.
+pub struct Shape {
+    pub type_name: &'static str,
+    pub outputs: fn(&stream::Config, &Flags) -> Json,
+}
+
+pub const STREAM_SHAPE: Shape = Shape {
+    type_name: STREAM_TYPE,
+    outputs: to_outputs,
+};
+
+/// What the broker's release cannot do for a spec (`StreamSpec::check_server`, or a bucket's).
+pub type ServerCheck<'a> =
+    dyn Fn(Option<&stream::Config>, &str) -> Result<(), NatsError> + Send + Sync + 'a;
+
+/// `apply` for any resource type kept as a stream (`shape`).
+pub async fn apply_as(
+    ctx: &Ctx,
+    resource: &str,
+    spec: &StreamSpec,
+    shape: &Shape,
+    check: &ServerCheck<'_>,
+) -> Result<Output, DriverError> {
+    let what = shaped_label(shape, resource, &spec.name);
     let state = ctx.state.load()?;
     let b = resolve_broker(
         &what,
@@ -286,7 +319,7 @@ pub async fn apply(ctx: &Ctx, resource: &str, spec: &StreamSpec) -> Result<Outpu
     let observed = fetch_stream_config(&conn, &spec.name)
         .await
         .map_err(|e| DriverError::nats(&what, e))?;
-    spec.check_server(observed.as_ref(), &server_version(&conn))
+    check(observed.as_ref(), &server_version(&conn))
         .map_err(|e| DriverError::refused(&what, e.to_string()))?;
     let cfg = match observed {
         None if spec.bind => {
@@ -342,7 +375,9 @@ pub async fn apply(ctx: &Ctx, resource: &str, spec: &StreamSpec) -> Result<Outpu
         bind: spec.bind,
         provider_id: provider_id(&b.name, &spec.name),
     };
-    record_placed(ctx, resource, at, |flags| to_outputs(&cfg, flags))
+    crate::iac::drivers::tail::record_placed_as(ctx, resource, at, shape.type_name, |flags| {
+        (shape.outputs)(&cfg, flags)
+    })
 }
 
 /// Where a stream (or consumer) lives, from the provider's record or from its provider_id.
@@ -381,10 +416,10 @@ pub fn locate(state: &ProviderState, r: &ResourceRef, type_name: &str) -> Option
     if r.provider_id.is_empty() {
         return None;
     }
-    let parts: Vec<&str> = if type_name == STREAM_TYPE {
-        r.provider_id.rsplitn(2, '/').collect()
-    } else {
+    let parts: Vec<&str> = if type_name == super::CONSUMER_TYPE {
         r.provider_id.rsplitn(3, '/').collect()
+    } else {
+        r.provider_id.rsplitn(2, '/').collect()
     };
     let (broker, stream, durable) = match parts.as_slice() {
         [stream, broker] => (*broker, *stream, ""),
@@ -453,17 +488,28 @@ pub async fn search(ctx: &Ctx, name: &str) -> Result<Option<Located>, DriverErro
 }
 
 pub async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
+    read_as(ctx, r, &STREAM_SHAPE, &r.name).await
+}
+
+/// `read` for any resource type kept as a stream; `search` names the stream to look for on
+/// every known broker when neither record nor provider_id says where it is.
+pub async fn read_as(
+    ctx: &Ctx,
+    r: &ResourceRef,
+    shape: &Shape,
+    search_for: &str,
+) -> Result<Output, DriverError> {
     let state = ctx.state.load()?;
-    let located = match locate(&state, r, STREAM_TYPE) {
+    let located = match locate(&state, r, shape.type_name) {
         Some(l) => l,
-        None => search(ctx, &r.name).await?.ok_or_else(|| {
+        None => search(ctx, search_for).await?.ok_or_else(|| {
             DriverError::not_found(format!(
-                "{STREAM_TYPE} {:?}: no stream of that name on the brokers this provider knows",
-                r.name
+                "{} {:?}: no stream {search_for:?} on the brokers this provider knows",
+                shape.type_name, r.name
             ))
         })?,
     };
-    let what = label(&r.name, &located.stream);
+    let what = shaped_label(shape, &r.name, &located.stream);
     let b = connect_target(ctx, &what, &located, &state)?;
     let conn = ctx.connect(&what, &b).await?;
     match fetch_stream_config(&conn, &located.stream)
@@ -476,7 +522,7 @@ pub async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
         ))),
         Some(cfg) => Ok(Output {
             provider_id: provider_id(&b.name, &located.stream),
-            outputs: to_outputs(&cfg, &located.flags),
+            outputs: (shape.outputs)(&cfg, &located.flags),
             sensitive: Vec::new(),
             status: "running".into(),
         }),
@@ -486,11 +532,16 @@ pub async fn read(ctx: &Ctx, r: &ResourceRef) -> Result<Output, DriverError> {
 /// Idempotent: a stream that is already gone, or whose broker and record are both gone, is
 /// deleted. `prevent_destroy` refuses; `bind` only forgets (the provider did not create it).
 pub async fn delete(ctx: &Ctx, r: &ResourceRef) -> Result<(), DriverError> {
+    delete_as(ctx, r, &STREAM_SHAPE).await
+}
+
+/// `delete` for any resource type kept as a stream.
+pub async fn delete_as(ctx: &Ctx, r: &ResourceRef, shape: &Shape) -> Result<(), DriverError> {
     let state = ctx.state.load()?;
-    let Some(l) = locate(&state, r, STREAM_TYPE) else {
+    let Some(l) = locate(&state, r, shape.type_name) else {
         return Ok(());
     };
-    let what = label(&r.name, &l.stream);
+    let what = shaped_label(shape, &r.name, &l.stream);
     if l.flags.prevent_destroy {
         return Err(DriverError::refused(
             &what,
@@ -641,10 +692,19 @@ pub async fn scale(ctx: &Ctx, r: &ResourceRef, replicas: i32) -> Result<Output, 
 }
 
 pub async fn health(ctx: &Ctx, r: &ResourceRef) -> Result<(bool, String), DriverError> {
+    health_as(ctx, r, &STREAM_SHAPE).await
+}
+
+/// `health` for any resource type kept as a stream.
+pub async fn health_as(
+    ctx: &Ctx,
+    r: &ResourceRef,
+    shape: &Shape,
+) -> Result<(bool, String), DriverError> {
     let state = ctx.state.load()?;
-    let l = locate(&state, r, STREAM_TYPE)
-        .ok_or_else(|| DriverError::not_found(format!("{STREAM_TYPE} {:?}", r.name)))?;
-    let what = label(&r.name, &l.stream);
+    let l = locate(&state, r, shape.type_name)
+        .ok_or_else(|| DriverError::not_found(format!("{} {:?}", shape.type_name, r.name)))?;
+    let what = shaped_label(shape, &r.name, &l.stream);
     let b = connect_target(ctx, &what, &l, &state)?;
     let conn = match ctx.connect(&what, &b).await {
         Ok(c) => c,

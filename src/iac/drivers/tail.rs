@@ -77,15 +77,26 @@ pub fn record_placed(
     at: Placed<'_>,
     outputs: impl FnOnce(&Flags) -> Json,
 ) -> Result<Output, DriverError> {
+    let type_name = match at.durable {
+        None => STREAM_TYPE,
+        Some(_) => CONSUMER_TYPE,
+    };
+    record_placed_as(ctx, resource, at, type_name, outputs)
+}
+
+/// `record_placed` for a resource of `type_name` (a key-value bucket is placed as its stream).
+pub fn record_placed_as(
+    ctx: &Ctx,
+    resource: &str,
+    at: Placed<'_>,
+    type_name: &str,
+    outputs: impl FnOnce(&Flags) -> Json,
+) -> Result<Output, DriverError> {
     let flags = Flags {
         broker: at.broker.to_string(),
         broker_ref: at.broker_ref.to_string(),
         prevent_destroy: at.prevent_destroy,
         bind: at.bind,
-    };
-    let type_name = match at.durable {
-        None => STREAM_TYPE,
-        Some(_) => CONSUMER_TYPE,
     };
     let provider_id = at.provider_id;
     let rec = ResourceRecord {

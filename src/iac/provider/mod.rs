@@ -16,6 +16,7 @@ use super::plan::{self, Change};
 use super::state::ProviderState;
 use crate::iac::drivers::consumer::ConsumerDesired;
 use crate::iac::drivers::stream::StreamDesired;
+use crate::nats::kv::KvSpec;
 use crate::pb::iac::{
     IaCCapabilityDeclaration, IaCPlan, ResourceOutput, ResourceRef, ResourceSpec, ResourceState,
 };
@@ -49,6 +50,8 @@ pub enum Desired {
     Broker(Box<broker::BrokerDesired>),
     Stream(Box<StreamDesired>),
     Consumer(Box<ConsumerDesired>),
+    Kv(KvSpec),
+    KvEntry(drivers::kv_entry::KvEntrySpec),
 }
 
 impl Desired {
@@ -59,6 +62,11 @@ impl Desired {
             Kind::Consumer => {
                 Desired::Consumer(Box::new(ConsumerDriver::decode(name, config_json)?))
             }
+            Kind::Kv => Desired::Kv(drivers::KvDriver::decode(name, config_json)?),
+            Kind::ObjectStore => {
+                Desired::Kv(drivers::ObjectStoreDriver::decode(name, config_json)?)
+            }
+            Kind::KvEntry => Desired::KvEntry(drivers::KvEntryDriver::decode(name, config_json)?),
         })
     }
 }
@@ -319,6 +327,9 @@ fn check_ref(kind: Kind, r: &ResourceRef) -> Result<(), DriverError> {
         Kind::Broker => "<broker>",
         Kind::Stream => "<broker>/<STREAM>",
         Kind::Consumer => "<broker>/<STREAM>/<durable>",
+        Kind::Kv => "<broker>/<KV_bucket>",
+        Kind::ObjectStore => "<broker>/<OBJ_bucket>",
+        Kind::KvEntry => "<broker>/<bucket>/<key>",
     };
     let wrong = |msg: String| {
         bad(
@@ -328,7 +339,14 @@ fn check_ref(kind: Kind, r: &ResourceRef) -> Result<(), DriverError> {
     };
     let parts: Vec<&str> = match kind {
         Kind::Broker => vec![pid],
-        Kind::Stream => pid.rsplitn(2, '/').collect(),
+        Kind::Stream | Kind::Kv | Kind::ObjectStore => pid.rsplitn(2, '/').collect(),
+        // A key may hold '/': the broker and bucket come first.
+        Kind::KvEntry => pid
+            .splitn(3, '/')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect(),
         Kind::Consumer => pid.rsplitn(3, '/').collect(),
     };
     let Some(broker) = parts
@@ -346,6 +364,12 @@ fn check_ref(kind: Kind, r: &ResourceRef) -> Result<(), DriverError> {
         return Err(wrong(format!(
             "the broker part has more than {MAX_REF_NAME} bytes or a control character"
         )));
+    }
+    if kind == Kind::KvEntry {
+        return crate::nats::kv::check_bucket(parts[1])
+            .map_err(|e| format!("the bucket name {e}"))
+            .and_then(|_| crate::nats::kv::check_key(parts[0]).map_err(|e| format!("the key {e}")))
+            .map_err(wrong);
     }
     let names = [
         ("stream", parts.len().checked_sub(2)),

@@ -114,7 +114,7 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
                     Desired::Stream(s) => {
                         streams.insert(s.name.clone());
                     }
-                    Desired::Consumer(_) => {}
+                    Desired::Consumer(_) | Desired::Kv(_) | Desired::KvEntry(_) => {}
                 }
                 decoded.push((spec.name.clone(), d));
             }
@@ -146,6 +146,13 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
             Desired::Broker(_) => continue,
             Desired::Stream(s) => (&s.broker_ref, &s.servers, Some(s.replicas as u32), None),
             Desired::Consumer(c) => (&c.broker_ref, &c.servers, None, Some(&c.stream)),
+            Desired::KvEntry(e) => (&e.broker_ref, &e.servers, None, None),
+            Desired::Kv(k) => (
+                &k.stream.broker_ref,
+                &k.stream.servers,
+                Some(k.stream.replicas as u32),
+                None,
+            ),
         };
         // Partitions are kafka's: every other provider refuses them with the shared line.
         let partitions = match d {
@@ -156,12 +163,20 @@ pub fn validate_with(state: &ProviderState, plan: &IaCPlan) -> Vec<PlanDiagnosti
             match d {
                 Desired::Stream(s) => drivers::kafka::stream_refused(name, s),
                 Desired::Consumer(c) => drivers::kafka::consumer_refused(name, c),
+                Desired::Kv(_) | Desired::KvEntry(_) => {
+                    out.push(no_buckets(d, name, "kafka"));
+                    None
+                }
                 Desired::Broker(_) => None,
             }
         } else if spec_on(&on_pg, broker_ref, servers) {
             match d {
                 Desired::Stream(s) => drivers::pg::stream::def(name, s).err(),
                 Desired::Consumer(c) => drivers::pg::consumer::def(name, c).err(),
+                Desired::Kv(_) | Desired::KvEntry(_) => {
+                    out.push(no_buckets(d, name, "pgchannel"));
+                    None
+                }
                 Desired::Broker(_) => None,
             }
             .or(partitions)
@@ -256,6 +271,25 @@ fn spec_on(brokers: &BTreeMap<String, bool>, broker_ref: &str, servers: &[String
         Some(broker_ref.to_string())
     };
     name.and_then(|n| brokers.get(&n).copied()).unwrap_or(false)
+}
+
+/// A key-value bucket, object store or entry on a provider that has none: one line.
+fn no_buckets(d: &Desired, name: &str, provider: &str) -> PlanDiagnostic {
+    diag(
+                        PlanDiagnosticSeverity::PlanDiagnosticError,
+                        name,
+                        "broker_ref",
+                        format!(
+                            "{} {name:?}: provider {provider} has no key-value buckets or object stores; they need a NATS broker",
+                            match d {
+                                Desired::Kv(k) if *k.vocab == crate::nats::kv::OBJ => {
+                                    drivers::OBJECT_STORE_TYPE
+                                }
+                                Desired::Kv(_) => drivers::KV_TYPE,
+                                _ => drivers::KV_ENTRY_TYPE,
+                            }
+                        ),
+                    )
 }
 
 #[cfg(test)]

@@ -101,3 +101,25 @@ impl<S: Ensure> Declared<S> {
 }
 
 pub type SharedBroker = Arc<BrokerModule>;
+
+/// Start of a key-value bucket module: its stream ensured on the broker, when the broker's
+/// provider has buckets at all (else one line naming the provider).
+pub async fn ensure_bucket(m: &StreamModule, broker: &BrokerModule) -> Result<(), ProviderError> {
+    struct Job<'a>(&'a StreamModule);
+    impl ForProvider for Job<'_> {
+        type Out = Result<(), ProviderError>;
+        async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
+            let p = P::open(broker).await?;
+            if p.key_value().is_none() {
+                return Err(ProviderError::Invalid(format!(
+                    "broker {:?} is provider {}, which has no key-value buckets; {} needs a NATS broker",
+                    broker.spec.name,
+                    broker.spec.provider.as_str(),
+                    self.0.type_name
+                )));
+            }
+            self.0.ensure_on(&*p).await
+        }
+    }
+    broker.dispatch(Job(m)).await
+}

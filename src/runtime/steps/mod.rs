@@ -7,6 +7,7 @@ pub mod ack_bulk;
 pub mod bulk;
 pub mod consume;
 pub mod execute;
+pub mod kv;
 pub mod message;
 pub mod output;
 pub mod publish;
@@ -24,6 +25,7 @@ pub enum Step {
     Publish(publish::PublishStep),
     Consume(consume::ConsumeStep),
     Ack(ack::AckStep),
+    Kv(kv::KvStep),
 }
 
 impl Step {
@@ -32,6 +34,7 @@ impl Step {
             StepKind::Publish => Step::Publish(publish::PublishStep::create(name, raw)?),
             StepKind::Consume => Step::Consume(consume::ConsumeStep::create(name, raw)?),
             StepKind::Ack => Step::Ack(ack::AckStep::create(name, raw)?),
+            StepKind::Kv => Step::Kv(kv::KvStep::create(name, raw)?),
         })
     }
 
@@ -40,6 +43,7 @@ impl Step {
             Step::Publish(_) => StepKind::Publish,
             Step::Consume(_) => StepKind::Consume,
             Step::Ack(_) => StepKind::Ack,
+            Step::Kv(_) => StepKind::Kv,
         }
     }
 
@@ -54,6 +58,8 @@ impl Step {
             // that every publish and ack future pays to move.
             Step::Consume(s) => Box::pin(s.execute(rt, input)).await,
             Step::Ack(s) => s.execute(rt, input).await,
+            // Boxed like consume: the per-message steps keep their small futures.
+            Step::Kv(s) => Box::pin(s.execute(rt, input)).await,
         }
     }
 }

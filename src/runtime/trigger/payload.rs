@@ -25,6 +25,18 @@ fn s(v: impl Into<String>) -> Value {
 /// only what it needs afterwards), so a delivery is not copied twice.
 pub fn build(m: Message, broker_ref: &str) -> Struct {
     let mut f = BTreeMap::new();
+    // A key-value bucket's change (a trigger watching a bucket): which key, and what happened.
+    if let Some((bucket, key)) = m
+        .subject
+        .strip_prefix("$KV.")
+        .and_then(|rest| rest.split_once('.'))
+    {
+        f.insert("bucket".into(), s(bucket));
+        f.insert("key".into(), s(key));
+        let op = m.headers.get("KV-Operation").map_or("PUT", String::as_str);
+        f.insert("operation".into(), s(op));
+        f.insert("revision".into(), s(m.sequence.clone()));
+    }
     f.insert(
         "payload".into(),
         s(base64::engine::general_purpose::STANDARD.encode(&m.payload)),

@@ -53,6 +53,8 @@ pub struct TriggerSpec {
     pub declared: bool,
     /// The payload forms each message's data carries (as the consume step's `include`).
     pub include: Include,
+    /// A key-value bucket this trigger watches (its stream and key filter are derived from it).
+    pub kv_bucket: Option<String>,
 }
 
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
@@ -77,6 +79,8 @@ const KNOWN_KEYS: &[&str] = &[
     "deliver",
     "max_batch_wait",
     "include",
+    "kv_bucket",
+    "keys",
 ];
 
 fn type_name(v: &Json) -> &'static str {
@@ -126,7 +130,9 @@ impl TriggerSpec {
             either(c, a)
         };
         let mut stream = string("stream_name").unwrap_or_default();
-        let filter_subject = string("filter_subject").unwrap_or_default();
+        let mut filter_subject = string("filter_subject").unwrap_or_default();
+        let kv_bucket = string("kv_bucket").filter(|b| !b.is_empty());
+        let keys = string("keys").unwrap_or_default();
         let ack_mode_s = string("ack_mode").unwrap_or_default();
         let dlq = string("dead_letter_subject").unwrap_or_default();
         let nak_delay_s = string("nak_delay").unwrap_or_default();
@@ -273,7 +279,30 @@ impl TriggerSpec {
         if !dlq.is_empty() {
             p.check("dead_letter_subject", check_publish_target(&dlq));
         }
-        if !filter_subject.is_empty() {
+        if let Some(bucket) = &kv_bucket {
+            // A bucket watch: its stream, and its keys as the filter (checked as keys, so a
+            // filter can never reach past the bucket's subjects).
+            p.check("kv_bucket", crate::nats::kv::check_bucket(bucket));
+            if !keys.is_empty() {
+                p.check("keys", crate::nats::kv::check_key_filter(&keys));
+            }
+            for (field, set) in [
+                ("stream_name", &stream),
+                ("filter_subject", &filter_subject),
+            ] {
+                if !set.is_empty() {
+                    p.field(field, "is derived from kv_bucket (and keys); remove it");
+                }
+            }
+            stream = crate::nats::kv::stream_name(bucket);
+            filter_subject = format!(
+                "$KV.{bucket}.{}",
+                if keys.is_empty() { ">" } else { keys.as_str() }
+            );
+        } else if !keys.is_empty() {
+            p.field("keys", "only applies with kv_bucket");
+        }
+        if !filter_subject.is_empty() && kv_bucket.is_none() {
             p.check("filter_subject", check_filter_subject(&filter_subject));
         }
         // Inherit stream (and broker) from a declared consumer module with this durable name.
@@ -352,6 +381,7 @@ impl TriggerSpec {
             max_batch_wait,
             declared: declared.len() == 1,
             include,
+            kv_bucket,
         };
         p.finish(spec).map_err(Into::into)
     }
