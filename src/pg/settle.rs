@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::core::Inner;
 use tokio_postgres::types::ToSql;
 
-use super::sql::{advance_below, duration_ms, publish_fence};
+use super::sql::{duration_ms, Fenced};
 use super::types::{AckOp, AckPolicy, AckToken, DEFAULT_ACK_WAIT};
 use super::{PgBus, PgError};
 
@@ -112,14 +112,25 @@ async fn settle_group(
         &ack_wait,
         &cfg.backoff_ms,
     ];
-    // An ack or term may let the position move: its fence is read in the same round trip
-    // (pipelined on the connection), the move follows in a snapshot after both.
-    let (rows, fence) = if state.is_some() && cfg.filter_params.is_ok() {
-        let (rows, fence) =
-            futures::future::join(c.query(&stmt, &params), publish_fence(&c, stream, false)).await;
-        (rows.map_err(db)?, Some(fence?))
+    // An ack or term may let the position move: the settle, the fence and the move go out
+    // in one round trip (pipelined on the connection, each its own autocommit statement, run
+    // in this order), so the move's snapshot sees the settle. With ack_policy `all` the move
+    // waits for the ack of everything below the highest id settled, one round trip more.
+    let moves = state.is_some() && cfg.filter_params.is_ok();
+    let pipelined = moves && !(cfg.policy == AckPolicy::All && op == AckOp::Ack);
+    let fenced = if moves {
+        Some(Fenced::prepare(&c, false).await?)
     } else {
-        (c.query(&stmt, &params).await.map_err(db)?, None)
+        None
+    };
+    let (rows, advanced) = match fenced.as_ref().filter(|_| pipelined) {
+        Some(f) => {
+            let (rows, adv) =
+                futures::future::join(c.query(&stmt, &params), f.run(&c, stream, consumer, &cfg))
+                    .await;
+            (rows.map_err(db)?, Some(adv?))
+        }
+        None => (c.query(&stmt, &params).await.map_err(db)?, None),
     };
     let out: HashMap<i64, Outcome> = rows
         .iter()
@@ -134,24 +145,26 @@ async fn settle_group(
             (r.get::<_, i64>(0), o)
         })
         .collect();
-    let settled_max = out
-        .iter()
-        .filter(|(_, o)| **o == Outcome::Applied)
-        .map(|(id, _)| *id)
-        .max();
-    let Some(top) = settled_max.filter(|_| state.is_some()) else {
-        return Ok(out);
+    let advanced = match (advanced, fenced) {
+        (Some(a), _) => a,
+        (None, Some(f)) => {
+            let settled_max = out
+                .iter()
+                .filter(|(_, o)| **o == Outcome::Applied)
+                .map(|(id, _)| *id)
+                .max();
+            let Some(top) = settled_max else {
+                return Ok(out);
+            };
+            let stmt = c.prepare_cached(ACK_ALL_BELOW).await.map_err(db)?;
+            c.execute(&stmt, &[&stream, &consumer, &top])
+                .await
+                .map_err(db)?;
+            f.run(&c, stream, consumer, &cfg).await?
+        }
+        (None, None) => return Ok(out),
     };
-    if cfg.policy == AckPolicy::All && op == AckOp::Ack {
-        let stmt = c.prepare_cached(ACK_ALL_BELOW).await.map_err(db)?;
-        c.execute(&stmt, &[&stream, &consumer, &top])
-            .await
-            .map_err(db)?;
-    }
-    let busy = advance_below(&c, stream, consumer, &cfg, fence.flatten())
-        .await?
-        .unfinished();
-    if busy {
+    if advanced.unfinished() {
         inner.mark_lagging(stream, consumer);
     }
     Ok(out)
