@@ -47,7 +47,13 @@ enum Outcome {
 /// consumer compared as expressions, `|| ''`, so no plan can prefer the wider prefix scan of
 /// the primary key), and each outcome is a per-id probe (`OFFSET 0` keeps every EXISTS a
 /// subplan, never a hashed scan of the table).
-const SETTLE: &str = "WITH t AS (SELECT DISTINCT x AS id FROM unnest($3::int8[]) AS x), \
+///
+/// The settle commits with `synchronous_commit` off (transaction-local, this statement only): it
+/// does not wait for its WAL flush. A server crash may lose the last few hundred milliseconds
+/// of settles; their messages are then delivered again, which at-least-once delivery allows
+/// (a publish stays synchronous: losing one would lose the message).
+const SETTLE: &str = "WITH t AS (SELECT DISTINCT x AS id FROM unnest($3::int8[]) AS x, \
+       (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit), \
      u AS (UPDATE eventbus_event_deliveries d SET state = $4::text, \
        due_at = CASE $5::int4 \
          WHEN 1 THEN now() + $6::int8 * interval '1 millisecond' \

@@ -140,13 +140,17 @@ fn fence_sql(wait: bool) -> &'static str {
 /// consumer row is not even read, and no row comes back). The event scan is an index range
 /// of at most ADVANCE_WINDOW ids. Returns (moved, whole window).
 ///
+/// Committed without waiting for its WAL flush (`synchronous_commit` off for this statement),
+/// like the settle: a move lost in a server crash is made again by the next one.
+///
 /// The plan's shape is fixed by the text, not left to table statistics (see the module doc):
 /// the range bounds are scalar subqueries, so the scan of `(stream_name, id)` is the outer
 /// side, in id order, and stops at the first hit; the `OFFSET 0` keeps the NOT EXISTS a
 /// per-row probe of the delivery row's primary key.
 const ADVANCE: &str = "WITH fe AS (SELECT CASE WHEN left(v, length($1) + 1) = $1 || '/' \
        THEN NULLIF(substr(v, length($1) + 2), '')::int8 END AS fence \
-       FROM (SELECT current_setting('eventbus.fence', true) AS v) AS s), \
+       FROM (SELECT current_setting('eventbus.fence', true) AS v, \
+         set_config('synchronous_commit', 'off', true) AS async_commit) AS s), \
      k AS (SELECT position, fence FROM eventbus_consumers, fe \
        WHERE stream_name = $1 AND name = $2 AND fence IS NOT NULL FOR UPDATE OF eventbus_consumers SKIP LOCKED), \
      r AS (SELECT position AS lo, LEAST(position + $6, fence) AS hi, fence FROM k), \
