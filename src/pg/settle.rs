@@ -232,8 +232,8 @@ type Queued = (AckToken, AckOp, oneshot::Sender<Result<(), PgError>>);
 /// Coalesces settles from many concurrent callers (a trigger's pipelines) into
 /// [`PgBus::settle_many`] calls: each caller still awaits its own token's result, so nothing
 /// is settled before its caller asked. No timer: a caller that finds no settle of this
-/// coalescer in flight settles at once in its own task (a lone caller pays no hop to another
-/// task: measured, the hop cost a single-ack loop a third of its rate on the loaded VM); one
+/// coalescer in flight settles at once in its own task (a lone caller, such as a consume + ack
+/// loop or a trigger with one in flight, pays no hop to another task); one
 /// that finds one in flight queues, and the flushing task settles everything queued in one
 /// statement as soon as it can, so under load a flush carries many tokens. Cheap to clone; the
 /// flushing task ends when the last clone is dropped or the bus is closed.
