@@ -1405,7 +1405,9 @@ async fn ack_and_claim_work_does_not_grow_with_the_delivery_rows() {
         advance < 100.0,
         "position move read {advance} buffers per ack"
     );
-    assert!(settle < 200.0, "settle read {settle} buffers per ack");
+    // The settle probes its ids (~10 pages); before, it read every delivery row of the
+    // consumer twice (~60 pages here, 800 with 25,000 rows).
+    assert!(settle < 30.0, "settle read {settle} buffers per ack");
     assert!(claim < 4_000.0, "claim of 100 read {claim} buffers");
     // A bulk ack of 100: one statement, about as many pages per token as a single ack.
     pg.psql("SELECT pg_stat_statements_reset()");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio_util::sync::CancellationToken;
 
-use super::core::{Inner, SharedListener, StreamRoute};
+use super::core::{publish_share, Inner, SharedListener, StreamRoute};
 use super::filter::{filter_sql, parse_filters, sql_params, stream_subject_matches};
 use super::keys::{msg_id_key, stream_key, LOCK_CLASS};
 use super::listen::Dedicated;
@@ -73,6 +73,7 @@ impl PgBus {
                 lagging: std::sync::Mutex::new(HashSet::new()),
                 consumers: std::sync::Mutex::new(HashMap::new()),
                 lag_wake: Arc::new(tokio::sync::Notify::new()),
+                publishers: tokio::sync::Semaphore::new(publish_share(s.max_conns)),
                 settings: s,
             }),
         };
@@ -158,6 +159,7 @@ impl PgBus {
     pub async fn close(&self) {
         self.inner.cancel.cancel();
         *self.inner.listener.lock().await = None;
+        self.inner.publishers.close();
         self.inner.pool.close();
     }
 
@@ -707,7 +709,7 @@ impl PgBus {
     async fn publish_once(&self, msgs: &[Outgoing]) -> Result<Vec<Published>, (PgError, bool)> {
         const OP: &str = "Publish";
         let early = |e| (e, false);
-        let mut c = self.client(OP).await.map_err(early)?;
+        let (_share, mut c) = self.inner.publish_client(OP).await.map_err(early)?;
         let mut routes = Vec::with_capacity(msgs.len());
         for m in msgs {
             routes.push(self.route(&c, &m.subject).await.map_err(early)?);

@@ -45,7 +45,12 @@ const SPREAD: i64 = 4;
 /// index range; the plan stops at the limit, and its shape does not depend on statistics:
 /// see the `sql` module doc). The rows to skip (settled or leased above the position) are
 /// read once into a hashed NOT IN, not probed per event: the leased rows of a busy consumer
-/// sit between its position and its next deliverable row, and a probe each cost ~4 pages. `c1` keeps those no concurrent fetcher of the
+/// sit between its position and its next deliverable row, and a probe each cost ~4 pages.
+/// Their range is given as two row comparisons on (stream, consumer, event id), which only
+/// the primary key can serve, as both bounds of one index range: with statistics the planner
+/// otherwise ranged over the `event_id` index, reading every consumer's delivery rows above
+/// the position (and with the stream and consumer as separate equalities PostgreSQL 15 starts
+/// the range at the consumer's first row, below the position). `c1` keeps those no concurrent fetcher of the
 /// same consumer is claiming right now: a transaction-scoped advisory try-lock per (consumer,
 /// event), held until this statement ends, so fetchers spread over the window instead of
 /// queueing on each other's uncommitted rows; the claim below stays the arbiter. `c1` reads
@@ -57,8 +62,8 @@ const CLAIM: &str = "WITH k AS (SELECT position FROM eventbus_consumers \
      c0 AS MATERIALIZED (SELECT e.id FROM eventbus_events e \
        WHERE e.stream_name = $1 AND e.id > (SELECT position FROM k) AND __FILTER__ \
        AND e.id NOT IN (SELECT d.event_id FROM eventbus_event_deliveries d \
-         WHERE d.stream_name = $1 AND d.consumer_name = $2 \
-         AND d.event_id > (SELECT position FROM k) \
+         WHERE (d.stream_name, d.consumer_name, d.event_id) > ($1, $2, (SELECT position FROM k)) \
+         AND (d.stream_name, d.consumer_name, d.event_id) <= ($1, $2, 9223372036854775807::int8) \
          AND (d.state IS NOT NULL OR d.due_at > now())) \
        ORDER BY e.id LIMIT $6::int8 * __SPREAD__), \
      c1 AS MATERIALIZED (SELECT id FROM c0 \

@@ -13,7 +13,7 @@
 
 use super::{
     AckOp, AckPolicy, AckToken, ConsumerDef, DeliverFrom, Delivery, FetchOpts, Outgoing, PgBus,
-    PgSettings, SubOpts, DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER,
+    PgSettings, Settler, SubOpts, DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER,
 };
 use crate::config::broker::{BrokerSpec, DEFAULT_REQUEST_TIMEOUT};
 use crate::error_chain::render;
@@ -71,10 +71,12 @@ fn ack_op(kind: AckKind) -> AckOp {
     }
 }
 
-/// One broker's pool.
+/// One broker's pool, and the coalescer its single settles go through (a trigger's pipelines
+/// ack concurrently: their acks share statements, each still awaits its own outcome).
 #[derive(Clone)]
 pub struct PgProvider {
     pub bus: PgBus,
+    settler: Settler,
 }
 
 impl Connect for PgProvider {
@@ -106,8 +108,10 @@ impl Connect for PgProvider {
             connect_timeout: cfg.connect_timeout,
         };
         tracing::info!(broker = %spec.name, dsn = %settings.redacted_dsn(), "connecting to PostgreSQL");
+        let bus = PgBus::connect(settings).await?;
         let p = PgProvider {
-            bus: PgBus::connect(settings).await?,
+            settler: bus.settler(),
+            bus,
         };
         crate::telemetry::connection(&spec.name, "pgchannel", true);
         Ok(p)
@@ -225,7 +229,7 @@ impl Provider for PgProvider {
         bounded(
             "ack",
             DEFAULT_REQUEST_TIMEOUT,
-            self.bus.ack(&tok, ack_op(kind)),
+            self.settler.settle(&tok, ack_op(kind)),
         )
         .await
     }

@@ -13,13 +13,15 @@
 //! * no message: the stream has no such id: an error.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::core::Inner;
 use tokio_postgres::types::ToSql;
 
-use super::sql::{advance_below, duration_ms, publish_fence};
+use super::sql::{duration_ms, Fenced};
 use super::types::{AckOp, AckPolicy, AckToken, DEFAULT_ACK_WAIT};
 use super::{PgBus, PgError};
 
@@ -38,7 +40,22 @@ enum Outcome {
 /// `$4` the new state (NULL for nak/progress), `$5` 0 settle / 1 nak / 2 progress, `$6` the
 /// nak delay, `$7` ack_wait and `$8` backoff (ms) for progress. The outcome columns read the
 /// snapshot from before the UPDATE, so a row this statement settled shows in `u` only.
-const SETTLE: &str = "WITH t AS (SELECT DISTINCT x AS id FROM unnest($3::int8[]) AS x), \
+///
+/// Plan shape (see the `sql` module doc): with the delivery rows joined to the ids, a fresh
+/// schema's one-row estimates made both the UPDATE and the outcome join read *every* delivery
+/// row of the consumer (index condition on stream and consumer, the id a join filter): 6 ms
+/// per settle in `make bench` once 25,000 rows had piled up, the trigger's bottleneck. Now the
+/// UPDATE finds its rows through the `event_id` index only (`= ANY($3)`; the stream and
+/// consumer compared as expressions, `|| ''`, so no plan can prefer the wider prefix scan of
+/// the primary key), and each outcome is a per-id probe (`OFFSET 0` keeps every EXISTS a
+/// subplan, never a hashed scan of the table).
+///
+/// The settle commits with `synchronous_commit` off (transaction-local, this statement only): it
+/// does not wait for its WAL flush. A server crash may lose the last few hundred milliseconds
+/// of settles; their messages are then delivered again, which at-least-once delivery allows
+/// (a publish stays synchronous: losing one would lose the message).
+const SETTLE: &str = "WITH t AS (SELECT DISTINCT x AS id FROM unnest($3::int8[]) AS x, \
+       (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit), \
      u AS (UPDATE eventbus_event_deliveries d SET state = $4::text, \
        due_at = CASE $5::int4 \
          WHEN 1 THEN now() + $6::int8 * interval '1 millisecond' \
@@ -46,19 +63,17 @@ const SETTLE: &str = "WITH t AS (SELECT DISTINCT x AS id FROM unnest($3::int8[])
            THEN GREATEST(($8::int8[])[LEAST(GREATEST(d.delivery_count, 1), cardinality($8::int8[]))], 1) \
            ELSE $7::int8 END) * interval '1 millisecond' \
          ELSE NULL END \
-       FROM t WHERE d.stream_name = $1 AND d.consumer_name = $2 AND d.event_id = t.id \
-         AND d.state IS NULL \
+       WHERE d.event_id = ANY($3::int8[]) AND d.stream_name || '' = $1 \
+         AND d.consumer_name || '' = $2 AND d.state IS NULL \
        RETURNING d.event_id) \
-     SELECT t.id, (CASE WHEN u.event_id IS NOT NULL THEN 0 \
-       WHEN d.event_id IS NOT NULL THEN 1 \
-       WHEN e.id IS NULL THEN 3 \
-       WHEN t.id <= k.position THEN 1 \
-       ELSE 2 END)::int4 \
-     FROM t LEFT JOIN u ON u.event_id = t.id \
-     LEFT JOIN eventbus_event_deliveries d ON d.stream_name = $1 AND d.consumer_name = $2 \
-       AND d.event_id = t.id \
-     LEFT JOIN eventbus_events e ON e.id = t.id AND e.stream_name = $1 \
-     LEFT JOIN eventbus_consumers k ON k.stream_name = $1 AND k.name = $2";
+     SELECT t.id, (CASE WHEN t.id IN (SELECT event_id FROM u) THEN 0 \
+       WHEN EXISTS (SELECT 1 FROM eventbus_event_deliveries d WHERE d.stream_name = $1 \
+         AND d.consumer_name = $2 AND d.event_id = t.id OFFSET 0) THEN 1 \
+       WHEN NOT EXISTS (SELECT 1 FROM eventbus_events e WHERE e.id = t.id \
+         AND e.stream_name = $1 OFFSET 0) THEN 3 \
+       WHEN t.id <= (SELECT position FROM eventbus_consumers k \
+         WHERE k.stream_name = $1 AND k.name = $2) THEN 1 \
+       ELSE 2 END)::int4 FROM t";
 
 /// With ack_policy `all`, an ack also settles every held delivery below it (NATS's AckAll).
 const ACK_ALL_BELOW: &str = "UPDATE eventbus_event_deliveries SET state = 'acked', due_at = NULL \
@@ -105,14 +120,25 @@ async fn settle_group(
         &ack_wait,
         &cfg.backoff_ms,
     ];
-    // An ack or term may let the position move: its fence is read in the same round trip
-    // (pipelined on the connection), the move follows in a snapshot after both.
-    let (rows, fence) = if state.is_some() && cfg.filter_params.is_ok() {
-        let (rows, fence) =
-            futures::future::join(c.query(&stmt, &params), publish_fence(&c, stream, false)).await;
-        (rows.map_err(db)?, Some(fence?))
+    // An ack or term may let the position move: the settle, the fence and the move go out
+    // in one round trip (pipelined on the connection, each its own autocommit statement, run
+    // in this order), so the move's snapshot sees the settle. With ack_policy `all` the move
+    // waits for the ack of everything below the highest id settled, one round trip more.
+    let moves = state.is_some() && cfg.filter_params.is_ok();
+    let pipelined = moves && !(cfg.policy == AckPolicy::All && op == AckOp::Ack);
+    let fenced = if moves {
+        Some(Fenced::prepare(&c, false).await?)
     } else {
-        (c.query(&stmt, &params).await.map_err(db)?, None)
+        None
+    };
+    let (rows, advanced) = match fenced.as_ref().filter(|_| pipelined) {
+        Some(f) => {
+            let (rows, adv) =
+                futures::future::join(c.query(&stmt, &params), f.run(&c, stream, consumer, &cfg))
+                    .await;
+            (rows.map_err(db)?, Some(adv?))
+        }
+        None => (c.query(&stmt, &params).await.map_err(db)?, None),
     };
     let out: HashMap<i64, Outcome> = rows
         .iter()
@@ -127,24 +153,26 @@ async fn settle_group(
             (r.get::<_, i64>(0), o)
         })
         .collect();
-    let settled_max = out
-        .iter()
-        .filter(|(_, o)| **o == Outcome::Applied)
-        .map(|(id, _)| *id)
-        .max();
-    let Some(top) = settled_max.filter(|_| state.is_some()) else {
-        return Ok(out);
+    let advanced = match (advanced, fenced) {
+        (Some(a), _) => a,
+        (None, Some(f)) => {
+            let settled_max = out
+                .iter()
+                .filter(|(_, o)| **o == Outcome::Applied)
+                .map(|(id, _)| *id)
+                .max();
+            let Some(top) = settled_max else {
+                return Ok(out);
+            };
+            let stmt = c.prepare_cached(ACK_ALL_BELOW).await.map_err(db)?;
+            c.execute(&stmt, &[&stream, &consumer, &top])
+                .await
+                .map_err(db)?;
+            f.run(&c, stream, consumer, &cfg).await?
+        }
+        (None, None) => return Ok(out),
     };
-    if cfg.policy == AckPolicy::All && op == AckOp::Ack {
-        let stmt = c.prepare_cached(ACK_ALL_BELOW).await.map_err(db)?;
-        c.execute(&stmt, &[&stream, &consumer, &top])
-            .await
-            .map_err(db)?;
-    }
-    let busy = advance_below(&c, stream, consumer, &cfg, fence.flatten())
-        .await?
-        .unfinished();
-    if busy {
+    if advanced.unfinished() {
         inner.mark_lagging(stream, consumer);
     }
     Ok(out)
@@ -203,13 +231,18 @@ type Queued = (AckToken, AckOp, oneshot::Sender<Result<(), PgError>>);
 
 /// Coalesces settles from many concurrent callers (a trigger's pipelines) into
 /// [`PgBus::settle_many`] calls: each caller still awaits its own token's result, so nothing
-/// is settled before its caller asked. No timer: a flush starts as soon as the previous one
-/// ended, with whatever queued meanwhile, so one caller alone waits no longer than a plain
-/// ack, and under load a flush carries many tokens in one statement. Cheap to clone; the
+/// is settled before its caller asked. No timer: a caller that finds no settle of this
+/// coalescer in flight settles at once in its own task (a lone caller, such as a consume + ack
+/// loop or a trigger with one in flight, pays no hop to another task); one
+/// that finds one in flight queues, and the flushing task settles everything queued in one
+/// statement as soon as it can, so under load a flush carries many tokens. Cheap to clone; the
 /// flushing task ends when the last clone is dropped or the bus is closed.
 #[derive(Clone)]
 pub struct Settler {
     tx: mpsc::UnboundedSender<Queued>,
+    bus: PgBus,
+    /// Settles of this coalescer in flight (direct ones and flushes).
+    active: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Settler {
@@ -218,9 +251,27 @@ impl std::fmt::Debug for Settler {
     }
 }
 
+/// One settle in flight, counted in `active` until dropped (also when the caller gives up).
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Settler {
-    /// Settles one token in the next flush; its own outcome, as [`PgBus::ack`] gives it.
+    /// Settles one token, at once or in the next flush; its own outcome, as [`PgBus::ack`]
+    /// gives it.
     pub async fn settle(&self, token: &AckToken, op: AckOp) -> Result<(), PgError> {
+        if self
+            .active
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let _in_flight = InFlight(self.active.clone());
+            return self.bus.ack(token, op).await;
+        }
         let (done, rx) = oneshot::channel();
         self.tx
             .send((token.clone(), op, done))
@@ -235,11 +286,17 @@ impl PgBus {
         let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
         let bus = self.clone();
         let cancel = self.inner.cancel.clone();
+        let active = Arc::new(AtomicUsize::new(0));
+        let flushing = active.clone();
         tokio::spawn(async move {
             loop {
                 let first = tokio::select! {
                     _ = cancel.cancelled() => return,
                     q = rx.recv() => match q { Some(q) => q, None => return },
+                };
+                let _in_flight = {
+                    flushing.fetch_add(1, Ordering::AcqRel);
+                    InFlight(flushing.clone())
                 };
                 let mut queued = vec![first];
                 while queued.len() < COALESCE_MAX {
@@ -262,6 +319,10 @@ impl PgBus {
                 }
             }
         });
-        Settler { tx }
+        Settler {
+            tx,
+            bus: self.clone(),
+            active,
+        }
     }
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio_postgres::types::ToSql;
 
 use deadpool_postgres::Object;
+use tokio_postgres::Statement;
 
 use super::core::ConsumerCfg;
 use super::filter::filter_sql;
@@ -94,26 +95,65 @@ impl Advance {
 /// Publishers hold the shared lock from before they draw an id until they commit, so every id
 /// at or below the fence belongs to a publish that has finished: a later statement's snapshot
 /// sees all of them. The CASE makes the sequence read wait for the lock (an initplan runs when
-/// first used). NULL: publishes were in flight (try) or the wait timed out.
-const FENCE_TRY: &str = "SELECT CASE WHEN pg_try_advisory_xact_lock($1, $2) THEN \
-     (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
-        FROM eventbus_events_id_seq) END";
-const FENCE_WAIT: &str = "SELECT CASE WHEN pg_advisory_xact_lock($1, $2)::text IS NULL THEN NULL \
-     ELSE (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
-        FROM eventbus_events_id_seq) END \
-     FROM (SELECT set_config('lock_timeout', '2s', true)) AS s";
+/// first used). Without waiting (`try`), NULL when publishes were in flight.
+///
+/// The fence is handed to the position move that follows on the same connection, in the same
+/// round trip (pipelined), through the session setting `eventbus.fence` as `<stream>/<fence>`
+/// (empty after the slash: none). A value left by an earlier statement (this one failed, e.g.
+/// its lock wait timed out) is still a fence of that stream, only lower: ids never go back, so
+/// every id at or below it still belongs to a finished publish. The stream in the value keeps a
+/// fence of one stream from ever bounding another's move (the publish lock is per stream).
+const FENCE_SQL: &str = "SELECT set_config('eventbus.fence', $3::text || '/' || COALESCE(( \
+       SELECT CASE WHEN __LOCK__ THEN \
+         (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
+          FROM eventbus_events_id_seq) END)::text, ''), false) __FROM__";
+
+fn fence_sql(wait: bool) -> &'static str {
+    static TRY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static WAIT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if wait {
+        WAIT.get_or_init(|| {
+            FENCE_SQL
+                .replace(
+                    "__LOCK__",
+                    "pg_advisory_xact_lock($1, $2)::text IS NOT NULL",
+                )
+                // Bounded: a publish that hangs holding its shared lock fails this advance
+                // after 2 s instead of stalling every later publisher behind our wait.
+                .replace(
+                    "__FROM__",
+                    "FROM (SELECT set_config('lock_timeout', '2s', true)) AS s",
+                )
+        })
+    } else {
+        TRY.get_or_init(|| {
+            FENCE_SQL
+                .replace("__LOCK__", "pg_try_advisory_xact_lock($1, $2)")
+                .replace("__FROM__", "")
+        })
+    }
+}
 
 /// Moves the position to just below the first unsettled matching event in `(position,
-/// LEAST(position + $6, fence $7)]`, or to the end of that range when it holds none. The
-/// event scan is an index range of at most ADVANCE_WINDOW ids. Returns (moved, whole window).
+/// LEAST(position + $6, fence)]`, or to the end of that range when it holds none; the fence
+/// is the one the statement before left in `eventbus.fence` for this stream (no fence: the
+/// consumer row is not even read, and no row comes back). The event scan is an index range
+/// of at most ADVANCE_WINDOW ids. Returns (moved, whole window).
+///
+/// Committed without waiting for its WAL flush (`synchronous_commit` off for this statement),
+/// like the settle: a move lost in a server crash is made again by the next one.
 ///
 /// The plan's shape is fixed by the text, not left to table statistics (see the module doc):
 /// the range bounds are scalar subqueries, so the scan of `(stream_name, id)` is the outer
 /// side, in id order, and stops at the first hit; the `OFFSET 0` keeps the NOT EXISTS a
 /// per-row probe of the delivery row's primary key.
-const ADVANCE: &str = "WITH k AS (SELECT position FROM eventbus_consumers \
-       WHERE stream_name = $1 AND name = $2 FOR UPDATE SKIP LOCKED), \
-     r AS (SELECT position AS lo, LEAST(position + $6, $7) AS hi FROM k), \
+const ADVANCE: &str = "WITH fe AS (SELECT CASE WHEN left(v, length($1) + 1) = $1 || '/' \
+       THEN NULLIF(substr(v, length($1) + 2), '')::int8 END AS fence \
+       FROM (SELECT current_setting('eventbus.fence', true) AS v, \
+         set_config('synchronous_commit', 'off', true) AS async_commit) AS s), \
+     k AS (SELECT position, fence FROM eventbus_consumers, fe \
+       WHERE stream_name = $1 AND name = $2 AND fence IS NOT NULL FOR UPDATE OF eventbus_consumers SKIP LOCKED), \
+     r AS (SELECT position AS lo, LEAST(position + $6, fence) AS hi, fence FROM k), \
      f AS (SELECT e.id FROM eventbus_events e WHERE e.stream_name = $1 \
        AND e.id > (SELECT lo FROM r) AND e.id <= (SELECT hi FROM r) AND __FILTER__ \
        AND NOT EXISTS (SELECT 1 FROM eventbus_event_deliveries d \
@@ -122,23 +162,80 @@ const ADVANCE: &str = "WITH k AS (SELECT position FROM eventbus_consumers \
        ORDER BY e.id LIMIT 1) \
      UPDATE eventbus_consumers c SET position = GREATEST(r.lo, COALESCE((SELECT id - 1 FROM f), r.hi)) \
      FROM r WHERE c.stream_name = $1 AND c.name = $2 \
-     RETURNING c.position > r.lo, c.position = r.lo + $6 AND r.hi < $7";
+     RETURNING c.position > r.lo, c.position = r.lo + $6 AND r.hi < r.fence";
 
 fn advance_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SQL.get_or_init(|| ADVANCE.replace("__FILTER__", &filter_sql(3)))
 }
 
-/// Moves the consumer's `position` (the Go cursor: everything at or below it is settled)
-/// forward, never backwards, by at most [`ADVANCE_WINDOW`] ids: to just below its first
-/// unsettled matching event, or across ids that are all settled or filtered out. An earlier
-/// version took `min(id)` over every unsettled event above the position (O(backlog) per ack).
-///
-/// Two autocommit statements on `c` (which must not be in a transaction): the fence (see
-/// [`FENCE_TRY`]), then the move, bounded by the fence, in a snapshot taken after it. The
-/// stream's exclusive lock is held only for the fence read, so publishers wait microseconds,
-/// not for a scan. Without `wait` it only tries, and returns [`Advance::Busy`] when publishes
-/// are in flight (the caller hands the consumer to the background advancer).
+/// The fence and the position move of one consumer, prepared (see [`Fenced::run`]).
+pub(crate) struct Fenced {
+    fence: Statement,
+    advance: Statement,
+}
+
+impl Fenced {
+    /// Prepares both statements (cached per connection), so that [`Fenced::run`] sends them
+    /// on its first poll, after whatever the caller sent before on `c`.
+    pub(crate) async fn prepare(c: &Object, wait: bool) -> Result<Fenced, PgError> {
+        let db = |e| PgError::db("advance position", e);
+        Ok(Fenced {
+            fence: c.prepare_cached(fence_sql(wait)).await.map_err(db)?,
+            advance: c.prepare_cached(advance_sql()).await.map_err(db)?,
+        })
+    }
+
+    /// Moves the consumer's `position` (the Go cursor: everything at or below it is settled)
+    /// forward, never backwards, by at most [`ADVANCE_WINDOW`] ids: to just below its first
+    /// unsettled matching event, or across ids that are all settled or filtered out. An
+    /// earlier version took `min(id)` over every unsettled event above the position
+    /// (O(backlog) per ack).
+    ///
+    /// Two autocommit statements on `c` (which must not be in a transaction), pipelined in one
+    /// round trip: the fence (see [`FENCE_SQL`]), then the move, bounded by the fence, in a
+    /// snapshot taken after it. The stream's exclusive lock is held only for the fence read,
+    /// so publishers wait microseconds, not for a scan. Without `wait` the fence only tries,
+    /// and the result is [`Advance::Busy`] when publishes are in flight (the caller hands the
+    /// consumer to the background advancer).
+    pub(crate) async fn run(
+        &self,
+        c: &Object,
+        stream: &str,
+        consumer: &str,
+        cfg: &ConsumerCfg,
+    ) -> Result<Advance, PgError> {
+        let db = |e| PgError::db("advance position", e);
+        let Ok((all, exact, like)) = &cfg.filter_params else {
+            // A Go-written filter we refuse: leave its position alone.
+            return Ok(Advance::Stayed);
+        };
+        let key = stream_key(stream);
+        let fence: [&(dyn ToSql + Sync); 3] = [&LOCK_CLASS, &key, &stream];
+        let params: [&(dyn ToSql + Sync); 6] =
+            [&stream, &consumer, all, exact, like, &ADVANCE_WINDOW];
+        let (fenced, row) = futures::future::join(
+            c.query_one(&self.fence, &fence),
+            c.query_opt(&self.advance, &params),
+        )
+        .await;
+        fenced.map_err(db)?;
+        let row = row.map_err(db)?;
+        Ok(
+            match row.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1))) {
+                Some((true, true)) => Advance::MovedWindow,
+                Some((true, false)) => Advance::Moved,
+                Some((false, _)) => Advance::Stayed,
+                // No fence (publishes in flight), or the consumer row is locked by another
+                // advance (concurrent acks of one consumer queued on it one by one): skipped,
+                // left to the background advancer.
+                None => Advance::Busy,
+            },
+        )
+    }
+}
+
+/// One position move of the consumer (see [`Fenced::run`]): one round trip.
 pub(crate) async fn advance_position(
     c: &Object,
     stream: &str,
@@ -149,64 +246,10 @@ pub(crate) async fn advance_position(
     if cfg.filter_params.is_err() {
         return Ok(Advance::Stayed);
     }
-    let fence = publish_fence(c, stream, wait).await?;
-    advance_below(c, stream, consumer, cfg, fence).await
-}
-
-/// The publish fence of the stream (see [`FENCE_TRY`]); None when publishes were in flight.
-pub(crate) async fn publish_fence(
-    c: &Object,
-    stream: &str,
-    wait: bool,
-) -> Result<Option<i64>, PgError> {
-    let db = |e| PgError::db("advance position", e);
-    let stmt = c
-        .prepare_cached(if wait { FENCE_WAIT } else { FENCE_TRY })
+    Fenced::prepare(c, wait)
+        .await?
+        .run(c, stream, consumer, cfg)
         .await
-        .map_err(db)?;
-    Ok(c.query_one(&stmt, &[&LOCK_CLASS, &stream_key(stream)])
-        .await
-        .map_err(db)?
-        .get(0))
-}
-
-/// The move of [`advance_position`], given a fence read by an earlier statement (None: Busy).
-pub(crate) async fn advance_below(
-    c: &Object,
-    stream: &str,
-    consumer: &str,
-    cfg: &ConsumerCfg,
-    fence: Option<i64>,
-) -> Result<Advance, PgError> {
-    let db = |e| PgError::db("advance position", e);
-    let Ok((all, exact, like)) = &cfg.filter_params else {
-        // A Go-written filter we refuse: leave its position alone.
-        return Ok(Advance::Stayed);
-    };
-    let Some(fence) = fence else {
-        return Ok(Advance::Busy);
-    };
-    let stmt = c.prepare_cached(advance_sql()).await.map_err(db)?;
-    let params: [&(dyn ToSql + Sync); 7] = [
-        &stream,
-        &consumer,
-        all,
-        exact,
-        like,
-        &ADVANCE_WINDOW,
-        &fence,
-    ];
-    let row = c.query_opt(&stmt, &params).await.map_err(db)?;
-    Ok(
-        match row.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1))) {
-            Some((true, true)) => Advance::MovedWindow,
-            Some((true, false)) => Advance::Moved,
-            Some((false, _)) => Advance::Stayed,
-            // The consumer row is locked by another advance (concurrent acks of one consumer
-            // queued on it one by one): skipped, left to the background advancer.
-            None => Advance::Busy,
-        },
-    )
 }
 
 #[cfg(test)]
