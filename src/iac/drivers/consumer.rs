@@ -27,12 +27,11 @@ pub fn decode(name: &str, config_json: &[u8]) -> Result<ConsumerSpec, DriverErro
     Ok(decode_desired(name, config_json)?.spec)
 }
 
-/// A consumer as the IaC face decodes it: the shared spec and the config it was validated
-/// from (a provider with settings of its own converts from the config, as its runtime does).
+/// A consumer as the IaC face decodes it: the shared spec, which every provider converts
+/// from exactly as its runtime does.
 #[derive(Clone, Debug)]
 pub struct ConsumerDesired {
     pub spec: ConsumerSpec,
-    pub config: ConsumerConfig,
 }
 
 impl std::ops::Deref for ConsumerDesired {
@@ -53,7 +52,6 @@ pub fn decode_desired(name: &str, config_json: &[u8]) -> Result<ConsumerDesired,
         |c: ConsumerConfig| {
             Ok(ConsumerDesired {
                 spec: ConsumerSpec::validate(CONSUMER_TYPE, name, &c)?,
-                config: c,
             })
         },
     )

@@ -32,14 +32,8 @@ fn label(resource: &str, topic: &str, group: &str) -> String {
 /// The config as a group: the domain's conversion (`GroupSpec::validate`, the runtime's own)
 /// plus the JetStream-only settings the shared spec parsed, each refused by name.
 pub fn group_spec(resource: &str, d: &ConsumerDesired) -> Result<GroupSpec, DriverError> {
-    let converted = GroupSpec::validate(CONSUMER_TYPE, resource, &d.config);
-    super::stream::refuse_settings(
-        converted,
-        CONSUMER_TYPE,
-        resource,
-        &d.spec.settings,
-        "consumer groups",
-    )
+    // The runtime's conversion: plan and engine refuse with the same words.
+    crate::kafka::spec::group_spec(CONSUMER_TYPE, resource, &d.spec).map_err(DriverError::from)
 }
 
 fn rfc3339_ms(ms: i64) -> String {

@@ -64,37 +64,32 @@ pub fn topic_spec(
             .then_some(k.default_replication_factor),
         min_insync_replicas: (k.min_insync_replicas > 0).then_some(k.min_insync_replicas),
     };
-    let converted = TopicSpec::validate(STREAM_TYPE, resource, &d.config, defaults);
-    refuse_settings(converted, STREAM_TYPE, resource, &d.spec.settings, "topics")
-}
-
-/// A conversion's result with the JetStream-only settings the shared spec parsed added to
-/// its problems, one line each (`what`: kafka's kind of thing, for the message).
-pub fn refuse_settings<T>(
-    converted: Result<T, ConfigError>,
-    type_name: &str,
-    resource: &str,
-    settings: &crate::nats::settings::Settings,
-    what: &str,
-) -> Result<T, DriverError> {
-    let lines: Vec<String> = settings
-        .keys()
-        .map(|key| {
-            format!("config.{key}: is a NATS JetStream setting; kafka {what} have no equivalent (remove it)")
-        })
-        .collect();
-    match converted {
-        Ok(t) if lines.is_empty() => Ok(t),
-        Ok(_) => Err(ConfigError {
-            component: format!("{type_name} {}", crate::secret::quote(resource)),
-            problems: lines,
-        }
-        .into()),
-        Err(mut e) => {
-            e.problems.extend(lines);
-            Err(e.into())
-        }
+    // The runtime's conversion (one per provider, so plan and engine refuse with the same
+    // words); partitions are the IaC face's: a stream module adopts what the topic has.
+    let mut spec = crate::kafka::spec::topic_spec(STREAM_TYPE, resource, &d.spec, defaults)
+        .map_err(DriverError::from);
+    if !(0..=10_000).contains(&d.config.partitions) {
+        let line = format!(
+            "config.partitions: {} is out of range (1..=10000; 0 means 1)",
+            d.config.partitions
+        );
+        spec = match spec {
+            Err(DriverError::Config(mut c)) => {
+                c.problems.push(line);
+                Err(DriverError::Config(c))
+            }
+            Err(e) => Err(e),
+            Ok(_) => Err(ConfigError {
+                component: format!("{STREAM_TYPE} {}", crate::secret::quote(resource)),
+                problems: vec![line],
+            }
+            .into()),
+        };
     }
+    spec.map(|mut t| {
+        t.partitions = d.config.partitions.max(1);
+        t
+    })
 }
 
 /// The broker's entries as an observed topic: every entry set on the topic, and the managed
