@@ -237,9 +237,25 @@ impl Connect for KafkaProvider {
         Ok(p)
     }
 
-    /// Lag is reported by wfctl (the consumer's outputs); the runtime keeps no refresher for
-    /// kafka groups.
-    fn watch_lag(&self, _broker: &str, _stream: &str, _consumer: &str) {}
+    /// Pending: records past the group's committed offsets (read from the cluster); ack
+    /// pending: what this process's member of the group holds unsettled.
+    fn watch_lag(&self, broker: &str, stream: &str, consumer: &str) {
+        let inner = Arc::downgrade(&self.inner);
+        let key = (stream.to_string(), consumer.to_string());
+        crate::telemetry::lag::watch_kafka(
+            broker,
+            &self.inner.settings,
+            stream,
+            consumer,
+            move || {
+                inner.upgrade().map_or(0, |i| {
+                    lock(&i.members)
+                        .get(&key)
+                        .map_or(0, |m| m.unsettled() as u64)
+                })
+            },
+        );
+    }
 }
 
 impl Provider for KafkaProvider {

@@ -322,3 +322,33 @@ async fn mock_a_group_with_another_name_passes_over_retry_copies() {
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].delivery_count, 1);
 }
+
+/// The lag gauges for a kafka group: records past its committed offsets over every partition
+/// (nothing committed: from the low watermark), and what the process holds unsettled.
+#[tokio::test]
+async fn mock_lag_gauges_count_records_past_the_committed_offsets() {
+    let b = bus(&[("lagged", 2)]);
+    for i in 0..5 {
+        b.producer
+            .publish("lagged", &msg(&format!("lagged.k{i}"), "x"))
+            .await
+            .unwrap();
+    }
+    let m = crate::telemetry::metrics::enable();
+    crate::telemetry::lag::watch_kafka("lagbus", &b.settings, "lagged", "g-lag", || 2);
+    crate::telemetry::lag::refresh_once().await;
+    let text = m.encode();
+    let value = |family: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with(family)
+                    && l.contains("broker=\"lagbus\"")
+                    && l.contains("provider=\"kafka\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    assert_eq!(value("eventbus_consumer_pending{"), Some(5), "{text}");
+    assert_eq!(value("eventbus_consumer_ack_pending{"), Some(2), "{text}");
+    crate::telemetry::lag::forget_broker("lagbus");
+}

@@ -4,7 +4,9 @@
 //!
 //! Cost per consumer and refresh: NATS, one `$JS.API.CONSUMER.INFO` request (the server answers
 //! from memory); pgchannel, one read of the consumer row and one read-only statement whose two
-//! counts stop at [`PG_CAP`] rows each (index range scans on the events and deliveries keys).
+//! counts stop at [`PG_CAP`] rows each (index range scans on the events and deliveries keys);
+//! kafka, one OffsetFetch for the group and a watermark query per partition of the topic, over
+//! one client the source keeps.
 //! Each read is bounded by [`READ_TIMEOUT`]; a failed or timed-out read keeps the last values
 //! and counts `eventbus_consumer_lag_errors_total`.
 //!
@@ -93,6 +95,57 @@ pub fn watch_pg(broker: &str, bus: &crate::pg::PgBus, stream: &str, consumer: &s
                     .await
                     .map(|l| l.map(|l| (l.pending, l.leased)))
                     .map_err(|e| e.to_string())
+            })
+        }),
+    );
+}
+
+/// A kafka consumer group's lag: records past its committed offsets, summed over the topic's
+/// partitions (per refresh: one OffsetFetch for the group and a watermark query per partition,
+/// over one client kept by the source), and `unsettled()`: what this process's member holds.
+pub fn watch_kafka(
+    broker: &str,
+    settings: &crate::kafka::KafkaSettings,
+    topic: &str,
+    group: &str,
+    unsettled: impl Fn() -> u64 + Send + Sync + 'static,
+) {
+    use crate::kafka::admin::{group_lag, RdOffsets};
+    let settings = settings.clone();
+    let (t, g) = (topic.to_string(), group.to_string());
+    let client: Arc<Mutex<Option<RdOffsets>>> = Arc::default();
+    let unsettled = Arc::new(unsettled);
+    register(
+        broker,
+        "kafka",
+        topic,
+        group,
+        Arc::new(move || {
+            let (settings, t, g) = (settings.clone(), t.clone(), g.clone());
+            let (client, unsettled) = (client.clone(), unsettled.clone());
+            Box::pin(async move {
+                let pending = tokio::task::spawn_blocking(move || {
+                    let mut c = client.lock().unwrap_or_else(|p| p.into_inner());
+                    if c.is_none() {
+                        *c = Some(
+                            RdOffsets::new(&settings, &g, READ_TIMEOUT)
+                                .map_err(|e| e.to_string())?,
+                        );
+                    }
+                    let Some(o) = c.as_ref() else {
+                        return Ok(None);
+                    };
+                    let parts = group_lag(o, &t).map_err(|e| e.to_string())?;
+                    Ok::<_, String>((!parts.is_empty()).then(|| {
+                        parts
+                            .iter()
+                            .map(|p| u64::try_from(p.lag).unwrap_or(0))
+                            .sum::<u64>()
+                    }))
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+                Ok(pending.map(|p| (p, unsettled())))
             })
         }),
     );

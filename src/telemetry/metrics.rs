@@ -193,12 +193,12 @@ impl Metrics {
         );
         r.register(
             "consumer_pending",
-            "Messages waiting for the consumer: NATS num_pending; pgchannel events past the consumer's position that are neither settled nor leased (counted up to a cap)",
+            "Messages waiting for the consumer: NATS num_pending; pgchannel events past the consumer's position that are neither settled nor leased (counted up to a cap); kafka records past the group's committed offsets",
             m.pending.clone(),
         );
         r.register(
             "consumer_ack_pending",
-            "Messages delivered and not yet settled: NATS num_ack_pending; pgchannel leased rows",
+            "Messages delivered and not yet settled: NATS num_ack_pending; pgchannel leased rows; kafka records this process holds unsettled",
             m.ack_pending.clone(),
         );
         r.register(
