@@ -261,14 +261,17 @@ async fn a_frozen_broker_during_a_publish_burst_loses_no_acknowledged_message() 
 /// A plugin killed with SIGKILL while its pipelines hold messages: once the group drops the
 /// dead member (its session times out), the next process gets every one of them.
 ///
-/// Ignored: with the machine saturated (5 busy loops on 2 cores) it fails every time. The
-/// second process joins, the group's rebalance completes ~9 s later and hands it no partition
-/// ("partitions assigned ... partitions=0"), and no later rebalance comes within 120 s: the
-/// dead member keeps partition 0. It passes on a quiet or lightly loaded machine. Whether the
-/// test broker (tansu 0.6.0) never expires a member it kept through a completed rebalance, or
-/// the plugin's member does something a real coordinator would also refuse, is not settled yet.
+/// The replacement starts after the dead member's session has run out. Started earlier, it
+/// races a defect of the test broker (tansu 0.6.0): when the dead member led the group and its
+/// session expires while the coordinator handles the newcomer's SyncGroup (not its JoinGroup),
+/// the coordinator drops the leader and completes the round with the newcomer's empty follower
+/// assignment, so the group settles on zero partitions and never rebalances again. Which of the
+/// two requests the expiry lands in depends on timing alone (saturated cores made it the
+/// SyncGroup every time). A real Kafka coordinator elects a new leader from the members that
+/// rejoin and sends the follower back to JoinGroup; that early-replacement case is a broker
+/// property, not something the plugin could change. tansu expires members lazily, on the next
+/// group request, so there is no event to wait for: the wait is the session timeout itself.
 #[tokio::test]
-#[ignore = "fails under heavy load: the killed member keeps its partition (see the comment)"]
 async fn a_plugin_killed_mid_delivery_has_its_messages_redelivered() {
     let s = KafkaServer::start();
     let stuck: PipelineFn =
@@ -291,6 +294,8 @@ async fn a_plugin_killed_mid_delivery_has_its_messages_redelivered() {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(first.child.id() as i32, libc::SIGKILL) };
     let _ = first.child.wait();
+    tokio::time::sleep(eventbus_plugin::kafka::group::SESSION_TIMEOUT + Duration::from_millis(500))
+        .await;
 
     let seen = Arc::new(Mutex::new(BTreeMap::new()));
     let second = launch(&s, Some(counting(seen.clone(), Duration::ZERO))).await;

@@ -309,7 +309,10 @@ impl KafkaGroupConsumer {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", spec.start.auto_offset_reset())
             .set("partition.assignment.strategy", "range,roundrobin")
-            .set("session.timeout.ms", "10000")
+            .set(
+                "session.timeout.ms",
+                super::group::SESSION_TIMEOUT.as_millis().to_string(),
+            )
             .set("heartbeat.interval.ms", "1000");
         for (k, v) in &settings.extra {
             if !k.starts_with("linger") && !k.starts_with("batch.") {

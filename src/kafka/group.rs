@@ -25,6 +25,9 @@ use super::KafkaError;
 pub const DEFAULT_MAX_DELIVER: u32 = 5;
 /// How long a handed-out message may stay unsettled before it is redelivered.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long the coordinator waits for a silent member (a crashed process) before it gives
+/// the member's partitions to the rest of the group (`session.timeout.ms`).
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartPolicy {
