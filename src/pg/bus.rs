@@ -74,6 +74,9 @@ impl PgBus {
                 consumers: std::sync::Mutex::new(HashMap::new()),
                 lag_wake: Arc::new(tokio::sync::Notify::new()),
                 publishers: tokio::sync::Semaphore::new(publish_share(s.max_conns)),
+                naks: std::sync::atomic::AtomicU64::new(0),
+                owed_notifies: std::sync::Mutex::new(HashMap::new()),
+                notify_wake: Arc::new(tokio::sync::Notify::new()),
                 settings: s,
             }),
         };
@@ -89,6 +92,7 @@ impl PgBus {
         drop(c);
         bus.spawn_prune();
         bus.spawn_advancer();
+        bus.spawn_notifier();
         tracing::info!(broker = %bus.inner.settings.broker, dsn = %bus.redacted_dsn(), "pgchannel connected");
         Ok(bus)
     }
@@ -116,6 +120,34 @@ impl PgBus {
                     Err(e) => {
                         tracing::warn!(error = %e, "pgchannel prune failed; retrying next interval")
                     }
+                }
+            }
+        });
+    }
+
+    /// Sends the NOTIFYs publishes owe (see `Inner::owe_notify`): one statement for all that
+    /// are owed, then whatever was owed meanwhile, so a burst of publishes costs a few
+    /// NOTIFYs, each outside every publish's transaction.
+    fn spawn_notifier(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let cancel = self.inner.cancel.clone();
+        let wake = self.inner.notify_wake.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = wake.notified() => {}
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                let owed: Vec<(String, i64)> = match inner.owed_notifies.lock() {
+                    Ok(mut m) => m.drain().collect(),
+                    Err(_) => return,
+                };
+                if owed.is_empty() {
+                    continue;
+                }
+                if let Err(e) = send_notifies(&inner, &owed).await {
+                    tracing::debug!(error = %e, "pgchannel: NOTIFY after publish failed; listeners find the rows on their next poll");
                 }
             }
         });
@@ -661,7 +693,8 @@ impl PgBus {
 
     // ---------------------------------------------------------------- publish
 
-    /// One transaction: insert + pg_notify; msg_id de-duplicated within the stream's window.
+    /// One transaction: the inserts, msg_id de-duplicated within the stream's window; the
+    /// NOTIFY follows the commit (see `Inner::owe_notify`).
     ///
     /// Publishers take a shared per-stream advisory lock, so an exclusive holder (advancing a
     /// consumer's position) sees every id below the ones still to come: ids are allocated
@@ -816,24 +849,18 @@ impl PgBus {
                 duplicate: false,
             });
         }
-        let notify = tx
-            .prepare_cached("SELECT pg_notify($1, $2)")
-            .await
-            .map_err(db)?;
-        for (stream, id) in &last_id {
-            tx.execute(&notify, &[&notify_channel(stream), &id.to_string()])
-                .await
-                .map_err(db)?;
-        }
         tx.commit()
             .await
             .map_err(|e| (PgError::db("Publish: commit", e), true))?;
+        for (stream, id) in &last_id {
+            self.inner.owe_notify(stream, *id);
+        }
         Ok(out)
     }
 
     /// Publish without de-duplication in one statement (one round trip, its own implicit
-    /// transaction): take the streams' shared publish locks, insert in input order, notify
-    /// each stream once. `lk` is joined into the INSERT so the locks are held before any id
+    /// transaction): take the streams' shared publish locks, insert in input order; each
+    /// stream is notified once after the commit. `lk` is joined into the INSERT so the locks are held before any id
     /// is drawn from the sequence.
     async fn publish_plain(
         &self,
@@ -850,10 +877,8 @@ impl PgBus {
                    correlation_id) SELECT m.s, m.subj, m.h, m.p, m.c FROM lk, \
                    unnest($3::text[], $4::text[], $5::jsonb[], $6::bytea[], $7::text[]) \
                    WITH ORDINALITY AS m(s, subj, h, p, c, ord) ORDER BY m.ord \
-                   RETURNING e.id, e.stream_name, {TS_MICROS}), \
-                 n AS (SELECT pg_notify('eventbus_' || lower(stream_name), max(id)::text) \
-                   FROM ins GROUP BY stream_name) \
-                 SELECT ins.*, (SELECT count(*) FROM n) FROM ins ORDER BY 1"
+                   RETURNING e.id, e.stream_name, {TS_MICROS}) \
+                 SELECT ins.* FROM ins ORDER BY 1"
             ))
             .await
             .map_err(|e| (PgError::db("Publish", e), false))?;
@@ -899,7 +924,7 @@ impl PgBus {
             ));
         }
         // Ids were drawn in input order, so ascending ids line up with the input.
-        Ok(rows
+        let out: Vec<Published> = rows
             .iter()
             .map(|r| Published {
                 stream: r.get(1),
@@ -907,7 +932,16 @@ impl PgBus {
                 ts: micros_to_time(r.get(2)),
                 duplicate: false,
             })
-            .collect())
+            .collect();
+        let mut top: BTreeMap<&str, i64> = BTreeMap::new();
+        for p in &out {
+            let t = top.entry(p.stream.as_str()).or_insert(p.id);
+            *t = (*t).max(p.id);
+        }
+        for (stream, id) in top {
+            self.inner.owe_notify(stream, id);
+        }
+        Ok(out)
     }
 
     // ------------------------------------------------------------ fetch / ack
@@ -1141,4 +1175,22 @@ async fn advance_one(inner: &Inner, stream: &str, consumer: &str) -> Result<(), 
     advance_and_prune(inner, &c, stream, consumer)
         .await
         .map(|_| ())
+}
+
+/// One NOTIFY per owed stream, on the stream's channel, with the highest id committed (what a
+/// Go publisher sends for its own row), in one statement.
+async fn send_notifies(inner: &Inner, owed: &[(String, i64)]) -> Result<(), PgError> {
+    const OP: &str = "NOTIFY";
+    let db = |e| PgError::db(OP, e);
+    let channels: Vec<String> = owed.iter().map(|(s, _)| notify_channel(s)).collect();
+    let ids: Vec<String> = owed.iter().map(|(_, id)| id.to_string()).collect();
+    let c = inner.client(OP).await?;
+    let stmt = c
+        .prepare_cached(
+            "SELECT count(pg_notify(ch, id)) FROM unnest($1::text[], $2::text[]) AS t(ch, id)",
+        )
+        .await
+        .map_err(db)?;
+    c.execute(&stmt, &[&channels, &ids]).await.map_err(db)?;
+    Ok(())
 }

@@ -34,6 +34,14 @@ pub(crate) struct Inner {
     pub consumers: Mutex<HashMap<ConsumerKey, (Instant, Arc<ConsumerCfg>)>>,
     /// Pooled connections publishes may hold at once (see [`publish_share`]).
     pub publishers: tokio::sync::Semaphore,
+    /// NOTIFYs owed for committed publishes: the highest id per stream, sent by the notifier
+    /// task (`PgBus::spawn_notifier`), many publishes to one NOTIFY (see `Inner::owe_notify`).
+    pub owed_notifies: Mutex<HashMap<String, i64>>,
+    pub notify_wake: Arc<tokio::sync::Notify>,
+    /// Bumped after every nak this process settled (any consumer): an ordered subscriber's
+    /// row claimed ahead is handed out only if no nak came since the claim began, so a nak'd
+    /// message is never overtaken by the one behind it (see `Subscription::next_batch`).
+    pub naks: std::sync::atomic::AtomicU64,
 }
 
 /// Publishes may hold at most three quarters of the pool (at least one connection): the rest
@@ -167,6 +175,20 @@ impl Inner {
     }
 
     /// Hands a consumer's position to the background advancer.
+    /// Records that `id` of `stream` committed and listeners are owed a NOTIFY. Publishes do
+    /// not NOTIFY in their own transaction: PostgreSQL serialises the commits of every
+    /// transaction that notified (one database-wide lock), which made concurrent publishers
+    /// queue behind each other. The notifier sends one NOTIFY per stream for everything that
+    /// committed since its last one, after those commits, so a woken listener sees the rows.
+    /// A NOTIFY lost with the process is covered by the listeners' poll, as any lost NOTIFY.
+    pub(crate) fn owe_notify(&self, stream: &str, id: i64) {
+        if let Ok(mut owed) = self.owed_notifies.lock() {
+            let top = owed.entry(stream.to_string()).or_insert(id);
+            *top = (*top).max(id);
+        }
+        self.notify_wake.notify_one();
+    }
+
     pub(crate) fn mark_lagging(&self, stream: &str, consumer: &str) {
         if let Ok(mut set) = self.lagging.lock() {
             set.insert((stream.to_string(), consumer.to_string()));

@@ -79,10 +79,26 @@ const SETTLE: &str = "WITH t AS (SELECT DISTINCT x AS id FROM unnest($3::int8[])
 const ACK_ALL_BELOW: &str = "UPDATE eventbus_event_deliveries SET state = 'acked', due_at = NULL \
      WHERE stream_name = $1 AND consumer_name = $2 AND event_id <= $3 AND state IS NULL";
 
+/// The settle statement's outcome per id.
+fn outcomes(rows: &[tokio_postgres::Row]) -> HashMap<i64, Outcome> {
+    rows.iter()
+        .map(|r| {
+            let code: i32 = r.get(1);
+            let o = match code {
+                0 => Outcome::Applied,
+                1 => Outcome::AlreadySettled,
+                3 => Outcome::NoMessage,
+                _ => Outcome::NotDelivered,
+            };
+            (r.get::<_, i64>(0), o)
+        })
+        .collect()
+}
+
 /// Settles `ids` of one consumer; the outcome of each distinct id. Idempotent, so the caller
 /// may retry it after a lost connection.
 async fn settle_group(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     stream: &str,
     consumer: &str,
     ids: &[i64],
@@ -122,40 +138,49 @@ async fn settle_group(
     ];
     // An ack or term may let the position move: the settle, the fence and the move go out
     // in one round trip (pipelined on the connection, each its own autocommit statement, run
-    // in this order), so the move's snapshot sees the settle. With ack_policy `all` the move
-    // waits for the ack of everything below the highest id settled, one round trip more.
+    // in this order), so the move's snapshot sees the settle. The caller has its answer when
+    // the settle's rows arrive: the move finishes in a task of its own that keeps the
+    // connection until then, and hands the consumer to the background advancer if it could
+    // not finish (or failed). With ack_policy `all` the move waits for the ack of everything
+    // below the highest id settled, one round trip more.
     let moves = state.is_some() && cfg.filter_params.is_ok();
     let pipelined = moves && !(cfg.policy == AckPolicy::All && op == AckOp::Ack);
+    if pipelined {
+        let fenced = Fenced::prepare(&c, false).await?;
+        let (tx, rx) = oneshot::channel();
+        let inner = inner.clone();
+        let (stream, consumer, ids) = (stream.to_string(), consumer.to_string(), ids.to_vec());
+        let backoff = cfg.backoff_ms.clone();
+        tokio::spawn(async move {
+            let params: [&(dyn ToSql + Sync); 8] = [
+                &stream, &consumer, &ids, &state, &kind, &nak_ms, &ack_wait, &backoff,
+            ];
+            let settle = async {
+                let _ = tx.send(c.query(&stmt, &params).await);
+            };
+            let ((), moved) =
+                futures::future::join(settle, fenced.run(&c, &stream, &consumer, &cfg)).await;
+            match moved {
+                Ok(a) if !a.unfinished() => {}
+                Ok(_) => inner.mark_lagging(&stream, &consumer),
+                Err(e) => {
+                    tracing::debug!(error = %e, stream, consumer, "pgchannel: position move after an ack failed; left to the background advancer");
+                    inner.mark_lagging(&stream, &consumer);
+                }
+            }
+        });
+        let rows = rx.await.map_err(|_| PgError::Cancelled(OP))?.map_err(db)?;
+        return Ok(outcomes(&rows));
+    }
     let fenced = if moves {
         Some(Fenced::prepare(&c, false).await?)
     } else {
         None
     };
-    let (rows, advanced) = match fenced.as_ref().filter(|_| pipelined) {
+    let rows = c.query(&stmt, &params).await.map_err(db)?;
+    let out = outcomes(&rows);
+    let advanced = match fenced {
         Some(f) => {
-            let (rows, adv) =
-                futures::future::join(c.query(&stmt, &params), f.run(&c, stream, consumer, &cfg))
-                    .await;
-            (rows.map_err(db)?, Some(adv?))
-        }
-        None => (c.query(&stmt, &params).await.map_err(db)?, None),
-    };
-    let out: HashMap<i64, Outcome> = rows
-        .iter()
-        .map(|r| {
-            let code: i32 = r.get(1);
-            let o = match code {
-                0 => Outcome::Applied,
-                1 => Outcome::AlreadySettled,
-                3 => Outcome::NoMessage,
-                _ => Outcome::NotDelivered,
-            };
-            (r.get::<_, i64>(0), o)
-        })
-        .collect();
-    let advanced = match (advanced, fenced) {
-        (Some(a), _) => a,
-        (None, Some(f)) => {
             let settled_max = out
                 .iter()
                 .filter(|(_, o)| **o == Outcome::Applied)
@@ -170,7 +195,7 @@ async fn settle_group(
                 .map_err(db)?;
             f.run(&c, stream, consumer, &cfg).await?
         }
-        (None, None) => return Ok(out),
+        None => return Ok(out),
     };
     if advanced.unfinished() {
         inner.mark_lagging(stream, consumer);
@@ -197,6 +222,10 @@ impl PgBus {
             let r = self
                 .retrying(|| settle_group(&self.inner, stream, consumer, ids, op))
                 .await;
+            if matches!(op, AckOp::Nak(_)) {
+                // After the statement ended (committed or not): see `Inner::naks`.
+                self.inner.naks.fetch_add(1, Ordering::AcqRel);
+            }
             done.insert((stream, consumer), r);
         }
         tokens

@@ -10,8 +10,9 @@
 //! consumer's work, for triggers that promise no order.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::core::Inner;
 use super::keys::consumer_lock_key;
 use super::listen::Dedicated;
-use super::types::{notify_channel, Delivery, SubOpts};
+use super::types::{notify_channel, AckPolicy, Delivery, SubOpts};
 use super::PgError;
 
 pub struct Subscription {
@@ -35,6 +36,16 @@ pub struct Subscription {
     ahead: VecDeque<Delivery>,
     refill: Option<JoinHandle<Result<Vec<Delivery>, PgError>>>,
     target: usize,
+    /// Ordered subscribers (see [`Subscription::next_ordered`]): the claim of the next rows,
+    /// when it began, and `Inner::naks` then.
+    claimed_ahead: Option<ClaimAhead>,
+}
+
+struct ClaimAhead {
+    began: Instant,
+    naks: u64,
+    /// The rows and the length of their lease.
+    task: JoinHandle<Result<(Vec<Delivery>, Duration), PgError>>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -106,6 +117,7 @@ pub(crate) async fn subscribe(
         ahead: VecDeque::new(),
         refill: None,
         target: 0,
+        claimed_ahead: None,
     })
 }
 
@@ -136,7 +148,7 @@ impl Subscription {
     pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, PgError> {
         let max = max.max(1);
         if self.target <= 1 {
-            return self.wait_batch(max).await;
+            return self.next_ordered(max).await;
         }
         loop {
             if self.cancel.is_cancelled() {
@@ -176,6 +188,72 @@ impl Subscription {
             }
             return Ok(rows);
         }
+    }
+
+    /// An ordered subscriber claims the rows after the ones it hands out while the caller
+    /// works on those, so the next call finds them claimed (one claim round trip less per
+    /// message with one in flight). The caller asks again only after settling what it holds.
+    /// A row claimed ahead is handed out only if no nak of this process came after its claim
+    /// began (a nak'd message comes before the ones behind it) and less than half its lease
+    /// has passed (nobody else may take it yet); otherwise it goes back uncounted and the
+    /// claim is made again, so the lowest deliverable ids come first. With ack_policy none
+    /// nothing is claimed ahead: such a claim settles the row, which a stop would then lose.
+    async fn next_ordered(&mut self, max: usize) -> Result<Vec<Delivery>, PgError> {
+        if let Some(ahead) = self.claimed_ahead.as_mut() {
+            // Awaited in place: a call cancelled here leaves the claim with the subscription
+            // (given back when it drops).
+            let done = (&mut ahead.task).await;
+            let Some(ahead) = self.claimed_ahead.take() else {
+                return Ok(Vec::new());
+            };
+            let (rows, lease) = match done {
+                Ok(r) => r?,
+                Err(e) => return Err(self.lost(format!("claim-ahead task failed: {e}"))),
+            };
+            let current = self.bus.naks.load(Ordering::Acquire) == ahead.naks
+                && ahead.began.elapsed() < lease / 2;
+            if current && !rows.is_empty() && rows.len() <= max {
+                self.claim_ahead(rows.len());
+                return Ok(rows);
+            }
+            let ids: Vec<i64> = rows.iter().map(|d| d.token.id).collect();
+            super::lease::release(&self.bus, &self.stream, &self.consumer, &ids).await?;
+        }
+        let rows = self.wait_batch(max).await?;
+        if !rows.is_empty() {
+            self.claim_ahead(rows.len());
+        }
+        Ok(rows)
+    }
+
+    /// Starts claiming the next `n` rows (see [`Subscription::next_ordered`]).
+    fn claim_ahead(&mut self, n: usize) {
+        // Read before the claim's snapshot: a nak that commits after it bumps the count.
+        let naks = self.bus.naks.load(Ordering::Acquire);
+        let (bus, stream, consumer) =
+            (self.bus.clone(), self.stream.clone(), self.consumer.clone());
+        let dead = self.dead_letter.clone();
+        let task = tokio::spawn(async move {
+            let cfg = {
+                let c = bus.client("Fetch").await?;
+                bus.consumer_cfg(&c, &stream, &consumer).await?
+            };
+            if cfg.policy == AckPolicy::None {
+                return Ok((Vec::new(), Duration::ZERO));
+            }
+            let lease = Duration::from_millis(
+                u64::try_from(super::sql::lease_ms(1, cfg.ack_wait_ms, &cfg.backoff_ms))
+                    .unwrap_or(0),
+            );
+            let rows =
+                super::lease::lease(&bus, &stream, &consumer, n, None, dead.as_deref()).await?;
+            Ok((rows, lease))
+        });
+        self.claimed_ahead = Some(ClaimAhead {
+            began: Instant::now(),
+            naks,
+            task,
+        });
     }
 
     async fn wait_batch(&mut self, max: usize) -> Result<Vec<Delivery>, PgError> {
@@ -241,7 +319,8 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let ahead: Vec<i64> = self.ahead.drain(..).map(|d| d.token.id).collect();
         let refill = self.refill.take();
-        if ahead.is_empty() && refill.is_none() {
+        let claimed_ahead = self.claimed_ahead.take();
+        if ahead.is_empty() && refill.is_none() && claimed_ahead.is_none() {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -253,6 +332,11 @@ impl Drop for Subscription {
             let mut ids = ahead;
             if let Some(h) = refill {
                 if let Ok(Ok(rows)) = h.await {
+                    ids.extend(rows.iter().map(|d| d.token.id));
+                }
+            }
+            if let Some(a) = claimed_ahead {
+                if let Ok(Ok((rows, _))) = a.task.await {
                     ids.extend(rows.iter().map(|d| d.token.id));
                 }
             }
