@@ -304,6 +304,97 @@ async fn scale_1_to_3_and_config_change_roll_the_pods_as_updates() {
     assert!(result.errors.is_empty(), "{result:?}");
 }
 
+/// Issue 22: the Helm-grade objects go through plan/apply/drift/destroy like the others: the
+/// ServiceAccount is applied first and deleted last, the PodMonitor applied last and deleted
+/// first; turning the PodMonitor off is an update that removes it; an unchanged file replans
+/// to nothing.
+#[tokio::test]
+async fn service_account_exporter_and_pod_monitor_are_applied_in_order_and_deleted_backwards() {
+    let fake = Fake::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = wfctl(dir.path(), &fake);
+    let ns = "obs";
+    let mut file = vec![broker(
+        "obs-bus",
+        "kubernetes",
+        1,
+        json!({
+            "namespace": ns,
+            "metrics": {"exporter": true, "pod_monitor": true},
+            "service_account": {"create": true},
+            "tolerations": [{"key": "dedicated", "value": "nats", "effect": "NoSchedule"}],
+            "node_selector": {"pool": "nats"},
+            "priority_class_name": "high",
+            "image_pull_secrets": ["regcred"]
+        }),
+    )];
+    let (_, errors) = w.apply(&file).await;
+    assert!(errors.is_empty(), "{}", fail(&fake, ns, &errors));
+    assert!(fake.object("serviceaccounts", ns, "obs-bus").is_some());
+    let pm = fake.object("podmonitors", ns, "obs-bus").unwrap();
+    assert_eq!(
+        pm["spec"]["podMetricsEndpoints"][0]["port"],
+        json!("prom-metrics")
+    );
+    let sts = fake.object("statefulsets", ns, "obs-bus").unwrap();
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], json!("obs-bus"));
+    assert_eq!(pod["containers"][1]["name"], json!("prom-exporter"));
+    assert_eq!(pod["priorityClassName"], json!("high"));
+    let applied: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .filter(|(m, p, _)| m == "PATCH" && p.contains("/namespaces/obs/"))
+        .map(|(_, p, _)| p.split('?').next().unwrap_or("").to_string())
+        .collect();
+    let at = |plural: &str| {
+        applied
+            .iter()
+            .position(|p| p.contains(&format!("/{plural}/")))
+            .unwrap_or_else(|| panic!("{plural} applied: {applied:?}"))
+    };
+    assert!(at("serviceaccounts") < at("secrets"), "{applied:?}");
+    assert!(at("statefulsets") < at("podmonitors"), "{applied:?}");
+    assert!(w.plan(&file).await.is_empty(), "unchanged: nothing to do");
+
+    // PodMonitor off: an update; apply removes the object it no longer renders.
+    file[0].config["kubernetes"]["metrics"]["pod_monitor"] = json!(false);
+    let plan = w.plan(&file).await;
+    let b = plan.iter().find(|a| a.name == "obs-bus").unwrap();
+    assert_eq!(b.action, "update", "{plan:?}");
+    assert!(
+        b.paths().contains(&"manifest_sha256".to_string()),
+        "{plan:?}"
+    );
+    let (_, errors) = w.apply(&file).await;
+    assert!(errors.is_empty(), "{}", fail(&fake, ns, &errors));
+    assert!(fake.object("podmonitors", ns, "obs-bus").is_none());
+    assert!(fake.object("serviceaccounts", ns, "obs-bus").is_some());
+    file[0].config["kubernetes"]["metrics"]["pod_monitor"] = json!(true);
+    let (_, errors) = w.apply(&file).await;
+    assert!(errors.is_empty(), "{}", fail(&fake, ns, &errors));
+
+    let before = fake.requests().len();
+    let result = w.destroy().await;
+    assert!(result.errors.is_empty(), "{result:?}");
+    let deleted: Vec<String> = fake.requests()[before..]
+        .iter()
+        .filter(|(m, _, _)| m == "DELETE")
+        .map(|(_, p, _)| p.split('?').next().unwrap_or("").to_string())
+        .collect();
+    let at = |plural: &str| {
+        deleted
+            .iter()
+            .position(|p| p.contains(&format!("/{plural}/")))
+            .unwrap_or_else(|| panic!("{plural} deleted: {deleted:?}"))
+    };
+    assert_eq!(at("podmonitors"), 0, "{deleted:?}");
+    assert!(at("statefulsets") < at("secrets"), "{deleted:?}");
+    assert!(at("secrets") < at("serviceaccounts"), "{deleted:?}");
+    assert!(fake.object("serviceaccounts", ns, "obs-bus").is_none());
+    assert!(fake.object("podmonitors", ns, "obs-bus").is_none());
+}
+
 #[tokio::test]
 async fn statefulset_deleted_out_of_band_is_missing_and_destroy_removes_the_claims_when_asked() {
     let fake = Fake::start_tls();

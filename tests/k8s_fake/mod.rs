@@ -1,6 +1,8 @@
 //! A stateful stand-in for a Kubernetes API server, enough of it for the `kubernetes` and
 //! `aws.eks` targets: namespaces, Secrets, ConfigMaps, Services, StatefulSets,
 //! PodDisruptionBudgets, NetworkPolicies (stored, not enforced: loopback has no pod network),
+//! ServiceAccounts, and the custom resources PodMonitor and Certificate (stored: no Prometheus
+//! scrapes, no cert-manager issues; the kinds are served as if their CRDs were installed),
 //! PersistentVolumeClaims and Pods, with server-side apply, and the pods'
 //! `portforward` websocket. The pods are REAL nats-server processes on loopback, started from the
 //! StatefulSet's pod template and the ConfigMap's nats.conf (and the files it includes, projected
@@ -387,6 +389,9 @@ fn kind_of(plural: &str) -> (&'static str, &'static str) {
         "statefulsets" => ("apps/v1", "StatefulSet"),
         "poddisruptionbudgets" => ("policy/v1", "PodDisruptionBudget"),
         "networkpolicies" => ("networking.k8s.io/v1", "NetworkPolicy"),
+        "serviceaccounts" => ("v1", "ServiceAccount"),
+        "podmonitors" => ("monitoring.coreos.com/v1", "PodMonitor"),
+        "certificates" => ("cert-manager.io/v1", "Certificate"),
         _ => ("", ""),
     }
 }
@@ -458,7 +463,9 @@ async fn handle(
     // /apis/{group}/{version}/namespaces/{ns}/{plural}[/{name}]
     let rest: &[&str] = match parts.as_slice() {
         ["api", "v1", "namespaces", rest @ ..] => rest,
-        ["apis", "apps" | "policy" | "networking.k8s.io", "v1", "namespaces", rest @ ..] => rest,
+        ["apis", "apps" | "policy" | "networking.k8s.io" | "monitoring.coreos.com" | "cert-manager.io", "v1", "namespaces", rest @ ..] => {
+            rest
+        }
         _ => {
             return status(
                 404,
@@ -513,6 +520,8 @@ fn not_found(plural: &str, name: &str) -> Response<Full<Bytes>> {
         "apps/v1" => ".apps",
         "policy/v1" => ".policy",
         "networking.k8s.io/v1" => ".networking.k8s.io",
+        "monitoring.coreos.com/v1" => ".monitoring.coreos.com",
+        "cert-manager.io/v1" => ".cert-manager.io",
         _ => "",
     };
     status(
