@@ -341,18 +341,23 @@ async fn service_account_exporter_and_pod_monitor_are_applied_in_order_and_delet
     assert_eq!(pod["serviceAccountName"], json!("obs-bus"));
     assert_eq!(pod["containers"][1]["name"], json!("prom-exporter"));
     assert_eq!(pod["priorityClassName"], json!("high"));
-    let applied: Vec<String> = fake
-        .requests()
-        .into_iter()
-        .filter(|(m, p, _)| m == "PATCH" && p.contains("/namespaces/obs/"))
-        .map(|(_, p, _)| p.split('?').next().unwrap_or("").to_string())
-        .collect();
-    let at = |plural: &str| {
-        applied
+    // The paths of the `method` requests to the namespace since request `from`, and where
+    // the first one of a kind (by plural) stands among them.
+    let paths = |method: &str, from: usize| -> Vec<String> {
+        fake.requests()[from..]
+            .iter()
+            .filter(|(m, p, _)| m == method && p.contains("/namespaces/obs/"))
+            .map(|(_, p, _)| p.split('?').next().unwrap_or("").to_string())
+            .collect()
+    };
+    fn index(paths: &[String], plural: &str) -> usize {
+        paths
             .iter()
             .position(|p| p.contains(&format!("/{plural}/")))
-            .unwrap_or_else(|| panic!("{plural} applied: {applied:?}"))
-    };
+            .unwrap_or_else(|| panic!("{plural} in {paths:?}"))
+    }
+    let applied = paths("PATCH", 0);
+    let at = |plural: &str| index(&applied, plural);
     assert!(at("serviceaccounts") < at("secrets"), "{applied:?}");
     assert!(at("statefulsets") < at("podmonitors"), "{applied:?}");
     assert!(w.plan(&file).await.is_empty(), "unchanged: nothing to do");
@@ -377,17 +382,8 @@ async fn service_account_exporter_and_pod_monitor_are_applied_in_order_and_delet
     let before = fake.requests().len();
     let result = w.destroy().await;
     assert!(result.errors.is_empty(), "{result:?}");
-    let deleted: Vec<String> = fake.requests()[before..]
-        .iter()
-        .filter(|(m, _, _)| m == "DELETE")
-        .map(|(_, p, _)| p.split('?').next().unwrap_or("").to_string())
-        .collect();
-    let at = |plural: &str| {
-        deleted
-            .iter()
-            .position(|p| p.contains(&format!("/{plural}/")))
-            .unwrap_or_else(|| panic!("{plural} deleted: {deleted:?}"))
-    };
+    let deleted = paths("DELETE", before);
+    let at = |plural: &str| index(&deleted, plural);
     assert_eq!(at("podmonitors"), 0, "{deleted:?}");
     assert!(at("statefulsets") < at("secrets"), "{deleted:?}");
     assert!(at("secrets") < at("serviceaccounts"), "{deleted:?}");
