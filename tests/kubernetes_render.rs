@@ -823,10 +823,19 @@ struct TlsSecret {
 
 impl TlsSecret {
     fn new(r: &Rendered) -> TlsSecret {
+        let s = TlsSecret {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        s.issue(r);
+        s
+    }
+
+    /// (Re)writes every file from a new CA, as a renewal that rotates the CA does.
+    fn issue(&self, r: &Rendered) {
         use rcgen::{
             BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose as Eku, IsCa, KeyPair,
         };
-        let dir = tempfile::tempdir().unwrap();
+        let dir = &self.dir;
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca_key = KeyPair::generate().unwrap();
@@ -856,7 +865,6 @@ impl TlsSecret {
         ] {
             std::fs::write(dir.path().join(file), pem).unwrap();
         }
-        TlsSecret { dir }
     }
 
     fn path(&self, file: &str) -> PathBuf {
@@ -869,7 +877,8 @@ impl TlsSecret {
 /// form the JetStream meta cluster, an R3 stream works for a client with the CA and a client
 /// certificate (verify: mutual TLS), and a plaintext client, or a TLS client without a
 /// certificate, is refused. The websocket and leafnode listeners of the same config boot with
-/// TLS too.
+/// TLS too, and a renewed certificate is served after the reloader sidecar's signal (SIGHUP
+/// through the rendered pid file).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tls_configmap_boots_a_3_node_cluster_with_tls_routes_and_refuses_plaintext() {
     let bin = nats_test_server::binary();
@@ -1048,6 +1057,64 @@ async fn the_tls_configmap_boots_a_3_node_cluster_with_tls_routes_and_refuses_pl
     .unwrap()
     .unwrap();
     assert_eq!(ack.sequence, 21);
+
+    // A renewal: new files in the Secret's place (here a new CA too, so the change shows), and
+    // the reloader's signal (SIGHUP through the pid file the rendered config names): pod 0
+    // serves the new certificate without a restart.
+    let old_ca = std::fs::read(certs.path("ca.crt")).unwrap();
+    let old_ca_file = certs.dir.path().join("old-ca.crt");
+    std::fs::write(&old_ca_file, old_ca).unwrap();
+    std::fs::copy(
+        certs.path("client.crt"),
+        certs.dir.path().join("old-client.crt"),
+    )
+    .unwrap();
+    std::fs::copy(
+        certs.path("client.key"),
+        certs.dir.path().join("old-client.key"),
+    )
+    .unwrap();
+    certs.issue(&r);
+    let pid = std::fs::read_to_string(&pods[0].pid_file).unwrap();
+    let status = Command::new(&bin)
+        .arg(format!("--signal=reload={}", pid.trim()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let connect = |ca: PathBuf, cert: PathBuf, key: PathBuf| {
+        async_nats::ConnectOptions::new()
+            .add_root_certificates(ca)
+            .add_client_certificate(cert, key)
+            .require_tls(true)
+            .connection_timeout(Duration::from_secs(3))
+            .max_reconnects(Some(1))
+            .connect(urls[0].clone())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let renewed = connect(
+            certs.path("ca.crt"),
+            certs.path("client.crt"),
+            certs.path("client.key"),
+        )
+        .await;
+        if renewed.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate is not served: {renewed:?}\n{}",
+            pods[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stale = connect(
+        old_ca_file,
+        certs.dir.path().join("old-client.crt"),
+        certs.dir.path().join("old-client.key"),
+    )
+    .await;
+    assert!(stale.is_err(), "the old certificate is no longer served");
 }
 
 /// A nats-server that is not one of the broker's pods, started from `conf` (with `{dir}`

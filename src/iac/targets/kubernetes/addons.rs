@@ -20,6 +20,9 @@ pub const EXPORTER_IMAGE: &str = "natsio/prometheus-nats-exporter";
 pub const EXPORTER_TAG: &str = "0.20.1";
 pub const EXPORTER_CONTAINER: &str = "prom-exporter";
 pub const EXPORTER_PORT_NAME: &str = "prom-metrics";
+/// The chart's config reloader: watches files, sends nats-server SIGHUP when one changes.
+pub const RELOADER_IMAGE: &str = "natsio/nats-server-config-reloader:0.23.0";
+pub const RELOADER_CONTAINER: &str = "reloader";
 /// Where the TLS Secret is mounted in the nats container.
 pub const TLS_DIR: &str = "/etc/nats-certs/tls";
 pub const TLS_VOLUME: &str = "tls";
@@ -56,6 +59,8 @@ pub struct TlsSettings {
     pub verify: bool,
     /// The routes between the pods use TLS (only with more than one replica).
     pub routes: bool,
+    /// The reloader sidecar's image (`image:tag`): a renewed certificate is reloaded in place.
+    pub reloader_image: String,
 }
 
 impl TlsSettings {
@@ -325,6 +330,13 @@ pub fn validate(
         let cert_key = key("kubernetes.tls.cert_key", &t.cert_key, DEFAULT_CERT_KEY);
         let key_key = key("kubernetes.tls.key_key", &t.key_key, DEFAULT_KEY_KEY);
         let ca_key = key("kubernetes.tls.ca_key", &t.ca_key, DEFAULT_CA_KEY);
+        let reloader_image = or_default(&t.reloader_image, RELOADER_IMAGE);
+        if reloader_image.chars().any(char::is_whitespace) || reloader_image.ends_with(':') {
+            field(
+                "kubernetes.tls.reloader_image",
+                format!("{} is not an image reference", quote(&reloader_image)),
+            );
+        }
         let secret_name = match source {
             TlsSource::Secret => t.secret_name.clone(),
             TlsSource::CertManager { .. } => format!("{base}-tls"),
@@ -337,6 +349,7 @@ pub fn validate(
             ca_key,
             verify: t.verify,
             routes: t.routes.unwrap_or(true),
+            reloader_image,
         });
     }
     let has_tls = a.tls.is_some();
@@ -588,6 +601,17 @@ pub fn tls_block(t: &TlsSettings, verify: bool, indent: &str) -> String {
     }
     s.push_str(&format!("{indent}}}\n"));
     s
+}
+
+/// The reloader's arguments: the pid file nats-server writes, and the certificate files to
+/// watch (nats.conf itself changes only with a rollout: the pod template's checksum).
+pub fn reloader_args(t: &TlsSettings, pid_file: &str) -> Vec<String> {
+    let mut v = vec!["-pid".to_string(), pid_file.to_string()];
+    for f in [t.cert_file(), t.key_file(), t.ca_file()] {
+        v.push("-config".into());
+        v.push(f);
+    }
+    v
 }
 
 /// The top-level blocks nats.conf gets beyond the shared renderer's: client `tls`,

@@ -8,7 +8,8 @@
 //! store on a volume of their own, and drain clients in lame-duck mode before they stop.
 
 use super::addons::{
-    self, Addons, EXPORTER_CONTAINER, EXPORTER_PORT, EXPORTER_PORT_NAME, TLS_DIR, TLS_VOLUME,
+    self, Addons, EXPORTER_CONTAINER, EXPORTER_PORT, EXPORTER_PORT_NAME, RELOADER_CONTAINER,
+    TLS_DIR, TLS_VOLUME,
 };
 use super::config::{
     hex, settings, Flavor, KubeAuth, KubeSettings, Names, ServiceType, ANNOTATION_BROKER,
@@ -285,6 +286,31 @@ fn listener_ports(a: &Addons) -> Vec<ServicePort> {
         v.push(port("websocket", w.port, tls_or(w.tls, "http")));
     }
     v
+}
+
+/// The config-reloader sidecar: a renewed certificate (cert-manager rewrites the Secret, the
+/// kubelet the mounted files) makes nats-server reload its TLS settings without a restart.
+fn reloader_container(t: &addons::TlsSettings) -> Container {
+    Container {
+        name: RELOADER_CONTAINER.into(),
+        image: Some(t.reloader_image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(addons::reloader_args(t, PID_FILE)),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "pid".into(),
+                mount_path: PID_DIR.into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: TLS_VOLUME.into(),
+                mount_path: TLS_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    }
 }
 
 /// The prometheus-nats-exporter sidecar: reads the monitor port over the pod's loopback and
@@ -766,8 +792,11 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
                 spec: Some(PodSpec {
                     containers: [container]
                         .into_iter()
+                        .chain(a.tls.as_ref().map(reloader_container))
                         .chain(a.exporter.as_ref().map(|e| exporter_container(a, &e.image)))
                         .collect(),
+                    // The reloader signals nats-server, a process of another container.
+                    share_process_namespace: a.tls.as_ref().map(|_| true),
                     enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(TERMINATION_GRACE_SECS),
                     topology_spread_constraints: Some(spreads),
@@ -1208,7 +1237,27 @@ mod helm_tests {
 
         let pod = &find(&r, "StatefulSet")["spec"]["template"]["spec"];
         assert_eq!(pod["volumes"][2]["secret"]["secretName"], json!("bus-tls"));
-        let exporter = &pod["containers"][1];
+        let reloader = &pod["containers"][1];
+        assert_eq!(reloader["name"], json!("reloader"));
+        assert_eq!(
+            reloader["image"],
+            json!("natsio/nats-server-config-reloader:0.23.0")
+        );
+        assert_eq!(
+            reloader["args"],
+            json!([
+                "-pid",
+                "/var/run/nats/nats.pid",
+                "-config",
+                "/etc/nats-certs/tls/tls.crt",
+                "-config",
+                "/etc/nats-certs/tls/tls.key",
+                "-config",
+                "/etc/nats-certs/tls/ca.crt"
+            ])
+        );
+        assert_eq!(pod["shareProcessNamespace"], json!(true));
+        let exporter = &pod["containers"][2];
         assert_eq!(exporter["name"], json!("prom-exporter"));
         assert_eq!(
             exporter["image"],
