@@ -350,6 +350,14 @@ impl Fake {
         f(o);
     }
 
+    /// Creates an object as `kubectl create` would (out of band): a Secret the user manages.
+    pub fn put(&self, plural: &str, ns: &str, name: &str, obj: Json) {
+        let mut st = lock(&self.state);
+        st.namespaces.insert(ns.to_string());
+        st.objects
+            .insert((plural.into(), ns.into(), name.into()), obj);
+    }
+
     /// Deletes an object as `kubectl delete` would (out of band).
     pub fn delete_out_of_band(&self, plural: &str, ns: &str, name: &str) -> bool {
         let mut st = lock(&self.state);
@@ -1183,7 +1191,11 @@ fn start_pod(
                                 .map_err(|e| e.to_string())?;
                         }
                     }
-                    if let Some(sn) = src["secret"]["name"].as_str() {
+                    // A projected Secret names it `name`, a Secret volume `secretName`.
+                    if let Some(sn) = src["secret"]["name"]
+                        .as_str()
+                        .or(src["secret"]["secretName"].as_str())
+                    {
                         let data = s
                             .objects
                             .get(&("secrets".into(), ns.into(), sn.into()))
