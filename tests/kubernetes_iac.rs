@@ -399,33 +399,20 @@ async fn service_account_exporter_and_pod_monitor_are_applied_in_order_and_delet
 #[tokio::test]
 async fn a_tls_broker_from_a_secret_is_applied_and_reached_over_mutual_tls() {
     use base64::Engine;
-    use rcgen::{
-        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose as Eku, IsCa, KeyPair,
-    };
     let fake = Fake::start();
     let dir = tempfile::tempdir().unwrap();
     let ns = "secure";
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf = |names: Vec<String>, usages: Vec<Eku>| {
-        let mut params = CertificateParams::new(names).unwrap();
-        params.extended_key_usages = usages;
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf(
+    let ca = common::pki::Ca::new();
+    let (server_cert, server_key) = ca.issue(
         vec![
             format!("*.tls-bus-headless.{ns}.svc.cluster.local"),
             format!("tls-bus.{ns}.svc.cluster.local"),
             "localhost".into(),
             "127.0.0.1".into(),
         ],
-        vec![Eku::ServerAuth, Eku::ClientAuth],
+        true,
     );
-    let (client_cert, client_key) = leaf(vec!["wfctl".into()], vec![Eku::ClientAuth]);
+    let (client_cert, client_key) = ca.issue(vec!["wfctl".into()], false);
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     fake.put(
         "secrets",

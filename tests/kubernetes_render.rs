@@ -10,6 +10,8 @@
 //! text as is.
 
 use base64::Engine;
+#[path = "common/pki.rs"]
+mod pki;
 use eventbus_plugin::iac::targets::kubernetes::{render, to_yaml, Flavor, Rendered};
 use eventbus_plugin::iac::targets::BrokerDesired;
 use nats_test_server::free_port;
@@ -832,14 +834,8 @@ impl TlsSecret {
 
     /// (Re)writes every file from a new CA, as a renewal that rotates the CA does.
     fn issue(&self, r: &Rendered) {
-        use rcgen::{
-            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose as Eku, IsCa, KeyPair,
-        };
         let dir = &self.dir;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_key = KeyPair::generate().unwrap();
-        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let ca = pki::Ca::new();
         let domain = format!("{}.svc.{}", r.settings.namespace, r.settings.cluster_domain);
         let names = vec![
             format!("*.{}.{domain}", r.names.headless),
@@ -847,15 +843,8 @@ impl TlsSecret {
             "localhost".to_string(),
             "127.0.0.1".to_string(),
         ];
-        let leaf = |names: Vec<String>, usages: Vec<Eku>| {
-            let mut params = CertificateParams::new(names).unwrap();
-            params.extended_key_usages = usages;
-            let key = KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-            (cert.pem(), key.serialize_pem())
-        };
-        let (cert, key) = leaf(names, vec![Eku::ServerAuth, Eku::ClientAuth]);
-        let (client_cert, client_key) = leaf(vec!["orders-app".into()], vec![Eku::ClientAuth]);
+        let (cert, key) = ca.issue(names, true);
+        let (client_cert, client_key) = ca.issue(vec!["orders-app".into()], false);
         for (file, pem) in [
             ("tls.crt", cert),
             ("tls.key", key),
@@ -1025,7 +1014,24 @@ async fn the_tls_configmap_boots_a_3_node_cluster_with_tls_routes_and_refuses_pl
         2,
         "R3: a leader and two replicas over TLS routes"
     );
-    assert!(cluster.replicas.iter().all(|p| p.current), "{cluster:?}");
+    // Both replicas catch up over the TLS routes (a replica may trail the ack by a message).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = tokio::time::timeout(Duration::from_secs(10), stream.info())
+            .await
+            .unwrap()
+            .unwrap();
+        let cluster = info.cluster.clone().unwrap();
+        if cluster
+            .replicas
+            .iter()
+            .all(|p| p.current && p.lag.unwrap_or(0) == 0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas behind: {cluster:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(client);
 
     // The websocket listener serves the same certificate: a wss client publishes into the
