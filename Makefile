@@ -15,6 +15,12 @@ PRISM_VERSION := 5.14.2
 PRISM_DIR := target/tools/prism
 PRISM_BIN ?= $(CURDIR)/$(PRISM_DIR)/node_modules/.bin/prism
 export PRISM_BIN
+# The CRD schemas of cert-manager's Certificate and prometheus-operator's PodMonitor (npm
+# kubernetes-models packages, validators compiled from the CRDs) for the kubernetes manifests'
+# custom resources; kubernetes-validate knows only built-in kinds.
+CRD_MODELS_VERSION := 6.0.0
+CRD_MODELS_DIR ?= $(CURDIR)/target/tools/crd-models
+export CRD_MODELS_DIR
 # tansu (crates.io) is the Kafka-protocol broker the kafka tests start; built once per machine
 # into a cache outside the checkout (~8 min of CPU; crates.io has no prebuilt binary) with only
 # its memory engine. TANSU_BIN overrides.
@@ -59,6 +65,11 @@ deps:
 	@if [ ! -x "$(PRISM_BIN)" ]; then \
 		echo "installing prism (npm install @stoplight/prism-cli@$(PRISM_VERSION))"; \
 		npm install --silent --no-audit --no-fund --prefix $(PRISM_DIR) @stoplight/prism-cli@$(PRISM_VERSION); \
+	fi
+	@if [ ! -d "$(CRD_MODELS_DIR)/node_modules/@kubernetes-models/prometheus-operator" ]; then \
+		echo "installing CRD schemas (npm install @kubernetes-models/cert-manager @kubernetes-models/prometheus-operator)"; \
+		npm install --silent --no-audit --no-fund --prefix $(CRD_MODELS_DIR) \
+			@kubernetes-models/cert-manager@$(CRD_MODELS_VERSION) @kubernetes-models/prometheus-operator@$(CRD_MODELS_VERSION); \
 	fi
 	@if ! python3 -c 'import confluent_kafka' 2>/dev/null; then \
 		echo "installing confluent-kafka (pip install confluent-kafka)"; \

@@ -3,7 +3,8 @@
 //! pods are real nats-server processes: plan/apply/destroy of a 3-replica broker with an R3
 //! stream and a consumer reached through the API's port-forward, updates (config change rolls
 //! the pods; 1 -> 3 replicas), drift (a StatefulSet deleted out of band), delete with and without
-//! the volume claims, and the EKS flavor behind a LoadBalancer. A live variant runs against a
+//! the volume claims, the EKS flavor behind a LoadBalancer, and the Helm-grade settings (a TLS
+//! broker from the user's Secret reached over mutual TLS; ServiceAccount, exporter, PodMonitor). A live variant runs against a
 //! real cluster only with EVENTBUS_ACCEPTANCE=1 and KUBECONFIG.
 
 mod common;
@@ -300,6 +301,174 @@ async fn scale_1_to_3_and_config_change_roll_the_pods_as_updates() {
         "{conf}"
     );
 
+    let result = w.destroy().await;
+    assert!(result.errors.is_empty(), "{result:?}");
+}
+
+/// Issue 22: the Helm-grade objects go through plan/apply/drift/destroy like the others: the
+/// ServiceAccount is applied first and deleted last, the PodMonitor applied last and deleted
+/// first; turning the PodMonitor off is an update that removes it; an unchanged file replans
+/// to nothing.
+#[tokio::test]
+async fn service_account_exporter_and_pod_monitor_are_applied_in_order_and_deleted_backwards() {
+    let fake = Fake::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = wfctl(dir.path(), &fake);
+    let ns = "obs";
+    let mut file = vec![broker(
+        "obs-bus",
+        "kubernetes",
+        1,
+        json!({
+            "namespace": ns,
+            "metrics": {"exporter": true, "pod_monitor": true},
+            "service_account": {"create": true},
+            "tolerations": [{"key": "dedicated", "value": "nats", "effect": "NoSchedule"}],
+            "node_selector": {"pool": "nats"},
+            "priority_class_name": "high",
+            "image_pull_secrets": ["regcred"]
+        }),
+    )];
+    let (_, errors) = w.apply(&file).await;
+    assert!(errors.is_empty(), "{}", fail(&fake, ns, &errors));
+    assert!(fake.object("serviceaccounts", ns, "obs-bus").is_some());
+    let pm = fake.object("podmonitors", ns, "obs-bus").unwrap();
+    assert_eq!(
+        pm["spec"]["podMetricsEndpoints"][0]["port"],
+        json!("prom-metrics")
+    );
+    let sts = fake.object("statefulsets", ns, "obs-bus").unwrap();
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], json!("obs-bus"));
+    assert_eq!(pod["containers"][1]["name"], json!("prom-exporter"));
+    assert_eq!(pod["priorityClassName"], json!("high"));
+    // The paths of the `method` requests to the namespace since request `from`, and where
+    // the first one of a kind (by plural) stands among them.
+    let paths = |method: &str, from: usize| -> Vec<String> {
+        fake.requests()[from..]
+            .iter()
+            .filter(|(m, p, _)| m == method && p.contains("/namespaces/obs/"))
+            .map(|(_, p, _)| p.split('?').next().unwrap_or("").to_string())
+            .collect()
+    };
+    fn index(paths: &[String], plural: &str) -> usize {
+        paths
+            .iter()
+            .position(|p| p.contains(&format!("/{plural}/")))
+            .unwrap_or_else(|| panic!("{plural} in {paths:?}"))
+    }
+    let applied = paths("PATCH", 0);
+    let at = |plural: &str| index(&applied, plural);
+    assert!(at("serviceaccounts") < at("secrets"), "{applied:?}");
+    assert!(at("statefulsets") < at("podmonitors"), "{applied:?}");
+    assert!(w.plan(&file).await.is_empty(), "unchanged: nothing to do");
+
+    // PodMonitor off: an update; apply removes the object it no longer renders.
+    file[0].config["kubernetes"]["metrics"]["pod_monitor"] = json!(false);
+    let plan = w.plan(&file).await;
+    let b = plan.iter().find(|a| a.name == "obs-bus").unwrap();
+    assert_eq!(b.action, "update", "{plan:?}");
+    assert!(
+        b.paths().contains(&"manifest_sha256".to_string()),
+        "{plan:?}"
+    );
+    let (_, errors) = w.apply(&file).await;
+    assert!(errors.is_empty(), "{}", fail(&fake, ns, &errors));
+    assert!(fake.object("podmonitors", ns, "obs-bus").is_none());
+    assert!(fake.object("serviceaccounts", ns, "obs-bus").is_some());
+    file[0].config["kubernetes"]["metrics"]["pod_monitor"] = json!(true);
+    let (_, errors) = w.apply(&file).await;
+    assert!(errors.is_empty(), "{}", fail(&fake, ns, &errors));
+
+    let before = fake.requests().len();
+    let result = w.destroy().await;
+    assert!(result.errors.is_empty(), "{result:?}");
+    let deleted = paths("DELETE", before);
+    let at = |plural: &str| index(&deleted, plural);
+    assert_eq!(at("podmonitors"), 0, "{deleted:?}");
+    assert!(at("statefulsets") < at("secrets"), "{deleted:?}");
+    assert!(at("secrets") < at("serviceaccounts"), "{deleted:?}");
+    assert!(fake.object("serviceaccounts", ns, "obs-bus").is_none());
+    assert!(fake.object("podmonitors", ns, "obs-bus").is_none());
+}
+
+/// Issue 22: a broker with `kubernetes.tls` from the user's Secret (mutual TLS, TLS routes)
+/// is applied, and the provider reaches it through the port-forward over TLS with the
+/// top-level `tls` client certificate to create an R3 stream; a client without TLS gets
+/// nothing from the servers.
+#[tokio::test]
+async fn a_tls_broker_from_a_secret_is_applied_and_reached_over_mutual_tls() {
+    use base64::Engine;
+    let fake = Fake::start();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = "secure";
+    let ca = common::pki::Ca::new();
+    let (server_cert, server_key) = ca.issue(
+        vec![
+            format!("*.tls-bus-headless.{ns}.svc.cluster.local"),
+            format!("tls-bus.{ns}.svc.cluster.local"),
+            "localhost".into(),
+            "127.0.0.1".into(),
+        ],
+        true,
+    );
+    let (client_cert, client_key) = ca.issue(vec!["wfctl".into()], false);
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    fake.put(
+        "secrets",
+        ns,
+        "tls-bus-certs",
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "tls-bus-certs", "namespace": ns},
+            "data": {"tls.crt": b64(&server_cert), "tls.key": b64(&server_key), "ca.crt": b64(&ca.pem())}}),
+    );
+    let file_of = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let (ca_file, cert_file, key_file) = (
+        file_of("ca.crt", &ca.pem()),
+        file_of("client.crt", &client_cert),
+        file_of("client.key", &client_key),
+    );
+    let mut w = wfctl(dir.path(), &fake);
+    let mut bus = broker(
+        "tls-bus",
+        "kubernetes",
+        3,
+        json!({"namespace": ns, "tls": {"secret_name": "tls-bus-certs", "verify": true}}),
+    );
+    bus.config["tls"] = json!({"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file});
+    let file = vec![bus, stream("tls-bus", 3)];
+    let (_, errors) = w.apply(&file).await;
+    assert!(errors.is_empty(), "{}", fail(&fake, ns, &errors));
+    assert!(w.plan(&file).await.is_empty(), "unchanged: nothing to do");
+
+    // The stream is on the servers, replicated over the TLS routes; seen over mutual TLS.
+    let url = fake
+        .client_url(ns, "tls-bus-1")
+        .unwrap()
+        .replace("nats://", "tls://");
+    let client = async_nats::ConnectOptions::with_token(NATS_TOKEN.into())
+        .add_root_certificates(ca_file.clone().into())
+        .add_client_certificate(cert_file.clone().into(), key_file.clone().into())
+        .require_tls(true)
+        .connect(url.as_str())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut s = js.get_stream("ORDERS").await.unwrap();
+    let info = s.info().await.unwrap();
+    assert_eq!(info.cluster.as_ref().unwrap().replicas.len(), 2);
+    let no_cert = async_nats::ConnectOptions::with_token(NATS_TOKEN.into())
+        .add_root_certificates(ca_file.into())
+        .require_tls(true)
+        .connection_timeout(std::time::Duration::from_secs(3))
+        .max_reconnects(Some(1))
+        .connect(url.as_str())
+        .await;
+    assert!(no_cert.is_err(), "verify: a client needs a certificate");
     let result = w.destroy().await;
     assert!(result.errors.is_empty(), "{result:?}");
 }

@@ -10,6 +10,8 @@
 //! text as is.
 
 use base64::Engine;
+#[path = "common/pki.rs"]
+mod pki;
 use eventbus_plugin::iac::targets::kubernetes::{render, to_yaml, Flavor, Rendered};
 use eventbus_plugin::iac::targets::BrokerDesired;
 use nats_test_server::free_port;
@@ -61,8 +63,49 @@ fn cases() -> Vec<(&'static str, Flavor, Json)> {
                 "kubernetes": {"image": "registry.example.com/nats:2.10.29-alpine"}
             }),
         ),
+        helm_case(),
     ]
 }
+
+/// Everything the Helm chart offers that we render: cert-manager TLS on clients (mutual),
+/// routes, websocket and leafnodes, the exporter and its PodMonitor, scheduling knobs and a
+/// ServiceAccount of its own.
+fn helm_case() -> (&'static str, Flavor, Json) {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    (
+        "edge-bus",
+        Flavor::Kubernetes,
+        json!({
+            "provider": "nats", "deploy_target": "kubernetes", "version": "2.11.4", "replicas": 3,
+            "auth": {"user": "app", "password": "edgePw"},
+            "tls": {"ca_file": file, "cert_file": file, "key_file": file},
+            "kubernetes": {
+                "namespace": "edge",
+                "tls": {"cert_manager": {"issuer_name": "internal-ca", "issuer_kind": "ClusterIssuer",
+                                         "dns_names": ["nats.edge.example.com"]},
+                        "verify": true},
+                "websocket": {"tls": true},
+                "leafnodes": {"tls": true, "remotes": ["tls://hub.example.com:7422"]},
+                "metrics": {"exporter": true, "pod_monitor": true},
+                "tolerations": [{"key": "dedicated", "value": "nats", "effect": "NoSchedule"},
+                                {"key": "node.kubernetes.io/unreachable", "operator": "Exists",
+                                 "effect": "NoExecute", "toleration_seconds": 30}],
+                "node_selector": {"pool": "messaging"},
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [
+                        {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]}]}]}}},
+                "priority_class_name": "messaging-critical",
+                "image_pull_secrets": ["regcred"],
+                "service_account": {"create": true,
+                                    "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/nats"}}
+            }
+        }),
+    )
+}
+
+/// Kinds kubernetes-validate has no schema for (custom resources): checked against their CRD
+/// schemas instead.
+const CUSTOM_KINDS: [&str; 2] = ["Certificate", "PodMonitor"];
 
 fn rendered(name: &str, flavor: Flavor, config: &Json) -> Rendered {
     render(name, &decode(name, config), flavor).unwrap()
@@ -181,6 +224,9 @@ fn every_object_passes_kubernetes_strict_schemas_1_29_and_1_34() {
     let mut files = Vec::new();
     for (name, flavor, config) in cases() {
         for (i, o) in rendered(name, flavor, &config).objects.iter().enumerate() {
+            if CUSTOM_KINDS.contains(&o.kind) {
+                continue;
+            }
             let f = dir.path().join(format!("{}-{i}.yaml", o.name));
             std::fs::write(&f, to_yaml(o).unwrap()).unwrap();
             files.push(f);
@@ -188,8 +234,8 @@ fn every_object_passes_kubernetes_strict_schemas_1_29_and_1_34() {
     }
     assert_eq!(
         files.len(),
-        7 + 7 + 6,
-        "Secret only where auth is set; a NetworkPolicy for every broker"
+        7 + 7 + 6 + 8,
+        "Secret only where auth is set; a NetworkPolicy for every broker; the Helm case's ServiceAccount"
     );
     for version in ["1.29", "1.34"] {
         let (ok, text) = validate(&bin, version, &files);
@@ -212,11 +258,100 @@ fn every_object_passes_kubernetes_strict_schemas_1_29_and_1_34() {
     assert!(!ok, "a misspelt field must fail strict validation:\n{text}");
 }
 
+/// The custom resources (cert-manager's Certificate, prometheus-operator's PodMonitor) against
+/// the schemas of their CRDs, as the npm `@kubernetes-models` packages compile them (`make deps`
+/// installs them into `CRD_MODELS_DIR`). Those schemas check types, enums and required fields;
+/// like the CRDs themselves they do not refuse unknown fields (the API server prunes them), so
+/// the field names are pinned by the golden files.
+#[test]
+fn custom_resources_pass_their_crd_schemas() {
+    let models = std::env::var_os("CRD_MODELS_DIR")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/crd-models"));
+    let root = models.join("node_modules/@kubernetes-models");
+    if !root.join("prometheus-operator").is_dir()
+        || Command::new("node").arg("--version").output().is_err()
+    {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "the CRD schemas are not installed (make deps: npm install @kubernetes-models/cert-manager @kubernetes-models/prometheus-operator into CRD_MODELS_DIR)"
+        );
+        eprintln!("skipped: the CRD schemas are not installed (make deps)");
+        return;
+    }
+    let script = format!(
+        "const dir = {:?};\n\
+         const {{ Certificate }} = await import(dir + '/cert-manager/cert-manager.io/v1/Certificate.js');\n\
+         const {{ PodMonitor }} = await import(dir + '/prometheus-operator/monitoring.coreos.com/v1/PodMonitor.js');\n\
+         const fs = await import('node:fs');\n\
+         const kinds = {{ Certificate, PodMonitor }};\n\
+         let failed = 0;\n\
+         for (const f of process.argv.slice(1)) {{\n\
+           const o = JSON.parse(fs.readFileSync(f, 'utf8'));\n\
+           try {{ new kinds[o.kind](o).validate(); console.log(`passed ${{o.kind}} ${{o.metadata.name}}`); }}\n\
+           catch (e) {{ failed++; console.log(`FAILED ${{o.kind}} ${{o.metadata.name}}: ${{e.message}}`); }}\n\
+         }}\n\
+         process.exit(failed ? 1 : 0);\n",
+        root.display().to_string()
+    );
+    let check = |files: &[PathBuf]| {
+        let out = Command::new("node")
+            .args(["--input-type=module", "-e", &script])
+            .args(files)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (name, flavor, config) = helm_case();
+    let r = rendered(name, flavor, &config);
+    let mut files = Vec::new();
+    for o in r.objects.iter().filter(|o| CUSTOM_KINDS.contains(&o.kind)) {
+        let f = dir.path().join(format!("{}.json", o.kind));
+        std::fs::write(&f, o.body.to_string()).unwrap();
+        files.push(f);
+    }
+    assert_eq!(files.len(), 2);
+    let (ok, text) = check(&files);
+    assert!(ok, "{text}");
+    assert_eq!(text.matches("passed ").count(), 2, "{text}");
+    eprintln!("{text}");
+    // The check can fail: a Certificate without its secretName, a PodMonitor endpoint whose
+    // port is a number where the CRD wants a name.
+    let cert = r.objects.iter().find(|o| o.kind == "Certificate").unwrap();
+    let mut bad = cert.body.clone();
+    bad["spec"].as_object_mut().unwrap().remove("secretName");
+    let mut bad_pm = r
+        .objects
+        .iter()
+        .find(|o| o.kind == "PodMonitor")
+        .unwrap()
+        .body
+        .clone();
+    bad_pm["spec"]["podMetricsEndpoints"][0]["port"] = json!(7777);
+    for (i, b) in [bad, bad_pm].iter().enumerate() {
+        let f = dir.path().join(format!("bad-{i}.json"));
+        std::fs::write(&f, b.to_string()).unwrap();
+        let (ok, text) = check(&[f]);
+        assert!(!ok, "an invalid custom resource must fail:\n{text}");
+    }
+}
+
 // ---- the rendered nats.conf as a real cluster ----
 
 /// A pod stood in for by a nats-server process.
 struct Pod {
     name: String,
+    /// (the rendered websocket / leafnode port, this pod's loopback port for it)
+    listener_ports: Vec<(u16, u16)>,
     client_port: u16,
     cluster_port: u16,
     monitor_port: u16,
@@ -312,6 +447,14 @@ fn secret_text(secret: Option<&Json>, key: &str) -> String {
 /// expanded, the field ref `metadata.name` = the pod name, secret refs read from the
 /// rendered Secret's data.
 fn pods(r: &Rendered) -> Vec<Pod> {
+    pods_with_certs(r, None)
+}
+
+/// [`pods`], plus: the TLS Secret's mount (`/etc/nats-certs/tls`) becomes `certs`, a directory
+/// the test filled with the Secret's files; the websocket and leafnode listeners get free
+/// loopback ports too. A TLS route keeps its `tls://` url with the host mapped to loopback (so
+/// the certificate carries 127.0.0.1 beside the pod names).
+fn pods_with_certs(r: &Rendered, certs: Option<&Path>) -> Vec<Pod> {
     let object = |kind: &str| {
         r.objects
             .iter()
@@ -336,8 +479,22 @@ fn pods(r: &Rendered) -> Vec<Pod> {
             let dir = tempfile::tempdir().unwrap();
             let (client, cluster, monitor) = ports[i];
             let pid_file = dir.path().join("nats.pid");
-            let mut c = swap(
-                &conf_text,
+            let certs_dir = |t: String| match certs {
+                Some(d) => t.replace("/etc/nats-certs/tls", &d.display().to_string()),
+                None => t,
+            };
+            let mut listener_ports = Vec::new();
+            let mut c = certs_dir(conf_text.clone());
+            for std_port in [8080, 7422] {
+                let from = format!("listen: \"0.0.0.0:{std_port}\"");
+                if c.contains(&from) {
+                    let p = free_port();
+                    c = swap(&c, &from, &format!("listen: \"127.0.0.1:{p}\""));
+                    listener_ports.push((std_port, p));
+                }
+            }
+            c = swap(
+                &c,
                 "listen: \"0.0.0.0:4222\"",
                 &format!("listen: \"127.0.0.1:{client}\""),
             );
@@ -377,9 +534,21 @@ fn pods(r: &Rendered) -> Vec<Pod> {
                 };
                 if c.contains("include \"routes.conf\"") {
                     // With auth the routes, credentials in their urls, are the Secret's
-                    // routes.conf, projected beside nats.conf.
-                    let routes = to_loopback(secret_text(secret.as_ref(), "routes.conf"), "@");
-                    std::fs::write(dir.path().join("routes.conf"), routes).unwrap();
+                    // routes.conf, projected beside nats.conf; without auth (route TLS) the
+                    // ConfigMap's, beside it on the same volume.
+                    let in_secret = secret
+                        .as_ref()
+                        .is_some_and(|s| s["data"].get("routes.conf").is_some());
+                    let routes = if in_secret {
+                        to_loopback(secret_text(secret.as_ref(), "routes.conf"), "@")
+                    } else {
+                        let text = object("ConfigMap").unwrap()["data"]["routes.conf"]
+                            .as_str()
+                            .unwrap()
+                            .to_string();
+                        to_loopback(text, "\"tls://")
+                    };
+                    std::fs::write(dir.path().join("routes.conf"), certs_dir(routes)).unwrap();
                 } else {
                     c = to_loopback(c, "\"nats://");
                 }
@@ -417,6 +586,7 @@ fn pods(r: &Rendered) -> Vec<Pod> {
                 .collect();
             Pod {
                 name,
+                listener_ports,
                 client_port: client,
                 cluster_port: cluster,
                 monitor_port: monitor,
@@ -643,6 +813,314 @@ async fn the_configmap_boots_a_3_node_jetstream_cluster_and_an_r3_stream_survive
         "lame duck in the log:\n{}",
         pods[1].log()
     );
+}
+
+/// The Secret a `kubernetes.tls.secret_name` points at, as files: a private CA, and one
+/// certificate for every pod (server and client use: routes are mutual TLS) naming the pods
+/// under the headless Service, the client Service, and loopback (what the stand-in maps the
+/// pod names to); plus a client certificate of the same CA for the test's clients.
+struct TlsSecret {
+    dir: tempfile::TempDir,
+}
+
+impl TlsSecret {
+    fn new(r: &Rendered) -> TlsSecret {
+        let s = TlsSecret {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        s.issue(r);
+        s
+    }
+
+    /// (Re)writes every file from a new CA, as a renewal that rotates the CA does.
+    fn issue(&self, r: &Rendered) {
+        let dir = &self.dir;
+        let ca = pki::Ca::new();
+        let domain = format!("{}.svc.{}", r.settings.namespace, r.settings.cluster_domain);
+        let names = vec![
+            format!("*.{}.{domain}", r.names.headless),
+            format!("{}.{domain}", r.names.client),
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ];
+        let (cert, key) = ca.issue(names, true);
+        let (client_cert, client_key) = ca.issue(vec!["orders-app".into()], false);
+        for (file, pem) in [
+            ("tls.crt", cert),
+            ("tls.key", key),
+            ("ca.crt", ca.pem()),
+            ("client.crt", client_cert),
+            ("client.key", client_key),
+        ] {
+            std::fs::write(dir.path().join(file), pem).unwrap();
+        }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+}
+
+/// Issue 22: `kubernetes.tls` from a Secret, booted as the rendered 3-node cluster on
+/// loopback: TLS routes (`tls://` urls, the cluster's tls block in the ConfigMap's routes.conf)
+/// form the JetStream meta cluster, an R3 stream works for a client with the CA and a client
+/// certificate (verify: mutual TLS), and a plaintext client, or a TLS client without a
+/// certificate, is refused. The websocket and leafnode listeners of the same config boot with
+/// TLS too, and a renewed certificate is served after the reloader sidecar's signal (SIGHUP
+/// through the rendered pid file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_configmap_boots_a_3_node_cluster_with_tls_routes_and_refuses_plaintext() {
+    let bin = nats_test_server::binary();
+    let secret_file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let config = json!({
+        "provider": "nats", "deploy_target": "kubernetes", "version": "2.10.29", "replicas": 3,
+        "tls": {"ca_file": secret_file, "cert_file": secret_file, "key_file": secret_file},
+        "kubernetes": {
+            "namespace": "eventbus",
+            "tls": {"secret_name": "orders-bus-certs", "verify": true},
+            "websocket": {"tls": true},
+            "leafnodes": {"tls": true}
+        }
+    });
+    let r = rendered("orders-bus", Flavor::Kubernetes, &config);
+    let sts = r.objects.iter().find(|o| o.kind == "StatefulSet").unwrap();
+    assert_eq!(
+        sts.body
+            .pointer("/spec/template/spec/volumes/2/secret/secretName")
+            .unwrap(),
+        &json!("orders-bus-certs")
+    );
+    let certs = TlsSecret::new(&r);
+    let mut pods = pods_with_certs(&r, Some(certs.dir.path()));
+    for p in &mut pods {
+        p.start(&bin);
+    }
+    let code = |p: &Pod, path: &str| http_get(p.monitor_port, path).map(|(c, _)| c);
+    for p in &pods {
+        poll(
+            &format!("{} /healthz (meta group over TLS routes)", p.name),
+            Duration::from_secs(90),
+            || (code(p, "/healthz") == Some(200)).then_some(()),
+        );
+    }
+    poll(
+        "meta cluster of 3 with a leader",
+        Duration::from_secs(30),
+        || {
+            let (_, body) = http_get(pods[0].monitor_port, "/jsz")?;
+            let v: Json = serde_json::from_str(&body).ok()?;
+            let m = &v["meta_cluster"];
+            (m["cluster_size"] == json!(3) && m["leader"].as_str().is_some_and(|l| !l.is_empty()))
+                .then_some(())
+        },
+    );
+    for p in &pods {
+        let (_, varz) = http_get(p.monitor_port, "/varz").unwrap();
+        let v: Json = serde_json::from_str(&varz).unwrap();
+        assert_eq!(v["tls_required"], json!(true), "{}", p.log());
+        assert_eq!(v["tls_verify"], json!(true), "{}", p.log());
+        assert_eq!(
+            v["cluster"]["tls_required"],
+            json!(true),
+            "routes are TLS: {varz}"
+        );
+        let port = |std: u16| {
+            p.listener_ports
+                .iter()
+                .find(|(s, _)| *s == std)
+                .map(|(_, l)| json!(l))
+                .unwrap()
+        };
+        assert_eq!(v["websocket"]["port"], port(8080), "{varz}");
+        assert_eq!(v["leaf"]["port"], port(7422), "{varz}");
+        assert_eq!(v["leaf"]["tls_required"], json!(true), "{varz}");
+        assert!(
+            p.listener_ports.len() == 2,
+            "websocket and leafnodes listen"
+        );
+    }
+
+    // A plaintext client: the server announces TLS and drops the connection on plaintext.
+    {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", pods[0].client_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut info = [0u8; 4096];
+        let n = s.read(&mut info).unwrap();
+        let info = String::from_utf8_lossy(&info[..n]).to_string();
+        assert!(info.contains("\"tls_required\":true"), "{info}");
+        s.write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n")
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("PONG"),
+            "a plaintext client must not get through"
+        );
+    }
+    let urls: Vec<async_nats::ServerAddr> = pods
+        .iter()
+        .map(|p| {
+            format!("tls://127.0.0.1:{}", p.client_port)
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    // TLS with the CA but without a client certificate: refused (verify).
+    let no_cert = async_nats::ConnectOptions::new()
+        .add_root_certificates(certs.path("ca.crt"))
+        .require_tls(true)
+        .connection_timeout(Duration::from_secs(3))
+        .max_reconnects(Some(1))
+        .connect(urls[0].clone())
+        .await;
+    assert!(
+        no_cert.is_err(),
+        "mutual TLS: a client without a certificate is refused"
+    );
+
+    let client = tokio::time::timeout(
+        Duration::from_secs(30),
+        async_nats::ConnectOptions::new()
+            .add_root_certificates(certs.path("ca.crt"))
+            .add_client_certificate(certs.path("client.crt"), certs.path("client.key"))
+            .require_tls(true)
+            .connect(urls.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(30),
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            num_replicas: 3,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    publish_all(&js, 0, 20).await;
+    let info = tokio::time::timeout(Duration::from_secs(10), stream.info())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(info.state.messages, 20);
+    let cluster = info.cluster.clone().unwrap();
+    assert_eq!(
+        cluster.replicas.len(),
+        2,
+        "R3: a leader and two replicas over TLS routes"
+    );
+    // Both replicas catch up over the TLS routes (a replica may trail the ack by a message).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = tokio::time::timeout(Duration::from_secs(10), stream.info())
+            .await
+            .unwrap()
+            .unwrap();
+        let cluster = info.cluster.clone().unwrap();
+        if cluster
+            .replicas
+            .iter()
+            .all(|p| p.current && p.lag.unwrap_or(0) == 0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas behind: {cluster:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(client);
+
+    // The websocket listener serves the same certificate: a wss client publishes into the
+    // stream.
+    let ws = pods[1]
+        .listener_ports
+        .iter()
+        .find(|(s, _)| *s == 8080)
+        .unwrap()
+        .1;
+    let wss = tokio::time::timeout(
+        Duration::from_secs(30),
+        async_nats::ConnectOptions::new()
+            .add_root_certificates(certs.path("ca.crt"))
+            .add_client_certificate(certs.path("client.crt"), certs.path("client.key"))
+            .connect(format!("wss://127.0.0.1:{ws}")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let ack = tokio::time::timeout(
+        Duration::from_secs(10),
+        async_nats::jetstream::new(wss)
+            .publish("orders.ws", "over wss".into())
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(ack.sequence, 21);
+
+    // A renewal: new files in the Secret's place (here a new CA too, so the change shows), and
+    // the reloader's signal (SIGHUP through the pid file the rendered config names): pod 0
+    // serves the new certificate without a restart.
+    let old_ca = std::fs::read(certs.path("ca.crt")).unwrap();
+    let old_ca_file = certs.dir.path().join("old-ca.crt");
+    std::fs::write(&old_ca_file, old_ca).unwrap();
+    std::fs::copy(
+        certs.path("client.crt"),
+        certs.dir.path().join("old-client.crt"),
+    )
+    .unwrap();
+    std::fs::copy(
+        certs.path("client.key"),
+        certs.dir.path().join("old-client.key"),
+    )
+    .unwrap();
+    certs.issue(&r);
+    let pid = std::fs::read_to_string(&pods[0].pid_file).unwrap();
+    let status = Command::new(&bin)
+        .arg(format!("--signal=reload={}", pid.trim()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let connect = |ca: PathBuf, cert: PathBuf, key: PathBuf| {
+        async_nats::ConnectOptions::new()
+            .add_root_certificates(ca)
+            .add_client_certificate(cert, key)
+            .require_tls(true)
+            .connection_timeout(Duration::from_secs(3))
+            .max_reconnects(Some(1))
+            .connect(urls[0].clone())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let renewed = connect(
+            certs.path("ca.crt"),
+            certs.path("client.crt"),
+            certs.path("client.key"),
+        )
+        .await;
+        if renewed.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate is not served: {renewed:?}\n{}",
+            pods[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stale = connect(
+        old_ca_file,
+        certs.dir.path().join("old-client.crt"),
+        certs.dir.path().join("old-client.key"),
+    )
+    .await;
+    assert!(stale.is_err(), "the old certificate is no longer served");
 }
 
 /// A nats-server that is not one of the broker's pods, started from `conf` (with `{dir}`

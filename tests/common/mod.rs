@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod iac;
+pub mod pki;
 pub mod typed;
 
 use eventbus_plugin::pb::go_plugin::{

@@ -1,6 +1,8 @@
 //! A stateful stand-in for a Kubernetes API server, enough of it for the `kubernetes` and
 //! `aws.eks` targets: namespaces, Secrets, ConfigMaps, Services, StatefulSets,
 //! PodDisruptionBudgets, NetworkPolicies (stored, not enforced: loopback has no pod network),
+//! ServiceAccounts, and the custom resources PodMonitor and Certificate (stored: no Prometheus
+//! scrapes, no cert-manager issues; the kinds are served as if their CRDs were installed),
 //! PersistentVolumeClaims and Pods, with server-side apply, and the pods'
 //! `portforward` websocket. The pods are REAL nats-server processes on loopback, started from the
 //! StatefulSet's pod template and the ConfigMap's nats.conf (and the files it includes, projected
@@ -348,6 +350,14 @@ impl Fake {
         f(o);
     }
 
+    /// Creates an object as `kubectl create` would (out of band): a Secret the user manages.
+    pub fn put(&self, plural: &str, ns: &str, name: &str, obj: Json) {
+        let mut st = lock(&self.state);
+        st.namespaces.insert(ns.to_string());
+        st.objects
+            .insert((plural.into(), ns.into(), name.into()), obj);
+    }
+
     /// Deletes an object as `kubectl delete` would (out of band).
     pub fn delete_out_of_band(&self, plural: &str, ns: &str, name: &str) -> bool {
         let mut st = lock(&self.state);
@@ -387,6 +397,9 @@ fn kind_of(plural: &str) -> (&'static str, &'static str) {
         "statefulsets" => ("apps/v1", "StatefulSet"),
         "poddisruptionbudgets" => ("policy/v1", "PodDisruptionBudget"),
         "networkpolicies" => ("networking.k8s.io/v1", "NetworkPolicy"),
+        "serviceaccounts" => ("v1", "ServiceAccount"),
+        "podmonitors" => ("monitoring.coreos.com/v1", "PodMonitor"),
+        "certificates" => ("cert-manager.io/v1", "Certificate"),
         _ => ("", ""),
     }
 }
@@ -458,7 +471,9 @@ async fn handle(
     // /apis/{group}/{version}/namespaces/{ns}/{plural}[/{name}]
     let rest: &[&str] = match parts.as_slice() {
         ["api", "v1", "namespaces", rest @ ..] => rest,
-        ["apis", "apps" | "policy" | "networking.k8s.io", "v1", "namespaces", rest @ ..] => rest,
+        ["apis", "apps" | "policy" | "networking.k8s.io" | "monitoring.coreos.com" | "cert-manager.io", "v1", "namespaces", rest @ ..] => {
+            rest
+        }
         _ => {
             return status(
                 404,
@@ -513,6 +528,8 @@ fn not_found(plural: &str, name: &str) -> Response<Full<Bytes>> {
         "apps/v1" => ".apps",
         "policy/v1" => ".policy",
         "networking.k8s.io/v1" => ".networking.k8s.io",
+        "monitoring.coreos.com/v1" => ".monitoring.coreos.com",
+        "cert-manager.io/v1" => ".cert-manager.io",
         _ => "",
     };
     status(
@@ -1174,7 +1191,11 @@ fn start_pod(
                                 .map_err(|e| e.to_string())?;
                         }
                     }
-                    if let Some(sn) = src["secret"]["name"].as_str() {
+                    // A projected Secret names it `name`, a Secret volume `secretName`.
+                    if let Some(sn) = src["secret"]["name"]
+                        .as_str()
+                        .or(src["secret"]["secretName"].as_str())
+                    {
                         let data = s
                             .objects
                             .get(&("secrets".into(), ns.into(), sn.into()))

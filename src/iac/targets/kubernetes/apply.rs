@@ -54,9 +54,9 @@ fn api(client: &Client, ns: &str, r: &ObjRef) -> Api<DynamicObject> {
         None => ("", r.api_version.as_str()),
     };
     let gvk = GroupVersionKind::gvk(group, version, &r.kind);
-    // The plural of every kind we emit follows kube's regular rules (secrets, configmaps,
-    // services, statefulsets, poddisruptionbudgets, networkpolicies), so no discovery round
-    // trip is needed.
+    // The plural of every kind we emit follows kube's regular rules (serviceaccounts, secrets,
+    // certificates, configmaps, services, statefulsets, poddisruptionbudgets, networkpolicies,
+    // podmonitors), so no discovery round trip is needed.
     Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk))
 }
 

@@ -81,7 +81,7 @@ impl KubeError {
             kube::Error::Api(s) => {
                 let hint = match s.code {
                     401 => "; the kubeconfig's credentials were refused (expired token? re-run your cloud's `update-kubeconfig`)",
-                    403 => "; the kubeconfig's user lacks RBAC rights for this (it needs get/list/patch/delete on secrets, configmaps, services, statefulsets, poddisruptionbudgets, networkpolicies, persistentvolumeclaims, and create on pods/portforward in the namespace)",
+                    403 => "; the kubeconfig's user lacks RBAC rights for this (it needs get/list/patch/delete on secrets, configmaps, services, statefulsets, poddisruptionbudgets, networkpolicies, persistentvolumeclaims (and serviceaccounts, certificates.cert-manager.io, podmonitors.monitoring.coreos.com when rendered), and create on pods/portforward in the namespace)",
                     409 => "; another field manager owns these fields (kubectl apply --server-side took them?)",
                     422 => "; the object was rejected as invalid",
                     _ => "",

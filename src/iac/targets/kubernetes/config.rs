@@ -1,6 +1,7 @@
 //! The `kubernetes:` section of a broker config, validated, with the defaults of the flavor
 //! applied, and the object names derived from the broker name. Pure: no I/O.
 
+use super::addons::{self, Addons};
 use crate::iac::error::DriverError;
 use crate::iac::kind::BROKER_TYPE;
 use crate::iac::targets::api::BrokerDesired;
@@ -158,6 +159,8 @@ pub struct KubeSettings {
     pub context: Option<String>,
     pub ready_timeout: Duration,
     pub auth: Option<KubeAuth>,
+    /// TLS, listeners, exporter, scheduling ([`super::addons`]).
+    pub addons: Addons,
 }
 
 /// Object names derived from the broker name: every name carries the broker's name base, and
@@ -285,18 +288,7 @@ fn key_ok(k: &str) -> bool {
         Some((p, n)) => (Some(p), n),
         None => (None, k),
     };
-    let prefix_ok = prefix.is_none_or(|p| {
-        !p.is_empty()
-            && p.len() <= 253
-            && p.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                    && !l.starts_with('-')
-                    && !l.ends_with('-')
-            })
-    });
+    let prefix_ok = prefix.is_none_or(addons::is_subdomain);
     prefix_ok && !name.is_empty() && name.len() <= 63 && label_chars(name)
 }
 
@@ -602,11 +594,34 @@ pub fn validate(d: &BrokerDesired, flavor: Flavor) -> Result<KubeSettings, Vec<S
             ),
         );
     }
-    if conn.tls_ca_file.is_some() || conn.tls_cert_file.is_some() || conn.tls_required {
-        field(
-            "tls",
-            format!("{target} does not configure TLS on the server yet; remove tls"),
-        );
+    let addons = addons::validate(
+        &k,
+        &name_base(&d.spec.name),
+        &mut field,
+        key_ok,
+        label_value_ok,
+    );
+    // The top-level `tls` is how the provider (and the runtime) connect; the servers' TLS is
+    // kubernetes.tls.
+    match &addons.tls {
+        None if conn.tls_ca_file.is_some() || conn.tls_cert_file.is_some() || conn.tls_required => {
+            field(
+                "tls",
+                format!(
+                    "is how clients connect; the servers on {target} serve TLS only with kubernetes.tls (a Secret or \
+                     cert-manager): set it, or remove tls"
+                ),
+            );
+        }
+        Some(t) if t.verify && (conn.tls_cert_file.is_none() || conn.tls_key_file.is_none()) => {
+            field(
+                "tls.cert_file",
+                "kubernetes.tls.verify makes every client present a certificate, this provider too: set tls.cert_file \
+                 and tls.key_file (and tls.ca_file for the servers' CA)"
+                    .to_string(),
+            );
+        }
+        _ => {}
     }
 
     let settings = KubeSettings {
@@ -634,6 +649,7 @@ pub fn validate(d: &BrokerDesired, flavor: Flavor) -> Result<KubeSettings, Vec<S
         context: (!k.context.is_empty()).then(|| k.context.clone()),
         ready_timeout,
         auth,
+        addons,
     };
     if p.is_empty() {
         Ok(settings)

@@ -6,6 +6,7 @@
 //! writes), `yaml` writes those as YAML every reader takes the same way. All three are pure;
 //! talking to a cluster lives beside them.
 
+pub mod addons;
 pub mod apply;
 pub mod client;
 pub mod config;

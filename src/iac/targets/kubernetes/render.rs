@@ -7,6 +7,10 @@
 //! Ready (peers must find each other to become Ready at all), start in parallel, keep their
 //! store on a volume of their own, and drain clients in lame-duck mode before they stop.
 
+use super::addons::{
+    self, Addons, EXPORTER_CONTAINER, EXPORTER_PORT, EXPORTER_PORT_NAME, RELOADER_CONTAINER,
+    TLS_DIR, TLS_VOLUME,
+};
 use super::config::{
     hex, settings, Flavor, KubeAuth, KubeSettings, Names, ServiceType, ANNOTATION_BROKER,
     ANNOTATION_CONFIG, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_VERSION, MANAGED_BY,
@@ -14,7 +18,7 @@ use super::config::{
 use crate::iac::error::DriverError;
 use crate::iac::targets::api::BrokerDesired;
 use crate::nats::server_conf::{
-    routes_conf, ClusterConf, EnvAuth, LameDuck, Listen, ServerConf, ServerName,
+    quoted, routes_conf, ClusterConf, EnvAuth, LameDuck, Listen, ServerConf, ServerName,
 };
 use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
@@ -23,10 +27,11 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort,
     EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, HTTPGetAction, KeyToPath, Lifecycle,
-    LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, Secret,
-    SecretKeySelector, SecretProjection, Service, ServicePort, ServiceSpec,
-    TopologySpreadConstraint, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+    LifecycleHandler, LocalObjectReference, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, Secret, SecretKeySelector, SecretProjection, SecretVolumeSource, Service,
+    ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+    VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -102,8 +107,9 @@ pub struct Rendered {
     pub settings: KubeSettings,
     pub names: Names,
     pub replicas: u32,
-    /// In apply (dependency) order: Secret (with auth), ConfigMap, NetworkPolicy, headless
-    /// Service, client Service, StatefulSet, PodDisruptionBudget. Delete walks it in reverse.
+    /// In apply (dependency) order: ServiceAccount (when created), Secret (with auth),
+    /// Certificate (cert-manager), ConfigMap, NetworkPolicy, headless Service, client Service,
+    /// StatefulSet, PodDisruptionBudget, PodMonitor. Delete walks it in reverse.
     pub objects: Vec<RenderedObject>,
     /// `nats://<client>.<ns>.svc.<cluster domain>:4222`.
     pub in_cluster_url: String,
@@ -135,7 +141,7 @@ fn object<T: Resource + serde::Serialize>(
 
 /// The nats.conf of a broker's pods, through the renderer every target shares.
 pub fn nats_conf(broker: &str, s: &KubeSettings, n: &Names) -> String {
-    ServerConf {
+    let mut conf = ServerConf {
         header: format!(
             "Written by workflow-plugin-eventbus for infra.eventbus {broker:?} ({}); every pod of StatefulSet {} reads it.",
             s.flavor.target(),
@@ -153,14 +159,15 @@ pub fn nats_conf(broker: &str, s: &KubeSettings, n: &Names) -> String {
         cluster: (s.replicas > 1).then(|| ClusterConf {
             name: n.stateful_set.clone(),
             listen: format!("0.0.0.0:{CLUSTER_PORT}"),
-            // With auth, the routes carry credentials: they come from the Secret.
-            routes: if s.auth.is_some() {
+            // With auth, the routes carry credentials: they come from the Secret; with route
+            // TLS, the block's `tls` comes with them from the included file.
+            routes: if routes_included(s) {
                 Vec::new()
             } else {
                 route_urls(s, n)
             },
             no_advertise: true,
-            include: s.auth.is_some().then(|| SECRET_ROUTES.to_string()),
+            include: routes_included(s).then(|| SECRET_ROUTES.to_string()),
         }),
         websocket: None,
         auth: s.auth.as_ref().map(|a| match a {
@@ -173,15 +180,59 @@ pub fn nats_conf(broker: &str, s: &KubeSettings, n: &Names) -> String {
             },
         }),
     }
-    .render()
+    .render();
+    conf.push_str(&addons::conf_blocks(&s.addons));
+    conf
 }
 
-/// The route url of every pod: `nats://<pod>.<headless>.<ns>.svc.<domain>:6222`.
+/// Whether the routes use TLS: asked for (the default with kubernetes.tls), and there are routes.
+fn route_tls(s: &KubeSettings) -> Option<&addons::TlsSettings> {
+    s.addons.tls.as_ref().filter(|t| t.routes && s.replicas > 1)
+}
+
+/// Whether the cluster block includes its routes from `routes.conf` (the Secret's with auth,
+/// else the ConfigMap's) rather than listing them.
+fn routes_included(s: &KubeSettings) -> bool {
+    s.replicas > 1 && (s.auth.is_some() || route_tls(s).is_some())
+}
+
+/// The route url of every pod: `nats://<pod>.<headless>.<ns>.svc.<domain>:6222`, `tls://`
+/// with route TLS (the host is a name the certificate carries).
 fn route_urls(s: &KubeSettings, n: &Names) -> Vec<String> {
     let domain = format!("{}.svc.{}", s.namespace, s.cluster_domain);
+    let scheme = if route_tls(s).is_some() {
+        "tls"
+    } else {
+        "nats"
+    };
     (0..s.replicas)
-        .map(|i| format!("nats://{}.{}.{domain}:{CLUSTER_PORT}", n.pod(i), n.headless))
+        .map(|i| {
+            format!(
+                "{scheme}://{}.{}.{domain}:{CLUSTER_PORT}",
+                n.pod(i),
+                n.headless
+            )
+        })
         .collect()
+}
+
+/// The file the cluster block includes, when it does: the routes (with their credentials
+/// under auth) and, with route TLS, the block's `tls` (routes always verify their peer).
+fn routes_file(s: &KubeSettings, n: &Names) -> Option<String> {
+    if !routes_included(s) {
+        return None;
+    }
+    let mut text = match &s.auth {
+        Some(a) => routes_conf(ROUTE_USER, &route_password(a, &n.base), &route_urls(s, n)),
+        None => {
+            let urls: Vec<String> = route_urls(s, n).iter().map(|u| quoted(u)).collect();
+            format!("routes: [\n  {}\n]\n", urls.join("\n  "))
+        }
+    };
+    if let Some(t) = route_tls(s) {
+        text.push_str(&addons::tls_block(t, false, ""));
+    }
+    Some(text)
 }
 
 /// The password every route of a clustered broker with `auth` presents, derived from the
@@ -211,6 +262,71 @@ fn port(name: &str, p: u16, app_protocol: &str) -> ServicePort {
         target_port: Some(IntOrString::String(name.into())),
         app_protocol: Some(app_protocol.into()),
         protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+/// `tls` (`https` for an http protocol) when the port serves TLS, else `plain`.
+fn tls_or(tls: bool, plain: &str) -> &str {
+    match (tls, plain) {
+        (false, p) => p,
+        (true, "http") => "https",
+        (true, _) => "tls",
+    }
+}
+
+/// The websocket and leafnode ports, when they listen (both Services expose them, as the
+/// chart's do).
+fn listener_ports(a: &Addons) -> Vec<ServicePort> {
+    let mut v = Vec::new();
+    if let Some(l) = &a.leafnodes {
+        v.push(port("leafnodes", l.port, tls_or(l.tls, "tcp")));
+    }
+    if let Some(w) = &a.websocket {
+        v.push(port("websocket", w.port, tls_or(w.tls, "http")));
+    }
+    v
+}
+
+/// The config-reloader sidecar: a renewed certificate (cert-manager rewrites the Secret, the
+/// kubelet the mounted files) makes nats-server reload its TLS settings without a restart.
+fn reloader_container(t: &addons::TlsSettings) -> Container {
+    Container {
+        name: RELOADER_CONTAINER.into(),
+        image: Some(t.reloader_image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(addons::reloader_args(t, PID_FILE)),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "pid".into(),
+                mount_path: PID_DIR.into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: TLS_VOLUME.into(),
+                mount_path: TLS_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    }
+}
+
+/// The prometheus-nats-exporter sidecar: reads the monitor port over the pod's loopback and
+/// serves Prometheus metrics on its own port.
+fn exporter_container(a: &Addons, image: &str) -> Container {
+    Container {
+        name: EXPORTER_CONTAINER.into(),
+        image: Some(image.into()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(addons::exporter_args(a, MONITOR_PORT)),
+        ports: Some(vec![ContainerPort {
+            name: Some(EXPORTER_PORT_NAME.into()),
+            container_port: EXPORTER_PORT as i32,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
         ..Default::default()
     }
 }
@@ -298,15 +414,8 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
     };
 
     let conf = nats_conf(name, &s, &n);
-    // The included routes file (its urls carry the route credentials).
-    let routes_file = match (&s.auth, s.replicas > 1) {
-        (Some(a), true) => Some(routes_conf(
-            ROUTE_USER,
-            &route_password(a, &n.base),
-            &route_urls(&s, &n),
-        )),
-        _ => None,
-    };
+    // The included routes file (its urls carry the route credentials with auth).
+    let routes_file = routes_file(&s, &n);
     let mut h = Sha256::new();
     h.update(conf.as_bytes());
     h.update(b"\0");
@@ -320,6 +429,24 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
     let checksum = hex(&h.finalize());
 
     let mut objects = Vec::new();
+    let a = &s.addons;
+    let meta_json = |object_name: &str| -> Result<Json, DriverError> {
+        serde_json::to_value(meta(object_name))
+            .map_err(|e| DriverError::invalid(object_name.to_string(), e.to_string()))
+    };
+
+    // 0. The pods' ServiceAccount, when the broker brings its own.
+    if let Some(sa) = a.service_account.as_ref().filter(|sa| sa.create) {
+        let mut m = meta(&sa.name);
+        let mut an = annotations.clone();
+        an.extend(sa.annotations.clone());
+        m.annotations = Some(an);
+        let account = ServiceAccount {
+            metadata: m,
+            ..Default::default()
+        };
+        objects.push(object(&account, &sa.name, &ns)?);
+    }
 
     // 1. Credentials, read by the pods as env vars that nats.conf references.
     let mut auth_env = Vec::new();
@@ -357,11 +484,36 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
         };
         objects.push(object(&secret, &n.secret, &ns)?);
     }
+    // The certificate cert-manager keeps in the Secret the pods mount, when asked.
+    if let Some(cert) = a.tls.as_ref().and_then(|t| {
+        let extra = match &t.source {
+            addons::TlsSource::CertManager {
+                extra_dns_names, ..
+            } => extra_dns_names.clone(),
+            addons::TlsSource::Secret => Vec::new(),
+        };
+        let dns = addons::dns_names(&n.client, &n.headless, &ns, &s.cluster_domain, &extra);
+        meta_json(&n.base)
+            .map(|m| addons::certificate(t, m, dns))
+            .transpose()
+    }) {
+        objects.push(RenderedObject {
+            api_version: "cert-manager.io/v1",
+            kind: "Certificate",
+            name: n.base.clone(),
+            namespace: ns.clone(),
+            body: cert?,
+        });
+    }
 
-    // 2. nats.conf.
+    // 2. nats.conf (and, without auth, the routes file it includes).
+    let mut cm_data: BTreeMap<String, String> = [(CONFIG_KEY.to_string(), conf.clone())].into();
+    if let (Some(r), None) = (&routes_file, &s.auth) {
+        cm_data.insert(SECRET_ROUTES.to_string(), r.clone());
+    }
     let cm = ConfigMap {
         metadata: meta(&n.config_map),
-        data: Some([(CONFIG_KEY.to_string(), conf.clone())].into()),
+        data: Some(cm_data),
         ..Default::default()
     };
     objects.push(object(&cm, &n.config_map, &ns)?);
@@ -386,7 +538,15 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
             ingress: Some(vec![
                 NetworkPolicyIngressRule {
                     from: None,
-                    ports: Some(vec![tcp(CLIENT_PORT), tcp(MONITOR_PORT)]),
+                    ports: Some(
+                        [CLIENT_PORT, MONITOR_PORT]
+                            .into_iter()
+                            .chain(a.websocket.as_ref().map(|w| w.port))
+                            .chain(a.leafnodes.as_ref().map(|l| l.port))
+                            .chain(a.exporter.as_ref().map(|_| EXPORTER_PORT))
+                            .map(tcp)
+                            .collect(),
+                    ),
                 },
                 NetworkPolicyIngressRule {
                     from: Some(vec![NetworkPolicyPeer {
@@ -408,11 +568,19 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
             cluster_ip: Some("None".into()),
             publish_not_ready_addresses: Some(true),
             selector: Some(selector.clone()),
-            ports: Some(vec![
-                port("nats", CLIENT_PORT, "tcp"),
-                port("cluster", CLUSTER_PORT, "tcp"),
-                port("monitor", MONITOR_PORT, "http"),
-            ]),
+            ports: Some({
+                let mut v = vec![
+                    port("nats", CLIENT_PORT, tls_or(a.tls.is_some(), "tcp")),
+                    port(
+                        "cluster",
+                        CLUSTER_PORT,
+                        tls_or(route_tls(&s).is_some(), "tcp"),
+                    ),
+                    port("monitor", MONITOR_PORT, "http"),
+                ];
+                v.extend(listener_ports(a));
+                v
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -434,7 +602,11 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
         spec: Some(ServiceSpec {
             type_: Some(s.service_type.as_str().into()),
             selector: Some(selector.clone()),
-            ports: Some(vec![port("nats", CLIENT_PORT, "tcp")]),
+            ports: Some({
+                let mut v = vec![port("nats", CLIENT_PORT, tls_or(a.tls.is_some(), "tcp"))];
+                v.extend(listener_ports(a));
+                v
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -478,10 +650,12 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
                 ("cluster", CLUSTER_PORT),
                 ("monitor", MONITOR_PORT),
             ]
-            .iter()
+            .into_iter()
+            .chain(a.websocket.as_ref().map(|w| ("websocket", w.port)))
+            .chain(a.leafnodes.as_ref().map(|l| ("leafnodes", l.port)))
             .map(|(name, p)| ContainerPort {
                 name: Some(name.to_string()),
-                container_port: *p as i32,
+                container_port: p as i32,
                 protocol: Some("TCP".into()),
                 ..Default::default()
             })
@@ -492,24 +666,34 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
             limits: Some(resources),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".into(),
-                mount_path: CONFIG_DIR.into(),
+        volume_mounts: Some(
+            [
+                VolumeMount {
+                    name: "config".into(),
+                    mount_path: CONFIG_DIR.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "pid".into(),
+                    mount_path: PID_DIR.into(),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: n.claim.clone(),
+                    mount_path: STORE_DIR.into(),
+                    ..Default::default()
+                },
+            ]
+            .into_iter()
+            .chain(a.tls.as_ref().map(|_| VolumeMount {
+                name: TLS_VOLUME.into(),
+                mount_path: TLS_DIR.into(),
                 read_only: Some(true),
                 ..Default::default()
-            },
-            VolumeMount {
-                name: "pid".into(),
-                mount_path: PID_DIR.into(),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: n.claim.clone(),
-                mount_path: STORE_DIR.into(),
-                ..Default::default()
-            },
-        ]),
+            }))
+            .collect(),
+        ),
         // Startup: the full check (meta group and assets recovered); readiness: the server
         // alone, so pods become Ready (and reachable) before a quorum exists; liveness: the
         // server with JetStream on, never the meta group, so a lost quorum restarts nothing.
@@ -531,7 +715,7 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
         ..Default::default()
     };
     // nats.conf, and beside it (projected from the Secret) the routes file it includes.
-    let config_volume = match &routes_file {
+    let config_volume = match routes_file.as_ref().filter(|_| s.auth.is_some()) {
         None => Volume {
             name: "config".into(),
             config_map: Some(ConfigMapVolumeSource {
@@ -606,18 +790,48 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
-                    containers: vec![container],
+                    containers: [container]
+                        .into_iter()
+                        .chain(a.tls.as_ref().map(reloader_container))
+                        .chain(a.exporter.as_ref().map(|e| exporter_container(a, &e.image)))
+                        .collect(),
+                    // The reloader signals nats-server, a process of another container.
+                    share_process_namespace: a.tls.as_ref().map(|_| true),
                     enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(TERMINATION_GRACE_SECS),
                     topology_spread_constraints: Some(spreads),
-                    volumes: Some(vec![
-                        config_volume,
-                        Volume {
-                            name: "pid".into(),
-                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                    volumes: Some(
+                        [
+                            config_volume,
+                            Volume {
+                                name: "pid".into(),
+                                empty_dir: Some(EmptyDirVolumeSource::default()),
+                                ..Default::default()
+                            },
+                        ]
+                        .into_iter()
+                        .chain(a.tls.as_ref().map(|t| Volume {
+                            name: TLS_VOLUME.into(),
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(t.secret_name.clone()),
+                                default_mode: Some(0o440),
+                                ..Default::default()
+                            }),
                             ..Default::default()
-                        },
-                    ]),
+                        }))
+                        .collect(),
+                    ),
+                    tolerations: (!a.tolerations.is_empty()).then(|| a.tolerations.clone()),
+                    node_selector: (!a.node_selector.is_empty()).then(|| a.node_selector.clone()),
+                    affinity: a.affinity.clone(),
+                    priority_class_name: a.priority_class_name.clone(),
+                    image_pull_secrets: (!a.image_pull_secrets.is_empty()).then(|| {
+                        a.image_pull_secrets
+                            .iter()
+                            .map(|name| LocalObjectReference { name: name.clone() })
+                            .collect()
+                    }),
+                    service_account_name: a.service_account.as_ref().map(|sa| sa.name.clone()),
                     ..Default::default()
                 }),
             },
@@ -651,7 +865,7 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(LabelSelector {
-                match_labels: Some(selector),
+                match_labels: Some(selector.clone()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -659,6 +873,17 @@ pub fn render_settings(name: &str, s: KubeSettings) -> Result<Rendered, DriverEr
         ..Default::default()
     };
     objects.push(object(&pdb, &n.pdb, &ns)?);
+
+    // 8. Prometheus (the operator's) scrapes the exporter of every pod.
+    if a.exporter.as_ref().is_some_and(|e| e.pod_monitor) {
+        objects.push(RenderedObject {
+            api_version: "monitoring.coreos.com/v1",
+            kind: "PodMonitor",
+            name: n.base.clone(),
+            namespace: ns.clone(),
+            body: addons::pod_monitor(meta_json(&n.base)?, &selector),
+        });
+    }
 
     Ok(Rendered {
         in_cluster_url: format!(
@@ -862,5 +1087,261 @@ mod tests {
         let open = rendered("bus", json!({}));
         assert!(open.nats_conf.contains("routes: ["), "{}", open.nats_conf);
         assert!(open.objects.iter().any(|o| o.kind == "NetworkPolicy"));
+    }
+}
+
+#[cfg(test)]
+mod helm_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rendered(c: Json) -> Rendered {
+        let mut base = json!({"provider": "nats", "deploy_target": "kubernetes", "version": "2.10.29", "replicas": 3});
+        for (k, v) in c.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        let d = BrokerDesired::decode("bus", base.to_string().as_bytes()).unwrap();
+        render("bus", &d, Flavor::Kubernetes).unwrap()
+    }
+
+    fn kinds(r: &Rendered) -> Vec<&str> {
+        r.objects.iter().map(|o| o.kind).collect()
+    }
+
+    fn find<'a>(r: &'a Rendered, kind: &str) -> &'a Json {
+        &r.objects.iter().find(|o| o.kind == kind).unwrap().body
+    }
+
+    #[test]
+    fn tls_from_a_secret_covers_clients_and_routes_on_the_mounted_files() {
+        let r = rendered(
+            json!({"kubernetes": {"tls": {"secret_name": "bus-certs", "verify": true}},
+            "tls": {"ca_file": concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"), "cert_file": concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"), "key_file": concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")}}),
+        );
+        let conf = &r.nats_conf;
+        assert!(
+            conf.contains("tls {\n  cert_file: \"/etc/nats-certs/tls/tls.crt\"\n  key_file: \"/etc/nats-certs/tls/tls.key\"\n  ca_file: \"/etc/nats-certs/tls/ca.crt\"\n  verify: true\n}"),
+            "{conf}"
+        );
+        // Without auth the routes (tls:// urls and the cluster's tls block) are the
+        // ConfigMap's routes.conf, beside nats.conf.
+        assert!(conf.contains("include \"routes.conf\""), "{conf}");
+        let cm = find(&r, "ConfigMap");
+        let routes = cm["data"]["routes.conf"].as_str().unwrap();
+        assert_eq!(routes.matches("\"tls://bus-").count(), 3, "{routes}");
+        assert!(routes.contains("bus-0.bus-headless.default.svc.cluster.local:6222"));
+        assert!(routes.contains("tls {\n  cert_file:"), "{routes}");
+        assert!(
+            !routes.contains("verify"),
+            "routes always verify; the key is not needed"
+        );
+        let pod = &find(&r, "StatefulSet")["spec"]["template"]["spec"];
+        assert_eq!(pod["volumes"][0]["configMap"]["name"], json!("bus-config"));
+        assert_eq!(
+            pod["volumes"][2]["secret"]["secretName"],
+            json!("bus-certs")
+        );
+        assert_eq!(
+            pod["containers"][0]["volumeMounts"][3],
+            json!({"name": "tls", "mountPath": "/etc/nats-certs/tls", "readOnly": true})
+        );
+        let headless = find(&r, "Service");
+        assert_eq!(headless["spec"]["ports"][0]["appProtocol"], json!("tls"));
+        assert_eq!(headless["spec"]["ports"][1]["appProtocol"], json!("tls"));
+        assert!(!kinds(&r).contains(&"Certificate"));
+
+        // With auth the routes file stays in the Secret, now with the tls block.
+        let r = rendered(json!({"auth": {"token": "tokA"},
+            "kubernetes": {"tls": {"secret_name": "bus-certs", "routes": true}}}));
+        let secret = find(&r, "Secret");
+        let routes = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            secret["data"][SECRET_ROUTES].as_str().unwrap(),
+        )
+        .unwrap();
+        let routes = String::from_utf8(routes).unwrap();
+        assert!(
+            routes.contains("@bus-2.bus-headless") && routes.contains("\"tls://route:"),
+            "{routes}"
+        );
+        assert!(routes.contains("tls {"), "{routes}");
+        assert!(find(&r, "ConfigMap")["data"].get(SECRET_ROUTES).is_none());
+
+        // Route TLS off: nats:// routes listed in nats.conf; one replica: no routes at all.
+        let r = rendered(json!({"kubernetes": {"tls": {"secret_name": "c", "routes": false}}}));
+        assert!(r.nats_conf.contains("\"nats://bus-0."), "{}", r.nats_conf);
+        let r = rendered(json!({"replicas": 1, "kubernetes": {"tls": {"secret_name": "c"}}}));
+        assert!(!r.nats_conf.contains("cluster {") && r.nats_conf.contains("tls {"));
+    }
+
+    #[test]
+    fn cert_manager_listeners_exporter_and_scheduling_render_like_the_chart() {
+        let r = rendered(json!({
+            "auth": {"token": "tokA"},
+            "kubernetes": {
+                "namespace": "ev",
+                "tls": {"cert_manager": {"issuer_name": "ca", "issuer_kind": "ClusterIssuer", "dns_names": ["nats.example.com"]}},
+                "websocket": {"tls": true}, "leafnodes": {"tls": true, "remotes": ["nats-leaf://hub:7422"]},
+                "metrics": {"exporter": true, "pod_monitor": true},
+                "tolerations": [{"key": "dedicated", "value": "nats", "effect": "NoSchedule"}],
+                "node_selector": {"pool": "nats"}, "priority_class_name": "high",
+                "image_pull_secrets": ["regcred"],
+                "service_account": {"create": true, "annotations": {"eks.amazonaws.com/role-arn": "arn:x"}}
+            }
+        }));
+        assert_eq!(
+            kinds(&r),
+            [
+                "ServiceAccount",
+                "Secret",
+                "Certificate",
+                "ConfigMap",
+                "NetworkPolicy",
+                "Service",
+                "Service",
+                "StatefulSet",
+                "PodDisruptionBudget",
+                "PodMonitor"
+            ]
+        );
+        let cert = find(&r, "Certificate");
+        assert_eq!(cert["spec"]["secretName"], json!("bus-tls"));
+        assert_eq!(
+            cert["spec"]["issuerRef"],
+            json!({"name": "ca", "kind": "ClusterIssuer", "group": "cert-manager.io"})
+        );
+        let dns: Vec<&str> = cert["spec"]["dnsNames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(
+            dns.contains(&"*.bus-headless.ev.svc.cluster.local") && dns.contains(&"bus.ev.svc")
+        );
+        assert!(dns.contains(&"nats.example.com"));
+
+        let conf = &r.nats_conf;
+        assert!(
+            conf.contains("websocket {\n  listen: \"0.0.0.0:8080\"\n  tls {"),
+            "{conf}"
+        );
+        assert!(
+            conf.contains("leafnodes {\n  listen: \"0.0.0.0:7422\"\n  no_advertise: true\n  tls {"),
+            "{conf}"
+        );
+        assert!(
+            conf.contains("remotes: [\n    { url: \"nats-leaf://hub:7422\" }\n  ]"),
+            "{conf}"
+        );
+
+        let pod = &find(&r, "StatefulSet")["spec"]["template"]["spec"];
+        assert_eq!(pod["volumes"][2]["secret"]["secretName"], json!("bus-tls"));
+        let reloader = &pod["containers"][1];
+        assert_eq!(reloader["name"], json!("reloader"));
+        assert_eq!(
+            reloader["image"],
+            json!("natsio/nats-server-config-reloader:0.23.0")
+        );
+        assert_eq!(
+            reloader["args"],
+            json!([
+                "-pid",
+                "/var/run/nats/nats.pid",
+                "-config",
+                "/etc/nats-certs/tls/tls.crt",
+                "-config",
+                "/etc/nats-certs/tls/tls.key",
+                "-config",
+                "/etc/nats-certs/tls/ca.crt"
+            ])
+        );
+        assert_eq!(pod["shareProcessNamespace"], json!(true));
+        let exporter = &pod["containers"][2];
+        assert_eq!(exporter["name"], json!("prom-exporter"));
+        assert_eq!(
+            exporter["image"],
+            json!("natsio/prometheus-nats-exporter:0.20.1")
+        );
+        assert_eq!(
+            exporter["args"],
+            json!([
+                "-port=7777",
+                "-connz",
+                "-routez",
+                "-subz",
+                "-varz",
+                "-prefix=nats",
+                "-use_internal_server_id",
+                "-jsz=all",
+                "-leafz",
+                "http://localhost:8222/"
+            ])
+        );
+        assert_eq!(
+            exporter["ports"][0],
+            json!({"name": "prom-metrics", "containerPort": 7777, "protocol": "TCP"})
+        );
+        let ports: Vec<&str> = pod["containers"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ports,
+            ["nats", "cluster", "monitor", "websocket", "leafnodes"]
+        );
+        assert_eq!(pod["tolerations"][0]["key"], json!("dedicated"));
+        assert_eq!(pod["nodeSelector"], json!({"pool": "nats"}));
+        assert_eq!(pod["priorityClassName"], json!("high"));
+        assert_eq!(pod["imagePullSecrets"], json!([{"name": "regcred"}]));
+        assert_eq!(pod["serviceAccountName"], json!("bus"));
+        let sa = find(&r, "ServiceAccount");
+        assert_eq!(
+            sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+            json!("arn:x")
+        );
+
+        let client = &r
+            .objects
+            .iter()
+            .filter(|o| o.kind == "Service")
+            .nth(1)
+            .unwrap()
+            .body;
+        assert_eq!(
+            client["spec"]["ports"],
+            json!([
+                {"name": "nats", "port": 4222, "targetPort": "nats", "appProtocol": "tls", "protocol": "TCP"},
+                {"name": "leafnodes", "port": 7422, "targetPort": "leafnodes", "appProtocol": "tls", "protocol": "TCP"},
+                {"name": "websocket", "port": 8080, "targetPort": "websocket", "appProtocol": "https", "protocol": "TCP"}
+            ])
+        );
+        let np = find(&r, "NetworkPolicy");
+        let open: Vec<u64> = np["spec"]["ingress"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["port"].as_u64().unwrap())
+            .collect();
+        assert_eq!(open, [4222, 8222, 8080, 7422, 7777]);
+        let pm = find(&r, "PodMonitor");
+        assert_eq!(pm["apiVersion"], json!("monitoring.coreos.com/v1"));
+        assert_eq!(
+            pm["spec"]["podMetricsEndpoints"],
+            json!([{"port": "prom-metrics"}])
+        );
+        assert_eq!(
+            pm["spec"]["selector"]["matchLabels"],
+            json!({"app.kubernetes.io/name": "nats", "app.kubernetes.io/instance": "bus"})
+        );
+        // An existing ServiceAccount is referenced, not rendered.
+        let r = rendered(json!({"kubernetes": {"service_account": {"name": "nats-sa"}}}));
+        assert!(!kinds(&r).contains(&"ServiceAccount"));
+        assert_eq!(
+            find(&r, "StatefulSet")["spec"]["template"]["spec"]["serviceAccountName"],
+            json!("nats-sa")
+        );
     }
 }

@@ -12,7 +12,9 @@ use super::render::{render, Rendered, CLIENT_PORT, MONITOR_PORT};
 use crate::iac::ctx::Ctx;
 use crate::iac::error::DriverError;
 use crate::iac::state::{AuthRecord, BrokerRecord, TargetRecord};
-use crate::iac::targets::api::{label, Applied, BrokerDesired, BrokerTarget, Platform, Reach};
+use crate::iac::targets::api::{
+    label, path_text, Applied, BrokerDesired, BrokerTarget, Platform, Reach,
+};
 use crate::iac::values::str_field;
 use crate::providers::DeployTarget;
 use serde_json::{json, Map, Value as Json};
@@ -283,6 +285,12 @@ impl KubernetesTarget {
                     token,
                     user,
                     password,
+                    // With kubernetes.tls the servers require TLS; the top-level tls says
+                    // which CA (and client certificate) this provider connects with.
+                    tls_ca_file: path_text(&d.spec.conn.tls_ca_file),
+                    tls_cert_file: path_text(&d.spec.conn.tls_cert_file),
+                    tls_key_file: path_text(&d.spec.conn.tls_key_file),
+                    tls_required: d.spec.conn.tls_required || s.addons.tls.is_some(),
                     ..Default::default()
                 },
                 replicas: r.replicas,
