@@ -1248,11 +1248,7 @@ async fn dead_letter_copy_of_a_message_at_max_payload_is_fitted_and_settled() {
     })
     .await
     .expect("both messages settled");
-    assert!(
-        p.stderr().contains("dead-letter copy trimmed"),
-        "{}",
-        p.stderr()
-    );
+    p.wait_stderr("dead-letter copy trimmed", T).await;
     no_panic(&p);
 }
 

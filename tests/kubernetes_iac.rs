@@ -90,6 +90,26 @@ async fn js_on(fake: &Fake, ns: &str, pod: &str) -> async_nats::jetstream::Conte
     async_nats::jetstream::new(c)
 }
 
+/// The stream as one server of the cluster answers for it. A JetStream API request from a
+/// replica goes through the meta leader; on a saturated machine one can time out, so this
+/// asks again (bounded) and fails with the last error.
+async fn stream_on(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> async_nats::jetstream::stream::Stream {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match js.get_stream(name).await {
+            Ok(s) => return s,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("stream {name} not answered yet: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("stream {name}: {e}"),
+        }
+    }
+}
+
 fn fail(fake: &Fake, ns: &str, errors: &[String]) -> String {
     let logs: Vec<String> = fake
         .pods(ns)
@@ -186,7 +206,7 @@ async fn three_replica_broker_stream_and_consumer_plan_apply_replan_destroy() {
     // The stream is replicated over the three real servers; the consumer is on it.
     assert_eq!(fake.pods(ns).len(), 3);
     let js = js_on(&fake, ns, "orders-bus-2").await;
-    let mut s = js.get_stream("ORDERS").await.unwrap();
+    let mut s = stream_on(&js, "ORDERS").await;
     let info = s.info().await.unwrap();
     assert_eq!(info.config.num_replicas, 3);
     let cluster = info.cluster.clone().unwrap();
@@ -458,7 +478,7 @@ async fn a_tls_broker_from_a_secret_is_applied_and_reached_over_mutual_tls() {
         .await
         .unwrap();
     let js = async_nats::jetstream::new(client);
-    let mut s = js.get_stream("ORDERS").await.unwrap();
+    let mut s = stream_on(&js, "ORDERS").await;
     let info = s.info().await.unwrap();
     assert_eq!(info.cluster.as_ref().unwrap().replicas.len(), 2);
     let no_cert = async_nats::ConnectOptions::with_token(NATS_TOKEN.into())

@@ -407,6 +407,22 @@ impl Plugin {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits (bounded by `within`) until the plugin's stderr holds `needle`: logs are written
+    /// by a background writer and read by a thread of ours, so a line can trail the event it
+    /// reports. Panics with the whole stderr when it never shows.
+    #[allow(dead_code)]
+    pub async fn wait_stderr(&self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never logged: {}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     // ------------------------------------------------------------ modules
 
     /// STRICT_PROTO module creation: typed_config from YAML through the registry's descriptors.
