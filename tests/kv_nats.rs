@@ -624,3 +624,75 @@ async fn object_store_plan_apply_replan_update_replace_drift_destroy() {
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(js.get_stream("OBJ_files").await.is_err());
 }
+
+async fn stream_messages(js: &jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+#[tokio::test]
+async fn kv_put_over_max_value_size_or_max_payload_is_refused_before_it_is_sent() {
+    let server = NatsServer::builder().config("max_payload: 4096\n").start();
+    let (js, _, _) = js(&server.url()).await;
+    let mut p = plugin(&server, None).await;
+    p.module_up(
+        "eventbus.kv",
+        "limited",
+        "bucket: limited\nmax_value_size: 1024\n",
+    )
+    .await;
+    p.module_up("eventbus.kv", "open", "bucket: open\n").await;
+    let put = |bucket: &str, action: &str, n: usize| {
+        format!(
+            "bucket: {bucket}\naction: {action}\nkey: k{n}\nvalue: \"{}\"\n",
+            "v".repeat(n)
+        )
+    };
+    // At the bucket's limit a plain put (no header) is stored.
+    kv_step(&p, &put("limited", "put", 1024)).await.unwrap();
+    assert_eq!(stream_messages(&js, "KV_limited").await, 1);
+    for (cfg, sent) in [
+        (put("limited", "put", 1025), "1025 bytes"),
+        // Create sends the expected revision as a header: counted, as the server counts it.
+        (put("limited", "create", 1000), "1052 bytes"),
+    ] {
+        let e = kv_step(&p, &cfg).await.unwrap_err();
+        assert!(
+            e.contains("step.eventbus.kv")
+                && e.contains("value")
+                && e.contains(sent)
+                && e.contains("max_value_size of 1024 bytes")
+                && !e.contains('\n'),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        stream_messages(&js, "KV_limited").await,
+        1,
+        "nothing refused reached the bucket"
+    );
+    // The server agrees: the same create, sent past the plugin, is refused by the stream.
+    let store = js.get_key_value("limited").await.unwrap();
+    assert!(store
+        .create("k1000", "v".repeat(1000).into())
+        .await
+        .is_err());
+    assert!(store.create("k971", "v".repeat(971).into()).await.is_ok());
+
+    // The server's max_payload bounds a bucket without a value limit.
+    let e = kv_step(&p, &put("open", "put", 4097)).await.unwrap_err();
+    assert!(
+        e.contains("value") && e.contains("max_payload of 4096 bytes") && !e.contains('\n'),
+        "{e}"
+    );
+    assert_eq!(stream_messages(&js, "KV_open").await, 0);
+    kv_step(&p, &put("open", "put", 4096)).await.unwrap();
+    let (code, _) = p.shutdown().await;
+    assert_eq!(code, Some(0));
+}
