@@ -959,3 +959,110 @@ async fn object_store_oversize_and_hostile_names_are_refused_before_anything_is_
     let (code, _) = p.shutdown().await;
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test]
+async fn object_trigger_fires_on_object_changes_through_the_trigger_worker() {
+    let server = NatsServer::start();
+    let (js, _, _) = js(&server.url()).await;
+    let mut p = plugin(&server, Some(common::ok_pipeline())).await;
+    p.module_up("eventbus.object_store", "files", "bucket: files\n")
+        .await;
+    let store = js.get_object_store("files").await.unwrap();
+    let mut first: &[u8] = b"one";
+    store.put("a.txt", &mut first).await.unwrap();
+
+    // Configs that would reach past the store are refused, one line per field.
+    for (cfg, field_name) in [
+        (
+            json!({"name": "w", "object_bucket": "files.>"}),
+            "object_bucket",
+        ),
+        (
+            json!({"name": "w", "object_bucket": "files", "stream_name": "OTHER"}),
+            "stream_name",
+        ),
+        (
+            json!({"name": "w", "object_bucket": "files", "filter_subject": "$JS.API.>"}),
+            "filter_subject",
+        ),
+        (
+            json!({"name": "w", "object_bucket": "files", "kv_bucket": "files"}),
+            "object_bucket",
+        ),
+        (
+            json!({"name": "w", "object_bucket": "files", "keys": "a"}),
+            "keys",
+        ),
+    ] {
+        let e = p.create_trigger("pipeline:bad", &cfg).await.unwrap_err();
+        assert!(e.contains(field_name) && !e.contains('\n'), "{cfg}: {e}");
+    }
+
+    let t = p
+        .create_trigger(
+            "pipeline:files",
+            &json!({"name": "files-watch", "object_bucket": "files"}),
+        )
+        .await
+        .unwrap();
+    p.lifecycle("start", &t).await.unwrap();
+    // The current record of each object first, then every change, in order.
+    let call = p.next_call(T).await;
+    assert_eq!(
+        (
+            field(&call, "bucket"),
+            field(&call, "object"),
+            field(&call, "operation"),
+            field(&call, "size")
+        ),
+        ("files".into(), "a.txt".into(), "PUT".into(), "3".into())
+    );
+    let h = p
+        .create_step("step.eventbus.object", "obj", "")
+        .await
+        .unwrap();
+    for cfg in [
+        "bucket: files\naction: put\nname: docs/b.txt\ndata: hello\n",
+        "bucket: files\naction: delete\nname: a.txt\n",
+    ] {
+        p.execute("step.eventbus.object", &h, cfg, &json!({}))
+            .await
+            .unwrap();
+    }
+    let call = p.next_call(T).await;
+    assert_eq!(
+        (
+            field(&call, "object"),
+            field(&call, "operation"),
+            field(&call, "size")
+        ),
+        ("docs/b.txt".into(), "PUT".into(), "5".into())
+    );
+    let call = p.next_call(T).await;
+    assert_eq!(
+        (field(&call, "object"), field(&call, "operation")),
+        ("a.txt".into(), "DEL".into())
+    );
+    // Every change was acked by the worker: nothing pending on its consumer.
+    let info = tokio::time::timeout(T, async {
+        loop {
+            let i = js
+                .get_stream("OBJ_files")
+                .await
+                .unwrap()
+                .consumer_info("files-watch")
+                .await
+                .unwrap()
+                .clone();
+            if i.num_ack_pending == 0 && i.num_pending == 0 {
+                return i;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the watch consumer settles");
+    assert_eq!(info.delivered.consumer_sequence, 3);
+    let (code, _) = p.shutdown().await;
+    assert_eq!(code, Some(0));
+}
