@@ -347,6 +347,39 @@ async fn kv_step_put_get_conflict_delete_and_keys_through_the_binary() {
     assert_eq!(code, Some(0));
 }
 
+/// A trigger config refused at Create, in one line naming `field_name`.
+async fn refused_trigger(p: &common::Plugin, cfg: Json, field_name: &str) {
+    let e = p.create_trigger("pipeline:bad", &cfg).await.unwrap_err();
+    assert!(e.contains(field_name) && !e.contains('\n'), "{cfg}: {e}");
+}
+
+/// The watch consumer once the worker has acked everything it was sent (polled: the server
+/// has no event for it), bounded.
+async fn settled(
+    js: &jetstream::Context,
+    stream: &str,
+    durable: &str,
+) -> jetstream::consumer::Info {
+    tokio::time::timeout(T, async {
+        loop {
+            let i = js
+                .get_stream(stream)
+                .await
+                .unwrap()
+                .consumer_info(durable)
+                .await
+                .unwrap()
+                .clone();
+            if i.num_ack_pending == 0 && i.num_pending == 0 {
+                return i;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the watch consumer settles")
+}
+
 fn field(call: &eventbus_plugin::pb::plugin::TriggerWorkflowRequest, key: &str) -> String {
     match call
         .data
@@ -387,10 +420,12 @@ async fn kv_trigger_fires_on_key_changes_through_the_trigger_worker() {
             json!({"name": "w", "kv_bucket": "sessions", "stream_name": "OTHER"}),
             "stream_name",
         ),
-        (json!({"name": "w", "keys": "user.*"}), "keys"),
+        (
+            json!({"name": "w", "stream_name": "S", "keys": "user.*"}),
+            "keys",
+        ),
     ] {
-        let e = p.create_trigger("pipeline:bad", &cfg).await.unwrap_err();
-        assert!(e.contains(field_name), "{cfg}: {e}");
+        refused_trigger(&p, cfg, field_name).await;
     }
 
     let t = p
@@ -440,24 +475,7 @@ async fn kv_trigger_fires_on_key_changes_through_the_trigger_worker() {
         ("user.1".into(), "DEL".into())
     );
     // Every change was acked by the worker: nothing pending on its consumer.
-    let info = tokio::time::timeout(T, async {
-        loop {
-            let i = js
-                .get_stream("KV_sessions")
-                .await
-                .unwrap()
-                .consumer_info("users-watch")
-                .await
-                .unwrap()
-                .clone();
-            if i.num_ack_pending == 0 && i.num_pending == 0 {
-                return i;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the watch consumer settles");
+    let info = settled(&js, "KV_sessions", "users-watch").await;
     assert_eq!(info.delivered.consumer_sequence, 3);
     let (code, _) = p.shutdown().await;
     assert_eq!(code, Some(0));
@@ -994,8 +1012,7 @@ async fn object_trigger_fires_on_object_changes_through_the_trigger_worker() {
             "keys",
         ),
     ] {
-        let e = p.create_trigger("pipeline:bad", &cfg).await.unwrap_err();
-        assert!(e.contains(field_name) && !e.contains('\n'), "{cfg}: {e}");
+        refused_trigger(&p, cfg, field_name).await;
     }
 
     let t = p
@@ -1044,24 +1061,7 @@ async fn object_trigger_fires_on_object_changes_through_the_trigger_worker() {
         ("a.txt".into(), "DEL".into())
     );
     // Every change was acked by the worker: nothing pending on its consumer.
-    let info = tokio::time::timeout(T, async {
-        loop {
-            let i = js
-                .get_stream("OBJ_files")
-                .await
-                .unwrap()
-                .consumer_info("files-watch")
-                .await
-                .unwrap()
-                .clone();
-            if i.num_ack_pending == 0 && i.num_pending == 0 {
-                return i;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the watch consumer settles");
+    let info = settled(&js, "OBJ_files", "files-watch").await;
     assert_eq!(info.delivered.consumer_sequence, 3);
     let (code, _) = p.shutdown().await;
     assert_eq!(code, Some(0));

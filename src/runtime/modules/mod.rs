@@ -117,12 +117,11 @@ pub async fn ensure_bucket(m: &StreamModule, broker: &BrokerModule) -> Result<()
                 (p.key_value().is_some(), "key-value buckets")
             };
             if !has {
-                return Err(ProviderError::Invalid(format!(
-                    "broker {:?} is provider {}, which has no {what}; {} needs a NATS broker",
-                    broker.spec.name,
-                    broker.spec.provider.as_str(),
-                    self.0.type_name
-                )));
+                return Err(crate::runtime::steps::bucket::lacks(
+                    broker,
+                    what,
+                    &self.0.type_name,
+                ));
             }
             self.0.ensure_on(&*p).await
         }

@@ -4,6 +4,7 @@
 
 pub mod ack;
 pub mod ack_bulk;
+pub mod bucket;
 pub mod bulk;
 pub mod consume;
 pub mod execute;

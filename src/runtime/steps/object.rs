@@ -3,9 +3,10 @@
 //! is sent, the object's size against `max_object_size` (and the bucket's room) before its first
 //! chunk, and every call is bounded by the step's timeout.
 
+use super::bucket;
 use super::message::payload_of;
-use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
-use crate::config::decode::{self, RawConfig};
+use super::{decode_execute, pick, ExecuteInput, StepOutput};
+use crate::config::decode::RawConfig;
 use crate::config::error::Problems;
 use crate::nats::guard::{check_duration, MAX_DURATION};
 use crate::nats::object::{self, ObjectAction, ObjectOp, DEFAULT_MAX_OBJECT_SIZE};
@@ -31,24 +32,15 @@ fn check(
     [bucket, action, name]: [&str; 3],
     max_object_size: i64,
 ) -> Option<ObjectAction> {
-    let fixed = |v: &str| !v.is_empty() && (complete || !templated(v));
-    if fixed(bucket) || complete {
-        p.check("bucket", object::check_bucket(bucket));
-    }
-    let act = ObjectAction::parse(action);
-    if fixed(action) && act.is_none() {
-        p.field(
-            "action",
-            format!(
-                "{} is not valid; use {}",
-                crate::secret::quote(action),
-                ObjectAction::NAMES
-            ),
-        );
-    } else if complete && action.is_empty() {
-        p.field("action", format!("is required: {}", ObjectAction::NAMES));
-    }
-    if fixed(name) || (complete && act.is_some_and(|a| a != ObjectAction::List)) {
+    let act = bucket::check_bucket_action(
+        p,
+        complete,
+        bucket,
+        action,
+        ObjectAction::parse,
+        ObjectAction::NAMES,
+    );
+    if bucket::fixed(complete, name) || (complete && act.is_some_and(|a| a != ObjectAction::List)) {
         p.check("name", object::check_object_name(name));
     }
     if !(0..=object::MAX_MAX_OBJECT_SIZE).contains(&max_object_size) {
@@ -77,27 +69,16 @@ fn stored(s: object::Stored) -> StoredObject {
 
 impl ObjectStep {
     pub fn create(name: &str, raw: RawConfig<'_>) -> Result<Self, RuntimeError> {
-        let kind = StepKind::Object;
-        let mut p = Problems::new(kind.type_name(), name);
-        match decode::decode::<ObjectStepConfig>(kind.full_messages().0, raw) {
-            Err(lines) => p.raw(lines),
-            Ok(c) => {
-                check(
-                    &mut p,
-                    false,
-                    [&c.bucket, &c.action, &c.name],
-                    c.max_object_size,
-                );
-                p.check(
-                    "timeout",
-                    check_duration(&c.timeout, MAX_DURATION).map(|_| ()),
-                );
-            }
-        }
-        p.finish(ObjectStep {
-            component: format!("{} {name:?}", kind.type_name()),
-        })
-        .map_err(Into::into)
+        let component = bucket::create(
+            StepKind::Object,
+            name,
+            raw,
+            |p, c: &ObjectStepConfig| {
+                check(p, false, [&c.bucket, &c.action, &c.name], c.max_object_size);
+            },
+            |c| &c.timeout,
+        )?;
+        Ok(ObjectStep { component })
     }
 
     pub async fn execute(
@@ -112,13 +93,7 @@ impl ObjectStep {
         let name = pick(&cfg.name, &inp.name);
         let mut p = Problems::new(StepKind::Object.type_name(), "");
         let act = check(&mut p, true, [&bucket, &action, &name], cfg.max_object_size);
-        let act = match act {
-            Some(a) if p.is_empty() => a,
-            _ => {
-                let e = p.into_error();
-                return Err(RuntimeError::failed(&self.component, e.problems.join("; ")));
-            }
-        };
+        let act = bucket::checked(p, act, &self.component)?;
         let data = payload_of(cfg.data.as_ref())
             .map_err(|e| RuntimeError::failed(&self.component, e))?
             .unwrap_or(inp.data);
@@ -181,11 +156,11 @@ impl ForProvider for ObjectJob<'_> {
     async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
         let p = P::open(broker).await?;
         let Some(js) = p.object_store() else {
-            return Err(ProviderError::Invalid(format!(
-                "broker {:?} is provider {}, which has no object stores; step.eventbus.object needs a NATS broker",
-                broker.spec.name,
-                broker.spec.provider.as_str()
-            )));
+            return Err(bucket::lacks(
+                broker,
+                "object stores",
+                StepKind::Object.type_name(),
+            ));
         };
         let after = self.timeout.unwrap_or_else(|| p.request_timeout());
         bounded("object-store operation", after, object::run(&js, self.op)).await
