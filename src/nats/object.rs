@@ -11,7 +11,7 @@
 use super::NatsError;
 use crate::secret::quote;
 use async_nats::jetstream::object_store::{
-    DeleteErrorKind, GetErrorKind, InfoErrorKind, ObjectInfo, ObjectMetadata,
+    DeleteErrorKind, GetErrorKind, InfoErrorKind, ObjectInfo, ObjectMetadata, ObjectStore,
 };
 use futures::TryStreamExt;
 use tokio::io::AsyncReadExt;
@@ -134,10 +134,30 @@ pub struct ObjectOp<'a> {
     pub max_size: usize,
 }
 
-fn not_found(bucket: &str) -> NatsError {
-    NatsError::NotFound {
-        what: format!("object store {bucket:?}"),
-    }
+/// The store and its stream's config and state (read once, fresh: what a put's size checks
+/// read); a missing store is `NotFound`, any other failure is said as such.
+async fn open(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+) -> Result<(ObjectStore, async_nats::jetstream::stream::Info), NatsError> {
+    use async_nats::jetstream::context::GetStreamErrorKind as K;
+    let what = format!("object store {bucket:?}");
+    let stream = js
+        .get_stream(super::kv::OBJ.stream_name(bucket))
+        .await
+        .map_err(|e| match e.kind() {
+            K::JetStream(api) if api.error_code() == super::error::STREAM_NOT_FOUND => {
+                NatsError::NotFound { what: what.clone() }
+            }
+            K::JetStream(api) => super::error::lift_api("open object store", &what, &api),
+            _ => NatsError::other("open object store", e),
+        })?;
+    let info = stream.cached_info().clone();
+    let store = js
+        .get_object_store(bucket)
+        .await
+        .map_err(|e| NatsError::other("open object store", e))?;
+    Ok((store, info))
 }
 
 /// Refuses a put its step, its bucket's `max_bucket_size` or the server would refuse, counted on
@@ -188,10 +208,7 @@ fn check_put(
 
 /// The object's record, `None` when it never existed or was deleted (a deleted object keeps a
 /// tombstone record).
-async fn live_info(
-    store: &async_nats::jetstream::object_store::ObjectStore,
-    name: &str,
-) -> Result<Option<ObjectInfo>, NatsError> {
+async fn live_info(store: &ObjectStore, name: &str) -> Result<Option<ObjectInfo>, NatsError> {
     match store.info(name).await {
         Ok(i) => Ok((!i.deleted).then_some(i)),
         Err(e) if e.kind() == InfoErrorKind::NotFound => Ok(None),
@@ -207,21 +224,10 @@ pub async fn run(
     let bucket = op.bucket;
     let name = op.name;
     let mut out = ObjectOutcome::default();
+    let (store, stream) = open(js, bucket).await?;
     if op.action == ObjectAction::Put {
         // The bucket's limits and use, read before anything is sent.
-        let mut stream = js
-            .get_stream(super::kv::OBJ.stream_name(bucket))
-            .await
-            .map_err(|_| not_found(bucket))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| NatsError::other("read object store", e))?;
-        let chunk = check_put(&op, info, js.client().max_payload())?;
-        let store = js
-            .get_object_store(bucket)
-            .await
-            .map_err(|_| not_found(bucket))?;
+        let chunk = check_put(&op, &stream, js.client().max_payload())?;
         let meta = ObjectMetadata {
             name: name.to_string(),
             description: (!op.description.is_empty()).then(|| op.description.to_string()),
@@ -236,13 +242,6 @@ pub async fn run(
         out.info = Some(info.into());
         return Ok(out);
     }
-    let store = js.get_object_store(bucket).await.map_err(|e| {
-        use async_nats::jetstream::context::ObjectStoreErrorKind;
-        match e.kind() {
-            ObjectStoreErrorKind::GetStore => not_found(bucket),
-            _ => NatsError::other("open object store", e),
-        }
-    })?;
     match op.action {
         ObjectAction::Put => {}
         ObjectAction::Info | ObjectAction::Get => {
