@@ -6,10 +6,14 @@ use super::templated;
 use crate::config::decode::{self, RawConfig};
 use crate::config::error::Problems;
 use crate::nats::guard::{check_duration, MAX_DURATION};
-use crate::runtime::modules::broker::BrokerModule;
-use crate::runtime::provider::ProviderError;
+use crate::nats::NatsError;
+use crate::runtime::modules::broker::{BrokerModule, Open};
+use crate::runtime::provider::{bounded, ProviderError};
 use crate::runtime::types::StepKind;
 use crate::runtime::RuntimeError;
+use async_nats::jetstream::Context;
+use std::future::Future;
+use std::time::Duration;
 
 /// Whether a value is checked now: at Execute (`complete`) every value given, at Create the
 /// ones that hold no template (an empty one may still come from pipeline state).
@@ -74,6 +78,30 @@ pub(super) fn checked<A>(p: Problems, act: Option<A>, component: &str) -> Result
             p.into_error().problems.join("; "),
         )),
     }
+}
+
+/// Runs `op` on the JetStream context `access` takes from the broker's provider (its
+/// key-value or object-store access), bounded by `timeout` (the broker's request timeout when
+/// unset, and named `op_name` when it runs out); refused in one line naming the provider when
+/// it has no `what`.
+pub(super) async fn run_on<P: Open, T, Fut>(
+    broker: &BrokerModule,
+    kind: StepKind,
+    what: &str,
+    op_name: &'static str,
+    access: fn(&P) -> Option<Context>,
+    timeout: Option<Duration>,
+    op: impl FnOnce(Context) -> Fut,
+) -> Result<T, ProviderError>
+where
+    Fut: Future<Output = Result<T, NatsError>>,
+{
+    let p = P::open(broker).await?;
+    let Some(js) = access(&p) else {
+        return Err(lacks(broker, what, kind.type_name()));
+    };
+    let after = timeout.unwrap_or_else(|| p.request_timeout());
+    bounded(op_name, after, op(js)).await
 }
 
 /// The refusal of a broker whose provider has no `what` (e.g. "object stores"), naming the

@@ -12,7 +12,7 @@ use crate::nats::guard::{check_duration, MAX_DURATION};
 use crate::nats::kv::{self, KvAction};
 use crate::pb::eventbus::{KvRequest, KvResponse, KvStepConfig};
 use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
-use crate::runtime::provider::{bounded, rfc3339, ProviderError};
+use crate::runtime::provider::{rfc3339, ProviderError};
 use crate::runtime::registry::Registry;
 use crate::runtime::types::StepKind;
 use crate::runtime::RuntimeError;
@@ -138,27 +138,25 @@ struct KvJob<'a> {
 impl ForProvider for KvJob<'_> {
     type Out = Result<kv::KvOutcome, ProviderError>;
     async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
-        let p = P::open(broker).await?;
-        let Some(js) = p.key_value() else {
-            return Err(bucket::lacks(
-                broker,
-                "key-value buckets",
-                StepKind::Kv.type_name(),
-            ));
-        };
-        let after = self.timeout.unwrap_or_else(|| p.request_timeout());
-        bounded(
+        bucket::run_on(
+            broker,
+            StepKind::Kv,
+            "key-value buckets",
             "key-value operation",
-            after,
-            kv::run(
-                &js,
-                self.bucket,
-                self.action,
-                self.key,
-                self.value,
-                self.expected,
-                self.filter,
-            ),
+            |p: &P| p.key_value(),
+            self.timeout,
+            |js| async move {
+                kv::run(
+                    &js,
+                    self.bucket,
+                    self.action,
+                    self.key,
+                    self.value,
+                    self.expected,
+                    self.filter,
+                )
+                .await
+            },
         )
         .await
     }

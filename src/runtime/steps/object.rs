@@ -12,7 +12,7 @@ use crate::nats::guard::{check_duration, MAX_DURATION};
 use crate::nats::object::{self, ObjectAction, ObjectOp, DEFAULT_MAX_OBJECT_SIZE};
 use crate::pb::eventbus::{ObjectRequest, ObjectResponse, ObjectStepConfig, StoredObject};
 use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
-use crate::runtime::provider::{bounded, rfc3339, Include, ProviderError};
+use crate::runtime::provider::{rfc3339, Include, ProviderError};
 use crate::runtime::registry::Registry;
 use crate::runtime::types::StepKind;
 use crate::runtime::RuntimeError;
@@ -154,15 +154,15 @@ struct ObjectJob<'a> {
 impl ForProvider for ObjectJob<'_> {
     type Out = Result<object::ObjectOutcome, ProviderError>;
     async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
-        let p = P::open(broker).await?;
-        let Some(js) = p.object_store() else {
-            return Err(bucket::lacks(
-                broker,
-                "object stores",
-                StepKind::Object.type_name(),
-            ));
-        };
-        let after = self.timeout.unwrap_or_else(|| p.request_timeout());
-        bounded("object-store operation", after, object::run(&js, self.op)).await
+        bucket::run_on(
+            broker,
+            StepKind::Object,
+            "object stores",
+            "object-store operation",
+            |p: &P| p.object_store(),
+            self.timeout,
+            |js| async move { object::run(&js, self.op).await },
+        )
+        .await
     }
 }
