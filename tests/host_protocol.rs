@@ -189,13 +189,14 @@ async fn manifest_and_type_lists() {
             "step.eventbus.publish",
             "step.eventbus.consume",
             "step.eventbus.ack",
-            "step.eventbus.kv"
+            "step.eventbus.kv",
+            "step.eventbus.object"
         ]
     );
     let triggers = c.get_trigger_types(()).await.unwrap().into_inner().types;
     assert_eq!(triggers, vec!["trigger.eventbus.subscribe"]);
     let schemas = c.get_module_schemas(()).await.unwrap().into_inner().schemas;
-    assert_eq!(schemas.len(), 8);
+    assert_eq!(schemas.len(), 10);
     let stream = schemas
         .iter()
         .find(|s| s.r#type == "eventbus.stream")

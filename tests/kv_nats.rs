@@ -347,6 +347,39 @@ async fn kv_step_put_get_conflict_delete_and_keys_through_the_binary() {
     assert_eq!(code, Some(0));
 }
 
+/// A trigger config refused at Create, in one line naming `field_name`.
+async fn refused_trigger(p: &common::Plugin, cfg: Json, field_name: &str) {
+    let e = p.create_trigger("pipeline:bad", &cfg).await.unwrap_err();
+    assert!(e.contains(field_name) && !e.contains('\n'), "{cfg}: {e}");
+}
+
+/// The watch consumer once the worker has acked everything it was sent (polled: the server
+/// has no event for it), bounded.
+async fn settled(
+    js: &jetstream::Context,
+    stream: &str,
+    durable: &str,
+) -> jetstream::consumer::Info {
+    tokio::time::timeout(T, async {
+        loop {
+            let i = js
+                .get_stream(stream)
+                .await
+                .unwrap()
+                .consumer_info(durable)
+                .await
+                .unwrap()
+                .clone();
+            if i.num_ack_pending == 0 && i.num_pending == 0 {
+                return i;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the watch consumer settles")
+}
+
 fn field(call: &eventbus_plugin::pb::plugin::TriggerWorkflowRequest, key: &str) -> String {
     match call
         .data
@@ -387,10 +420,12 @@ async fn kv_trigger_fires_on_key_changes_through_the_trigger_worker() {
             json!({"name": "w", "kv_bucket": "sessions", "stream_name": "OTHER"}),
             "stream_name",
         ),
-        (json!({"name": "w", "keys": "user.*"}), "keys"),
+        (
+            json!({"name": "w", "stream_name": "S", "keys": "user.*"}),
+            "keys",
+        ),
     ] {
-        let e = p.create_trigger("pipeline:bad", &cfg).await.unwrap_err();
-        assert!(e.contains(field_name), "{cfg}: {e}");
+        refused_trigger(&p, cfg, field_name).await;
     }
 
     let t = p
@@ -440,24 +475,7 @@ async fn kv_trigger_fires_on_key_changes_through_the_trigger_worker() {
         ("user.1".into(), "DEL".into())
     );
     // Every change was acked by the worker: nothing pending on its consumer.
-    let info = tokio::time::timeout(T, async {
-        loop {
-            let i = js
-                .get_stream("KV_sessions")
-                .await
-                .unwrap()
-                .consumer_info("users-watch")
-                .await
-                .unwrap()
-                .clone();
-            if i.num_ack_pending == 0 && i.num_pending == 0 {
-                return i;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the watch consumer settles");
+    let info = settled(&js, "KV_sessions", "users-watch").await;
     assert_eq!(info.delivered.consumer_sequence, 3);
     let (code, _) = p.shutdown().await;
     assert_eq!(code, Some(0));
@@ -623,4 +641,428 @@ async fn object_store_plan_apply_replan_update_replace_drift_destroy() {
     let r = w.destroy().await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(js.get_stream("OBJ_files").await.is_err());
+}
+
+async fn stream_messages(js: &jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+#[tokio::test]
+async fn kv_put_over_max_value_size_or_max_payload_is_refused_before_it_is_sent() {
+    let server = NatsServer::builder().config("max_payload: 4096\n").start();
+    let (js, _, _) = js(&server.url()).await;
+    let mut p = plugin(&server, None).await;
+    p.module_up(
+        "eventbus.kv",
+        "limited",
+        "bucket: limited\nmax_value_size: 1024\n",
+    )
+    .await;
+    p.module_up("eventbus.kv", "open", "bucket: open\n").await;
+    let put = |bucket: &str, action: &str, n: usize| {
+        format!(
+            "bucket: {bucket}\naction: {action}\nkey: k{n}\nvalue: \"{}\"\n",
+            "v".repeat(n)
+        )
+    };
+    // At the bucket's limit a plain put (no header) is stored.
+    kv_step(&p, &put("limited", "put", 1024)).await.unwrap();
+    assert_eq!(stream_messages(&js, "KV_limited").await, 1);
+    for (cfg, sent) in [
+        (put("limited", "put", 1025), "1025 bytes"),
+        // Create sends the expected revision as a header: counted, as the server counts it.
+        (put("limited", "create", 1000), "1052 bytes"),
+    ] {
+        let e = kv_step(&p, &cfg).await.unwrap_err();
+        assert!(
+            e.contains("step.eventbus.kv")
+                && e.contains("value")
+                && e.contains(sent)
+                && e.contains("max_value_size of 1024 bytes")
+                && !e.contains('\n'),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        stream_messages(&js, "KV_limited").await,
+        1,
+        "nothing refused reached the bucket"
+    );
+    // The server agrees: the same create, sent past the plugin, is refused by the stream.
+    let store = js.get_key_value("limited").await.unwrap();
+    assert!(store
+        .create("k1000", "v".repeat(1000).into())
+        .await
+        .is_err());
+    assert!(store.create("k971", "v".repeat(971).into()).await.is_ok());
+
+    // The server's max_payload bounds a bucket without a value limit.
+    let e = kv_step(&p, &put("open", "put", 4097)).await.unwrap_err();
+    assert!(
+        e.contains("value") && e.contains("max_payload of 4096 bytes") && !e.contains('\n'),
+        "{e}"
+    );
+    assert_eq!(stream_messages(&js, "KV_open").await, 0);
+    kv_step(&p, &put("open", "put", 4096)).await.unwrap();
+    let (code, _) = p.shutdown().await;
+    assert_eq!(code, Some(0));
+}
+
+async fn object_step(p: &common::Plugin, config: &str, input: &Json) -> Result<Json, String> {
+    let h = p.create_step("step.eventbus.object", "obj", "").await?;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        p.execute("step.eventbus.object", &h, config, input),
+    )
+    .await
+    .expect("step.eventbus.object within 20s")
+}
+
+#[tokio::test]
+async fn object_store_put_get_info_list_delete_through_the_binary() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let server = NatsServer::start();
+    let (js, _, _) = js(&server.url()).await;
+    let mut p = plugin(&server, None).await;
+    // The module creates the store at Start, as the server keeps object stores.
+    p.module_up(
+        "eventbus.object_store",
+        "files",
+        "bucket: files\nmax_bucket_size: 1048576\ndescription: uploads\n",
+    )
+    .await;
+    let e = p
+        .create_module(
+            "eventbus.object_store",
+            "bad",
+            "bucket: a.b\nttl: \"-1s\"\n",
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("bucket") && e.contains("ttl"), "{e}");
+    let e = p
+        .create_step(
+            "step.eventbus.object",
+            "bad",
+            "action: move\nmax_object_size: -1\n",
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("action") && e.contains("max_object_size"), "{e}");
+
+    // Text from the step config, binary from pipeline state (base64 in the host's JSON).
+    let put = object_step(
+        &p,
+        "bucket: files\naction: put\nname: docs/a.json\ndata: {\"n\": 1}\ndescription: first\n",
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(put["info"]["size"], "7", "{put}");
+    assert_eq!(put["info"]["description"], "first");
+    assert!(put["info"]["digest"]
+        .as_str()
+        .unwrap()
+        .starts_with("SHA-256="));
+    let binary: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    let put = object_step(
+        &p,
+        "bucket: files\naction: put\nname: blob.bin\n",
+        &json!({"data": b64.encode(&binary)}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(put["info"]["size"], "300000", "{put}");
+    assert_eq!(put["info"]["chunks"], "3", "128 KiB chunks: {put}");
+
+    // What the client library reads is what the step wrote, and the other way round.
+    let store = js.get_object_store("files").await.unwrap();
+    let mut read = Vec::new();
+    use tokio::io::AsyncReadExt;
+    store
+        .get("blob.bin")
+        .await
+        .unwrap()
+        .read_to_end(&mut read)
+        .await
+        .unwrap();
+    assert!(read == binary);
+    let mut other: &[u8] = b"from the client";
+    store.put("c.txt", &mut other).await.unwrap();
+
+    let got = object_step(
+        &p,
+        "bucket: files\naction: get\nname: docs/a.json\n",
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got["found"], true, "{got}");
+    assert_eq!(got["text"], "{\"n\":1}");
+    assert_eq!(got["json"]["n"], 1.0);
+    assert_eq!(got["info"]["name"], "docs/a.json");
+    let got = object_step(
+        &p,
+        "bucket: files\naction: get\nname: blob.bin\n",
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    assert!(b64.decode(got["data"].as_str().unwrap()).unwrap() == binary);
+    assert!(got.get("text").is_none(), "binary data has no text form");
+    let got = object_step(&p, "bucket: files\naction: get\nname: c.txt\n", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(got["text"], "from the client");
+    let info = object_step(
+        &p,
+        "bucket: files\naction: info\nname: blob.bin\n",
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(info["found"], true);
+    assert!(info.get("data").is_none(), "{info}");
+    let list = object_step(&p, "bucket: files\naction: list\n", &json!({}))
+        .await
+        .unwrap();
+    let names: Vec<&str> = list["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["blob.bin", "c.txt", "docs/a.json"]);
+    assert_eq!(list["count"], 3);
+
+    // Delete: found, then gone for get, info and a second delete; the chunks are purged.
+    let del = object_step(
+        &p,
+        "bucket: files\naction: delete\nname: blob.bin\n",
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(del["found"], true, "{del}");
+    for action in ["get", "info", "delete"] {
+        let r = object_step(
+            &p,
+            &format!("bucket: files\naction: {action}\nname: blob.bin\n"),
+            &json!({}),
+        )
+        .await
+        .unwrap();
+        assert!(r.get("found").is_none(), "{action}: {r}");
+    }
+    assert!(store.get("blob.bin").await.is_err());
+    let missing = object_step(&p, "bucket: nosuch\naction: get\nname: a\n", &json!({}))
+        .await
+        .unwrap_err();
+    assert!(
+        missing.contains("object store \"nosuch\" not found"),
+        "{missing}"
+    );
+    let (code, _) = p.shutdown().await;
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test]
+async fn object_store_oversize_and_hostile_names_are_refused_before_anything_is_sent() {
+    let server = NatsServer::start();
+    let (js, _, _) = js(&server.url()).await;
+    let mut p = plugin(&server, None).await;
+    p.module_up(
+        "eventbus.object_store",
+        "files",
+        "bucket: files\nmax_bucket_size: 262144\n",
+    )
+    .await;
+    let put = |name: &str, n: usize, max: usize| {
+        format!(
+            "bucket: files\naction: put\nname: \"{name}\"\nmax_object_size: {max}\ndata: \"{}\"\n",
+            "x".repeat(n)
+        )
+    };
+    object_step(&p, &put("kept", 2000, 2000), &json!({}))
+        .await
+        .unwrap();
+    let before = stream_messages(&js, "OBJ_files").await;
+    // Over the step's max_object_size, and over the room the bucket's max_bucket_size leaves
+    // (the data alone would fit the bucket; with what it holds already it would not).
+    for (cfg, limit) in [
+        (
+            put("big", 2001, 2000),
+            "the step's max_object_size of 2000 bytes",
+        ),
+        (put("huge", 261_000, 1 << 20), "under its max_bucket_size"),
+    ] {
+        let e = object_step(&p, &cfg, &json!({})).await.unwrap_err();
+        assert!(
+            e.contains("step.eventbus.object")
+                && e.contains("data")
+                && e.contains(limit)
+                && !e.contains('\n'),
+            "{e}"
+        );
+    }
+    // A get over the step's limit is refused before it is read.
+    let e = object_step(
+        &p,
+        "bucket: files\naction: get\nname: kept\nmax_object_size: 1000\n",
+        &json!({}),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.contains("object \"kept\" is 2000 bytes") && e.contains("max_object_size of 1000 bytes"),
+        "{e}"
+    );
+
+    // Hostile names never reach the server: wildcards, CR/LF, control characters, emptiness.
+    for name in [
+        "a*",
+        "a.>",
+        ">",
+        "a\\r\\nPUB $JS.API.STREAM.DELETE.OBJ_files 0",
+        "a\\u0000",
+        " a",
+        "",
+    ] {
+        let e = object_step(
+            &p,
+            &format!("bucket: files\naction: put\nname: \"{name}\"\ndata: x\n"),
+            &json!({}),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("name") && !e.contains('\n'), "{name}: {e}");
+    }
+    for bucket in ["a.b", "files.>", "*", "OBJ_files.C"] {
+        let e = object_step(
+            &p,
+            &format!("bucket: \"{bucket}\"\naction: get\nname: k\n"),
+            &json!({}),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("bucket") && !e.contains('\n'), "{bucket}: {e}");
+    }
+    assert_eq!(
+        stream_messages(&js, "OBJ_files").await,
+        before,
+        "nothing refused reached the bucket"
+    );
+    // A name that reads like an API subject is only a name: base64url on the wire, kept in
+    // this store, and the stream it names is untouched.
+    object_step(
+        &p,
+        &put("$JS.API.STREAM.DELETE.OBJ_files", 10, 100),
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    let list = object_step(&p, "bucket: files\naction: list\n", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(list["count"], 2, "{list}");
+    assert!(js.get_stream("OBJ_files").await.is_ok());
+    let (code, _) = p.shutdown().await;
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test]
+async fn object_trigger_fires_on_object_changes_through_the_trigger_worker() {
+    let server = NatsServer::start();
+    let (js, _, _) = js(&server.url()).await;
+    let mut p = plugin(&server, Some(common::ok_pipeline())).await;
+    p.module_up("eventbus.object_store", "files", "bucket: files\n")
+        .await;
+    let store = js.get_object_store("files").await.unwrap();
+    let mut first: &[u8] = b"one";
+    store.put("a.txt", &mut first).await.unwrap();
+
+    // Configs that would reach past the store are refused, one line per field.
+    for (cfg, field_name) in [
+        (
+            json!({"name": "w", "object_bucket": "files.>"}),
+            "object_bucket",
+        ),
+        (
+            json!({"name": "w", "object_bucket": "files", "stream_name": "OTHER"}),
+            "stream_name",
+        ),
+        (
+            json!({"name": "w", "object_bucket": "files", "filter_subject": "$JS.API.>"}),
+            "filter_subject",
+        ),
+        (
+            json!({"name": "w", "object_bucket": "files", "kv_bucket": "files"}),
+            "object_bucket",
+        ),
+        (
+            json!({"name": "w", "object_bucket": "files", "keys": "a"}),
+            "keys",
+        ),
+    ] {
+        refused_trigger(&p, cfg, field_name).await;
+    }
+
+    let t = p
+        .create_trigger(
+            "pipeline:files",
+            &json!({"name": "files-watch", "object_bucket": "files"}),
+        )
+        .await
+        .unwrap();
+    p.lifecycle("start", &t).await.unwrap();
+    // The current record of each object first, then every change, in order.
+    let call = p.next_call(T).await;
+    assert_eq!(
+        (
+            field(&call, "bucket"),
+            field(&call, "object"),
+            field(&call, "operation"),
+            field(&call, "size")
+        ),
+        ("files".into(), "a.txt".into(), "PUT".into(), "3".into())
+    );
+    let h = p
+        .create_step("step.eventbus.object", "obj", "")
+        .await
+        .unwrap();
+    for cfg in [
+        "bucket: files\naction: put\nname: docs/b.txt\ndata: hello\n",
+        "bucket: files\naction: delete\nname: a.txt\n",
+    ] {
+        p.execute("step.eventbus.object", &h, cfg, &json!({}))
+            .await
+            .unwrap();
+    }
+    let call = p.next_call(T).await;
+    assert_eq!(
+        (
+            field(&call, "object"),
+            field(&call, "operation"),
+            field(&call, "size")
+        ),
+        ("docs/b.txt".into(), "PUT".into(), "5".into())
+    );
+    let call = p.next_call(T).await;
+    assert_eq!(
+        (field(&call, "object"), field(&call, "operation")),
+        ("a.txt".into(), "DEL".into())
+    );
+    // Every change was acked by the worker: nothing pending on its consumer.
+    let info = settled(&js, "OBJ_files", "files-watch").await;
+    assert_eq!(info.delivered.consumer_sequence, 3);
+    let (code, _) = p.shutdown().await;
+    assert_eq!(code, Some(0));
 }

@@ -597,3 +597,49 @@ async fn jetstream_only_stream_and_consumer_settings_are_refused_at_start() {
         assert!(e.contains(&line), "{line} missing in: {e}");
     }
 }
+
+#[tokio::test]
+async fn buckets_and_object_stores_are_refused_in_one_line() {
+    let pg = PgServer::start();
+    let p = launch(&pg, None).await;
+    p.module_up(
+        "eventbus.broker",
+        "pgbus",
+        "provider: pgchannel\nbroker_target: in_process\n",
+    )
+    .await;
+    for (module, what) in [
+        ("eventbus.kv", "key-value buckets"),
+        ("eventbus.object_store", "object stores"),
+    ] {
+        let m = p
+            .create_module(module, "files", "bucket: files\n")
+            .await
+            .unwrap();
+        p.lifecycle("init", &m).await.unwrap();
+        let e = p.lifecycle("start", &m).await.unwrap_err();
+        let line = format!("which has no {what}; {module} needs a NATS broker");
+        assert!(
+            e.contains(&line) && e.contains("pgchannel") && !e.contains('\n'),
+            "{e}"
+        );
+        p.lifecycle("destroy", &m).await.unwrap();
+    }
+    for (step, cfg, what) in [
+        (
+            "step.eventbus.kv",
+            "bucket: files\naction: get\nkey: k\n",
+            "key-value buckets",
+        ),
+        (
+            "step.eventbus.object",
+            "bucket: files\naction: get\nname: k\n",
+            "object stores",
+        ),
+    ] {
+        let h = p.create_step(step, "s", "").await.unwrap();
+        let e = p.execute(step, &h, cfg, &json!({})).await.unwrap_err();
+        let line = format!("which has no {what}; {step} needs a NATS broker");
+        assert!(e.contains(&line) && !e.contains('\n'), "{e}");
+    }
+}

@@ -39,6 +39,15 @@ pub enum NatsError {
         payload: usize,
         limit: usize,
     },
+    /// Refused before it is sent: over a limit of the bucket it is written to (`limit_name`
+    /// says which, e.g. `bucket "cache"'s max_value_size`).
+    #[error("{what} is {size} bytes as sent, over {limit_name} of {limit} bytes")]
+    OverLimit {
+        what: String,
+        size: usize,
+        limit: usize,
+        limit_name: String,
+    },
 }
 
 impl NatsError {
@@ -55,7 +64,10 @@ impl NatsError {
 
     /// Over the server's `max_payload`: no retry can send it.
     pub fn is_too_large(&self) -> bool {
-        matches!(self, NatsError::TooLarge { .. })
+        matches!(
+            self,
+            NatsError::TooLarge { .. } | NatsError::OverLimit { .. }
+        )
     }
 }
 

@@ -678,6 +678,15 @@ pub async fn run(
         },
         _ => NatsError::other("open bucket", e),
     })?;
+    if matches!(action, KvAction::Put | KvAction::Create) {
+        // Put with an expected revision and create (revision 0) send it as a header.
+        let rev = match action {
+            KvAction::Put if expected == 0 => None,
+            KvAction::Put => Some(expected),
+            _ => Some(0),
+        };
+        check_value_fits(&store, js.client().max_payload(), bucket, rev, value.len())?;
+    }
     let conflict = |op: &'static str| {
         NatsError::Rejected {
         op,
@@ -761,6 +770,38 @@ pub async fn run(
         }
     }
     Ok(out)
+}
+
+/// Refuses a value its bucket (`max_value_size`) or the server (`max_payload`) would refuse,
+/// before it is sent, counted as the server counts it: the value plus the header block the
+/// operation sends with it (the expected revision of a put or create).
+fn check_value_fits(
+    store: &async_nats::jetstream::kv::Store,
+    max_payload: usize,
+    bucket: &str,
+    revision: Option<u64>,
+    value: usize,
+) -> Result<(), NatsError> {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(rev) = revision {
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            rev.to_string().as_str(),
+        );
+    }
+    let what = "value (plus the expected-revision header put and create send)";
+    super::wire::check_fits(what, &headers, value, max_payload)?;
+    let size = super::wire::headers_len(&headers) + value;
+    let limit = store.stream.cached_info().config.max_message_size;
+    if limit > 0 && size > limit as usize {
+        return Err(NatsError::OverLimit {
+            what: what.into(),
+            size,
+            limit: limit as usize,
+            limit_name: format!("bucket {bucket:?}'s max_value_size"),
+        });
+    }
+    Ok(())
 }
 
 /// Whether `key` matches a key filter (`*` one token, `>` the rest).

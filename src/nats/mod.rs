@@ -9,6 +9,7 @@ pub mod guard;
 pub mod kv;
 pub mod loss;
 pub mod names;
+pub mod object;
 pub mod provider;
 pub mod server_conf;
 pub mod settings;

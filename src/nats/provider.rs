@@ -157,6 +157,10 @@ impl Provider for NatsProvider {
         Some(self.conn.js.clone())
     }
 
+    fn object_store(&self) -> Option<async_nats::jetstream::Context> {
+        Some(self.conn.js.clone())
+    }
+
     fn check_token(token: &str) -> Result<(), String> {
         check_ack_token(token)
     }

@@ -39,7 +39,8 @@ pub(crate) enum ModuleHandle {
     Broker(Arc<BrokerModule>),
     Stream(Arc<StreamModule>),
     Consumer(Arc<ConsumerModule>),
-    /// A key-value bucket: the stream the server keeps it as, declared like a stream module.
+    /// A key-value bucket or an object store: the stream the server keeps it as, declared like
+    /// a stream module.
     Kv(Arc<StreamModule>),
     Trigger(Arc<TriggerModule>),
 }
@@ -176,6 +177,13 @@ impl Runtime {
             ModuleKind::Kv => {
                 let cfg = decode::decode(&full, raw).map_err(problems)?;
                 let spec = crate::nats::kv::KvSpec::validate(type_name, name, &cfg)?;
+                let m = Arc::new(StreamModule::new(type_name, name, spec.stream));
+                self.inner.registry.add_stream(m.clone());
+                ModuleHandle::Kv(m)
+            }
+            ModuleKind::ObjectStore => {
+                let cfg = decode::decode(&full, raw).map_err(problems)?;
+                let spec = crate::nats::kv::KvSpec::validate_object_store(type_name, name, &cfg)?;
                 let m = Arc::new(StreamModule::new(type_name, name, spec.stream));
                 self.inner.registry.add_stream(m.clone());
                 ModuleHandle::Kv(m)

@@ -418,6 +418,12 @@ pub trait Provider: Clone + Send + Sync + 'static {
         None
     }
 
+    /// The JetStream context object-store steps work through; `None` when the provider has no
+    /// object stores (the step and the module refuse, naming the provider).
+    fn object_store(&self) -> Option<async_nats::jetstream::Context> {
+        None
+    }
+
     /// Publishes a copy of `d` to `subject` with the original's headers plus `extra`.
     fn dead_letter(
         &self,

@@ -57,6 +57,14 @@ pub fn field_doc(message: &str, field: &str) -> Option<(&'static str, bool, &'st
         ("KvBucketConfig", "sources") => d("Buckets whose keys are copied into this one", false, ""),
         ("KvBucketConfig", "republish") => d("Republish every change to another subject", false, ""),
         ("KvBucketConfig", "limit_marker_ttl") => d("Per-key TTLs and limit markers kept this long (nats-server 2.11+)", false, ""),
+        ("ObjectStoreConfig", "bucket") => d("Object store name: letters, digits, '_' and '-' (the server keeps it as the stream OBJ_<bucket>)", true, ""),
+        ("ObjectStoreConfig", "description") => d("Description of the object store", false, ""),
+        ("ObjectStoreConfig", "ttl") => d("How long an object lives, e.g. 3600s; unset = forever", false, ""),
+        ("ObjectStoreConfig", "max_bucket_size") => d("Size limit of the whole store in bytes; 0 or -1 = unlimited", false, "-1"),
+        ("ObjectStoreConfig", "storage") => d("File or memory storage (changes by replace)", false, "STORAGE_TYPE_FILE"),
+        ("ObjectStoreConfig", "num_replicas") => d("Replicas (needs a cluster of at least that many servers)", false, "1"),
+        ("ObjectStoreConfig", "compression") => d("true: S2, false: none (nats-server 2.10+); unset: left as the server has it", false, ""),
+        ("ObjectStoreConfig", "placement") => d("Cluster and server tags the store is placed on", false, ""),
         ("StreamConfig", "name") => d("Stream name (no spaces, dots or wildcards)", true, ""),
         ("StreamConfig", "subjects") => d("Subjects captured by the stream, e.g. orders.>", true, ""),
         ("StreamConfig", "retention_policy") => d("Message retention", false, "RETENTION_POLICY_LIMITS"),
@@ -195,6 +203,10 @@ pub fn module_schemas() -> Vec<ModuleSchema> {
                     "Event bus key-value bucket",
                     "A JetStream key-value bucket, created or updated in place at Start",
                 ),
+                ModuleKind::ObjectStore => (
+                    "Event bus object store",
+                    "A JetStream object store, created or updated in place at Start",
+                ),
             };
             ModuleSchema {
                 r#type: type_name.to_string(),
@@ -269,6 +281,7 @@ mod tests {
             ModuleKind::Stream,
             ModuleKind::Consumer,
             ModuleKind::Kv,
+            ModuleKind::ObjectStore,
         ] {
             for f in config_fields(kind.config_message()) {
                 assert!(

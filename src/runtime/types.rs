@@ -17,6 +17,7 @@ pub enum ModuleKind {
     Stream,
     Consumer,
     Kv,
+    ObjectStore,
 }
 
 impl ModuleKind {
@@ -26,6 +27,7 @@ impl ModuleKind {
             ModuleKind::Stream => "StreamConfig",
             ModuleKind::Consumer => "ConsumerConfig",
             ModuleKind::Kv => "KvBucketConfig",
+            ModuleKind::ObjectStore => "ObjectStoreConfig",
         }
     }
 }
@@ -36,10 +38,12 @@ pub const MODULE_TYPES: &[(&str, ModuleKind)] = &[
     ("infra.eventbus.stream", ModuleKind::Stream),
     ("infra.eventbus.consumer", ModuleKind::Consumer),
     ("infra.eventbus.kv", ModuleKind::Kv),
+    ("infra.eventbus.object_store", ModuleKind::ObjectStore),
     ("eventbus.broker", ModuleKind::Broker),
     ("eventbus.stream", ModuleKind::Stream),
     ("eventbus.consumer", ModuleKind::Consumer),
     ("eventbus.kv", ModuleKind::Kv),
+    ("eventbus.object_store", ModuleKind::ObjectStore),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -48,6 +52,7 @@ pub enum StepKind {
     Consume,
     Ack,
     Kv,
+    Object,
 }
 
 impl StepKind {
@@ -57,6 +62,7 @@ impl StepKind {
             StepKind::Consume => "step.eventbus.consume",
             StepKind::Ack => "step.eventbus.ack",
             StepKind::Kv => "step.eventbus.kv",
+            StepKind::Object => "step.eventbus.object",
         }
     }
     /// (config, input, output) message names, unqualified.
@@ -66,6 +72,7 @@ impl StepKind {
             StepKind::Consume => ("ConsumeStepConfig", "ConsumeRequest", "ConsumeResponse"),
             StepKind::Ack => ("AckStepConfig", "AckRequest", "AckResponse"),
             StepKind::Kv => ("KvStepConfig", "KvRequest", "KvResponse"),
+            StepKind::Object => ("ObjectStepConfig", "ObjectRequest", "ObjectResponse"),
         }
     }
 
@@ -77,6 +84,7 @@ impl StepKind {
             StepKind::Consume => (eventbus!("ConsumeStepConfig"), eventbus!("ConsumeRequest")),
             StepKind::Ack => (eventbus!("AckStepConfig"), eventbus!("AckRequest")),
             StepKind::Kv => (eventbus!("KvStepConfig"), eventbus!("KvRequest")),
+            StepKind::Object => (eventbus!("ObjectStepConfig"), eventbus!("ObjectRequest")),
         }
     }
 
@@ -87,6 +95,7 @@ impl StepKind {
             StepKind::Consume => concat!("type.googleapis.com/", eventbus!("ConsumeResponse")),
             StepKind::Ack => concat!("type.googleapis.com/", eventbus!("AckResponse")),
             StepKind::Kv => concat!("type.googleapis.com/", eventbus!("KvResponse")),
+            StepKind::Object => concat!("type.googleapis.com/", eventbus!("ObjectResponse")),
         };
         prost_types::Any {
             type_url: type_url.to_string(),
@@ -100,6 +109,7 @@ pub const STEP_TYPES: &[StepKind] = &[
     StepKind::Consume,
     StepKind::Ack,
     StepKind::Kv,
+    StepKind::Object,
 ];
 
 pub const TRIGGER_TYPE: &str = "trigger.eventbus.subscribe";

@@ -102,21 +102,26 @@ impl<S: Ensure> Declared<S> {
 
 pub type SharedBroker = Arc<BrokerModule>;
 
-/// Start of a key-value bucket module: its stream ensured on the broker, when the broker's
-/// provider has buckets at all (else one line naming the provider).
+/// Start of a key-value bucket or object store module: its stream ensured on the broker, when
+/// the broker's provider has such buckets at all (else one line naming the provider).
 pub async fn ensure_bucket(m: &StreamModule, broker: &BrokerModule) -> Result<(), ProviderError> {
     struct Job<'a>(&'a StreamModule);
     impl ForProvider for Job<'_> {
         type Out = Result<(), ProviderError>;
         async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
             let p = P::open(broker).await?;
-            if p.key_value().is_none() {
-                return Err(ProviderError::Invalid(format!(
-                    "broker {:?} is provider {}, which has no key-value buckets; {} needs a NATS broker",
-                    broker.spec.name,
-                    broker.spec.provider.as_str(),
-                    self.0.type_name
-                )));
+            let object = crate::nats::kv::OBJ.bucket_of(&self.0.spec.name).is_some();
+            let (has, what) = if object {
+                (p.object_store().is_some(), "object stores")
+            } else {
+                (p.key_value().is_some(), "key-value buckets")
+            };
+            if !has {
+                return Err(crate::runtime::steps::bucket::lacks(
+                    broker,
+                    what,
+                    &self.0.type_name,
+                ));
             }
             self.0.ensure_on(&*p).await
         }

@@ -3,15 +3,16 @@
 //! (`crate::nats::kv`) before anything is sent, so a key can never address another bucket, a
 //! stream or the JetStream API; every call is bounded by the step's timeout.
 
+use super::bucket;
 use super::message::{payload_of, Include};
-use super::{decode_execute, pick, templated, ExecuteInput, StepOutput};
-use crate::config::decode::{self, RawConfig};
+use super::{decode_execute, pick, ExecuteInput, StepOutput};
+use crate::config::decode::RawConfig;
 use crate::config::error::Problems;
 use crate::nats::guard::{check_duration, MAX_DURATION};
 use crate::nats::kv::{self, KvAction};
 use crate::pb::eventbus::{KvRequest, KvResponse, KvStepConfig};
 use crate::runtime::modules::broker::{BrokerModule, ForProvider, Open};
-use crate::runtime::provider::{bounded, rfc3339, ProviderError};
+use crate::runtime::provider::{rfc3339, ProviderError};
 use crate::runtime::registry::Registry;
 use crate::runtime::types::StepKind;
 use crate::runtime::RuntimeError;
@@ -29,24 +30,16 @@ fn check(
     complete: bool,
     [bucket, action, key, filter]: [&str; 4],
 ) -> Option<KvAction> {
+    let act = bucket::check_bucket_action(
+        p,
+        complete,
+        bucket,
+        action,
+        KvAction::parse,
+        KvAction::NAMES,
+    );
     // At Execute templates are resolved: every value given is checked.
-    let fixed = |v: &str| !v.is_empty() && (complete || !templated(v));
-    if fixed(bucket) || complete {
-        p.check("bucket", kv::check_bucket(bucket));
-    }
-    let act = KvAction::parse(action);
-    if fixed(action) && act.is_none() {
-        p.field(
-            "action",
-            format!(
-                "{} is not valid; use {}",
-                crate::secret::quote(action),
-                KvAction::NAMES
-            ),
-        );
-    } else if complete && action.is_empty() {
-        p.field("action", format!("is required: {}", KvAction::NAMES));
-    }
+    let fixed = |v: &str| bucket::fixed(complete, v);
     if fixed(key) || (complete && act.is_some_and(|a| a != KvAction::Keys)) {
         p.check("key", kv::check_key(key));
     }
@@ -58,22 +51,16 @@ fn check(
 
 impl KvStep {
     pub fn create(name: &str, raw: RawConfig<'_>) -> Result<Self, RuntimeError> {
-        let kind = StepKind::Kv;
-        let mut p = Problems::new(kind.type_name(), name);
-        match decode::decode::<KvStepConfig>(kind.full_messages().0, raw) {
-            Err(lines) => p.raw(lines),
-            Ok(c) => {
-                check(&mut p, false, [&c.bucket, &c.action, &c.key, &c.keys]);
-                p.check(
-                    "timeout",
-                    check_duration(&c.timeout, MAX_DURATION).map(|_| ()),
-                );
-            }
-        }
-        p.finish(KvStep {
-            component: format!("{} {name:?}", kind.type_name()),
-        })
-        .map_err(Into::into)
+        let component = bucket::create(
+            StepKind::Kv,
+            name,
+            raw,
+            |p, c: &KvStepConfig| {
+                check(p, false, [&c.bucket, &c.action, &c.key, &c.keys]);
+            },
+            |c| &c.timeout,
+        )?;
+        Ok(KvStep { component })
     }
 
     pub async fn execute(
@@ -89,13 +76,7 @@ impl KvStep {
         let filter = pick(&cfg.keys, &inp.keys);
         let mut p = Problems::new(StepKind::Kv.type_name(), "");
         let act = check(&mut p, true, [&bucket, &action, &key, &filter]);
-        let act = match act {
-            Some(a) if p.is_empty() => a,
-            _ => {
-                let e = p.into_error();
-                return Err(RuntimeError::failed(&self.component, e.problems.join("; ")));
-            }
-        };
+        let act = bucket::checked(p, act, &self.component)?;
         let value = payload_of(cfg.value.as_ref())
             .map_err(|e| RuntimeError::failed(&self.component, e))?
             .unwrap_or(inp.value);
@@ -157,27 +138,25 @@ struct KvJob<'a> {
 impl ForProvider for KvJob<'_> {
     type Out = Result<kv::KvOutcome, ProviderError>;
     async fn run<P: Open>(self, broker: &BrokerModule) -> Self::Out {
-        let p = P::open(broker).await?;
-        let Some(js) = p.key_value() else {
-            return Err(ProviderError::Invalid(format!(
-                "broker {:?} is provider {}, which has no key-value buckets; step.eventbus.kv needs a NATS broker",
-                broker.spec.name,
-                broker.spec.provider.as_str()
-            )));
-        };
-        let after = self.timeout.unwrap_or_else(|| p.request_timeout());
-        bounded(
+        bucket::run_on(
+            broker,
+            StepKind::Kv,
+            "key-value buckets",
             "key-value operation",
-            after,
-            kv::run(
-                &js,
-                self.bucket,
-                self.action,
-                self.key,
-                self.value,
-                self.expected,
-                self.filter,
-            ),
+            |p: &P| p.key_value(),
+            self.timeout,
+            |js| async move {
+                kv::run(
+                    &js,
+                    self.bucket,
+                    self.action,
+                    self.key,
+                    self.value,
+                    self.expected,
+                    self.filter,
+                )
+                .await
+            },
         )
         .await
     }

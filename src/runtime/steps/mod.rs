@@ -4,11 +4,13 @@
 
 pub mod ack;
 pub mod ack_bulk;
+pub mod bucket;
 pub mod bulk;
 pub mod consume;
 pub mod execute;
 pub mod kv;
 pub mod message;
+pub mod object;
 pub mod output;
 pub mod publish;
 pub mod publish_bulk;
@@ -26,6 +28,7 @@ pub enum Step {
     Consume(consume::ConsumeStep),
     Ack(ack::AckStep),
     Kv(kv::KvStep),
+    Object(object::ObjectStep),
 }
 
 impl Step {
@@ -35,6 +38,7 @@ impl Step {
             StepKind::Consume => Step::Consume(consume::ConsumeStep::create(name, raw)?),
             StepKind::Ack => Step::Ack(ack::AckStep::create(name, raw)?),
             StepKind::Kv => Step::Kv(kv::KvStep::create(name, raw)?),
+            StepKind::Object => Step::Object(object::ObjectStep::create(name, raw)?),
         })
     }
 
@@ -44,6 +48,7 @@ impl Step {
             Step::Consume(_) => StepKind::Consume,
             Step::Ack(_) => StepKind::Ack,
             Step::Kv(_) => StepKind::Kv,
+            Step::Object(_) => StepKind::Object,
         }
     }
 
@@ -60,6 +65,7 @@ impl Step {
             Step::Ack(s) => s.execute(rt, input).await,
             // Boxed like consume: the per-message steps keep their small futures.
             Step::Kv(s) => Box::pin(s.execute(rt, input)).await,
+            Step::Object(s) => Box::pin(s.execute(rt, input)).await,
         }
     }
 }

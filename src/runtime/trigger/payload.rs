@@ -36,6 +36,30 @@ pub fn build(m: Message, broker_ref: &str) -> Struct {
         let op = m.headers.get("KV-Operation").map_or("PUT", String::as_str);
         f.insert("operation".into(), s(op));
         f.insert("revision".into(), s(m.sequence.clone()));
+    } else if let Some((bucket, _)) = m
+        .subject
+        .strip_prefix("$O.")
+        .and_then(|rest| rest.split_once(".M."))
+    {
+        // An object store's change (a trigger watching a store): the metadata record says
+        // which object, and whether it was stored or deleted.
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            name: String,
+            #[serde(default)]
+            deleted: bool,
+            #[serde(default)]
+            size: u64,
+        }
+        if let Ok(meta) = serde_json::from_slice::<Meta>(&m.payload) {
+            f.insert("bucket".into(), s(bucket));
+            f.insert("object".into(), s(meta.name));
+            f.insert(
+                "operation".into(),
+                s(if meta.deleted { "DEL" } else { "PUT" }),
+            );
+            f.insert("size".into(), s(meta.size.to_string()));
+        }
     }
     f.insert(
         "payload".into(),

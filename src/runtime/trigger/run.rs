@@ -126,7 +126,7 @@ impl<P: Open> Worker<P> {
             declared: self.spec.declared,
             dead_letter_subject: self.spec.dead_letter_subject.as_deref(),
             ordered: self.spec.max_in_flight == 1,
-            last_per_subject: self.spec.kv_bucket.is_some(),
+            last_per_subject: self.spec.kv_bucket.is_some() || self.spec.object_bucket.is_some(),
         }
     }
 

@@ -55,6 +55,8 @@ pub struct TriggerSpec {
     pub include: Include,
     /// A key-value bucket this trigger watches (its stream and key filter are derived from it).
     pub kv_bucket: Option<String>,
+    /// An object store this trigger watches (its stream and metadata subjects derived from it).
+    pub object_bucket: Option<String>,
 }
 
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
@@ -81,6 +83,7 @@ const KNOWN_KEYS: &[&str] = &[
     "include",
     "kv_bucket",
     "keys",
+    "object_bucket",
 ];
 
 fn type_name(v: &Json) -> &'static str {
@@ -132,6 +135,7 @@ impl TriggerSpec {
         let mut stream = string("stream_name").unwrap_or_default();
         let mut filter_subject = string("filter_subject").unwrap_or_default();
         let kv_bucket = string("kv_bucket").filter(|b| !b.is_empty());
+        let object_bucket = string("object_bucket").filter(|b| !b.is_empty());
         let keys = string("keys").unwrap_or_default();
         let ack_mode_s = string("ack_mode").unwrap_or_default();
         let dlq = string("dead_letter_subject").unwrap_or_default();
@@ -279,6 +283,9 @@ impl TriggerSpec {
         if !dlq.is_empty() {
             p.check("dead_letter_subject", check_publish_target(&dlq));
         }
+        // A watched bucket's stream is derived from its name, checked as a bucket name (one line,
+        // not a second about the stream named after it).
+        let derived = kv_bucket.is_some() || object_bucket.is_some();
         if let Some(bucket) = &kv_bucket {
             // A bucket watch: its stream, and its keys as the filter (checked as keys, so a
             // filter can never reach past the bucket's subjects).
@@ -302,7 +309,28 @@ impl TriggerSpec {
         } else if !keys.is_empty() {
             p.field("keys", "only applies with kv_bucket");
         }
-        if !filter_subject.is_empty() && kv_bucket.is_none() {
+        if let Some(bucket) = &object_bucket {
+            // An object store watch: its stream, and every object's metadata record.
+            p.check("object_bucket", crate::nats::kv::check_bucket(bucket));
+            if kv_bucket.is_some() {
+                p.field(
+                    "object_bucket",
+                    "cannot be set with kv_bucket; one trigger watches one bucket",
+                );
+            } else {
+                for (field, set) in [
+                    ("stream_name", &stream),
+                    ("filter_subject", &filter_subject),
+                ] {
+                    if !set.is_empty() {
+                        p.field(field, "is derived from object_bucket; remove it");
+                    }
+                }
+            }
+            stream = crate::nats::kv::OBJ.stream_name(bucket);
+            filter_subject = format!("$O.{bucket}.M.>");
+        }
+        if !filter_subject.is_empty() && kv_bucket.is_none() && object_bucket.is_none() {
             p.check("filter_subject", check_filter_subject(&filter_subject));
         }
         // Inherit stream (and broker) from a declared consumer module with this durable name.
@@ -355,7 +383,7 @@ impl TriggerSpec {
                     quote(&durable)
                 ),
             );
-        } else if !stream.is_empty() {
+        } else if !stream.is_empty() && !derived {
             p.check("stream_name", check_name(&stream));
         }
         let max_in_flight = max_in_flight.clamp(1, MAX_IN_FLIGHT as i64) as usize;
@@ -382,6 +410,7 @@ impl TriggerSpec {
             declared: declared.len() == 1,
             include,
             kv_bucket,
+            object_bucket,
         };
         p.finish(spec).map_err(Into::into)
     }
