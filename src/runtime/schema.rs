@@ -39,6 +39,7 @@ pub fn field_doc(message: &str, field: &str) -> Option<(&'static str, bool, &'st
         ("ClusterConfig", "metrics_address") => d("Prometheus endpoint of the plugin process (host:port or :port), off when unset; one per process (EVENTBUS_METRICS_ADDR sets it too)", false, ""),
         ("ClusterConfig", "request_timeout") => d("Bound on publish, ack and JetStream API calls", false, "5s"),
         ("ClusterConfig", "local") => d("deploy_target local: binary, state_dir, client_port, remove_data_on_delete", false, ""),
+        ("ClusterConfig", "aws") => d("deploy_target aws.ecs: region, cluster, vpc_id, subnets, execution_role_arn, infrastructure_role_arn, cpu, memory, volume_type, volume_size_gib, load_balancer (internal, none, public), client_cidrs, client_security_groups, tags, acknowledge_data_loss, acknowledge_nfs_unsupported, efs_file_system_id, image, task_role_arn, log_retention_days, ready_timeout, endpoint_url", false, ""),
         ("ClusterConfig", "kubernetes") => d("deploy_target kubernetes or aws.eks: namespace, storage_size, storage_class, resources (cpu, memory; requests = limits), service_type, image, labels, annotations, service_annotations, delete_pvcs_on_delete, zone_spread, internal_load_balancer (aws.eks), cluster_domain, context, ready_timeout", false, ""),
         ("ClusterConfig", "app_platform") => d("deploy_target digitalocean.app_platform: acknowledge_data_loss (required), instance_size, http_port, deploy_timeout", false, ""),
         (_, "prevent_destroy") => d("IaC: refuse to delete this resource", false, "false"),
