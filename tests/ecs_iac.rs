@@ -13,6 +13,7 @@ use common::iac::{Res, Wfctl};
 use ecs_runner::{aws_env, network, Moto, Runner};
 use eventbus_plugin::iac::targets::ecs::aws::Aws;
 use eventbus_plugin::pb::iac::DriftClass;
+use eventbus_plugin::pb::iac::ImportRequest;
 use serde_json::{json, Value as Json};
 use std::time::{Duration, Instant};
 
@@ -255,6 +256,27 @@ async fn three_node_broker_plan_apply_replan_drift_destroy_through_moto_and_a_ta
         "{drifts:?}"
     );
 
+    // Import: the recorded broker as wfctl adopts it, read back from ECS, no credentials.
+    let l = s.w.load().await;
+    let imported = l
+        .required
+        .clone()
+        .import(ImportRequest {
+            provider_id: bus.into(),
+            resource_type: BROKER.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap();
+    assert_eq!(imported.provider_id, "orders-bus/orders-bus");
+    let applied: Json = serde_json::from_slice(&imported.applied_config_json).unwrap();
+    assert_eq!(applied["deploy_target"], "aws.ecs", "{applied}");
+    assert_eq!(applied["desired_counts"], "1,1,1", "{applied}");
+    assert!(!String::from_utf8_lossy(&imported.outputs_json).contains(NATS_TOKEN));
+    l.close().await;
+
     // Someone scales a node's service to 2: config drift.
     s.aws
         .ecs
@@ -444,6 +466,34 @@ async fn rolling_version_update_keeps_every_message_and_a_killed_task_resyncs() 
     }
     let resync_time = t.elapsed();
     assert_eq!(messages(&s.runner.lb_url()).await, N);
+    // The replacement's return may move the meta leadership: destroy once the JetStream API
+    // answers on every node again.
+    let start = Instant::now();
+    'meta: loop {
+        for i in 0..3 {
+            let url = s.runner.node_url(&format!("{bus}-nats-{i}"));
+            let ok = match url {
+                Some(u) => {
+                    let js = js(&u).await;
+                    matches!(
+                        tokio::time::timeout(Duration::from_secs(5), js.query_account()).await,
+                        Ok(Ok(_))
+                    )
+                }
+                None => false,
+            };
+            if !ok {
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "no meta leader\n{}",
+                    s.runner.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue 'meta;
+            }
+        }
+        break;
+    }
 
     let result = s.w.destroy().await;
     assert!(result.errors.is_empty(), "{result:?}");

@@ -705,12 +705,12 @@ async fn namespace_of(
         .and_then(|n| n.name())
         .unwrap_or_default()
         .to_string();
-    let mut known: Vec<&String> = cache.values().map(|v| &v.0).collect();
-    known.sort();
-    known.dedup();
+    // Every namespace of this test process (runners of parallel tests included) gets
+    // addresses of its own.
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
     let k = match cache.values().find(|v| v.0 == ns) {
         Some(v) => v.1,
-        None => known.len() as u8 + 1,
+        None => NEXT.fetch_add(1, Ordering::SeqCst),
     };
     cache.insert(registry_arn.to_string(), (ns.clone(), k));
     Ok((ns, node))

@@ -313,8 +313,7 @@ impl AwsEcs {
                 fresh.push(i);
             }
         }
-        // A new cluster's nodes start together: a lone node has no meta quorum to wait for.
-        for &i in &fresh {
+        let task_ready = |i: usize| {
             ops::wait_task(
                 &aws,
                 &s.cluster,
@@ -323,7 +322,10 @@ impl AwsEcs {
                 s.ready_timeout,
                 poll,
             )
-            .await?;
+        };
+        // A new cluster's nodes start together: a lone node has no meta quorum to wait for.
+        for &i in &fresh {
+            task_ready(i).await?;
         }
         let t0 = Instant::now();
         if !fresh.is_empty() {
@@ -339,15 +341,7 @@ impl AwsEcs {
             }
             tracing::info!(broker = %name, node = i, "rolling node");
             ops::update_service(&aws, &s.cluster, &names[i], &task_defs[i]).await?;
-            ops::wait_task(
-                &aws,
-                &s.cluster,
-                &names[i],
-                &task_defs[i],
-                s.ready_timeout,
-                poll,
-            )
-            .await?;
+            task_ready(i).await?;
             wait_jetstream(&url, &s.auth, s.ready_timeout, poll, stable_window()).await?;
             tracing::info!(broker = %name, node = i, "node replaced and caught up");
         }
