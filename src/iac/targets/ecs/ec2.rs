@@ -3,7 +3,7 @@
 //! `aws-sdk-ec2` crate: that crate generates code for EC2's ~700 operations and alone took
 //! longer to compile than every other AWS crate here together, for five calls.
 
-use super::aws::{of_code, AwsError};
+use super::error::{of_code, AwsError};
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

@@ -13,12 +13,13 @@
 //! - A service's deployment never runs two tasks of one node (maximum 100 %, minimum 0 %).
 //!
 //! `config` validates the `aws:` section, `render` builds each node's nats.conf (the shared
-//! renderer), secret and task definition, `ops` makes the AWS calls, `aws` holds the clients,
-//! error classes and retries.
+//! renderer), secret and task definition, `ops` makes the AWS calls, `aws` holds the clients
+//! and retries, `error` says what AWS errors mean, `ec2` makes the few EC2 calls.
 
 pub mod aws;
 pub mod config;
 pub mod ec2;
+pub mod error;
 pub mod ops;
 pub mod record;
 pub mod render;
