@@ -327,6 +327,36 @@ impl Runner {
             .map(|ip| format!("nats://{ip}:4222"))
     }
 
+    /// How many messages of `stream` a node's own store holds (its monitoring port's
+    /// `/jsz?streams=true`, which answers from the node, not from the stream's leader).
+    pub async fn local_messages(&self, service: &str, stream: &str) -> Option<u64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ip = *self.shared.lock().unwrap().healthy.get(service)?;
+        let mut s = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect((ip, 8222)),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let req = format!("GET /jsz?streams=true HTTP/1.0\r\nHost: {ip}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        let body = text.split_once("\r\n\r\n")?.1;
+        let j: serde_json::Value = serde_json::from_str(body).ok()?;
+        j["account_details"]
+            .as_array()?
+            .iter()
+            .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+            .find(|d| d["name"] == stream)
+            .and_then(|d| d["state"]["messages"].as_u64())
+    }
+
     /// Services with a running task.
     pub fn running(&self) -> Vec<String> {
         self.shared.lock().unwrap().tasks.keys().cloned().collect()
