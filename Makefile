@@ -39,7 +39,8 @@ release: build
 
 # nats-server 2.15 from PyPI (what production runs); Debian's 2.9 is optional (test-nats29).
 # prism from npm for the App Platform tests; kubernetes-validate from PyPI (Kubernetes' strict
-# JSON schemas, offline) for the kubernetes manifests; Debian's PostgreSQL server binaries for
+# JSON schemas, offline) for the kubernetes manifests; moto from PyPI (its server mode stands in
+# for every AWS API the aws.ecs tests call, started by the tests on loopback); Debian's PostgreSQL server binaries for
 # the pgchannel tests (they initdb their own cluster in a temp dir; PG_BIN_DIR overrides);
 # tansu (see TANSU_ROOT) and PyPI's confluent-kafka (the kafka tests' cross-check client: it
 # bundles a librdkafka new enough for tansu, Debian's 1.7 is not) for the kafka tests.
@@ -53,6 +54,10 @@ deps:
 	@if [ ! -x "$(PY_SCRIPTS)/kubernetes-validate" ] && ! command -v kubernetes-validate >/dev/null; then \
 		echo "installing kubernetes-validate (pip install kubernetes-validate)"; \
 		python3 -m pip install --quiet kubernetes-validate || pip install --quiet kubernetes-validate; \
+	fi
+	@if [ ! -x "$(PY_SCRIPTS)/moto_server" ] && ! command -v moto_server >/dev/null; then \
+		echo "installing moto (pip install 'moto[server]')"; \
+		python3 -m pip install --quiet 'moto[server]' || pip install --quiet 'moto[server]'; \
 	fi
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "$$PG_BIN_DIR" ]; then \
 		echo "installing PostgreSQL server binaries (apt-get install postgresql)"; \
@@ -98,6 +103,9 @@ test-nats29:
 # Against a real Kubernetes cluster (a 3-pod StatefulSet with 1Gi volumes in EVENTBUS_K8S_NAMESPACE,
 # default "default", deleted with its claims; EVENTBUS_K8S_TARGET=aws.eks for the EKS flavor):
 # EVENTBUS_ACCEPTANCE=1 KUBECONFIG=... make acceptance
+# Against real AWS (a 3-node aws.ecs broker with its load balancer, deleted afterwards):
+# EVENTBUS_ACCEPTANCE=1 AWS_PROFILE=... EVENTBUS_ECS_VPC=vpc-... EVENTBUS_ECS_SUBNETS=subnet-a,subnet-b
+#   EVENTBUS_ECS_EXECUTION_ROLE=arn:... EVENTBUS_ECS_INFRA_ROLE=arn:... [EVENTBUS_ECS_REACH=nats://127.0.0.1:4222] make acceptance
 # Each runs only when its credentials are set, and says "skipped" otherwise.
 acceptance: deps
 	@if [ -n "$$DIGITALOCEAN_TOKEN" ]; then \
@@ -106,6 +114,9 @@ acceptance: deps
 	@if [ -n "$$KUBECONFIG" ]; then \
 		cargo test --locked --test kubernetes_iac -- --ignored live_; \
 	else echo "skipped: live Kubernetes (set EVENTBUS_ACCEPTANCE=1 and KUBECONFIG)"; fi
+	@if [ -n "$$AWS_ACCESS_KEY_ID$$AWS_PROFILE" ]; then \
+		cargo test --locked --test ecs_iac -- --ignored live_; \
+	else echo "skipped: live aws.ecs (set EVENTBUS_ACCEPTANCE=1, AWS credentials and EVENTBUS_ECS_*)"; fi
 
 lint:
 	cargo fmt --all -- --check

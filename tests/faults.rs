@@ -26,7 +26,7 @@ impl Rng {
 fn junk(rng: &mut Rng, depth: u32) -> Json {
     match rng.next() % if depth > 1 { 6 } else { 8 } {
         0 => Json::Null,
-        1 => Json::Bool(rng.next() % 2 == 0),
+        1 => Json::Bool(rng.next().is_multiple_of(2)),
         2 => json!((rng.next() % 2000) as i64 - 1000),
         3 => json!(rng.next() as f64 / 7.0),
         4 => Json::String(

@@ -97,7 +97,7 @@ const FIELDS: &[&str] = &[
 fn scalar(rng: &mut Rng) -> Json {
     match rng.below(10) {
         0 => Json::Null,
-        1 => Json::Bool(rng.next() % 2 == 0),
+        1 => Json::Bool(rng.next().is_multiple_of(2)),
         2 => json!(rng.next() as i64),
         3 => json!(f64::from_bits(rng.next()))
             .as_f64()

@@ -1037,7 +1037,7 @@ async fn errors_name_the_problem_and_transient_failures_are_never_ghosts() {
         "{}",
         e.message()
     );
-    // Targets that are not provisioned yet fail at Diff and at Create, naming alternatives.
+    // aws.ecs without its `aws:` section fails at Diff and at Create naming the fields it needs.
     for target in ["aws.ecs"] {
         let b = Res::new(
             "k",
@@ -1052,9 +1052,9 @@ async fn errors_name_the_problem_and_transient_failures_are_never_ghosts() {
             .await
             .unwrap_err();
         assert!(
-            e.message().contains(target)
-                && e.message().contains("not available yet")
-                && e.message().contains("self_hosted"),
+            e.message().contains("aws.vpc_id: is required")
+                && e.message().contains("aws.execution_role_arn: is required")
+                && !e.message().contains("not available yet"),
             "{}",
             e.message()
         );
@@ -1069,7 +1069,7 @@ async fn errors_name_the_problem_and_transient_failures_are_never_ghosts() {
             })
             .await
             .unwrap_err();
-        assert!(e.message().contains(target), "{}", e.message());
+        assert!(e.message().contains("aws.subnets"), "{}", e.message());
     }
     // Config errors name the field.
     let bad = stream_res("bad", "bad.name", "bus", json!({"max_agee": "1s"}));

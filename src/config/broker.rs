@@ -237,6 +237,12 @@ impl BrokerSpec {
                 format!("only applies to deploy_target kubernetes or aws.eks (this broker uses {target})"),
             );
         }
+        if c.aws.is_some() && target != DeployTarget::AwsEcs {
+            p.field(
+                "aws",
+                format!("only applies to deploy_target aws.ecs (this broker uses {target})"),
+            );
+        }
         if !(0..=65535).contains(&local.client_port) {
             p.field(
                 "local.client_port",

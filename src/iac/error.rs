@@ -251,7 +251,7 @@ mod tests {
                 type_name: "infra.database".into(),
                 known: "x".into(),
             },
-            not_yet("b", crate::providers::DeployTarget::AwsEcs),
+            not_yet("b", crate::providers::DeployTarget::AwsMsk),
             DriverError::refused("stream \"S\"", "prevent_destroy is set"),
             DriverError::nats(
                 "stream \"S\"",
@@ -279,14 +279,15 @@ mod tests {
 
     #[test]
     fn not_yet_names_the_target_and_the_alternatives() {
-        let m = not_yet("bus", crate::providers::DeployTarget::AwsEcs).to_string();
+        let m = not_yet("bus", crate::providers::DeployTarget::AwsMsk).to_string();
         assert_eq!(
             m,
-            "infra.eventbus \"bus\": deploy target \"aws.ecs\" is not available yet in the eventbus IaC provider; \
+            "infra.eventbus \"bus\": deploy target \"aws.msk\" is not available yet in the eventbus IaC provider; \
              use deploy_target local (nats-server processes on this machine) or self_hosted (servers you name with dsn/servers) \
              or digitalocean.app_platform (one non-durable broker as an App Platform app) \
              or kubernetes (a durable JetStream cluster as a StatefulSet, through the Kubernetes API) \
-             or aws.eks (the same on EKS: gp3 volumes, zone spread)"
+             or aws.eks (the same on EKS: gp3 volumes, zone spread) \
+             or aws.ecs (a JetStream cluster as one Fargate service per node, through the AWS APIs)"
         );
     }
 }

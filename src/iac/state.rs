@@ -158,6 +158,9 @@ pub enum TargetRecord {
     /// `kubernetes` / `aws.eks`: the cluster and the objects applied there.
     #[serde(rename = "kubernetes")]
     Kubernetes(KubeRecord),
+    /// `aws.ecs`: the ECS services and the AWS resources around them.
+    #[serde(rename = "ecs")]
+    Ecs(crate::iac::targets::ecs::record::EcsRecord),
 }
 
 /// [`TargetRecord`] flattened into the broker record: at most one target key, and a target
@@ -616,6 +619,7 @@ mod tests {
                         assert!(!k.stateful_set.is_empty(), "{name}");
                         "kubernetes"
                     }
+                    Some(TargetRecord::Ecs(_)) => "ecs",
                 };
                 seen.push((b.target.as_str(), variant));
             }

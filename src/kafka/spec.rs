@@ -82,7 +82,7 @@ pub fn topic_spec(
     }
     let mut configs = BTreeMap::new();
     if !s.max_age.is_zero() {
-        if s.max_age.subsec_nanos() % 1_000_000 != 0 {
+        if !s.max_age.subsec_nanos().is_multiple_of(1_000_000) {
             p.field("max_age", "kafka keeps whole milliseconds (retention.ms)");
         }
         configs.insert(RETENTION_MS.to_string(), s.max_age.as_millis().to_string());

@@ -300,16 +300,21 @@ mod tests {
     }
 
     #[test]
-    fn other_targets_are_not_yet() {
+    fn a_target_without_its_section_names_what_it_needs() {
         let t = "aws.ecs";
         let d = decode(
             "bus",
             format!(r#"{{"provider":"nats","deploy_target":"{t}"}}"#).as_bytes(),
         )
         .unwrap();
-        let e = check_target(&d).err().expect("not provisioned").to_string();
+        let e = check_target(&d)
+            .err()
+            .expect("incomplete config")
+            .to_string();
         assert!(
-            e.contains(t) && e.contains("local") && e.contains("kubernetes"),
+            e.contains("aws.vpc_id")
+                && e.contains("aws.subnets")
+                && !e.contains("not available yet"),
             "{e}"
         );
     }

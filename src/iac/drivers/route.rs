@@ -103,6 +103,7 @@ impl Driver for BrokerDriver {
         "instance_size",
         "http_port",
         "config_sha256",
+        "desired_counts",
         "dsn",
         "schema_version",
         "brokers",

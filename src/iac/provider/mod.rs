@@ -37,6 +37,7 @@ const CONFIG_KEYS: &[&str] = &[
     "kubeconfig",
     "kube_context",
     "kube_reach",
+    "aws_reach",
     "plugin",
     "service",
 ];
@@ -104,6 +105,7 @@ impl Provider {
                 "digitalocean_api_url",
                 "kubeconfig",
                 "kube_context",
+                "aws_reach",
             ]
             .contains(&k.as_str())
             {

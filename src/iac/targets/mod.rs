@@ -9,6 +9,7 @@
 
 mod api;
 pub mod app_platform;
+pub mod ecs;
 pub mod kubernetes;
 pub(crate) mod local;
 pub(crate) mod nats_server;
@@ -20,12 +21,13 @@ use crate::iac::error::DriverError;
 use crate::providers::DeployTarget;
 
 /// The targets this provider provisions, in the order errors offer them.
-const AVAILABLE: [DeployTarget; 5] = [
+const AVAILABLE: [DeployTarget; 6] = [
     DeployTarget::Local,
     DeployTarget::SelfHosted,
     DeployTarget::DigitalOceanApp,
     DeployTarget::Kubernetes,
     DeployTarget::AwsEks,
+    DeployTarget::AwsEcs,
 ];
 
 /// The implementation of `target`, or the "not available yet" error naming `broker`.
@@ -39,6 +41,7 @@ pub fn for_target(
         DeployTarget::DigitalOceanApp => Ok(&app_platform::AppPlatform),
         DeployTarget::Kubernetes => Ok(&kubernetes::KUBERNETES),
         DeployTarget::AwsEks => Ok(&kubernetes::AWS_EKS),
+        DeployTarget::AwsEcs => Ok(&ecs::AWS_ECS),
         other => Err(DriverError::NotYet {
             broker: broker.to_string(),
             target: other.as_str().to_string(),
