@@ -155,9 +155,24 @@ async fn connect_nats(url: &str, auth: &Option<KubeAuth>) -> Result<async_nats::
     .map_err(|e| format!("cannot connect to {url}: {e}"))
 }
 
+/// A node whose task was just replaced: its `server_name`, and when the new task was ready.
+#[derive(Clone, Copy)]
+struct Replaced<'a> {
+    node: &'a str,
+    ready_at: Instant,
+}
+
 /// One look at the cluster through `url`: the JetStream API answers (the meta group has a
-/// leader) and every stream has a leader and every replica current and online.
-async fn jetstream_state(url: &str, auth: &Option<KubeAuth>) -> Result<(), String> {
+/// leader) and every stream has a leader and every replica current and online. With
+/// `replaced`, that node must also lead each of its streams or have been heard from by the
+/// leader since its new task was ready: a leader reports a replica by what it last heard,
+/// so until it hears from the new (empty) task it may still call it current, and replacing
+/// the next node then could leave a quorum without the data.
+async fn jetstream_state(
+    url: &str,
+    auth: &Option<KubeAuth>,
+    replaced: Option<Replaced<'_>>,
+) -> Result<(), String> {
     use futures::StreamExt;
     let c = connect_nats(url, auth).await?;
     let js = async_nats::jetstream::new(c);
@@ -189,6 +204,13 @@ async fn jetstream_state(url: &str, auth: &Option<KubeAuth>) -> Result<(), Strin
                     r.name,
                     if r.offline { "offline" } else { "catching up" }
                 ));
+            } else if let Some(x) = replaced.filter(|x| x.node == r.name) {
+                if r.active >= x.ready_at.elapsed() {
+                    lagging.push(format!(
+                        "{n} on {} not yet heard from since its replacement",
+                        r.name
+                    ));
+                }
             }
         }
     }
@@ -217,12 +239,13 @@ async fn wait_jetstream(
     timeout: Duration,
     poll: Duration,
     stable: Duration,
+    replaced: Option<Replaced<'_>>,
 ) -> Result<(), AwsError> {
     let start = Instant::now();
     let mut good_since: Option<Instant> = None;
     let mut looks = 0;
     loop {
-        match jetstream_state(url, auth).await {
+        match jetstream_state(url, auth, replaced).await {
             Ok(()) => {
                 let since = *good_since.get_or_insert_with(Instant::now);
                 looks += 1;
@@ -329,7 +352,7 @@ impl AwsEcs {
         }
         let t0 = Instant::now();
         if !fresh.is_empty() {
-            wait_jetstream(&url, &s.auth, s.ready_timeout, poll, Duration::ZERO).await?;
+            wait_jetstream(&url, &s.auth, s.ready_timeout, poll, Duration::ZERO, None).await?;
             tracing::info!(broker = %name, nodes = fresh.len(), waited_ms = t0.elapsed().as_millis() as u64, "new nodes joined");
         }
         // Existing nodes whose definition or count changed roll one at a time.
@@ -342,7 +365,20 @@ impl AwsEcs {
             tracing::info!(broker = %name, node = i, "rolling node");
             ops::update_service(&aws, &s.cluster, &names[i], &task_defs[i]).await?;
             task_ready(i).await?;
-            wait_jetstream(&url, &s.auth, s.ready_timeout, poll, stable_window()).await?;
+            let node = s.names.node(i as u32);
+            let replaced = Replaced {
+                node: &node,
+                ready_at: Instant::now(),
+            };
+            wait_jetstream(
+                &url,
+                &s.auth,
+                s.ready_timeout,
+                poll,
+                stable_window(),
+                Some(replaced),
+            )
+            .await?;
             tracing::info!(broker = %name, node = i, "node replaced and caught up");
         }
         // Nodes a smaller replica count no longer has (their task definitions stay recorded
