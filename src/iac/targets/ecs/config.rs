@@ -6,7 +6,6 @@ use crate::iac::kind::BROKER_TYPE;
 use crate::iac::targets::api::BrokerDesired;
 use crate::iac::targets::kubernetes::{name_base, KubeAuth};
 use crate::iac::values::config_problems;
-use crate::nats::server_conf::{env_safe_secret, ENV_SAFE_SECRET_RULE};
 use crate::secret::quote;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -658,31 +657,7 @@ pub fn validate(d: &BrokerDesired) -> Result<EcsSettings, Vec<String>> {
     }
 
     let conn = &d.spec.conn;
-    let auth = if conn.creds_file.is_some() || conn.nkey_seed_file.is_some() {
-        field(
-            "auth",
-            format!("{TARGET} supports auth.token or auth.user + auth.password (kept in Secrets Manager); creds_file and nkey_seed_file are not supported"),
-        );
-        None
-    } else if let Some(t) = &conn.token {
-        if !env_safe_secret(t.expose()) {
-            field("auth.token", format!("must be {ENV_SAFE_SECRET_RULE}"));
-        }
-        Some(KubeAuth::Token(t.clone()))
-    } else if let (Some(u), Some(pw)) = (&conn.user, &conn.password) {
-        if !env_safe_secret(u) {
-            field("auth.user", format!("must be {ENV_SAFE_SECRET_RULE}"));
-        }
-        if !env_safe_secret(pw.expose()) {
-            field("auth.password", format!("must be {ENV_SAFE_SECRET_RULE}"));
-        }
-        Some(KubeAuth::UserPassword {
-            user: u.clone(),
-            password: pw.clone(),
-        })
-    } else {
-        None
-    };
+    let auth = KubeAuth::from_conn(conn, TARGET, "Secrets Manager", &mut field);
     if auth.is_none() && load_balancer == LoadBalancer::Public {
         field(
             "auth",

@@ -91,6 +91,46 @@ pub enum KubeAuth {
 }
 
 impl KubeAuth {
+    /// The broker's credentials as the server's pods will read them: a token, or a user and
+    /// password, each safe to pass through an environment variable; creds and nkey files are
+    /// refused. `target` and `kept_in` (where the target stores them) word the refusal; each
+    /// problem goes to `field` as (field, message).
+    pub fn from_conn(
+        conn: &crate::nats::ConnSettings,
+        target: &str,
+        kept_in: &str,
+        field: &mut impl FnMut(&str, String),
+    ) -> Option<KubeAuth> {
+        if conn.creds_file.is_some() || conn.nkey_seed_file.is_some() {
+            field(
+                "auth",
+                format!(
+                    "{target} supports auth.token or auth.user + auth.password (kept in {kept_in}); \
+                     creds_file and nkey_seed_file are not supported"
+                ),
+            );
+            None
+        } else if let Some(t) = &conn.token {
+            if !env_safe_secret(t.expose()) {
+                field("auth.token", format!("must be {ENV_SAFE_SECRET_RULE}"));
+            }
+            Some(KubeAuth::Token(t.clone()))
+        } else if let (Some(u), Some(pw)) = (&conn.user, &conn.password) {
+            if !env_safe_secret(u) {
+                field("auth.user", format!("must be {ENV_SAFE_SECRET_RULE}"));
+            }
+            if !env_safe_secret(pw.expose()) {
+                field("auth.password", format!("must be {ENV_SAFE_SECRET_RULE}"));
+            }
+            Some(KubeAuth::UserPassword {
+                user: u.clone(),
+                password: pw.clone(),
+            })
+        } else {
+            None
+        }
+    }
+
     pub fn mode(&self) -> &'static str {
         match self {
             KubeAuth::Token(_) => "token",
@@ -556,34 +596,7 @@ pub fn validate(d: &BrokerDesired, flavor: Flavor) -> Result<KubeSettings, Vec<S
     };
 
     let conn = &d.spec.conn;
-    let auth = if conn.creds_file.is_some() || conn.nkey_seed_file.is_some() {
-        field(
-            "auth",
-            format!(
-                "{target} supports auth.token or auth.user + auth.password (kept in a Secret); creds_file and \
-                 nkey_seed_file are not supported"
-            ),
-        );
-        None
-    } else if let Some(t) = &conn.token {
-        if !env_safe_secret(t.expose()) {
-            field("auth.token", format!("must be {ENV_SAFE_SECRET_RULE}"));
-        }
-        Some(KubeAuth::Token(t.clone()))
-    } else if let (Some(u), Some(pw)) = (&conn.user, &conn.password) {
-        if !env_safe_secret(u) {
-            field("auth.user", format!("must be {ENV_SAFE_SECRET_RULE}"));
-        }
-        if !env_safe_secret(pw.expose()) {
-            field("auth.password", format!("must be {ENV_SAFE_SECRET_RULE}"));
-        }
-        Some(KubeAuth::UserPassword {
-            user: u.clone(),
-            password: pw.clone(),
-        })
-    } else {
-        None
-    };
+    let auth = KubeAuth::from_conn(conn, target, "a Secret", &mut field);
     if auth.is_none() && service_type != ServiceType::ClusterIp {
         field(
             "auth",
