@@ -344,15 +344,7 @@ async fn dead_letter_publish_is_retried_until_it_lands() {
         assert_eq!(text_of(&p.next_call(T).await, "delivery_count"), want);
     }
     // The plugin's own report is the event that the first dead-letter publish failed.
-    let deadline = Instant::now() + T;
-    while !p.stderr().contains("dead-letter publish failed") {
-        assert!(
-            Instant::now() < deadline,
-            "no dead-letter failure logged: {}",
-            p.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    p.wait_stderr("dead-letter publish failed", T).await;
     let info = consumer_info(&js, "JOBS", "runner").await;
     assert_eq!(
         info.num_ack_pending, 1,

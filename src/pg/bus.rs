@@ -125,7 +125,7 @@ impl PgBus {
         });
     }
 
-    /// Sends the NOTIFYs publishes owe (see `Inner::owe_notify`): one statement for all that
+    /// Sends the NOTIFYs publishes owe (see `Inner::owe_notifies`): one statement for all that
     /// are owed, then whatever was owed meanwhile, so a burst of publishes costs a few
     /// NOTIFYs, each outside every publish's transaction.
     fn spawn_notifier(&self) {
@@ -694,7 +694,7 @@ impl PgBus {
     // ---------------------------------------------------------------- publish
 
     /// One transaction: the inserts, msg_id de-duplicated within the stream's window; the
-    /// NOTIFY follows the commit (see `Inner::owe_notify`).
+    /// NOTIFY follows the commit (see `Inner::owe_notifies`).
     ///
     /// Publishers take a shared per-stream advisory lock, so an exclusive holder (advancing a
     /// consumer's position) sees every id below the ones still to come: ids are allocated
@@ -799,7 +799,6 @@ impl PgBus {
             .await
             .map_err(db)?;
         let mut out = Vec::with_capacity(msgs.len());
-        let mut last_id: BTreeMap<&str, i64> = BTreeMap::new();
         let mut in_batch: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
         for (m, r) in msgs.iter().zip(&routes) {
             if let Some(id) = m.msg_id.as_deref() {
@@ -841,7 +840,6 @@ impl PgBus {
             if let Some(mid) = m.msg_id.as_deref() {
                 in_batch.insert((r.name.as_str(), mid), (id, us));
             }
-            last_id.insert(r.name.as_str(), id);
             out.push(Published {
                 stream: r.name.clone(),
                 id,
@@ -852,9 +850,7 @@ impl PgBus {
         tx.commit()
             .await
             .map_err(|e| (PgError::db("Publish: commit", e), true))?;
-        for (stream, id) in &last_id {
-            self.inner.owe_notify(stream, *id);
-        }
+        self.inner.owe_notifies(&out);
         Ok(out)
     }
 
@@ -933,14 +929,7 @@ impl PgBus {
                 duplicate: false,
             })
             .collect();
-        let mut top: BTreeMap<&str, i64> = BTreeMap::new();
-        for p in &out {
-            let t = top.entry(p.stream.as_str()).or_insert(p.id);
-            *t = (*t).max(p.id);
-        }
-        for (stream, id) in top {
-            self.inner.owe_notify(stream, id);
-        }
+        self.inner.owe_notifies(&out);
         Ok(out)
     }
 

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::filter::{parse_filters, sql_params};
 use super::listen::Dedicated;
 use super::settings::Tls;
-use super::types::AckPolicy;
+use super::types::{AckPolicy, Published};
 use super::{PgError, PgSettings};
 
 /// How long a consumer's settings read from its row may be used by acks and leases. Changes
@@ -35,7 +35,7 @@ pub(crate) struct Inner {
     /// Pooled connections publishes may hold at once (see [`publish_share`]).
     pub publishers: tokio::sync::Semaphore,
     /// NOTIFYs owed for committed publishes: the highest id per stream, sent by the notifier
-    /// task (`PgBus::spawn_notifier`), many publishes to one NOTIFY (see `Inner::owe_notify`).
+    /// task (`PgBus::spawn_notifier`), many publishes to one NOTIFY (see `Inner::owe_notifies`).
     pub owed_notifies: Mutex<HashMap<String, i64>>,
     pub notify_wake: Arc<tokio::sync::Notify>,
     /// Bumped after every nak this process settled (any consumer): an ordered subscriber's
@@ -174,21 +174,28 @@ impl Inner {
         }
     }
 
-    /// Hands a consumer's position to the background advancer.
-    /// Records that `id` of `stream` committed and listeners are owed a NOTIFY. Publishes do
+    /// Records that these publishes committed and listeners are owed a NOTIFY on each of
+    /// their streams, for the highest id (a de-duplicated publish stored nothing). Publishes do
     /// not NOTIFY in their own transaction: PostgreSQL serialises the commits of every
     /// transaction that notified (one database-wide lock), which made concurrent publishers
     /// queue behind each other. The notifier sends one NOTIFY per stream for everything that
     /// committed since its last one, after those commits, so a woken listener sees the rows.
     /// A NOTIFY lost with the process is covered by the listeners' poll, as any lost NOTIFY.
-    pub(crate) fn owe_notify(&self, stream: &str, id: i64) {
+    pub(crate) fn owe_notifies(&self, published: &[Published]) {
+        let mut stored = published.iter().filter(|p| !p.duplicate).peekable();
+        if stored.peek().is_none() {
+            return;
+        }
         if let Ok(mut owed) = self.owed_notifies.lock() {
-            let top = owed.entry(stream.to_string()).or_insert(id);
-            *top = (*top).max(id);
+            for p in stored {
+                let top = owed.entry(p.stream.clone()).or_insert(p.id);
+                *top = (*top).max(p.id);
+            }
         }
         self.notify_wake.notify_one();
     }
 
+    /// Hands a consumer's position to the background advancer.
     pub(crate) fn mark_lagging(&self, stream: &str, consumer: &str) {
         if let Ok(mut set) = self.lagging.lock() {
             set.insert((stream.to_string(), consumer.to_string()));

@@ -126,16 +126,6 @@ async fn settle_group(
         .filter(|ms| *ms > 0)
         .unwrap_or(duration_ms(DEFAULT_ACK_WAIT));
     let stmt = c.prepare_cached(SETTLE).await.map_err(db)?;
-    let params: [&(dyn ToSql + Sync); 8] = [
-        &stream,
-        &consumer,
-        &ids,
-        &state,
-        &kind,
-        &nak_ms,
-        &ack_wait,
-        &cfg.backoff_ms,
-    ];
     // An ack or term may let the position move: the settle, the fence and the move go out
     // in one round trip (pipelined on the connection, each its own autocommit statement, run
     // in this order), so the move's snapshot sees the settle. The caller has its answer when
@@ -177,6 +167,16 @@ async fn settle_group(
     } else {
         None
     };
+    let params: [&(dyn ToSql + Sync); 8] = [
+        &stream,
+        &consumer,
+        &ids,
+        &state,
+        &kind,
+        &nak_ms,
+        &ack_wait,
+        &cfg.backoff_ms,
+    ];
     let rows = c.query(&stmt, &params).await.map_err(db)?;
     let out = outcomes(&rows);
     let advanced = match fenced {
