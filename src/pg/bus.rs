@@ -13,7 +13,7 @@ use super::filter::{filter_sql, parse_filters, sql_params, stream_subject_matche
 use super::keys::{msg_id_key, stream_key, LOCK_CLASS};
 use super::listen::Dedicated;
 use super::settings::Tls;
-use super::sql::{advance_position, duration_ms, micros_to_time, TS_MICROS};
+use super::sql::{duration_ms, micros_to_time, Advance, Fenced, TS_MICROS};
 use super::subscribe::Subscription;
 use super::types::*;
 use super::{schema, PgError, PgSettings};
@@ -1131,6 +1131,10 @@ const PRUNE_DELIVERIES: &str =
      AND k.name = d.consumer_name WHERE d.stream_name = $1 AND d.consumer_name = $2 \
      AND d.event_id <= k.position LIMIT $3)";
 
+/// Windows one background advance of a consumer moves at most before it hands the
+/// consumer to the next pass (other consumers get their turn in between).
+const CATCH_UP_WINDOWS: u32 = 64;
+
 /// One waiting advance of a consumer's position, then the settled delivery rows at or below
 /// it removed (bounded): the background pass, so acks never delete. Re-queues the consumer
 /// while it keeps moving, since one advance looks at a bounded window only. The rows deleted.
@@ -1148,9 +1152,23 @@ async fn advance_and_prune(
         Err(PgError::ConsumerNotFound { .. }) => return Ok(0),
         Err(e) => return Err(e),
     };
-    let a = advance_position(c, stream, consumer, &cfg, true).await?;
-    if a.unfinished() {
-        inner.mark_lagging(stream, consumer);
+    // A consumer far behind (a filtered consumer whose subject is rare on its stream starts
+    // below every other subject's events) moves window after window at once: until its
+    // position passes that gap, each of its claims scans the gap again (18 ms per claim in
+    // `make bench` with 40,000 ids of other subjects below a trigger's first message).
+    // Only the first window reads a fence (under the stream's exclusive lock, so publishers
+    // wait once); the next ones move under the same fence.
+    if cfg.filter_params.is_ok() {
+        let fenced = Fenced::prepare(c, true).await?;
+        let mut a = fenced.run(c, stream, consumer, &cfg).await?;
+        let mut windows = 1;
+        while a == Advance::MovedWindow && windows < CATCH_UP_WINDOWS {
+            a = fenced.run_again(c, stream, consumer, &cfg).await?;
+            windows += 1;
+        }
+        if a.unfinished() {
+            inner.mark_lagging(stream, consumer);
+        }
     }
     let prune = c.prepare_cached(PRUNE_DELIVERIES).await.map_err(db)?;
     c.execute(&prune, &[&stream, &consumer, &PRUNE_BATCH])

@@ -57,6 +57,9 @@ const SPREAD: i64 = 4;
 /// `c0` in its stored (id) order without sorting, so the limit stops the try-locks after the
 /// batch: a fetcher locks about as many rows as it takes, and leaves the rest to the others. `c2` joins
 /// the rows' content and `sized` applies the byte budget (`$7`, always at least one row).
+/// The rows claimed are matched to the rows picked through one array of claimed ids (`got`),
+/// not a join: with one-row estimates the join ran as a nested loop over both row sets, 100 x
+/// 100 tuples, 1.4 ms of a 3.5 ms claim of 100 rows in `make bench`.
 const CLAIM: &str = "WITH k AS (SELECT position FROM eventbus_consumers \
        WHERE stream_name = $1 AND name = $2), \
      c0 AS MATERIALIZED (SELECT e.id FROM eventbus_events e \
@@ -85,9 +88,11 @@ const CLAIM: &str = "WITH k AS (SELECT position FROM eventbus_consumers \
            THEN ($10::int8[])[LEAST(d.delivery_count + 1, cardinality($10::int8[]))] \
            ELSE $9::int8 END) * interval '1 millisecond' \
        WHERE d.state IS NULL AND (d.due_at IS NULL OR d.due_at <= now()) \
-       RETURNING d.event_id, d.delivery_count) \
+       RETURNING d.event_id, d.delivery_count), \
+     got AS (SELECT array_agg(event_id) AS ids, array_agg(delivery_count) AS counts FROM claim) \
      SELECT pick.id, pick.subject, pick.headers, pick.payload, pick.correlation_id, pick.ts_us, \
-       claim.delivery_count FROM pick JOIN claim ON claim.event_id = pick.id ORDER BY pick.id";
+       got.counts[array_position(got.ids, pick.id)] FROM pick, got \
+       WHERE pick.id = ANY(got.ids) ORDER BY pick.id";
 
 fn claim_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();

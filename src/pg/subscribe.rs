@@ -36,9 +36,12 @@ pub struct Subscription {
     ahead: VecDeque<Delivery>,
     refill: Option<JoinHandle<Result<Vec<Delivery>, PgError>>>,
     target: usize,
-    /// Ordered subscribers (see [`Subscription::next_ordered`]): the claim of the next rows,
-    /// when it began, and `Inner::naks` then.
+    /// Ordered subscribers (see [`Subscription::next_ordered`]): the claim of the next rows
+    /// under way, the rows it brought that are not handed out yet (in id order), and how
+    /// long the caller has been taking per row.
     claimed_ahead: Option<ClaimAhead>,
+    hand: VecDeque<Held>,
+    pace: Pace,
 }
 
 struct ClaimAhead {
@@ -46,6 +49,55 @@ struct ClaimAhead {
     naks: u64,
     /// The rows and the length of their lease.
     task: JoinHandle<Result<(Vec<Delivery>, Duration), PgError>>,
+}
+
+/// A row an ordered subscriber claimed ahead: when its claim began, `Inner::naks` then, and
+/// the length of its lease.
+struct Held {
+    row: Delivery,
+    began: Instant,
+    naks: u64,
+    lease: Duration,
+}
+
+/// Rows an ordered subscriber claims ahead at most.
+const ORDERED_AHEAD_MAX: usize = 16;
+
+/// How fast the caller of an ordered subscriber settles: the claim-ahead depth follows it, so
+/// a row in hand waits at most about a quarter of its lease before it is handed out.
+#[derive(Default)]
+struct Pace {
+    /// When rows were last handed out, and how many.
+    handed: Option<(Instant, usize)>,
+    /// Smoothed time per row between a hand-out and the next call (the caller's pipeline and
+    /// settle); None until measured.
+    per_row: Option<Duration>,
+    /// The lease of the last claim.
+    lease: Duration,
+}
+
+impl Pace {
+    fn called(&mut self) {
+        if let Some((at, n)) = self.handed.take() {
+            let sample = at.elapsed() / u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+            self.per_row = Some(match self.per_row {
+                Some(avg) => (avg * 7 + sample) / 8,
+                None => sample,
+            });
+        }
+    }
+
+    fn depth(&self) -> usize {
+        match self.per_row {
+            Some(per_row) if !self.lease.is_zero() => {
+                let fit = (self.lease / 4).as_nanos() / per_row.as_nanos().max(1);
+                usize::try_from(fit)
+                    .unwrap_or(ORDERED_AHEAD_MAX)
+                    .clamp(1, ORDERED_AHEAD_MAX)
+            }
+            _ => 1,
+        }
+    }
 }
 
 impl std::fmt::Debug for Subscription {
@@ -118,6 +170,8 @@ pub(crate) async fn subscribe(
         refill: None,
         target: 0,
         claimed_ahead: None,
+        hand: VecDeque::new(),
+        pace: Pace::default(),
     })
 }
 
@@ -191,15 +245,37 @@ impl Subscription {
     }
 
     /// An ordered subscriber claims the rows after the ones it hands out while the caller
-    /// works on those, so the next call finds them claimed (one claim round trip less per
-    /// message with one in flight). The caller asks again only after settling what it holds.
-    /// A row claimed ahead is handed out only if no nak of this process came after its claim
-    /// began (a nak'd message comes before the ones behind it) and less than half its lease
-    /// has passed (nobody else may take it yet); otherwise it goes back uncounted and the
-    /// claim is made again, so the lowest deliverable ids come first. With ack_policy none
-    /// nothing is claimed ahead: such a claim settles the row, which a stop would then lose.
+    /// works on those, so the next call finds them claimed (no claim round trip per message
+    /// with one in flight). It claims up to [`ORDERED_AHEAD_MAX`] rows at a time, as many as
+    /// the caller's pace lets it hand out within a quarter of their lease, and the next ones
+    /// when fewer than half are left. The caller asks again only after settling what it
+    /// holds. A row claimed ahead is handed out only if no nak of this process came after its
+    /// claim began (a nak'd message comes before the ones behind it) and less than half its
+    /// lease has passed (nobody else may take it yet); otherwise every row in hand goes back
+    /// uncounted and the claim is made again, so the lowest deliverable ids come first. With
+    /// ack_policy none nothing is claimed ahead: such a claim settles the row, which a stop
+    /// would then lose.
     async fn next_ordered(&mut self, max: usize) -> Result<Vec<Delivery>, PgError> {
-        if let Some(ahead) = self.claimed_ahead.as_mut() {
+        self.pace.called();
+        loop {
+            if let Some(front) = self.hand.front() {
+                if self.current(front) {
+                    let mut out = Vec::new();
+                    while out.len() < max && self.hand.front().is_some_and(|h| self.current(h)) {
+                        if let Some(h) = self.hand.pop_front() {
+                            out.push(h.row);
+                        }
+                    }
+                    self.claim_more();
+                    self.pace.handed = Some((Instant::now(), out.len()));
+                    return Ok(out);
+                }
+                self.give_back_ordered().await?;
+                break;
+            }
+            let Some(ahead) = self.claimed_ahead.as_mut() else {
+                break;
+            };
             // Awaited in place: a call cancelled here leaves the claim with the subscription
             // (given back when it drops).
             let done = (&mut ahead.task).await;
@@ -210,24 +286,54 @@ impl Subscription {
                 Ok(r) => r?,
                 Err(e) => return Err(self.lost(format!("claim-ahead task failed: {e}"))),
             };
-            let current = self.bus.naks.load(Ordering::Acquire) == ahead.naks
-                && ahead.began.elapsed() < lease / 2;
-            if current && !rows.is_empty() && rows.len() <= max {
-                self.claim_ahead(rows.len());
-                return Ok(rows);
+            self.pace.lease = lease;
+            if rows.is_empty() {
+                break;
             }
-            let ids: Vec<i64> = rows.iter().map(|d| d.token.id).collect();
-            super::lease::release(&self.bus, &self.stream, &self.consumer, &ids).await?;
+            self.hand.extend(rows.into_iter().map(|row| Held {
+                row,
+                began: ahead.began,
+                naks: ahead.naks,
+                lease,
+            }));
         }
         let rows = self.wait_batch(max).await?;
         if !rows.is_empty() {
-            self.claim_ahead(rows.len());
+            self.claim_more();
+            self.pace.handed = Some((Instant::now(), rows.len()));
         }
         Ok(rows)
     }
 
-    /// Starts claiming the next `n` rows (see [`Subscription::next_ordered`]).
-    fn claim_ahead(&mut self, n: usize) {
+    /// Whether a row in hand may still be handed out (see [`Subscription::next_ordered`]).
+    fn current(&self, h: &Held) -> bool {
+        self.bus.naks.load(Ordering::Acquire) == h.naks && h.began.elapsed() < h.lease / 2
+    }
+
+    /// Gives back, uncounted, every row in hand and the rows of the claim under way.
+    async fn give_back_ordered(&mut self) -> Result<(), PgError> {
+        let mut ids: Vec<i64> = self.hand.drain(..).map(|h| h.row.token.id).collect();
+        if let Some(ahead) = self.claimed_ahead.take() {
+            match ahead.task.await {
+                Ok(Ok((rows, _))) => ids.extend(rows.iter().map(|d| d.token.id)),
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(self.lost(format!("claim-ahead task failed: {e}"))),
+            }
+        }
+        super::lease::release(&self.bus, &self.stream, &self.consumer, &ids).await
+    }
+
+    /// Starts claiming the rows behind those in hand when fewer than half the depth are left
+    /// and no claim is under way (see [`Subscription::next_ordered`]).
+    fn claim_more(&mut self) {
+        let depth = self.pace.depth();
+        if self.claimed_ahead.is_some() || self.hand.len() * 2 >= depth.max(1) {
+            return;
+        }
+        let n = depth - self.hand.len().min(depth);
+        if n == 0 {
+            return;
+        }
         // Read before the claim's snapshot: a nak that commits after it bumps the count.
         let naks = self.bus.naks.load(Ordering::Acquire);
         let (bus, stream, consumer) =
@@ -317,7 +423,8 @@ impl Drop for Subscription {
     /// Rows leased ahead and never handed out go back at once (not after their lease), with
     /// their delivery not counted.
     fn drop(&mut self) {
-        let ahead: Vec<i64> = self.ahead.drain(..).map(|d| d.token.id).collect();
+        let mut ahead: Vec<i64> = self.ahead.drain(..).map(|d| d.token.id).collect();
+        ahead.extend(self.hand.drain(..).map(|h| h.row.token.id));
         let refill = self.refill.take();
         let claimed_ahead = self.claimed_ahead.take();
         if ahead.is_empty() && refill.is_none() && claimed_ahead.is_none() {
