@@ -1733,6 +1733,56 @@ async fn a_position_moves_while_a_claim_holds_the_consumer_row() {
     other.batch_execute("ROLLBACK").await.unwrap();
 }
 
+/// An idle filtered consumer on a stream busy with other subjects: an empty claim hands its
+/// position to the background advancer, and a subscriber moves it past them before its first
+/// claim, so claims stop reading those ids again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_filtered_consumer_moves_past_other_subjects() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    for name in ["picky", "waiting"] {
+        let mut c = consumer("ORDERS", name);
+        c.filter_subjects = vec!["orders.rare".into()];
+        b.ensure_consumer(&c).await.unwrap();
+    }
+    let mut last = 0;
+    for _ in 0..3 {
+        last = *publish_n(&b, 1_000).await.last().unwrap();
+    }
+    let position = |name: &str| {
+        pg.psql(&format!(
+            "SELECT position FROM eventbus_consumers WHERE name = '{name}'"
+        ))
+    };
+    assert!(b
+        .fetch("ORDERS", "picky", opts(10))
+        .await
+        .unwrap()
+        .is_empty());
+    let want = last.to_string();
+    eventually(Duration::from_secs(20), "position past the gap", || {
+        let ok = position("picky") == want;
+        async move { ok.then_some(()) }
+    })
+    .await;
+    assert_eq!(position("waiting"), "0", "nothing moved it yet");
+    let cancel = CancellationToken::new();
+    let sub = b
+        .subscribe(
+            "ORDERS",
+            "waiting",
+            SubOpts {
+                dead_letter_subject: None,
+                cancel: cancel.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(position("waiting"), want, "moved before the first claim");
+    drop(sub);
+    cancel.cancel();
+}
+
 async fn next_one(sub: &mut Subscription) -> Vec<Delivery> {
     tokio::time::timeout(Duration::from_secs(10), sub.next_batch(1))
         .await

@@ -1177,7 +1177,11 @@ async fn advance_and_prune(
 }
 
 /// One background advance of a consumer (see [`advance_and_prune`]).
-async fn advance_one(inner: &Inner, stream: &str, consumer: &str) -> Result<(), PgError> {
+pub(crate) async fn advance_one(
+    inner: &Inner,
+    stream: &str,
+    consumer: &str,
+) -> Result<(), PgError> {
     let c = inner.client("advance position").await?;
     advance_and_prune(inner, &c, stream, consumer)
         .await

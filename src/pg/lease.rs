@@ -152,6 +152,10 @@ pub(crate) async fn lease(
         .await
         .map_err(db)?;
     if rows.is_empty() {
+        // Nothing deliverable: the ids this claim passed over (other subjects, settled rows)
+        // are passed over again by the next one until the position moves past them, which
+        // for an idle filtered consumer on a busy stream no ack would ever ask for.
+        bus.mark_lagging(stream, consumer);
         return Ok(Vec::new());
     }
     let max_deliver = cfg.max_deliver.max(1);
