@@ -1381,6 +1381,63 @@ async fn a_settler_coalesces_concurrent_acks_with_exact_results() {
         .is_empty());
 }
 
+/// The publish coalescer: many concurrent single publishes share statements, each caller gets
+/// its own message's id, and a message no stream owns fails alone (its batch is published
+/// again one by one) without losing or duplicating the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_coalesces_concurrent_publishes_with_exact_results() {
+    let pg = PgServer::start();
+    let b = setup(&pg).await;
+    let publisher = b.publisher();
+    let round = |n: usize, bad: Option<usize>| {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let p = publisher.clone();
+                let subject = if Some(i) == bad {
+                    "nowhere.at.all"
+                } else {
+                    "orders.new"
+                };
+                let m = msg(subject, &format!("r{n}-m{i}"));
+                tokio::spawn(async move { p.publish(m).await })
+            })
+            .collect();
+        async move {
+            let mut ids = BTreeSet::new();
+            for (i, t) in tasks.into_iter().enumerate() {
+                let r = tokio::time::timeout(Duration::from_secs(30), t)
+                    .await
+                    .expect("answered")
+                    .unwrap();
+                if Some(i) == bad {
+                    assert!(r.is_err(), "a subject no stream owns: {r:?}");
+                } else {
+                    assert!(ids.insert(r.unwrap().id), "each message its own id");
+                }
+            }
+            ids.len()
+        }
+    };
+    assert_eq!(round(200, None).await, 200);
+    // Shared transactions: rows stored by one statement carry one xmin.
+    let transactions: usize = pg
+        .psql("SELECT count(DISTINCT xmin::text) FROM eventbus_events")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        transactions < 100,
+        "{transactions} transactions for 200 publishes"
+    );
+    assert_eq!(round(50, Some(7)).await, 49);
+    for q in [
+        "SELECT count(*) FROM eventbus_events",
+        "SELECT count(DISTINCT encode(payload, 'escape')) FROM eventbus_events",
+    ] {
+        assert_eq!(pg.psql(q), "249", "every other message stored once: {q}");
+    }
+}
+
 /// The fixed per-ack wait: on a fresh schema (no statistics, as every new deployment and `make
 /// bench` start) the position move and the claim were planned as a join over every delivery
 /// row of the consumer, so each ack read O(window x delivery rows) buffers. Buffers, unlike

@@ -153,11 +153,12 @@ impl PgBus {
         });
     }
 
-    /// Moves the positions of consumers whose ack or fetch could not (publishes held the
-    /// stream's publish lock): waits for the lock, so positions trail a publish burst by about
-    /// [`ADVANCE_EVERY`], not by a prune interval. A lagging position makes every fetch and
-    /// advance scan the settled rows above it, so without this a consumer kept busy by
-    /// concurrent publishers slowed down as its backlog of settled rows grew.
+    /// Moves consumer positions: the only place they move after settles (acks never move
+    /// them themselves), at most once per consumer per [`ADVANCE_EVERY`] however many acks
+    /// asked. Waits for the stream's publish lock, so positions trail a publish burst by
+    /// about that interval, not by a prune interval. A lagging position makes every claim
+    /// read the settled rows above it; a position the advancer never moved made a consumer
+    /// kept busy by concurrent publishers slow down as its settled rows piled up.
     fn spawn_advancer(&self) {
         let weak = Arc::downgrade(&self.inner);
         let cancel = self.inner.cancel.clone();
@@ -1014,6 +1015,11 @@ impl PgBus {
             l.channels.insert(ch);
         }
         Ok(l.conn.wake.clone())
+    }
+
+    /// A publish coalescer over this bus (see [`super::Publisher`]).
+    pub fn publisher(&self) -> super::Publisher {
+        super::Publisher::new(self)
     }
 
     /// Settles one delivery the consumer holds (see `settle`). Acks are per message, except

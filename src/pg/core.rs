@@ -26,8 +26,8 @@ pub(crate) struct Inner {
     pub listener: tokio::sync::Mutex<Option<SharedListener>>,
     pub streams: Mutex<Option<(Instant, Arc<Vec<StreamRoute>>)>>,
     pub cancel: CancellationToken,
-    /// Consumers whose position could not be advanced on ack/fetch (publishes in flight);
-    /// the background advancer (`PgBus::spawn_advancer`) drains it.
+    /// Consumers whose position may move (something settled, a claim came back empty, or a
+    /// move could not finish); the background advancer (`PgBus::spawn_advancer`) drains it.
     pub lagging: Mutex<HashSet<(String, String)>>,
     pub lag_wake: Arc<tokio::sync::Notify>,
     /// Consumer settings by (stream, consumer), read at most once per [`CONSUMER_TTL`].

@@ -44,6 +44,7 @@
 //! commits late (the Go plugin's own cursor had the same race). Run one generation at a time.
 
 mod bus;
+mod coalesce;
 mod core;
 mod error;
 mod filter;
@@ -61,6 +62,7 @@ mod subscribe;
 mod types;
 
 pub use bus::{PgBus, PRUNE_BATCH};
+pub use coalesce::Publisher;
 pub use error::PgError;
 pub use filter::{parse_filters, SubjectFilter};
 pub use keys::consumer_lock_key;

@@ -13,7 +13,7 @@
 
 use super::{
     AckOp, AckPolicy, AckToken, ConsumerDef, DeliverFrom, Delivery, FetchOpts, Outgoing, PgBus,
-    PgSettings, Settler, SubOpts, DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER,
+    PgSettings, Publisher, Settler, SubOpts, DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER,
 };
 use crate::config::broker::{BrokerSpec, DEFAULT_REQUEST_TIMEOUT};
 use crate::error_chain::render;
@@ -77,6 +77,7 @@ fn ack_op(kind: AckKind) -> AckOp {
 pub struct PgProvider {
     pub bus: PgBus,
     settler: Settler,
+    publisher: Publisher,
 }
 
 impl Connect for PgProvider {
@@ -111,6 +112,7 @@ impl Connect for PgProvider {
         let bus = PgBus::connect(settings).await?;
         let p = PgProvider {
             settler: bus.settler(),
+            publisher: bus.publisher(),
             bus,
         };
         crate::telemetry::connection(&spec.name, "pgchannel", true);
@@ -143,7 +145,8 @@ impl Provider for PgProvider {
         Ok(())
     }
 
-    /// One transaction (insert + notify), bounded by the step's timeout.
+    /// One transaction, shared with the publishes in flight beside it (see `Publisher`),
+    /// bounded by the step's timeout.
     async fn publish(
         &self,
         msg: OutMessage,
@@ -151,15 +154,9 @@ impl Provider for PgProvider {
     ) -> Result<Published, ProviderError> {
         let timeout = timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         let msg = outgoing(msg);
-        let done = bounded(
-            "publish",
-            timeout,
-            self.bus.publish(std::slice::from_ref(&msg)),
-        )
-        .await?;
-        done.into_iter().next().map(published).ok_or_else(|| {
-            ProviderError::Invalid("publish returned no result for the message".into())
-        })
+        bounded("publish", timeout, self.publisher.publish(msg))
+            .await
+            .map(published)
     }
 
     /// The list in order, `PUBLISH_CHUNK` per transaction (the window of the database); a

@@ -13,10 +13,10 @@
 //! * no message: the stream has no such id: an error.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use super::coalesce::Coalescer;
 
 use super::core::Inner;
 use tokio_postgres::types::ToSql;
@@ -223,23 +223,11 @@ impl PgBus {
 /// Tokens one coalesced flush settles at most.
 const COALESCE_MAX: usize = 512;
 
-type Queued = (AckToken, AckOp, oneshot::Sender<Result<(), PgError>>);
-
 /// Coalesces settles from many concurrent callers (a trigger's pipelines) into
-/// [`PgBus::settle_many`] calls: each caller still awaits its own token's result, so nothing
-/// is settled before its caller asked. No timer: a caller that finds no settle of this
-/// coalescer in flight settles at once in its own task (a lone caller, such as a consume + ack
-/// loop or a trigger with one in flight, pays no hop to another task); one
-/// that finds one in flight queues, and the flushing task settles everything queued in one
-/// statement as soon as it can, so under load a flush carries many tokens. Cheap to clone; the
-/// flushing task ends when the last clone is dropped or the bus is closed.
+/// [`PgBus::settle_many`] calls (see the `coalesce` module): each caller still awaits its own
+/// token's result, so nothing is settled before its caller asked.
 #[derive(Clone)]
-pub struct Settler {
-    tx: mpsc::UnboundedSender<Queued>,
-    bus: PgBus,
-    /// Settles of this coalescer in flight (direct ones and flushes).
-    active: Arc<AtomicUsize>,
-}
+pub struct Settler(Coalescer<(AckToken, AckOp), Result<(), PgError>>);
 
 impl std::fmt::Debug for Settler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -247,78 +235,46 @@ impl std::fmt::Debug for Settler {
     }
 }
 
-/// One settle in flight, counted in `active` until dropped (also when the caller gives up).
-struct InFlight(Arc<AtomicUsize>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 impl Settler {
     /// Settles one token, at once or in the next flush; its own outcome, as [`PgBus::ack`]
     /// gives it.
     pub async fn settle(&self, token: &AckToken, op: AckOp) -> Result<(), PgError> {
-        if self
-            .active
-            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            let _in_flight = InFlight(self.active.clone());
-            return self.bus.ack(token, op).await;
-        }
-        let (done, rx) = oneshot::channel();
-        self.tx
-            .send((token.clone(), op, done))
-            .map_err(|_| PgError::Cancelled("Ack"))?;
-        rx.await.unwrap_or(Err(PgError::Cancelled("Ack")))
+        self.0
+            .call((token.clone(), op), || Err(PgError::Cancelled("Ack")))
+            .await
     }
 }
 
 impl PgBus {
     /// A settle coalescer over this bus (see [`Settler`]).
     pub fn settler(&self) -> Settler {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
         let bus = self.clone();
-        let cancel = self.inner.cancel.clone();
-        let active = Arc::new(AtomicUsize::new(0));
-        let flushing = active.clone();
-        tokio::spawn(async move {
-            loop {
-                let first = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    q = rx.recv() => match q { Some(q) => q, None => return },
-                };
-                let _in_flight = {
-                    flushing.fetch_add(1, Ordering::AcqRel);
-                    InFlight(flushing.clone())
-                };
-                let mut queued = vec![first];
-                while queued.len() < COALESCE_MAX {
-                    match rx.try_recv() {
-                        Ok(q) => queued.push(q),
-                        Err(_) => break,
+        Settler(Coalescer::new(
+            self.inner.cancel.clone(),
+            COALESCE_MAX,
+            move |queued: Vec<(AckToken, AckOp)>| {
+                let bus = bus.clone();
+                async move {
+                    // One settle_many per kind of settle, in the order the kinds first came;
+                    // the results in the order of the queue.
+                    let mut out: Vec<Option<Result<(), PgError>>> = vec![None; queued.len()];
+                    let mut left: Vec<usize> = (0..queued.len()).collect();
+                    while let Some(&first) = left.first() {
+                        let op = queued[first].1;
+                        let (same, rest): (Vec<usize>, Vec<usize>) =
+                            left.into_iter().partition(|i| queued[*i].1 == op);
+                        left = rest;
+                        let tokens: Vec<AckToken> =
+                            same.iter().map(|i| queued[*i].0.clone()).collect();
+                        for (i, r) in same.into_iter().zip(bus.settle_many(&tokens, op).await) {
+                            out[i] = Some(r);
+                        }
                     }
+                    out.into_iter()
+                        .map(|r| r.unwrap_or(Err(PgError::Cancelled("Ack"))))
+                        .collect()
                 }
-                // One settle_many per kind of settle, in the order the kinds first came.
-                while !queued.is_empty() {
-                    let op = queued[0].1;
-                    let (same, rest): (Vec<Queued>, Vec<Queued>) =
-                        queued.into_iter().partition(|q| q.1 == op);
-                    queued = rest;
-                    let tokens: Vec<AckToken> = same.iter().map(|q| q.0.clone()).collect();
-                    let results = bus.settle_many(&tokens, op).await;
-                    for ((_, _, done), r) in same.into_iter().zip(results) {
-                        let _ = done.send(r);
-                    }
-                }
-            }
-        });
-        Settler {
-            tx,
-            bus: self.clone(),
-            active,
-        }
+            },
+        ))
     }
 }
