@@ -191,8 +191,8 @@ impl Subscription {
         }
     }
 
-    /// Leases up to `target` rows at a time and starts the next lease, on a pooled connection
-    /// of its own, when fewer than half are left in hand: the caller's pipelines never wait for
+    /// Leases `target` rows at a time and starts the next lease, on a pooled connection of
+    /// its own, when fewer than half are left in hand: the caller's pipelines never wait for
     /// a claim round trip while the stream has rows. Rows in hand run their lease (ack_wait)
     /// like rows in a pipeline; dropping the subscription gives them back at once. Only for
     /// subscribers that promise no order: a row given back (nak) is redelivered after rows
@@ -221,7 +221,10 @@ impl Subscription {
                 if self.ahead.len() * 2 < self.target && self.refill.is_none() {
                     let (bus, stream, consumer) =
                         (self.bus.clone(), self.stream.clone(), self.consumer.clone());
-                    let (want, dead) = (self.target - self.ahead.len(), self.dead_letter.clone());
+                    // A whole target's worth, not just the rows missing: half as many claims
+                    // (each reads the consumer's rows above its position once), at most 1.5x
+                    // the target in hand.
+                    let (want, dead) = (self.target, self.dead_letter.clone());
                     self.refill = Some(tokio::spawn(async move {
                         super::lease::lease(&bus, &stream, &consumer, want, None, dead.as_deref())
                             .await
