@@ -1608,20 +1608,7 @@ async fn an_ordered_subscriber_claims_ahead_but_a_nak_still_comes_first() {
     let b = setup(&pg).await;
     let p = publish_n(&b, 3).await;
     let cancel = CancellationToken::new();
-    let mut sub = tokio::time::timeout(
-        Duration::from_secs(10),
-        b.subscribe(
-            "ORDERS",
-            "worker",
-            SubOpts {
-                dead_letter_subject: None,
-                cancel: cancel.clone(),
-            },
-        ),
-    )
-    .await
-    .expect("no lock to wait for")
-    .unwrap();
+    let mut sub = ordered_sub(&b, &cancel).await;
     let first = next_one(&mut sub).await;
     assert_eq!(ids(&first), vec![p[0]]);
     // Wait until the row behind it is claimed ahead, then nak the held one.
@@ -1670,20 +1657,7 @@ async fn an_ordered_subscriber_claims_several_ahead_and_keeps_order_across_a_nak
     let b = setup(&pg).await;
     let p = publish_n(&b, 40).await;
     let cancel = CancellationToken::new();
-    let mut sub = tokio::time::timeout(
-        Duration::from_secs(10),
-        b.subscribe(
-            "ORDERS",
-            "worker",
-            SubOpts {
-                dead_letter_subject: None,
-                cancel: cancel.clone(),
-            },
-        ),
-    )
-    .await
-    .expect("no lock to wait for")
-    .unwrap();
+    let mut sub = ordered_sub(&b, &cancel).await;
     let held = "SELECT count(*) FROM eventbus_event_deliveries \
                 WHERE consumer_name = 'worker' AND state IS NULL";
     let mut seen = Vec::new();
@@ -1858,6 +1832,18 @@ async fn an_idle_filtered_consumer_moves_past_other_subjects() {
     assert_eq!(position("waiting"), want, "moved before the first claim");
     drop(sub);
     cancel.cancel();
+}
+
+/// The single-active (ordered) subscriber of ORDERS/worker, with no other holding the lock.
+async fn ordered_sub(b: &PgBus, cancel: &CancellationToken) -> Subscription {
+    let o = SubOpts {
+        dead_letter_subject: None,
+        cancel: cancel.clone(),
+    };
+    tokio::time::timeout(Duration::from_secs(10), b.subscribe("ORDERS", "worker", o))
+        .await
+        .expect("no lock to wait for")
+        .unwrap()
 }
 
 async fn next_one(sub: &mut Subscription) -> Vec<Delivery> {

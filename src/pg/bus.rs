@@ -13,7 +13,7 @@ use super::filter::{filter_sql, parse_filters, sql_params, stream_subject_matche
 use super::keys::{msg_id_key, stream_key, LOCK_CLASS};
 use super::listen::Dedicated;
 use super::settings::Tls;
-use super::sql::{duration_ms, micros_to_time, Advance, Fenced, TS_MICROS};
+use super::sql::{duration_ms, micros_to_time, Fenced, TS_MICROS};
 use super::subscribe::Subscription;
 use super::types::*;
 use super::{schema, PgError, PgSettings};
@@ -1165,13 +1165,10 @@ async fn advance_and_prune(
     // Only the first window reads a fence (under the stream's exclusive lock, so publishers
     // wait once); the next ones move under the same fence.
     if cfg.filter_params.is_ok() {
-        let fenced = Fenced::prepare(c, true).await?;
-        let mut a = fenced.run(c, stream, consumer, &cfg).await?;
-        let mut windows = 1;
-        while a == Advance::MovedWindow && windows < CATCH_UP_WINDOWS {
-            a = fenced.run_again(c, stream, consumer, &cfg).await?;
-            windows += 1;
-        }
+        let a = Fenced::prepare(c, true)
+            .await?
+            .run(c, stream, consumer, &cfg, CATCH_UP_WINDOWS)
+            .await?;
         if a.unfinished() {
             inner.mark_lagging(stream, consumer);
         }

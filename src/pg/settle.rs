@@ -39,6 +39,19 @@ enum Outcome {
     NoMessage,
 }
 
+/// The `due_at` a settle sets: none for ack/term (`$5` 0), now + the nak delay (`$5` 1, `$6`
+/// ms), or now + the row's backoff step or ack_wait for progress (`$5` 2, `$8` / `$7` ms).
+macro_rules! settle_due_at {
+    () => {
+        "due_at = CASE $5::int4 \
+         WHEN 1 THEN now() + $6::int8 * interval '1 millisecond' \
+         WHEN 2 THEN now() + (CASE WHEN cardinality($8::int8[]) > 0 \
+           THEN GREATEST(($8::int8[])[LEAST(GREATEST(d.delivery_count, 1), cardinality($8::int8[]))], 1) \
+           ELSE $7::int8 END) * interval '1 millisecond' \
+         ELSE NULL END"
+    };
+}
+
 /// `$4` the new state (NULL for nak/progress), `$5` 0 settle / 1 nak / 2 progress, `$6` the
 /// nak delay, `$7` ack_wait and `$8` backoff (ms) for progress. The outcome columns read the
 /// snapshot from before the UPDATE, so a row this statement settled shows in `u` only.
@@ -63,16 +76,12 @@ enum Outcome {
 /// does not wait for its WAL flush. A server crash may lose the last few hundred milliseconds
 /// of settles; their messages are then delivered again, which at-least-once delivery allows
 /// (a publish stays synchronous: losing one would lose the message).
-const SETTLE: &str = "WITH t AS (SELECT DISTINCT x AS id FROM unnest((SELECT $3::int8[])) AS x, \
+const SETTLE: &str = concat!(
+    "WITH t AS (SELECT DISTINCT x AS id FROM unnest((SELECT $3::int8[])) AS x, \
        (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit), \
-     u AS (UPDATE eventbus_event_deliveries d SET state = $4::text, \
-       due_at = CASE $5::int4 \
-         WHEN 1 THEN now() + $6::int8 * interval '1 millisecond' \
-         WHEN 2 THEN now() + (CASE WHEN cardinality($8::int8[]) > 0 \
-           THEN GREATEST(($8::int8[])[LEAST(GREATEST(d.delivery_count, 1), cardinality($8::int8[]))], 1) \
-           ELSE $7::int8 END) * interval '1 millisecond' \
-         ELSE NULL END \
-       WHERE d.event_id = ANY((SELECT $3::int8[])::int8[]) AND d.stream_name || '' = $1 \
+     u AS (UPDATE eventbus_event_deliveries d SET state = $4::text, ",
+    settle_due_at!(),
+    " WHERE d.event_id = ANY((SELECT $3::int8[])::int8[]) AND d.stream_name || '' = $1 \
          AND d.consumer_name || '' = $2 AND d.state IS NULL \
        RETURNING d.event_id) \
      SELECT t.id, (CASE WHEN t.id IN (SELECT event_id FROM u) THEN 0 \
@@ -82,23 +91,21 @@ const SETTLE: &str = "WITH t AS (SELECT DISTINCT x AS id FROM unnest((SELECT $3:
          AND e.stream_name = $1 OFFSET 0) THEN 3 \
        WHEN t.id <= (SELECT position FROM eventbus_consumers k \
          WHERE k.stream_name = $1 AND k.name = $2) THEN 1 \
-       ELSE 2 END)::int4 FROM t";
+       ELSE 2 END)::int4 FROM t"
+);
 
 /// One token's settle, the common case (an ack step, a lone trigger ack): the same update as
 /// [`SETTLE`] as one primary-key probe, 10 us of server time where the general statement takes
 /// 40-50 (`make bench`, consume + ack each). A row returned is the id applied; none sends the
 /// id through [`SETTLE`] to learn which other outcome it has.
-const SETTLE_ONE: &str = "UPDATE eventbus_event_deliveries d SET state = $4::text, \
-       due_at = CASE $5::int4 \
-         WHEN 1 THEN now() + $6::int8 * interval '1 millisecond' \
-         WHEN 2 THEN now() + (CASE WHEN cardinality($8::int8[]) > 0 \
-           THEN GREATEST(($8::int8[])[LEAST(GREATEST(d.delivery_count, 1), cardinality($8::int8[]))], 1) \
-           ELSE $7::int8 END) * interval '1 millisecond' \
-         ELSE NULL END \
-     WHERE d.stream_name = $1 AND d.consumer_name = $2 AND d.event_id = $3::int8 \
+const SETTLE_ONE: &str = concat!(
+    "UPDATE eventbus_event_deliveries d SET state = $4::text, ",
+    settle_due_at!(),
+    " WHERE d.stream_name = $1 AND d.consumer_name = $2 AND d.event_id = $3::int8 \
        AND d.state IS NULL \
        AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL \
-     RETURNING d.event_id";
+     RETURNING d.event_id"
+);
 
 /// With ack_policy `all`, an ack also settles every held delivery below it (NATS's AckAll).
 const ACK_ALL_BELOW: &str = "UPDATE eventbus_event_deliveries SET state = 'acked', due_at = NULL \

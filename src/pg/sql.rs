@@ -204,51 +204,52 @@ impl Fenced {
     /// snapshot taken after it. The stream's exclusive lock is held only for the fence read,
     /// so publishers wait microseconds, not for a scan. Without `wait` the fence only tries,
     /// and the result is [`Advance::Busy`] when publishes are in flight (the caller hands the
-    /// consumer to the background advancer).
+    /// consumer to the background advancer). While a move crosses a whole window, up to
+    /// `windows` of them in all are crossed under the one fence.
     pub(crate) async fn run(
         &self,
         c: &Object,
         stream: &str,
         consumer: &str,
         cfg: &ConsumerCfg,
+        windows: u32,
     ) -> Result<Advance, PgError> {
         let db = |e| PgError::db("advance position", e);
-        let Ok((all, exact, like)) = &cfg.filter_params else {
-            // A Go-written filter we refuse: leave its position alone.
+        let Some(params) = move_params(&stream, &consumer, cfg) else {
             return Ok(Advance::Stayed);
         };
         let key = stream_key(stream);
         let fence: [&(dyn ToSql + Sync); 3] = [&LOCK_CLASS, &key, &stream];
-        let params: [&(dyn ToSql + Sync); 6] =
-            [&stream, &consumer, all, exact, like, &ADVANCE_WINDOW];
         let (fenced, row) = futures::future::join(
             c.query_one(&self.fence, &fence),
             c.query_opt(&self.advance, &params),
         )
         .await;
         fenced.map_err(db)?;
-        Ok(advanced(row.map_err(db)?))
+        let mut a = advanced(row.map_err(db)?);
+        // The next windows move under the same fence (still in the session, see
+        // [`FENCE_SQL`]): no lock taken, one statement each.
+        for _ in 1..windows {
+            if a != Advance::MovedWindow {
+                break;
+            }
+            a = advanced(c.query_opt(&self.advance, &params).await.map_err(db)?);
+        }
+        Ok(a)
     }
+}
 
-    /// One more window of the move [`Fenced::run`] made on `c`, under the fence it read
-    /// (still in the session, see [`FENCE_SQL`]): no lock taken, one statement.
-    pub(crate) async fn run_again(
-        &self,
-        c: &Object,
-        stream: &str,
-        consumer: &str,
-        cfg: &ConsumerCfg,
-    ) -> Result<Advance, PgError> {
-        let db = |e| PgError::db("advance position", e);
-        let Ok((all, exact, like)) = &cfg.filter_params else {
-            return Ok(Advance::Stayed);
-        };
-        let params: [&(dyn ToSql + Sync); 6] =
-            [&stream, &consumer, all, exact, like, &ADVANCE_WINDOW];
-        Ok(advanced(
-            c.query_opt(&self.advance, &params).await.map_err(db)?,
-        ))
-    }
+/// The position move's parameters, or none for a Go-written filter we refuse (its position
+/// is left alone).
+fn move_params<'a>(
+    stream: &'a &str,
+    consumer: &'a &str,
+    cfg: &'a ConsumerCfg,
+) -> Option<[&'a (dyn ToSql + Sync); 6]> {
+    let Ok((all, exact, like)) = &cfg.filter_params else {
+        return None;
+    };
+    Some([stream, consumer, all, exact, like, &ADVANCE_WINDOW])
 }
 
 /// What the move's row says (see [`ADVANCE`]).
@@ -276,7 +277,7 @@ pub(crate) async fn advance_position(
     }
     Fenced::prepare(c, wait)
         .await?
-        .run(c, stream, consumer, cfg)
+        .run(c, stream, consumer, cfg, 1)
         .await
 }
 
