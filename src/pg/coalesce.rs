@@ -130,7 +130,7 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    pub(crate) fn new(bus: &super::PgBus) -> Publisher {
+    fn new(bus: &super::PgBus) -> Publisher {
         let b = bus.clone();
         let batches = Coalescer::new(
             bus.inner.cancel.clone(),
@@ -192,5 +192,12 @@ async fn publish_each(
             out
         }
         Err(e) => vec![Err(e); n],
+    }
+}
+
+impl super::PgBus {
+    /// A publish coalescer over this bus (see [`Publisher`]).
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self)
     }
 }

@@ -43,6 +43,7 @@
 //! the per-stream publish lock, so a position advanced by us could pass one of its rows that
 //! commits late (the Go plugin's own cursor had the same race). Run one generation at a time.
 
+mod advance;
 mod bus;
 mod coalesce;
 mod core;
@@ -61,7 +62,8 @@ mod sql;
 mod subscribe;
 mod types;
 
-pub use bus::{PgBus, PRUNE_BATCH};
+pub use advance::PRUNE_BATCH;
+pub use bus::PgBus;
 pub use coalesce::Publisher;
 pub use error::PgError;
 pub use filter::{parse_filters, SubjectFilter};

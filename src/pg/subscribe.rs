@@ -162,7 +162,7 @@ pub(crate) async fn subscribe(
     // its position is moved past them now, once, rather than each claim scanning them until
     // an ack asks the background advancer to (one claim of a trigger on a rare subject read
     // 36,000 ids in `make bench`, 0.4 s under a publish burst).
-    if let Err(e) = super::bus::advance_one(bus, stream, consumer).await {
+    if let Err(e) = super::advance::advance_one(bus, stream, consumer).await {
         tracing::debug!(error = %e, stream, consumer, "pgchannel: position not advanced at subscribe; the background advancer retries");
     }
     tracing::debug!(stream, consumer, exclusive, "pgchannel subscriber ready");
