@@ -5,7 +5,7 @@
 use deadpool_postgres::Object;
 
 use super::core::Inner;
-use super::sql::Fenced;
+use super::sql::advance_position;
 use super::PgError;
 
 /// Rows deleted per stream/consumer and rule in one prune run, so a run stays short.
@@ -45,14 +45,11 @@ pub(crate) async fn advance_and_prune(
     // `make bench` with 40,000 ids of other subjects below a trigger's first message).
     // Only the first window reads a fence (under the stream's exclusive lock, so publishers
     // wait once); the next ones move under the same fence.
-    if cfg.filter_params.is_ok() {
-        let a = Fenced::prepare(c, true)
-            .await?
-            .run(c, stream, consumer, &cfg, CATCH_UP_WINDOWS)
-            .await?;
-        if a.unfinished() {
-            inner.mark_lagging(stream, consumer);
-        }
+    if advance_position(c, stream, consumer, &cfg, true, CATCH_UP_WINDOWS)
+        .await?
+        .unfinished()
+    {
+        inner.mark_lagging(stream, consumer);
     }
     let prune = c.prepare_cached(PRUNE_DELIVERIES).await.map_err(db)?;
     c.execute(&prune, &[&stream, &consumer, &PRUNE_BATCH])

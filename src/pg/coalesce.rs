@@ -148,19 +148,24 @@ impl Publisher {
 
     /// Publishes one message, alone or with others in flight (see [`Publisher`]).
     pub async fn publish(&self, msg: super::Outgoing) -> Result<super::Published, super::PgError> {
-        let none = || super::PgError::invalid("Publish: no result for the message");
         if msg.msg_id.is_some() {
-            return self
-                .bus
-                .publish(std::slice::from_ref(&msg))
-                .await?
-                .pop()
-                .ok_or_else(none);
+            return publish_one(&self.bus, &msg).await;
         }
         self.batches
             .call(msg, || Err(super::PgError::Cancelled("Publish")))
             .await
     }
+}
+
+/// One message in its own transaction.
+async fn publish_one(
+    bus: &super::PgBus,
+    msg: &super::Outgoing,
+) -> Result<super::Published, super::PgError> {
+    bus.publish(std::slice::from_ref(msg))
+        .await?
+        .pop()
+        .ok_or_else(|| super::PgError::invalid("Publish: no result for the message"))
 }
 
 /// One result per message: the batch in one transaction, or each alone after a failure the
@@ -182,12 +187,7 @@ async fn publish_each(
         Err(e) if n > 1 && !e.is_transient() => {
             let mut out = Vec::with_capacity(n);
             for m in &msgs {
-                out.push(match bus.publish(std::slice::from_ref(m)).await {
-                    Ok(mut one) => one.pop().ok_or_else(|| {
-                        super::PgError::invalid("Publish: no result for the message")
-                    }),
-                    Err(e) => Err(e),
-                });
+                out.push(publish_one(bus, m).await);
             }
             out
         }

@@ -227,7 +227,7 @@ pub(crate) async fn lease(
         tx.commit().await.map_err(db)?;
     }
     if settled_any {
-        let busy = advance_position(&c, stream, consumer, &cfg, false)
+        let busy = advance_position(&c, stream, consumer, &cfg, false, 1)
             .await?
             .unfinished();
         if busy {

@@ -157,20 +157,9 @@ async fn settle_group(
         .ack_wait_ms
         .filter(|ms| *ms > 0)
         .unwrap_or(duration_ms(DEFAULT_ACK_WAIT));
-    let settle_all = |ids: &[i64]| {
-        let c = &c;
-        let ids = ids.to_vec();
-        let backoff = &cfg.backoff_ms;
-        async move {
-            let stmt = c.prepare_cached(SETTLE).await.map_err(db)?;
-            let params: [&(dyn ToSql + Sync); 8] = [
-                &stream, &consumer, &ids, &state, &kind, &nak_ms, &ack_wait, backoff,
-            ];
-            let rows = c.query(&stmt, &params).await.map_err(db)?;
-            Ok::<_, PgError>(outcomes(&rows))
-        }
-    };
-    let out = match ids {
+    // A lone token: one primary-key update; the general statement only when it found no
+    // held row, for the token's outcome.
+    let lone = match ids {
         [id] => {
             let stmt = c.prepare_cached(SETTLE_ONE).await.map_err(db)?;
             let params: [&(dyn ToSql + Sync); 8] = [
@@ -183,13 +172,27 @@ async fn settle_group(
                 &ack_wait,
                 &cfg.backoff_ms,
             ];
-            if c.query_opt(&stmt, &params).await.map_err(db)?.is_some() {
-                HashMap::from([(*id, Outcome::Applied)])
-            } else {
-                settle_all(ids).await?
-            }
+            let applied = c.query_opt(&stmt, &params).await.map_err(db)?.is_some();
+            applied.then_some(*id)
         }
-        _ => settle_all(ids).await?,
+        _ => None,
+    };
+    let out = match lone {
+        Some(id) => HashMap::from([(id, Outcome::Applied)]),
+        None => {
+            let stmt = c.prepare_cached(SETTLE).await.map_err(db)?;
+            let params: [&(dyn ToSql + Sync); 8] = [
+                &stream,
+                &consumer,
+                &ids,
+                &state,
+                &kind,
+                &nak_ms,
+                &ack_wait,
+                &cfg.backoff_ms,
+            ];
+            outcomes(&c.query(&stmt, &params).await.map_err(db)?)
+        }
     };
     // An ack or term may let the position move. The settle answers without moving it: the
     // background advancer moves each consumer at most once per interval, however many acks

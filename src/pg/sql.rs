@@ -17,7 +17,6 @@ use std::time::Duration;
 use tokio_postgres::types::ToSql;
 
 use deadpool_postgres::Object;
-use tokio_postgres::Statement;
 
 use super::core::ConsumerCfg;
 use super::filter::filter_sql;
@@ -176,80 +175,52 @@ fn advance_sql() -> &'static str {
     SQL.get_or_init(|| ADVANCE.replace("__FILTER__", &filter_sql(3)))
 }
 
-/// The fence and the position move of one consumer, prepared (see [`Fenced::run`]).
-pub(crate) struct Fenced {
-    fence: Statement,
-    advance: Statement,
-}
-
-impl Fenced {
-    /// Prepares both statements (cached per connection), so that [`Fenced::run`] sends them
-    /// on its first poll, after whatever the caller sent before on `c`.
-    pub(crate) async fn prepare(c: &Object, wait: bool) -> Result<Fenced, PgError> {
-        let db = |e| PgError::db("advance position", e);
-        Ok(Fenced {
-            fence: c.prepare_cached(fence_sql(wait)).await.map_err(db)?,
-            advance: c.prepare_cached(advance_sql()).await.map_err(db)?,
-        })
-    }
-
-    /// Moves the consumer's `position` (the Go cursor: everything at or below it is settled)
-    /// forward, never backwards, by at most [`ADVANCE_WINDOW`] ids: to just below its first
-    /// unsettled matching event, or across ids that are all settled or filtered out. An
-    /// earlier version took `min(id)` over every unsettled event above the position
-    /// (O(backlog) per ack).
-    ///
-    /// Two autocommit statements on `c` (which must not be in a transaction), pipelined in one
-    /// round trip: the fence (see [`FENCE_SQL`]), then the move, bounded by the fence, in a
-    /// snapshot taken after it. The stream's exclusive lock is held only for the fence read,
-    /// so publishers wait microseconds, not for a scan. Without `wait` the fence only tries,
-    /// and the result is [`Advance::Busy`] when publishes are in flight (the caller hands the
-    /// consumer to the background advancer). While a move crosses a whole window, up to
-    /// `windows` of them in all are crossed under the one fence.
-    pub(crate) async fn run(
-        &self,
-        c: &Object,
-        stream: &str,
-        consumer: &str,
-        cfg: &ConsumerCfg,
-        windows: u32,
-    ) -> Result<Advance, PgError> {
-        let db = |e| PgError::db("advance position", e);
-        let Some(params) = move_params(&stream, &consumer, cfg) else {
-            return Ok(Advance::Stayed);
-        };
-        let key = stream_key(stream);
-        let fence: [&(dyn ToSql + Sync); 3] = [&LOCK_CLASS, &key, &stream];
-        let (fenced, row) = futures::future::join(
-            c.query_one(&self.fence, &fence),
-            c.query_opt(&self.advance, &params),
-        )
-        .await;
-        fenced.map_err(db)?;
-        let mut a = advanced(row.map_err(db)?);
-        // The next windows move under the same fence (still in the session, see
-        // [`FENCE_SQL`]): no lock taken, one statement each.
-        for _ in 1..windows {
-            if a != Advance::MovedWindow {
-                break;
-            }
-            a = advanced(c.query_opt(&self.advance, &params).await.map_err(db)?);
-        }
-        Ok(a)
-    }
-}
-
-/// The position move's parameters, or none for a Go-written filter we refuse (its position
-/// is left alone).
-fn move_params<'a>(
-    stream: &'a &str,
-    consumer: &'a &str,
-    cfg: &'a ConsumerCfg,
-) -> Option<[&'a (dyn ToSql + Sync); 6]> {
+/// Moves the consumer's `position` (the Go cursor: everything at or below it is settled)
+/// forward, never backwards, by at most [`ADVANCE_WINDOW`] ids: to just below its first
+/// unsettled matching event, or across ids that are all settled or filtered out. An earlier
+/// version took `min(id)` over every unsettled event above the position (O(backlog) per ack).
+///
+/// Two autocommit statements on `c` (which must not be in a transaction), pipelined in one
+/// round trip: the fence (see [`FENCE_SQL`]), then the move, bounded by the fence, in a
+/// snapshot taken after it. The stream's exclusive lock is held only for the fence read, so
+/// publishers wait microseconds, not for a scan. Without `wait` the fence only tries, and the
+/// result is [`Advance::Busy`] when publishes are in flight (the caller hands the consumer to
+/// the background advancer). While a move crosses a whole window, up to `windows` of them in
+/// all are crossed under the one fence, one statement each.
+pub(crate) async fn advance_position(
+    c: &Object,
+    stream: &str,
+    consumer: &str,
+    cfg: &ConsumerCfg,
+    wait: bool,
+    windows: u32,
+) -> Result<Advance, PgError> {
+    let db = |e| PgError::db("advance position", e);
     let Ok((all, exact, like)) = &cfg.filter_params else {
-        return None;
+        // A Go-written filter we refuse: leave its position alone.
+        return Ok(Advance::Stayed);
     };
-    Some([stream, consumer, all, exact, like, &ADVANCE_WINDOW])
+    let fence_stmt = c.prepare_cached(fence_sql(wait)).await.map_err(db)?;
+    let advance = c.prepare_cached(advance_sql()).await.map_err(db)?;
+    let key = stream_key(stream);
+    let fence: [&(dyn ToSql + Sync); 3] = [&LOCK_CLASS, &key, &stream];
+    let params: [&(dyn ToSql + Sync); 6] = [&stream, &consumer, all, exact, like, &ADVANCE_WINDOW];
+    let (fenced, row) = futures::future::join(
+        c.query_one(&fence_stmt, &fence),
+        c.query_opt(&advance, &params),
+    )
+    .await;
+    fenced.map_err(db)?;
+    let mut a = advanced(row.map_err(db)?);
+    // The next windows move under the same fence (still in the session, see [`FENCE_SQL`]):
+    // no lock taken.
+    for _ in 1..windows {
+        if a != Advance::MovedWindow {
+            break;
+        }
+        a = advanced(c.query_opt(&advance, &params).await.map_err(db)?);
+    }
+    Ok(a)
 }
 
 /// What the move's row says (see [`ADVANCE`]).
@@ -262,23 +233,6 @@ fn advanced(row: Option<tokio_postgres::Row>) -> Advance {
         // skipped, left to the background advancer.
         None => Advance::Busy,
     }
-}
-
-/// One position move of the consumer (see [`Fenced::run`]): one round trip.
-pub(crate) async fn advance_position(
-    c: &Object,
-    stream: &str,
-    consumer: &str,
-    cfg: &ConsumerCfg,
-    wait: bool,
-) -> Result<Advance, PgError> {
-    if cfg.filter_params.is_err() {
-        return Ok(Advance::Stayed);
-    }
-    Fenced::prepare(c, wait)
-        .await?
-        .run(c, stream, consumer, cfg, 1)
-        .await
 }
 
 #[cfg(test)]

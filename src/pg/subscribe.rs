@@ -337,13 +337,11 @@ impl Subscription {
     /// and no claim is under way (see [`Subscription::next_ordered`]).
     fn claim_more(&mut self) {
         let depth = self.pace.depth();
-        if self.claimed_ahead.is_some() || self.hand.len() * 2 >= depth.max(1) {
+        if self.claimed_ahead.is_some() || self.hand.len() * 2 >= depth {
             return;
         }
-        let n = depth - self.hand.len().min(depth);
-        if n == 0 {
-            return;
-        }
+        // `depth` is at least 1, so fewer than half of it in hand leaves room for one more.
+        let n = depth - self.hand.len();
         // Read before the claim's snapshot: a nak that commits after it bumps the count.
         let naks = self.bus.naks.load(Ordering::Acquire);
         let (bus, stream, consumer) =
